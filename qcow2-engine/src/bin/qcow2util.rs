@@ -1,0 +1,255 @@
+//! `qcow2util`: create, inspect, map and convert qcow2 images.
+//!
+//! Keeps the command shape of go-qcow2lib's tool (`create`, `info`, `dd`) and adds `map`.
+//! Errors are one line on stderr and exit status 1; usage errors exit 2.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use qcow2_engine::ops::{convert, info, map};
+use qcow2_engine::{BackingFormat, CreateOptions, Image, OpenOptions};
+
+#[derive(Parser, Debug)]
+#[command(name = "qcow2util", version, about = "Create, inspect, map and convert qcow2 images")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a new image (never overwrites an existing file).
+    Create {
+        /// Image file to create.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Virtual size (bytes, or with a K/M/G/T suffix); defaults to the backing file's size.
+        #[arg(short = 's', long = "size", value_parser = parse_size)]
+        size: Option<u64>,
+        /// Backing file (stored as given; relative names are relative to the new image).
+        #[arg(short = 'b', long = "backing")]
+        backing: Option<String>,
+        /// Backing file format (required with -b: formats are never probed).
+        #[arg(short = 'F', long = "backing-format")]
+        backing_format: Option<Fmt>,
+        /// Extended L2 entries: 32 subclusters per cluster.
+        #[arg(long = "enable-subcluster")]
+        enable_subcluster: bool,
+        /// Cluster size: a power of two from 512 to 2M.
+        #[arg(long = "cluster-size", value_parser = parse_size, default_value = "64K")]
+        cluster_size: u64,
+        /// Refcount width in bits (1, 2, 4, 8, 16, 32, 64).
+        #[arg(long = "refcount-bits", default_value_t = 16)]
+        refcount_bits: u32,
+    },
+    /// Print image information as JSON (qemu-img info keys).
+    Info {
+        /// Image file.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Add the backing chain and metadata statistics.
+        #[arg(long)]
+        detail: bool,
+        /// Indent the JSON.
+        #[arg(long)]
+        pretty: bool,
+    },
+    /// Convert between raw and qcow2; zero blocks are not written (sparse output).
+    Dd {
+        /// Input file.
+        #[arg(short = 'i', long = "input")]
+        input: PathBuf,
+        /// Input format.
+        #[arg(short = 'f', long = "format", default_value = "raw")]
+        format: Fmt,
+        /// Output file (must not exist).
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+        /// Output format.
+        #[arg(short = 'O', long = "output-format")]
+        output_format: Fmt,
+        /// L2 cache budget (bytes or with a suffix).
+        #[arg(long = "l2-cache-size", value_parser = parse_size)]
+        l2_cache_size: Option<u64>,
+        /// Extended L2 entries for qcow2 output.
+        #[arg(long = "enable-subcluster")]
+        enable_subcluster: bool,
+        /// Cluster size for qcow2 output.
+        #[arg(long = "cluster-size", value_parser = parse_size, default_value = "64K")]
+        cluster_size: u64,
+    },
+    /// Show where the data of an image lives, through its backing chain.
+    Map {
+        /// Image file.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Output format.
+        #[arg(long = "output", default_value = "human")]
+        output: MapOutput,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Fmt {
+    Raw,
+    Qcow2,
+}
+
+impl From<Fmt> for BackingFormat {
+    fn from(f: Fmt) -> Self {
+        match f {
+            Fmt::Raw => BackingFormat::Raw,
+            Fmt::Qcow2 => BackingFormat::Qcow2,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum MapOutput {
+    Human,
+    Json,
+}
+
+/// Parses `4096`, `64K`, `1.5G` style sizes (binary multiples).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mult: u64 = match c.to_ascii_uppercase() {
+                'B' => 1,
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                'P' => 1 << 50,
+                _ => return Err(format!("unknown size suffix in {s:?} (use K, M, G, T)")),
+            };
+            (&s[..i], mult)
+        }
+        _ => (s, 1),
+    };
+    if let Ok(n) = num.parse::<u64>() {
+        return n.checked_mul(mult).ok_or_else(|| format!("size {s:?} overflows"));
+    }
+    let f: f64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
+    if !(f >= 0.0) || f * mult as f64 > u64::MAX as f64 {
+        return Err(format!("invalid size {s:?}"));
+    }
+    Ok((f * mult as f64).round() as u64)
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Create { file, size, backing, backing_format, enable_subcluster, cluster_size, refcount_bits } => {
+            let backing = match (backing, backing_format) {
+                (Some(b), Some(f)) => Some((b, f.into())),
+                (Some(_), None) => anyhow::bail!("-b needs -F qcow2|raw (backing formats are never probed)"),
+                (None, Some(_)) => anyhow::bail!("-F given without -b"),
+                (None, None) => None,
+            };
+            let opts = CreateOptions { size, cluster_size, extended_l2: enable_subcluster, refcount_bits, backing };
+            qcow2_engine::create(&file, &opts)?;
+            let img = Image::open(&file, &OpenOptions { skip_backing: true, ..OpenOptions::default() })?;
+            println!(
+                "Formatting '{}', fmt=qcow2 cluster_size={} extended_l2={} size={}",
+                file.display(),
+                cluster_size,
+                if enable_subcluster { "on" } else { "off" },
+                img.size()
+            );
+        }
+        Command::Info { file, detail, pretty } => {
+            let info = info::info(&file, detail)?;
+            let text = if pretty { serde_json::to_string_pretty(&info)? } else { serde_json::to_string(&info)? };
+            println!("{text}");
+        }
+        Command::Dd { input, format, output, output_format, l2_cache_size, enable_subcluster, cluster_size } => {
+            let opts = convert::ConvertOptions {
+                input_format: format.into(),
+                output_format: output_format.into(),
+                create: CreateOptions { cluster_size, extended_l2: enable_subcluster, ..CreateOptions::default() },
+                l2_cache_bytes: l2_cache_size,
+            };
+            let bar = std::io::stderr().is_terminal().then(|| {
+                let bar = indicatif::ProgressBar::new(0);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                        .expect("valid template"),
+                );
+                bar
+            });
+            convert::convert(&input, &output, &opts, |done, total| {
+                if let Some(bar) = &bar {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                }
+            })?;
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+        }
+        Command::Map { file, output } => {
+            let img = Image::open(&file, &OpenOptions::default())?;
+            let extents = map::map(&img)?;
+            let mut out = std::io::stdout().lock();
+            match output {
+                MapOutput::Json => {
+                    writeln!(out, "[")?;
+                    for (i, e) in extents.iter().enumerate() {
+                        let sep = if i + 1 < extents.len() { "," } else { "" };
+                        writeln!(out, "{}{sep}", serde_json::to_string(e)?)?;
+                    }
+                    writeln!(out, "]")?;
+                }
+                MapOutput::Human => {
+                    writeln!(out, "{:<20}{:<20}{:<20}{:<8}{}", "Offset", "Length", "Mapped to", "Depth", "Kind")?;
+                    for e in extents.iter().filter(|e| e.present) {
+                        let kind = if e.compressed { "compressed" } else if e.data { "data" } else { "zero" };
+                        let mapped = e.offset.map(|o| format!("{o:#x}")).unwrap_or_else(|| "-".into());
+                        writeln!(out, "{:<#20x}{:<#20x}{:<20}{:<8}{kind}", e.start, e.length, mapped, e.depth)?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and any causes its message does not already include.
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                let cause = cause.to_string();
+                if !msg.contains(&cause) {
+                    msg.push_str(": ");
+                    msg.push_str(&cause);
+                }
+            }
+            eprintln!("qcow2util: error: {}", msg.replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_accept_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("4T"), Ok(4 << 40));
+        assert_eq!(parse_size("1.5M"), Ok(3 << 19));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("abc").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

@@ -1,0 +1,102 @@
+//! Guest → host lookups through L1/L2, and the updates that change a mapping.
+
+use super::State;
+use crate::error::{Error, Result};
+use crate::format::entries::{COMPRESSED, L1Entry, L2Entry, Mapping};
+use crate::meta::MetaKind;
+use crate::types::{GuestOffset, HostOffset};
+
+/// One L2 slot as stored: the descriptor word, the subcluster bitmap (0 for standard entries)
+/// and where the slot lives (None when no L2 table covers the offset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Slot {
+    pub word: u64,
+    pub bitmap: u64,
+    pub at: Option<HostOffset>,
+}
+
+impl Slot {
+    pub fn mapping(&self, st: &State) -> Result<Mapping> {
+        L2Entry(self.word).decode(&st.meta.geo)
+    }
+}
+
+impl State {
+    /// The L2 slot of the cluster holding `off`.
+    pub(crate) fn slot(&mut self, off: GuestOffset) -> Result<Slot> {
+        let geo = self.meta.geo;
+        let l1_index = geo.l1_index(off) as usize;
+        let Some(&l1) = self.meta.l1.get(l1_index) else {
+            return Err(Error::corrupt(format!("{off} is beyond the L1 table")));
+        };
+        let Some(table) = L1Entry(l1).l2_offset(&geo)? else {
+            return Ok(Slot { word: 0, bitmap: 0, at: None });
+        };
+        let at = HostOffset(table.0 + geo.l2_index(off) * geo.l2_entry_size());
+        let storage = self.meta.storage.clone();
+        let word = self.meta.l2_cache.read_u64(&*storage, at)?;
+        let bitmap =
+            if geo.extended_l2 { self.meta.l2_cache.read_u64(&*storage, HostOffset(at.0 + 8))? } else { 0 };
+        Ok(Slot { word, bitmap, at: Some(at) })
+    }
+
+    /// The L2 slot for `off`, allocating the L2 table first if there is none.
+    pub(crate) fn slot_for_write(&mut self, off: GuestOffset) -> Result<Slot> {
+        let slot = self.slot(off)?;
+        if slot.at.is_some() {
+            return Ok(slot);
+        }
+        let geo = self.meta.geo;
+        let l1_index = geo.l1_index(off);
+        let table = self.meta.alloc_cluster()?;
+        let zeros = vec![0u8; geo.cluster_size() as usize];
+        self.meta.write_meta(MetaKind::L2, table, &zeros)?;
+        self.meta.l2_cache.insert_table(table, &zeros);
+        let entry = L1Entry::new(table).0;
+        let at = HostOffset(self.meta.header.l1_table_offset + l1_index * 8);
+        self.meta.write_meta(MetaKind::L1, at, &entry.to_be_bytes())?;
+        self.meta.l1[l1_index as usize] = entry;
+        self.slot(off)
+    }
+
+    /// Writes a new value into an existing slot.
+    pub(crate) fn set_slot(&mut self, slot: Slot, word: u64, bitmap: u64) -> Result<()> {
+        let at = slot.at.ok_or_else(|| Error::corrupt("updating an L2 slot that has no table"))?;
+        if word == slot.word && bitmap == slot.bitmap {
+            return Ok(());
+        }
+        let mut bytes = word.to_be_bytes().to_vec();
+        if self.meta.geo.extended_l2 {
+            bytes.extend_from_slice(&bitmap.to_be_bytes());
+        }
+        self.meta.write_meta(MetaKind::L2, at, &bytes)?;
+        self.meta.l2_cache.patch(at, &bytes);
+        if word & COMPRESSED == 0 {
+            // A rewritten compressed cluster must not be served from the decompression cache.
+            if let Some((key, _)) = &self.compressed {
+                if *key == slot.word {
+                    self.compressed = None;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the host clusters a mapping owned, after the mapping was replaced.
+    pub(crate) fn release(&mut self, old: Mapping) -> Result<()> {
+        let cb = self.meta.geo.cluster_bits;
+        match old {
+            Mapping::Data { host, .. } | Mapping::Zero { prealloc: Some(host) } => {
+                self.meta.free_range(host, 1)
+            }
+            Mapping::Compressed { host, sectors } => {
+                let start = host.0 & !511;
+                let end = start + sectors * 512;
+                let first = start >> cb;
+                let last = (end - 1) >> cb;
+                self.meta.free_range(HostOffset(first << cb), last - first + 1)
+            }
+            Mapping::Unallocated | Mapping::Zero { prealloc: None } => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! Converting between raw and qcow2 (`qcow2util dd`): sparse output, zero blocks never written.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::error::{Error, IoContext, Result};
+use crate::image::{Image, OpenOptions};
+use crate::ops::create::{self, CreateOptions};
+use crate::ops::map;
+use crate::storage::{FileStorage, Storage};
+
+/// Image formats `convert` reads and writes.
+pub use crate::ops::create::BackingFormat as Format;
+
+/// Conversion settings.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// Input format (never probed).
+    pub input_format: Format,
+    /// Output format.
+    pub output_format: Format,
+    /// Creation options for qcow2 output (the size is taken from the input).
+    pub create: CreateOptions,
+    /// L2 cache budget for qcow2 input and output.
+    pub l2_cache_bytes: Option<u64>,
+}
+
+/// A source of guest bytes with a cheap "known zero" hint.
+enum Source {
+    Raw { storage: Arc<dyn Storage>, size: u64 },
+    Qcow2(Image),
+}
+
+impl Source {
+    fn size(&self) -> u64 {
+        match self {
+            Source::Raw { size, .. } => *size,
+            Source::Qcow2(img) => img.size(),
+        }
+    }
+
+    /// Ranges `[start, end)` that may hold non-zero bytes.
+    fn data_ranges(&self) -> Result<Vec<(u64, u64)>> {
+        match self {
+            Source::Raw { size, .. } => Ok(vec![(0, *size)]),
+            Source::Qcow2(img) => Ok(map::map(img)?
+                .into_iter()
+                .filter(|e| e.data || !e.zero)
+                .map(|e| (e.start, e.start + e.length))
+                .collect()),
+        }
+    }
+
+    fn read(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        match self {
+            Source::Raw { storage, .. } => storage.read_at(buf, off).ctx(|| format!("reading input at {off:#x}")),
+            Source::Qcow2(img) => img.read_at(buf, off),
+        }
+    }
+}
+
+enum Sink {
+    Raw(FileStorage),
+    Qcow2(Image),
+}
+
+impl Sink {
+    fn write(&self, buf: &[u8], off: u64) -> Result<()> {
+        match self {
+            Sink::Raw(s) => s.write_at(buf, off).ctx(|| format!("writing output at {off:#x}")),
+            Sink::Qcow2(img) => img.write_at(buf, off),
+        }
+    }
+    fn flush(&self) -> Result<()> {
+        match self {
+            Sink::Raw(s) => s.flush().ctx(|| "syncing the output".to_string()),
+            Sink::Qcow2(img) => img.flush(),
+        }
+    }
+}
+
+/// Chunk size for copying: large enough for throughput, small enough for a fine zero map.
+const CHUNK: usize = 1 << 20;
+
+/// Converts `input` to a new file `output`, calling `progress(done, total)` as it goes.
+pub fn convert(
+    input: &Path,
+    output: &Path,
+    opts: &ConvertOptions,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<()> {
+    let source = match opts.input_format {
+        Format::Raw => {
+            let storage = FileStorage::open(input, false).ctx(|| format!("opening {}", input.display()))?;
+            let size = storage.len().ctx(|| format!("sizing {}", input.display()))?;
+            Source::Raw { storage: Arc::new(storage), size }
+        }
+        Format::Qcow2 => {
+            let o = OpenOptions { l2_cache_bytes: opts.l2_cache_bytes, ..OpenOptions::default() };
+            Source::Qcow2(Image::open(input, &o)?)
+        }
+    };
+    let size = source.size();
+    let sink = match opts.output_format {
+        Format::Raw => {
+            let s = FileStorage::create_new(output).ctx(|| format!("creating {}", output.display()))?;
+            s.set_len(size).ctx(|| format!("sizing {}", output.display()))?;
+            Sink::Raw(s)
+        }
+        Format::Qcow2 => {
+            let c = CreateOptions { size: Some(size), backing: None, ..opts.create.clone() };
+            create::create(output, &c)?;
+            let o = OpenOptions { l2_cache_bytes: opts.l2_cache_bytes, ..OpenOptions::writable() };
+            Sink::Qcow2(Image::open(output, &o)?)
+        }
+    };
+    let result = copy(&source, &sink, size, &mut progress).and_then(|()| sink.flush());
+    if let Err(e) = result {
+        drop(sink);
+        let _ = std::fs::remove_file(output);
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn copy(source: &Source, sink: &Sink, size: u64, progress: &mut impl FnMut(u64, u64)) -> Result<()> {
+    if size % 512 != 0 && matches!(sink, Sink::Qcow2(_)) {
+        return Err(Error::arg(format!("input size {size} is not a multiple of 512 bytes")));
+    }
+    let mut buf = vec![0u8; CHUNK];
+    let mut done = 0;
+    for (start, end) in source.data_ranges()? {
+        progress(start, size);
+        let mut off = start;
+        while off < end {
+            let n = ((end - off) as usize).min(CHUNK - (off % CHUNK as u64) as usize);
+            let chunk = &mut buf[..n];
+            source.read(chunk, off)?;
+            if chunk.iter().any(|&b| b != 0) {
+                sink.write(chunk, off)?;
+            }
+            off += n as u64;
+            done = off;
+            progress(done, size);
+        }
+    }
+    progress(size.max(done), size);
+    Ok(())
+}

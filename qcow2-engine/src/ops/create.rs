@@ -1,0 +1,185 @@
+//! Creating images with the layout qemu-img writes: header, refcount table, refcount block(s),
+//! L1 table, and the file ending right after the L1 entries.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::error::{Error, IoContext, Result};
+use crate::format::header::{V3_HEADER_LEN, incompat};
+use crate::format::{CompressionType, Header, refcount};
+use crate::image::{BackingPolicy, Image, OpenOptions, resolve_backing_name};
+use crate::storage::{FileStorage, Storage};
+use crate::types::Geometry;
+
+/// Format of a backing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackingFormat {
+    /// qcow2.
+    Qcow2,
+    /// Raw.
+    Raw,
+}
+
+impl BackingFormat {
+    /// The name stored in the backing-format extension.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackingFormat::Qcow2 => "qcow2",
+            BackingFormat::Raw => "raw",
+        }
+    }
+}
+
+impl std::str::FromStr for BackingFormat {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "qcow2" => Ok(BackingFormat::Qcow2),
+            "raw" => Ok(BackingFormat::Raw),
+            other => Err(Error::arg(format!("unknown format {other:?} (qcow2 or raw)"))),
+        }
+    }
+}
+
+/// What to create.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Virtual size; `None` takes the backing file's size. Rounded up to 512 bytes.
+    pub size: Option<u64>,
+    /// Cluster size, a power of two from 512 B to 2 MiB.
+    pub cluster_size: u64,
+    /// Extended L2 entries (32 subclusters per cluster; clusters of at least 16 KiB).
+    pub extended_l2: bool,
+    /// Refcount width: 1, 2, 4, 8, 16, 32 or 64 bits.
+    pub refcount_bits: u32,
+    /// Backing file name as stored (relative names are relative to the new image's directory)
+    /// and its format.
+    pub backing: Option<(String, BackingFormat)>,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        Self { size: None, cluster_size: 64 << 10, extended_l2: false, refcount_bits: 16, backing: None }
+    }
+}
+
+/// Creates a new image file at `path` (refusing to overwrite an existing file).
+pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
+    let storage = FileStorage::create_new(path).ctx(|| format!("creating {}", path.display()))?;
+    let result = create_on(Arc::new(storage), Some(path), opts);
+    if result.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}
+
+/// Writes a new image into empty `storage`. `path` locates relative backing names.
+pub fn create_on(storage: Arc<dyn Storage>, path: Option<&Path>, opts: &CreateOptions) -> Result<()> {
+    let cs = opts.cluster_size;
+    if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
+        return Err(Error::arg(format!("cluster size {cs} must be a power of two from 512 to 2M")));
+    }
+    let cluster_bits = cs.trailing_zeros();
+    if opts.extended_l2 && cs < 16 << 10 {
+        return Err(Error::arg("extended L2 needs a cluster size of at least 16K"));
+    }
+    if !opts.refcount_bits.is_power_of_two() || opts.refcount_bits > 64 {
+        return Err(Error::arg(format!("refcount width {} must be a power of two up to 64", opts.refcount_bits)));
+    }
+    let geo = Geometry {
+        cluster_bits,
+        extended_l2: opts.extended_l2,
+        refcount_order: opts.refcount_bits.trailing_zeros(),
+    };
+    // Like qemu-img, check that the backing file opens (and take its size if none was given).
+    let backing_size = match &opts.backing {
+        Some((name, fmt)) => Some(backing_size(name, *fmt, path)?),
+        None => None,
+    };
+    let size = opts
+        .size
+        .or(backing_size)
+        .ok_or_else(|| Error::arg("a size is needed when there is no backing file"))?;
+    let size = size.checked_next_multiple_of(512).ok_or_else(|| Error::arg("size overflows"))?;
+    let l1_entries = geo.l1_entries_for(size);
+    if l1_entries * 8 > 32 << 20 {
+        return Err(Error::arg(format!("size {size} is too large for cluster size {cs}")));
+    }
+
+    // Header, refcount table, refcount blocks, L1: solve for the table sizes that cover it all.
+    let l1_clusters = (l1_entries * 8).div_ceil(cs);
+    let (mut rt, mut rb) = (1u64, 1u64);
+    loop {
+        let total = 1 + rt + rb + l1_clusters;
+        let need_rb = total.div_ceil(geo.refblock_entries());
+        let need_rt = (need_rb * 8).div_ceil(cs);
+        if need_rb == rb && need_rt == rt {
+            break;
+        }
+        (rt, rb) = (need_rt.max(rt), need_rb.max(rb));
+    }
+    let l1_cluster = 1 + rt + rb;
+    let total = l1_cluster + l1_clusters;
+
+    let mut incompatible = 0;
+    if opts.extended_l2 {
+        incompatible |= incompat::EXTENDED_L2;
+    }
+    let header = Header {
+        version: 3,
+        cluster_bits,
+        size,
+        crypt_method: 0,
+        l1_size: l1_entries as u32,
+        l1_table_offset: if l1_entries > 0 { l1_cluster * cs } else { 0 },
+        refcount_table_offset: cs,
+        refcount_table_clusters: rt as u32,
+        nb_snapshots: 0,
+        snapshots_offset: 0,
+        incompatible_features: incompatible,
+        compatible_features: 0,
+        autoclear_features: 0,
+        refcount_order: geo.refcount_order,
+        header_length: V3_HEADER_LEN,
+        compression_type: CompressionType::Zlib,
+        unknown_fields: Vec::new(),
+        backing_file: opts.backing.as_ref().map(|(n, _)| n.clone()),
+        backing_format: opts.backing.as_ref().map(|(_, f)| f.name().to_string()),
+        // qemu-img leaves the table out for clusters of 4 KiB and less.
+        feature_names: if cs > 4096 { Header::qemu_feature_table() } else { Vec::new() },
+        unknown_extensions: Vec::new(),
+    };
+    let w = |bytes: &[u8], at: u64| storage.write_at(bytes, at).ctx(|| "writing the new image".to_string());
+    w(&header.to_bytes()?, 0)?;
+    let mut reftable = vec![0u8; (rt * cs) as usize];
+    for i in 0..rb {
+        let entry = (1 + rt + i) * cs;
+        reftable[i as usize * 8..i as usize * 8 + 8].copy_from_slice(&entry.to_be_bytes());
+    }
+    w(&reftable, cs)?;
+    let mut blocks = vec![0u8; (rb * cs) as usize];
+    let per = geo.refblock_entries() as usize;
+    for c in 0..total as usize {
+        let block = &mut blocks[(c / per) * cs as usize..(c / per + 1) * cs as usize];
+        refcount::set(block, geo.refcount_order, c % per, 1);
+    }
+    w(&blocks, (1 + rt) * cs)?;
+    if l1_entries > 0 {
+        w(&vec![0u8; (l1_entries * 8) as usize], l1_cluster * cs)?;
+    }
+    storage.flush().ctx(|| "syncing the new image".to_string())?;
+    Ok(())
+}
+
+fn backing_size(name: &str, fmt: BackingFormat, path: Option<&Path>) -> Result<u64> {
+    let resolved = resolve_backing_name(name, path)?;
+    match fmt {
+        BackingFormat::Raw => Ok(std::fs::metadata(&resolved)
+            .ctx(|| format!("reading backing file {}", resolved.display()))?
+            .len()),
+        BackingFormat::Qcow2 => {
+            let opts = OpenOptions { backing: BackingPolicy::Allow, ..OpenOptions::default() };
+            Ok(Image::open(&resolved, &opts)?.size())
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! The only I/O seam of the engine.
+//!
+//! Everything the engine stores goes through [`Storage`]: positioned reads and writes, zeroing,
+//! hole punching, `fdatasync` and resizing. Implementations: [`FileStorage`] (a host file),
+//! [`MemoryStorage`] (tests, scratch images) and [`FaultStorage`] (a wrapper that fails or
+//! "crashes" on demand, for crash-safety tests).
+
+mod fault;
+mod file;
+mod memory;
+
+use std::io;
+use std::sync::Arc;
+
+pub use fault::{FaultPlan, FaultStorage};
+pub use file::FileStorage;
+pub use memory::MemoryStorage;
+
+/// Positioned block storage. All methods take `&self` so one storage can serve many threads.
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Reads `buf.len()` bytes at `offset`. Bytes past the end of the storage read as zeros:
+    /// qemu-img ends fresh images right after the L1 table, mid-cluster.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Writes all of `buf` at `offset`, growing the storage when needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+
+    /// Makes `[offset, offset + len)` read as zeros, without deallocating where possible.
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Deallocates `[offset, offset + len)` (the range then reads as zeros). Advisory: storage
+    /// that cannot punch holes writes zeros instead.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Makes everything written so far durable (`fdatasync` for files).
+    fn flush(&self) -> io::Result<()>;
+
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+
+    /// Whether the storage holds no bytes.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Truncates or extends to `len` bytes (new bytes read as zeros).
+    fn set_len(&self, len: u64) -> io::Result<()>;
+
+    /// Bytes actually allocated on the host (for `actual-size`); `None` when unknown.
+    fn allocated_bytes(&self) -> io::Result<Option<u64>> {
+        Ok(None)
+    }
+}
+
+impl<S: Storage + ?Sized> Storage for Arc<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).write_zeroes(offset, len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).punch_hole(offset, len)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+    fn allocated_bytes(&self) -> io::Result<Option<u64>> {
+        (**self).allocated_bytes()
+    }
+}
+
+/// Writes zeros in bounded chunks; the fallback for storage without a native zeroing call.
+pub(crate) fn write_zeroes_by_writing(
+    storage: &dyn Storage,
+    mut offset: u64,
+    len: u64,
+) -> io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; CHUNK.min(len) as usize];
+    let end = offset + len;
+    while offset < end {
+        let n = (end - offset).min(CHUNK) as usize;
+        storage.write_at(&zeros[..n], offset)?;
+        offset += n as u64;
+    }
+    Ok(())
+}
