@@ -1,1 +1,4 @@
-//! Test helpers.
+//! Shared helpers for the workspace tests: qemu-img/qemu-io as the oracle.
+
+pub mod qemu;
+pub mod oplog;

@@ -240,6 +240,7 @@ impl State {
         Ok(match slot.mapping(self)? {
             Mapping::Zero { .. } => true,
             Mapping::Unallocated if !geo.extended_l2 => !backed,
+            Mapping::Data { .. } if !geo.extended_l2 => false,
             Mapping::Compressed { .. } => false,
             mapping => {
                 let has_host = matches!(mapping, Mapping::Data { .. });

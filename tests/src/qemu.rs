@@ -1,0 +1,143 @@
+//! Running qemu-img and qemu-io, the format oracle.
+//!
+//! Tests call [`require`] first: without the tools they skip with a printed reason, except
+//! when `QCOW2_CSI_REQUIRE_ALL=1` (set by `make test` and CI), where a missing tool fails.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// Whether qemu-img and qemu-io are available; prints why not, or panics under CI.
+pub fn require() -> bool {
+    let ok = ["qemu-img", "qemu-io"]
+        .iter()
+        .all(|t| Command::new(t).arg("--version").output().is_ok_and(|o| o.status.success()));
+    if !ok {
+        assert!(
+            std::env::var_os("QCOW2_CSI_REQUIRE_ALL").is_none(),
+            "qemu-img/qemu-io are required (QCOW2_CSI_REQUIRE_ALL is set)"
+        );
+        eprintln!("SKIP: qemu-img/qemu-io not installed (run `make test` to install them)");
+    }
+    ok
+}
+
+fn run(mut cmd: Command) -> Output {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
+    out
+}
+
+/// Runs `qemu-img` with `args` and asserts success; returns stdout.
+pub fn img(args: &[&str]) -> String {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(args);
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `qemu-img` and returns the raw output (for checks that expect failure).
+pub fn img_output(args: &[&str]) -> Output {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(args);
+    run(cmd)
+}
+
+/// Runs qemu-io commands (one `-c` each) on a qcow2 image and asserts none failed.
+pub fn io(path: &Path, cmds: &[String]) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "qcow2"]);
+    for c in cmds {
+        cmd.arg("-c").arg(c);
+    }
+    cmd.arg(path);
+    let out = run(cmd);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && !text.contains("failed") && !text.contains("error"),
+        "qemu-io {cmds:?} on {} failed: {text}",
+        path.display()
+    );
+}
+
+/// Feeds a qemu-io script (one command per line) on stdin; faster than thousands of `-c`.
+pub fn io_script(path: &Path, format: &str, script: &str) {
+    use std::io::Write;
+    let mut child = Command::new("qemu-io")
+        .args(["-f", format])
+        .arg(path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn qemu-io");
+    child.stdin.take().expect("stdin").write_all(script.as_bytes()).expect("write script");
+    let out = child.wait_with_output().expect("qemu-io");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && !text.contains("failed") && !text.contains("error"),
+        "qemu-io script on {} failed: {}",
+        path.display(),
+        text.lines().filter(|l| l.contains("fail") || l.contains("error")).take(5).collect::<Vec<_>>().join(" | ")
+    );
+}
+
+/// `qemu-img check --output=json`: asserts exit 0 and no errors, corruptions or leaks.
+pub fn check_clean(path: &Path) {
+    let out = img_output(&["check", "--output=json", path.to_str().expect("utf-8 path")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "qemu-img check {} exited {:?}: {text}{}",
+        path.display(),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&text).expect("check json");
+    for key in ["check-errors", "corruptions", "leaks"] {
+        assert_eq!(v.get(key).and_then(|x| x.as_u64()).unwrap_or(0), 0, "{key} in {text}");
+    }
+}
+
+/// Converts an image to a raw file with qemu-img.
+pub fn to_raw(image: &Path, raw: &Path) {
+    img(&["convert", "-O", "raw", image.to_str().expect("utf-8"), raw.to_str().expect("utf-8")]);
+}
+
+/// `qemu-img compare` of two images (format of each given); asserts identical content.
+pub fn compare(a: &Path, a_fmt: &str, b: &Path, b_fmt: &str) {
+    let out = img_output(&[
+        "compare",
+        "-f",
+        a_fmt,
+        "-F",
+        b_fmt,
+        a.to_str().expect("utf-8"),
+        b.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "qemu-img compare {} {} differs: {}{}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `qemu-img map --output=json` parsed.
+pub fn map(path: &Path) -> Vec<serde_json::Value> {
+    let text = img(&["map", "--output=json", path.to_str().expect("utf-8")]);
+    serde_json::from_str(&text).expect("map json")
+}
+
+/// `qemu-img info --output=json` parsed.
+pub fn info(path: &Path) -> serde_json::Value {
+    let text = img(&["info", "--output=json", path.to_str().expect("utf-8")]);
+    serde_json::from_str(&text).expect("info json")
+}
