@@ -36,8 +36,9 @@ fn chain_status(img: &Image, off: u64, len: u64, depth: usize) -> Result<(u64, u
     }
     img.with_backing(|b| match b {
         None => Ok((n, depth, status)),
-        // Past the end of a shorter backing file QEMU reports depth 0, not present.
-        Some(b) if off >= b.size() => Ok((n.min(len), 0, LayerStatus::Unallocated)),
+        // Past the end of a shorter backing file: not present, reported at this layer's depth
+        // (as qemu-img map does).
+        Some(b) if off >= b.size() => Ok((n.min(len), depth, LayerStatus::Unallocated)),
         Some(raw @ Backing::Raw(_)) => {
             let n = n.min(len).min(raw.size() - off);
             Ok((n, depth + 1, LayerStatus::Data { host: off }))
