@@ -104,6 +104,18 @@ pub fn check_clean(path: &Path) {
     }
 }
 
+/// `qemu-img check`: no errors and no corruptions; leaked clusters are allowed (exit 0 or 3).
+pub fn check_no_corruption(path: &Path) -> u64 {
+    let out = img_output(&["check", "--output=json", path.to_str().expect("utf-8 path")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(matches!(out.status.code(), Some(0 | 3)), "qemu-img check {}: {text}", path.display());
+    let v: serde_json::Value = serde_json::from_str(&text).expect("check json");
+    for key in ["check-errors", "corruptions"] {
+        assert_eq!(v.get(key).and_then(|x| x.as_u64()).unwrap_or(0), 0, "{key} in {text}");
+    }
+    v.get("leaks").and_then(|x| x.as_u64()).unwrap_or(0)
+}
+
 /// Converts an image to a raw file with qemu-img.
 pub fn to_raw(image: &Path, raw: &Path) {
     img(&["convert", "-O", "raw", image.to_str().expect("utf-8"), raw.to_str().expect("utf-8")]);
