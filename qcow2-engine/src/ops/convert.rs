@@ -79,6 +79,28 @@ impl Sink {
     }
 }
 
+/// Granularity of zero detection: runs of non-zero 4 KiB blocks are written, zero blocks are not.
+const ZERO_BLOCK: usize = 4096;
+
+fn write_nonzero(sink: &Sink, chunk: &[u8], off: u64) -> Result<()> {
+    let mut run: Option<usize> = None;
+    for (i, block) in chunk.chunks(ZERO_BLOCK).enumerate() {
+        let zero = block.iter().all(|&b| b == 0);
+        match (zero, run) {
+            (false, None) => run = Some(i * ZERO_BLOCK),
+            (true, Some(start)) => {
+                sink.write(&chunk[start..i * ZERO_BLOCK], off + start as u64)?;
+                run = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(start) = run {
+        sink.write(&chunk[start..], off + start as u64)?;
+    }
+    Ok(())
+}
+
 /// Chunk size for copying: large enough for throughput, small enough for a fine zero map.
 const CHUNK: usize = 1 << 20;
 
@@ -136,9 +158,7 @@ fn copy(source: &Source, sink: &Sink, size: u64, progress: &mut impl FnMut(u64, 
             let n = ((end - off) as usize).min(CHUNK - (off % CHUNK as u64) as usize);
             let chunk = &mut buf[..n];
             source.read(chunk, off)?;
-            if chunk.iter().any(|&b| b != 0) {
-                sink.write(chunk, off)?;
-            }
+            write_nonzero(sink, chunk, off)?;
             off += n as u64;
             done = off;
             progress(done, size);
