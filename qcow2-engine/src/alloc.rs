@@ -27,7 +27,9 @@ impl Meta {
         };
         let off = entry & crate::format::entries::OFFSET_MASK;
         if entry & 0x1ff != 0 || !self.geo.is_aligned(off) {
-            return Err(Error::corrupt(format!("refcount table entry {index} is invalid ({entry:#x})")));
+            return Err(Error::corrupt(format!(
+                "refcount table entry {index} is invalid ({entry:#x})"
+            )));
         }
         if off == 0 {
             return Ok(None);
@@ -44,7 +46,10 @@ impl Meta {
         let byte = bit / 8;
         let slice_start = byte - byte % slice;
         let entries_per_slice = slice * 8 / self.geo.refcount_bits();
-        (HostOffset(block.0 + slice_start), (index % entries_per_slice) as usize)
+        (
+            HostOffset(block.0 + slice_start),
+            (index % entries_per_slice) as usize,
+        )
     }
 
     /// The refcount of a host cluster (0 when no refcount block covers it).
@@ -76,7 +81,11 @@ impl Meta {
         let (slice, _) = self.rc_cache.slice_at(&*storage, slice_off)?;
         let range = refcount::set(slice, order, index, value);
         let bytes = slice[range.clone()].to_vec();
-        self.write_meta(MetaKind::RefBlock, HostOffset(slice_off.0 + range.start as u64), &bytes)
+        self.write_meta(
+            MetaKind::RefBlock,
+            HostOffset(slice_off.0 + range.start as u64),
+            &bytes,
+        )
     }
 
     /// Allocates one cluster (reusing freed ones first) and sets its refcount to 1.
@@ -110,7 +119,10 @@ impl Meta {
         loop {
             let start = self.end_cluster;
             let (area_end, new_blocks) = self.plan_area(start, count);
-            if let Some(&(group, _)) = new_blocks.iter().find(|(g, _)| *g as usize >= self.reftable.len()) {
+            if let Some(&(group, _)) = new_blocks
+                .iter()
+                .find(|(g, _)| *g as usize >= self.reftable.len())
+            {
                 self.grow_reftable(group + 1)?;
                 continue;
             }
@@ -120,7 +132,10 @@ impl Meta {
                 self.install_refblock(group, at)?;
             }
             for c in start..area_end {
-                if !new_blocks.iter().any(|&(g, _)| g == c / self.refblock_entries()) {
+                if !new_blocks
+                    .iter()
+                    .any(|&(g, _)| g == c / self.refblock_entries())
+                {
                     self.set_refcount(c, 1)?;
                 }
             }
@@ -140,7 +155,10 @@ impl Meta {
                 .filter(|&g| !matches!(self.refblock(g), Ok(Some(_))))
                 .collect();
             if missing.len() as u64 == extra {
-                let blocks = missing.iter().enumerate().map(|(i, &g)| (g, start + count + i as u64));
+                let blocks = missing
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &g)| (g, start + count + i as u64));
                 return (end, blocks.collect());
             }
             extra = missing.len() as u64;
@@ -149,7 +167,13 @@ impl Meta {
 
     /// Writes a new refcount block for `group` at cluster `at`, counting the clusters of
     /// `[area_start, area_end)` that fall in the group (the block itself among them).
-    fn write_new_refblock(&mut self, group: u64, at: u64, area_start: u64, area_end: u64) -> Result<()> {
+    fn write_new_refblock(
+        &mut self,
+        group: u64,
+        at: u64,
+        area_start: u64,
+        area_end: u64,
+    ) -> Result<()> {
         let per = self.refblock_entries();
         let mut block = vec![0u8; self.geo.cluster_size() as usize];
         let first = (group * per).max(area_start);
@@ -189,7 +213,12 @@ impl Meta {
         // The new table and the blocks describing its own area, all at the end of the image.
         let (area_end, blocks) = loop {
             let (end, blocks) = self.plan_area(start, clusters);
-            let needed = blocks.iter().map(|(g, _)| g + 1).max().unwrap_or(0).max(min_entries);
+            let needed = blocks
+                .iter()
+                .map(|(g, _)| g + 1)
+                .max()
+                .unwrap_or(0)
+                .max(min_entries);
             if needed <= clusters * entries_per_cluster {
                 break (end, blocks);
             }
@@ -232,7 +261,9 @@ impl Meta {
         for c in first..first + count {
             let rc = self.refcount(c)?;
             if rc == 0 {
-                return Err(Error::corrupt(format!("freeing cluster {c} whose refcount is already 0")));
+                return Err(Error::corrupt(format!(
+                    "freeing cluster {c} whose refcount is already 0"
+                )));
             }
             self.set_refcount(c, rc - 1)?;
             if rc == 1 {

@@ -78,7 +78,9 @@ impl SliceCache {
             self.misses += 1;
             let mut buf = vec![0u8; self.slice as usize].into_boxed_slice();
             let name = self.name;
-            storage.read_at(&mut buf, start).ctx(|| format!("reading {name} at {start:#x}"))?;
+            storage
+                .read_at(&mut buf, start)
+                .ctx(|| format!("reading {name} at {start:#x}"))?;
             self.lru.put(start, buf);
         }
         let slice = self.lru.get_mut(&start).expect("just inserted");
@@ -88,7 +90,9 @@ impl SliceCache {
     /// Reads a big-endian u64 at `offset`.
     pub fn read_u64(&mut self, storage: &dyn Storage, offset: HostOffset) -> Result<u64> {
         let (slice, at) = self.slice_at(storage, offset)?;
-        Ok(u64::from_be_bytes(slice[at..at + 8].try_into().expect("8 bytes")))
+        Ok(u64::from_be_bytes(
+            slice[at..at + 8].try_into().expect("8 bytes"),
+        ))
     }
 
     /// Patches cached bytes after the same bytes were written to storage.
@@ -110,7 +114,10 @@ impl SliceCache {
     /// Installs a whole freshly written table (one cluster) so the first use does not re-read it.
     pub fn insert_table(&mut self, offset: HostOffset, bytes: &[u8]) {
         for (i, chunk) in bytes.chunks(self.slice as usize).enumerate() {
-            self.lru.put(offset.0 + i as u64 * self.slice, chunk.to_vec().into_boxed_slice());
+            self.lru.put(
+                offset.0 + i as u64 * self.slice,
+                chunk.to_vec().into_boxed_slice(),
+            );
         }
     }
 
@@ -159,7 +166,10 @@ mod tests {
     fn lazily_loads_patches_and_respects_the_budget() {
         let s = MemoryStorage::from_bytes((0..=255u8).cycle().take(1 << 20).collect());
         let mut c = SliceCache::new("test", 65536, 8 * 4096);
-        assert_eq!(c.read_u64(&s, HostOffset(8)).unwrap(), u64::from_be_bytes([8, 9, 10, 11, 12, 13, 14, 15]));
+        assert_eq!(
+            c.read_u64(&s, HostOffset(8)).unwrap(),
+            u64::from_be_bytes([8, 9, 10, 11, 12, 13, 14, 15])
+        );
         assert_eq!(c.stats().misses, 1);
         c.read_u64(&s, HostOffset(16)).unwrap();
         assert_eq!(c.stats().hits, 1);
@@ -168,7 +178,11 @@ mod tests {
         for i in 0..100 {
             c.read_u64(&s, HostOffset(i * 4096)).unwrap();
         }
-        assert_eq!(c.stats().slices, 8, "never more slices than the budget allows");
+        assert_eq!(
+            c.stats().slices,
+            8,
+            "never more slices than the budget allows"
+        );
     }
 
     #[test]

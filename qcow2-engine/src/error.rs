@@ -50,7 +50,10 @@ pub enum Error {
 impl Error {
     /// Wraps an I/O error with a description of the operation.
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
-        Error::Io { context: context.into(), source }
+        Error::Io {
+            context: context.into(),
+            source,
+        }
     }
 
     pub(crate) fn invalid(msg: impl Into<String>) -> Self {

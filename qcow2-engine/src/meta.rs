@@ -67,9 +67,13 @@ impl Meta {
     /// Writes guest data to a host cluster.
     pub fn write_data(&self, offset: HostOffset, bytes: &[u8]) -> Result<()> {
         if offset.0 < self.geo.cluster_size() {
-            return Err(Error::corrupt(format!("refusing to write guest data over the header at {offset}")));
+            return Err(Error::corrupt(format!(
+                "refusing to write guest data over the header at {offset}"
+            )));
         }
-        self.storage.write_at(bytes, offset.0).ctx(|| format!("writing data at {offset}"))
+        self.storage
+            .write_at(bytes, offset.0)
+            .ctx(|| format!("writing data at {offset}"))
     }
 
     /// Rewrites cluster 0 from `self.header`.
@@ -82,6 +86,8 @@ impl Meta {
 
     /// `fdatasync` the image file.
     pub fn sync(&self) -> Result<()> {
-        self.storage.flush().ctx(|| "flushing the image file".to_string())
+        self.storage
+            .flush()
+            .ctx(|| "flushing the image file".to_string())
     }
 }

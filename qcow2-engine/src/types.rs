@@ -82,7 +82,11 @@ impl Geometry {
 
     /// Largest storable refcount.
     pub fn refcount_max(&self) -> u64 {
-        if self.refcount_order == 6 { u64::MAX } else { (1u64 << self.refcount_bits()) - 1 }
+        if self.refcount_order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << self.refcount_bits()) - 1
+        }
     }
 
     /// Refcount entries per refcount block (one cluster).
@@ -132,13 +136,20 @@ mod tests {
 
     #[test]
     fn default_geometry_matches_the_spec_numbers() {
-        let g = Geometry { cluster_bits: 16, extended_l2: false, refcount_order: 4 };
+        let g = Geometry {
+            cluster_bits: 16,
+            extended_l2: false,
+            refcount_order: 4,
+        };
         assert_eq!(g.l2_entries(), 8192);
         assert_eq!(g.l2_coverage(), 512 << 20);
         assert_eq!(g.refblock_entries(), 32768);
         assert_eq!(g.l1_entries_for(1 << 30), 2);
         assert_eq!(g.l1_entries_for(4 << 40), 8192);
-        let e = Geometry { extended_l2: true, ..g };
+        let e = Geometry {
+            extended_l2: true,
+            ..g
+        };
         assert_eq!(e.l2_entries(), 4096);
         assert_eq!(e.subcluster_size(), 2048);
         assert_eq!(e.l1_entries_for(4 << 40), 16384);

@@ -1,6 +1,8 @@
 //! `qcow2util` end to end: create, info, map and dd, checked against qemu-img.
 
+// The workspace's qemu oracle helpers, shared by path (the tests crate depends on this one).
 #[path = "../../tests/src/qemu.rs"]
+#[allow(dead_code)]
 mod qemu;
 
 use std::os::unix::fs::FileExt;
@@ -8,12 +10,19 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn util(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qcow2util")).args(args).output().expect("run qcow2util")
+    Command::new(env!("CARGO_BIN_EXE_qcow2util"))
+        .args(args)
+        .output()
+        .expect("run qcow2util")
 }
 
 fn ok(args: &[&str]) -> String {
     let out = util(args);
-    assert!(out.status.success(), "qcow2util {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "qcow2util {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -32,26 +41,56 @@ fn create_info_map() {
     ok(&["create", "-f", s(&base), "-s", "1G", "--enable-subcluster"]);
     ok(&["create", "-f", s(&top), "-b", "base.qcow2", "-F", "qcow2"]);
     qemu::io(&base, &["write -q -P 1 0 64k".into()]);
-    qemu::io(&top, &["write -q -P 2 1M 4k".into(), "write -q -z 2M 64k".into()]);
+    qemu::io(
+        &top,
+        &["write -q -P 2 1M 4k".into(), "write -q -z 2M 64k".into()],
+    );
 
     let ours: serde_json::Value = serde_json::from_str(&ok(&["info", "-f", s(&top)])).unwrap();
     let theirs = qemu::info(&top);
-    for key in ["virtual-size", "format", "cluster-size", "dirty-flag", "backing-filename", "backing-filename-format", "full-backing-filename"] {
+    for key in [
+        "virtual-size",
+        "format",
+        "cluster-size",
+        "dirty-flag",
+        "backing-filename",
+        "backing-filename-format",
+        "full-backing-filename",
+    ] {
         assert_eq!(ours[key], theirs[key], "info key {key}");
     }
-    for key in ["compat", "lazy-refcounts", "refcount-bits", "corrupt", "extended-l2"] {
-        assert_eq!(ours["format-specific"]["data"][key], theirs["format-specific"]["data"][key], "{key}");
+    for key in [
+        "compat",
+        "lazy-refcounts",
+        "refcount-bits",
+        "corrupt",
+        "extended-l2",
+    ] {
+        assert_eq!(
+            ours["format-specific"]["data"][key], theirs["format-specific"]["data"][key],
+            "{key}"
+        );
     }
-    let detail: serde_json::Value = serde_json::from_str(&ok(&["info", "-f", s(&top), "--detail", "--pretty"])).unwrap();
+    let detail: serde_json::Value =
+        serde_json::from_str(&ok(&["info", "-f", s(&top), "--detail", "--pretty"])).unwrap();
     assert_eq!(detail["chain"][0]["format"], "qcow2");
     // One data cluster (the 4k write); the zeroed range is a zero flag without a host cluster.
     assert_eq!(detail["metadata"]["allocated-bytes"], 65536);
 
-    let map: Vec<serde_json::Value> = serde_json::from_str(&ok(&["map", "-f", s(&top), "--output", "json"])).unwrap();
+    let map: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(&["map", "-f", s(&top), "--output", "json"])).unwrap();
     let qmap = qemu::map(&top);
     let strip = |m: &[serde_json::Value]| -> Vec<(u64, u64, u64, bool, bool)> {
         m.iter()
-            .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap(), e["depth"].as_u64().unwrap(), e["present"].as_bool().unwrap(), e["data"].as_bool().unwrap()))
+            .map(|e| {
+                (
+                    e["start"].as_u64().unwrap(),
+                    e["length"].as_u64().unwrap(),
+                    e["depth"].as_u64().unwrap(),
+                    e["present"].as_bool().unwrap(),
+                    e["data"].as_bool().unwrap(),
+                )
+            })
             .collect()
     };
     assert_eq!(strip(&map), strip(&qmap));
@@ -91,10 +130,26 @@ fn dd_round_trips_a_gib_bit_exactly() {
         ok(&args);
         qemu::check_clean(&q);
         qemu::compare(&q, "qcow2", &raw, "raw");
-        ok(&["dd", "-i", s(&q), "-f", "qcow2", "-o", s(&back), "-O", "raw"]);
-        assert!(std::fs::read(&raw).unwrap() == std::fs::read(&back).unwrap(), "round trip differs");
+        ok(&[
+            "dd",
+            "-i",
+            s(&q),
+            "-f",
+            "qcow2",
+            "-o",
+            s(&back),
+            "-O",
+            "raw",
+        ]);
+        assert!(
+            std::fs::read(&raw).unwrap() == std::fs::read(&back).unwrap(),
+            "round trip differs"
+        );
         let alloc = std::fs::metadata(&q).unwrap();
-        assert!(std::os::unix::fs::MetadataExt::blocks(&alloc) * 512 < 400 << 20, "qcow2 output is not sparse");
+        assert!(
+            std::os::unix::fs::MetadataExt::blocks(&alloc) * 512 < 400 << 20,
+            "qcow2 output is not sparse"
+        );
     }
 }
 
@@ -105,7 +160,10 @@ fn errors_are_one_line_and_nonzero() {
     let out = util(&["info", "-f", s(&missing)]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.starts_with("qcow2util: error: ") && err.trim_end().lines().count() == 1, "{err}");
+    assert!(
+        err.starts_with("qcow2util: error: ") && err.trim_end().lines().count() == 1,
+        "{err}"
+    );
 
     let junk = dir.path().join("junk.qcow2");
     std::fs::write(&junk, vec![0x42; 4096]).unwrap();
@@ -119,7 +177,13 @@ fn errors_are_one_line_and_nonzero() {
     assert_eq!(out.status.code(), Some(1), "must not overwrite");
     let out = util(&["create", "-f", s(&dir.path().join("b.qcow2")), "-s", "1X"]);
     assert_eq!(out.status.code(), Some(2), "usage error");
-    let out = util(&["create", "-f", s(&dir.path().join("c.qcow2")), "-b", "a.qcow2"]);
+    let out = util(&[
+        "create",
+        "-f",
+        s(&dir.path().join("c.qcow2")),
+        "-b",
+        "a.qcow2",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("-F"));
 }

@@ -1,4 +1,4 @@
 //! Shared helpers for the workspace tests: qemu-img/qemu-io as the oracle.
 
-pub mod qemu;
 pub mod oplog;
+pub mod qemu;

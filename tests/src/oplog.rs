@@ -26,7 +26,19 @@ pub enum Op {
 
 /// Interesting offsets for an image of `size` bytes with L2 tables covering `l2_span`.
 pub fn nasty_offsets(size: u64, l2_span: u64) -> Vec<u64> {
-    let mut v = vec![0, 511, 512, 2047, 2048, 4095, 4096, 65535, 65536, 65537, 3 * 65536 - 512];
+    let mut v = vec![
+        0,
+        511,
+        512,
+        2047,
+        2048,
+        4095,
+        4096,
+        65535,
+        65536,
+        65537,
+        3 * 65536 - 512,
+    ];
     let mut b = l2_span;
     while b < size {
         for d in [-65537i64, -4096, -1, 0, 1, 2048, 65536] {
@@ -45,7 +57,22 @@ pub fn nasty_offsets(size: u64, l2_span: u64) -> Vec<u64> {
     v
 }
 
-const NASTY_LENGTHS: &[u64] = &[1, 511, 512, 513, 2047, 2048, 2049, 4096, 6144, 65535, 65536, 65537, 131072 + 2048, 300_000];
+const NASTY_LENGTHS: &[u64] = &[
+    1,
+    511,
+    512,
+    513,
+    2047,
+    2048,
+    2049,
+    4096,
+    6144,
+    65535,
+    65536,
+    65537,
+    131072 + 2048,
+    300_000,
+];
 
 /// Generates `count` ops for an image of `size` bytes.
 pub fn generate(seed: u64, count: usize, size: u64, l2_span: u64) -> Vec<Op> {
@@ -58,10 +85,20 @@ pub fn generate(seed: u64, count: usize, size: u64, l2_span: u64) -> Vec<Op> {
         } else {
             rng.random_range(0..size)
         };
-        let len = NASTY_LENGTHS[rng.random_range(0..NASTY_LENGTHS.len())].min(size - off).max(1);
+        let len = NASTY_LENGTHS[rng.random_range(0..NASTY_LENGTHS.len())]
+            .min(size - off)
+            .max(1);
         let op = match rng.random_range(0..100) {
-            0..=59 => Op::Write { off, len, byte: (i % 251 + 1) as u8 },
-            60..=74 => Op::Zero { off, len, unmap: rng.random_bool(0.5) },
+            0..=59 => Op::Write {
+                off,
+                len,
+                byte: (i % 251 + 1) as u8,
+            },
+            60..=74 => Op::Zero {
+                off,
+                len,
+                unmap: rng.random_bool(0.5),
+            },
             75..=89 => Op::Discard { off, len },
             90..=96 => Op::Flush,
             _ => Op::Reopen,
@@ -76,9 +113,14 @@ pub fn qemu_io_script(ops: &[Op], cluster: u64) -> String {
     let mut s = String::new();
     for op in ops {
         match *op {
-            Op::Write { off, len, byte } => s.push_str(&format!("write -q -P {byte} {off} {len}\n")),
+            Op::Write { off, len, byte } => {
+                s.push_str(&format!("write -q -P {byte} {off} {len}\n"));
+            }
             Op::Zero { off, len, unmap } => {
-                s.push_str(&format!("write -q -z {}{off} {len}\n", if unmap { "-u " } else { "" }));
+                s.push_str(&format!(
+                    "write -q -z {}{off} {len}\n",
+                    if unmap { "-u " } else { "" }
+                ));
             }
             Op::Discard { off, len } => {
                 let start = off.next_multiple_of(cluster);

@@ -8,9 +8,12 @@ use std::process::{Command, Output};
 
 /// Whether qemu-img and qemu-io are available; prints why not, or panics under CI.
 pub fn require() -> bool {
-    let ok = ["qemu-img", "qemu-io"]
-        .iter()
-        .all(|t| Command::new(t).arg("--version").output().is_ok_and(|o| o.status.success()));
+    let ok = ["qemu-img", "qemu-io"].iter().all(|t| {
+        Command::new(t)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
     if !ok {
         assert!(
             std::env::var_os("QCOW2_CSI_REQUIRE_ALL").is_none(),
@@ -23,8 +26,8 @@ pub fn require() -> bool {
 
 fn run(mut cmd: Command) -> Output {
     let shown = format!("{cmd:?}");
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
-    out
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"))
 }
 
 /// Runs `qemu-img` with `args` and asserts success; returns stdout.
@@ -57,7 +60,11 @@ pub fn io(path: &Path, cmds: &[String]) {
     }
     cmd.arg(path);
     let out = run(cmd);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         out.status.success() && !text.contains("failed") && !text.contains("error"),
         "qemu-io {cmds:?} on {} failed: {text}",
@@ -76,14 +83,27 @@ pub fn io_script(path: &Path, format: &str, script: &str) {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn qemu-io");
-    child.stdin.take().expect("stdin").write_all(script.as_bytes()).expect("write script");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(script.as_bytes())
+        .expect("write script");
     let out = child.wait_with_output().expect("qemu-io");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         out.status.success() && !text.contains("failed") && !text.contains("error"),
         "qemu-io script on {} failed: {}",
         path.display(),
-        text.lines().filter(|l| l.contains("fail") || l.contains("error")).take(5).collect::<Vec<_>>().join(" | ")
+        text.lines()
+            .filter(|l| l.contains("fail") || l.contains("error"))
+            .take(5)
+            .collect::<Vec<_>>()
+            .join(" | ")
     );
 }
 
@@ -100,7 +120,11 @@ pub fn check_clean(path: &Path) {
     );
     let v: serde_json::Value = serde_json::from_str(&text).expect("check json");
     for key in ["check-errors", "corruptions", "leaks"] {
-        assert_eq!(v.get(key).and_then(|x| x.as_u64()).unwrap_or(0), 0, "{key} in {text}");
+        assert_eq!(
+            v.get(key).and_then(|x| x.as_u64()).unwrap_or(0),
+            0,
+            "{key} in {text}"
+        );
     }
 }
 
@@ -108,17 +132,31 @@ pub fn check_clean(path: &Path) {
 pub fn check_no_corruption(path: &Path) -> u64 {
     let out = img_output(&["check", "--output=json", path.to_str().expect("utf-8 path")]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(matches!(out.status.code(), Some(0 | 3)), "qemu-img check {}: {text}", path.display());
+    assert!(
+        matches!(out.status.code(), Some(0 | 3)),
+        "qemu-img check {}: {text}",
+        path.display()
+    );
     let v: serde_json::Value = serde_json::from_str(&text).expect("check json");
     for key in ["check-errors", "corruptions"] {
-        assert_eq!(v.get(key).and_then(|x| x.as_u64()).unwrap_or(0), 0, "{key} in {text}");
+        assert_eq!(
+            v.get(key).and_then(|x| x.as_u64()).unwrap_or(0),
+            0,
+            "{key} in {text}"
+        );
     }
     v.get("leaks").and_then(|x| x.as_u64()).unwrap_or(0)
 }
 
 /// Converts an image to a raw file with qemu-img.
 pub fn to_raw(image: &Path, raw: &Path) {
-    img(&["convert", "-O", "raw", image.to_str().expect("utf-8"), raw.to_str().expect("utf-8")]);
+    img(&[
+        "convert",
+        "-O",
+        "raw",
+        image.to_str().expect("utf-8"),
+        raw.to_str().expect("utf-8"),
+    ]);
 }
 
 /// `qemu-img compare` of two images (format of each given); asserts identical content.

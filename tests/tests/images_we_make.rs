@@ -43,14 +43,48 @@ fn create_is_byte_identical_to_qemu_img() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let base = ours(d, "base.qcow2", CreateOptions { size: Some(GIB), ..Default::default() });
-    for (size, ext) in [(GIB, false), (32 * GIB - 1, false), (32 * GIB, true), (4 << 40, false), (4 << 40, true)] {
+    let base = ours(
+        d,
+        "base.qcow2",
+        CreateOptions {
+            size: Some(GIB),
+            ..Default::default()
+        },
+    );
+    for (size, ext) in [
+        (GIB, false),
+        (32 * GIB - 1, false),
+        (32 * GIB, true),
+        (4 << 40, false),
+        (4 << 40, true),
+    ] {
         let name = format!("o-{size}-{ext}.qcow2");
-        let p = ours(d, &name, CreateOptions { size: Some(size), extended_l2: ext, ..Default::default() });
+        let p = ours(
+            d,
+            &name,
+            CreateOptions {
+                size: Some(size),
+                extended_l2: ext,
+                ..Default::default()
+            },
+        );
         let q = d.join(format!("q-{name}"));
         let e = if ext { "on" } else { "off" };
-        qemu::img(&["create", "-q", "-f", "qcow2", "-o", &format!("extended_l2={e}"), s(&q), &size.to_string()]);
-        assert_eq!(std::fs::read(&p).unwrap(), std::fs::read(&q).unwrap(), "{name} differs from qemu-img's");
+        qemu::img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("extended_l2={e}"),
+            s(&q),
+            &size.to_string(),
+        ]);
+        assert_eq!(
+            std::fs::read(&p).unwrap(),
+            std::fs::read(&q).unwrap(),
+            "{name} differs from qemu-img's"
+        );
         qemu::check_clean(&p);
         let info = qemu::info(&p);
         assert_eq!(info["format-specific"]["data"]["compat"], "1.1");
@@ -66,10 +100,31 @@ fn create_is_byte_identical_to_qemu_img() {
         ("abs.qcow2", s(&base).to_string(), BackingFormat::Qcow2),
         ("raw.qcow2", "base.raw".to_string(), BackingFormat::Raw),
     ] {
-        let p = ours(d, name, CreateOptions { backing: Some((backing.clone(), fmt)), ..Default::default() });
+        let p = ours(
+            d,
+            name,
+            CreateOptions {
+                backing: Some((backing.clone(), fmt)),
+                ..Default::default()
+            },
+        );
         let q = d.join(format!("q-{name}"));
-        qemu::img(&["create", "-q", "-f", "qcow2", "-b", &backing, "-F", fmt.name(), s(&q)]);
-        assert_eq!(std::fs::read(&p).unwrap(), std::fs::read(&q).unwrap(), "{name} differs from qemu-img's");
+        qemu::img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &backing,
+            "-F",
+            fmt.name(),
+            s(&q),
+        ]);
+        assert_eq!(
+            std::fs::read(&p).unwrap(),
+            std::fs::read(&q).unwrap(),
+            "{name} differs from qemu-img's"
+        );
         qemu::check_clean(&p);
         let info = qemu::info(&p);
         assert_eq!(info["backing-filename"], backing.as_str());
@@ -86,15 +141,37 @@ fn qemu_keeps_working_on_our_images() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     for ext in [false, true] {
-        let p = ours(d, &format!("w-{ext}.qcow2"), CreateOptions { size: Some(GIB), extended_l2: ext, ..Default::default() });
+        let p = ours(
+            d,
+            &format!("w-{ext}.qcow2"),
+            CreateOptions {
+                size: Some(GIB),
+                extended_l2: ext,
+                ..Default::default()
+            },
+        );
         let img = Image::open(&p, &OpenOptions::writable()).unwrap();
         img.write_at(&[0x11; 1 << 20], 0).unwrap();
         img.write_at(&[0x22; 3000], (512 << 20) - 1000).unwrap();
         img.write_zeroes(4096, 8192, ZeroFlags::default()).unwrap();
         img.close().unwrap();
         qemu::check_clean(&p);
-        qemu::io(&p, &["read -q -P 0x11 0 4k".into(), "read -q -P 0 4k 8k".into(), "read -q -P 0x11 12k 1012k".into(), format!("read -q -P 0x22 {} 3000", (512 << 20) - 1000)]);
-        qemu::io(&p, &["write -q -P 0xcc 0 1M".into(), "write -q -P 0xcd 700M 64k".into()]);
+        qemu::io(
+            &p,
+            &[
+                "read -q -P 0x11 0 4k".into(),
+                "read -q -P 0 4k 8k".into(),
+                "read -q -P 0x11 12k 1012k".into(),
+                format!("read -q -P 0x22 {} 3000", (512 << 20) - 1000),
+            ],
+        );
+        qemu::io(
+            &p,
+            &[
+                "write -q -P 0xcc 0 1M".into(),
+                "write -q -P 0xcd 700M 64k".into(),
+            ],
+        );
         qemu::check_clean(&p);
         qemu::img(&["resize", "-q", s(&p), "+1G"]);
         qemu::check_clean(&p);
@@ -115,18 +192,35 @@ fn our_resize_relocates_the_l1_table() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let p = ours(dir.path(), "g.qcow2", CreateOptions { size: Some(GIB), ..Default::default() });
+    let p = ours(
+        dir.path(),
+        "g.qcow2",
+        CreateOptions {
+            size: Some(GIB),
+            ..Default::default()
+        },
+    );
     let img = Image::open(&p, &OpenOptions::writable()).unwrap();
     img.write_at(&[7; 4096], 0).unwrap();
     let old_l1 = img.header().l1_table_offset;
     img.resize(5 << 40).unwrap();
-    assert_ne!(img.header().l1_table_offset, old_l1, "a bigger L1 must move");
+    assert_ne!(
+        img.header().l1_table_offset,
+        old_l1,
+        "a bigger L1 must move"
+    );
     img.write_at(&[8; 4096], 3 << 40).unwrap();
     assert!(img.resize(GIB).is_err(), "shrinking is refused");
     img.close().unwrap();
     qemu::check_clean(&p);
     assert_eq!(qemu::info(&p)["virtual-size"], 5u64 << 40);
-    qemu::io(&p, &["read -q -P 7 0 4k".into(), format!("read -q -P 8 {} 4k", 3u64 << 40)]);
+    qemu::io(
+        &p,
+        &[
+            "read -q -P 7 0 4k".into(),
+            format!("read -q -P 8 {} 4k", 3u64 << 40),
+        ],
+    );
 }
 
 #[test]
@@ -136,30 +230,60 @@ fn discard_punches_host_holes_and_overlay_reads_zeros() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let base = ours(d, "b.qcow2", CreateOptions { size: Some(64 << 20), ..Default::default() });
+    let base = ours(
+        d,
+        "b.qcow2",
+        CreateOptions {
+            size: Some(64 << 20),
+            ..Default::default()
+        },
+    );
     let img = Image::open(&base, &OpenOptions::writable()).unwrap();
     img.write_at(&vec![0xab; 16 << 20], 0).unwrap();
     img.flush().unwrap();
     let before = img.allocated_bytes().unwrap().unwrap();
     img.discard(0, 8 << 20).unwrap();
     let after = img.allocated_bytes().unwrap().unwrap();
-    assert!(before - after >= 7 << 20, "discard freed {} bytes only", before - after);
+    assert!(
+        before - after >= 7 << 20,
+        "discard freed {} bytes only",
+        before - after
+    );
     img.close().unwrap();
     qemu::check_clean(&base);
 
-    let top = ours(d, "t.qcow2", CreateOptions { backing: Some(("b.qcow2".into(), BackingFormat::Qcow2)), ..Default::default() });
+    let top = ours(
+        d,
+        "t.qcow2",
+        CreateOptions {
+            backing: Some(("b.qcow2".into(), BackingFormat::Qcow2)),
+            ..Default::default()
+        },
+    );
     let img = Image::open(&top, &OpenOptions::writable()).unwrap();
     img.write_at(&[0xcd; 65536], 10 << 20).unwrap();
     img.discard(9 << 20, 2 << 20).unwrap();
     img.discard(12 << 20, 1000).unwrap();
     img.close().unwrap();
     qemu::check_clean(&top);
-    qemu::io(&top, &[format!("read -q -P 0 {} 2M", 9 << 20), format!("read -q -P 0 {} 1000", 12 << 20), format!("read -q -P 0xab {} 1000", (12 << 20) + 1000)]);
+    qemu::io(
+        &top,
+        &[
+            format!("read -q -P 0 {} 2M", 9 << 20),
+            format!("read -q -P 0 {} 1000", 12 << 20),
+            format!("read -q -P 0xab {} 1000", (12 << 20) + 1000),
+        ],
+    );
 }
 
 fn poke(path: &Path, at: u64, bytes: &[u8]) {
     use std::os::unix::fs::FileExt;
-    std::fs::OpenOptions::new().write(true).open(path).unwrap().write_all_at(bytes, at).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .write_all_at(bytes, at)
+        .unwrap();
 }
 
 #[test]
@@ -170,7 +294,14 @@ fn feature_bits_are_honoured() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // Unknown incompatible bit: refused, named from the feature table when it has a name.
-    let p = ours(d, "u.qcow2", CreateOptions { size: Some(GIB), ..Default::default() });
+    let p = ours(
+        d,
+        "u.qcow2",
+        CreateOptions {
+            size: Some(GIB),
+            ..Default::default()
+        },
+    );
     poke(&p, 72, &(1u64 << 5).to_be_bytes());
     match Image::open(&p, &OpenOptions::default()) {
         Err(Error::Unsupported(m)) => assert!(m.contains("bit 5"), "{m}"),
@@ -179,22 +310,46 @@ fn feature_bits_are_honoured() {
     // Extended L2 entry name is in the table: a known bit, so the image opens.
     // Corrupt and dirty bits: read-only works, read-write is refused.
     for bit in [incompat::CORRUPT, incompat::DIRTY] {
-        let p = ours(d, &format!("b{bit}.qcow2"), CreateOptions { size: Some(GIB), ..Default::default() });
+        let p = ours(
+            d,
+            &format!("b{bit}.qcow2"),
+            CreateOptions {
+                size: Some(GIB),
+                ..Default::default()
+            },
+        );
         poke(&p, 72, &bit.to_be_bytes());
         assert!(Image::open(&p, &OpenOptions::default()).is_ok());
         assert!(Image::open(&p, &OpenOptions::writable()).is_err());
     }
     // Autoclear bits (here: a qemu bitmap) are cleared on read-write open.
-    let p = ours(d, "bm.qcow2", CreateOptions { size: Some(GIB), ..Default::default() });
+    let p = ours(
+        d,
+        "bm.qcow2",
+        CreateOptions {
+            size: Some(GIB),
+            ..Default::default()
+        },
+    );
     qemu::img(&["bitmap", "--add", s(&p), "b0"]);
-    assert_ne!(Image::open(&p, &OpenOptions::default()).unwrap().header().autoclear_features & autoclear::BITMAPS, 0);
+    assert_ne!(
+        Image::open(&p, &OpenOptions::default())
+            .unwrap()
+            .header()
+            .autoclear_features
+            & autoclear::BITMAPS,
+        0
+    );
     let img = Image::open(&p, &OpenOptions::writable()).unwrap();
     assert_eq!(img.header().autoclear_features, 0);
     img.write_at(&[1; 512], 0).unwrap();
     img.close().unwrap();
     let h = Image::open(&p, &OpenOptions::default()).unwrap().header();
     assert_eq!(h.autoclear_features, 0);
-    assert!(!h.unknown_extensions.is_empty(), "the bitmaps extension is preserved");
+    assert!(
+        !h.unknown_extensions.is_empty(),
+        "the bitmaps extension is preserved"
+    );
     // With the bit cleared QEMU ignores the (now stale) bitmaps, so their clusters show as
     // leaks, exactly as after QEMU's own handling of an inconsistent bitmap: no corruption.
     assert!(qemu::check_no_corruption(&p) > 0);
@@ -207,22 +362,59 @@ fn backing_policy_and_loops() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let a = ours(d, "a.qcow2", CreateOptions { size: Some(GIB), ..Default::default() });
-    let b = ours(d, "b.qcow2", CreateOptions { backing: Some(("a.qcow2".into(), BackingFormat::Qcow2)), ..Default::default() });
+    let a = ours(
+        d,
+        "a.qcow2",
+        CreateOptions {
+            size: Some(GIB),
+            ..Default::default()
+        },
+    );
+    let b = ours(
+        d,
+        "b.qcow2",
+        CreateOptions {
+            backing: Some(("a.qcow2".into(), BackingFormat::Qcow2)),
+            ..Default::default()
+        },
+    );
     // Make a point back at b: a loop.
     qemu::img(&["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", s(&a)]);
     match Image::open(&b, &OpenOptions::default()) {
         Err(e) => assert!(e.to_string().contains("loop"), "{e}"),
         Ok(_) => panic!("a backing loop opened"),
     }
-    let c = ours(d, "c.qcow2", CreateOptions { size: Some(GIB), ..Default::default() });
-    let top = ours(d, "top.qcow2", CreateOptions { backing: Some(("c.qcow2".into(), BackingFormat::Qcow2)), ..Default::default() });
-    let deny = OpenOptions { backing: qcow2_engine::BackingPolicy::Deny, ..OpenOptions::default() };
+    let c = ours(
+        d,
+        "c.qcow2",
+        CreateOptions {
+            size: Some(GIB),
+            ..Default::default()
+        },
+    );
+    let top = ours(
+        d,
+        "top.qcow2",
+        CreateOptions {
+            backing: Some(("c.qcow2".into(), BackingFormat::Qcow2)),
+            ..Default::default()
+        },
+    );
+    let deny = OpenOptions {
+        backing: qcow2_engine::BackingPolicy::Deny,
+        ..OpenOptions::default()
+    };
     assert!(Image::open(&top, &deny).is_err());
     let elsewhere = tempfile::tempdir().unwrap();
-    let confined = OpenOptions { backing: qcow2_engine::BackingPolicy::ConfineTo(elsewhere.path().into()), ..OpenOptions::default() };
+    let confined = OpenOptions {
+        backing: qcow2_engine::BackingPolicy::ConfineTo(elsewhere.path().into()),
+        ..OpenOptions::default()
+    };
     assert!(Image::open(&top, &confined).is_err());
-    let here = OpenOptions { backing: qcow2_engine::BackingPolicy::ConfineTo(d.into()), ..OpenOptions::default() };
+    let here = OpenOptions {
+        backing: qcow2_engine::BackingPolicy::ConfineTo(d.into()),
+        ..OpenOptions::default()
+    };
     assert!(Image::open(&top, &here).is_ok());
     let _ = c;
 }

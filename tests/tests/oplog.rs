@@ -26,7 +26,9 @@ fn replay_engine(path: &Path, ops: &[Op]) {
     for (i, op) in ops.iter().enumerate() {
         let r = match *op {
             Op::Write { off, len, byte } => img.write_at(&vec![byte; len as usize], off),
-            Op::Zero { off, len, unmap } => img.write_zeroes(off, len, ZeroFlags { no_hole: !unmap }),
+            Op::Zero { off, len, unmap } => {
+                img.write_zeroes(off, len, ZeroFlags { no_hole: !unmap })
+            }
             Op::Discard { off, len } => img.discard(off, len),
             Op::Flush => img.flush(),
             Op::Reopen => {
@@ -53,8 +55,17 @@ fn engine_reads_match(path: &Path, raw: &Path) {
         img.read_at(&mut a[..n], off).expect("engine read");
         raw.read_exact_at(&mut b[..n], off).expect("raw read");
         if a[..n] != b[..n] {
-            let i = a[..n].iter().zip(&b[..n]).position(|(x, y)| x != y).unwrap_or(0);
-            panic!("engine read differs from raw at {:#x}: {} vs {}", off + i as u64, a[i], b[i]);
+            let i = a[..n]
+                .iter()
+                .zip(&b[..n])
+                .position(|(x, y)| x != y)
+                .unwrap_or(0);
+            panic!(
+                "engine read differs from raw at {:#x}: {} vs {}",
+                off + i as u64,
+                a[i],
+                b[i]
+            );
         }
         off += n as u64;
     }
@@ -80,13 +91,28 @@ fn run(case: Case) {
         extended_l2: case.extended_l2,
         ..CreateOptions::default()
     };
-    let raw_file = File::options().read(true).write(true).create(true).truncate(true).open(&raw).expect("raw");
+    let raw_file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&raw)
+        .expect("raw");
     raw_file.set_len(case.size).expect("size raw");
     if case.overlay {
         // A qemu-made base with data around the edges the ops hit; smaller than the overlay.
         let base = d.join("base.qcow2");
         let base_size = case.size / 2 + 4096;
-        qemu::img(&["create", "-q", "-f", "qcow2", "-o", &opts, base.to_str().unwrap(), &base_size.to_string()]);
+        qemu::img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &opts,
+            base.to_str().unwrap(),
+            &base_size.to_string(),
+        ]);
         let mut cmds = vec![];
         let mut off = 0;
         while off + 200_000 < base_size {
@@ -100,9 +126,31 @@ fn run(case: Case) {
         let bytes = std::fs::read(&base_raw).expect("base raw");
         raw_file.write_all_at(&bytes, 0).expect("seed raw");
         create.backing = Some(("base.qcow2".into(), BackingFormat::Qcow2));
-        qemu::img(&["create", "-q", "-f", "qcow2", "-o", &opts, "-b", "base.qcow2", "-F", "qcow2", theirs.to_str().unwrap(), &size]);
+        qemu::img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &opts,
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            theirs.to_str().unwrap(),
+            &size,
+        ]);
     } else {
-        qemu::img(&["create", "-q", "-f", "qcow2", "-o", &opts, theirs.to_str().unwrap(), &size]);
+        qemu::img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &opts,
+            theirs.to_str().unwrap(),
+            &size,
+        ]);
     }
     qcow2_engine::create(&ours, &create).expect("create ours");
 
@@ -117,7 +165,9 @@ fn run(case: Case) {
     engine_reads_match(&ours, &raw);
     qemu::compare(&ours, "qcow2", &raw, "raw");
     qemu::compare(&ours, "qcow2", &theirs, "qcow2");
-    let header = Image::open(&ours, &OpenOptions::default()).expect("reopen").header();
+    let header = Image::open(&ours, &OpenOptions::default())
+        .expect("reopen")
+        .header();
     assert!(
         header.refcount_table_clusters >= case.min_reftable_clusters,
         "refcount table has {} clusters, expected growth to at least {}",
@@ -128,37 +178,93 @@ fn run(case: Case) {
 
 #[test]
 fn plain_standard_l2() {
-    run(Case { seed: 1, ops: 3000, size: (1 << 30) + 3 * 65536, cluster: 65536, extended_l2: false, overlay: false, min_reftable_clusters: 1 });
+    run(Case {
+        seed: 1,
+        ops: 3000,
+        size: (1 << 30) + 3 * 65536,
+        cluster: 65536,
+        extended_l2: false,
+        overlay: false,
+        min_reftable_clusters: 1,
+    });
 }
 
 #[test]
 fn plain_extended_l2() {
-    run(Case { seed: 2, ops: 3000, size: (1 << 30) + 3 * 65536, cluster: 65536, extended_l2: true, overlay: false, min_reftable_clusters: 1 });
+    run(Case {
+        seed: 2,
+        ops: 3000,
+        size: (1 << 30) + 3 * 65536,
+        cluster: 65536,
+        extended_l2: true,
+        overlay: false,
+        min_reftable_clusters: 1,
+    });
 }
 
 #[test]
 fn overlay_standard_l2() {
-    run(Case { seed: 3, ops: 3000, size: (1 << 30) + 3 * 65536, cluster: 65536, extended_l2: false, overlay: true, min_reftable_clusters: 1 });
+    run(Case {
+        seed: 3,
+        ops: 3000,
+        size: (1 << 30) + 3 * 65536,
+        cluster: 65536,
+        extended_l2: false,
+        overlay: true,
+        min_reftable_clusters: 1,
+    });
 }
 
 #[test]
 fn overlay_extended_l2() {
-    run(Case { seed: 4, ops: 3000, size: (1 << 30) + 3 * 65536, cluster: 65536, extended_l2: true, overlay: true, min_reftable_clusters: 1 });
+    run(Case {
+        seed: 4,
+        ops: 3000,
+        size: (1 << 30) + 3 * 65536,
+        cluster: 65536,
+        extended_l2: true,
+        overlay: true,
+        min_reftable_clusters: 1,
+    });
 }
 
 /// 512-byte clusters: a refcount block covers only 128 KiB of file, so the run creates many
 /// blocks and grows the refcount table several times.
 #[test]
 fn tiny_clusters_grow_refcount_structures() {
-    run(Case { seed: 5, ops: 1500, size: 48 << 20, cluster: 512, extended_l2: false, overlay: false, min_reftable_clusters: 2 });
+    run(Case {
+        seed: 5,
+        ops: 1500,
+        size: 48 << 20,
+        cluster: 512,
+        extended_l2: false,
+        overlay: false,
+        min_reftable_clusters: 2,
+    });
 }
 
 #[test]
 fn small_clusters_extended_l2_overlay() {
-    run(Case { seed: 6, ops: 1500, size: 96 << 20, cluster: 16384, extended_l2: true, overlay: true, min_reftable_clusters: 1 });
+    run(Case {
+        seed: 6,
+        ops: 1500,
+        size: 96 << 20,
+        cluster: 16384,
+        extended_l2: true,
+        overlay: true,
+        min_reftable_clusters: 1,
+    });
 }
 
 #[test]
 fn two_mib_clusters() {
-    run(Case { seed: 7, ops: 800, size: 1 << 30, cluster: 2 << 20, extended_l2: false, overlay: true, min_reftable_clusters: 1 });
+    run(Case {
+        seed: 7,
+        ops: 800,
+        size: 1 << 30,
+        cluster: 2 << 20,
+        extended_l2: false,
+        overlay: true,
+        min_reftable_clusters: 1,
+    });
 }

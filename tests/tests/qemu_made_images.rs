@@ -38,7 +38,10 @@ fn fill(path: &Path, size: u64, cluster: u64, extended: bool) {
 }
 
 fn raw_of(image: &Path, dir: &Path) -> PathBuf {
-    let raw = dir.join(format!("{}.raw", image.file_name().unwrap().to_string_lossy()));
+    let raw = dir.join(format!(
+        "{}.raw",
+        image.file_name().unwrap().to_string_lossy()
+    ));
     qemu::to_raw(image, &raw);
     raw
 }
@@ -49,12 +52,22 @@ fn compare_range(img: &Image, raw: &File, start: u64, len: u64) {
     let mut off = start;
     while off < start + len {
         let n = (start + len - off).min(MIB) as usize;
-        img.read_at(&mut a[..n], off).unwrap_or_else(|e| panic!("engine read at {off:#x}: {e}"));
+        img.read_at(&mut a[..n], off)
+            .unwrap_or_else(|e| panic!("engine read at {off:#x}: {e}"));
         b[..n].fill(0);
         let _ = raw.read_at(&mut b[..n], off).expect("raw read");
         if a[..n] != b[..n] {
-            let i = a[..n].iter().zip(&b[..n]).position(|(x, y)| x != y).unwrap_or(0);
-            panic!("content differs at {:#x}: engine {:#x}, qemu {:#x}", off + i as u64, a[i], b[i]);
+            let i = a[..n]
+                .iter()
+                .zip(&b[..n])
+                .position(|(x, y)| x != y)
+                .unwrap_or(0);
+            panic!(
+                "content differs at {:#x}: engine {:#x}, qemu {:#x}",
+                off + i as u64,
+                a[i],
+                b[i]
+            );
         }
         off += n as u64;
     }
@@ -65,7 +78,8 @@ fn compare_range(img: &Image, raw: &File, start: u64, len: u64) {
 fn verify(image: &Path, dir: &Path, compare_map: bool) {
     let raw_path = raw_of(image, dir);
     let raw = File::open(&raw_path).expect("raw");
-    let img = Image::open(image, &OpenOptions::default()).unwrap_or_else(|e| panic!("open {}: {e}", image.display()));
+    let img = Image::open(image, &OpenOptions::default())
+        .unwrap_or_else(|e| panic!("open {}: {e}", image.display()));
     let qmap = qemu::map(image);
     for e in &qmap {
         let start = e["start"].as_u64().unwrap();
@@ -78,8 +92,11 @@ fn verify(image: &Path, dir: &Path, compare_map: bool) {
         }
     }
     if compare_map {
-        let ours: Vec<serde_json::Value> =
-            map::map(&img).expect("our map").iter().map(|e| serde_json::to_value(e).unwrap()).collect();
+        let ours: Vec<serde_json::Value> = map::map(&img)
+            .expect("our map")
+            .iter()
+            .map(|e| serde_json::to_value(e).unwrap())
+            .collect();
         compare_maps(&ours, &qmap, image);
     }
 }
@@ -98,17 +115,30 @@ fn compare_maps(ours: &[serde_json::Value], theirs: &[serde_json::Value], image:
             .cloned()
             .unwrap_or_else(|| panic!("no extent at {off:#x} in {m:?}"))
     };
-    let mut bounds: Vec<u64> = ours.iter().chain(theirs).map(|e| e["start"].as_u64().unwrap()).collect();
+    let mut bounds: Vec<u64> = ours
+        .iter()
+        .chain(theirs)
+        .map(|e| e["start"].as_u64().unwrap())
+        .collect();
     bounds.sort_unstable();
     bounds.dedup();
     for off in bounds {
         let (a, b) = (at(ours, off), at(theirs, off));
-        let shift = |e: &serde_json::Value| e["offset"].as_u64().map(|o| o + off - e["start"].as_u64().unwrap());
+        let shift = |e: &serde_json::Value| {
+            e["offset"]
+                .as_u64()
+                .map(|o| o + off - e["start"].as_u64().unwrap())
+        };
         let file_level = b["zero"] == true && b.get("offset").is_some_and(|o| !o.is_null());
         let same = a["depth"] == b["depth"]
             && a["present"] == b["present"]
-            && (file_level || (a["zero"] == b["zero"] && a["data"] == b["data"] && shift(&a) == shift(&b)));
-        assert!(same, "map of {} differs at {off:#x}: ours {a}, qemu-img {b}", image.display());
+            && (file_level
+                || (a["zero"] == b["zero"] && a["data"] == b["data"] && shift(&a) == shift(&b)));
+        assert!(
+            same,
+            "map of {} differs at {off:#x}: ours {a}, qemu-img {b}",
+            image.display()
+        );
     }
 }
 
@@ -124,7 +154,12 @@ fn sized(size: u64, cluster: u64, extended: bool) {
     }
     let dir = tempfile::tempdir().unwrap();
     let ext = if extended { "on" } else { "off" };
-    let p = make(dir.path(), "a.qcow2", &format!("cluster_size={cluster},extended_l2={ext}"), &size.to_string());
+    let p = make(
+        dir.path(),
+        "a.qcow2",
+        &format!("cluster_size={cluster},extended_l2={ext}"),
+        &size.to_string(),
+    );
     let size = Image::open(&p, &OpenOptions::default()).unwrap().size();
     fill(&p, size, cluster, extended);
     verify(&p, dir.path(), true);
@@ -183,13 +218,30 @@ fn compressed_zlib_and_zstd() {
     }
     let dir = tempfile::tempdir().unwrap();
     for ext in ["off", "on"] {
-        let src = make(dir.path(), &format!("src-{ext}.qcow2"), &format!("extended_l2={ext}"), "64M");
+        let src = make(
+            dir.path(),
+            &format!("src-{ext}.qcow2"),
+            &format!("extended_l2={ext}"),
+            "64M",
+        );
         fill(&src, 64 * MIB, 65536, ext == "on");
         for ct in ["zlib", "zstd"] {
             let c = dir.path().join(format!("c-{ext}-{ct}.qcow2"));
-            qemu::img(&["convert", "-c", "-O", "qcow2", "-o", &format!("compression_type={ct},extended_l2={ext}"), s(&src), s(&c)]);
+            qemu::img(&[
+                "convert",
+                "-c",
+                "-O",
+                "qcow2",
+                "-o",
+                &format!("compression_type={ct},extended_l2={ext}"),
+                s(&src),
+                s(&c),
+            ]);
             let img = Image::open(&c, &OpenOptions::default()).unwrap();
-            assert!(map::map(&img).unwrap().iter().any(|e| e.compressed), "{ct}: no compressed clusters");
+            assert!(
+                map::map(&img).unwrap().iter().any(|e| e.compressed),
+                "{ct}: no compressed clusters"
+            );
             verify(&c, dir.path(), false);
         }
     }
@@ -204,7 +256,13 @@ fn version_2_image() {
     let p = make(dir.path(), "v2.qcow2", "compat=0.10", "256M");
     fill(&p, 256 * MIB, 65536, false);
     verify(&p, dir.path(), true);
-    assert_eq!(Image::open(&p, &OpenOptions::default()).unwrap().header().version, 2);
+    assert_eq!(
+        Image::open(&p, &OpenOptions::default())
+            .unwrap()
+            .header()
+            .version,
+        2
+    );
 }
 
 #[test]
@@ -226,7 +284,12 @@ fn refcount_widths() {
     }
     let dir = tempfile::tempdir().unwrap();
     for bits in [1, 2, 4, 8, 32, 64] {
-        let p = make(dir.path(), &format!("r{bits}.qcow2"), &format!("refcount_bits={bits}"), "64M");
+        let p = make(
+            dir.path(),
+            &format!("r{bits}.qcow2"),
+            &format!("refcount_bits={bits}"),
+            "64M",
+        );
         fill(&p, 64 * MIB, 65536, false);
         verify(&p, dir.path(), true);
         // And we can keep writing it.
@@ -235,7 +298,13 @@ fn refcount_widths() {
         img.discard(0, 65536).unwrap();
         img.close().unwrap();
         qemu::check_clean(&p);
-        qemu::io(&p, &[format!("read -q -P 0x5a {} 100000", 10 * MIB + 7), "read -q -P 0 0 64k".into()]);
+        qemu::io(
+            &p,
+            &[
+                format!("read -q -P 0x5a {} 100000", 10 * MIB + 7),
+                "read -q -P 0 0 64k".into(),
+            ],
+        );
     }
 }
 
@@ -248,20 +317,74 @@ fn backing_chains() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    for (base_fmt, ext) in [("qcow2", "off"), ("qcow2", "on"), ("raw", "off"), ("raw", "on")] {
+    for (base_fmt, ext) in [
+        ("qcow2", "off"),
+        ("qcow2", "on"),
+        ("raw", "off"),
+        ("raw", "on"),
+    ] {
         let base = d.join(format!("base-{base_fmt}-{ext}.{base_fmt}"));
         qemu::img(&["create", "-q", "-f", base_fmt, s(&base), "32M"]);
         let mut cmd = std::process::Command::new("qemu-io");
-        cmd.args(["-f", base_fmt, "-c", "write -q -P 0xb1 0 4M", "-c", "write -q -P 0xb9 30M 2M"]).arg(&base);
+        cmd.args([
+            "-f",
+            base_fmt,
+            "-c",
+            "write -q -P 0xb1 0 4M",
+            "-c",
+            "write -q -P 0xb9 30M 2M",
+        ])
+        .arg(&base);
         assert!(cmd.status().unwrap().success());
         let mid = d.join(format!("mid-{base_fmt}-{ext}.qcow2"));
         let base_name = base.file_name().unwrap().to_str().unwrap();
-        qemu::img(&["create", "-q", "-f", "qcow2", "-o", &format!("extended_l2={ext}"), "-b", base_name, "-F", base_fmt, s(&mid), "48M"]);
-        qemu::io(&mid, &["write -q -P 0xb2 2k 2k".into(), "write -q -P 0xb3 1M 100k".into(), "write -q -z 3M 64k".into(), "write -q -P 0xb4 40M 1M".into()]);
+        qemu::img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("extended_l2={ext}"),
+            "-b",
+            base_name,
+            "-F",
+            base_fmt,
+            s(&mid),
+            "48M",
+        ]);
+        qemu::io(
+            &mid,
+            &[
+                "write -q -P 0xb2 2k 2k".into(),
+                "write -q -P 0xb3 1M 100k".into(),
+                "write -q -z 3M 64k".into(),
+                "write -q -P 0xb4 40M 1M".into(),
+            ],
+        );
         let top = d.join(format!("top-{base_fmt}-{ext}.qcow2"));
         let mid_name = mid.file_name().unwrap().to_str().unwrap();
-        qemu::img(&["create", "-q", "-f", "qcow2", "-o", &format!("extended_l2={ext}"), "-b", mid_name, "-F", "qcow2", s(&top), "64M"]);
-        qemu::io(&top, &["write -q -P 0xb5 4k 512".into(), "discard -q 30M 1M".into(), "write -q -P 0xb6 63M 1M".into()]);
+        qemu::img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("extended_l2={ext}"),
+            "-b",
+            mid_name,
+            "-F",
+            "qcow2",
+            s(&top),
+            "64M",
+        ]);
+        qemu::io(
+            &top,
+            &[
+                "write -q -P 0xb5 4k 512".into(),
+                "discard -q 30M 1M".into(),
+                "write -q -P 0xb6 63M 1M".into(),
+            ],
+        );
         // Relative names must resolve against the image's directory, not ours.
         std::env::set_current_dir("/").unwrap();
         verify(&top, d, base_fmt == "qcow2");
@@ -293,10 +416,30 @@ fn after_resize_commit_rebase() {
     let base = make(d, "base.qcow2", "cluster_size=65536", "64M");
     qemu::io(&base, &["write -q -P 0xd1 0 8M".into()]);
     let mid = d.join("mid.qcow2");
-    qemu::img(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", s(&mid)]);
+    qemu::img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        s(&mid),
+    ]);
     qemu::io(&mid, &["write -q -P 0xd2 1M 1M".into()]);
     let top = d.join("top.qcow2");
-    qemu::img(&["create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", s(&top)]);
+    qemu::img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+    ]);
     qemu::io(&top, &["write -q -P 0xd3 1536k 1M".into()]);
     qemu::img(&["commit", "-q", s(&top)]);
     verify(&mid, d, true);

@@ -12,7 +12,11 @@ use qcow2_engine::ops::{convert, info, map};
 use qcow2_engine::{BackingFormat, CreateOptions, Image, OpenOptions};
 
 #[derive(Parser, Debug)]
-#[command(name = "qcow2util", version, about = "Create, inspect, map and convert qcow2 images")]
+#[command(
+    name = "qcow2util",
+    version,
+    about = "Create, inspect, map and convert qcow2 images"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -131,10 +135,12 @@ fn parse_size(s: &str) -> Result<u64, String> {
         _ => (s, 1),
     };
     if let Ok(n) = num.parse::<u64>() {
-        return n.checked_mul(mult).ok_or_else(|| format!("size {s:?} overflows"));
+        return n
+            .checked_mul(mult)
+            .ok_or_else(|| format!("size {s:?} overflows"));
     }
     let f: f64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
-    if !(f >= 0.0) || f * mult as f64 > u64::MAX as f64 {
+    if !f.is_finite() || f < 0.0 || f * mult as f64 > u64::MAX as f64 {
         return Err(format!("invalid size {s:?}"));
     }
     Ok((f * mult as f64).round() as u64)
@@ -142,16 +148,38 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Create { file, size, backing, backing_format, enable_subcluster, cluster_size, refcount_bits } => {
+        Command::Create {
+            file,
+            size,
+            backing,
+            backing_format,
+            enable_subcluster,
+            cluster_size,
+            refcount_bits,
+        } => {
             let backing = match (backing, backing_format) {
                 (Some(b), Some(f)) => Some((b, f.into())),
-                (Some(_), None) => anyhow::bail!("-b needs -F qcow2|raw (backing formats are never probed)"),
+                (Some(_), None) => {
+                    anyhow::bail!("-b needs -F qcow2|raw (backing formats are never probed)")
+                }
                 (None, Some(_)) => anyhow::bail!("-F given without -b"),
                 (None, None) => None,
             };
-            let opts = CreateOptions { size, cluster_size, extended_l2: enable_subcluster, refcount_bits, backing };
+            let opts = CreateOptions {
+                size,
+                cluster_size,
+                extended_l2: enable_subcluster,
+                refcount_bits,
+                backing,
+            };
             qcow2_engine::create(&file, &opts)?;
-            let img = Image::open(&file, &OpenOptions { skip_backing: true, ..OpenOptions::default() })?;
+            let img = Image::open(
+                &file,
+                &OpenOptions {
+                    skip_backing: true,
+                    ..OpenOptions::default()
+                },
+            )?;
             println!(
                 "Formatting '{}', fmt=qcow2 cluster_size={} extended_l2={} size={}",
                 file.display(),
@@ -160,23 +188,45 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 img.size()
             );
         }
-        Command::Info { file, detail, pretty } => {
+        Command::Info {
+            file,
+            detail,
+            pretty,
+        } => {
             let info = info::info(&file, detail)?;
-            let text = if pretty { serde_json::to_string_pretty(&info)? } else { serde_json::to_string(&info)? };
+            let text = if pretty {
+                serde_json::to_string_pretty(&info)?
+            } else {
+                serde_json::to_string(&info)?
+            };
             println!("{text}");
         }
-        Command::Dd { input, format, output, output_format, l2_cache_size, enable_subcluster, cluster_size } => {
+        Command::Dd {
+            input,
+            format,
+            output,
+            output_format,
+            l2_cache_size,
+            enable_subcluster,
+            cluster_size,
+        } => {
             let opts = convert::ConvertOptions {
                 input_format: format.into(),
                 output_format: output_format.into(),
-                create: CreateOptions { cluster_size, extended_l2: enable_subcluster, ..CreateOptions::default() },
+                create: CreateOptions {
+                    cluster_size,
+                    extended_l2: enable_subcluster,
+                    ..CreateOptions::default()
+                },
                 l2_cache_bytes: l2_cache_size,
             };
             let bar = std::io::stderr().is_terminal().then(|| {
                 let bar = indicatif::ProgressBar::new(0);
                 bar.set_style(
-                    indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                        .expect("valid template"),
+                    indicatif::ProgressStyle::with_template(
+                        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                    )
+                    .expect("valid template"),
                 );
                 bar
             });
@@ -204,11 +254,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     writeln!(out, "]")?;
                 }
                 MapOutput::Human => {
-                    writeln!(out, "{:<20}{:<20}{:<20}{:<8}{}", "Offset", "Length", "Mapped to", "Depth", "Kind")?;
+                    writeln!(
+                        out,
+                        "{:<20}{:<20}{:<20}{:<8}Kind",
+                        "Offset", "Length", "Mapped to", "Depth"
+                    )?;
                     for e in extents.iter().filter(|e| e.present) {
-                        let kind = if e.compressed { "compressed" } else if e.data { "data" } else { "zero" };
-                        let mapped = e.offset.map(|o| format!("{o:#x}")).unwrap_or_else(|| "-".into());
-                        writeln!(out, "{:<#20x}{:<#20x}{:<20}{:<8}{kind}", e.start, e.length, mapped, e.depth)?;
+                        let kind = if e.compressed {
+                            "compressed"
+                        } else if e.data {
+                            "data"
+                        } else {
+                            "zero"
+                        };
+                        let mapped = e
+                            .offset
+                            .map(|o| format!("{o:#x}"))
+                            .unwrap_or_else(|| "-".into());
+                        writeln!(
+                            out,
+                            "{:<#20x}{:<#20x}{:<20}{:<8}{kind}",
+                            e.start, e.length, mapped, e.depth
+                        )?;
                     }
                 }
             }

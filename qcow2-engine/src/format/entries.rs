@@ -27,14 +27,19 @@ impl L1Entry {
     /// The L2 table, or `None` when no table is allocated. Validates reserved bits and alignment.
     pub fn l2_offset(self, g: &Geometry) -> Result<Option<HostOffset>> {
         if self.0 & L1_RESERVED != 0 {
-            return Err(Error::corrupt(format!("L1 entry {:#x} has reserved bits set", self.0)));
+            return Err(Error::corrupt(format!(
+                "L1 entry {:#x} has reserved bits set",
+                self.0
+            )));
         }
         let off = self.0 & OFFSET_MASK;
         if off == 0 {
             return Ok(None);
         }
         if !g.is_aligned(off) {
-            return Err(Error::corrupt(format!("L2 table offset {off:#x} is not cluster-aligned")));
+            return Err(Error::corrupt(format!(
+                "L2 table offset {off:#x} is not cluster-aligned"
+            )));
         }
         Ok(Some(HostOffset(off)))
     }
@@ -78,23 +83,35 @@ impl L2Entry {
             let x = 62 - (g.cluster_bits - 8);
             let host = e & ((1u64 << x) - 1);
             let sectors = ((e >> x) & ((1u64 << (g.cluster_bits - 8)) - 1)) + 1;
-            return Ok(Mapping::Compressed { host: HostOffset(host), sectors });
+            return Ok(Mapping::Compressed {
+                host: HostOffset(host),
+                sectors,
+            });
         }
         if e & L2_RESERVED != 0 {
-            return Err(Error::corrupt(format!("L2 entry {e:#x} has reserved bits set")));
+            return Err(Error::corrupt(format!(
+                "L2 entry {e:#x} has reserved bits set"
+            )));
         }
         let off = e & OFFSET_MASK;
         if off != 0 && !g.is_aligned(off) {
-            return Err(Error::corrupt(format!("data cluster offset {off:#x} is not cluster-aligned")));
+            return Err(Error::corrupt(format!(
+                "data cluster offset {off:#x} is not cluster-aligned"
+            )));
         }
         let copied = e & COPIED != 0;
         if !g.extended_l2 && e & ZERO != 0 {
-            return Ok(Mapping::Zero { prealloc: (off != 0).then_some(HostOffset(off)) });
+            return Ok(Mapping::Zero {
+                prealloc: (off != 0).then_some(HostOffset(off)),
+            });
         }
         if off == 0 {
             return Ok(Mapping::Unallocated);
         }
-        Ok(Mapping::Data { host: HostOffset(off), copied })
+        Ok(Mapping::Data {
+            host: HostOffset(off),
+            copied,
+        })
     }
 
     /// Encodes an uncompressed data cluster we own.
@@ -165,21 +182,36 @@ impl SubclusterBitmap {
 mod tests {
     use super::*;
 
-    const G: Geometry = Geometry { cluster_bits: 16, extended_l2: false, refcount_order: 4 };
+    const G: Geometry = Geometry {
+        cluster_bits: 16,
+        extended_l2: false,
+        refcount_order: 4,
+    };
 
     #[test]
     fn decodes_standard_entries() {
         assert_eq!(L2Entry(0).decode(&G).unwrap(), Mapping::Unallocated);
-        assert_eq!(L2Entry(1).decode(&G).unwrap(), Mapping::Zero { prealloc: None });
+        assert_eq!(
+            L2Entry(1).decode(&G).unwrap(),
+            Mapping::Zero { prealloc: None }
+        );
         assert_eq!(
             L2Entry(0x5_0000 | COPIED | 1).decode(&G).unwrap(),
-            Mapping::Zero { prealloc: Some(HostOffset(0x5_0000)) }
+            Mapping::Zero {
+                prealloc: Some(HostOffset(0x5_0000))
+            }
         );
         assert_eq!(
             L2Entry::data(HostOffset(0x7_0000)).decode(&G).unwrap(),
-            Mapping::Data { host: HostOffset(0x7_0000), copied: true }
+            Mapping::Data {
+                host: HostOffset(0x7_0000),
+                copied: true
+            }
         );
-        assert!(L2Entry(0x7_0200).decode(&G).is_err(), "unaligned data offset");
+        assert!(
+            L2Entry(0x7_0200).decode(&G).is_err(),
+            "unaligned data offset"
+        );
         assert!(L2Entry(0x7_0000 | 2).decode(&G).is_err(), "reserved bit");
     }
 
@@ -189,7 +221,10 @@ mod tests {
         let e = COMPRESSED | (3u64 << 54) | 0x12_3456;
         assert_eq!(
             L2Entry(e).decode(&G).unwrap(),
-            Mapping::Compressed { host: HostOffset(0x12_3456), sectors: 4 }
+            Mapping::Compressed {
+                host: HostOffset(0x12_3456),
+                sectors: 4
+            }
         );
     }
 
@@ -208,7 +243,10 @@ mod tests {
     #[test]
     fn l1_entry_validation() {
         assert_eq!(L1Entry(0).l2_offset(&G).unwrap(), None);
-        assert_eq!(L1Entry::new(HostOffset(0x40000)).l2_offset(&G).unwrap(), Some(HostOffset(0x40000)));
+        assert_eq!(
+            L1Entry::new(HostOffset(0x40000)).l2_offset(&G).unwrap(),
+            Some(HostOffset(0x40000))
+        );
         assert!(L1Entry(0x40000 | 1).l2_offset(&G).is_err());
         assert!(L1Entry(0x40200).l2_offset(&G).is_err());
     }

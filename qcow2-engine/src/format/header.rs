@@ -204,14 +204,26 @@ impl Header {
         let snapshots_offset = be64(b, 64);
 
         let (incompatible_features, compatible_features, autoclear_features, refcount_order) =
-            if version == 3 { (be64(b, 72), be64(b, 80), be64(b, 88), be32(b, 96)) } else { (0, 0, 0, 4) };
-        let header_length = if version == 3 { be32(b, 100) } else { V2_HEADER_LEN };
+            if version == 3 {
+                (be64(b, 72), be64(b, 80), be64(b, 88), be32(b, 96))
+            } else {
+                (0, 0, 0, 4)
+            };
+        let header_length = if version == 3 {
+            be32(b, 100)
+        } else {
+            V2_HEADER_LEN
+        };
         if version == 3 {
             if header_length < V3_MIN_HEADER_LEN {
-                return Err(Error::invalid(format!("header_length {header_length} is below 104")));
+                return Err(Error::invalid(format!(
+                    "header_length {header_length} is below 104"
+                )));
             }
             if header_length % 8 != 0 {
-                return Err(Error::invalid(format!("header_length {header_length} is not a multiple of 8")));
+                return Err(Error::invalid(format!(
+                    "header_length {header_length} is not a multiple of 8"
+                )));
             }
             if u64::from(header_length) > cluster_size {
                 return Err(Error::invalid(format!(
@@ -224,7 +236,9 @@ impl Header {
                 0 => CompressionType::Zlib,
                 1 => CompressionType::Zstd,
                 other => {
-                    return Err(Error::unsupported(format!("unknown compression type {other}")));
+                    return Err(Error::unsupported(format!(
+                        "unknown compression type {other}"
+                    )));
                 }
             }
         } else {
@@ -242,14 +256,22 @@ impl Header {
             Vec::new()
         };
         if refcount_order > 6 {
-            return Err(Error::invalid(format!("refcount_order {refcount_order} is above 6")));
+            return Err(Error::invalid(format!(
+                "refcount_order {refcount_order} is above 6"
+            )));
         }
         if backing_file_offset > cluster_size {
-            return Err(Error::invalid("backing file name lies outside the header cluster"));
+            return Err(Error::invalid(
+                "backing file name lies outside the header cluster",
+            ));
         }
 
         // Extensions: from the end of the fixed header to the backing name (or the cluster end).
-        let ext_end = if backing_file_offset != 0 { backing_file_offset } else { cluster_size };
+        let ext_end = if backing_file_offset != 0 {
+            backing_file_offset
+        } else {
+            cluster_size
+        };
         let mut backing_format = None;
         let mut feature_names = Vec::new();
         let mut unknown_extensions = Vec::new();
@@ -269,7 +291,9 @@ impl Header {
             let data = &b[off as usize..(off + len) as usize];
             match kind {
                 EXT_BACKING_FORMAT => {
-                    let name = String::from_utf8_lossy(data).trim_end_matches('\0').to_string();
+                    let name = String::from_utf8_lossy(data)
+                        .trim_end_matches('\0')
+                        .to_string();
                     backing_format = Some(name);
                 }
                 EXT_FEATURE_TABLE => {
@@ -283,7 +307,10 @@ impl Header {
                         });
                     }
                 }
-                _ => unknown_extensions.push(HeaderExtension { kind, data: data.to_vec() }),
+                _ => unknown_extensions.push(HeaderExtension {
+                    kind,
+                    data: data.to_vec(),
+                }),
             }
             off += len.next_multiple_of(8);
         }
@@ -295,9 +322,10 @@ impl Header {
             }
             let start = backing_file_offset as usize;
             let name = &b[start..start + len as usize];
-            Some(String::from_utf8(name.to_vec()).map_err(|_| {
-                Error::unsupported("backing file name is not valid UTF-8")
-            })?)
+            Some(
+                String::from_utf8(name.to_vec())
+                    .map_err(|_| Error::unsupported("backing file name is not valid UTF-8"))?,
+            )
         } else {
             None
         };
@@ -334,16 +362,25 @@ impl Header {
         let g = self.geometry();
         let cs = self.cluster_size();
         if g.extended_l2 && self.cluster_bits < 14 {
-            return Err(Error::invalid("extended L2 needs clusters of at least 16 KiB"));
+            return Err(Error::invalid(
+                "extended L2 needs clusters of at least 16 KiB",
+            ));
         }
         if self.refcount_table_clusters == 0 {
-            return Err(Error::invalid("image does not contain a reference count table"));
+            return Err(Error::invalid(
+                "image does not contain a reference count table",
+            ));
         }
         let reftable_bytes = u64::from(self.refcount_table_clusters) * cs;
         if reftable_bytes > MAX_REFTABLE_BYTES {
             return Err(Error::invalid("reference count table too large"));
         }
-        check_table("reference count table", self.refcount_table_offset, reftable_bytes, cs)?;
+        check_table(
+            "reference count table",
+            self.refcount_table_offset,
+            reftable_bytes,
+            cs,
+        )?;
         let l1_bytes = u64::from(self.l1_size) * 8;
         if l1_bytes > MAX_L1_BYTES {
             return Err(Error::invalid("active L1 table too large"));
@@ -384,7 +421,11 @@ impl Header {
 
     /// The feature name table qemu-img writes.
     pub fn qemu_feature_table() -> Vec<FeatureName> {
-        let f = |kind, bit, name: &str| FeatureName { kind, bit, name: name.to_string() };
+        let f = |kind, bit, name: &str| FeatureName {
+            kind,
+            bit,
+            name: name.to_string(),
+        };
         vec![
             f(0, 0, "dirty bit"),
             f(0, 1, "corrupt bit"),
@@ -401,8 +442,10 @@ impl Header {
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let cs = self.cluster_size() as usize;
         let mut b = vec![0u8; cs];
-        let put32 = |b: &mut [u8], at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
-        let put64 = |b: &mut [u8], at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+        let put32 =
+            |b: &mut [u8], at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+        let put64 =
+            |b: &mut [u8], at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_be_bytes());
         put32(&mut b, 0, MAGIC);
         put32(&mut b, 4, self.version);
         put32(&mut b, 20, self.cluster_bits);
@@ -477,15 +520,19 @@ impl Header {
 }
 
 fn check_table(what: &str, offset: u64, bytes: u64, cluster_size: u64) -> Result<()> {
-    if offset % cluster_size != 0 {
-        return Err(Error::invalid(format!("{what} offset {offset:#x} is not cluster-aligned")));
+    if !offset.is_multiple_of(cluster_size) {
+        return Err(Error::invalid(format!(
+            "{what} offset {offset:#x} is not cluster-aligned"
+        )));
     }
     if offset == 0 {
         return Err(Error::invalid(format!("{what} overlaps the header")));
     }
     match offset.checked_add(bytes) {
         Some(end) if end <= i64::MAX as u64 && end <= MAX_HOST_OFFSET => Ok(()),
-        _ => Err(Error::invalid(format!("{what} offset {offset:#x} is out of range"))),
+        _ => Err(Error::invalid(format!(
+            "{what} offset {offset:#x} is out of range"
+        ))),
     }
 }
 
@@ -515,7 +562,10 @@ mod tests {
             backing_file: Some("base.qcow2".into()),
             backing_format: Some("qcow2".into()),
             feature_names: Header::qemu_feature_table(),
-            unknown_extensions: vec![HeaderExtension { kind: 0x1234_5678, data: vec![1, 2, 3] }],
+            unknown_extensions: vec![HeaderExtension {
+                kind: 0x1234_5678,
+                data: vec![1, 2, 3],
+            }],
         }
     }
 
@@ -541,8 +591,15 @@ mod tests {
     fn unknown_incompatible_bits_are_named_from_the_table() {
         let mut h = sample();
         h.incompatible_features = 1 << 5 | 1 << 9;
-        h.feature_names.push(FeatureName { kind: 0, bit: 5, name: "shiny".into() });
-        assert_eq!(h.unknown_incompatible(), vec!["shiny".to_string(), "bit 9".to_string()]);
+        h.feature_names.push(FeatureName {
+            kind: 0,
+            bit: 5,
+            name: "shiny".into(),
+        });
+        assert_eq!(
+            h.unknown_incompatible(),
+            vec!["shiny".to_string(), "bit 9".to_string()]
+        );
     }
 
     #[test]

@@ -12,7 +12,9 @@ pub fn get(block: &[u8], order: u32, index: usize) -> u64 {
     } else {
         let n = bits / 8;
         let start = index * n;
-        block[start..start + n].iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
+        block[start..start + n]
+            .iter()
+            .fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
     }
 }
 
@@ -43,14 +45,22 @@ mod tests {
     fn every_width_round_trips_without_touching_neighbours() {
         for order in 0..=6u32 {
             let bits = 1u32 << order;
-            let max = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+            let max = if bits == 64 {
+                u64::MAX
+            } else {
+                (1u64 << bits) - 1
+            };
             let mut block = vec![0u8; 64];
             let entries = 64 * 8 / bits as usize;
             for i in 0..entries {
                 set(&mut block, order, i, (i as u64 * 7 + 1) & max);
             }
             for i in 0..entries {
-                assert_eq!(get(&block, order, i), (i as u64 * 7 + 1) & max, "order {order} index {i}");
+                assert_eq!(
+                    get(&block, order, i),
+                    (i as u64 * 7 + 1) & max,
+                    "order {order} index {i}"
+                );
             }
         }
     }

@@ -99,7 +99,10 @@ impl Backing {
 }
 
 fn refuse(path: impl Into<PathBuf>, reason: impl Into<String>) -> Error {
-    Error::Backing { path: path.into(), reason: reason.into() }
+    Error::Backing {
+        path: path.into(),
+        reason: reason.into(),
+    }
 }
 
 /// Names that QEMU would interpret as a protocol or a JSON description rather than a file.
@@ -111,7 +114,9 @@ fn is_protocol_name(name: &str) -> bool {
         Some((prefix, _)) => {
             !prefix.is_empty()
                 && !prefix.contains('/')
-                && prefix.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+                && prefix
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
         }
         None => false,
     }
@@ -123,7 +128,10 @@ pub fn resolve_backing_name(name: &str, image_path: Option<&Path>) -> Result<Pat
         return Err(refuse(name, "empty backing file name"));
     }
     if is_protocol_name(name) {
-        return Err(refuse(name, "protocol and json: backing names are not supported"));
+        return Err(refuse(
+            name,
+            "protocol and json: backing names are not supported",
+        ));
     }
     let p = Path::new(name);
     if p.is_absolute() {
@@ -132,15 +140,25 @@ pub fn resolve_backing_name(name: &str, image_path: Option<&Path>) -> Result<Pat
     match image_path.and_then(Path::parent) {
         Some(dir) if !dir.as_os_str().is_empty() => Ok(dir.join(p)),
         Some(_) => Ok(p.to_path_buf()),
-        None => Err(refuse(name, "relative backing name but the image has no path")),
+        None => Err(refuse(
+            name,
+            "relative backing name but the image has no path",
+        )),
     }
 }
 
 fn confine(path: &Path, dir: &Path) -> Result<PathBuf> {
-    let real = path.canonicalize().map_err(|e| refuse(path, format!("cannot resolve: {e}")))?;
-    let dir = dir.canonicalize().map_err(|e| refuse(dir, format!("cannot resolve the allowed directory: {e}")))?;
+    let real = path
+        .canonicalize()
+        .map_err(|e| refuse(path, format!("cannot resolve: {e}")))?;
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| refuse(dir, format!("cannot resolve the allowed directory: {e}")))?;
     if !real.starts_with(&dir) || real.components().any(|c| c == Component::ParentDir) {
-        return Err(refuse(path, format!("outside the allowed directory {}", dir.display())));
+        return Err(refuse(
+            path,
+            format!("outside the allowed directory {}", dir.display()),
+        ));
     }
     Ok(real)
 }
@@ -159,12 +177,19 @@ pub(super) fn open_backing(
         BackingPolicy::Allow => path,
     };
     if chain.len() >= opts.max_chain_depth {
-        return Err(refuse(&path, format!("backing chain is deeper than {}", opts.max_chain_depth)));
+        return Err(refuse(
+            &path,
+            format!("backing chain is deeper than {}", opts.max_chain_depth),
+        ));
     }
     let format = header.backing_format.as_deref().ok_or_else(|| {
-        refuse(&path, "the image does not record the backing format, and formats are never probed")
+        refuse(
+            &path,
+            "the image does not record the backing format, and formats are never probed",
+        )
     })?;
-    let file = std::fs::File::open(&path).map_err(|e| refuse(&path, format!("cannot open: {e}")))?;
+    let file =
+        std::fs::File::open(&path).map_err(|e| refuse(&path, format!("cannot open: {e}")))?;
     let md = file.metadata().map_err(|e| refuse(&path, e.to_string()))?;
     let id = (md.dev(), md.ino());
     if image_path.is_some_and(|p| std::fs::metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == id))
@@ -176,16 +201,26 @@ pub(super) fn open_backing(
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::from_file(file));
     match format {
         "qcow2" => {
-            let ro = OpenOptions { writable: false, ..opts.clone() };
+            let ro = OpenOptions {
+                writable: false,
+                ..opts.clone()
+            };
             let img = Image::open_with_chain(storage, Some(&path), &ro, chain)
                 .map_err(|e| refuse(&path, e.to_string()))?;
             Ok(Backing::Qcow2(Box::new(img)))
         }
         "raw" => {
             let size = storage.len().ctx(|| format!("sizing {}", path.display()))?;
-            Ok(Backing::Raw(RawBacking { storage, size, path }))
+            Ok(Backing::Raw(RawBacking {
+                storage,
+                size,
+                path,
+            }))
         }
-        other => Err(refuse(&path, format!("unsupported backing format {other:?}"))),
+        other => Err(refuse(
+            &path,
+            format!("unsupported backing format {other:?}"),
+        )),
     }
 }
 
@@ -195,7 +230,8 @@ mod tests {
 
     #[test]
     fn relative_names_resolve_against_the_image_directory() {
-        let p = resolve_backing_name("base.qcow2", Some(Path::new("/data/layers/top.qcow2"))).unwrap();
+        let p =
+            resolve_backing_name("base.qcow2", Some(Path::new("/data/layers/top.qcow2"))).unwrap();
         assert_eq!(p, Path::new("/data/layers/base.qcow2"));
         let p = resolve_backing_name("/abs/base", Some(Path::new("/x/top"))).unwrap();
         assert_eq!(p, Path::new("/abs/base"));
@@ -203,8 +239,16 @@ mod tests {
 
     #[test]
     fn protocol_names_are_refused() {
-        for name in ["json:{\"file\":1}", "nbd://host/x", "http://x/y", "file:base.qcow2"] {
-            assert!(resolve_backing_name(name, Some(Path::new("/a/b"))).is_err(), "{name}");
+        for name in [
+            "json:{\"file\":1}",
+            "nbd://host/x",
+            "http://x/y",
+            "file:base.qcow2",
+        ] {
+            assert!(
+                resolve_backing_name(name, Some(Path::new("/a/b"))).is_err(),
+                "{name}"
+            );
         }
         assert!(resolve_backing_name("dir/with:colon", Some(Path::new("/a/b"))).is_ok());
     }

@@ -30,14 +30,27 @@ impl State {
             return Err(Error::corrupt(format!("{off} is beyond the L1 table")));
         };
         let Some(table) = L1Entry(l1).l2_offset(&geo)? else {
-            return Ok(Slot { word: 0, bitmap: 0, at: None });
+            return Ok(Slot {
+                word: 0,
+                bitmap: 0,
+                at: None,
+            });
         };
         let at = HostOffset(table.0 + geo.l2_index(off) * geo.l2_entry_size());
         let storage = self.meta.storage.clone();
         let word = self.meta.l2_cache.read_u64(&*storage, at)?;
-        let bitmap =
-            if geo.extended_l2 { self.meta.l2_cache.read_u64(&*storage, HostOffset(at.0 + 8))? } else { 0 };
-        Ok(Slot { word, bitmap, at: Some(at) })
+        let bitmap = if geo.extended_l2 {
+            self.meta
+                .l2_cache
+                .read_u64(&*storage, HostOffset(at.0 + 8))?
+        } else {
+            0
+        };
+        Ok(Slot {
+            word,
+            bitmap,
+            at: Some(at),
+        })
     }
 
     /// The L2 slot for `off`, allocating the L2 table first if there is none.
@@ -54,14 +67,17 @@ impl State {
         self.meta.l2_cache.insert_table(table, &zeros);
         let entry = L1Entry::new(table).0;
         let at = HostOffset(self.meta.header.l1_table_offset + l1_index * 8);
-        self.meta.write_meta(MetaKind::L1, at, &entry.to_be_bytes())?;
+        self.meta
+            .write_meta(MetaKind::L1, at, &entry.to_be_bytes())?;
         self.meta.l1[l1_index as usize] = entry;
         self.slot(off)
     }
 
     /// Writes a new value into an existing slot.
     pub(crate) fn set_slot(&mut self, slot: Slot, word: u64, bitmap: u64) -> Result<()> {
-        let at = slot.at.ok_or_else(|| Error::corrupt("updating an L2 slot that has no table"))?;
+        let at = slot
+            .at
+            .ok_or_else(|| Error::corrupt("updating an L2 slot that has no table"))?;
         if word == slot.word && bitmap == slot.bitmap {
             return Ok(());
         }
@@ -73,10 +89,12 @@ impl State {
         self.meta.l2_cache.patch(at, &bytes);
         if word & COMPRESSED == 0 {
             // A rewritten compressed cluster must not be served from the decompression cache.
-            if let Some((key, _)) = &self.compressed {
-                if *key == slot.word {
-                    self.compressed = None;
-                }
+            if self
+                .compressed
+                .as_ref()
+                .is_some_and(|(key, _)| *key == slot.word)
+            {
+                self.compressed = None;
             }
         }
         Ok(())
@@ -86,15 +104,17 @@ impl State {
     pub(crate) fn release(&mut self, old: Mapping) -> Result<()> {
         let cb = self.meta.geo.cluster_bits;
         match old {
-            Mapping::Data { host, .. } | Mapping::Zero { prealloc: Some(host) } => {
-                self.meta.free_range(host, 1)
-            }
+            Mapping::Data { host, .. }
+            | Mapping::Zero {
+                prealloc: Some(host),
+            } => self.meta.free_range(host, 1),
             Mapping::Compressed { host, sectors } => {
                 let start = host.0 & !511;
                 let end = start + sectors * 512;
                 let first = start >> cb;
                 let last = (end - 1) >> cb;
-                self.meta.free_range(HostOffset(first << cb), last - first + 1)
+                self.meta
+                    .free_range(HostOffset(first << cb), last - first + 1)
             }
             Mapping::Unallocated | Mapping::Zero { prealloc: None } => Ok(()),
         }

@@ -62,7 +62,10 @@ impl Default for OpenOptions {
 impl OpenOptions {
     /// Read-write with the other defaults.
     pub fn writable() -> Self {
-        Self { writable: true, ..Self::default() }
+        Self {
+            writable: true,
+            ..Self::default()
+        }
     }
 }
 
@@ -93,15 +96,19 @@ pub struct Image {
 impl Image {
     /// Opens the image file at `path`.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
-        let storage = FileStorage::open(path, opts.writable)
-            .ctx(|| format!("opening {}", path.display()))?;
+        let storage =
+            FileStorage::open(path, opts.writable).ctx(|| format!("opening {}", path.display()))?;
         let mut chain = Vec::new();
         Self::open_with_chain(Arc::new(storage), Some(path), opts, &mut chain)
     }
 
     /// Opens an image held by any storage. Relative backing names resolve against `path`'s
     /// directory when given (else the backing policy must allow absolute names only).
-    pub fn open_storage(storage: Arc<dyn Storage>, path: Option<&Path>, opts: &OpenOptions) -> Result<Image> {
+    pub fn open_storage(
+        storage: Arc<dyn Storage>,
+        path: Option<&Path>,
+        opts: &OpenOptions,
+    ) -> Result<Image> {
         let mut chain = Vec::new();
         Self::open_with_chain(storage, path, opts, &mut chain)
     }
@@ -113,32 +120,48 @@ impl Image {
         chain: &mut Vec<backing::FileId>,
     ) -> Result<Image> {
         let mut first = [0u8; 104];
-        storage.read_at(&mut first, 0).ctx(|| "reading the header".to_string())?;
+        storage
+            .read_at(&mut first, 0)
+            .ctx(|| "reading the header".to_string())?;
         let bits = Header::peek_cluster_bits(&first)?;
         let mut cluster0 = vec![0u8; 1 << bits];
-        storage.read_at(&mut cluster0, 0).ctx(|| "reading the header".to_string())?;
+        storage
+            .read_at(&mut cluster0, 0)
+            .ctx(|| "reading the header".to_string())?;
         let mut header = Header::parse(&cluster0)?;
         check_features(&header, opts.writable)?;
         let geo = header.geometry();
 
         let l1_bytes = u64::from(header.l1_size) * 8;
         let mut raw = vec![0u8; l1_bytes as usize];
-        storage.read_at(&mut raw, header.l1_table_offset).ctx(|| "reading the L1 table".to_string())?;
-        let l1: Vec<u64> = raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().expect("8"))).collect();
+        storage
+            .read_at(&mut raw, header.l1_table_offset)
+            .ctx(|| "reading the L1 table".to_string())?;
+        let l1: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
+            .collect();
 
         let rt_bytes = u64::from(header.refcount_table_clusters) * geo.cluster_size();
         let mut raw = vec![0u8; rt_bytes as usize];
         storage
             .read_at(&mut raw, header.refcount_table_offset)
             .ctx(|| "reading the refcount table".to_string())?;
-        let reftable: Vec<u64> =
-            raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().expect("8"))).collect();
+        let reftable: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
+            .collect();
 
-        let file_len = storage.len().ctx(|| "reading the image length".to_string())?;
+        let file_len = storage
+            .len()
+            .ctx(|| "reading the image length".to_string())?;
         let end_cluster = file_len.div_ceil(geo.cluster_size());
-        let l2_budget = opts.l2_cache_bytes.unwrap_or_else(|| cache::default_l2_budget(header.size));
-        let rc_budget =
-            opts.refcount_cache_bytes.unwrap_or_else(|| cache::default_refcount_budget(header.size));
+        let l2_budget = opts
+            .l2_cache_bytes
+            .unwrap_or_else(|| cache::default_l2_budget(header.size));
+        let rc_budget = opts
+            .refcount_cache_bytes
+            .unwrap_or_else(|| cache::default_refcount_budget(header.size));
 
         if opts.skip_backing && opts.writable {
             return Err(Error::arg("skip_backing is only allowed read-only"));
@@ -168,7 +191,11 @@ impl Image {
             meta.sync()?;
         }
         Ok(Image {
-            state: Mutex::new(State { meta, backing, compressed: None }),
+            state: Mutex::new(State {
+                meta,
+                backing,
+                compressed: None,
+            }),
             path: path.map(Path::to_path_buf),
             writable: opts.writable,
             geo,
@@ -217,17 +244,30 @@ impl Image {
 
     /// Bytes the image file occupies on the host.
     pub fn allocated_bytes(&self) -> Result<Option<u64>> {
-        self.lock().meta.storage.allocated_bytes().ctx(|| "reading the file size".to_string())
+        self.lock()
+            .meta
+            .storage
+            .allocated_bytes()
+            .ctx(|| "reading the file size".to_string())
     }
 
     /// Length of the image file.
     pub fn file_len(&self) -> Result<u64> {
-        self.lock().meta.storage.len().ctx(|| "reading the file size".to_string())
+        self.lock()
+            .meta
+            .storage
+            .len()
+            .ctx(|| "reading the file size".to_string())
     }
 
     /// Number of L1 entries in use and L2 tables allocated.
     pub fn l2_tables(&self) -> usize {
-        self.lock().meta.l1.iter().filter(|&&e| e & crate::format::entries::OFFSET_MASK != 0).count()
+        self.lock()
+            .meta
+            .l1
+            .iter()
+            .filter(|&&e| e & crate::format::entries::OFFSET_MASK != 0)
+            .count()
     }
 
     fn check_range(&self, st: &State, off: u64, len: u64) -> Result<()> {
@@ -241,7 +281,11 @@ impl Image {
     }
 
     fn check_writable(&self) -> Result<()> {
-        if self.writable { Ok(()) } else { Err(Error::ReadOnly("opened read-only".into())) }
+        if self.writable {
+            Ok(())
+        } else {
+            Err(Error::ReadOnly("opened read-only".into()))
+        }
     }
 
     /// Reads `buf.len()` bytes at guest offset `off`.
@@ -266,7 +310,13 @@ impl Image {
         self.check_writable()?;
         let mut st = self.lock();
         self.check_range(&st, off, len)?;
-        st.zero_range(GuestOffset(off), len, write::ZeroMode::Zero { unmap: !flags.no_hole })
+        st.zero_range(
+            GuestOffset(off),
+            len,
+            write::ZeroMode::Zero {
+                unmap: !flags.no_hole,
+            },
+        )
     }
 
     /// Deallocates `[off, off + len)`: whole clusters (subclusters with extended L2) are
@@ -312,7 +362,10 @@ impl Image {
 fn check_features(h: &Header, writable: bool) -> Result<()> {
     let unknown = h.unknown_incompatible();
     if !unknown.is_empty() {
-        return Err(Error::unsupported(format!("unknown incompatible feature: {}", unknown.join(", "))));
+        return Err(Error::unsupported(format!(
+            "unknown incompatible feature: {}",
+            unknown.join(", ")
+        )));
     }
     if h.incompatible_features & incompat::DATA_FILE != 0 {
         return Err(Error::unsupported("external data files"));
@@ -320,12 +373,18 @@ fn check_features(h: &Header, writable: bool) -> Result<()> {
     if h.crypt_method != 0 {
         return Err(Error::unsupported("encrypted images"));
     }
-    if h.compression_type == CompressionType::Zstd && h.incompatible_features & incompat::COMPRESSION == 0 {
-        return Err(Error::invalid("zstd compression without the compression-type bit"));
+    if h.compression_type == CompressionType::Zstd
+        && h.incompatible_features & incompat::COMPRESSION == 0
+    {
+        return Err(Error::invalid(
+            "zstd compression without the compression-type bit",
+        ));
     }
     if writable {
         if h.incompatible_features & incompat::CORRUPT != 0 {
-            return Err(Error::corrupt("the image is marked corrupt; it can only be opened read-only"));
+            return Err(Error::corrupt(
+                "the image is marked corrupt; it can only be opened read-only",
+            ));
         }
         if h.incompatible_features & incompat::DIRTY != 0 {
             return Err(Error::unsupported(
@@ -333,7 +392,9 @@ fn check_features(h: &Header, writable: bool) -> Result<()> {
             ));
         }
         if h.nb_snapshots > 0 {
-            return Err(Error::unsupported("writing to images with internal snapshots"));
+            return Err(Error::unsupported(
+                "writing to images with internal snapshots",
+            ));
         }
     }
     Ok(())

@@ -5,8 +5,8 @@ use std::io::Read;
 
 use super::State;
 use crate::error::{Error, IoContext, Result};
-use crate::format::entries::{Mapping, SubclusterBitmap, SubclusterState};
 use crate::format::CompressionType;
+use crate::format::entries::{Mapping, SubclusterBitmap, SubclusterState};
 use crate::types::{GuestOffset, HostOffset};
 
 impl State {
@@ -39,7 +39,9 @@ impl State {
                 Ok(())
             }
             Mapping::Unallocated if !geo.extended_l2 => self.read_backing(buf, off),
-            Mapping::Data { host, .. } if !geo.extended_l2 => self.read_host(buf, HostOffset(host.0 + in_cluster)),
+            Mapping::Data { host, .. } if !geo.extended_l2 => {
+                self.read_host(buf, HostOffset(host.0 + in_cluster))
+            }
             mapping => {
                 // Extended L2: walk runs of subclusters in the same state.
                 let host = match mapping {
@@ -54,18 +56,24 @@ impl State {
                     let index = pos / sc;
                     let state = bitmap.state(index, host.is_some())?;
                     let mut end = (index + 1) * sc;
-                    while end < in_cluster + buf.len() as u64 && bitmap.state(end / sc, host.is_some())? == state {
+                    while end < in_cluster + buf.len() as u64
+                        && bitmap.state(end / sc, host.is_some())? == state
+                    {
                         end += sc;
                     }
                     let n = ((end - pos) as usize).min(buf.len() - done);
                     let part = &mut buf[done..done + n];
                     match (state, host) {
-                        (SubclusterState::Data, Some(h)) => self.read_host(part, HostOffset(h.0 + pos))?,
+                        (SubclusterState::Data, Some(h)) => {
+                            self.read_host(part, HostOffset(h.0 + pos))?;
+                        }
                         (SubclusterState::Zero, _) => part.fill(0),
                         (SubclusterState::Unallocated, _) => {
                             self.read_backing(part, GuestOffset(off.0 - in_cluster + pos))?;
                         }
-                        (SubclusterState::Data, None) => unreachable!("state() refuses data without a host cluster"),
+                        (SubclusterState::Data, None) => {
+                            unreachable!("state() refuses data without a host cluster")
+                        }
                     }
                     done += n;
                 }
@@ -75,7 +83,10 @@ impl State {
     }
 
     fn read_host(&self, buf: &mut [u8], at: HostOffset) -> Result<()> {
-        self.meta.storage.read_at(buf, at.0).ctx(|| format!("reading data at {at}"))
+        self.meta
+            .storage
+            .read_at(buf, at.0)
+            .ctx(|| format!("reading data at {at}"))
     }
 
     /// Reads from the backing layer, or zeros without one.
@@ -104,14 +115,18 @@ impl State {
             let mut input = vec![0u8; len];
             self.read_host(&mut input, host)?;
             let mut out = vec![0u8; cs].into_boxed_slice();
-            let bad = |what: String| Error::corrupt(format!("compressed cluster at {host}: {what}"));
+            let bad =
+                |what: String| Error::corrupt(format!("compressed cluster at {host}: {what}"));
             match self.meta.header.compression_type {
                 CompressionType::Zlib => {
                     let mut d = flate2::Decompress::new(false);
                     d.decompress(&input, &mut out, flate2::FlushDecompress::Finish)
                         .map_err(|e| bad(e.to_string()))?;
                     if d.total_out() as usize != cs {
-                        return Err(bad(format!("inflated to {} bytes, expected {cs}", d.total_out())));
+                        return Err(bad(format!(
+                            "inflated to {} bytes, expected {cs}",
+                            d.total_out()
+                        )));
                     }
                 }
                 CompressionType::Zstd => {

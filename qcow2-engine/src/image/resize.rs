@@ -20,7 +20,9 @@ impl State {
         let geo = self.meta.geo;
         let needed = geo.l1_entries_for(new_size);
         if needed > (32 << 20) / 8 {
-            return Err(Error::arg(format!("size {new_size} needs an L1 table above 32 MiB")));
+            return Err(Error::arg(format!(
+                "size {new_size} needs an L1 table above 32 MiB"
+            )));
         }
         if needed > u64::from(self.meta.header.l1_size) {
             self.grow_l1(needed)?;

@@ -38,7 +38,11 @@ impl LayerStatus {
 impl State {
     /// Status of the run starting at `off` (at most `len` bytes, never crossing a cluster
     /// boundary except across unmapped L2 ranges, which are reported whole).
-    pub(crate) fn layer_status(&mut self, off: GuestOffset, len: u64) -> Result<(u64, LayerStatus)> {
+    pub(crate) fn layer_status(
+        &mut self,
+        off: GuestOffset,
+        len: u64,
+    ) -> Result<(u64, LayerStatus)> {
         let geo = self.meta.geo;
         let cs = geo.cluster_size();
         let in_cluster = geo.offset_in_cluster(off.0);
@@ -51,9 +55,13 @@ impl State {
         let in_cluster_len = (cs - in_cluster).min(len);
         let cluster_status = match slot.mapping(self)? {
             Mapping::Unallocated if !geo.extended_l2 => LayerStatus::Unallocated,
-            Mapping::Zero { prealloc } => LayerStatus::Zero { host: prealloc.map(|h| h.0 + in_cluster) },
+            Mapping::Zero { prealloc } => LayerStatus::Zero {
+                host: prealloc.map(|h| h.0 + in_cluster),
+            },
             Mapping::Compressed { .. } => LayerStatus::Compressed,
-            Mapping::Data { host, .. } if !geo.extended_l2 => LayerStatus::Data { host: host.0 + in_cluster },
+            Mapping::Data { host, .. } if !geo.extended_l2 => LayerStatus::Data {
+                host: host.0 + in_cluster,
+            },
             mapping => {
                 let host = match mapping {
                     Mapping::Data { host, .. } => Some(host.0),
@@ -64,12 +72,16 @@ impl State {
                 let first = in_cluster / sc;
                 let state = bitmap.state(first, host.is_some())?;
                 let mut end = (first + 1) * sc;
-                while end < in_cluster + in_cluster_len && bitmap.state(end / sc, host.is_some())? == state {
+                while end < in_cluster + in_cluster_len
+                    && bitmap.state(end / sc, host.is_some())? == state
+                {
                     end += sc;
                 }
                 let n = (end - in_cluster).min(in_cluster_len);
                 let status = match (state, host) {
-                    (SubclusterState::Data, Some(h)) => LayerStatus::Data { host: h + in_cluster },
+                    (SubclusterState::Data, Some(h)) => LayerStatus::Data {
+                        host: h + in_cluster,
+                    },
                     (SubclusterState::Zero, _) => LayerStatus::Zero { host: None },
                     _ => LayerStatus::Unallocated,
                 };

@@ -68,7 +68,9 @@ impl State {
 
         let (unit, reuse) = match mapping {
             Mapping::Unallocated if geo.extended_l2 => ((first_sub * sc, sub_end * sc), None),
-            Mapping::Zero { prealloc: Some(host) } => ((0, cs), Some(host)),
+            Mapping::Zero {
+                prealloc: Some(host),
+            } => ((0, cs), Some(host)),
             _ => ((0, cs), None),
         };
         let host = match reuse {
@@ -111,7 +113,10 @@ impl State {
             self.read_in_cluster(&mut buf[..head], base_plus(base, start))?;
         }
         if tail < buf.len() {
-            self.read_in_cluster(&mut buf[tail..], base_plus(base, in_cluster + data.len() as u64))?;
+            self.read_in_cluster(
+                &mut buf[tail..],
+                base_plus(base, in_cluster + data.len() as u64),
+            )?;
         }
         buf[head..tail].copy_from_slice(data);
         self.meta.write_data(HostOffset(host.0 + start), &buf)
@@ -177,7 +182,9 @@ impl State {
         }
         let (word, keep) = match mapping {
             Mapping::Data { host, .. } if !mode.unmap() => (host.0 | COPIED | ZERO, true),
-            Mapping::Zero { prealloc: Some(host) } if !mode.unmap() => (host.0 | COPIED | ZERO, true),
+            Mapping::Zero {
+                prealloc: Some(host),
+            } if !mode.unmap() => (host.0 | COPIED | ZERO, true),
             Mapping::Zero { prealloc: None } => return Ok(()),
             Mapping::Unallocated if !has_backing => return Ok(()),
             _ => (ZERO, false),
@@ -188,7 +195,13 @@ impl State {
     }
 
     /// Zeroes subclusters `[first, end)` of an extended-L2 cluster through its bitmap.
-    fn zero_subclusters(&mut self, base: GuestOffset, first: u64, end: u64, mode: ZeroMode) -> Result<()> {
+    fn zero_subclusters(
+        &mut self,
+        base: GuestOffset,
+        first: u64,
+        end: u64,
+        mode: ZeroMode,
+    ) -> Result<()> {
         let has_backing = self.backing_covers(base);
         let slot = self.slot(base)?;
         let mapping = slot.mapping(self)?;
@@ -205,8 +218,16 @@ impl State {
             Mapping::Data { host, .. } => Some(host),
             _ => None,
         };
-        let zero_bits = if mode == ZeroMode::Discard && !has_backing { 0 } else { mask };
-        let alloc = if host.is_some() { old.alloc() & !mask } else { 0 };
+        let zero_bits = if mode == ZeroMode::Discard && !has_backing {
+            0
+        } else {
+            mask
+        };
+        let alloc = if host.is_some() {
+            old.alloc() & !mask
+        } else {
+            0
+        };
         let new = SubclusterBitmap::from_masks(alloc, (old.zero() & !mask) | zero_bits);
         let compressed = matches!(mapping, Mapping::Compressed { .. });
         // A compressed cluster cannot stay behind a zero bitmap: it is always released.
@@ -218,9 +239,17 @@ impl State {
         if slot.at.is_none() && (new.0 == 0 || !has_backing) {
             return Ok(()); // no table: already unallocated, and zeros unless a backing file lies below
         }
-        let slot = if slot.at.is_none() { self.slot_for_write(base)? } else { slot };
+        let slot = if slot.at.is_none() {
+            self.slot_for_write(base)?
+        } else {
+            slot
+        };
         self.set_slot(slot, word, new.0)?;
-        if free_host { self.release(mapping) } else { Ok(()) }
+        if free_host {
+            self.release(mapping)
+        } else {
+            Ok(())
+        }
     }
 
     /// Writes real zeros over a range inside one cluster, unless it already reads as zeros.

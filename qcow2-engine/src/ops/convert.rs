@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{IoContext, Result};
 use crate::image::{Image, OpenOptions};
 use crate::ops::create::{self, CreateOptions};
 use crate::ops::map;
@@ -27,8 +27,11 @@ pub struct ConvertOptions {
 
 /// A source of guest bytes with a cheap "known zero" hint.
 enum Source {
-    Raw { storage: Arc<dyn Storage>, size: u64 },
-    Qcow2(Image),
+    Raw {
+        storage: Arc<dyn Storage>,
+        size: u64,
+    },
+    Qcow2(Box<Image>),
 }
 
 impl Source {
@@ -53,7 +56,9 @@ impl Source {
 
     fn read(&self, buf: &mut [u8], off: u64) -> Result<()> {
         match self {
-            Source::Raw { storage, .. } => storage.read_at(buf, off).ctx(|| format!("reading input at {off:#x}")),
+            Source::Raw { storage, .. } => storage
+                .read_at(buf, off)
+                .ctx(|| format!("reading input at {off:#x}")),
             Source::Qcow2(img) => img.read_at(buf, off),
         }
     }
@@ -61,13 +66,15 @@ impl Source {
 
 enum Sink {
     Raw(FileStorage),
-    Qcow2(Image),
+    Qcow2(Box<Image>),
 }
 
 impl Sink {
     fn write(&self, buf: &[u8], off: u64) -> Result<()> {
         match self {
-            Sink::Raw(s) => s.write_at(buf, off).ctx(|| format!("writing output at {off:#x}")),
+            Sink::Raw(s) => s
+                .write_at(buf, off)
+                .ctx(|| format!("writing output at {off:#x}")),
             Sink::Qcow2(img) => img.write_at(buf, off),
         }
     }
@@ -113,27 +120,45 @@ pub fn convert(
 ) -> Result<()> {
     let source = match opts.input_format {
         Format::Raw => {
-            let storage = FileStorage::open(input, false).ctx(|| format!("opening {}", input.display()))?;
-            let size = storage.len().ctx(|| format!("sizing {}", input.display()))?;
-            Source::Raw { storage: Arc::new(storage), size }
+            let storage =
+                FileStorage::open(input, false).ctx(|| format!("opening {}", input.display()))?;
+            let size = storage
+                .len()
+                .ctx(|| format!("sizing {}", input.display()))?;
+            Source::Raw {
+                storage: Arc::new(storage),
+                size,
+            }
         }
         Format::Qcow2 => {
-            let o = OpenOptions { l2_cache_bytes: opts.l2_cache_bytes, ..OpenOptions::default() };
-            Source::Qcow2(Image::open(input, &o)?)
+            let o = OpenOptions {
+                l2_cache_bytes: opts.l2_cache_bytes,
+                ..OpenOptions::default()
+            };
+            Source::Qcow2(Box::new(Image::open(input, &o)?))
         }
     };
     let size = source.size();
     let sink = match opts.output_format {
         Format::Raw => {
-            let s = FileStorage::create_new(output).ctx(|| format!("creating {}", output.display()))?;
-            s.set_len(size).ctx(|| format!("sizing {}", output.display()))?;
+            let s =
+                FileStorage::create_new(output).ctx(|| format!("creating {}", output.display()))?;
+            s.set_len(size)
+                .ctx(|| format!("sizing {}", output.display()))?;
             Sink::Raw(s)
         }
         Format::Qcow2 => {
-            let c = CreateOptions { size: Some(size), backing: None, ..opts.create.clone() };
+            let c = CreateOptions {
+                size: Some(size),
+                backing: None,
+                ..opts.create.clone()
+            };
             create::create(output, &c)?;
-            let o = OpenOptions { l2_cache_bytes: opts.l2_cache_bytes, ..OpenOptions::writable() };
-            Sink::Qcow2(Image::open(output, &o)?)
+            let o = OpenOptions {
+                l2_cache_bytes: opts.l2_cache_bytes,
+                ..OpenOptions::writable()
+            };
+            Sink::Qcow2(Box::new(Image::open(output, &o)?))
         }
     };
     let result = copy(&source, &sink, size, &mut progress).and_then(|()| sink.flush());
@@ -145,10 +170,12 @@ pub fn convert(
     Ok(())
 }
 
-fn copy(source: &Source, sink: &Sink, size: u64, progress: &mut impl FnMut(u64, u64)) -> Result<()> {
-    if size % 512 != 0 && matches!(sink, Sink::Qcow2(_)) {
-        return Err(Error::arg(format!("input size {size} is not a multiple of 512 bytes")));
-    }
+fn copy(
+    source: &Source,
+    sink: &Sink,
+    size: u64,
+    progress: &mut impl FnMut(u64, u64),
+) -> Result<()> {
     let mut buf = vec![0u8; CHUNK];
     let mut done = 0;
     for (start, end) in source.data_ranges()? {

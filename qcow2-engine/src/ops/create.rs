@@ -36,7 +36,9 @@ impl std::str::FromStr for BackingFormat {
         match s {
             "qcow2" => Ok(BackingFormat::Qcow2),
             "raw" => Ok(BackingFormat::Raw),
-            other => Err(Error::arg(format!("unknown format {other:?} (qcow2 or raw)"))),
+            other => Err(Error::arg(format!(
+                "unknown format {other:?} (qcow2 or raw)"
+            ))),
         }
     }
 }
@@ -59,7 +61,13 @@ pub struct CreateOptions {
 
 impl Default for CreateOptions {
     fn default() -> Self {
-        Self { size: None, cluster_size: 64 << 10, extended_l2: false, refcount_bits: 16, backing: None }
+        Self {
+            size: None,
+            cluster_size: 64 << 10,
+            extended_l2: false,
+            refcount_bits: 16,
+            backing: None,
+        }
     }
 }
 
@@ -74,17 +82,28 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
 }
 
 /// Writes a new image into empty `storage`. `path` locates relative backing names.
-pub fn create_on(storage: Arc<dyn Storage>, path: Option<&Path>, opts: &CreateOptions) -> Result<()> {
+pub fn create_on(
+    storage: Arc<dyn Storage>,
+    path: Option<&Path>,
+    opts: &CreateOptions,
+) -> Result<()> {
     let cs = opts.cluster_size;
     if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
-        return Err(Error::arg(format!("cluster size {cs} must be a power of two from 512 to 2M")));
+        return Err(Error::arg(format!(
+            "cluster size {cs} must be a power of two from 512 to 2M"
+        )));
     }
     let cluster_bits = cs.trailing_zeros();
     if opts.extended_l2 && cs < 16 << 10 {
-        return Err(Error::arg("extended L2 needs a cluster size of at least 16K"));
+        return Err(Error::arg(
+            "extended L2 needs a cluster size of at least 16K",
+        ));
     }
     if !opts.refcount_bits.is_power_of_two() || opts.refcount_bits > 64 {
-        return Err(Error::arg(format!("refcount width {} must be a power of two up to 64", opts.refcount_bits)));
+        return Err(Error::arg(format!(
+            "refcount width {} must be a power of two up to 64",
+            opts.refcount_bits
+        )));
     }
     let geo = Geometry {
         cluster_bits,
@@ -100,10 +119,14 @@ pub fn create_on(storage: Arc<dyn Storage>, path: Option<&Path>, opts: &CreateOp
         .size
         .or(backing_size)
         .ok_or_else(|| Error::arg("a size is needed when there is no backing file"))?;
-    let size = size.checked_next_multiple_of(512).ok_or_else(|| Error::arg("size overflows"))?;
+    let size = size
+        .checked_next_multiple_of(512)
+        .ok_or_else(|| Error::arg("size overflows"))?;
     let l1_entries = geo.l1_entries_for(size);
     if l1_entries * 8 > 32 << 20 {
-        return Err(Error::arg(format!("size {size} is too large for cluster size {cs}")));
+        return Err(Error::arg(format!(
+            "size {size} is too large for cluster size {cs}"
+        )));
     }
 
     // Header, refcount table, refcount blocks, L1: solve for the table sizes that cover it all.
@@ -146,10 +169,18 @@ pub fn create_on(storage: Arc<dyn Storage>, path: Option<&Path>, opts: &CreateOp
         backing_file: opts.backing.as_ref().map(|(n, _)| n.clone()),
         backing_format: opts.backing.as_ref().map(|(_, f)| f.name().to_string()),
         // qemu-img leaves the table out for clusters of 4 KiB and less.
-        feature_names: if cs > 4096 { Header::qemu_feature_table() } else { Vec::new() },
+        feature_names: if cs > 4096 {
+            Header::qemu_feature_table()
+        } else {
+            Vec::new()
+        },
         unknown_extensions: Vec::new(),
     };
-    let w = |bytes: &[u8], at: u64| storage.write_at(bytes, at).ctx(|| "writing the new image".to_string());
+    let w = |bytes: &[u8], at: u64| {
+        storage
+            .write_at(bytes, at)
+            .ctx(|| "writing the new image".to_string())
+    };
     w(&header.to_bytes()?, 0)?;
     let mut reftable = vec![0u8; (rt * cs) as usize];
     for i in 0..rb {
@@ -167,7 +198,9 @@ pub fn create_on(storage: Arc<dyn Storage>, path: Option<&Path>, opts: &CreateOp
     if l1_entries > 0 {
         w(&vec![0u8; (l1_entries * 8) as usize], l1_cluster * cs)?;
     }
-    storage.flush().ctx(|| "syncing the new image".to_string())?;
+    storage
+        .flush()
+        .ctx(|| "syncing the new image".to_string())?;
     Ok(())
 }
 
@@ -178,7 +211,10 @@ fn backing_size(name: &str, fmt: BackingFormat, path: Option<&Path>) -> Result<u
             .ctx(|| format!("reading backing file {}", resolved.display()))?
             .len()),
         BackingFormat::Qcow2 => {
-            let opts = OpenOptions { backing: BackingPolicy::Allow, ..OpenOptions::default() };
+            let opts = OpenOptions {
+                backing: BackingPolicy::Allow,
+                ..OpenOptions::default()
+            };
             Ok(Image::open(&resolved, &opts)?.size())
         }
     }

@@ -6,10 +6,10 @@ use serde::Serialize;
 
 use crate::cache::CacheStats;
 use crate::error::Result;
-use crate::format::header::{compat, incompat};
 use crate::format::CompressionType;
-use crate::image::{Backing, BackingPolicy, Image, OpenOptions};
+use crate::format::header::{compat, incompat};
 use crate::image::resolve_backing_name;
+use crate::image::{Backing, BackingPolicy, Image, OpenOptions};
 
 /// Image information; serialises to qemu-img's JSON keys.
 #[derive(Debug, Clone, Serialize)]
@@ -110,7 +110,11 @@ pub struct MetadataStats {
 /// Gathers info for the image at `path`. `detail` also opens the backing chain and walks the
 /// metadata.
 pub fn info(path: &Path, detail: bool) -> Result<ImageInfo> {
-    let opts = OpenOptions { skip_backing: !detail, backing: BackingPolicy::Allow, ..OpenOptions::default() };
+    let opts = OpenOptions {
+        skip_backing: !detail,
+        backing: BackingPolicy::Allow,
+        ..OpenOptions::default()
+    };
     let img = Image::open(path, &opts)?;
     let h = img.header();
     let v3 = h.version >= 3;
@@ -154,7 +158,11 @@ pub fn info(path: &Path, detail: bool) -> Result<ImageInfo> {
         let mut off = 0;
         while off < h.size {
             let (n, status) = img.layer_status(off, h.size - off)?;
-            if !matches!(status, crate::image::LayerStatus::Unallocated | crate::image::LayerStatus::Zero { host: None }) {
+            if !matches!(
+                status,
+                crate::image::LayerStatus::Unallocated
+                    | crate::image::LayerStatus::Zero { host: None }
+            ) {
                 allocated += n;
             }
             off += n;
@@ -177,7 +185,10 @@ fn collect_chain(img: &Image, depth: usize, out: &mut Vec<ChainLayer>) {
         if let Some(b) = b {
             out.push(ChainLayer {
                 depth,
-                filename: b.path().map(|p| p.display().to_string()).unwrap_or_default(),
+                filename: b
+                    .path()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
                 format: b.format(),
                 virtual_size: b.size(),
             });

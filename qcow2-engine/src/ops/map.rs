@@ -29,7 +29,12 @@ pub struct MapExtent {
 }
 
 /// Status through the chain of the run at `off`: (length, depth, status).
-fn chain_status(img: &Image, off: u64, len: u64, depth: usize) -> Result<(u64, usize, LayerStatus)> {
+fn chain_status(
+    img: &Image,
+    off: u64,
+    len: u64,
+    depth: usize,
+) -> Result<(u64, usize, LayerStatus)> {
     let (n, status) = img.layer_status(off, len)?;
     if status != LayerStatus::Unallocated {
         return Ok((n, depth, status));
@@ -63,7 +68,16 @@ pub fn map(img: &Image) -> Result<Vec<MapExtent>> {
             LayerStatus::Data { host } => (true, false, true, false, Some(host)),
             LayerStatus::Compressed => (true, false, true, true, None),
         };
-        let ext = MapExtent { start: off, length: n, depth, present, zero, data, compressed, offset };
+        let ext = MapExtent {
+            start: off,
+            length: n,
+            depth,
+            present,
+            zero,
+            data,
+            compressed,
+            offset,
+        };
         match out.last_mut() {
             Some(last) if mergeable(last, &ext) => last.length += n,
             _ => out.push(ext),

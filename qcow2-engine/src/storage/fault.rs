@@ -63,7 +63,10 @@ impl FaultStorage {
 
     /// What a power loss leaves: the contents as of the last successful flush.
     pub fn durable(&self) -> Vec<u8> {
-        self.durable.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.durable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn crashed(&self) -> bool {

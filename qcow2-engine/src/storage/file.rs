@@ -24,7 +24,11 @@ impl FileStorage {
 
     /// Creates a new file; fails if it exists (never clobber somebody's image).
     pub fn create_new(path: &Path) -> io::Result<Self> {
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
         Ok(Self { file })
     }
 
@@ -79,13 +83,18 @@ impl Storage for FileStorage {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        let end = offset.checked_add(len).ok_or_else(|| io::Error::other("range overflow"))?;
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| io::Error::other("range overflow"))?;
         // ZERO_RANGE would extend the file; only use it inside the current length.
         let file_len = self.len()?;
         let inside = end.min(file_len).saturating_sub(offset);
-        self.fallocate_or(FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE, offset, inside, || {
-            write_zeroes_by_writing(self, offset, inside)
-        })?;
+        self.fallocate_or(
+            FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE,
+            offset,
+            inside,
+            || write_zeroes_by_writing(self, offset, inside),
+        )?;
         if end > file_len {
             let start = offset.max(file_len);
             write_zeroes_by_writing(self, start, end - start)?;
@@ -96,9 +105,12 @@ impl Storage for FileStorage {
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         let file_len = self.len()?;
         let len = len.min(file_len.saturating_sub(offset));
-        self.fallocate_or(FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len, || {
-            write_zeroes_by_writing(self, offset, len)
-        })
+        self.fallocate_or(
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+            || write_zeroes_by_writing(self, offset, len),
+        )
     }
 
     fn flush(&self) -> io::Result<()> {

@@ -19,7 +19,9 @@ impl MemoryStorage {
 
     /// A storage holding `bytes`.
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
-        Self { bytes: RwLock::new(bytes) }
+        Self {
+            bytes: RwLock::new(bytes),
+        }
     }
 
     /// A copy of the current contents.
@@ -29,7 +31,9 @@ impl MemoryStorage {
 
     fn range(offset: u64, len: usize) -> io::Result<(usize, usize)> {
         let start = usize::try_from(offset).map_err(|_| io::Error::other("offset too large"))?;
-        let end = start.checked_add(len).ok_or_else(|| io::Error::other("range overflow"))?;
+        let end = start
+            .checked_add(len)
+            .ok_or_else(|| io::Error::other("range overflow"))?;
         Ok((start, end))
     }
 }
@@ -86,7 +90,10 @@ impl Storage for MemoryStorage {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         let len = usize::try_from(len).map_err(|_| io::Error::other("length too large"))?;
-        self.bytes.write().unwrap_or_else(|e| e.into_inner()).resize(len, 0);
+        self.bytes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .resize(len, 0);
         Ok(())
     }
 }
