@@ -445,6 +445,7 @@ fn after_resize_commit_rebase() {
     verify(&mid, d, true);
     verify(&top, d, true);
     let other = make(d, "other.qcow2", "cluster_size=65536", "64M");
+    qemu::io(&other, &["write -q -P 0xd4 0 3M".into()]);
     qemu::img(&["rebase", "-q", "-b", "other.qcow2", "-F", "qcow2", s(&top)]);
     verify(&top, d, true);
     qemu::img(&["rebase", "-q", "-u", "-b", "", s(&top)]);
