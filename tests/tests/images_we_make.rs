@@ -57,6 +57,7 @@ fn create_is_byte_identical_to_qemu_img() {
         (32 * GIB, true),
         (4 << 40, false),
         (4 << 40, true),
+        (16 << 40, true),
     ] {
         let name = format!("o-{size}-{ext}.qcow2");
         let p = ours(
