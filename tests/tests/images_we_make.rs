@@ -385,7 +385,8 @@ fn backing_policy_and_loops() {
         Err(e) => assert!(e.to_string().contains("loop"), "{e}"),
         Ok(_) => panic!("a backing loop opened"),
     }
-    let c = ours(
+    // top's backing file.
+    ours(
         d,
         "c.qcow2",
         CreateOptions {
@@ -417,5 +418,4 @@ fn backing_policy_and_loops() {
         ..OpenOptions::default()
     };
     assert!(Image::open(&top, &here).is_ok());
-    let _ = c;
 }
