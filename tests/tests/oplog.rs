@@ -46,29 +46,7 @@ fn replay_engine(path: &Path, ops: &[Op]) {
 fn engine_reads_match(path: &Path, raw: &Path) {
     let img = Image::open(path, &OpenOptions::default()).expect("open ours read-only");
     let raw = File::open(raw).expect("raw");
-    let mut a = vec![0u8; 1 << 20];
-    let mut b = vec![0u8; 1 << 20];
-    let size = img.size();
-    let mut off = 0;
-    while off < size {
-        let n = (size - off).min(a.len() as u64) as usize;
-        img.read_at(&mut a[..n], off).expect("engine read");
-        raw.read_exact_at(&mut b[..n], off).expect("raw read");
-        if a[..n] != b[..n] {
-            let i = a[..n]
-                .iter()
-                .zip(&b[..n])
-                .position(|(x, y)| x != y)
-                .unwrap_or(0);
-            panic!(
-                "engine read differs from raw at {:#x}: {} vs {}",
-                off + i as u64,
-                a[i],
-                b[i]
-            );
-        }
-        off += n as u64;
-    }
+    qcow2_csi_tests::assert_engine_matches_raw(&img, &raw, 0, img.size());
 }
 
 fn run(case: Case) {

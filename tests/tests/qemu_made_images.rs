@@ -2,10 +2,9 @@
 //! our block status matches `qemu-img map`.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use qcow2_csi_tests::qemu;
+use qcow2_csi_tests::{assert_engine_matches_raw, qemu};
 use qcow2_engine::ops::map;
 use qcow2_engine::{Image, OpenOptions};
 
@@ -46,33 +45,6 @@ fn raw_of(image: &Path, dir: &Path) -> PathBuf {
     raw
 }
 
-fn compare_range(img: &Image, raw: &File, start: u64, len: u64) {
-    let mut a = vec![0u8; MIB as usize];
-    let mut b = vec![0u8; MIB as usize];
-    let mut off = start;
-    while off < start + len {
-        let n = (start + len - off).min(MIB) as usize;
-        img.read_at(&mut a[..n], off)
-            .unwrap_or_else(|e| panic!("engine read at {off:#x}: {e}"));
-        b[..n].fill(0);
-        let _ = raw.read_at(&mut b[..n], off).expect("raw read");
-        if a[..n] != b[..n] {
-            let i = a[..n]
-                .iter()
-                .zip(&b[..n])
-                .position(|(x, y)| x != y)
-                .unwrap_or(0);
-            panic!(
-                "content differs at {:#x}: engine {:#x}, qemu {:#x}",
-                off + i as u64,
-                a[i],
-                b[i]
-            );
-        }
-        off += n as u64;
-    }
-}
-
 /// Reads every extent qemu reports (huge zero extents only at their edges) and compares with
 /// qemu's raw conversion; optionally compares the maps.
 fn verify(image: &Path, dir: &Path, compare_map: bool) {
@@ -85,10 +57,10 @@ fn verify(image: &Path, dir: &Path, compare_map: bool) {
         let start = e["start"].as_u64().unwrap();
         let len = e["length"].as_u64().unwrap();
         if e["data"].as_bool().unwrap() || len <= 64 * MIB {
-            compare_range(&img, &raw, start, len);
+            assert_engine_matches_raw(&img, &raw, start, len);
         } else {
-            compare_range(&img, &raw, start, MIB.min(len));
-            compare_range(&img, &raw, start + len - MIB.min(len), MIB.min(len));
+            assert_engine_matches_raw(&img, &raw, start, MIB.min(len));
+            assert_engine_matches_raw(&img, &raw, start + len - MIB.min(len), MIB.min(len));
         }
     }
     if compare_map {

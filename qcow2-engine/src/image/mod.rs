@@ -132,25 +132,18 @@ impl Image {
         check_features(&header, opts.writable)?;
         let geo = header.geometry();
 
-        let l1_bytes = u64::from(header.l1_size) * 8;
-        let mut raw = vec![0u8; l1_bytes as usize];
-        storage
-            .read_at(&mut raw, header.l1_table_offset)
-            .ctx(|| "reading the L1 table".to_string())?;
-        let l1: Vec<u64> = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
-            .collect();
-
-        let rt_bytes = u64::from(header.refcount_table_clusters) * geo.cluster_size();
-        let mut raw = vec![0u8; rt_bytes as usize];
-        storage
-            .read_at(&mut raw, header.refcount_table_offset)
-            .ctx(|| "reading the refcount table".to_string())?;
-        let reftable: Vec<u64> = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
-            .collect();
+        let l1 = read_table(
+            &*storage,
+            header.l1_table_offset,
+            u64::from(header.l1_size) * 8,
+            "L1 table",
+        )?;
+        let reftable = read_table(
+            &*storage,
+            header.refcount_table_offset,
+            u64::from(header.refcount_table_clusters) * geo.cluster_size(),
+            "refcount table",
+        )?;
 
         let file_len = storage
             .len()
@@ -356,6 +349,19 @@ impl Image {
     pub fn close(self) -> Result<()> {
         self.flush()
     }
+}
+
+/// Reads a table of big-endian u64 entries (L1, refcount table); `bytes` was bounded by header
+/// validation before we get here.
+fn read_table(storage: &dyn Storage, offset: u64, bytes: u64, what: &str) -> Result<Vec<u64>> {
+    let mut raw = vec![0u8; bytes as usize];
+    storage
+        .read_at(&mut raw, offset)
+        .ctx(|| format!("reading the {what}"))?;
+    Ok(raw
+        .chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+        .collect())
 }
 
 /// Refuses what this engine cannot open (or cannot open writable), naming the feature.
