@@ -1,19 +1,34 @@
-//! Cluster allocation with refcounts.
+//! Cluster allocation with refcounts, and the barriers that make it crash-safe.
 //!
-//! Rules that keep the image valid (and `qemu-img check` silent):
-//! - a cluster is free exactly when its refcount is 0; every metadata cluster (header, L1,
-//!   refcount table and blocks, L2 tables) is refcounted, so free clusters are never metadata;
-//! - a refcount is written before anything points at the cluster, and a reference is removed
-//!   before the refcount drops;
-//! - a new refcount block always lies inside the range it describes and counts itself, so
-//!   creating one never recurses;
+//! Rules that keep the image valid (and `qemu-img check` silent) after a crash or power loss:
+//! - a cluster is free exactly when its refcount is 0; every metadata cluster is refcounted,
+//!   so free clusters are never metadata (and the overlap map double-checks it);
+//! - **refcount before use, amortised**: clusters are taken from a *reserve*. A refill sets the
+//!   refcounts of a batch of clusters to 1, zeroes reused ones (punch), extends the file over
+//!   new ones, then syncs once. Every cluster handed out afterwards already has a durable
+//!   refcount and durably reads as zeros, so a new L2 table needs no write and no barrier
+//!   before the L1 entry, and a write into a new cluster needs no zero padding. A crash leaks
+//!   at most the unused reserve; the dirty bit makes the next read-write open reclaim it;
+//! - **unlink before decrement, amortised**: a cluster released by an L2 update goes to a
+//!   pending list; a batch release syncs (the unlinks become durable), then drops the
+//!   refcounts and punches what became free. A crash in between only leaks;
+//! - a new refcount block lies inside the range it describes and counts itself, and is
+//!   durable before the refcount table points at it;
 //! - the refcount table grows by writing a bigger copy (with the blocks describing the new area)
-//!   at the end of the image, syncing, switching the header, then freeing the old table.
+//!   at the end of the image, syncing, switching the header, then releasing the old table.
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::refcount;
 use crate::meta::{Meta, MetaKind};
 use crate::types::HostOffset;
+
+/// First reserve refill, in clusters; refills double up to [`MAX_RESERVE_BYTES`].
+pub(crate) const FIRST_RESERVE: u64 = 16;
+/// Largest reserve: what a crash can leak until the next repair, and how far the file may run
+/// ahead of its content.
+const MAX_RESERVE_BYTES: u64 = 32 << 20;
+/// Pending releases that trigger a batch release without waiting for a flush.
+const PENDING_LIMIT: usize = 1024;
 
 impl Meta {
     fn refblock_entries(&self) -> u64 {
@@ -37,8 +52,7 @@ impl Meta {
         Ok(Some(HostOffset(off)))
     }
 
-    /// Byte position of a cluster's refcount: (block, byte offset of the entry's slice, index
-    /// of the entry inside that slice).
+    /// Where a cluster's refcount lives: (offset of its cache slice, index inside the slice).
     fn refcount_slot(&self, block: HostOffset, cluster: u64) -> (HostOffset, usize) {
         let index = cluster % self.refblock_entries();
         let bit = index * self.geo.refcount_bits();
@@ -64,39 +78,76 @@ impl Meta {
         Ok(refcount::get(slice, order, index))
     }
 
-    /// Sets the refcount of a cluster whose refcount block exists.
-    fn set_refcount(&mut self, cluster: u64, value: u64) -> Result<()> {
-        if value > self.geo.refcount_max() {
-            return Err(Error::unsupported(format!(
-                "refcount of cluster {cluster} would overflow {} bits",
-                self.geo.refcount_bits()
-            )));
-        }
-        let block = self
-            .refblock(cluster / self.refblock_entries())?
-            .ok_or_else(|| Error::corrupt(format!("no refcount block covers cluster {cluster}")))?;
-        let (slice_off, index) = self.refcount_slot(block, cluster);
+    /// Sets refcounts, `(cluster, value)` sorted by cluster, writing each touched slice of a
+    /// refcount block once. Every cluster must be covered by an existing block.
+    fn update_refcounts(&mut self, changes: &[(u64, u64)]) -> Result<()> {
         let order = self.geo.refcount_order;
-        let storage = self.storage.clone();
-        let (slice, _) = self.rc_cache.slice_at(&*storage, slice_off)?;
-        let range = refcount::set(slice, order, index, value);
-        let bytes = slice[range.clone()].to_vec();
-        self.write_meta(
-            MetaKind::RefBlock,
-            HostOffset(slice_off.0 + range.start as u64),
-            &bytes,
-        )
+        let mut i = 0;
+        while i < changes.len() {
+            let (c, _) = changes[i];
+            let block = self
+                .refblock(c / self.refblock_entries())?
+                .ok_or_else(|| Error::corrupt(format!("no refcount block covers cluster {c}")))?;
+            let (slice_off, _) = self.refcount_slot(block, c);
+            let mut slots = Vec::new();
+            while let Some(&(c2, value)) = changes.get(i) {
+                if value > self.geo.refcount_max() {
+                    return Err(Error::unsupported(format!(
+                        "refcount of cluster {c2} would overflow {} bits",
+                        self.geo.refcount_bits()
+                    )));
+                }
+                let same_block = c2 / self.refblock_entries() == c / self.refblock_entries();
+                let (off2, index) = self.refcount_slot(block, c2);
+                if !same_block || off2 != slice_off {
+                    break;
+                }
+                slots.push((index, value));
+                i += 1;
+            }
+            let storage = self.storage.clone();
+            let (slice, _) = self.rc_cache.slice_at(&*storage, slice_off)?;
+            let (mut lo, mut hi) = (usize::MAX, 0);
+            for (index, value) in slots {
+                let r = refcount::set(slice, order, index, value);
+                lo = lo.min(r.start);
+                hi = hi.max(r.end);
+            }
+            let bytes = slice[lo..hi].to_vec();
+            let at = HostOffset(slice_off.0 + lo as u64);
+            if let Err(e) = self.write_meta(MetaKind::RefBlock, at, &bytes) {
+                // The cached slice no longer matches the disk.
+                self.rc_cache.forget(slice_off, 1);
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
-    /// Allocates one cluster (reusing freed ones first) and sets its refcount to 1.
+    /// Hands out one cluster whose refcount (1) is durable and which reads as zeros.
     pub fn alloc_cluster(&mut self) -> Result<HostOffset> {
+        if self.reserve.is_empty() {
+            self.refill_reserve()?;
+        }
+        let c = self
+            .reserve
+            .pop_front()
+            .expect("a refill reserves at least one cluster");
+        Ok(HostOffset(c << self.geo.cluster_bits))
+    }
+
+    /// Reserves a batch of clusters: reuses free ones (zeroed first), takes the rest at the
+    /// end of the image, then one barrier.
+    fn refill_reserve(&mut self) -> Result<()> {
+        let want = self.reserve_batch.max(1);
+        let mut got = Vec::new();
         let mut c = self.free_hint;
-        while c < self.end_cluster {
+        while c < self.end_cluster && (got.len() as u64) < want {
             let group = c / self.refblock_entries();
             if self.refblock(group)?.is_none() {
                 if (group as usize) < self.reftable.len() {
                     // A whole group with no block: every cluster in it is free. Put the block in
-                    // its first free cluster (this one) and keep looking.
+                    // its first cluster (this one) and keep looking.
                     self.create_refblock_at(group, c)?;
                     c += 1;
                     continue;
@@ -104,17 +155,35 @@ impl Meta {
                 break; // beyond the refcount table: allocate at the end instead
             }
             if self.refcount(c)? == 0 {
-                self.set_refcount(c, 1)?;
-                self.free_hint = c + 1;
-                return Ok(HostOffset(c << self.geo.cluster_bits));
+                if let Some(kind) = self.map.get(c) {
+                    return Err(self.signal_corruption(format!(
+                        "cluster {c} holds the {} but its refcount is 0",
+                        kind.name()
+                    )));
+                }
+                got.push(c);
             }
             c += 1;
         }
-        self.free_hint = self.end_cluster;
-        self.alloc_at_end(1)
+        self.free_hint = c;
+        // A reused cluster may still hold old bytes: it must read as zeros before it is used.
+        self.punch_runs(&got)?;
+        let changes: Vec<(u64, u64)> = got.iter().map(|&c| (c, 1)).collect();
+        self.update_refcounts(&changes)?;
+        let rest = want - got.len() as u64;
+        if rest > 0 {
+            let start = self.alloc_at_end(rest)?.0 >> self.geo.cluster_bits;
+            got.extend(start..start + rest);
+        }
+        self.sync()?;
+        self.reserve.extend(got);
+        let max = (MAX_RESERVE_BYTES >> self.geo.cluster_bits).max(1);
+        self.reserve_batch = (want * 2).min(max);
+        Ok(())
     }
 
-    /// Allocates `count` contiguous clusters at the end of the image.
+    /// Allocates `count` contiguous clusters at the end of the image (refcounts set, not yet
+    /// synced; the file is extended over them so they read as zeros).
     pub fn alloc_at_end(&mut self, count: u64) -> Result<HostOffset> {
         loop {
             let start = self.end_cluster;
@@ -129,19 +198,39 @@ impl Meta {
             // Refcounts first: new blocks describe their own group's share of the area.
             for &(group, at) in &new_blocks {
                 self.write_new_refblock(group, at, start, area_end)?;
+            }
+            if !new_blocks.is_empty() {
+                self.sync()?; // blocks durable before the refcount table points at them
+            }
+            for &(group, at) in &new_blocks {
                 self.install_refblock(group, at)?;
             }
-            for c in start..area_end {
-                if !new_blocks
-                    .iter()
-                    .any(|&(g, _)| g == c / self.refblock_entries())
-                {
-                    self.set_refcount(c, 1)?;
-                }
-            }
+            let changes: Vec<(u64, u64)> = (start..area_end)
+                .filter(|&c| {
+                    !new_blocks
+                        .iter()
+                        .any(|&(g, _)| g == c / self.refblock_entries())
+                })
+                .map(|c| (c, 1))
+                .collect();
+            self.update_refcounts(&changes)?;
             self.end_cluster = area_end;
+            self.extend_file(area_end)?;
             return Ok(HostOffset(start << self.geo.cluster_bits));
         }
+    }
+
+    /// Makes the file at least `clusters` clusters long, so that every refcounted cluster lies
+    /// inside it (qemu-img check wants that) and reads as zeros until written.
+    fn extend_file(&mut self, clusters: u64) -> Result<()> {
+        let want = clusters << self.geo.cluster_bits;
+        let len = self.storage.len().ctx(|| "sizing the image".to_string())?;
+        if len < want {
+            self.storage
+                .set_len(want)
+                .ctx(|| format!("extending the image to {want} bytes"))?;
+        }
+        Ok(())
     }
 
     /// For an area of `count` clusters at `start`, the refcount blocks it needs: returns the end
@@ -181,6 +270,7 @@ impl Meta {
         for c in first..last {
             refcount::set(&mut block, self.geo.refcount_order, (c % per) as usize, 1);
         }
+        self.map.insert(at, 1, MetaKind::RefBlock)?;
         let off = HostOffset(at << self.geo.cluster_bits);
         self.write_meta(MetaKind::RefBlock, off, &block)?;
         self.rc_cache.insert_table(off, &block);
@@ -196,7 +286,11 @@ impl Meta {
     }
 
     fn create_refblock_at(&mut self, group: u64, cluster: u64) -> Result<()> {
+        self.storage
+            .punch_hole(cluster << self.geo.cluster_bits, self.geo.cluster_size())
+            .ctx(|| format!("clearing cluster {cluster}"))?;
         self.write_new_refblock(group, cluster, cluster, cluster + 1)?;
+        self.sync()?;
         self.install_refblock(group, cluster)?;
         self.end_cluster = self.end_cluster.max(cluster + 1);
         Ok(())
@@ -234,13 +328,14 @@ impl Meta {
             table[group as usize] = at << self.geo.cluster_bits;
         }
         // Clusters of the area in groups that already had a block.
-        for c in start..area_end {
-            if !blocks.iter().any(|&(g, _)| g == c / per) {
-                self.set_refcount(c, 1)?;
-            }
-        }
+        let changes: Vec<(u64, u64)> = (start..area_end)
+            .filter(|&c| !blocks.iter().any(|&(g, _)| g == c / per))
+            .map(|c| (c, 1))
+            .collect();
+        self.update_refcounts(&changes)?;
         let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
         let new_off = HostOffset(start << self.geo.cluster_bits);
+        self.map.insert(start, clusters, MetaKind::RefTable)?;
         self.write_meta(MetaKind::RefTable, new_off, &bytes)?;
         self.sync()?;
         let old_off = self.header.refcount_table_offset;
@@ -250,32 +345,108 @@ impl Meta {
         self.sync()?;
         self.reftable = table;
         self.end_cluster = area_end;
-        self.free_range(HostOffset(old_off), old_clusters)?;
+        self.free_range(HostOffset(old_off), old_clusters)
+    }
+
+    /// Drops one reference to each of `count` clusters from `start`, whose reference the caller
+    /// has already removed. The refcounts drop in the next batch release (see module docs).
+    pub fn free_range(&mut self, start: HostOffset, count: u64) -> Result<()> {
+        let first = start.0 >> self.geo.cluster_bits;
+        self.pending_free.extend(first..first + count);
+        if self.pending_free.len() >= PENDING_LIMIT {
+            self.release_pending()?;
+        }
         Ok(())
     }
 
-    /// Drops one reference to each of `count` clusters from `start`; clusters that become free
-    /// are punched out of the host file. The caller has already removed the reference.
-    pub fn free_range(&mut self, start: HostOffset, count: u64) -> Result<()> {
-        let first = start.0 >> self.geo.cluster_bits;
-        for c in first..first + count {
+    /// Syncs (every unlink becomes durable), then drops the pending references; clusters that
+    /// become free are punched out of the host file and may be reused.
+    pub fn release_pending(&mut self) -> Result<()> {
+        if self.pending_free.is_empty() {
+            return Ok(());
+        }
+        self.sync()?;
+        let mut pending = std::mem::take(&mut self.pending_free);
+        pending.sort_unstable();
+        let mut changes = Vec::new();
+        let mut freed = Vec::new();
+        for run in pending.chunk_by(|a, b| a == b) {
+            let c = run[0];
+            let drop = run.len() as u64;
             let rc = self.refcount(c)?;
-            if rc == 0 {
-                return Err(Error::corrupt(format!(
-                    "freeing cluster {c} whose refcount is already 0"
+            if rc < drop {
+                return Err(self.signal_corruption(format!(
+                    "releasing cluster {c} more often than its refcount {rc}"
                 )));
             }
-            self.set_refcount(c, rc - 1)?;
-            if rc == 1 {
-                self.free_hint = self.free_hint.min(c);
-                let off = c << self.geo.cluster_bits;
-                let cs = self.geo.cluster_size();
-                self.l2_cache.forget(HostOffset(off), cs);
-                self.storage
-                    .punch_hole(off, cs)
-                    .ctx(|| format!("punching freed cluster at {off:#x}"))?;
+            changes.push((c, rc - drop));
+            if rc == drop {
+                freed.push(c);
             }
         }
+        self.update_refcounts(&changes)?;
+        let cs = self.geo.cluster_size();
+        for &c in &freed {
+            self.map.remove(c);
+            self.l2_cache.forget(HostOffset(c << self.geo.cluster_bits), cs);
+            self.free_hint = self.free_hint.min(c);
+        }
+        self.punch_runs(&freed)
+    }
+
+    /// Punches sorted clusters out of the host file, one call per contiguous run.
+    fn punch_runs(&self, clusters: &[u64]) -> Result<()> {
+        let cb = self.geo.cluster_bits;
+        let mut i = 0;
+        while i < clusters.len() {
+            let mut j = i + 1;
+            while j < clusters.len() && clusters[j] == clusters[j - 1] + 1 {
+                j += 1;
+            }
+            let off = clusters[i] << cb;
+            let len = ((j - i) as u64) << cb;
+            self.storage
+                .punch_hole(off, len)
+                .ctx(|| format!("punching {len} bytes at {off:#x}"))?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Clean shutdown: release what is pending, give the unused reserve back, trim the file
+    /// tail it occupied, and clear the dirty bit once all of it is durable.
+    pub fn shutdown(&mut self) -> Result<()> {
+        if self.corrupt.is_some() {
+            return Ok(()); // leave the corrupt (and dirty) bits for the next check
+        }
+        self.release_pending()?;
+        if !self.reserve.is_empty() {
+            let mut back: Vec<u64> = self.reserve.drain(..).collect();
+            back.sort_unstable();
+            let changes: Vec<(u64, u64)> = back.iter().map(|&c| (c, 0)).collect();
+            self.update_refcounts(&changes)?;
+            self.free_hint = self.free_hint.min(back[0]);
+            self.trim_tail(back.len() as u64)?;
+        }
+        self.mark_clean()
+    }
+
+    /// Truncates free clusters (at most `limit`) off the end of the file.
+    fn trim_tail(&mut self, limit: u64) -> Result<()> {
+        let mut end = self.end_cluster;
+        let floor = self.end_cluster.saturating_sub(limit);
+        while end > floor && end > 1 && self.map.get(end - 1).is_none() && self.refcount(end - 1)? == 0
+        {
+            end -= 1;
+        }
+        let len = self.storage.len().ctx(|| "sizing the image".to_string())?;
+        let want = end << self.geo.cluster_bits;
+        if want < len {
+            self.storage
+                .set_len(want)
+                .ctx(|| format!("trimming the image to {want} bytes"))?;
+        }
+        self.end_cluster = end;
         Ok(())
     }
 }

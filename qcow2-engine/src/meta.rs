@@ -1,18 +1,23 @@
-//! The metadata state of an open image and the single place every metadata write goes through.
+//! The metadata state of an open image and the single place every write goes through.
 //!
 //! [`Meta`] holds the header, the L1 table (always in memory: at most 32 MiB by validation, 64 KiB
-//! for 4 TiB), the refcount table and the two slice caches. [`Meta::write_meta`] is the only
-//! path by which metadata reaches storage, so the overlap check of a later order guards all of it.
+//! for 4 TiB), the refcount table, the two slice caches and the map of metadata clusters.
+//! [`Meta::write_meta`] and [`Meta::write_data`] are the only paths by which bytes reach the
+//! image file, so the overlap check in them guards every write: a write that would land on
+//! metadata of another kind marks the image corrupt and fails instead of damaging it.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::cache::SliceCache;
 use crate::error::{Error, IoContext, Result};
 use crate::format::Header;
+use crate::format::entries::{L1Entry, OFFSET_MASK};
+use crate::format::header::incompat;
 use crate::storage::Storage;
 use crate::types::{Geometry, HostOffset};
 
-/// What a metadata write is, for error messages and (later) overlap checks.
+/// What a metadata cluster holds, for overlap checks and error messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum MetaKind {
     Header,
@@ -20,17 +25,95 @@ pub(crate) enum MetaKind {
     L2,
     RefTable,
     RefBlock,
+    /// Internal snapshot table and snapshot L1 tables (read-only images only).
+    Snapshot,
 }
 
 impl MetaKind {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             MetaKind::Header => "header",
             MetaKind::L1 => "L1 table",
             MetaKind::L2 => "L2 table",
             MetaKind::RefTable => "refcount table",
             MetaKind::RefBlock => "refcount block",
+            MetaKind::Snapshot => "snapshot metadata",
         }
+    }
+}
+
+/// Every metadata cluster of the image and what it holds.
+#[derive(Debug, Default)]
+pub(crate) struct MetaMap {
+    clusters: HashMap<u64, MetaKind>,
+}
+
+impl MetaMap {
+    /// Records `count` clusters from `first` as `kind`; fails if one already holds other metadata.
+    pub fn insert(&mut self, first: u64, count: u64, kind: MetaKind) -> Result<()> {
+        for c in first..first + count {
+            match self.clusters.insert(c, kind) {
+                Some(old) if old != kind => {
+                    return Err(Error::corrupt(format!(
+                        "{} overlaps the {} at cluster {c}",
+                        kind.name(),
+                        old.name()
+                    )));
+                }
+                Some(_) if kind == MetaKind::L2 => {
+                    return Err(Error::corrupt(format!(
+                        "two L1 entries share the L2 table at cluster {c}"
+                    )));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    pub fn remove(&mut self, cluster: u64) {
+        self.clusters.remove(&cluster);
+    }
+
+    pub fn get(&self, cluster: u64) -> Option<MetaKind> {
+        self.clusters.get(&cluster).copied()
+    }
+
+    /// The map of an image's active metadata, validating every table offset on the way.
+    pub fn build(header: &Header, l1: &[u64], reftable: &[u64]) -> Result<MetaMap> {
+        let geo = header.geometry();
+        let cb = geo.cluster_bits;
+        let cs = geo.cluster_size();
+        let mut map = MetaMap::default();
+        map.insert(0, 1, MetaKind::Header)?;
+        let l1_clusters = (l1.len() as u64 * 8).div_ceil(cs);
+        map.insert(header.l1_table_offset >> cb, l1_clusters, MetaKind::L1)?;
+        map.insert(
+            header.refcount_table_offset >> cb,
+            u64::from(header.refcount_table_clusters),
+            MetaKind::RefTable,
+        )?;
+        for (i, &e) in reftable.iter().enumerate() {
+            let off = e & OFFSET_MASK;
+            if e & 0x1ff != 0 || !geo.is_aligned(off) {
+                return Err(Error::corrupt(format!(
+                    "refcount table entry {i} is invalid ({e:#x})"
+                )));
+            }
+            if off != 0 {
+                map.insert(off >> cb, 1, MetaKind::RefBlock)?;
+            }
+        }
+        for &e in l1 {
+            if let Some(table) = L1Entry(e).l2_offset(&geo)? {
+                map.insert(table.0 >> cb, 1, MetaKind::L2)?;
+            }
+        }
+        if header.nb_snapshots > 0 {
+            // Snapshot metadata is never written by this engine; a write there is an overlap.
+            map.insert(header.snapshots_offset >> cb, 1, MetaKind::Snapshot)?;
+        }
+        Ok(map)
     }
 }
 
@@ -48,16 +131,29 @@ pub(crate) struct Meta {
     pub free_hint: u64,
     /// One past the last cluster that may be in use (file length rounded up, or more).
     pub end_cluster: u64,
+    /// Metadata clusters (writable images only; read-only images never write).
+    pub map: MetaMap,
+    /// Clusters whose refcount of 1 is already durable and whose content durably reads as
+    /// zeros: they can be handed out with no barrier (see `alloc`).
+    pub reserve: VecDeque<u64>,
+    /// How many clusters the next reserve refill takes.
+    pub reserve_batch: u64,
+    /// Clusters unlinked from every table whose refcount is not decremented yet; they are
+    /// released in batches after a barrier (see `alloc`).
+    pub pending_free: Vec<u64>,
+    /// The dirty bit is set on disk (we set it before our first metadata change).
+    pub dirty: bool,
+    /// A corruption was detected: every later write fails.
+    pub corrupt: Option<String>,
 }
 
 impl Meta {
     /// Writes metadata bytes to storage. Every metadata write of the engine comes here.
     pub fn write_meta(&mut self, kind: MetaKind, offset: HostOffset, bytes: &[u8]) -> Result<()> {
-        if offset.0 < self.geo.cluster_size() && kind != MetaKind::Header {
-            return Err(Error::corrupt(format!(
-                "refusing to write {} over the image header at {offset}",
-                kind.name()
-            )));
+        self.check_usable()?;
+        self.check_overlap(Some(kind), offset, bytes.len() as u64)?;
+        if kind != MetaKind::Header {
+            self.mark_dirty()?;
         }
         self.storage
             .write_at(bytes, offset.0)
@@ -65,15 +161,90 @@ impl Meta {
     }
 
     /// Writes guest data to a host cluster.
-    pub fn write_data(&self, offset: HostOffset, bytes: &[u8]) -> Result<()> {
-        if offset.0 < self.geo.cluster_size() {
-            return Err(Error::corrupt(format!(
-                "refusing to write guest data over the header at {offset}"
-            )));
-        }
+    pub fn write_data(&mut self, offset: HostOffset, bytes: &[u8]) -> Result<()> {
+        self.check_usable()?;
+        self.check_overlap(None, offset, bytes.len() as u64)?;
         self.storage
             .write_at(bytes, offset.0)
             .ctx(|| format!("writing data at {offset}"))
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        match &self.corrupt {
+            Some(why) => Err(Error::corrupt(format!(
+                "the image was marked corrupt ({why}); no further writes"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses (and marks the image corrupt) a write that would land on metadata of another
+    /// kind, or data beyond every cluster the image can own.
+    fn check_overlap(&mut self, kind: Option<MetaKind>, offset: HostOffset, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let cb = self.geo.cluster_bits;
+        let first = offset.0 >> cb;
+        let last = (offset.0 + len - 1) >> cb;
+        if kind.is_none() && last >= self.end_cluster {
+            return Err(self.signal_corruption(format!(
+                "data write at {offset} is beyond the end of the image"
+            )));
+        }
+        for c in first..=last {
+            let found = self.map.get(c);
+            if found != kind {
+                let what = kind.map_or("guest data", MetaKind::name);
+                let there = found.map_or("a data cluster", MetaKind::name);
+                return Err(self.signal_corruption(format!(
+                    "refusing to write {what} at {offset}: cluster {c} is {there}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks the image corrupt on disk (v3) and refuses every later write. Returns the error
+    /// to give the caller.
+    pub fn signal_corruption(&mut self, why: String) -> Error {
+        if self.corrupt.is_none() {
+            self.corrupt = Some(why.clone());
+            if self.header.version >= 3 {
+                self.header.incompatible_features |= incompat::CORRUPT;
+                // Best effort: the write itself may be what is failing.
+                if let Ok(bytes) = self.header.to_bytes() {
+                    let _ = self.storage.write_at(&bytes, 0);
+                    let _ = self.storage.flush();
+                }
+            }
+        }
+        Error::corrupt(why)
+    }
+
+    /// Sets the dirty bit (v3) and makes it durable before the first metadata change, so that
+    /// an image left behind by a crash is known to need a refcount repair.
+    fn mark_dirty(&mut self) -> Result<()> {
+        if self.dirty || self.header.version < 3 {
+            return Ok(());
+        }
+        self.header.incompatible_features |= incompat::DIRTY;
+        self.dirty = true;
+        self.write_header()?;
+        self.sync()
+    }
+
+    /// Clears the dirty bit after everything else is durable (clean close).
+    pub fn mark_clean(&mut self) -> Result<()> {
+        if !self.dirty {
+            return Ok(());
+        }
+        self.sync()?;
+        self.header.incompatible_features &= !incompat::DIRTY;
+        self.write_header()?;
+        self.sync()?;
+        self.dirty = false;
+        Ok(())
     }
 
     /// Rewrites cluster 0 from `self.header`.
@@ -84,7 +255,7 @@ impl Meta {
         self.write_meta(MetaKind::Header, HostOffset(0), &bytes)
     }
 
-    /// `fdatasync` the image file.
+    /// `fdatasync` the image file: the barrier between dependent writes, and the flush.
     pub fn sync(&self) -> Result<()> {
         self.storage
             .flush()

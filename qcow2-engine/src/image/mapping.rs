@@ -61,9 +61,13 @@ impl State {
         }
         let geo = self.meta.geo;
         let l1_index = geo.l1_index(off);
+        // A reserved cluster already reads as zeros: the empty table needs no write, and the L1
+        // entry needs no barrier before it.
         let table = self.meta.alloc_cluster()?;
+        self.meta
+            .map
+            .insert(table.0 >> geo.cluster_bits, 1, MetaKind::L2)?;
         let zeros = vec![0u8; geo.cluster_size() as usize];
-        self.meta.write_meta(MetaKind::L2, table, &zeros)?;
         self.meta.l2_cache.insert_table(table, &zeros);
         let entry = L1Entry::new(table).0;
         let at = HostOffset(self.meta.header.l1_table_offset + l1_index * 8);

@@ -11,6 +11,7 @@ mod resize;
 mod status;
 mod write;
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -21,7 +22,8 @@ use crate::cache::{self, CacheStats, SliceCache};
 use crate::error::{Error, IoContext, Result};
 use crate::format::header::incompat;
 use crate::format::{CompressionType, Header};
-use crate::meta::Meta;
+use crate::alloc;
+use crate::meta::{Meta, MetaMap};
 use crate::storage::{FileStorage, Storage};
 use crate::types::{Geometry, GuestOffset};
 
@@ -165,6 +167,11 @@ impl Image {
             None => None,
         };
 
+        let map = if opts.writable {
+            MetaMap::build(&header, &l1, &reftable)?
+        } else {
+            MetaMap::default()
+        };
         let mut meta = Meta {
             storage,
             geo,
@@ -174,6 +181,12 @@ impl Image {
             reftable,
             free_hint: 0,
             end_cluster,
+            map,
+            reserve: VecDeque::new(),
+            reserve_batch: alloc::FIRST_RESERVE,
+            pending_free: Vec::new(),
+            dirty: false,
+            corrupt: None,
             header: header.clone(),
         };
         if opts.writable && header.autoclear_features != 0 {
@@ -322,12 +335,18 @@ impl Image {
         st.zero_range(GuestOffset(off), len, write::ZeroMode::Discard)
     }
 
-    /// Makes every completed write durable (`fdatasync`).
+    /// Makes every completed write durable (`fdatasync`), and releases the clusters that
+    /// discards and overwrites freed since the last flush.
     pub fn flush(&self) -> Result<()> {
         if !self.writable {
             return Ok(());
         }
-        self.lock().meta.sync()
+        let mut st = self.lock();
+        if st.meta.pending_free.is_empty() {
+            st.meta.sync()
+        } else {
+            st.meta.release_pending()
+        }
     }
 
     /// Grows the virtual size to `new_size` (rounded up to 512 bytes like qemu-img).
@@ -345,9 +364,26 @@ impl Image {
         st.layer_status(GuestOffset(off), len)
     }
 
-    /// Flushes and closes the image.
-    pub fn close(self) -> Result<()> {
-        self.flush()
+    /// Flushes and closes the image cleanly: releases pending clusters, returns the unused
+    /// reserve, and clears the dirty bit. Dropping an image does the same but cannot report
+    /// errors; an image that is not closed cleanly is repaired by the next read-write open.
+    pub fn close(mut self) -> Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.writable = false;
+        let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        st.meta.shutdown()
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
     }
 }
 

@@ -1,8 +1,9 @@
 //! The write path: in-place overwrites, allocation with copy-on-write at the allocation unit
 //! (a cluster, or the touched subclusters with extended L2), zeroing and discard.
 //!
-//! Order of every allocating write: refcount of the new cluster → guest data (with the COW
-//! bytes around it) → L2 entry → release of what the entry pointed at before.
+//! Order of every allocating write: refcount of the new cluster (durable already: it comes from
+//! the reserve) → guest data, with the COW bytes around it (synced when there are any) → L2
+//! entry → release of what the entry pointed at before (deferred to a batch; see `alloc`).
 
 use super::State;
 use crate::error::Result;
@@ -61,7 +62,7 @@ impl State {
             }
             // Some touched subclusters are not allocated yet: fill them, then mark them.
             let unit = (first_sub * sc, sub_end * sc);
-            self.write_unit(base, host, unit, in_cluster, data)?;
+            self.write_unit(base, host, unit, in_cluster, data, false)?;
             let bitmap = SubclusterBitmap::from_masks(bitmap.alloc() | mask, bitmap.zero() & !mask);
             return self.set_slot(slot, host.0 | COPIED, bitmap.0);
         }
@@ -77,7 +78,7 @@ impl State {
             Some(h) => h,
             None => self.meta.alloc_cluster()?,
         };
-        self.write_unit(base, host, unit, in_cluster, data)?;
+        self.write_unit(base, host, unit, in_cluster, data, reuse.is_none())?;
         let bitmap = if geo.extended_l2 {
             if matches!(mapping, Mapping::Compressed { .. }) {
                 SubclusterBitmap::from_masks(u64::MAX, 0)
@@ -96,7 +97,12 @@ impl State {
     }
 
     /// Writes the allocation unit `[unit.0, unit.1)` of the cluster at `base` to `host`: the
-    /// guest data at `in_cluster`, and the current guest content around it.
+    /// guest data at `in_cluster`, and the current guest content around it (copy-on-write).
+    ///
+    /// `fresh`: `host` came from the reserve and durably reads as zeros, so zero COW bytes
+    /// need no write. COW bytes that are written are synced before the caller links the
+    /// cluster into the L2 table: otherwise a power loss could keep the new L2 entry but not
+    /// the copied bytes, and lose data that was flushed before this write.
     fn write_unit(
         &mut self,
         base: GuestOffset,
@@ -104,6 +110,7 @@ impl State {
         unit: (u64, u64),
         in_cluster: u64,
         data: &[u8],
+        fresh: bool,
     ) -> Result<()> {
         let (start, end) = unit;
         let mut buf = vec![0u8; (end - start) as usize];
@@ -118,8 +125,17 @@ impl State {
                 base_plus(base, in_cluster + data.len() as u64),
             )?;
         }
+        if tail - head == buf.len() {
+            return self.meta.write_data(HostOffset(host.0 + start), data);
+        }
+        if fresh && buf.iter().all(|&b| b == 0) {
+            return self
+                .meta
+                .write_data(HostOffset(host.0 + in_cluster), data);
+        }
         buf[head..tail].copy_from_slice(data);
-        self.meta.write_data(HostOffset(host.0 + start), &buf)
+        self.meta.write_data(HostOffset(host.0 + start), &buf)?;
+        self.meta.sync()
     }
 
     /// Zeroes or discards a guest range, one cluster at a time.
