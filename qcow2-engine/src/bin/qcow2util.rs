@@ -4,11 +4,13 @@
 //! Errors are one line on stderr and exit status 1; usage errors exit 2.
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use qcow2_engine::ops::{convert, info, map};
+use qcow2_engine::ops::{check, convert, info, map};
+use qcow2_engine::storage::FileStorage;
 use qcow2_engine::{BackingFormat, CreateOptions, Image, OpenOptions};
 
 #[derive(Parser, Debug)]
@@ -84,6 +86,20 @@ enum Command {
         #[arg(long = "cluster-size", value_parser = parse_size, default_value = "64K")]
         cluster_size: u64,
     },
+    /// Check an image for corruptions and leaks, like `qemu-img check` (same findings, JSON
+    /// keys and exit status: 0 clean, 1 check failed, 2 corruptions, 3 leaks only, 63 not a
+    /// qcow2 image).
+    Check {
+        /// Image file.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Repair leaks, or leaks and corruptions.
+        #[arg(short = 'r', long = "repair")]
+        repair: Option<RepairArg>,
+        /// Output format.
+        #[arg(long = "output", default_value = "human")]
+        output: MapOutput,
+    },
     /// Show where the data of an image lives, through its backing chain.
     Map {
         /// Image file.
@@ -108,6 +124,12 @@ impl From<Fmt> for BackingFormat {
             Fmt::Qcow2 => BackingFormat::Qcow2,
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum RepairArg {
+    Leaks,
+    All,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -146,8 +168,64 @@ fn parse_size(s: &str) -> Result<u64, String> {
     Ok((f * mult as f64).round() as u64)
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+/// Exit status of `check` when the check could not be completed.
+const CHECK_FAILED: u8 = 1;
+/// Exit status of `check` for a file that is not a qcow2 image (qemu-img: format without checks).
+const CHECK_UNSUPPORTED: u8 = 63;
+
+fn run_check(file: &Path, repair: Option<RepairArg>, output: MapOutput) -> u8 {
+    let repair = match repair {
+        None => check::Repair::None,
+        Some(RepairArg::Leaks) => check::Repair::Leaks,
+        Some(RepairArg::All) => check::Repair::All,
+    };
+    let writable = repair != check::Repair::None;
+    let result = FileStorage::open(file, writable)
+        .map_err(|e| qcow2_engine::Error::io(format!("opening {}", file.display()), e))
+        .and_then(|s| {
+            let storage: Arc<dyn qcow2_engine::storage::Storage> = Arc::new(s);
+            check::check(&storage, repair)
+        });
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let not_qcow2 = matches!(&e, qcow2_engine::Error::InvalidImage(m) if m.contains("magic"));
+            if not_qcow2 {
+                eprintln!("qcow2util: This image format does not support checks ({e})");
+                return CHECK_UNSUPPORTED;
+            }
+            eprintln!("qcow2util: Check failed: {e}");
+            return CHECK_FAILED;
+        }
+    };
+    for m in &report.messages {
+        eprintln!("{m}");
+    }
+    match output {
+        MapOutput::Human => print!("{}", report.summary()),
+        MapOutput::Json => {
+            let mut v = serde_json::to_value(&report).expect("report serialises");
+            if let Some(map) = v.as_object_mut() {
+                map.insert("filename".into(), file.display().to_string().into());
+                map.insert("format".into(), "qcow2".into());
+            }
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&v).expect("value serialises")
+            );
+        }
+    }
+    report.exit_code() as u8
+}
+
+/// Runs a command; returns the exit status for commands that report one (check).
+fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
+        Command::Check {
+            file,
+            repair,
+            output,
+        } => return Ok(run_check(&file, repair, output)),
         Command::Create {
             file,
             size,
@@ -281,13 +359,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(0)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(status) => ExitCode::from(status),
         Err(e) => {
             // One line: the error and any causes its message does not already include.
             let mut msg = e.to_string();

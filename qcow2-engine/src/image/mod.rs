@@ -24,6 +24,7 @@ use crate::format::header::incompat;
 use crate::format::{CompressionType, Header};
 use crate::alloc;
 use crate::meta::{Meta, MetaMap};
+use crate::ops::check;
 use crate::storage::{FileStorage, Storage};
 use crate::types::{Geometry, GuestOffset};
 
@@ -132,6 +133,21 @@ impl Image {
             .ctx(|| "reading the header".to_string())?;
         let mut header = Header::parse(&cluster0)?;
         check_features(&header, opts.writable)?;
+        if opts.writable && header.incompatible_features & incompat::DIRTY != 0 {
+            // Left behind by a crash: refcounts may be too high (never too low, by our write
+            // order; but a foreign writer may differ). Repair before the first write.
+            let report = check::check(&storage, check::Repair::All)?;
+            if report.corruptions > 0 || report.check_errors > 0 {
+                return Err(Error::corrupt(format!(
+                    "the image was not closed cleanly and repairing it left {} corruptions",
+                    report.corruptions
+                )));
+            }
+            storage
+                .read_at(&mut cluster0, 0)
+                .ctx(|| "reading the header".to_string())?;
+            header = Header::parse(&cluster0)?;
+        }
         let geo = header.geometry();
 
         let l1 = read_table(
@@ -426,11 +442,6 @@ fn check_features(h: &Header, writable: bool) -> Result<()> {
         if h.incompatible_features & incompat::CORRUPT != 0 {
             return Err(Error::corrupt(
                 "the image is marked corrupt; it can only be opened read-only",
-            ));
-        }
-        if h.incompatible_features & incompat::DIRTY != 0 {
-            return Err(Error::unsupported(
-                "the image was not closed cleanly (dirty bit set); open it read-only, or repair it with `qemu-img check -r all`",
             ));
         }
         if h.nb_snapshots > 0 {

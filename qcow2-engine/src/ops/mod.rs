@@ -1,5 +1,6 @@
-//! Whole-image operations built on the image handle: create, info, map, convert.
+//! Whole-image operations: create, info, map, convert, check/repair.
 
+pub mod check;
 pub mod convert;
 pub mod create;
 pub mod info;
