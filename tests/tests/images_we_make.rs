@@ -311,7 +311,8 @@ fn feature_bits_are_honoured() {
         other => panic!("expected Unsupported, got {other:?}"),
     }
     // Extended L2 entry name is in the table: a known bit, so the image opens.
-    // Corrupt and dirty bits: read-only works, read-write is refused.
+    // Corrupt bit: read-only works, read-write is refused. Dirty bit: read-only works without
+    // touching the image; read-write repairs first and the clean close clears the bit.
     for bit in [incompat::CORRUPT, incompat::DIRTY] {
         let p = ours(
             d,
@@ -322,8 +323,20 @@ fn feature_bits_are_honoured() {
             },
         );
         poke(&p, 72, &bit.to_be_bytes());
+        let before = std::fs::read(&p).unwrap();
         assert!(Image::open(&p, &OpenOptions::default()).is_ok());
-        assert!(Image::open(&p, &OpenOptions::writable()).is_err());
+        assert_eq!(std::fs::read(&p).unwrap(), before, "read-only open wrote");
+        let rw = Image::open(&p, &OpenOptions::writable());
+        if bit == incompat::CORRUPT {
+            assert!(matches!(rw, Err(Error::Corrupt(_))), "{rw:?}");
+            continue;
+        }
+        let img = rw.unwrap();
+        img.write_at(&[7; 4096], 0).unwrap();
+        img.close().unwrap();
+        let h = Image::open(&p, &OpenOptions::default()).unwrap().header();
+        assert_eq!(h.incompatible_features & incompat::DIRTY, 0);
+        qemu::check_clean(&p);
     }
     // Autoclear bits (here: a qemu bitmap) are cleared on read-write open.
     let p = ours(
