@@ -388,7 +388,8 @@ impl Meta {
         let cs = self.geo.cluster_size();
         for &c in &freed {
             self.map.remove(c);
-            self.l2_cache.forget(HostOffset(c << self.geo.cluster_bits), cs);
+            self.l2_cache
+                .forget(HostOffset(c << self.geo.cluster_bits), cs);
             self.free_hint = self.free_hint.min(c);
         }
         self.punch_runs(&freed)
@@ -435,7 +436,10 @@ impl Meta {
     fn trim_tail(&mut self, limit: u64) -> Result<()> {
         let mut end = self.end_cluster;
         let floor = self.end_cluster.saturating_sub(limit);
-        while end > floor && end > 1 && self.map.get(end - 1).is_none() && self.refcount(end - 1)? == 0
+        while end > floor
+            && end > 1
+            && self.map.get(end - 1).is_none()
+            && self.refcount(end - 1)? == 0
         {
             end -= 1;
         }

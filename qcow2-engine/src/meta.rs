@@ -180,7 +180,12 @@ impl Meta {
 
     /// Refuses (and marks the image corrupt) a write that would land on metadata of another
     /// kind, or data beyond every cluster the image can own.
-    fn check_overlap(&mut self, kind: Option<MetaKind>, offset: HostOffset, len: u64) -> Result<()> {
+    fn check_overlap(
+        &mut self,
+        kind: Option<MetaKind>,
+        offset: HostOffset,
+        len: u64,
+    ) -> Result<()> {
         if len == 0 {
             return Ok(());
         }

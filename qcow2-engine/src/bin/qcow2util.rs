@@ -5,8 +5,8 @@
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use qcow2_engine::ops::{check, convert, info, map};
@@ -189,7 +189,8 @@ fn run_check(file: &Path, repair: Option<RepairArg>, output: MapOutput) -> u8 {
     let report = match result {
         Ok(r) => r,
         Err(e) => {
-            let not_qcow2 = matches!(&e, qcow2_engine::Error::InvalidImage(m) if m.contains("magic"));
+            let not_qcow2 =
+                matches!(&e, qcow2_engine::Error::InvalidImage(m) if m.contains("magic"));
             if not_qcow2 {
                 eprintln!("qcow2util: This image format does not support checks ({e})");
                 return CHECK_UNSUPPORTED;

@@ -18,11 +18,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub use backing::{Backing, BackingPolicy, RawBacking, resolve_backing_name};
 pub use status::LayerStatus;
 
+use crate::alloc;
 use crate::cache::{self, CacheStats, SliceCache};
 use crate::error::{Error, IoContext, Result};
 use crate::format::header::incompat;
 use crate::format::{CompressionType, Header};
-use crate::alloc;
 use crate::meta::{Meta, MetaMap};
 use crate::ops::check;
 use crate::storage::{FileStorage, Storage};

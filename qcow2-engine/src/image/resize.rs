@@ -38,7 +38,9 @@ impl State {
         let clusters = (entries * 8).div_ceil(cs);
         let new_off = self.meta.alloc_at_end(clusters)?;
         let cb = self.meta.geo.cluster_bits;
-        self.meta.map.insert(new_off.0 >> cb, clusters, MetaKind::L1)?;
+        self.meta
+            .map
+            .insert(new_off.0 >> cb, clusters, MetaKind::L1)?;
         let mut table = self.meta.l1.clone();
         table.resize(entries as usize, 0);
         let mut bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();

@@ -129,9 +129,7 @@ impl State {
             return self.meta.write_data(HostOffset(host.0 + start), data);
         }
         if fresh && buf.iter().all(|&b| b == 0) {
-            return self
-                .meta
-                .write_data(HostOffset(host.0 + in_cluster), data);
+            return self.meta.write_data(HostOffset(host.0 + in_cluster), data);
         }
         buf[head..tail].copy_from_slice(data);
         self.meta.write_data(HostOffset(host.0 + start), &buf)?;

@@ -119,7 +119,13 @@ impl CheckReport {
             }
         }
         if self.total_clusters > 0 {
-            let pct = |n: u64, of: u64| if of == 0 { 0.0 } else { n as f64 * 100.0 / of as f64 };
+            let pct = |n: u64, of: u64| {
+                if of == 0 {
+                    0.0
+                } else {
+                    n as f64 * 100.0 / of as f64
+                }
+            };
             s += &format!(
                 "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters\n",
                 self.allocated_clusters,
@@ -696,11 +702,7 @@ impl Pass {
             messages.push("Rebuilding refcount structure".to_string());
             self.rebuild()?;
             let refcount_errors = self.report.corruptions - self.copied_errors;
-            return Ok((
-                self.report.leaks,
-                corruptions_fixed + refcount_errors,
-                true,
-            ));
+            return Ok((self.report.leaks, corruptions_fixed + refcount_errors, true));
         }
         self.fix_leaks(messages)?;
         Ok((self.report.leaks, corruptions_fixed, false))
@@ -751,7 +753,9 @@ impl Pass {
                 .set_len(end)
                 .ctx(|| format!("trimming the image to {end} bytes"))?;
         }
-        self.storage.flush().ctx(|| "flushing the image".to_string())
+        self.storage
+            .flush()
+            .ctx(|| "flushing the image".to_string())
     }
 
     /// Writes a new refcount table and blocks from the expected counts after the last used
@@ -777,7 +781,9 @@ impl Pass {
             table_clusters = new_table;
         }
         if table_clusters * cs > 8 << 20 {
-            return Err(Error::unsupported("rebuilt refcount table would exceed 8 MiB"));
+            return Err(Error::unsupported(
+                "rebuilt refcount table would exceed 8 MiB",
+            ));
         }
         let table_at = start;
         let blocks_at = start + table_clusters;

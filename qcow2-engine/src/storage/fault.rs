@@ -1,10 +1,12 @@
 //! A fault-injecting storage for crash-safety and error-path tests.
 //!
 //! It keeps two images in memory: the *live* bytes (what a process sees, i.e. the OS page cache)
-//! and the *durable* bytes (what survived the last `flush`). A plan can make the N-th mutation
-//! fail with `EIO`, or "crash" at the N-th mutation: that mutation and every later one is
-//! dropped and fails, as if the process had died there. After a crash, [`FaultStorage::live`]
-//! is what a process crash leaves and [`FaultStorage::durable`] what a power loss leaves.
+//! and the *durable* bytes (what survived the last `flush`), plus the log of mutations since
+//! that flush. A plan can make the N-th mutation fail with `EIO`, or "crash" at the N-th
+//! mutation or the N-th flush: that event and every later one is dropped and fails, as if the
+//! process had died there. After a crash, [`FaultStorage::live`] is what a process crash leaves;
+//! [`FaultStorage::power_loss`] builds what a power loss leaves: the durable bytes plus any
+//! subset of the unflushed mutations (a disk may persist them in any order).
 
 use std::io;
 use std::sync::Mutex;
@@ -22,8 +24,22 @@ pub enum FaultPlan {
     FailMutation(u64),
     /// Crash before the mutation with this 0-based index: it and all later mutations fail.
     CrashAtMutation(u64),
+    /// Crash at the flush with this 0-based index: it does not happen, and everything after
+    /// fails.
+    CrashAtFlush(u64),
     /// Every flush fails with `EIO` (the data stays in the "page cache").
     FailFlush,
+}
+
+/// One mutation not yet covered by a flush.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mutation {
+    /// Bytes written at an offset.
+    Write(u64, Vec<u8>),
+    /// A range made to read as zeros (write-zeroes or punch).
+    Zero(u64, u64),
+    /// The length changed.
+    SetLen(u64),
 }
 
 /// Storage that fails on purpose. See the module docs.
@@ -31,8 +47,11 @@ pub enum FaultPlan {
 pub struct FaultStorage {
     live: MemoryStorage,
     durable: Mutex<Vec<u8>>,
+    unflushed: Mutex<Vec<Mutation>>,
     plan: Mutex<FaultPlan>,
     mutations: AtomicU64,
+    flushes: AtomicU64,
+    crashed: std::sync::atomic::AtomicBool,
 }
 
 impl FaultStorage {
@@ -41,9 +60,55 @@ impl FaultStorage {
         Self {
             live: MemoryStorage::from_bytes(initial.clone()),
             durable: Mutex::new(initial),
+            unflushed: Mutex::new(Vec::new()),
             plan: Mutex::new(plan),
             mutations: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            crashed: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// How many flushes were attempted so far.
+    pub fn flushes(&self) -> u64 {
+        self.flushes.load(Ordering::SeqCst)
+    }
+
+    /// Whether the plan's crash happened.
+    pub fn has_crashed(&self) -> bool {
+        self.crashed.load(Ordering::SeqCst)
+    }
+
+    /// The mutations since the last successful flush, in order.
+    pub fn unflushed(&self) -> Vec<Mutation> {
+        self.unflushed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// What a power loss leaves when the disk persisted exactly the unflushed mutations for
+    /// which `keep(index)` is true (applied in order over the durable bytes).
+    pub fn power_loss(&self, mut keep: impl FnMut(usize) -> bool) -> Vec<u8> {
+        let img = MemoryStorage::from_bytes(self.durable());
+        for (i, m) in self.unflushed().into_iter().enumerate() {
+            if !keep(i) {
+                continue;
+            }
+            let done = match m {
+                Mutation::Write(off, data) => img.write_at(&data, off),
+                Mutation::Zero(off, len) => img.write_zeroes(off, len),
+                Mutation::SetLen(len) => img.set_len(len),
+            };
+            done.expect("memory storage accepts replayed mutations");
+        }
+        img.to_bytes()
+    }
+
+    fn log(&self, m: Mutation) {
+        self.unflushed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(m);
     }
 
     /// Replaces the plan; the mutation counter keeps counting.
@@ -70,15 +135,20 @@ impl FaultStorage {
     }
 
     fn crashed(&self) -> bool {
-        matches!(*self.plan.lock().unwrap_or_else(|e| e.into_inner()),
-            FaultPlan::CrashAtMutation(n) if self.mutations() > n)
+        self.has_crashed()
     }
 
     fn check_mutation(&self) -> io::Result<()> {
+        if self.crashed() {
+            return Err(injected("crashed"));
+        }
         let index = self.mutations.fetch_add(1, Ordering::SeqCst);
         match *self.plan.lock().unwrap_or_else(|e| e.into_inner()) {
             FaultPlan::FailMutation(n) if n == index => Err(injected("write")),
-            FaultPlan::CrashAtMutation(n) if index >= n => Err(injected("crashed")),
+            FaultPlan::CrashAtMutation(n) if index >= n => {
+                self.crashed.store(true, Ordering::SeqCst);
+                Err(injected("crashed"))
+            }
             _ => Ok(()),
         }
     }
@@ -98,25 +168,43 @@ impl Storage for FaultStorage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.check_mutation()?;
-        self.live.write_at(buf, offset)
+        self.live.write_at(buf, offset)?;
+        self.log(Mutation::Write(offset, buf.to_vec()));
+        Ok(())
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_mutation()?;
-        self.live.write_zeroes(offset, len)
+        self.live.write_zeroes(offset, len)?;
+        self.log(Mutation::Zero(offset, len));
+        Ok(())
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_mutation()?;
-        self.live.punch_hole(offset, len)
+        self.live.punch_hole(offset, len)?;
+        self.log(Mutation::Zero(offset, len));
+        Ok(())
     }
 
     fn flush(&self) -> io::Result<()> {
-        let plan = *self.plan.lock().unwrap_or_else(|e| e.into_inner());
-        if plan == FaultPlan::FailFlush || self.crashed() {
-            return Err(injected("flush"));
+        if self.crashed() {
+            return Err(injected("crashed"));
+        }
+        let index = self.flushes.fetch_add(1, Ordering::SeqCst);
+        match *self.plan.lock().unwrap_or_else(|e| e.into_inner()) {
+            FaultPlan::FailFlush => return Err(injected("flush")),
+            FaultPlan::CrashAtFlush(n) if index >= n => {
+                self.crashed.store(true, Ordering::SeqCst);
+                return Err(injected("crashed"));
+            }
+            _ => {}
         }
         *self.durable.lock().unwrap_or_else(|e| e.into_inner()) = self.live.to_bytes();
+        self.unflushed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         Ok(())
     }
 
@@ -126,7 +214,9 @@ impl Storage for FaultStorage {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.check_mutation()?;
-        self.live.set_len(len)
+        self.live.set_len(len)?;
+        self.log(Mutation::SetLen(len));
+        Ok(())
     }
 }
 
@@ -154,5 +244,23 @@ mod tests {
         assert!(s.flush().is_err());
         assert_eq!(s.live(), vec![1, 2, 0, 0]);
         assert_eq!(s.durable(), vec![1, 0, 0, 0]);
+        assert_eq!(s.power_loss(|_| true), vec![1, 2, 0, 0]);
+        assert_eq!(s.power_loss(|_| false), vec![1, 0, 0, 0]);
+    }
+
+    #[test]
+    fn power_loss_applies_any_subset_of_unflushed_mutations_in_order() {
+        let s = FaultStorage::new(vec![0; 4], FaultPlan::CrashAtFlush(1));
+        s.write_at(&[9, 9], 0).unwrap();
+        s.flush().unwrap();
+        s.write_at(&[1], 2).unwrap();
+        s.punch_hole(0, 1).unwrap();
+        s.set_len(6).unwrap();
+        assert!(s.flush().is_err(), "flush 1 is the crash point");
+        assert!(s.has_crashed());
+        assert!(s.write_at(&[5], 3).is_err());
+        assert_eq!(s.unflushed().len(), 3);
+        assert_eq!(s.power_loss(|i| i == 1), vec![0, 9, 0, 0]);
+        assert_eq!(s.power_loss(|i| i != 1), vec![9, 9, 1, 0, 0, 0]);
     }
 }

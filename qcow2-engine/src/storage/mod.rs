@@ -12,7 +12,7 @@ mod memory;
 use std::io;
 use std::sync::Arc;
 
-pub use fault::{FaultPlan, FaultStorage};
+pub use fault::{FaultPlan, FaultStorage, Mutation};
 pub use file::FileStorage;
 pub use memory::MemoryStorage;
 

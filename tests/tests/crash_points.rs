@@ -1,0 +1,454 @@
+//! Crash-point enumeration: every storage mutation and every flush of a mixed workload is a
+//! crash point. At each one we build
+//! - the image a **process crash** leaves (every completed mutation), and
+//! - the images a **power loss** leaves (the durable bytes plus several subsets of the
+//!   unflushed mutations: none, all, and random ones),
+//!
+//! and require, for every image: `qemu-img check` finds no corruption (leaks allowed); the
+//! guest content holds every write acknowledged before the crash (process crash) or every
+//! write acknowledged before the last completed guest flush (power loss); our read-write open
+//! repairs it to zero leaks and zero corruptions without changing a byte of guest content.
+//!
+//! Workloads cover allocating writes, COW into an extended-L2 overlay, discards, zero writes
+//! with and without unmap, cluster reuse, L1 growth, refcount block allocation and refcount
+//! table growth.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use qcow2_csi_tests::qemu;
+use qcow2_engine::ops::check::{self, Repair};
+use qcow2_engine::storage::{FaultPlan, FaultStorage, MemoryStorage, Storage};
+use qcow2_engine::{BackingFormat, CreateOptions, Image, OpenOptions, ZeroFlags};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write(u64, Vec<u8>),
+    Zero { off: u64, len: u64, no_hole: bool },
+    Discard(u64, u64),
+    Flush,
+    Resize(u64),
+}
+
+impl Op {
+    /// The guest range the op may change.
+    fn range(&self) -> Option<(u64, u64)> {
+        match self {
+            Op::Write(off, d) => Some((*off, d.len() as u64)),
+            Op::Zero { off, len, .. } | Op::Discard(off, len) => Some((*off, *len)),
+            Op::Flush | Op::Resize(_) => None,
+        }
+    }
+
+    fn apply(&self, img: &Image) -> qcow2_engine::Result<()> {
+        match self {
+            Op::Write(off, d) => img.write_at(d, *off),
+            Op::Zero { off, len, no_hole } => {
+                img.write_zeroes(*off, *len, ZeroFlags { no_hole: *no_hole })
+            }
+            Op::Discard(off, len) => img.discard(*off, *len),
+            Op::Flush => img.flush(),
+            Op::Resize(n) => img.resize(*n),
+        }
+    }
+
+    fn apply_model(&self, m: &mut Vec<u8>) {
+        match self {
+            Op::Write(off, d) => m[*off as usize..*off as usize + d.len()].copy_from_slice(d),
+            Op::Zero { off, len, .. } | Op::Discard(off, len) => {
+                m[*off as usize..(*off + *len) as usize].fill(0);
+            }
+            Op::Flush => {}
+            Op::Resize(n) => m.resize(*n as usize, 0),
+        }
+    }
+}
+
+struct Case {
+    name: &'static str,
+    dir: PathBuf,
+    /// The image before the workload (clean, durable).
+    initial: Vec<u8>,
+    /// Guest content before the workload.
+    base_model: Vec<u8>,
+    ops: Vec<Op>,
+}
+
+impl Case {
+    fn path(&self) -> PathBuf {
+        self.dir.join("top.qcow2")
+    }
+
+    fn open(&self, storage: Arc<dyn Storage>, writable: bool) -> qcow2_engine::Result<Image> {
+        let opts = OpenOptions {
+            writable,
+            ..OpenOptions::default()
+        };
+        Image::open_storage(storage, Some(&self.path()), &opts)
+    }
+
+    fn model_after(&self, k: usize) -> Vec<u8> {
+        let mut m = self.base_model.clone();
+        for op in &self.ops[..k] {
+            op.apply_model(&mut m);
+        }
+        m
+    }
+}
+
+/// How a workload run ended.
+struct Run {
+    /// Ops that completed (acknowledged).
+    acked: usize,
+    /// Ops up to and including the last completed guest flush.
+    flushed: usize,
+    storage: Arc<FaultStorage>,
+}
+
+fn run(case: &Case, plan: FaultPlan) -> Run {
+    let storage = Arc::new(FaultStorage::new(case.initial.clone(), plan));
+    let mut acked = 0;
+    let mut flushed = 0;
+    if let Ok(img) = case.open(storage.clone(), true) {
+        for (i, op) in case.ops.iter().enumerate() {
+            if op.apply(&img).is_err() {
+                break;
+            }
+            acked = i + 1;
+            if matches!(op, Op::Flush) {
+                flushed = i + 1;
+            }
+        }
+        if acked == case.ops.len() && img.close().is_ok() {
+            flushed = acked;
+        }
+    }
+    Run {
+        acked,
+        flushed,
+        storage,
+    }
+}
+
+/// Guest content of an image held in memory (read-only open: no repair, no writes).
+fn content(case: &Case, bytes: &[u8]) -> Vec<u8> {
+    let img = case
+        .open(Arc::new(MemoryStorage::from_bytes(bytes.to_vec())), false)
+        .unwrap_or_else(|e| panic!("{}: crashed image does not open read-only: {e}", case.name));
+    let mut buf = vec![0u8; img.size() as usize];
+    img.read_at(&mut buf, 0)
+        .unwrap_or_else(|e| panic!("{}: reading the crashed image: {e}", case.name));
+    buf
+}
+
+/// Checks one crashed image; `allowed(i, byte)` says whether guest byte `i` may hold `byte`.
+fn verify(
+    case: &Case,
+    what: &str,
+    bytes: &[u8],
+    scratch: &Path,
+    allowed: impl Fn(usize, u8) -> bool,
+) {
+    std::fs::write(scratch, bytes).unwrap();
+    qemu::check_no_corruption(scratch);
+    let ours = check::check(
+        &(Arc::new(MemoryStorage::from_bytes(bytes.to_vec())) as Arc<dyn Storage>),
+        Repair::None,
+    )
+    .unwrap();
+    assert_eq!(
+        ours.corruptions, 0,
+        "{}: {what}: {:?}",
+        case.name, ours.messages
+    );
+
+    let before = content(case, bytes);
+    if let Some(i) = (0..before.len()).find(|&i| !allowed(i, before[i])) {
+        panic!(
+            "{}: {what}: guest byte {i:#x} is {:#x}, which no acknowledged state allows",
+            case.name, before[i]
+        );
+    }
+
+    // Our read-write open repairs (the image is dirty) and the close is clean.
+    let storage = Arc::new(MemoryStorage::from_bytes(bytes.to_vec()));
+    let img = case
+        .open(storage.clone(), true)
+        .unwrap_or_else(|e| panic!("{}: {what}: read-write open/repair failed: {e}", case.name));
+    img.close().unwrap();
+    let repaired = storage.to_bytes();
+    let after = check::check(
+        &(Arc::new(MemoryStorage::from_bytes(repaired.clone())) as Arc<dyn Storage>),
+        Repair::None,
+    )
+    .unwrap();
+    assert_eq!(
+        (after.corruptions, after.leaks),
+        (0, 0),
+        "{}: {what}: after repair: {:?}",
+        case.name,
+        after.messages
+    );
+    assert!(
+        content(case, &repaired) == before,
+        "{}: {what}: repair changed guest content",
+        case.name
+    );
+}
+
+/// Every crash point of a case; returns how many crash points were covered.
+fn enumerate(case: &Case) -> u64 {
+    let clean = run(case, FaultPlan::None);
+    assert_eq!(
+        clean.acked,
+        case.ops.len(),
+        "{}: workload fails without faults",
+        case.name
+    );
+    let mutations = clean.storage.mutations();
+    let flushes = clean.storage.flushes();
+    let mut points: Vec<FaultPlan> = (0..mutations).map(FaultPlan::CrashAtMutation).collect();
+    points.extend((0..flushes).map(FaultPlan::CrashAtFlush));
+    let images = AtomicU64::new(0);
+    let workers = 2;
+    std::thread::scope(|s| {
+        for w in 0..workers {
+            let points = &points;
+            let images = &images;
+            s.spawn(move || {
+                let scratch = case.dir.join(format!("crash-{w}.qcow2"));
+                let mut rng = ChaCha8Rng::seed_from_u64(w as u64);
+                for &plan in points.iter().skip(w).step_by(workers) {
+                    let r = run(case, plan);
+                    assert!(r.storage.has_crashed(), "{}: {plan:?} never hit", case.name);
+                    let done = case.model_after(r.acked);
+                    let next = case.model_after((r.acked + 1).min(case.ops.len()));
+                    // Process crash: everything acknowledged, the op in flight old or new.
+                    verify(
+                        case,
+                        &format!("process crash at {plan:?}"),
+                        &r.storage.live(),
+                        &scratch,
+                        |i, b| {
+                            done.get(i).copied().unwrap_or(0) == b
+                                || next.get(i).copied().unwrap_or(0) == b
+                        },
+                    );
+                    // Power loss: what the last guest flush covered must be there.
+                    let flushed = case.model_after(r.flushed);
+                    let mut touched = vec![false; flushed.len().max(next.len())];
+                    for op in &case.ops[r.flushed..(r.acked + 1).min(case.ops.len())] {
+                        if let Some((off, len)) = op.range() {
+                            let end = ((off + len) as usize).min(touched.len());
+                            touched[off as usize..end].fill(true);
+                        }
+                    }
+                    let n = r.storage.unflushed().len();
+                    let mut subsets: Vec<Vec<bool>> = vec![vec![false; n], vec![true; n]];
+                    for _ in 0..2 {
+                        subsets.push((0..n).map(|_| rng.random_bool(0.5)).collect());
+                    }
+                    for (k, keep) in subsets.iter().enumerate() {
+                        let bytes = r.storage.power_loss(|j| keep[j]);
+                        verify(
+                            case,
+                            &format!("power loss {k} at {plan:?}"),
+                            &bytes,
+                            &scratch,
+                            |i, b| {
+                                touched.get(i).copied().unwrap_or(true)
+                                    || flushed.get(i).copied().unwrap_or(0) == b
+                            },
+                        );
+                    }
+                    images.fetch_add(1 + subsets.len() as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let n = images.load(Ordering::Relaxed);
+    eprintln!(
+        "{}: {} crash points ({mutations} mutations, {flushes} flushes), {n} images checked",
+        case.name,
+        points.len()
+    );
+    points.len() as u64
+}
+
+fn pattern(rng: &mut ChaCha8Rng, len: usize) -> Vec<u8> {
+    let b: u8 = rng.random_range(1..=255);
+    (0..len).map(|i| b.wrapping_add((i / 512) as u8)).collect()
+}
+
+/// A seeded mixed workload over `[0, size)`, with a flush every few ops.
+fn workload(seed: u64, size: u64, count: usize, unit: u64, grow_to: Option<u64>) -> Vec<Op> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut ops = Vec::new();
+    let mut size = size;
+    for i in 0..count {
+        if let Some(n) = grow_to.filter(|_| i == count / 2) {
+            ops.push(Op::Resize(n));
+            size = n;
+        }
+        let len = rng.random_range(1..=4 * unit).min(size);
+        let off = if rng.random_bool(0.5) {
+            rng.random_range(0..size / unit) * unit
+        } else {
+            rng.random_range(0..=size - len)
+        };
+        let len = len.min(size - off);
+        ops.push(match rng.random_range(0..10) {
+            0..=4 => Op::Write(off, pattern(&mut rng, len as usize)),
+            5 | 6 => Op::Discard(off, len),
+            7 => Op::Zero {
+                off,
+                len,
+                no_hole: false,
+            },
+            8 => Op::Zero {
+                off,
+                len,
+                no_hole: true,
+            },
+            _ => Op::Flush,
+        });
+        if rng.random_range(0..4) == 0 {
+            ops.push(Op::Flush);
+        }
+    }
+    ops
+}
+
+fn make_case(
+    name: &'static str,
+    dir: &Path,
+    create: CreateOptions,
+    prefill: &[(u64, u64)],
+    ops: Vec<Op>,
+) -> Case {
+    let storage = Arc::new(MemoryStorage::new());
+    let path = dir.join("top.qcow2");
+    qcow2_engine::create_on(storage.clone(), Some(&path), &create).unwrap();
+    let img = Image::open_storage(storage.clone(), Some(&path), &OpenOptions::writable()).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(99);
+    for &(off, len) in prefill {
+        img.write_at(&pattern(&mut rng, len as usize), off).unwrap();
+    }
+    img.close().unwrap();
+    let initial = storage.to_bytes();
+    let mut case = Case {
+        name,
+        dir: dir.to_path_buf(),
+        initial,
+        base_model: Vec::new(),
+        ops,
+    };
+    case.base_model = content(&case, &case.initial.clone());
+    case
+}
+
+#[test]
+fn small_clusters_refblocks_reftable_and_l1_growth() {
+    if !qemu::require() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // 512-byte clusters with 64-bit refcounts: a refcount block covers 64 clusters and the
+    // one-cluster refcount table covers 2 MiB of file, so the prefill brings the file close
+    // to the point where the table must grow, and the workload crosses it; the resize makes
+    // the L1 table (64 entries per cluster) move.
+    let size = 2 << 20;
+    let case = make_case(
+        "512B clusters",
+        dir.path(),
+        CreateOptions {
+            size: Some(size),
+            cluster_size: 512,
+            refcount_bits: 64,
+            ..CreateOptions::default()
+        },
+        &[(0, 1_900_000)],
+        workload(1, size, 100, 512, Some(3 << 20)),
+    );
+    let before = case.initial.len();
+    let n = enumerate(&case);
+    let grown = run(&case, FaultPlan::None).storage.live();
+    let h = qcow2_engine::format::Header::parse(&grown[..512]).unwrap();
+    assert!(
+        h.refcount_table_clusters > 1,
+        "the refcount table never grew"
+    );
+    assert!(u64::from(h.l1_size) > 64, "the L1 table never grew");
+    assert!(grown.len() > before);
+    assert!(n > 400, "only {n} crash points");
+}
+
+#[test]
+fn overlay_with_extended_l2_copy_on_write() {
+    if !qemu::require() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let size: u64 = 2 << 20;
+    qemu::img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        base.to_str().unwrap(),
+        &size.to_string(),
+    ]);
+    qemu::io(
+        &base,
+        &[
+            "write -P 0x5a 0 2M".to_string(),
+            "write -z 256k 64k".to_string(),
+        ],
+    );
+    let case = make_case(
+        "extended-L2 overlay",
+        dir.path(),
+        CreateOptions {
+            size: Some(size),
+            cluster_size: 32 << 10,
+            extended_l2: true,
+            backing: Some(("base.qcow2".into(), BackingFormat::Qcow2)),
+            ..CreateOptions::default()
+        },
+        &[],
+        workload(2, size, 120, 1536, None),
+    );
+    assert!(enumerate(&case) > 400);
+}
+
+#[test]
+fn standard_clusters_with_reuse_of_freed_clusters() {
+    if !qemu::require() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let size: u64 = 4 << 20;
+    let mut ops = workload(3, size, 120, 40 << 10, None);
+    // Free a run, make it durable, then allocate again: the allocator reuses freed clusters.
+    ops.extend([
+        Op::Discard(0, 1 << 20),
+        Op::Flush,
+        Op::Write(3 << 20, vec![0x77; 300 << 10]),
+        Op::Flush,
+    ]);
+    let case = make_case(
+        "64K clusters",
+        dir.path(),
+        CreateOptions {
+            size: Some(size),
+            ..CreateOptions::default()
+        },
+        &[(0, 1 << 20)],
+        ops,
+    );
+    assert!(enumerate(&case) > 300);
+}
