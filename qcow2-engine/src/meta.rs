@@ -104,8 +104,14 @@ impl MetaMap {
                 map.insert(off >> cb, 1, MetaKind::RefBlock)?;
             }
         }
+        let coverage = (reftable.len() as u64).saturating_mul(geo.refblock_entries());
         for &e in l1 {
             if let Some(table) = L1Entry(e).l2_offset(&geo)? {
+                if table.0 >> cb >= coverage {
+                    return Err(Error::corrupt(format!(
+                        "L2 table at {table} is beyond what the refcount table can describe"
+                    )));
+                }
                 map.insert(table.0 >> cb, 1, MetaKind::L2)?;
             }
         }
@@ -131,7 +137,8 @@ pub(crate) struct Meta {
     pub free_hint: u64,
     /// One past the last cluster that may be in use (file length rounded up, or more).
     pub end_cluster: u64,
-    /// Metadata clusters (writable images only; read-only images never write).
+    /// Metadata clusters: every write is checked against it, every data cluster an L2 entry
+    /// names too.
     pub map: MetaMap,
     /// Clusters whose refcount of 1 is already durable and whose content durably reads as
     /// zeros: they can be handed out with no barrier (see `alloc`).
@@ -167,6 +174,24 @@ impl Meta {
         self.storage
             .write_at(bytes, offset.0)
             .ctx(|| format!("writing data at {offset}"))
+    }
+
+    /// Refuses a data cluster named by an L2 entry that is metadata, or beyond the clusters the
+    /// refcount table can describe (no valid image has one there).
+    pub fn check_data_cluster(&self, cluster: u64) -> Result<()> {
+        if let Some(kind) = self.map.get(cluster) {
+            return Err(Error::corrupt(format!(
+                "an L2 entry points at cluster {cluster}, which holds the {}",
+                kind.name()
+            )));
+        }
+        let coverage = (self.reftable.len() as u64).saturating_mul(self.geo.refblock_entries());
+        if cluster >= coverage {
+            return Err(Error::corrupt(format!(
+                "an L2 entry points at cluster {cluster}, beyond the {coverage} clusters the refcount table can describe"
+            )));
+        }
+        Ok(())
     }
 
     fn check_usable(&self) -> Result<()> {

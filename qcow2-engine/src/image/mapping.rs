@@ -16,8 +16,20 @@ pub(crate) struct Slot {
 }
 
 impl Slot {
+    /// The decoded entry, refused (as corruption) when its host cluster is metadata or lies
+    /// beyond anything the refcount table can describe.
     pub fn mapping(&self, st: &State) -> Result<Mapping> {
-        L2Entry(self.word).decode(&st.meta.geo)
+        let m = L2Entry(self.word).decode(&st.meta.geo)?;
+        let host = match m {
+            Mapping::Data { host, .. }
+            | Mapping::Zero {
+                prealloc: Some(host),
+            } => host.0,
+            Mapping::Compressed { host, .. } => host.0 & !511,
+            Mapping::Unallocated | Mapping::Zero { prealloc: None } => return Ok(m),
+        };
+        st.meta.check_data_cluster(host >> st.meta.geo.cluster_bits)?;
+        Ok(m)
     }
 }
 

@@ -183,11 +183,7 @@ impl Image {
             None => None,
         };
 
-        let map = if opts.writable {
-            MetaMap::build(&header, &l1, &reftable)?
-        } else {
-            MetaMap::default()
-        };
+        let map = MetaMap::build(&header, &l1, &reftable)?;
         let mut meta = Meta {
             storage,
             geo,
