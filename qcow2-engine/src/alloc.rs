@@ -286,6 +286,16 @@ impl Meta {
     }
 
     fn create_refblock_at(&mut self, group: u64, cluster: u64) -> Result<()> {
+        // A group without a block is entirely free: if it holds metadata, the refcount table
+        // lost a block, and allocating here would overwrite live metadata (the header, for
+        // group 0).
+        let per = self.refblock_entries();
+        if let Some(c) = (group * per..(group + 1) * per).find(|&c| self.map.get(c).is_some()) {
+            return Err(self.signal_corruption(format!(
+                "refcount block {group} is missing but cluster {c} holds the {}",
+                self.map.get(c).map_or("", MetaKind::name)
+            )));
+        }
         self.storage
             .punch_hole(cluster << self.geo.cluster_bits, self.geo.cluster_size())
             .ctx(|| format!("clearing cluster {cluster}"))?;

@@ -79,6 +79,11 @@ impl MetaMap {
         self.clusters.get(&cluster).copied()
     }
 
+    /// Every metadata cluster, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, MetaKind)> + '_ {
+        self.clusters.iter().map(|(&c, &k)| (c, k))
+    }
+
     /// The map of an image's active metadata, validating every table offset on the way.
     pub fn build(header: &Header, l1: &[u64], reftable: &[u64]) -> Result<MetaMap> {
         let geo = header.geometry();
@@ -140,6 +145,8 @@ pub(crate) struct Meta {
     /// Metadata clusters: every write is checked against it, every data cluster an L2 entry
     /// names too.
     pub map: MetaMap,
+    /// Opened for writing (a detected corruption is then recorded in the image).
+    pub writable: bool,
     /// Clusters whose refcount of 1 is already durable and whose content durably reads as
     /// zeros: they can be handed out with no barrier (see `alloc`).
     pub reserve: VecDeque<u64>,
@@ -177,19 +184,42 @@ impl Meta {
     }
 
     /// Refuses a data cluster named by an L2 entry that is metadata, or beyond the clusters the
-    /// refcount table can describe (no valid image has one there).
-    pub fn check_data_cluster(&self, cluster: u64) -> Result<()> {
-        if let Some(kind) = self.map.get(cluster) {
-            return Err(Error::corrupt(format!(
+    /// refcount table can describe (no valid image has one there). A writable image is marked
+    /// corrupt.
+    pub fn check_data_cluster(&mut self, cluster: u64) -> Result<()> {
+        let why = if let Some(kind) = self.map.get(cluster) {
+            format!(
                 "an L2 entry points at cluster {cluster}, which holds the {}",
                 kind.name()
-            )));
-        }
-        let coverage = (self.reftable.len() as u64).saturating_mul(self.geo.refblock_entries());
-        if cluster >= coverage {
-            return Err(Error::corrupt(format!(
+            )
+        } else {
+            let coverage = (self.reftable.len() as u64).saturating_mul(self.geo.refblock_entries());
+            if cluster < coverage {
+                return Ok(());
+            }
+            format!(
                 "an L2 entry points at cluster {cluster}, beyond the {coverage} clusters the refcount table can describe"
-            )));
+            )
+        };
+        Err(if self.writable {
+            self.signal_corruption(why)
+        } else {
+            Error::corrupt(why)
+        })
+    }
+
+    /// Before the first write: every metadata cluster must have a refcount, or the allocator
+    /// would hand it out (a lost refcount block, say) and overwrite it.
+    pub fn verify_metadata_refcounts(&mut self) -> Result<()> {
+        let mut clusters: Vec<(u64, MetaKind)> = self.map.iter().collect();
+        clusters.sort_unstable_by_key(|&(c, _)| c);
+        for (c, kind) in clusters {
+            if self.refcount(c)? == 0 {
+                return Err(Error::corrupt(format!(
+                    "cluster {c} holds the {} but its refcount is 0; repair the image (check -r all) before writing",
+                    kind.name()
+                )));
+            }
         }
         Ok(())
     }

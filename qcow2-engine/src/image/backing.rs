@@ -173,7 +173,20 @@ pub(super) fn open_backing(
     let path = resolve_backing_name(name, image_path)?;
     let path = match &opts.backing {
         BackingPolicy::Deny => return Err(refuse(&path, "backing files are not allowed here")),
-        BackingPolicy::ConfineTo(dir) => confine(&path, dir)?,
+        BackingPolicy::ConfineTo(dir) => {
+            // An untrusted image names its backing file relative to itself, plainly.
+            let named = Path::new(name);
+            if named.is_absolute() {
+                return Err(refuse(&path, "absolute backing names are not allowed here"));
+            }
+            if named.components().any(|c| c == Component::ParentDir) {
+                return Err(refuse(
+                    &path,
+                    "backing names with '..' are not allowed here",
+                ));
+            }
+            confine(&path, dir)?
+        }
         BackingPolicy::Allow => path,
     };
     if chain.len() >= opts.max_chain_depth {
@@ -182,14 +195,18 @@ pub(super) fn open_backing(
             format!("backing chain is deeper than {}", opts.max_chain_depth),
         ));
     }
-    let format = header.backing_format.as_deref().ok_or_else(|| {
-        refuse(
-            &path,
-            "the image does not record the backing format, and formats are never probed",
-        )
-    })?;
     let file =
         std::fs::File::open(&path).map_err(|e| refuse(&path, format!("cannot open: {e}")))?;
+    let format = match header.backing_format.as_deref() {
+        Some(f) => f,
+        None if opts.probe_backing_format => probe(&file, &path)?,
+        None => {
+            return Err(refuse(
+                &path,
+                "the image does not record the backing format, and formats are not probed unless the caller allows it",
+            ));
+        }
+    };
     let md = file.metadata().map_err(|e| refuse(&path, e.to_string()))?;
     let id = (md.dev(), md.ino());
     if image_path.is_some_and(|p| std::fs::metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == id))
@@ -222,6 +239,24 @@ pub(super) fn open_backing(
             format!("unsupported backing format {other:?}"),
         )),
     }
+}
+
+/// The format of a backing file whose image does not name it: qcow2 if it starts with the
+/// qcow2 magic, else raw. Only on the caller's explicit request (a raw file an untrusted guest
+/// wrote a qcow2 header into would be misread: CVE-2008-2004).
+fn probe(file: &std::fs::File, path: &Path) -> Result<&'static str> {
+    use std::os::unix::fs::FileExt;
+    let mut magic = [0u8; 4];
+    let n = file
+        .read_at(&mut magic, 0)
+        .map_err(|e| refuse(path, format!("cannot probe: {e}")))?;
+    Ok(
+        if n == 4 && u32::from_be_bytes(magic) == crate::format::header::MAGIC {
+            "qcow2"
+        } else {
+            "raw"
+        },
+    )
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ pub(crate) struct Slot {
 impl Slot {
     /// The decoded entry, refused (as corruption) when its host cluster is metadata or lies
     /// beyond anything the refcount table can describe.
-    pub fn mapping(&self, st: &State) -> Result<Mapping> {
+    pub fn mapping(&self, st: &mut State) -> Result<Mapping> {
         let m = L2Entry(self.word).decode(&st.meta.geo)?;
         let host = match m {
             Mapping::Data { host, .. }
@@ -28,7 +28,8 @@ impl Slot {
             Mapping::Compressed { host, .. } => host.0 & !511,
             Mapping::Unallocated | Mapping::Zero { prealloc: None } => return Ok(m),
         };
-        st.meta.check_data_cluster(host >> st.meta.geo.cluster_bits)?;
+        st.meta
+            .check_data_cluster(host >> st.meta.geo.cluster_bits)?;
         Ok(m)
     }
 }

@@ -47,6 +47,9 @@ pub struct OpenOptions {
     /// Metadata-only access: do not open the backing file (unallocated ranges then read as
     /// zeros). Only allowed read-only; for `info` on an image whose chain is unavailable.
     pub skip_backing: bool,
+    /// Guess the format of a backing file whose image does not record it (qcow2 magic or raw).
+    /// Off by default, as in QEMU: never enable it for untrusted images.
+    pub probe_backing_format: bool,
 }
 
 impl Default for OpenOptions {
@@ -58,6 +61,7 @@ impl Default for OpenOptions {
             l2_cache_bytes: None,
             refcount_cache_bytes: None,
             skip_backing: false,
+            probe_backing_format: false,
         }
     }
 }
@@ -194,6 +198,7 @@ impl Image {
             free_hint: 0,
             end_cluster,
             map,
+            writable: opts.writable,
             reserve: VecDeque::new(),
             reserve_batch: alloc::FIRST_RESERVE,
             pending_free: Vec::new(),
@@ -201,6 +206,9 @@ impl Image {
             corrupt: None,
             header: header.clone(),
         };
+        if opts.writable {
+            meta.verify_metadata_refcounts()?;
+        }
         if opts.writable && header.autoclear_features != 0 {
             // We do not maintain bitmaps (or anything else an autoclear bit guards): say so.
             header.autoclear_features = 0;
