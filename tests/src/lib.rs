@@ -1,5 +1,6 @@
 //! Shared helpers for the workspace tests: qemu-img/qemu-io as the oracle.
 
+pub mod fuzz;
 pub mod oplog;
 pub mod qemu;
 

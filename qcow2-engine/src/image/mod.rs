@@ -26,7 +26,7 @@ use crate::format::{CompressionType, Header};
 use crate::meta::{Meta, MetaMap};
 use crate::ops::check;
 use crate::storage::{FileStorage, Storage};
-use crate::types::{Geometry, GuestOffset};
+use crate::types::{Geometry, GuestOffset, HostOffset};
 
 /// Default limit on backing chain depth.
 pub const DEFAULT_MAX_CHAIN_DEPTH: usize = 32;
@@ -210,11 +210,24 @@ impl Image {
             meta.verify_metadata_refcounts()?;
         }
         if opts.writable && header.autoclear_features != 0 {
-            // We do not maintain bitmaps (or anything else an autoclear bit guards): say so.
+            // We do not maintain bitmaps (or anything else an autoclear bit guards): say so,
+            // drop the bitmaps and release their clusters rather than leak them.
+            let bitmaps = check::bitmap_extents(&*meta.storage, &header)?;
             header.autoclear_features = 0;
+            if !bitmaps.is_empty() {
+                header
+                    .unknown_extensions
+                    .retain(|e| e.kind != check::EXT_BITMAPS);
+            }
             meta.header = header;
             meta.write_header()?;
             meta.sync()?;
+            let cs = geo.cluster_size();
+            for (off, len) in bitmaps {
+                let first = off / cs;
+                let last = (off + len).div_ceil(cs);
+                meta.free_range(HostOffset(first * cs), last - first)?;
+            }
         }
         Ok(Image {
             state: Mutex::new(State {

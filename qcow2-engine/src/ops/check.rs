@@ -13,7 +13,6 @@
 //! the computed counts at the end of the file, switched in by one header write. A repair that
 //! leaves no corruption clears the dirty and corrupt bits.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -142,9 +141,6 @@ impl CheckReport {
     }
 }
 
-/// References further than this past the end of the file are counted sparsely.
-const DENSE_SLACK: u64 = 1 << 20;
-
 /// Checks the image in `storage` and repairs what `repair` asks for. The storage must be
 /// writable for a repair, and nobody else may be using the image.
 pub fn check(storage: &Arc<dyn Storage>, repair: Repair) -> Result<CheckReport> {
@@ -196,6 +192,68 @@ fn read_header(storage: &dyn Storage) -> Result<Header> {
     Header::parse(&cluster0)
 }
 
+/// Header extension magic of persistent dirty bitmaps.
+pub(crate) const EXT_BITMAPS: u32 = 0x2385_2875;
+
+/// The host ranges that persistent bitmaps occupy (directory, tables, data clusters), when the
+/// autoclear bit says the bitmap extension is valid; empty otherwise.
+pub(crate) fn bitmap_extents(storage: &dyn Storage, header: &Header) -> Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    if header.autoclear_features & autoclear::BITMAPS == 0 {
+        return Ok(out);
+    }
+    let Some(ext) = header
+        .unknown_extensions
+        .iter()
+        .find(|e| e.kind == EXT_BITMAPS)
+    else {
+        return Ok(out);
+    };
+    let d = &ext.data;
+    if d.len() < 24 {
+        return Err(Error::invalid("bitmap extension is too short"));
+    }
+    let be32 = |b: &[u8]| u32::from_be_bytes(b.try_into().expect("4 bytes"));
+    let be64 = |b: &[u8]| u64::from_be_bytes(b.try_into().expect("8 bytes"));
+    let nb = be32(&d[0..4]);
+    let dir_size = be64(&d[8..16]);
+    let dir_off = be64(&d[16..24]);
+    if dir_size > 64 << 20 || nb > 65535 {
+        return Err(Error::invalid("bitmap directory is too large"));
+    }
+    let mut dir = vec![0u8; dir_size as usize];
+    storage
+        .read_at(&mut dir, dir_off)
+        .ctx(|| "reading the bitmap directory".to_string())?;
+    out.push((dir_off, dir_size));
+    let mut pos = 0usize;
+    for _ in 0..nb {
+        let Some(e) = dir.get(pos..pos + 24) else {
+            return Err(Error::invalid("bitmap directory is truncated"));
+        };
+        let table = be64(&e[0..8]);
+        let size = u64::from(be32(&e[8..12]));
+        let name = usize::from(u16::from_be_bytes([e[14], e[15]]));
+        let extra = be32(&e[16..20]) as usize;
+        if size > (64 << 20) / 8 {
+            return Err(Error::invalid("bitmap table is too large"));
+        }
+        out.push((table, size * 8));
+        let mut raw = vec![0u8; (size * 8) as usize];
+        storage
+            .read_at(&mut raw, table)
+            .ctx(|| "reading a bitmap table".to_string())?;
+        for entry in raw.chunks_exact(8).map(be64) {
+            let off = entry & OFFSET_MASK;
+            if off != 0 {
+                out.push((off, header.cluster_size()));
+            }
+        }
+        pos += (24 + extra + name).next_multiple_of(8);
+    }
+    Ok(out)
+}
+
 /// A place that holds a `COPIED` flag that disagrees with the refcount.
 #[derive(Debug, Clone, Copy)]
 struct CopiedFix {
@@ -209,10 +267,8 @@ struct Pass {
     header: Header,
     geo: Geometry,
     file_clusters: u64,
-    /// Expected refcounts of clusters below `file_clusters + DENSE_SLACK`.
+    /// Expected refcounts of the clusters of the file.
     expected: Vec<u32>,
-    /// Expected refcounts of clusters further out.
-    sparse: BTreeMap<u64, u64>,
     /// Refcount table entries that cannot be used (misaligned, outside the image, overlapping).
     bad_refblocks: Vec<u64>,
     /// Clusters of the current refcount table and blocks (free after a rebuild).
@@ -239,7 +295,6 @@ impl Pass {
             geo,
             file_clusters,
             expected: vec![0; file_clusters as usize],
-            sparse: BTreeMap::new(),
             bad_refblocks: Vec::new(),
             refstruct: Vec::new(),
             copied_fixes: Vec::new(),
@@ -262,31 +317,30 @@ impl Pass {
         self.report.messages.push(msg);
     }
 
-    /// Counts one reference to every cluster of `[offset, offset + len)`.
+    /// Counts one reference to every cluster of `[offset, offset + len)`. A region reaching a
+    /// cluster past the end of the file is a corruption and is not counted (as in qemu-img:
+    /// nothing valid lives there, and counting it would let a repair write there).
     fn inc(&mut self, offset: u64, len: u64) {
         if len == 0 {
             return;
         }
         let cb = self.geo.cluster_bits;
         let first = offset >> cb;
-        let last = (offset + len - 1) >> cb;
+        let last = offset.saturating_add(len - 1) >> cb;
+        if last >= self.file_clusters {
+            self.corruption(format!(
+                "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {offset:#x} size {len:#x}"
+            ));
+            return;
+        }
         for c in first..=last {
-            if c < self.file_clusters + DENSE_SLACK {
-                if c as usize >= self.expected.len() {
-                    self.expected.resize(c as usize + 1, 0);
-                }
-                self.expected[c as usize] = self.expected[c as usize].saturating_add(1);
-            } else {
-                *self.sparse.entry(c).or_default() += 1;
-            }
+            let n = &mut self.expected[c as usize];
+            *n = n.saturating_add(1);
         }
     }
 
     fn expected(&self, c: u64) -> u64 {
-        match self.expected.get(c as usize) {
-            Some(&n) => u64::from(n),
-            None => self.sparse.get(&c).copied().unwrap_or(0),
-        }
+        self.expected.get(c as usize).map_or(0, |&n| u64::from(n))
     }
 
     fn read_u64s(&self, offset: u64, count: u64, what: &str) -> Result<Vec<u64>> {
@@ -455,55 +509,14 @@ impl Pass {
 
     /// Persistent bitmaps count only while the autoclear bit says the extension is valid.
     fn walk_bitmaps(&mut self) -> Result<()> {
-        if self.header.autoclear_features & autoclear::BITMAPS == 0 {
-            return Ok(());
-        }
-        let Some(ext) = self
-            .header
-            .unknown_extensions
-            .iter()
-            .find(|e| e.kind == 0x2385_2875)
-        else {
-            return Ok(());
-        };
-        if ext.data.len() < 24 {
-            return Ok(());
-        }
-        let d = &ext.data;
-        let nb = u32::from_be_bytes(d[0..4].try_into().expect("4"));
-        let dir_size = u64::from_be_bytes(d[8..16].try_into().expect("8"));
-        let dir_off = u64::from_be_bytes(d[16..24].try_into().expect("8"));
-        if dir_size > 64 << 20 || nb > 65535 {
-            self.corruption("ERROR bitmap directory is too large".to_string());
-            return Ok(());
-        }
-        let mut dir = vec![0u8; dir_size as usize];
-        self.storage
-            .read_at(&mut dir, dir_off)
-            .ctx(|| "reading the bitmap directory".to_string())?;
-        self.inc(dir_off, dir_size);
-        let mut pos = 0usize;
-        for _ in 0..nb {
-            let Some(e) = dir.get(pos..pos + 24) else {
-                self.corruption("ERROR bitmap directory is truncated".to_string());
-                return Ok(());
-            };
-            let table = u64::from_be_bytes(e[0..8].try_into().expect("8"));
-            let size = u64::from(u32::from_be_bytes(e[8..12].try_into().expect("4")));
-            let name = usize::from(u16::from_be_bytes(e[14..16].try_into().expect("2")));
-            let extra = u32::from_be_bytes(e[16..20].try_into().expect("4")) as usize;
-            if size > (64 << 20) / 8 {
-                self.corruption("ERROR bitmap table is too large".to_string());
-                return Ok(());
-            }
-            self.inc(table, size * 8);
-            for entry in self.read_u64s(table, size, "bitmap table")? {
-                let off = entry & OFFSET_MASK;
-                if off != 0 {
-                    self.inc(off, self.geo.cluster_size());
+        match bitmap_extents(&*self.storage, &self.header) {
+            Ok(extents) => {
+                for (off, len) in extents {
+                    self.inc(off, len);
                 }
             }
-            pos += (24 + extra + name).next_multiple_of(8);
+            Err(Error::InvalidImage(m)) => self.corruption(format!("ERROR {m}")),
+            Err(e) => return Err(e),
         }
         Ok(())
     }
@@ -568,11 +581,8 @@ impl Pass {
         let reftable = self.reftable()?;
         let per = self.geo.refblock_entries();
         let order = self.geo.refcount_order;
-        let dense_end = (self.expected.len() as u64).max(self.file_clusters);
-        let sparse: Vec<u64> = self.sparse.keys().copied().collect();
         let mut block: Option<(u64, Option<Vec<u8>>)> = None;
-        let clusters = (0..dense_end).chain(sparse);
-        for c in clusters {
+        for c in 0..self.file_clusters {
             let group = c / per;
             if block.as_ref().is_none_or(|(g, _)| *g != group) {
                 block = Some((group, self.stored(&reftable, group)?));
@@ -582,7 +592,7 @@ impl Pass {
                 _ => 0,
             };
             let expected = self.expected(c);
-            if stored == expected || (c >= self.file_clusters && expected == 0) {
+            if stored == expected {
                 continue;
             }
             if stored > expected {
@@ -669,14 +679,7 @@ impl Pass {
 
     /// One past the last cluster in use, in bytes.
     fn image_end(&self) -> u64 {
-        let last_dense = self.expected.iter().rposition(|&n| n > 0).map(|i| i as u64);
-        let last = self
-            .sparse
-            .keys()
-            .next_back()
-            .copied()
-            .or(last_dense)
-            .unwrap_or(0);
+        let last = self.expected.iter().rposition(|&n| n > 0).unwrap_or(0) as u64;
         (last + 1) << self.geo.cluster_bits
     }
 

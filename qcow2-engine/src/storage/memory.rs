@@ -43,7 +43,9 @@ impl Storage for MemoryStorage {
         let bytes = self.bytes.read().unwrap_or_else(|e| e.into_inner());
         let (start, end) = Self::range(offset, buf.len())?;
         let avail = end.min(bytes.len()).saturating_sub(start);
-        buf[..avail].copy_from_slice(&bytes[start..start + avail]);
+        if avail > 0 {
+            buf[..avail].copy_from_slice(&bytes[start..start + avail]);
+        }
         buf[avail..].fill(0);
         Ok(())
     }
