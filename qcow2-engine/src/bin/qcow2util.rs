@@ -61,6 +61,9 @@ enum Command {
         /// Indent the JSON.
         #[arg(long)]
         pretty: bool,
+        /// Read an image another process holds, without locking (its metadata may be changing).
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
     },
     /// Convert between raw and qcow2; zero blocks are not written (sparse output).
     Dd {
@@ -96,6 +99,9 @@ enum Command {
         /// Repair leaks, or leaks and corruptions.
         #[arg(short = 'r', long = "repair")]
         repair: Option<RepairArg>,
+        /// Check an image another process holds, without locking (results may be inconsistent).
+        #[arg(short = 'U', long = "force-share", conflicts_with = "repair")]
+        force_share: bool,
         /// Output format.
         #[arg(long = "output", default_value = "human")]
         output: MapOutput,
@@ -108,6 +114,9 @@ enum Command {
         /// Output format.
         #[arg(long = "output", default_value = "human")]
         output: MapOutput,
+        /// Read an image another process holds, without locking.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
     },
 }
 
@@ -173,14 +182,19 @@ const CHECK_FAILED: u8 = 1;
 /// Exit status of `check` for a file that is not a qcow2 image (qemu-img: format without checks).
 const CHECK_UNSUPPORTED: u8 = 63;
 
-fn run_check(file: &Path, repair: Option<RepairArg>, output: MapOutput) -> u8 {
+fn run_check(file: &Path, repair: Option<RepairArg>, output: MapOutput, force_share: bool) -> u8 {
     let repair = match repair {
         None => check::Repair::None,
         Some(RepairArg::Leaks) => check::Repair::Leaks,
         Some(RepairArg::All) => check::Repair::All,
     };
     let writable = repair != check::Repair::None;
-    let result = FileStorage::open(file, writable)
+    let storage = if force_share {
+        FileStorage::open_unlocked(file)
+    } else {
+        FileStorage::open(file, writable)
+    };
+    let result = storage
         .map_err(|e| qcow2_engine::Error::io(format!("opening {}", file.display()), e))
         .and_then(|s| {
             let storage: Arc<dyn qcow2_engine::storage::Storage> = Arc::new(s);
@@ -226,7 +240,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             file,
             repair,
             output,
-        } => return Ok(run_check(&file, repair, output)),
+            force_share,
+        } => return Ok(run_check(&file, repair, output, force_share)),
         Command::Create {
             file,
             size,
@@ -271,8 +286,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             file,
             detail,
             pretty,
+            force_share,
         } => {
-            let info = info::info(&file, detail)?;
+            let info = info::info(&file, detail, force_share)?;
             let text = if pretty {
                 serde_json::to_string_pretty(&info)?
             } else {
@@ -319,8 +335,16 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 bar.finish_and_clear();
             }
         }
-        Command::Map { file, output } => {
-            let img = Image::open(&file, &OpenOptions::default())?;
+        Command::Map {
+            file,
+            output,
+            force_share,
+        } => {
+            let opts = OpenOptions {
+                force_share,
+                ..OpenOptions::default()
+            };
+            let img = Image::open(&file, &opts)?;
             let extents = map::map(&img)?;
             let mut out = std::io::stdout().lock();
             match output {

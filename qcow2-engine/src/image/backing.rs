@@ -197,6 +197,9 @@ pub(super) fn open_backing(
     }
     let file =
         std::fs::File::open(&path).map_err(|e| refuse(&path, format!("cannot open: {e}")))?;
+    if !opts.force_share {
+        crate::storage::lock::lock(&file, false).map_err(|e| refuse(&path, e.to_string()))?;
+    }
     let format = match header.backing_format.as_deref() {
         Some(f) => f,
         None if opts.probe_backing_format => probe(&file, &path)?,

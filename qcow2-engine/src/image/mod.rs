@@ -50,6 +50,9 @@ pub struct OpenOptions {
     /// Guess the format of a backing file whose image does not record it (qcow2 magic or raw).
     /// Off by default, as in QEMU: never enable it for untrusted images.
     pub probe_backing_format: bool,
+    /// Read-only without taking or honouring image locks (qemu-img's `-U`), for inspecting an
+    /// image another process is using.
+    pub force_share: bool,
 }
 
 impl Default for OpenOptions {
@@ -62,6 +65,7 @@ impl Default for OpenOptions {
             refcount_cache_bytes: None,
             skip_backing: false,
             probe_backing_format: false,
+            force_share: false,
         }
     }
 }
@@ -103,8 +107,15 @@ pub struct Image {
 impl Image {
     /// Opens the image file at `path`.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
-        let storage =
-            FileStorage::open(path, opts.writable).ctx(|| format!("opening {}", path.display()))?;
+        if opts.force_share && opts.writable {
+            return Err(Error::arg("force_share is only allowed read-only"));
+        }
+        let storage = if opts.force_share {
+            FileStorage::open_unlocked(path)
+        } else {
+            FileStorage::open(path, opts.writable)
+        }
+        .ctx(|| format!("opening {}", path.display()))?;
         let mut chain = Vec::new();
         Self::open_with_chain(Arc::new(storage), Some(path), opts, &mut chain)
     }

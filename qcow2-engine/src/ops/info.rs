@@ -108,11 +108,12 @@ pub struct MetadataStats {
 }
 
 /// Gathers info for the image at `path`. `detail` also opens the backing chain and walks the
-/// metadata.
-pub fn info(path: &Path, detail: bool) -> Result<ImageInfo> {
+/// metadata. `force_share` reads an image another process holds (no locks, like `-U`).
+pub fn info(path: &Path, detail: bool, force_share: bool) -> Result<ImageInfo> {
     let opts = OpenOptions {
         skip_backing: !detail,
         backing: BackingPolicy::Allow,
+        force_share,
         ..OpenOptions::default()
     };
     let img = Image::open(path, &opts)?;

@@ -16,19 +16,30 @@ pub struct FileStorage {
 }
 
 impl FileStorage {
-    /// Opens an existing file, read-only or read-write.
+    /// Opens an existing file, read-only or read-write, and takes QEMU-compatible locks (see
+    /// [`super::lock`]): fails with `WouldBlock` if another user of the file conflicts.
     pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(writable).open(path)?;
+        super::lock::lock(&file, writable)?;
         Ok(Self { file })
     }
 
-    /// Creates a new file; fails if it exists (never clobber somebody's image).
+    /// Opens an existing file read-only without taking or honouring locks (qemu-img's
+    /// `--force-share`): for inspecting an image somebody is using; reads may be inconsistent.
+    pub fn open_unlocked(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).open(path)?;
+        Ok(Self { file })
+    }
+
+    /// Creates a new file, locked for writing; fails if it exists (never clobber somebody's
+    /// image).
     pub fn create_new(path: &Path) -> io::Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .open(path)?;
+        super::lock::lock(&file, true)?;
         Ok(Self { file })
     }
 

@@ -7,6 +7,7 @@
 
 mod fault;
 mod file;
+pub mod lock;
 mod memory;
 
 use std::io;
