@@ -280,6 +280,8 @@ struct Pass {
     leaked: Vec<(u64, u64)>,
     /// Some refcount is lower than expected.
     too_low: bool,
+    /// The last cluster with a stored refcount.
+    highest_stored: u64,
     next_contiguous: u64,
     report: CheckReport,
 }
@@ -301,6 +303,7 @@ impl Pass {
             copied_errors: 0,
             leaked: Vec::new(),
             too_low: false,
+            highest_stored: 0,
             next_contiguous: 0,
             report: CheckReport {
                 total_clusters: header.size.div_ceil(geo.cluster_size()),
@@ -369,7 +372,9 @@ impl Pass {
         self.walk_refblocks()?;
         self.compare()?;
         self.check_copied()?;
-        self.report.image_end_offset = self.image_end();
+        // Like qemu-img: the end of whatever is in use or still refcounted.
+        let stored_end = (self.highest_stored + 1) << self.geo.cluster_bits;
+        self.report.image_end_offset = self.image_end().max(stored_end);
         Ok(())
     }
 
@@ -592,6 +597,9 @@ impl Pass {
                 _ => 0,
             };
             let expected = self.expected(c);
+            if stored > 0 {
+                self.highest_stored = self.highest_stored.max(c);
+            }
             if stored == expected {
                 continue;
             }
