@@ -65,7 +65,13 @@ const KEYS: [&str; 10] = [
 fn assert_same(what: &str, a: &(i32, serde_json::Value), b: &(i32, serde_json::Value)) {
     assert_eq!(a.0, b.0, "{what}: exit status (ours {}, qemu {})", a.1, b.1);
     for k in KEYS {
-        assert_eq!(a.1.get(k), b.1.get(k), "{what}: key {k} (ours {}, qemu {})", a.1, b.1);
+        assert_eq!(
+            a.1.get(k),
+            b.1.get(k),
+            "{what}: key {k} (ours {}, qemu {})",
+            a.1,
+            b.1
+        );
     }
 }
 
@@ -118,12 +124,20 @@ impl Img {
 /// Compares check, `-r leaks` and `-r all` on copies of the image.
 fn compare_all(img: &Img) {
     let name = img.path.file_name().unwrap().to_str().unwrap().to_string();
-    assert_same(&name, &ours_check(&img.path, None), &theirs_check(&img.path, None));
+    assert_same(
+        &name,
+        &ours_check(&img.path, None),
+        &theirs_check(&img.path, None),
+    );
     for r in ["leaks", "all"] {
         let (a, b) = (img.copy("a.qcow2"), img.copy("b.qcow2"));
         let mine = ours_check(&a, Some(r));
         let qemus = theirs_check(&b, Some(r));
-        assert_eq!(mine.0, qemus.0, "{name} -r {r}: exit status ({} vs {})", mine.1, qemus.1);
+        assert_eq!(
+            mine.0, qemus.0,
+            "{name} -r {r}: exit status ({} vs {})",
+            mine.1, qemus.1
+        );
         if mine.0 == 0 {
             qemu::check_clean(&a);
             qemu::compare(&a, "qcow2", &b, "qcow2");
@@ -138,7 +152,11 @@ fn check_matches_qemu_img() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let write = ["write -P 1 0 192k", "write -P 2 1M 64k", "write -P 3 128k 64k"];
+    let write = [
+        "write -P 1 0 192k",
+        "write -P 2 1M 64k",
+        "write -P 3 128k 64k",
+    ];
 
     compare_all(&Img::new(d, "clean.qcow2", "cluster_size=64k", &write));
     compare_all(&Img::new(d, "empty.qcow2", "cluster_size=64k", &[]));
@@ -182,13 +200,24 @@ fn check_matches_qemu_img() {
     compare_all(&far);
 
     // The dirty bit on a clean image (lazy refcounts leave such images).
-    let dirty = Img::new(d, "dirty.qcow2", "cluster_size=64k,lazy_refcounts=on", &write);
+    let dirty = Img::new(
+        d,
+        "dirty.qcow2",
+        "cluster_size=64k,lazy_refcounts=on",
+        &write,
+    );
     dirty.poke(72 + 7, &[1]);
     compare_all(&dirty);
 
     // Compressed clusters and an internal snapshot share clusters.
     let snap = Img::new(d, "snap.qcow2", "cluster_size=4k", &["write -P 7 0 64k"]);
     qemu::img(&["snapshot", "-c", "s1", s(&snap.path)]);
-    qemu::io(&snap.path, &["write -P 8 16k 8k".to_string(), "write -c -P 9 1M 64k".to_string()]);
+    qemu::io(
+        &snap.path,
+        &[
+            "write -P 8 16k 8k".to_string(),
+            "write -c -P 9 1M 64k".to_string(),
+        ],
+    );
     compare_all(&snap);
 }

@@ -71,14 +71,63 @@ impl Default for CreateOptions {
     }
 }
 
-/// Creates a new image file at `path` (refusing to overwrite an existing file).
+/// Creates a new image file at `path`, refusing to overwrite an existing file.
+///
+/// Atomic: the image is written and synced under a temporary name in the same directory, then
+/// renamed into place without replacing anything, and the directory is synced. A crash leaves
+/// either no image or a complete one (plus, at worst, a `.NAME.creating-*` file to delete).
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
-    let storage = FileStorage::create_new(path).ctx(|| format!("creating {}", path.display()))?;
-    let result = create_on(Arc::new(storage), Some(path), opts);
-    if result.is_err() {
-        let _ = std::fs::remove_file(path);
+    let exists = || {
+        Error::io(
+            format!("creating {}", path.display()),
+            std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+        )
+    };
+    if path.symlink_metadata().is_ok() {
+        return Err(exists());
     }
-    result
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::arg(format!("{} is not a file name", path.display())))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let tmp = dir.join(format!(
+        ".{}.creating-{}-{nanos}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let storage =
+        Arc::new(FileStorage::create_new(&tmp).ctx(|| format!("creating {}", tmp.display()))?);
+    let result = create_on(storage.clone(), Some(path), opts)
+        .and_then(|()| storage.flush().ctx(|| format!("syncing {}", tmp.display())))
+        .and_then(|()| {
+            rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                &tmp,
+                rustix::fs::CWD,
+                path,
+                rustix::fs::RenameFlags::NOREPLACE,
+            )
+            .map_err(|e| {
+                if e == rustix::io::Errno::EXIST {
+                    exists()
+                } else {
+                    Error::io(format!("renaming into {}", path.display()), e.into())
+                }
+            })
+        });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        return result;
+    }
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx(|| format!("syncing directory {}", dir.display()))
 }
 
 /// Writes a new image into empty `storage`. `path` locates relative backing names.
