@@ -92,8 +92,9 @@ pub fn open_image(data: &[u8]) {
             return; // e.g. an L2 entry naming metadata: refused, image marked corrupt
         }
     }
-    let _ = img.discard(0, size.min(1 << 20));
-    if img.close().is_err() {
+    // An error means the engine refused to touch something it judged corrupt (and marked
+    // the image so); only a fully successful session must leave a clean image.
+    if img.discard(0, size.min(1 << 20)).is_err() || img.close().is_err() {
         return;
     }
     let after: Arc<dyn Storage> = Arc::new(MemoryStorage::from_bytes(storage.to_bytes()));
