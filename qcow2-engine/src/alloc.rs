@@ -24,9 +24,10 @@ use crate::types::HostOffset;
 
 /// First reserve refill, in clusters; refills double up to [`MAX_RESERVE_BYTES`].
 pub(crate) const FIRST_RESERVE: u64 = 16;
-/// Largest reserve: what a crash can leak until the next repair, and how far the file may run
-/// ahead of its content.
-const MAX_RESERVE_BYTES: u64 = 32 << 20;
+/// Largest reserve: what a crash can leak until the next repair (reserved clusters are holes,
+/// so only refcounts leak, not disk space) and how far the file length may run ahead of its
+/// content while the image is open. Larger means fewer barriers on long sequential writes.
+const MAX_RESERVE_BYTES: u64 = 256 << 20;
 /// Pending releases that trigger a batch release without waiting for a flush.
 const PENDING_LIMIT: usize = 1024;
 

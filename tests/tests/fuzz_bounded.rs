@@ -47,16 +47,34 @@ fn ops_regressions() {
 fn seeds(dir: &Path) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     let cases: [(&str, &[&str]); 6] = [
-        ("cluster_size=512", &["write -P 1 0 8k", "write -z 16k 4k", "discard 2k 1k"]),
+        (
+            "cluster_size=512",
+            &["write -P 1 0 8k", "write -z 16k 4k", "discard 2k 1k"],
+        ),
         ("cluster_size=512,compat=0.10", &["write -P 2 4k 8k"]),
         ("cluster_size=4k,refcount_bits=1", &["write -P 3 0 64k"]),
         ("cluster_size=4k,refcount_bits=64", &["write -P 4 100k 20k"]),
-        ("cluster_size=16k,extended_l2=on", &["write -P 5 0 3k", "write -z 8k 2k"]),
-        ("cluster_size=512,lazy_refcounts=on", &["write -P 6 0 4k", "write -c -P 7 64k 4k"]),
+        (
+            "cluster_size=16k,extended_l2=on",
+            &["write -P 5 0 3k", "write -z 8k 2k"],
+        ),
+        (
+            "cluster_size=512,lazy_refcounts=on",
+            &["write -P 6 0 4k", "write -c -P 7 64k 4k"],
+        ),
     ];
     for (i, (opts, io)) in cases.iter().enumerate() {
         let p = dir.join(format!("seed{i}.qcow2"));
-        qemu::img(&["create", "-q", "-f", "qcow2", "-o", opts, p.to_str().unwrap(), "1M"]);
+        qemu::img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            opts,
+            p.to_str().unwrap(),
+            "1M",
+        ]);
         qemu::io(&p, &io.iter().map(|c| c.to_string()).collect::<Vec<_>>());
         out.push(std::fs::read(&p).unwrap());
     }
