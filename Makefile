@@ -1,7 +1,7 @@
 # qcow2-csi developer targets. `make help` lists them.
 CARGO ?= cargo
 
-.PHONY: help build demo test test-deps lint fmt clippy doc clean
+.PHONY: help build demo test test-deps lint fmt clippy doc clean fuzz
 
 help: ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -28,6 +28,12 @@ clippy: ## Lint with warnings denied
 
 doc: ## Build the API docs
 	$(CARGO) doc --workspace --no-deps
+
+FUZZ_SECONDS ?= 60
+fuzz: ## Run both fuzz targets for FUZZ_SECONDS each (needs the nightly toolchain and cargo-fuzz)
+	./fuzz/make-seeds.sh >/dev/null
+	cd fuzz && cargo +nightly fuzz run -s none open_image corpus/open_image -- -max_len=131072 -rss_limit_mb=1024 -max_total_time=$(FUZZ_SECONDS)
+	cd fuzz && cargo +nightly fuzz run -s none ops corpus/ops -- -rss_limit_mb=1024 -max_total_time=$(FUZZ_SECONDS)
 
 clean: ## Remove build output
 	$(CARGO) clean
