@@ -745,12 +745,18 @@ impl Pass {
         self.storage
             .flush()
             .ctx(|| "flushing the image".to_string())?;
-        for &(c, expected) in &self.leaked {
-            if expected == 0 {
-                self.storage
-                    .punch_hole(c << cb, 1 << cb)
-                    .ctx(|| format!("punching cluster {c}"))?;
-            }
+        // Give the space of what became free back to the host, one call per run.
+        let freed: Vec<u64> = self
+            .leaked
+            .iter()
+            .filter(|&&(_, expected)| expected == 0)
+            .map(|&(c, _)| c)
+            .collect();
+        for run in freed.chunk_by(|a, b| a + 1 == *b) {
+            let (first, n) = (run[0], run.len() as u64);
+            self.storage
+                .punch_hole(first << cb, n << cb)
+                .ctx(|| format!("punching {n} clusters at cluster {first}"))?;
         }
         self.trim_tail()
     }
