@@ -186,4 +186,59 @@ fn errors_are_one_line_and_nonzero() {
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("-F"));
+    // A crashed create leaves no half image behind: nothing but the finished files here.
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("creating"))
+        .collect();
+    assert!(names.is_empty(), "temporary files left: {names:?}");
+}
+
+#[test]
+fn check_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.qcow2");
+    ok(&["create", "-f", s(&img), "-s", "16M"]);
+    let out = util(&["check", "-f", s(&img)]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("No errors were found on the image."));
+    let out = util(&["check", "-f", s(&img), "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["check-errors"], 0);
+    assert_eq!(v["total-clusters"], 256);
+    assert_eq!(v["format"], "qcow2");
+
+    let raw = dir.path().join("raw.img");
+    std::fs::write(&raw, vec![0u8; 65536]).unwrap();
+    assert_eq!(util(&["check", "-f", s(&raw)]).status.code(), Some(63));
+    let missing = dir.path().join("missing.qcow2");
+    assert_eq!(util(&["check", "-f", s(&missing)]).status.code(), Some(1));
+
+    // A leak beyond the data: exit 3, repaired by -r leaks to exit 0.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let len = f.metadata().unwrap().len().next_multiple_of(65536);
+    f.set_len(len + 65536).unwrap();
+    let mut rt = [0u8; 8];
+    f.read_exact_at(&mut rt, 48).unwrap();
+    let mut rb = [0u8; 8];
+    f.read_exact_at(&mut rb, u64::from_be_bytes(rt)).unwrap();
+    f.write_all_at(
+        &1u16.to_be_bytes(),
+        u64::from_be_bytes(rb) + 2 * (len / 65536),
+    )
+    .unwrap();
+    drop(f);
+    let out = util(&["check", "-f", s(&img)]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Leaked cluster"));
+    assert_eq!(
+        util(&["check", "-f", s(&img), "-r", "leaks"]).status.code(),
+        Some(0)
+    );
+    assert_eq!(util(&["check", "-f", s(&img)]).status.code(), Some(0));
 }
