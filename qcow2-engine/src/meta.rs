@@ -6,7 +6,7 @@
 //! image file, so the overlap check in them guards every write: a write that would land on
 //! metadata of another kind marks the image corrupt and fails instead of damaging it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use crate::cache::SliceCache;
@@ -43,16 +43,25 @@ impl MetaKind {
 }
 
 /// Every metadata cluster of the image and what it holds.
+///
+/// Compact, because a hostile header may describe millions of tables: the runs found at open
+/// (header, L1, refcount table, snapshot table) as ranges, the single-cluster tables found at
+/// open (L2 tables, refcount blocks) as sorted arrays of 8 bytes each, and the changes since
+/// open in small hash sets.
 #[derive(Debug, Default)]
 pub(crate) struct MetaMap {
-    clusters: HashMap<u64, MetaKind>,
+    runs: Vec<(u64, u64, MetaKind)>,
+    l2: ClusterSet,
+    refblocks: ClusterSet,
+    added: HashMap<u64, MetaKind>,
+    removed: HashSet<u64>,
 }
 
 impl MetaMap {
     /// Records `count` clusters from `first` as `kind`; fails if one already holds other metadata.
     pub fn insert(&mut self, first: u64, count: u64, kind: MetaKind) -> Result<()> {
         for c in first..first + count {
-            match self.clusters.insert(c, kind) {
+            match self.get(c) {
                 Some(old) if old != kind => {
                     return Err(Error::corrupt(format!(
                         "{} overlaps the {} at cluster {c}",
@@ -67,21 +76,107 @@ impl MetaMap {
                 }
                 _ => {}
             }
+            self.removed.remove(&c);
+            self.added.insert(c, kind);
         }
         Ok(())
     }
 
     pub fn remove(&mut self, cluster: u64) {
-        self.clusters.remove(&cluster);
+        self.added.remove(&cluster);
+        if self.base(cluster).is_some() {
+            self.removed.insert(cluster);
+        }
+    }
+
+    /// What the cluster held when the image was opened.
+    fn base(&self, c: u64) -> Option<MetaKind> {
+        if let Some(&(_, _, kind)) = self.runs.iter().find(|&&(f, n, _)| c >= f && c - f < n) {
+            return Some(kind);
+        }
+        if self.l2.contains(c) {
+            return Some(MetaKind::L2);
+        }
+        if self.refblocks.contains(c) {
+            return Some(MetaKind::RefBlock);
+        }
+        None
     }
 
     pub fn get(&self, cluster: u64) -> Option<MetaKind> {
-        self.clusters.get(&cluster).copied()
+        if let Some(&k) = self.added.get(&cluster) {
+            return Some(k);
+        }
+        if self.removed.contains(&cluster) {
+            return None;
+        }
+        self.base(cluster)
     }
 
     /// Every metadata cluster, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (u64, MetaKind)> + '_ {
-        self.clusters.iter().map(|(&c, &k)| (c, k))
+        let runs = self
+            .runs
+            .iter()
+            .flat_map(|&(f, n, k)| (f..f + n).map(move |c| (c, k)));
+        let l2 = self.l2.iter().map(|c| (c, MetaKind::L2));
+        let rb = self.refblocks.iter().map(|c| (c, MetaKind::RefBlock));
+        runs.chain(l2)
+            .chain(rb)
+            .filter(|(c, _)| !self.removed.contains(c) && !self.added.contains_key(c))
+            .chain(self.added.iter().map(|(&c, &k)| (c, k)))
+    }
+
+    /// Adds a run found at open, refusing overlaps with the runs before it.
+    fn add_run(&mut self, first: u64, count: u64, kind: MetaKind) -> Result<()> {
+        for &(f, n, old) in &self.runs {
+            if first < f + n && f < first + count {
+                return Err(Error::corrupt(format!(
+                    "{} overlaps the {} at cluster {}",
+                    kind.name(),
+                    old.name(),
+                    first.max(f)
+                )));
+            }
+        }
+        self.runs.push((first, count, kind));
+        Ok(())
+    }
+
+    /// Sorts single-cluster tables found at open and refuses clusters claimed twice.
+    fn seal(&mut self) -> Result<()> {
+        if let Some(c) = self.l2.seal() {
+            return Err(Error::corrupt(format!(
+                "two L1 entries share the L2 table at cluster {c}"
+            )));
+        }
+        if let Some(c) = self.refblocks.seal() {
+            return Err(Error::corrupt(format!(
+                "two refcount table entries share the refcount block at cluster {c}"
+            )));
+        }
+        for c in self.l2.iter() {
+            if let Some(&(_, _, kind)) = self.runs.iter().find(|&&(f, n, _)| c >= f && c - f < n) {
+                return Err(Error::corrupt(format!(
+                    "L2 table overlaps the {} at cluster {c}",
+                    kind.name()
+                )));
+            }
+            if self.refblocks.contains(c) {
+                return Err(Error::corrupt(format!(
+                    "L2 table overlaps the refcount block at cluster {c}"
+                )));
+            }
+        }
+        for c in self.refblocks.iter() {
+            if let Some(&(_, _, kind)) = self.runs.iter().find(|&&(f, n, _)| c >= f && c - f < n) {
+                return Err(Error::corrupt(format!(
+                    "refcount block overlaps the {} at cluster {c}",
+                    kind.name()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The map of an image's active metadata, validating every table offset on the way.
@@ -90,14 +185,18 @@ impl MetaMap {
         let cb = geo.cluster_bits;
         let cs = geo.cluster_size();
         let mut map = MetaMap::default();
-        map.insert(0, 1, MetaKind::Header)?;
+        map.add_run(0, 1, MetaKind::Header)?;
         let l1_clusters = (l1.len() as u64 * 8).div_ceil(cs);
-        map.insert(header.l1_table_offset >> cb, l1_clusters, MetaKind::L1)?;
-        map.insert(
+        map.add_run(header.l1_table_offset >> cb, l1_clusters, MetaKind::L1)?;
+        map.add_run(
             header.refcount_table_offset >> cb,
             u64::from(header.refcount_table_clusters),
             MetaKind::RefTable,
         )?;
+        if header.nb_snapshots > 0 {
+            // Snapshot metadata is never written by this engine; a write there is an overlap.
+            map.add_run(header.snapshots_offset >> cb, 1, MetaKind::Snapshot)?;
+        }
         for (i, &e) in reftable.iter().enumerate() {
             let off = e & OFFSET_MASK;
             if e & 0x1ff != 0 || !geo.is_aligned(off) {
@@ -106,7 +205,7 @@ impl MetaMap {
                 )));
             }
             if off != 0 {
-                map.insert(off >> cb, 1, MetaKind::RefBlock)?;
+                map.refblocks.push(off >> cb);
             }
         }
         let coverage = (reftable.len() as u64).saturating_mul(geo.refblock_entries());
@@ -117,14 +216,54 @@ impl MetaMap {
                         "L2 table at {table} is beyond what the refcount table can describe"
                     )));
                 }
-                map.insert(table.0 >> cb, 1, MetaKind::L2)?;
+                map.l2.push(table.0 >> cb);
             }
         }
-        if header.nb_snapshots > 0 {
-            // Snapshot metadata is never written by this engine; a write there is an overlap.
-            map.insert(header.snapshots_offset >> cb, 1, MetaKind::Snapshot)?;
-        }
+        map.seal()?;
         Ok(map)
+    }
+}
+
+/// A sorted set of cluster numbers: 4 bytes each below 2^32 (every cluster of a file up to
+/// 2 TiB even with 512-byte clusters), 8 above.
+#[derive(Debug, Default)]
+struct ClusterSet {
+    near: Vec<u32>,
+    far: Vec<u64>,
+}
+
+impl ClusterSet {
+    fn push(&mut self, c: u64) {
+        match u32::try_from(c) {
+            Ok(n) => self.near.push(n),
+            Err(_) => self.far.push(c),
+        }
+    }
+
+    /// Sorts; returns a cluster that was pushed twice, if any.
+    fn seal(&mut self) -> Option<u64> {
+        self.near.sort_unstable();
+        self.far.sort_unstable();
+        let near = self
+            .near
+            .windows(2)
+            .find(|w| w[0] == w[1])
+            .map(|w| u64::from(w[0]));
+        near.or_else(|| self.far.windows(2).find(|w| w[0] == w[1]).map(|w| w[0]))
+    }
+
+    fn contains(&self, c: u64) -> bool {
+        match u32::try_from(c) {
+            Ok(n) => self.near.binary_search(&n).is_ok(),
+            Err(_) => self.far.binary_search(&c).is_ok(),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.near
+            .iter()
+            .map(|&n| u64::from(n))
+            .chain(self.far.iter().copied())
     }
 }
 

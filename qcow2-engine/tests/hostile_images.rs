@@ -756,3 +756,56 @@ fn backing_chain_deeper_than_the_limit() {
     let e = timed("open", || Image::open(&top, &OpenOptions::default())).expect_err("opened");
     assert_mentions("open", &e.to_string(), "deeper than 32");
 }
+
+#[test]
+fn largest_legal_tables_stay_within_bounds() {
+    // QEMU's limits, all used: a 32 MiB L1 whose 4 Mi entries name distinct L2 tables, and an
+    // 8 MiB refcount table naming 1 Mi distinct refcount blocks (512-byte clusters). The
+    // engine keeps the L1 and refcount table (as QEMU does) plus 4 bytes per table in its
+    // overlap map: it must open and read within the same 1 s and 80 MiB as everything else.
+    if !qemu::require() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("huge.qcow2");
+    qemu::img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        s(&p),
+        "128G",
+    ]);
+    let h = header_of(&p);
+    let l1_entries = u64::from(h.l1_size);
+    assert_eq!(l1_entries, 4 << 20);
+    let rt_off = (h.l1_table_offset + l1_entries * 8).next_multiple_of(512);
+    let rt_clusters = (8u64 << 20) / 512;
+    let rt_entries = rt_clusters * 512 / 8;
+    let blocks = rt_off + rt_clusters * 512;
+    let tables = blocks + rt_entries * 512;
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.write_all_at(&rt_off.to_be_bytes(), REFTABLE_OFFSET)
+        .unwrap();
+    f.write_all_at(&(rt_clusters as u32).to_be_bytes(), REFTABLE_CLUSTERS)
+        .unwrap();
+    let rt: Vec<u8> = (0..rt_entries)
+        .flat_map(|i| (blocks + i * 512).to_be_bytes())
+        .collect();
+    f.write_all_at(&rt, rt_off).unwrap();
+    let l1: Vec<u8> = (0..l1_entries)
+        .flat_map(|i| ((tables + i * 512) | 1 << 63).to_be_bytes())
+        .collect();
+    f.write_all_at(&l1, h.l1_table_offset).unwrap();
+    drop(f);
+
+    let img = timed("open", || Image::open(&p, &OpenOptions::default())).unwrap();
+    let mut buf = vec![1u8; 1 << 20];
+    timed("read", || img.read_at(&mut buf, 0)).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    drop(img);
+    let (code, err) = util(&["info", "-f", s(&p)]);
+    assert_eq!(code, 0, "{err}");
+}
