@@ -809,3 +809,28 @@ fn largest_legal_tables_stay_within_bounds() {
     let (code, err) = util(&["info", "-f", s(&p)]);
     assert_eq!(code, 0, "{err}");
 }
+
+#[test]
+fn one_l2_table_named_by_every_l1_entry() {
+    // Opening refuses the shared table at once; checking it must not walk it 4 Mi times.
+    let c = crafted!();
+    let l1 = c.header.l1_table_offset;
+    let entry = (c.l2_table() | 1 << 63).to_be_bytes();
+    let n = u64::from(c.header.l1_size).max(64);
+    c.poke(L1_SIZE, &(n as u32).to_be_bytes());
+    let all: Vec<u8> = (0..n).flat_map(|_| entry).collect();
+    c.poke(l1, &all);
+    refused(&c, Stage::Open, "share the L2 table");
+    let (code, err) = util(&["check", "-f", s(&c.path)]);
+    assert_eq!(code, 2, "{err}");
+
+    // The same with QEMU's largest L1: each table is walked once, however often it is named.
+    let n: u64 = 4 << 20;
+    c.poke(SIZE, &(n << 29).to_be_bytes());
+    c.poke(L1_SIZE, &(n as u32).to_be_bytes());
+    let all: Vec<u8> = (0..n).flat_map(|_| entry).collect();
+    c.poke(l1, &all);
+    let (code, err) = util(&["check", "-f", s(&c.path)]);
+    assert_eq!(code, 2, "{err}");
+    assert_mentions("check", &err, "ERROR cluster");
+}

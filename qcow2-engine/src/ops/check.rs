@@ -13,6 +13,7 @@
 //! the computed counts at the end of the file, switched in by one header write. A repair that
 //! leaves no corruption clears the dirty and corrupt bits.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -282,6 +283,12 @@ struct Pass {
     too_low: bool,
     /// The last cluster with a stored refcount.
     highest_stored: u64,
+    /// Bytes of tables the walk may still read.
+    budget: u64,
+    /// L2 tables named by L1 entries, with how often.
+    l2_refs: HashMap<u64, u32>,
+    /// Active L2 tables in guest order.
+    active_order: Vec<u64>,
     next_contiguous: u64,
     report: CheckReport,
 }
@@ -305,6 +312,9 @@ impl Pass {
             too_low: false,
             highest_stored: 0,
             next_contiguous: 0,
+            budget: (256 << 20) + file_len.saturating_mul(16),
+            l2_refs: HashMap::new(),
+            active_order: Vec::new(),
             report: CheckReport {
                 total_clusters: header.size.div_ceil(geo.cluster_size()),
                 ..Default::default()
@@ -323,9 +333,15 @@ impl Pass {
     /// Counts one reference to every cluster of `[offset, offset + len)`. A region reaching a
     /// cluster past the end of the file is a corruption and is not counted (as in qemu-img:
     /// nothing valid lives there, and counting it would let a repair write there).
-    fn inc(&mut self, offset: u64, len: u64) {
+    /// Returns whether the region was counted (lies inside the file).
+    fn inc(&mut self, offset: u64, len: u64) -> bool {
+        self.inc_by(offset, len, 1)
+    }
+
+    /// [`Pass::inc`], `times` references at once.
+    fn inc_by(&mut self, offset: u64, len: u64, times: u32) -> bool {
         if len == 0 {
-            return;
+            return true;
         }
         let cb = self.geo.cluster_bits;
         let first = offset >> cb;
@@ -334,19 +350,31 @@ impl Pass {
             self.corruption(format!(
                 "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {offset:#x} size {len:#x}"
             ));
-            return;
+            return false;
         }
         for c in first..=last {
             let n = &mut self.expected[c as usize];
-            *n = n.saturating_add(1);
+            *n = n.saturating_add(times);
         }
+        true
     }
 
     fn expected(&self, c: u64) -> u64 {
         self.expected.get(c as usize).map_or(0, |&n| u64::from(n))
     }
 
-    fn read_u64s(&self, offset: u64, count: u64, what: &str) -> Result<Vec<u64>> {
+    fn read_u64s(&mut self, offset: u64, count: u64, what: &str) -> Result<Vec<u64>> {
+        // Tables can be named many times over (snapshots share them); a hostile image could
+        // make that endless. Legitimate images stay far below this budget.
+        self.budget = self.budget.checked_sub(count * 8).ok_or_else(|| {
+            Error::unsupported(
+                "the image names more metadata than a check reads for a file of its size",
+            )
+        })?;
+        self.read_raw_u64s(offset, count, what)
+    }
+
+    fn read_raw_u64s(&self, offset: u64, count: u64, what: &str) -> Result<Vec<u64>> {
         let mut raw = vec![0u8; (count * 8) as usize];
         self.storage
             .read_at(&mut raw, offset)
@@ -363,6 +391,7 @@ impl Pass {
         let (l1_off, l1_size) = (self.header.l1_table_offset, self.header.l1_size);
         self.walk_l1(l1_off, u64::from(l1_size), true)?;
         self.walk_snapshots()?;
+        self.walk_tables()?;
         self.walk_bitmaps()?;
         let rt_off = self.header.refcount_table_offset;
         let rt_clusters = u64::from(self.header.refcount_table_clusters);
@@ -379,8 +408,10 @@ impl Pass {
     }
 
     fn walk_l1(&mut self, offset: u64, entries: u64, active: bool) -> Result<()> {
+        if !self.inc(offset, entries * 8) {
+            return Ok(());
+        }
         let l1 = self.read_u64s(offset, entries, "L1 table")?;
-        self.inc(offset, entries * 8);
         for e in l1 {
             let off = e & OFFSET_MASK;
             if off == 0 {
@@ -398,14 +429,36 @@ impl Pass {
                 ));
                 continue;
             }
-            self.inc(off, self.geo.cluster_size());
-            self.walk_l2(off, active)?;
+            if self.inc(off, self.geo.cluster_size()) {
+                // Walked once later, however many L1 entries name it (snapshots share).
+                let n = self.l2_refs.entry(off).or_insert(0);
+                if *n == 0 && active {
+                    self.active_order.push(off);
+                }
+                *n += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Walks every L2 table once, counting its references as many times as it is named:
+    /// active tables first in guest order (for the fragmentation figures), then the others.
+    fn walk_tables(&mut self) -> Result<()> {
+        let active = std::mem::take(&mut self.active_order);
+        for &off in &active {
+            let times = self.l2_refs.remove(&off).unwrap_or(1);
+            self.walk_l2(off, true, times)?;
+        }
+        let mut rest: Vec<(u64, u32)> = self.l2_refs.drain().collect();
+        rest.sort_unstable();
+        for (off, times) in rest {
+            self.walk_l2(off, false, times)?;
         }
         Ok(())
     }
 
     /// Reads an L2 table as (word, bitmap) pairs.
-    fn read_l2(&self, offset: u64) -> Result<Vec<(u64, u64)>> {
+    fn read_l2(&mut self, offset: u64) -> Result<Vec<(u64, u64)>> {
         let words = self.read_u64s(offset, self.geo.cluster_size() / 8, "L2 table")?;
         Ok(if self.geo.extended_l2 {
             words.chunks_exact(2).map(|p| (p[0], p[1])).collect()
@@ -414,7 +467,7 @@ impl Pass {
         })
     }
 
-    fn walk_l2(&mut self, table: u64, active: bool) -> Result<()> {
+    fn walk_l2(&mut self, table: u64, active: bool, times: u32) -> Result<()> {
         let cs = self.geo.cluster_size();
         for (i, (word, bitmap)) in self.read_l2(table)?.into_iter().enumerate() {
             if word & COMPRESSED != 0 {
@@ -437,7 +490,7 @@ impl Pass {
                     self.report.compressed_clusters += 1;
                     self.report.fragmented_clusters += 1;
                 }
-                self.inc(host & !511, sectors * 512);
+                self.inc_by(host & !511, sectors * 512, times);
                 continue;
             }
             let off = word & OFFSET_MASK;
@@ -477,7 +530,7 @@ impl Pass {
                 }
                 self.next_contiguous = off + cs;
             }
-            self.inc(off, cs);
+            self.inc_by(off, cs, times);
         }
         Ok(())
     }
@@ -529,7 +582,7 @@ impl Pass {
     fn reftable(&self) -> Result<Vec<u64>> {
         let cs = self.geo.cluster_size();
         let clusters = u64::from(self.header.refcount_table_clusters);
-        self.read_u64s(
+        self.read_raw_u64s(
             self.header.refcount_table_offset,
             clusters * cs / 8,
             "refcount table",
@@ -636,6 +689,7 @@ impl Pass {
                 _ => 0,
             })
         };
+        let mut seen = std::collections::HashSet::new();
         for (i, &e) in l1.iter().enumerate() {
             let off = e & OFFSET_MASK;
             if off == 0 || e & 0x7f00_0000_0000_01ff != 0 || !self.geo.is_aligned(off) {
@@ -648,6 +702,9 @@ impl Pass {
                     "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
                 ));
                 self.push_copied_fix(l1_off + i as u64 * 8, e, off >> cb);
+            }
+            if !seen.insert(off) {
+                continue; // a table named twice is checked once
             }
             let entry_size = self.geo.l2_entry_size();
             for (j, (word, _)) in self.read_l2(off)?.into_iter().enumerate() {
