@@ -519,3 +519,53 @@ fn repair_survives_crashes() {
         "repair: {points} crash points ({mutations} mutations, {flushes} flushes), {leaks} leaks repaired"
     );
 }
+
+/// A qemu-made image with compressed clusters (several per host cluster, so refcounts above
+/// one) and zero clusters: rewriting, zeroing and discarding them releases shared host
+/// clusters and copies decompressed bytes (a COW barrier) at every crash point.
+#[test]
+fn qemu_made_image_with_compressed_clusters() {
+    if !qemu::require() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("top.qcow2");
+    let size: u64 = 2 << 20;
+    qemu::img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=16k",
+        path.to_str().unwrap(),
+        &size.to_string(),
+    ]);
+    qemu::io(
+        &path,
+        &[
+            "write -c -P 0x21 0 256k".to_string(),
+            "write -c -z 256k 64k".to_string(),
+            "write -P 0x22 512k 256k".to_string(),
+            "write -z 1M 64k".to_string(),
+        ],
+    );
+    let initial = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let mut ops = workload(5, size, 100, 6 << 10, None);
+    ops.extend([
+        Op::Write(8 << 10, vec![0x99; 4096]),
+        Op::Discard(64 << 10, 64 << 10),
+        Op::Flush,
+    ]);
+    let mut case = Case {
+        name: "qemu-made compressed",
+        dir: dir.path().to_path_buf(),
+        initial,
+        base_model: Vec::new(),
+        ops,
+    };
+    case.base_model = content(&case, &case.initial.clone());
+    assert!(case.base_model[..256 << 10].iter().all(|&b| b == 0x21));
+    assert!(enumerate(&case) > 200);
+}
