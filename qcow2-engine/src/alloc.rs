@@ -18,6 +18,7 @@
 //!   at the end of the image, syncing, switching the header, then releasing the old table.
 
 use crate::error::{Error, IoContext, Result};
+use crate::format::entries::refblock_offset;
 use crate::format::refcount;
 use crate::meta::{Meta, MetaKind};
 use crate::types::HostOffset;
@@ -38,19 +39,10 @@ impl Meta {
 
     /// Host offset of refcount block `index`, if it exists.
     fn refblock(&self, index: u64) -> Result<Option<HostOffset>> {
-        let Some(&entry) = self.reftable.get(index as usize) else {
-            return Ok(None);
-        };
-        let off = entry & crate::format::entries::OFFSET_MASK;
-        if entry & 0x1ff != 0 || !self.geo.is_aligned(off) {
-            return Err(Error::corrupt(format!(
-                "refcount table entry {index} is invalid ({entry:#x})"
-            )));
+        match self.reftable.get(index as usize) {
+            Some(&entry) => refblock_offset(index, entry, &self.geo),
+            None => Ok(None),
         }
-        if off == 0 {
-            return Ok(None);
-        }
-        Ok(Some(HostOffset(off)))
     }
 
     /// Where a cluster's refcount lives: (offset of its cache slice, index inside the slice).

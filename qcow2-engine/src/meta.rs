@@ -12,7 +12,7 @@ use std::sync::Arc;
 use crate::cache::SliceCache;
 use crate::error::{Error, IoContext, Result};
 use crate::format::Header;
-use crate::format::entries::{L1Entry, OFFSET_MASK};
+use crate::format::entries::{L1Entry, refblock_offset};
 use crate::format::header::incompat;
 use crate::storage::Storage;
 use crate::types::{Geometry, HostOffset};
@@ -198,14 +198,8 @@ impl MetaMap {
             map.add_run(header.snapshots_offset >> cb, 1, MetaKind::Snapshot)?;
         }
         for (i, &e) in reftable.iter().enumerate() {
-            let off = e & OFFSET_MASK;
-            if e & 0x1ff != 0 || !geo.is_aligned(off) {
-                return Err(Error::corrupt(format!(
-                    "refcount table entry {i} is invalid ({e:#x})"
-                )));
-            }
-            if off != 0 {
-                map.refblocks.push(off >> cb);
+            if let Some(block) = refblock_offset(i as u64, e, &geo)? {
+                map.refblocks.push(block.0 >> cb);
             }
         }
         let coverage = (reftable.len() as u64).saturating_mul(geo.refblock_entries());

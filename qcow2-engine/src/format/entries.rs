@@ -11,8 +11,22 @@ pub const COMPRESSED: u64 = 1 << 62;
 pub const ZERO: u64 = 1;
 /// Host offset bits 9..55 of L1 and uncompressed L2 entries.
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
-const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
+/// Reserved bits of L1 entries.
+pub const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+/// Reserved bits of standard (uncompressed) L2 entries.
+pub const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
+
+/// The refcount block a refcount table entry names (`None` for 0), refusing reserved bits and
+/// misalignment.
+pub fn refblock_offset(index: u64, entry: u64, g: &Geometry) -> Result<Option<HostOffset>> {
+    let off = entry & OFFSET_MASK;
+    if entry & 0x1ff != 0 || !g.is_aligned(off) {
+        return Err(Error::corrupt(format!(
+            "refcount table entry {index} is invalid ({entry:#x})"
+        )));
+    }
+    Ok((off != 0).then_some(HostOffset(off)))
+}
 
 /// A raw L1 entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -79,14 +93,8 @@ impl L2Entry {
     /// Decodes the entry. `extended` images have no zero flag in word 1 (zeros are in the bitmap).
     pub fn decode(self, g: &Geometry) -> Result<Mapping> {
         let e = self.0;
-        if e & COMPRESSED != 0 {
-            let x = 62 - (g.cluster_bits - 8);
-            let host = e & ((1u64 << x) - 1);
-            let sectors = ((e >> x) & ((1u64 << (g.cluster_bits - 8)) - 1)) + 1;
-            return Ok(Mapping::Compressed {
-                host: HostOffset(host),
-                sectors,
-            });
+        if let Some((host, sectors)) = self.compressed(g) {
+            return Ok(Mapping::Compressed { host, sectors });
         }
         if e & L2_RESERVED != 0 {
             return Err(Error::corrupt(format!(
@@ -112,6 +120,19 @@ impl L2Entry {
             host: HostOffset(off),
             copied,
         })
+    }
+
+    /// For a compressed entry: the (unaligned) host offset of the stream and the number of
+    /// 512-byte sectors it may occupy.
+    pub fn compressed(self, g: &Geometry) -> Option<(HostOffset, u64)> {
+        let e = self.0;
+        if e & COMPRESSED == 0 {
+            return None;
+        }
+        let x = 62 - (g.cluster_bits - 8);
+        let host = e & ((1u64 << x) - 1);
+        let sectors = ((e >> x) & ((1u64 << (g.cluster_bits - 8)) - 1)) + 1;
+        Some((HostOffset(host), sectors))
     }
 
     /// Encodes an uncompressed data cluster we own.

@@ -137,16 +137,7 @@ impl Image {
         opts: &OpenOptions,
         chain: &mut Vec<backing::FileId>,
     ) -> Result<Image> {
-        let mut first = [0u8; 104];
-        storage
-            .read_at(&mut first, 0)
-            .ctx(|| "reading the header".to_string())?;
-        let bits = Header::peek_cluster_bits(&first)?;
-        let mut cluster0 = vec![0u8; 1 << bits];
-        storage
-            .read_at(&mut cluster0, 0)
-            .ctx(|| "reading the header".to_string())?;
-        let mut header = Header::parse(&cluster0)?;
+        let mut header = read_header(&*storage)?;
         check_features(&header, opts.writable)?;
         if opts.writable && header.incompatible_features & incompat::DIRTY != 0 {
             // Left behind by a crash: refcounts may be too high (never too low, by our write
@@ -158,10 +149,7 @@ impl Image {
                     report.corruptions
                 )));
             }
-            storage
-                .read_at(&mut cluster0, 0)
-                .ctx(|| "reading the header".to_string())?;
-            header = Header::parse(&cluster0)?;
+            header = read_header(&*storage)?;
         }
         let geo = header.geometry();
 
@@ -431,9 +419,28 @@ impl Drop for Image {
     }
 }
 
-/// Reads a table of big-endian u64 entries (L1, refcount table); `bytes` was bounded by header
-/// validation before we get here. Read in chunks, so a 32 MiB table costs 32 MiB, not 64.
-fn read_table(storage: &dyn Storage, offset: u64, bytes: u64, what: &str) -> Result<Vec<u64>> {
+/// Reads and parses the header cluster (its size comes from the first bytes).
+pub(crate) fn read_header(storage: &dyn Storage) -> Result<Header> {
+    let mut first = [0u8; 104];
+    storage
+        .read_at(&mut first, 0)
+        .ctx(|| "reading the header".to_string())?;
+    let bits = Header::peek_cluster_bits(&first)?;
+    let mut cluster0 = vec![0u8; 1 << bits];
+    storage
+        .read_at(&mut cluster0, 0)
+        .ctx(|| "reading the header".to_string())?;
+    Header::parse(&cluster0)
+}
+
+/// Reads a table of big-endian u64 entries (L1, L2, refcount table); the caller bounds
+/// `bytes`. Read in chunks, so a 32 MiB table costs 32 MiB, not 64.
+pub(crate) fn read_table(
+    storage: &dyn Storage,
+    offset: u64,
+    bytes: u64,
+    what: &str,
+) -> Result<Vec<u64>> {
     const CHUNK: u64 = 1 << 20;
     let mut table = Vec::with_capacity((bytes / 8) as usize);
     let mut raw = vec![0u8; CHUNK.min(bytes) as usize];
@@ -442,7 +449,7 @@ fn read_table(storage: &dyn Storage, offset: u64, bytes: u64, what: &str) -> Res
         let n = (bytes - done).min(CHUNK) as usize;
         storage
             .read_at(&mut raw[..n], offset + done)
-            .ctx(|| format!("reading the {what}"))?;
+            .ctx(|| format!("reading the {what} at {offset:#x}"))?;
         table.extend(
             raw[..n]
                 .chunks_exact(8)

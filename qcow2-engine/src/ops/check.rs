@@ -19,9 +19,12 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::error::{Error, IoContext, Result};
-use crate::format::entries::{COMPRESSED, COPIED, OFFSET_MASK, ZERO};
+use crate::format::entries::{
+    COMPRESSED, COPIED, L1_RESERVED, L2_RESERVED, L2Entry, OFFSET_MASK, ZERO,
+};
 use crate::format::header::{autoclear, incompat};
 use crate::format::{Header, refcount};
+use crate::image::{read_header, read_table};
 use crate::storage::Storage;
 use crate::types::Geometry;
 
@@ -178,19 +181,6 @@ fn mark_consistent(storage: &Arc<dyn Storage>, clean: bool) -> Result<()> {
         storage.flush().ctx(|| "flushing the image".to_string())?;
     }
     Ok(())
-}
-
-fn read_header(storage: &dyn Storage) -> Result<Header> {
-    let mut first = [0u8; 104];
-    storage
-        .read_at(&mut first, 0)
-        .ctx(|| "reading the header".to_string())?;
-    let bits = Header::peek_cluster_bits(&first)?;
-    let mut cluster0 = vec![0u8; 1 << bits];
-    storage
-        .read_at(&mut cluster0, 0)
-        .ctx(|| "reading the header".to_string())?;
-    Header::parse(&cluster0)
 }
 
 /// Header extension magic of persistent dirty bitmaps.
@@ -371,18 +361,7 @@ impl Pass {
                 "the image names more metadata than a check reads for a file of its size",
             )
         })?;
-        self.read_raw_u64s(offset, count, what)
-    }
-
-    fn read_raw_u64s(&self, offset: u64, count: u64, what: &str) -> Result<Vec<u64>> {
-        let mut raw = vec![0u8; (count * 8) as usize];
-        self.storage
-            .read_at(&mut raw, offset)
-            .ctx(|| format!("reading the {what} at {offset:#x}"))?;
-        Ok(raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
-            .collect())
+        read_table(&*self.storage, offset, count * 8, what)
     }
 
     fn walk(&mut self) -> Result<()> {
@@ -417,7 +396,7 @@ impl Pass {
             if off == 0 {
                 continue;
             }
-            if e & 0x7f00_0000_0000_01ff != 0 {
+            if e & L1_RESERVED != 0 {
                 self.corruption(format!(
                     "ERROR found L1 entry with reserved bits set: {e:x}"
                 ));
@@ -470,7 +449,7 @@ impl Pass {
     fn walk_l2(&mut self, table: u64, active: bool, times: u32) -> Result<()> {
         let cs = self.geo.cluster_size();
         for (i, (word, bitmap)) in self.read_l2(table)?.into_iter().enumerate() {
-            if word & COMPRESSED != 0 {
+            if let Some((host, sectors)) = L2Entry(word).compressed(&self.geo) {
                 if self.geo.extended_l2 && bitmap != 0 {
                     self.corruption(format!(
                         "ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, entry={word:#x}"
@@ -482,19 +461,16 @@ impl Pass {
                         word & !COPIED
                     ));
                 }
-                let x = 62 - (self.geo.cluster_bits - 8);
-                let host = word & ((1u64 << x) - 1);
-                let sectors = ((word >> x) & ((1u64 << (self.geo.cluster_bits - 8)) - 1)) + 1;
                 if active {
                     self.report.allocated_clusters += 1;
                     self.report.compressed_clusters += 1;
                     self.report.fragmented_clusters += 1;
                 }
-                self.inc_by(host & !511, sectors * 512, times);
+                self.inc_by(host.0 & !511, sectors * 512, times);
                 continue;
             }
             let off = word & OFFSET_MASK;
-            if word & 0x3f00_0000_0000_01fe != 0 {
+            if word & L2_RESERVED != 0 {
                 self.corruption(format!(
                     "ERROR found L2 entry with reserved bits set: {word:x}"
                 ));
@@ -582,9 +558,10 @@ impl Pass {
     fn reftable(&self) -> Result<Vec<u64>> {
         let cs = self.geo.cluster_size();
         let clusters = u64::from(self.header.refcount_table_clusters);
-        self.read_raw_u64s(
+        read_table(
+            &*self.storage,
             self.header.refcount_table_offset,
-            clusters * cs / 8,
+            clusters * cs,
             "refcount table",
         )
     }
@@ -692,7 +669,7 @@ impl Pass {
         let mut seen = std::collections::HashSet::new();
         for (i, &e) in l1.iter().enumerate() {
             let off = e & OFFSET_MASK;
-            if off == 0 || e & 0x7f00_0000_0000_01ff != 0 || !self.geo.is_aligned(off) {
+            if off == 0 || e & L1_RESERVED != 0 || !self.geo.is_aligned(off) {
                 continue;
             }
             let rc = refcount_of(self, off >> cb)?;
@@ -711,7 +688,7 @@ impl Pass {
                 let host = word & OFFSET_MASK;
                 if word & COMPRESSED != 0
                     || host == 0
-                    || word & 0x3f00_0000_0000_01fe != 0
+                    || word & L2_RESERVED != 0
                     || !self.geo.is_aligned(host)
                 {
                     continue;
