@@ -30,7 +30,7 @@ pub(crate) const FIRST_RESERVE: u64 = 16;
 /// content while the image is open. Larger means fewer barriers on long sequential writes.
 const MAX_RESERVE_BYTES: u64 = 256 << 20;
 /// Pending releases that trigger a batch release without waiting for a flush.
-const PENDING_LIMIT: usize = 1024;
+pub(crate) const PENDING_LIMIT: usize = 1024;
 
 impl Meta {
     fn refblock_entries(&self) -> u64 {
@@ -348,18 +348,23 @@ impl Meta {
         self.sync()?;
         self.reftable = table;
         self.end_cluster = area_end;
-        self.free_range(HostOffset(old_off), old_clusters)
+        self.free_range(HostOffset(old_off), old_clusters);
+        Ok(())
     }
 
     /// Drops one reference to each of `count` clusters from `start`, whose reference the caller
-    /// has already removed. The refcounts drop in the next batch release (see module docs).
-    pub fn free_range(&mut self, start: HostOffset, count: u64) -> Result<()> {
+    /// has already removed. The refcounts drop in the next batch release (see module docs),
+    /// which the image runs at a flush or once [`Meta::wants_release`] says so: only when no
+    /// data I/O is in flight, because a request may still be reading or writing a cluster it
+    /// looked up before the cluster was unlinked, and a released cluster can be reused.
+    pub fn free_range(&mut self, start: HostOffset, count: u64) {
         let first = start.0 >> self.geo.cluster_bits;
         self.pending_free.extend(first..first + count);
-        if self.pending_free.len() >= PENDING_LIMIT {
-            self.release_pending()?;
-        }
-        Ok(())
+    }
+
+    /// Enough releases are pending to run a batch without waiting for a flush.
+    pub fn wants_release(&self) -> bool {
+        self.pending_free.len() >= PENDING_LIMIT
     }
 
     /// Syncs (every unlink becomes durable), then drops the pending references; clusters that

@@ -14,9 +14,11 @@ pub mod storage;
 pub mod types;
 
 mod alloc;
+mod barrier;
 mod meta;
 
 pub use error::{Error, Result};
 pub use image::{Backing, BackingPolicy, Image, LayerStatus, OpenOptions, ZeroFlags};
 pub use ops::create::{BackingFormat, CreateOptions, create, create_on};
+pub use storage::CacheMode;
 pub use types::{Geometry, GuestOffset, HostOffset};

@@ -2,13 +2,15 @@
 //!
 //! [`Meta`] holds the header, the L1 table (always in memory: at most 32 MiB by validation, 64 KiB
 //! for 4 TiB), the refcount table, the two slice caches and the map of metadata clusters.
-//! [`Meta::write_meta`] and [`Meta::write_data`] are the only paths by which bytes reach the
-//! image file, so the overlap check in them guards every write: a write that would land on
-//! metadata of another kind marks the image corrupt and fails instead of damaging it.
+//! [`Meta::write_meta`] is the only path by which metadata reaches the image file, and every
+//! guest data write is planned through [`Meta::check_data_write`] (under the state lock, before
+//! the I/O runs without it), so the overlap check guards every write: a write that would land
+//! on metadata of another kind marks the image corrupt and fails instead of damaging it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
+use crate::barrier::Barrier;
 use crate::cache::SliceCache;
 use crate::error::{Error, IoContext, Result};
 use crate::format::Header;
@@ -265,6 +267,8 @@ impl ClusterSet {
 #[derive(Debug)]
 pub(crate) struct Meta {
     pub storage: Arc<dyn Storage>,
+    /// Shared with the data path: metadata barriers and copy-on-write barriers group-commit.
+    pub barrier: Arc<Barrier>,
     pub header: Header,
     pub geo: Geometry,
     pub l1: Vec<u64>,
@@ -307,13 +311,13 @@ impl Meta {
             .ctx(|| format!("writing {} at {offset}", kind.name()))
     }
 
-    /// Writes guest data to a host cluster.
-    pub fn write_data(&mut self, offset: HostOffset, bytes: &[u8]) -> Result<()> {
+    /// Clears a guest data write of `len` bytes at `offset` before it runs (outside the state
+    /// lock): the image must not be marked corrupt and the bytes must land on data clusters.
+    /// The verdict holds until the write completes, because a data cluster only becomes
+    /// metadata after it is released, and releases wait for in-flight data I/O.
+    pub fn check_data_write(&mut self, offset: HostOffset, len: u64) -> Result<()> {
         self.check_usable()?;
-        self.check_overlap(None, offset, bytes.len() as u64)?;
-        self.storage
-            .write_at(bytes, offset.0)
-            .ctx(|| format!("writing data at {offset}"))
+        self.check_overlap(None, offset, len)
     }
 
     /// Refuses a data cluster named by an L2 entry that is metadata, or beyond the clusters the
@@ -448,10 +452,11 @@ impl Meta {
         self.write_meta(MetaKind::Header, HostOffset(0), &bytes)
     }
 
-    /// `fdatasync` the image file: the barrier between dependent writes, and the flush.
+    /// `fdatasync` the image file: the barrier between dependent writes, and the flush. Shares
+    /// the sync with other threads that need one at the same time (see `barrier`).
     pub fn sync(&self) -> Result<()> {
-        self.storage
-            .flush()
+        self.barrier
+            .sync(&*self.storage)
             .ctx(|| "flushing the image file".to_string())
     }
 }

@@ -383,7 +383,8 @@ fn small_clusters_refblocks_reftable_and_l1_growth() {
     );
     assert!(u64::from(h.l1_size) > 64, "the L1 table never grew");
     assert!(grown.len() > before);
-    assert!(n > 400, "only {n} crash points");
+    // Multi-cluster writes are merged into few mutations, so ~300 points cover this workload.
+    assert!(n > 250, "only {n} crash points");
 }
 
 #[test]

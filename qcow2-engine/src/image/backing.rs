@@ -92,7 +92,7 @@ impl Backing {
             Backing::Qcow2(img) => img.read_at(inside, off),
             Backing::Raw(raw) => raw
                 .storage
-                .read_at(inside, off)
+                .read_data(inside, off)
                 .ctx(|| format!("reading backing file {}", raw.path.display())),
         }
     }
@@ -218,7 +218,10 @@ pub(super) fn open_backing(
         return Err(refuse(&path, "backing chain loops"));
     }
     chain.push(id);
-    let storage: Arc<dyn Storage> = Arc::new(FileStorage::from_file(file));
+    let mut file = FileStorage::from_file(file);
+    file.set_cache_mode(opts.cache)
+        .map_err(|e| refuse(&path, e.to_string()))?;
+    let storage: Arc<dyn Storage> = Arc::new(file);
     match format {
         "qcow2" => {
             let ro = OpenOptions {

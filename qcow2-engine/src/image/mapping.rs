@@ -34,6 +34,9 @@ impl Slot {
     }
 }
 
+/// `(where the slot is, (old word, old bitmap), (new word, new bitmap))`.
+pub(crate) type SlotUpdate = (HostOffset, (u64, u64), (u64, u64));
+
 impl State {
     /// The L2 slot of the cluster holding `off`.
     pub(crate) fn slot(&mut self, off: GuestOffset) -> Result<Slot> {
@@ -95,21 +98,34 @@ impl State {
         let at = slot
             .at
             .ok_or_else(|| Error::corrupt("updating an L2 slot that has no table"))?;
-        if word == slot.word && bitmap == slot.bitmap {
-            return Ok(());
+        self.set_slots(&[(at, (slot.word, slot.bitmap), (word, bitmap))])
+    }
+
+    /// Rewrites L2 slots. Slots that sit next to each other in a table are written with one
+    /// write.
+    pub(crate) fn set_slots(&mut self, updates: &[SlotUpdate]) -> Result<()> {
+        let entry = self.meta.geo.l2_entry_size();
+        let mut changed: Vec<_> = updates.iter().filter(|(_, old, new)| old != new).collect();
+        changed.sort_unstable_by_key(|(at, _, _)| at.0);
+        for run in changed.chunk_by(|a, b| a.0.0 + entry == b.0.0) {
+            let mut bytes = Vec::with_capacity(run.len() * entry as usize);
+            for (_, _, (word, bitmap)) in run {
+                bytes.extend_from_slice(&word.to_be_bytes());
+                if self.meta.geo.extended_l2 {
+                    bytes.extend_from_slice(&bitmap.to_be_bytes());
+                }
+            }
+            let at = run[0].0;
+            self.meta.write_meta(MetaKind::L2, at, &bytes)?;
+            self.meta.l2_cache.patch(at, &bytes);
         }
-        let mut bytes = word.to_be_bytes().to_vec();
-        if self.meta.geo.extended_l2 {
-            bytes.extend_from_slice(&bitmap.to_be_bytes());
-        }
-        self.meta.write_meta(MetaKind::L2, at, &bytes)?;
-        self.meta.l2_cache.patch(at, &bytes);
-        if word & COMPRESSED == 0 {
+        for (_, (old_word, _), (word, _)) in changed {
             // A rewritten compressed cluster must not be served from the decompression cache.
-            if self
-                .compressed
-                .as_ref()
-                .is_some_and(|(key, _)| *key == slot.word)
+            if word & COMPRESSED == 0
+                && self
+                    .compressed
+                    .as_ref()
+                    .is_some_and(|(key, _)| key == old_word)
             {
                 self.compressed = None;
             }
@@ -117,8 +133,9 @@ impl State {
         Ok(())
     }
 
-    /// Drops the host clusters a mapping owned, after the mapping was replaced.
-    pub(crate) fn release(&mut self, old: Mapping) -> Result<()> {
+    /// Drops the host clusters a mapping owned, after the mapping was replaced. The release
+    /// itself is deferred to a batch (see `alloc`).
+    pub(crate) fn release(&mut self, old: Mapping) {
         let cb = self.meta.geo.cluster_bits;
         match old {
             Mapping::Data { host, .. }
@@ -131,9 +148,9 @@ impl State {
                 let first = start >> cb;
                 let last = (end - 1) >> cb;
                 self.meta
-                    .free_range(HostOffset(first << cb), last - first + 1)
+                    .free_range(HostOffset(first << cb), last - first + 1);
             }
-            Mapping::Unallocated | Mapping::Zero { prealloc: None } => Ok(()),
+            Mapping::Unallocated | Mapping::Zero { prealloc: None } => {}
         }
     }
 }

@@ -1,8 +1,22 @@
 //! The public image handle.
 //!
-//! [`Image`] is `Send + Sync`. In this version one mutex serialises all requests on an image
-//! (data I/O included); the layering (metadata in [`Meta`], every metadata write through one
-//! place) is what lets a later version release the lock around data I/O.
+//! [`Image`] is `Send + Sync` and serves many threads at once. How:
+//! - **Metadata under one lock, data I/O outside it.** A request takes the state lock only to
+//!   turn guest ranges into host ranges (and to allocate); the `pread`/`pwrite` of guest data
+//!   runs without it, so reads and in-place rewrites proceed in parallel.
+//! - **In-flight allocations are tracked** per guest cluster: a cluster being allocated (or
+//!   given new subclusters, or zeroed) is *busy*; another request that needs to change or
+//!   fill that cluster waits for it, so two writers never both allocate it and copy-on-write
+//!   never copies stale bytes over a newer write.
+//! - **Allocations are batched**: one request allocates all its clusters under one lock hold,
+//!   writes their data in as few `pwrite`s as the host layout allows, and links them with as
+//!   few L2 writes as the table layout allows. Copy-on-write barriers group-commit.
+//! - **Released clusters wait for in-flight I/O**: a request may still read or write a host
+//!   cluster it looked up before another request unlinked it; such clusters are only released
+//!   for reuse while no data I/O is in flight (an I/O gate, shared by requests, exclusive for
+//!   the release).
+//!
+//! Lock order: I/O gate, then state lock, then (inside storage syncs) the barrier.
 
 mod backing;
 mod mapping;
@@ -10,22 +24,25 @@ mod read;
 mod resize;
 mod status;
 mod write;
+mod zero;
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 pub use backing::{Backing, BackingPolicy, RawBacking, resolve_backing_name};
 pub use status::LayerStatus;
 
 use crate::alloc;
+use crate::barrier::Barrier;
 use crate::cache::{self, CacheStats, SliceCache};
 use crate::error::{Error, IoContext, Result};
 use crate::format::header::incompat;
 use crate::format::{CompressionType, Header};
 use crate::meta::{Meta, MetaMap};
 use crate::ops::check;
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{CacheMode, FileStorage, Storage};
 use crate::types::{Geometry, GuestOffset, HostOffset};
 
 /// Default limit on backing chain depth.
@@ -53,6 +70,9 @@ pub struct OpenOptions {
     /// Read-only without taking or honouring image locks (qemu-img's `-U`), for inspecting an
     /// image another process is using.
     pub force_share: bool,
+    /// Page cache or `O_DIRECT` for guest data (backing files included); only for images opened
+    /// from a path ([`Image::open`]).
+    pub cache: CacheMode,
 }
 
 impl Default for OpenOptions {
@@ -66,6 +86,7 @@ impl Default for OpenOptions {
             skip_backing: false,
             probe_backing_format: false,
             force_share: false,
+            cache: CacheMode::Buffered,
         }
     }
 }
@@ -87,18 +108,30 @@ pub struct ZeroFlags {
     pub no_hole: bool,
 }
 
+/// Everything the state lock guards.
 #[derive(Debug)]
 pub(crate) struct State {
     pub meta: Meta,
-    pub backing: Option<Backing>,
+    /// Virtual size of the backing layer (fixed while open), if there is one.
+    pub backing_size: Option<u64>,
     /// Last decompressed cluster, keyed by its L2 entry.
     pub compressed: Option<(u64, Box<[u8]>)>,
+    /// Guest clusters (by index) whose mapping a request is changing right now.
+    pub busy: HashSet<u64>,
 }
 
 /// An open qcow2 image. See the module docs.
 #[derive(Debug)]
 pub struct Image {
     state: Mutex<State>,
+    /// Signalled whenever guest clusters stop being busy.
+    settled: Condvar,
+    /// Held shared by every request for its data I/O, exclusive to release freed clusters.
+    io_gate: RwLock<()>,
+    storage: Arc<dyn Storage>,
+    barrier: Arc<Barrier>,
+    backing: Option<Backing>,
+    size: AtomicU64,
     path: Option<PathBuf>,
     writable: bool,
     geo: Geometry,
@@ -110,12 +143,15 @@ impl Image {
         if opts.force_share && opts.writable {
             return Err(Error::arg("force_share is only allowed read-only"));
         }
-        let storage = if opts.force_share {
+        let mut storage = if opts.force_share {
             FileStorage::open_unlocked(path)
         } else {
             FileStorage::open(path, opts.writable)
         }
         .ctx(|| format!("opening {}", path.display()))?;
+        storage
+            .set_cache_mode(opts.cache)
+            .ctx(|| format!("opening {}", path.display()))?;
         let mut chain = Vec::new();
         Self::open_with_chain(Arc::new(storage), Some(path), opts, &mut chain)
     }
@@ -187,8 +223,10 @@ impl Image {
         };
 
         let map = MetaMap::build(&header, &l1, &reftable)?;
+        let barrier = Arc::new(Barrier::default());
         let mut meta = Meta {
-            storage,
+            storage: storage.clone(),
+            barrier: barrier.clone(),
             geo,
             l1,
             l2_cache: SliceCache::new("L2 table", geo.cluster_size(), l2_budget),
@@ -225,15 +263,23 @@ impl Image {
             for (off, len) in bitmaps {
                 let first = off / cs;
                 let last = (off + len).div_ceil(cs);
-                meta.free_range(HostOffset(first * cs), last - first)?;
+                meta.free_range(HostOffset(first * cs), last - first);
             }
         }
+        let size = meta.header.size;
         Ok(Image {
             state: Mutex::new(State {
                 meta,
-                backing,
+                backing_size: backing.as_ref().map(Backing::size),
                 compressed: None,
+                busy: HashSet::new(),
             }),
+            settled: Condvar::new(),
+            io_gate: RwLock::new(()),
+            storage,
+            barrier,
+            backing,
+            size: AtomicU64::new(size),
             path: path.map(Path::to_path_buf),
             writable: opts.writable,
             geo,
@@ -244,9 +290,41 @@ impl Image {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Waits until guest cluster `cluster` is not busy; returns the lock held again.
+    pub(crate) fn wait_idle<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        cluster: u64,
+    ) -> MutexGuard<'a, State> {
+        while st.busy.contains(&cluster) {
+            st = self.settled.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st
+    }
+
+    /// Shared hold on the I/O gate for one request's data I/O.
+    fn io_shared(&self) -> RwLockReadGuard<'_, ()> {
+        self.io_gate.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Releases pending clusters (refcount decrements, punches) once no data I/O is in flight.
+    fn release_pending(&self) -> Result<()> {
+        let _exclusive = self.io_gate.write().unwrap_or_else(|e| e.into_inner());
+        self.lock().meta.release_pending()
+    }
+
+    /// After a request: run a batch release if enough clusters are pending.
+    fn release_if_due(&self) -> Result<()> {
+        if self.lock().meta.wants_release() {
+            self.release_pending()
+        } else {
+            Ok(())
+        }
+    }
+
     /// Virtual size in bytes.
     pub fn size(&self) -> u64 {
-        self.lock().meta.header.size
+        self.size.load(Ordering::Acquire)
     }
 
     /// Cluster size, subclusters and refcount width.
@@ -271,7 +349,7 @@ impl Image {
 
     /// Runs `f` on the backing layer, if there is one.
     pub fn with_backing<T>(&self, f: impl FnOnce(Option<&Backing>) -> T) -> T {
-        f(self.lock().backing.as_ref())
+        f(self.backing.as_ref())
     }
 
     /// L2 and refcount cache counters.
@@ -282,18 +360,14 @@ impl Image {
 
     /// Bytes the image file occupies on the host.
     pub fn allocated_bytes(&self) -> Result<Option<u64>> {
-        self.lock()
-            .meta
-            .storage
+        self.storage
             .allocated_bytes()
             .ctx(|| "reading the file size".to_string())
     }
 
     /// Length of the image file.
     pub fn file_len(&self) -> Result<u64> {
-        self.lock()
-            .meta
-            .storage
+        self.storage
             .len()
             .ctx(|| "reading the file size".to_string())
     }
@@ -308,12 +382,12 @@ impl Image {
             .count()
     }
 
-    fn check_range(&self, st: &State, off: u64, len: u64) -> Result<()> {
+    fn check_range(&self, off: u64, len: u64) -> Result<()> {
+        let size = self.size();
         match off.checked_add(len) {
-            Some(end) if end <= st.meta.header.size => Ok(()),
+            Some(end) if end <= size => Ok(()),
             _ => Err(Error::arg(format!(
-                "range {off:#x}+{len:#x} is outside the image (size {:#x})",
-                st.meta.header.size
+                "range {off:#x}+{len:#x} is outside the image (size {size:#x})"
             ))),
         }
     }
@@ -328,33 +402,36 @@ impl Image {
 
     /// Reads `buf.len()` bytes at guest offset `off`.
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        let mut st = self.lock();
-        self.check_range(&st, off, buf.len() as u64)?;
-        st.read(buf, GuestOffset(off))
+        self.check_range(off, buf.len() as u64)?;
+        let _io = self.io_shared();
+        self.read_inner(buf, GuestOffset(off))
     }
 
     /// Writes `buf` at guest offset `off`. On return the data and the metadata that finds it
     /// are in the OS (they survive a crash of this process); [`Image::flush`] makes them durable.
     pub fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
         self.check_writable()?;
-        let mut st = self.lock();
-        self.check_range(&st, off, buf.len() as u64)?;
-        st.write(buf, GuestOffset(off))
+        self.check_range(off, buf.len() as u64)?;
+        {
+            let _io = self.io_shared();
+            self.write_inner(buf, GuestOffset(off))?;
+        }
+        self.release_if_due()
     }
 
     /// Makes `[off, off + len)` read as zeros without writing zero data where the format can
     /// say "zero" instead. Frees host clusters unless `flags.no_hole`.
     pub fn write_zeroes(&self, off: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         self.check_writable()?;
-        let mut st = self.lock();
-        self.check_range(&st, off, len)?;
-        st.zero_range(
-            GuestOffset(off),
-            len,
-            write::ZeroMode::Zero {
-                unmap: !flags.no_hole,
-            },
-        )
+        self.check_range(off, len)?;
+        let mode = zero::ZeroMode::Zero {
+            unmap: !flags.no_hole,
+        };
+        {
+            let _io = self.io_shared();
+            self.zero_range(GuestOffset(off), len, mode)?;
+        }
+        self.release_if_due()
     }
 
     /// Deallocates `[off, off + len)`: whole clusters (subclusters with extended L2) are
@@ -362,38 +439,44 @@ impl Image {
     /// zeros afterwards, never as backing data.
     pub fn discard(&self, off: u64, len: u64) -> Result<()> {
         self.check_writable()?;
-        let mut st = self.lock();
-        self.check_range(&st, off, len)?;
-        st.zero_range(GuestOffset(off), len, write::ZeroMode::Discard)
+        self.check_range(off, len)?;
+        {
+            let _io = self.io_shared();
+            self.zero_range(GuestOffset(off), len, zero::ZeroMode::Discard)?;
+        }
+        self.release_if_due()
     }
 
-    /// Makes every completed write durable (`fdatasync`), and releases the clusters that
-    /// discards and overwrites freed since the last flush.
+    /// Makes every completed write durable (`fdatasync`, shared with concurrent flushes), and
+    /// releases the clusters that discards and overwrites freed since the last flush.
     pub fn flush(&self) -> Result<()> {
         if !self.writable {
             return Ok(());
         }
-        let mut st = self.lock();
-        if st.meta.pending_free.is_empty() {
-            st.meta.sync()
+        if self.lock().meta.pending_free.is_empty() {
+            self.barrier
+                .sync(&*self.storage)
+                .ctx(|| "flushing the image file".to_string())
         } else {
-            st.meta.release_pending()
+            self.release_pending()
         }
     }
 
     /// Grows the virtual size to `new_size` (rounded up to 512 bytes like qemu-img).
     pub fn resize(&self, new_size: u64) -> Result<()> {
         self.check_writable()?;
+        let _exclusive = self.io_gate.write().unwrap_or_else(|e| e.into_inner());
         let mut st = self.lock();
-        st.resize(new_size)
+        st.resize(new_size)?;
+        self.size.store(st.meta.header.size, Ordering::Release);
+        Ok(())
     }
 
     /// Allocation status of this layer only, from `off` for at most `len` bytes: returns the
     /// length of the run that shares one status.
     pub fn layer_status(&self, off: u64, len: u64) -> Result<(u64, LayerStatus)> {
-        let mut st = self.lock();
-        self.check_range(&st, off, len)?;
-        st.layer_status(GuestOffset(off), len)
+        self.check_range(off, len)?;
+        self.lock().layer_status(GuestOffset(off), len)
     }
 
     /// Flushes and closes the image cleanly: releases pending clusters, returns the unused

@@ -1,109 +1,153 @@
-//! The read path: per cluster, per subcluster run with extended L2, through the backing chain,
-//! and decompression of compressed clusters (zlib and zstd).
+//! The read path. Under the state lock a guest range becomes a list of [`Piece`]s (host bytes,
+//! zeros, backing bytes, decompressed bytes); the data I/O then runs without the lock.
+//! Adjacent pieces merge, so a long read of contiguous clusters is one `pread`.
 
 use std::io::Read;
 
-use super::State;
+use super::{Image, State};
 use crate::error::{Error, IoContext, Result};
 use crate::format::CompressionType;
 use crate::format::entries::{Mapping, SubclusterBitmap, SubclusterState};
 use crate::types::{GuestOffset, HostOffset};
 
+/// Where the bytes of one part of a guest range come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Piece {
+    /// Bytes of the image file.
+    Host { at: u64, len: usize },
+    /// Zeros.
+    Zero(usize),
+    /// The backing layer at this guest offset (zeros without one).
+    Backing { off: u64, len: usize },
+    /// Bytes already in memory (from a decompressed cluster).
+    Bytes(Vec<u8>),
+}
+
+impl Piece {
+    pub fn len(&self) -> usize {
+        match self {
+            Piece::Host { len, .. } | Piece::Zero(len) | Piece::Backing { len, .. } => *len,
+            Piece::Bytes(b) => b.len(),
+        }
+    }
+}
+
+/// Appends a piece, merging it into the last one when they are contiguous.
+pub(crate) fn push_piece(pieces: &mut Vec<Piece>, piece: Piece) {
+    if piece.len() == 0 {
+        return;
+    }
+    match (pieces.last_mut(), &piece) {
+        (Some(Piece::Host { at, len }), Piece::Host { at: a, len: n })
+            if *at + *len as u64 == *a =>
+        {
+            *len += n;
+        }
+        (Some(Piece::Zero(len)), Piece::Zero(n)) => *len += n,
+        (Some(Piece::Backing { off, len }), Piece::Backing { off: o, len: n })
+            if *off + *len as u64 == *o =>
+        {
+            *len += n;
+        }
+        _ => pieces.push(piece),
+    }
+}
+
 impl State {
-    /// Reads guest bytes, one cluster at a time.
-    pub(crate) fn read(&mut self, buf: &mut [u8], off: GuestOffset) -> Result<()> {
+    /// The pieces of `len` bytes at `off` (any alignment, any number of clusters).
+    pub(crate) fn plan_read(
+        &mut self,
+        off: GuestOffset,
+        len: usize,
+        out: &mut Vec<Piece>,
+    ) -> Result<()> {
         let cs = self.meta.geo.cluster_size();
         let mut done = 0usize;
-        while done < buf.len() {
+        while done < len {
             let pos = off.0 + done as u64;
-            let n = ((cs - pos % cs) as usize).min(buf.len() - done);
-            self.read_in_cluster(&mut buf[done..done + n], GuestOffset(pos))?;
+            let n = ((cs - pos % cs) as usize).min(len - done);
+            self.cluster_pieces(GuestOffset(pos), n, out)?;
             done += n;
         }
         Ok(())
     }
 
-    /// Reads a range that lies inside one cluster.
-    pub(crate) fn read_in_cluster(&mut self, buf: &mut [u8], off: GuestOffset) -> Result<()> {
+    /// The pieces of a range that lies inside one cluster.
+    pub(crate) fn cluster_pieces(
+        &mut self,
+        off: GuestOffset,
+        len: usize,
+        out: &mut Vec<Piece>,
+    ) -> Result<()> {
         let geo = self.meta.geo;
         let slot = self.slot(off)?;
         let in_cluster = geo.offset_in_cluster(off.0);
-        match slot.mapping(self)? {
+        let mapping = slot.mapping(self)?;
+        match mapping {
             Mapping::Compressed { host, sectors } => {
                 let cluster = self.decompress(slot.word, host, sectors)?;
-                buf.copy_from_slice(&cluster[in_cluster as usize..in_cluster as usize + buf.len()]);
-                Ok(())
+                let at = in_cluster as usize;
+                push_piece(out, Piece::Bytes(cluster[at..at + len].to_vec()));
             }
-            Mapping::Zero { .. } => {
-                buf.fill(0);
-                Ok(())
+            Mapping::Zero { .. } => push_piece(out, Piece::Zero(len)),
+            Mapping::Unallocated if !geo.extended_l2 => {
+                push_piece(out, self.backing_piece(off.0, len));
             }
-            Mapping::Unallocated if !geo.extended_l2 => self.read_backing(buf, off),
-            Mapping::Data { host, .. } if !geo.extended_l2 => {
-                self.read_host(buf, HostOffset(host.0 + in_cluster))
-            }
-            mapping => {
-                // Extended L2: walk runs of subclusters in the same state.
+            Mapping::Data { host, .. } if !geo.extended_l2 => push_piece(
+                out,
+                Piece::Host {
+                    at: host.0 + in_cluster,
+                    len,
+                },
+            ),
+            _ => {
+                // Extended L2: runs of subclusters in the same state.
                 let host = match mapping {
                     Mapping::Data { host, .. } => Some(host),
                     _ => None,
                 };
                 let sc = geo.subcluster_size();
                 let bitmap = SubclusterBitmap(slot.bitmap);
-                let mut done = 0usize;
-                while done < buf.len() {
-                    let pos = in_cluster + done as u64;
+                let end = in_cluster + len as u64;
+                let mut pos = in_cluster;
+                while pos < end {
                     let index = pos / sc;
                     let state = bitmap.state(index, host.is_some())?;
-                    let mut end = (index + 1) * sc;
-                    while end < in_cluster + buf.len() as u64
-                        && bitmap.state(end / sc, host.is_some())? == state
-                    {
-                        end += sc;
-                    }
-                    let n = ((end - pos) as usize).min(buf.len() - done);
-                    let part = &mut buf[done..done + n];
-                    match (state, host) {
-                        (SubclusterState::Data, Some(h)) => {
-                            self.read_host(part, HostOffset(h.0 + pos))?;
-                        }
-                        (SubclusterState::Zero, _) => part.fill(0),
+                    let run_end = ((index + 1) * sc).min(end);
+                    let n = (run_end - pos) as usize;
+                    let piece = match (state, host) {
+                        (SubclusterState::Data, Some(h)) => Piece::Host {
+                            at: h.0 + pos,
+                            len: n,
+                        },
+                        (SubclusterState::Zero, _) => Piece::Zero(n),
                         (SubclusterState::Unallocated, _) => {
-                            self.read_backing(part, GuestOffset(off.0 - in_cluster + pos))?;
+                            self.backing_piece(off.0 - in_cluster + pos, n)
                         }
                         (SubclusterState::Data, None) => {
                             unreachable!("state() refuses data without a host cluster")
                         }
-                    }
-                    done += n;
+                    };
+                    push_piece(out, piece);
+                    pos = run_end;
                 }
-                Ok(())
             }
+        }
+        Ok(())
+    }
+
+    /// Unallocated bytes: the backing layer's where it has any, zeros beyond it.
+    fn backing_piece(&self, off: u64, len: usize) -> Piece {
+        match self.backing_size {
+            Some(size) if off < size => Piece::Backing { off, len },
+            _ => Piece::Zero(len),
         }
     }
 
-    fn read_host(&self, buf: &mut [u8], at: HostOffset) -> Result<()> {
-        self.meta
-            .storage
-            .read_at(buf, at.0)
-            .ctx(|| format!("reading data at {at}"))
-    }
-
-    /// Reads from the backing layer, or zeros without one.
-    pub(crate) fn read_backing(&self, buf: &mut [u8], off: GuestOffset) -> Result<()> {
-        match &self.backing {
-            Some(b) => b.read_at(buf, off.0),
-            None => {
-                buf.fill(0);
-                Ok(())
-            }
-        }
-    }
-
-    /// Whether `[off, off + len)` (inside one cluster) is served by a backing layer that has
-    /// bytes there, i.e. whether an unallocated range might read as non-zero.
+    /// Whether a backing layer has bytes at `off`, i.e. whether an unallocated range there
+    /// might read as non-zero.
     pub(crate) fn backing_covers(&self, off: GuestOffset) -> bool {
-        self.backing.as_ref().is_some_and(|b| off.0 < b.size())
+        self.backing_size.is_some_and(|size| off.0 < size)
     }
 
     /// Decompresses a compressed cluster; the last one is cached (sequential readers of a
@@ -113,7 +157,10 @@ impl State {
             let cs = self.meta.geo.cluster_size() as usize;
             let len = (sectors * 512 - (host.0 & 511)) as usize;
             let mut input = vec![0u8; len];
-            self.read_host(&mut input, host)?;
+            self.meta
+                .storage
+                .read_at(&mut input, host.0)
+                .ctx(|| format!("reading compressed data at {host}"))?;
             let mut out = vec![0u8; cs].into_boxed_slice();
             let bad =
                 |what: String| Error::corrupt(format!("compressed cluster at {host}: {what}"));
@@ -138,5 +185,46 @@ impl State {
             self.compressed = Some((key, out));
         }
         Ok(&self.compressed.as_ref().expect("just filled").1)
+    }
+}
+
+/// Largest read planned under one lock hold: bounds the piece list and the lock hold time of
+/// a huge request.
+const PLAN_CHUNK: usize = 8 << 20;
+
+impl Image {
+    /// Reads guest bytes: plan under the lock, I/O without it. The caller holds the I/O gate.
+    pub(crate) fn read_inner(&self, buf: &mut [u8], off: GuestOffset) -> Result<()> {
+        let mut pieces = Vec::new();
+        for (i, chunk) in buf.chunks_mut(PLAN_CHUNK).enumerate() {
+            let at = GuestOffset(off.0 + (i * PLAN_CHUNK) as u64);
+            pieces.clear();
+            self.lock().plan_read(at, chunk.len(), &mut pieces)?;
+            self.fill(&pieces, chunk)?;
+        }
+        Ok(())
+    }
+
+    /// Fills `buf` from planned pieces (their lengths add up to `buf.len()`).
+    pub(crate) fn fill(&self, pieces: &[Piece], buf: &mut [u8]) -> Result<()> {
+        let mut done = 0;
+        for piece in pieces {
+            let part = &mut buf[done..done + piece.len()];
+            match piece {
+                Piece::Host { at, .. } => self
+                    .storage
+                    .read_data(part, *at)
+                    .ctx(|| format!("reading data at {at:#x}"))?,
+                Piece::Zero(_) => part.fill(0),
+                Piece::Backing { off, .. } => match &self.backing {
+                    Some(b) => b.read_at(part, *off)?,
+                    None => part.fill(0),
+                },
+                Piece::Bytes(bytes) => part.copy_from_slice(bytes),
+            }
+            done += piece.len();
+        }
+        debug_assert_eq!(done, buf.len());
+        Ok(())
     }
 }

@@ -55,7 +55,7 @@ impl State {
         self.meta.sync()?;
         self.meta.l1 = table;
         if old_clusters > 0 {
-            self.meta.free_range(HostOffset(old_off), old_clusters)?;
+            self.meta.free_range(HostOffset(old_off), old_clusters);
         }
         Ok(())
     }

@@ -1,309 +1,380 @@
-//! The write path: in-place overwrites, allocation with copy-on-write at the allocation unit
-//! (a cluster, or the touched subclusters with extended L2), zeroing and discard.
+//! The write path: in-place overwrites, and allocation with copy-on-write at the allocation
+//! unit (a cluster, or the touched subclusters with extended L2).
+//!
+//! A request runs in three phases:
+//! 1. **plan**, under the state lock: every cluster becomes an in-place write or an
+//!    allocation; allocated clusters come from the reserve and are marked busy;
+//! 2. **I/O**, without the lock: copy-on-write bytes and guest data, merged into as few
+//!    `pwrite`s as the host layout allows; then one (group-committed) barrier if bytes were
+//!    copied;
+//! 3. **link**, under the lock: the L2 entries (adjacent ones in one write), then the release
+//!    of what they pointed at before, and the busy marks are cleared.
 //!
 //! Order of every allocating write: refcount of the new cluster (durable already: it comes from
 //! the reserve) → guest data, with the COW bytes around it (synced when there are any) → L2
 //! entry → release of what the entry pointed at before (deferred to a batch; see `alloc`).
 
-use super::State;
-use crate::error::Result;
-use crate::format::entries::{COPIED, Mapping, SubclusterBitmap, SubclusterState, ZERO};
+use std::ops::Range;
+
+use super::read::Piece;
+use super::{Image, State};
+use crate::error::{IoContext, Result};
+use crate::format::entries::{COPIED, Mapping, SubclusterBitmap};
 use crate::types::{GuestOffset, HostOffset};
 
-/// What [`State::zero_range`] leaves behind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ZeroMode {
-    /// Reads as zeros; `unmap` allows freeing host clusters.
-    Zero { unmap: bool },
-    /// Deallocate: unallocated where nothing lies below, zero where a backing file does.
-    Discard,
+/// A guest cluster getting new host space (or new subclusters) from this request.
+#[derive(Debug)]
+pub(crate) struct Alloc {
+    /// Guest cluster index: busy while this allocation is in flight.
+    cluster: u64,
+    /// Where the L2 entry lives, what it holds now, and what it becomes.
+    slot_at: HostOffset,
+    old: (u64, u64),
+    new: (u64, u64),
+    /// Host cluster.
+    host: HostOffset,
+    /// Copy-on-write sources before and after the guest data, inside the cluster.
+    head: Vec<Piece>,
+    tail: Vec<Piece>,
+    /// Offset of the guest data in the cluster, and where it is in the request buffer.
+    data_at: u64,
+    src: Range<usize>,
+    /// `host` came from the reserve: it durably reads as zeros, and is freed if the request
+    /// fails before linking it.
+    fresh: bool,
+    /// What the slot pointed at before, to release once the new entry is written.
+    release: Option<Mapping>,
 }
 
-impl ZeroMode {
-    fn unmap(self) -> bool {
-        match self {
-            ZeroMode::Zero { unmap } => unmap,
-            ZeroMode::Discard => true,
-        }
-    }
+/// One cluster's share of a write request.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// The bytes go to allocated host space: `src` of the request buffer at host `at`.
+    InPlace {
+        at: u64,
+        src: Range<usize>,
+    },
+    Alloc(Alloc),
 }
+
+/// Largest write planned under one lock hold.
+const PLAN_CHUNK: usize = 8 << 20;
 
 impl State {
-    /// Writes guest bytes, one cluster at a time.
-    pub(crate) fn write(&mut self, data: &[u8], off: GuestOffset) -> Result<()> {
-        let cs = self.meta.geo.cluster_size();
-        let mut done = 0usize;
-        while done < data.len() {
-            let pos = off.0 + done as u64;
-            let n = ((cs - pos % cs) as usize).min(data.len() - done);
-            self.write_in_cluster(&data[done..done + n], GuestOffset(pos))?;
-            done += n;
-        }
-        Ok(())
-    }
-
-    fn write_in_cluster(&mut self, data: &[u8], off: GuestOffset) -> Result<()> {
+    /// Plans the write of `src` (a part of the request buffer inside one cluster) at `off`.
+    /// Returns false, planning nothing, if another request is changing that cluster.
+    fn plan_write_cluster(
+        &mut self,
+        off: GuestOffset,
+        src: Range<usize>,
+        steps: &mut Vec<Step>,
+    ) -> Result<bool> {
         let geo = self.meta.geo;
         let cs = geo.cluster_size();
         let sc = geo.subcluster_size();
+        let cluster = off.0 >> geo.cluster_bits;
+        if self.busy.contains(&cluster) {
+            return Ok(false);
+        }
         let in_cluster = geo.offset_in_cluster(off.0);
         let base = GuestOffset(off.0 - in_cluster);
-        let end = in_cluster + data.len() as u64;
+        let len = src.len() as u64;
+        let end = in_cluster + len;
         let slot = self.slot_for_write(off)?;
+        let slot_at = slot.at.expect("slot_for_write gives a table");
         let mapping = slot.mapping(self)?;
         let first_sub = in_cluster / sc;
         let sub_end = end.div_ceil(sc);
         let mask = SubclusterBitmap::range_mask(first_sub, sub_end - first_sub);
-
-        if let Mapping::Data { host, .. } = mapping {
-            let bitmap = SubclusterBitmap(slot.bitmap);
-            if !geo.extended_l2 || bitmap.alloc() & mask == mask {
-                return self.meta.write_data(HostOffset(host.0 + in_cluster), data);
-            }
-            // Some touched subclusters are not allocated yet: fill them, then mark them.
-            let unit = (first_sub * sc, sub_end * sc);
-            self.write_unit(base, host, unit, in_cluster, data, false)?;
-            let bitmap = SubclusterBitmap::from_masks(bitmap.alloc() | mask, bitmap.zero() & !mask);
-            return self.set_slot(slot, host.0 | COPIED, bitmap.0);
-        }
-
-        let (unit, reuse) = match mapping {
-            Mapping::Unallocated if geo.extended_l2 => ((first_sub * sc, sub_end * sc), None),
-            Mapping::Zero {
-                prealloc: Some(host),
-            } => ((0, cs), Some(host)),
-            _ => ((0, cs), None),
-        };
-        let host = match reuse {
-            Some(h) => h,
-            None => self.meta.alloc_cluster()?,
-        };
-        self.write_unit(base, host, unit, in_cluster, data, reuse.is_none())?;
-        let bitmap = if geo.extended_l2 {
-            if matches!(mapping, Mapping::Compressed { .. }) {
-                SubclusterBitmap::from_masks(u64::MAX, 0)
-            } else {
-                let old = SubclusterBitmap(slot.bitmap);
-                SubclusterBitmap::from_masks(mask, old.zero() & !mask)
-            }
-        } else {
-            SubclusterBitmap(0)
-        };
-        self.set_slot(slot, host.0 | COPIED, bitmap.0)?;
-        if reuse.is_none() {
-            self.release(mapping)?;
-        }
-        Ok(())
-    }
-
-    /// Writes the allocation unit `[unit.0, unit.1)` of the cluster at `base` to `host`: the
-    /// guest data at `in_cluster`, and the current guest content around it (copy-on-write).
-    ///
-    /// `fresh`: `host` came from the reserve and durably reads as zeros, so zero COW bytes
-    /// need no write. COW bytes that are written are synced before the caller links the
-    /// cluster into the L2 table: otherwise a power loss could keep the new L2 entry but not
-    /// the copied bytes, and lose data that was flushed before this write.
-    fn write_unit(
-        &mut self,
-        base: GuestOffset,
-        host: HostOffset,
-        unit: (u64, u64),
-        in_cluster: u64,
-        data: &[u8],
-        fresh: bool,
-    ) -> Result<()> {
-        let (start, end) = unit;
-        let mut buf = vec![0u8; (end - start) as usize];
-        let head = (in_cluster - start) as usize;
-        let tail = head + data.len();
-        if head > 0 {
-            self.read_in_cluster(&mut buf[..head], base_plus(base, start))?;
-        }
-        if tail < buf.len() {
-            self.read_in_cluster(
-                &mut buf[tail..],
-                base_plus(base, in_cluster + data.len() as u64),
-            )?;
-        }
-        if tail - head == buf.len() {
-            return self.meta.write_data(HostOffset(host.0 + start), data);
-        }
-        if fresh && buf.iter().all(|&b| b == 0) {
-            return self.meta.write_data(HostOffset(host.0 + in_cluster), data);
-        }
-        buf[head..tail].copy_from_slice(data);
-        self.meta.write_data(HostOffset(host.0 + start), &buf)?;
-        self.meta.sync()
-    }
-
-    /// Zeroes or discards a guest range, one cluster at a time.
-    pub(crate) fn zero_range(&mut self, off: GuestOffset, len: u64, mode: ZeroMode) -> Result<()> {
-        let cs = self.meta.geo.cluster_size();
-        let mut pos = off.0;
-        let end = off.0 + len;
-        while pos < end {
-            let n = (cs - pos % cs).min(end - pos);
-            self.zero_in_cluster(GuestOffset(pos), n, mode)?;
-            pos += n;
-        }
-        Ok(())
-    }
-
-    fn zero_in_cluster(&mut self, off: GuestOffset, len: u64, mode: ZeroMode) -> Result<()> {
-        let geo = self.meta.geo;
-        let sc = geo.subcluster_size();
-        let in_cluster = geo.offset_in_cluster(off.0);
-        let base = GuestOffset(off.0 - in_cluster);
-        let end = in_cluster + len;
-        // Whole allocation units inside the range are handled in the L2 entry; the partial
-        // ones at either edge get real zeros through the write path.
-        let first_full = in_cluster.div_ceil(sc);
-        let full_end = end / sc;
-        if first_full >= full_end {
-            return self.write_zero_bytes(off, len);
-        }
-        if in_cluster < first_full * sc {
-            self.write_zero_bytes(off, first_full * sc - in_cluster)?;
-        }
-        if full_end * sc < end {
-            self.write_zero_bytes(base_plus(base, full_end * sc), end - full_end * sc)?;
-        }
-        if geo.extended_l2 {
-            self.zero_subclusters(base, first_full, full_end, mode)
-        } else {
-            self.zero_cluster(base, mode)
-        }
-    }
-
-    /// Zeroes a whole cluster of a standard-L2 image through its L2 entry.
-    fn zero_cluster(&mut self, base: GuestOffset, mode: ZeroMode) -> Result<()> {
-        let has_backing = self.backing_covers(base);
-        let slot = self.slot(base)?;
-        let mapping = slot.mapping(self)?;
-        let v3 = self.meta.header.version >= 3;
-        let want_unallocated = !has_backing && (mode == ZeroMode::Discard || !v3);
-        if want_unallocated && mode.unmap() {
-            if slot.at.is_none() || mapping == Mapping::Unallocated {
-                return Ok(());
-            }
-            self.set_slot(slot, 0, 0)?;
-            return self.release(mapping);
-        }
-        if !v3 {
-            // No zero flag in v2: write zero data.
-            let cs = self.meta.geo.cluster_size();
-            return self.write_zero_bytes(base, cs);
-        }
-        let (word, keep) = match mapping {
-            Mapping::Data { host, .. } if !mode.unmap() => (host.0 | COPIED | ZERO, true),
-            Mapping::Zero {
-                prealloc: Some(host),
-            } if !mode.unmap() => (host.0 | COPIED | ZERO, true),
-            Mapping::Zero { prealloc: None } => return Ok(()),
-            Mapping::Unallocated if !has_backing => return Ok(()),
-            _ => (ZERO, false),
-        };
-        let slot = self.slot_for_write(base)?;
-        self.set_slot(slot, word, 0)?;
-        if !keep { self.release(mapping) } else { Ok(()) }
-    }
-
-    /// Zeroes subclusters `[first, end)` of an extended-L2 cluster through its bitmap.
-    fn zero_subclusters(
-        &mut self,
-        base: GuestOffset,
-        first: u64,
-        end: u64,
-        mode: ZeroMode,
-    ) -> Result<()> {
-        let has_backing = self.backing_covers(base);
-        let slot = self.slot(base)?;
-        let mapping = slot.mapping(self)?;
-        let mask = SubclusterBitmap::range_mask(first, end - first);
-        if let Mapping::Compressed { .. } = mapping {
-            // Compressed clusters have no subclusters: expand, then zero the part.
-            if mask != SubclusterBitmap::range_mask(0, 32) {
-                let sc = self.meta.geo.subcluster_size();
-                return self.write_zero_bytes(base_plus(base, first * sc), (end - first) * sc);
-            }
-        }
         let old = SubclusterBitmap(slot.bitmap);
-        let host = match mapping {
-            Mapping::Data { host, .. } => Some(host),
-            _ => None,
-        };
-        let zero_bits = if mode == ZeroMode::Discard && !has_backing {
-            0
-        } else {
-            mask
-        };
-        let alloc = if host.is_some() {
-            old.alloc() & !mask
-        } else {
-            0
-        };
-        let new = SubclusterBitmap::from_masks(alloc, (old.zero() & !mask) | zero_bits);
-        let compressed = matches!(mapping, Mapping::Compressed { .. });
-        // A compressed cluster cannot stay behind a zero bitmap: it is always released.
-        let free_host = compressed || (mode.unmap() && alloc == 0 && host.is_some());
-        let word = match host {
-            Some(h) if !free_host => h.0 | COPIED,
-            _ => 0,
-        };
-        if slot.at.is_none() && (new.0 == 0 || !has_backing) {
-            return Ok(()); // no table: already unallocated, and zeros unless a backing file lies below
-        }
-        let slot = if slot.at.is_none() {
-            self.slot_for_write(base)?
-        } else {
-            slot
-        };
-        self.set_slot(slot, word, new.0)?;
-        if free_host {
-            self.release(mapping)
-        } else {
-            Ok(())
-        }
-    }
 
-    /// Writes real zeros over a range inside one cluster, unless it already reads as zeros.
-    fn write_zero_bytes(&mut self, off: GuestOffset, len: u64) -> Result<()> {
-        if self.reads_as_zero(off, len)? {
-            return Ok(());
-        }
-        let zeros = vec![0u8; len as usize];
-        self.write_in_cluster(&zeros, off)
-    }
-
-    /// Whether a range inside one cluster reads as zeros by metadata alone.
-    fn reads_as_zero(&mut self, off: GuestOffset, len: u64) -> Result<bool> {
-        let geo = self.meta.geo;
-        let slot = self.slot(off)?;
-        let backed = self.backing_covers(off);
-        Ok(match slot.mapping(self)? {
-            Mapping::Zero { .. } => true,
-            Mapping::Unallocated if !geo.extended_l2 => !backed,
-            Mapping::Data { .. } if !geo.extended_l2 => false,
-            Mapping::Compressed { .. } => false,
-            mapping => {
-                let has_host = matches!(mapping, Mapping::Data { .. });
-                let sc = geo.subcluster_size();
-                let in_cluster = geo.offset_in_cluster(off.0);
-                let bitmap = SubclusterBitmap(slot.bitmap);
-                let mut all = true;
-                for i in in_cluster / sc..(in_cluster + len).div_ceil(sc) {
-                    all &= match bitmap.state(i, has_host)? {
-                        SubclusterState::Zero => true,
-                        SubclusterState::Unallocated => !backed,
-                        SubclusterState::Data => false,
-                    };
-                }
-                all
+        let (host, unit, fresh, release, bitmap) = match mapping {
+            Mapping::Data { host, .. } if !geo.extended_l2 || old.alloc() & mask == mask => {
+                let at = host.0 + in_cluster;
+                self.meta.check_data_write(HostOffset(at), len)?;
+                steps.push(Step::InPlace { at, src });
+                return Ok(true);
             }
-        })
+            Mapping::Data { host, .. } => {
+                // Extended L2, some touched subclusters not allocated yet. Allocated ones at the
+                // edges are written in place, never copied: another request may be rewriting
+                // them right now, and copying their old bytes back would undo that.
+                let is_data = |i: u64| old.alloc() & (1 << i) != 0;
+                let start = if is_data(first_sub) {
+                    in_cluster
+                } else {
+                    first_sub * sc
+                };
+                let stop = if is_data(sub_end - 1) {
+                    end
+                } else {
+                    sub_end * sc
+                };
+                let bitmap = SubclusterBitmap::from_masks(old.alloc() | mask, old.zero() & !mask);
+                (host, (start, stop), false, None, bitmap)
+            }
+            _ => {
+                let unit = match mapping {
+                    Mapping::Unallocated if geo.extended_l2 => (first_sub * sc, sub_end * sc),
+                    _ => (0, cs),
+                };
+                let bitmap = match mapping {
+                    _ if !geo.extended_l2 => SubclusterBitmap(0),
+                    Mapping::Compressed { .. } => SubclusterBitmap::from_masks(u64::MAX, 0),
+                    _ => SubclusterBitmap::from_masks(mask, old.zero() & !mask),
+                };
+                match mapping {
+                    Mapping::Zero {
+                        prealloc: Some(host),
+                    } => (host, unit, false, None, bitmap),
+                    _ => {
+                        let host = self.meta.alloc_cluster()?;
+                        (host, unit, true, Some(mapping), bitmap)
+                    }
+                }
+            }
+        };
+        let mut head = Vec::new();
+        let mut tail = Vec::new();
+        if unit.0 < in_cluster {
+            let at = GuestOffset(base.0 + unit.0);
+            self.cluster_pieces(at, (in_cluster - unit.0) as usize, &mut head)?;
+        }
+        if end < unit.1 {
+            let at = GuestOffset(base.0 + end);
+            self.cluster_pieces(at, (unit.1 - end) as usize, &mut tail)?;
+        }
+        let planned = Alloc {
+            cluster,
+            slot_at,
+            old: (slot.word, slot.bitmap),
+            new: (host.0 | COPIED, bitmap.0),
+            host,
+            head,
+            tail,
+            data_at: in_cluster,
+            src,
+            fresh,
+            release,
+        };
+        if let Err(e) = self
+            .meta
+            .check_data_write(HostOffset(host.0 + unit.0), unit.1 - unit.0)
+        {
+            self.abandon(std::slice::from_ref(&Step::Alloc(planned)));
+            return Err(e);
+        }
+        self.busy.insert(cluster);
+        steps.push(Step::Alloc(planned));
+        Ok(true)
+    }
+
+    /// Links planned allocations whose data is written: L2 entries first, then releases.
+    fn link(&mut self, steps: &[Step]) -> Result<()> {
+        let updates: Vec<_> = allocs(steps).map(|a| (a.slot_at, a.old, a.new)).collect();
+        let linked = self.set_slots(&updates);
+        if linked.is_ok() {
+            for a in allocs(steps) {
+                if let Some(old) = a.release {
+                    self.release(old);
+                }
+                self.busy.remove(&a.cluster);
+            }
+        }
+        linked
+    }
+
+    /// Gives up planned allocations before anything links them: busy marks cleared, fresh
+    /// clusters freed.
+    fn abandon(&mut self, steps: &[Step]) {
+        for a in allocs(steps) {
+            if a.fresh {
+                self.meta.free_range(a.host, 1);
+            }
+        }
+        self.clear_busy(steps);
+    }
+
+    fn clear_busy(&mut self, steps: &[Step]) {
+        for a in allocs(steps) {
+            self.busy.remove(&a.cluster);
+        }
     }
 }
 
-fn base_plus(base: GuestOffset, n: u64) -> GuestOffset {
-    GuestOffset(base.0 + n)
+fn allocs(steps: &[Step]) -> impl Iterator<Item = &Alloc> {
+    steps.iter().filter_map(|s| match s {
+        Step::Alloc(a) => Some(a),
+        Step::InPlace { .. } => None,
+    })
+}
+
+/// Consecutive data writes merged into one `pwrite` when both the host offsets and the request
+/// buffer ranges are contiguous.
+struct Merger<'a> {
+    image: &'a Image,
+    buf: &'a [u8],
+    run: Option<(u64, Range<usize>)>,
+}
+
+impl Merger<'_> {
+    fn push(&mut self, at: u64, src: Range<usize>) -> Result<()> {
+        if let Some((run_at, run_src)) = &mut self.run
+            && *run_at + run_src.len() as u64 == at
+            && run_src.end == src.start
+        {
+            run_src.end = src.end;
+            return Ok(());
+        }
+        self.finish()?;
+        self.run = Some((at, src));
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        if let Some((at, src)) = self.run.take() {
+            self.image.write_host(&self.buf[src], at)?;
+        }
+        Ok(())
+    }
+}
+
+impl Image {
+    /// Writes guest bytes. The caller holds the I/O gate.
+    pub(crate) fn write_inner(&self, buf: &[u8], off: GuestOffset) -> Result<()> {
+        let cb = self.geo.cluster_bits;
+        let cs = self.geo.cluster_size();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let mut steps = Vec::new();
+            let mut wait_for = None;
+            {
+                let mut st = self.lock();
+                let limit = (done + PLAN_CHUNK).min(buf.len());
+                while done < limit {
+                    let pos = off.0 + done as u64;
+                    let n = ((cs - pos % cs) as usize).min(buf.len() - done);
+                    match st.plan_write_cluster(GuestOffset(pos), done..done + n, &mut steps) {
+                        Ok(true) => done += n,
+                        Ok(false) => {
+                            wait_for = Some(pos >> cb);
+                            break;
+                        }
+                        Err(e) => {
+                            st.abandon(&steps);
+                            drop(st);
+                            self.settled.notify_all();
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+            self.run_steps(buf, &steps)?;
+            if let Some(cluster) = wait_for {
+                drop(self.wait_idle(self.lock(), cluster));
+            }
+        }
+        Ok(())
+    }
+
+    /// Phases 2 and 3 for planned steps. If the I/O fails, the allocations are abandoned
+    /// (fresh clusters freed); if linking fails, they are left to leak (some entries may
+    /// already point at them; the dirty bit makes the next open reclaim the rest).
+    fn run_steps(&self, buf: &[u8], steps: &[Step]) -> Result<()> {
+        if steps.is_empty() {
+            return Ok(());
+        }
+        let written = self.write_steps(buf, steps).and_then(|needs_barrier| {
+            if needs_barrier {
+                self.barrier
+                    .sync(&*self.storage)
+                    .ctx(|| "syncing copied data".to_string())
+            } else {
+                Ok(())
+            }
+        });
+        if allocs(steps).next().is_none() {
+            return written;
+        }
+        let result = {
+            let mut st = self.lock();
+            match written {
+                Ok(()) => {
+                    let linked = st.link(steps);
+                    if linked.is_err() {
+                        st.clear_busy(steps);
+                    }
+                    linked
+                }
+                Err(e) => {
+                    st.abandon(steps);
+                    Err(e)
+                }
+            }
+        };
+        self.settled.notify_all();
+        result
+    }
+
+    /// Writes the data and copy-on-write bytes of planned steps. Returns whether bytes were
+    /// copied (or zeroed) that must be durable before the L2 entries point at them: otherwise
+    /// a power loss could keep a new entry but not the bytes it needs, and lose data that was
+    /// flushed before this write.
+    fn write_steps(&self, buf: &[u8], steps: &[Step]) -> Result<bool> {
+        let mut merged = Merger {
+            image: self,
+            buf,
+            run: None,
+        };
+        let mut needs_barrier = false;
+        for step in steps {
+            match step {
+                Step::InPlace { at, src } => merged.push(*at, src.clone())?,
+                Step::Alloc(a) => {
+                    let head_len: usize = a.head.iter().map(Piece::len).sum();
+                    let tail_len: usize = a.tail.iter().map(Piece::len).sum();
+                    let data_at = a.host.0 + a.data_at;
+                    let copy =
+                        |pieces: &[Piece]| pieces.iter().any(|p| !matches!(p, Piece::Zero(_)));
+                    if copy(&a.head) || copy(&a.tail) {
+                        // Real bytes around the data: one buffer, one write.
+                        let mut unit = vec![0u8; head_len + a.src.len() + tail_len];
+                        let (h, rest) = unit.split_at_mut(head_len);
+                        let (d, t) = rest.split_at_mut(a.src.len());
+                        self.fill(&a.head, h)?;
+                        d.copy_from_slice(&buf[a.src.clone()]);
+                        self.fill(&a.tail, t)?;
+                        self.write_host(&unit, data_at - head_len as u64)?;
+                        needs_barrier = true;
+                        continue;
+                    }
+                    if !a.fresh && head_len + tail_len > 0 {
+                        // Zeros around the data in space that may hold old bytes.
+                        self.zero_host(data_at - head_len as u64, head_len as u64)?;
+                        self.zero_host(data_at + a.src.len() as u64, tail_len as u64)?;
+                        needs_barrier = true;
+                    }
+                    merged.push(data_at, a.src.clone())?;
+                }
+            }
+        }
+        merged.finish()?;
+        Ok(needs_barrier)
+    }
+
+    fn write_host(&self, bytes: &[u8], at: u64) -> Result<()> {
+        self.storage
+            .write_data(bytes, at)
+            .ctx(|| format!("writing data at {at:#x}"))
+    }
+
+    /// Zeroes host bytes with `fallocate` where the filesystem can (no zero data written).
+    fn zero_host(&self, at: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.storage
+            .write_zeroes(at, len)
+            .ctx(|| format!("zeroing {len} bytes at {at:#x}"))
+    }
 }

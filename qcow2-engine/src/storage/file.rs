@@ -1,18 +1,39 @@
-//! A host file as storage: `pread`/`pwrite`, `fallocate`, `fdatasync`.
+//! A host file as storage: `pread`/`pwrite`, `fallocate`, `fdatasync`, and optionally `O_DIRECT`
+//! for guest data.
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
 use rustix::fs::FallocateFlags;
 
 use super::{Storage, write_zeroes_by_writing};
 
+/// How guest data reaches the file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Through the page cache (QEMU's `cache=writeback`).
+    #[default]
+    Buffered,
+    /// Guest data bypasses the page cache with `O_DIRECT` (QEMU's `cache=none`). Requests that
+    /// are not aligned to [`DIRECT_ALIGN`] go through the page cache, which Linux keeps
+    /// coherent with direct I/O; so does metadata, which is small and written in place.
+    Direct,
+}
+
+/// Alignment of offsets, lengths and buffers for `O_DIRECT`: 4096 satisfies both 512-byte and
+/// 4 KiB logical-block devices.
+pub const DIRECT_ALIGN: usize = 4096;
+
 /// A regular file accessed with positioned I/O (never seek + read: that races between threads).
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
+    writable: bool,
+    /// A second descriptor of the same file opened with `O_DIRECT` ([`CacheMode::Direct`]).
+    direct: Option<File>,
 }
 
 impl FileStorage {
@@ -21,14 +42,14 @@ impl FileStorage {
     pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(writable).open(path)?;
         super::lock::lock(&file, writable)?;
-        Ok(Self { file })
+        Ok(Self::with(file, writable))
     }
 
     /// Opens an existing file read-only without taking or honouring locks (qemu-img's
     /// `--force-share`): for inspecting an image somebody is using; reads may be inconsistent.
     pub fn open_unlocked(path: &Path) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).open(path)?;
-        Ok(Self { file })
+        Ok(Self::with(file, false))
     }
 
     /// Creates a new file, locked for writing; fails if it exists (never clobber somebody's
@@ -40,12 +61,56 @@ impl FileStorage {
             .create_new(true)
             .open(path)?;
         super::lock::lock(&file, true)?;
-        Ok(Self { file })
+        Ok(Self::with(file, true))
     }
 
-    /// Wraps an already opened file.
+    /// Wraps an already opened file (read-write if it was opened so).
     pub fn from_file(file: File) -> Self {
-        Self { file }
+        let writable =
+            rustix::fs::fcntl_getfl(&file).is_ok_and(|f| f.contains(rustix::fs::OFlags::RDWR));
+        Self::with(file, writable)
+    }
+
+    fn with(file: File, writable: bool) -> Self {
+        Self {
+            file,
+            writable,
+            direct: None,
+        }
+    }
+
+    /// Switches how guest data is read and written. [`CacheMode::Direct`] reopens the same
+    /// file (through `/proc/self/fd`, so a renamed path cannot swap it) with `O_DIRECT`; it
+    /// fails with a clear error where the filesystem refuses `O_DIRECT`.
+    pub fn set_cache_mode(&mut self, mode: CacheMode) -> io::Result<()> {
+        self.direct = match mode {
+            CacheMode::Buffered => None,
+            CacheMode::Direct => {
+                let proc_path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(self.writable)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(&proc_path)
+                    .map_err(|e| {
+                        io::Error::new(
+                            e.kind(),
+                            format!("this filesystem does not support O_DIRECT: {e}"),
+                        )
+                    })?;
+                Some(file)
+            }
+        };
+        Ok(())
+    }
+
+    /// The current cache mode.
+    pub fn cache_mode(&self) -> CacheMode {
+        if self.direct.is_some() {
+            CacheMode::Direct
+        } else {
+            CacheMode::Buffered
+        }
     }
 
     fn fallocate_or(
@@ -72,7 +137,91 @@ impl FileStorage {
     }
 }
 
+fn aligned(offset: u64, len: usize) -> bool {
+    len > 0 && offset.is_multiple_of(DIRECT_ALIGN as u64) && len.is_multiple_of(DIRECT_ALIGN)
+}
+
+/// A heap buffer whose usable part starts on a [`DIRECT_ALIGN`] boundary.
+struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        let raw = vec![0u8; len + DIRECT_ALIGN];
+        let start = raw.as_ptr().align_offset(DIRECT_ALIGN);
+        Self { raw, start, len }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.raw[self.start..self.start + self.len]
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + self.len]
+    }
+}
+
+fn is_aligned_ptr(p: *const u8) -> bool {
+    p.align_offset(DIRECT_ALIGN) == 0
+}
+
+impl FileStorage {
+    /// An aligned read through the `O_DIRECT` descriptor. A short read means end of file: the
+    /// rest reads as zeros (as [`Storage::read_at`] promises).
+    fn read_direct(&self, direct: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if !is_aligned_ptr(buf.as_ptr()) {
+            let mut bounce = AlignedBuf::new(buf.len());
+            self.read_direct(direct, bounce.bytes_mut(), offset)?;
+            buf.copy_from_slice(bounce.bytes());
+            return Ok(());
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            if !aligned(at, buf.len() - done) {
+                return self.read_at(&mut buf[done..], at);
+            }
+            match direct.read_at(&mut buf[done..], at) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_direct(&self, direct: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+        if !is_aligned_ptr(buf.as_ptr()) {
+            let mut bounce = AlignedBuf::new(buf.len());
+            bounce.bytes_mut().copy_from_slice(buf);
+            return direct.write_all_at(bounce.bytes(), offset);
+        }
+        direct.write_all_at(buf, offset)
+    }
+}
+
 impl Storage for FileStorage {
+    fn read_data(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        match &self.direct {
+            Some(direct) if aligned(offset, buf.len()) => self.read_direct(direct, buf, offset),
+            _ => self.read_at(buf, offset),
+        }
+    }
+
+    fn write_data(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        match &self.direct {
+            Some(direct) if aligned(offset, buf.len()) => self.write_direct(direct, buf, offset),
+            _ => self.write_at(buf, offset),
+        }
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let mut done = 0;
         while done < buf.len() {

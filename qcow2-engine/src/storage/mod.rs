@@ -14,7 +14,7 @@ use std::io;
 use std::sync::Arc;
 
 pub use fault::{FaultPlan, FaultStorage, Mutation};
-pub use file::FileStorage;
+pub use file::{CacheMode, DIRECT_ALIGN, FileStorage};
 pub use memory::MemoryStorage;
 
 /// Positioned block storage. All methods take `&self` so one storage can serve many threads.
@@ -25,6 +25,17 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 
     /// Writes all of `buf` at `offset`, growing the storage when needed.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+
+    /// Reads guest data: like [`Storage::read_at`], but may bypass the page cache (`O_DIRECT`)
+    /// when the storage was opened that way. Metadata always goes through `read_at`.
+    fn read_data(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_at(buf, offset)
+    }
+
+    /// Writes guest data: like [`Storage::write_at`], but may bypass the page cache.
+    fn write_data(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(buf, offset)
+    }
 
     /// Makes `[offset, offset + len)` read as zeros, without deallocating where possible.
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()>;
@@ -59,6 +70,12 @@ impl<S: Storage + ?Sized> Storage for Arc<S> {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         (**self).write_at(buf, offset)
+    }
+    fn read_data(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_data(buf, offset)
+    }
+    fn write_data(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_data(buf, offset)
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).write_zeroes(offset, len)

@@ -1,0 +1,229 @@
+//! Zeroing and discard. Whole allocation units change in the L2 entry, under the state lock,
+//! once the cluster is not busy (so a change never interleaves with an allocation in flight);
+//! partial units at the edges of a range get real zeros through the write path.
+
+use super::{Image, State};
+use crate::error::Result;
+use crate::format::entries::{COPIED, Mapping, SubclusterBitmap, SubclusterState, ZERO};
+use crate::types::GuestOffset;
+
+/// What [`Image::zero_range`] leaves behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ZeroMode {
+    /// Reads as zeros; `unmap` allows freeing host clusters.
+    Zero { unmap: bool },
+    /// Deallocate: unallocated where nothing lies below, zero where a backing file does.
+    Discard,
+}
+
+impl ZeroMode {
+    fn unmap(self) -> bool {
+        match self {
+            ZeroMode::Zero { unmap } => unmap,
+            ZeroMode::Discard => true,
+        }
+    }
+}
+
+impl Image {
+    /// Zeroes or discards a guest range, one cluster at a time. The caller holds the I/O gate.
+    pub(crate) fn zero_range(&self, off: GuestOffset, len: u64, mode: ZeroMode) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let cb = self.geo.cluster_bits;
+        let mut pos = off.0;
+        let end = off.0 + len;
+        let mut edges = Vec::new();
+        while pos < end {
+            let n = (cs - pos % cs).min(end - pos);
+            let mut st = self.wait_idle(self.lock(), pos >> cb);
+            st.zero_in_cluster(GuestOffset(pos), n, mode, &mut edges)?;
+            pos += n;
+        }
+        let longest = edges.iter().map(|&(_, n)| n).max().unwrap_or(0);
+        let zeros = vec![0u8; longest as usize];
+        for (at, n) in edges {
+            self.write_inner(&zeros[..n as usize], GuestOffset(at))?;
+        }
+        Ok(())
+    }
+}
+
+impl State {
+    /// Zeroes what the L2 entry can express; pushes the `(offset, len)` ranges that need real
+    /// zeros written onto `edges`.
+    fn zero_in_cluster(
+        &mut self,
+        off: GuestOffset,
+        len: u64,
+        mode: ZeroMode,
+        edges: &mut Vec<(u64, u64)>,
+    ) -> Result<()> {
+        let geo = self.meta.geo;
+        let sc = geo.subcluster_size();
+        let in_cluster = geo.offset_in_cluster(off.0);
+        let base = GuestOffset(off.0 - in_cluster);
+        let end = in_cluster + len;
+        let first_full = in_cluster.div_ceil(sc);
+        let full_end = end / sc;
+        if first_full >= full_end {
+            return self.zero_bytes(off, len, edges);
+        }
+        if in_cluster < first_full * sc {
+            self.zero_bytes(off, first_full * sc - in_cluster, edges)?;
+        }
+        if full_end * sc < end {
+            self.zero_bytes(base_plus(base, full_end * sc), end - full_end * sc, edges)?;
+        }
+        if geo.extended_l2 {
+            self.zero_subclusters(base, first_full, full_end, mode, edges)
+        } else {
+            self.zero_cluster(base, mode, edges)
+        }
+    }
+    /// Zeroes a whole cluster of a standard-L2 image through its L2 entry.
+    fn zero_cluster(
+        &mut self,
+        base: GuestOffset,
+        mode: ZeroMode,
+        edges: &mut Vec<(u64, u64)>,
+    ) -> Result<()> {
+        let has_backing = self.backing_covers(base);
+        let slot = self.slot(base)?;
+        let mapping = slot.mapping(self)?;
+        let v3 = self.meta.header.version >= 3;
+        let want_unallocated = !has_backing && (mode == ZeroMode::Discard || !v3);
+        if want_unallocated && mode.unmap() {
+            if slot.at.is_none() || mapping == Mapping::Unallocated {
+                return Ok(());
+            }
+            self.set_slot(slot, 0, 0)?;
+            self.release(mapping);
+            return Ok(());
+        }
+        if !v3 {
+            // No zero flag in v2: write zero data.
+            let cs = self.meta.geo.cluster_size();
+            edges.push((base.0, cs));
+            return Ok(());
+        }
+        let (word, keep) = match mapping {
+            Mapping::Data { host, .. } if !mode.unmap() => (host.0 | COPIED | ZERO, true),
+            Mapping::Zero {
+                prealloc: Some(host),
+            } if !mode.unmap() => (host.0 | COPIED | ZERO, true),
+            Mapping::Zero { prealloc: None } => return Ok(()),
+            Mapping::Unallocated if !has_backing => return Ok(()),
+            _ => (ZERO, false),
+        };
+        let slot = self.slot_for_write(base)?;
+        self.set_slot(slot, word, 0)?;
+        if !keep {
+            self.release(mapping);
+        }
+        Ok(())
+    }
+
+    /// Zeroes subclusters `[first, end)` of an extended-L2 cluster through its bitmap.
+    fn zero_subclusters(
+        &mut self,
+        base: GuestOffset,
+        first: u64,
+        end: u64,
+        mode: ZeroMode,
+        edges: &mut Vec<(u64, u64)>,
+    ) -> Result<()> {
+        let has_backing = self.backing_covers(base);
+        let slot = self.slot(base)?;
+        let mapping = slot.mapping(self)?;
+        let mask = SubclusterBitmap::range_mask(first, end - first);
+        if let Mapping::Compressed { .. } = mapping {
+            // Compressed clusters have no subclusters: expand, then zero the part.
+            if mask != SubclusterBitmap::range_mask(0, 32) {
+                let sc = self.meta.geo.subcluster_size();
+                edges.push((base.0 + first * sc, (end - first) * sc));
+                return Ok(());
+            }
+        }
+        let old = SubclusterBitmap(slot.bitmap);
+        let host = match mapping {
+            Mapping::Data { host, .. } => Some(host),
+            _ => None,
+        };
+        let zero_bits = if mode == ZeroMode::Discard && !has_backing {
+            0
+        } else {
+            mask
+        };
+        let alloc = if host.is_some() {
+            old.alloc() & !mask
+        } else {
+            0
+        };
+        let new = SubclusterBitmap::from_masks(alloc, (old.zero() & !mask) | zero_bits);
+        let compressed = matches!(mapping, Mapping::Compressed { .. });
+        // A compressed cluster cannot stay behind a zero bitmap: it is always released.
+        let free_host = compressed || (mode.unmap() && alloc == 0 && host.is_some());
+        let word = match host {
+            Some(h) if !free_host => h.0 | COPIED,
+            _ => 0,
+        };
+        if slot.at.is_none() && (new.0 == 0 || !has_backing) {
+            return Ok(()); // no table: already unallocated, and zeros unless a backing file lies below
+        }
+        let slot = if slot.at.is_none() {
+            self.slot_for_write(base)?
+        } else {
+            slot
+        };
+        self.set_slot(slot, word, new.0)?;
+        if free_host {
+            self.release(mapping);
+        }
+        Ok(())
+    }
+
+    /// A range inside one cluster needs real zeros unless it already reads as zeros.
+    fn zero_bytes(
+        &mut self,
+        off: GuestOffset,
+        len: u64,
+        edges: &mut Vec<(u64, u64)>,
+    ) -> Result<()> {
+        if !self.reads_as_zero(off, len)? {
+            edges.push((off.0, len));
+        }
+        Ok(())
+    }
+
+    /// Whether a range inside one cluster reads as zeros by metadata alone.
+    fn reads_as_zero(&mut self, off: GuestOffset, len: u64) -> Result<bool> {
+        let geo = self.meta.geo;
+        let slot = self.slot(off)?;
+        let backed = self.backing_covers(off);
+        Ok(match slot.mapping(self)? {
+            Mapping::Zero { .. } => true,
+            Mapping::Unallocated if !geo.extended_l2 => !backed,
+            Mapping::Data { .. } if !geo.extended_l2 => false,
+            Mapping::Compressed { .. } => false,
+            mapping => {
+                let has_host = matches!(mapping, Mapping::Data { .. });
+                let sc = geo.subcluster_size();
+                let in_cluster = geo.offset_in_cluster(off.0);
+                let bitmap = SubclusterBitmap(slot.bitmap);
+                let mut all = true;
+                for i in in_cluster / sc..(in_cluster + len).div_ceil(sc) {
+                    all &= match bitmap.state(i, has_host)? {
+                        SubclusterState::Zero => true,
+                        SubclusterState::Unallocated => !backed,
+                        SubclusterState::Data => false,
+                    };
+                }
+                all
+            }
+        })
+    }
+}
+
+fn base_plus(base: GuestOffset, n: u64) -> GuestOffset {
+    GuestOffset(base.0 + n)
+}
