@@ -1,7 +1,7 @@
 # qcow2-csi developer targets. `make help` lists them.
 CARGO ?= cargo
 
-.PHONY: help build demo test test-deps lint fmt clippy doc clean fuzz
+.PHONY: help build demo test test-deps lint fmt clippy doc clean fuzz bench
 
 help: ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -17,6 +17,11 @@ test: ## Run the whole test suite, installing its dependencies when missing
 
 test-deps: ## Install the test dependencies only
 	./hack/test-deps.sh
+
+BENCH_ARGS ?=
+bench: ## Engine vs QEMU qcow2 vs raw file, side by side (needs qemu-utils and fio; BENCH_ARGS=--quick)
+	$(CARGO) build --release -p qcow2-engine
+	./hack/bench.py $(BENCH_ARGS)
 
 lint: fmt clippy ## fmt --check and clippy -D warnings
 

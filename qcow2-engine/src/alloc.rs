@@ -168,6 +168,7 @@ impl Meta {
             let start = self.alloc_at_end(rest)?.0 >> self.geo.cluster_bits;
             got.extend(start..start + rest);
         }
+        self.preallocate_runs(&got)?;
         self.sync()?;
         self.reserve.extend(got);
         let max = (MAX_RESERVE_BYTES >> self.geo.cluster_bits).max(1);
@@ -405,19 +406,20 @@ impl Meta {
 
     /// Punches sorted clusters out of the host file, one call per contiguous run.
     fn punch_runs(&self, clusters: &[u64]) -> Result<()> {
-        let cb = self.geo.cluster_bits;
-        let mut i = 0;
-        while i < clusters.len() {
-            let mut j = i + 1;
-            while j < clusters.len() && clusters[j] == clusters[j - 1] + 1 {
-                j += 1;
-            }
-            let off = clusters[i] << cb;
-            let len = ((j - i) as u64) << cb;
+        for (off, len) in byte_runs(clusters, self.geo.cluster_bits) {
             self.storage
                 .punch_hole(off, len)
                 .ctx(|| format!("punching {len} bytes at {off:#x}"))?;
-            i = j;
+        }
+        Ok(())
+    }
+
+    /// Preallocates reserved clusters (see [`crate::storage::Storage::preallocate`]).
+    fn preallocate_runs(&self, clusters: &[u64]) -> Result<()> {
+        for (off, len) in byte_runs(clusters, self.geo.cluster_bits) {
+            self.storage
+                .preallocate(off, len)
+                .ctx(|| format!("preallocating {len} bytes at {off:#x}"))?;
         }
         Ok(())
     }
@@ -461,4 +463,11 @@ impl Meta {
         self.end_cluster = end;
         Ok(())
     }
+}
+
+/// Sorted cluster numbers as `(byte offset, byte length)` runs of contiguous clusters.
+fn byte_runs(clusters: &[u64], cluster_bits: u32) -> impl Iterator<Item = (u64, u64)> + '_ {
+    clusters
+        .chunk_by(|a, b| *a + 1 == *b)
+        .map(move |run| (run[0] << cluster_bits, (run.len() as u64) << cluster_bits))
 }

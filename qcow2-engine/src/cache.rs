@@ -2,17 +2,25 @@
 //!
 //! L2 tables and refcount blocks are cached in slices (at most 4 KiB each), lazily loaded, least
 //! recently used first out. Memory therefore follows the working set, not the virtual size.
-//! The cache is write-through: the engine writes every metadata change to storage in dependency
-//! order (refcount → data → L2 → L1) before the guest write returns, and patches the cached copy,
-//! so a process crash never loses an acknowledged write and nothing is ever dirty here.
+//!
+//! Changes reach storage before the request that made them returns, so a process crash never
+//! loses an acknowledged write. Most metadata is written through (write, then patch the cached
+//! copy). L2 slices changed by the data path are instead *written back with group commit*:
+//! a request patches the cached slice under the state lock, which pins it (it cannot be
+//! evicted while newer than the disk) and gives the request a [`Ticket`]; after dropping the
+//! lock it waits until a write of the whole slice that started after its patch has completed,
+//! running that write itself when none is running. Concurrent requests that change entries
+//! of the same slice share one write, and the write is an aligned 4 KiB write that can bypass
+//! the page cache (`O_DIRECT`) without taking the file's exclusive lock.
 
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
 
 use lru::LruCache;
 
 use crate::error::{IoContext, Result};
 use crate::storage::Storage;
-use crate::types::HostOffset;
+use crate::types::{Geometry, HostOffset};
 
 /// Largest slice: QEMU's default L2 slice size, small enough that a random working set does
 /// not drag whole 64 KiB tables (or 2 MiB ones) into memory.
@@ -41,8 +49,48 @@ pub struct SliceCache {
     name: &'static str,
     slice: u64,
     lru: LruCache<u64, Box<[u8]>>,
+    /// Slices newer than the disk, out of the LRU until written (see the module docs).
+    dirty: HashMap<u64, Dirty>,
     hits: u64,
     misses: u64,
+}
+
+/// A pinned slice and the progress of its writes (generation numbers, as in the barrier).
+#[derive(Debug)]
+struct Dirty {
+    bytes: Box<[u8]>,
+    started: u64,
+    completed: u64,
+    running: bool,
+    /// Tickets not yet redeemed.
+    tickets: usize,
+    failed: Option<String>,
+}
+
+/// A claim on a slice write: redeemed once a write that started after the patch completes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    /// Host offset of the slice.
+    pub slice: u64,
+    need: u64,
+}
+
+/// What a ticket holder does next.
+#[derive(Debug)]
+pub enum Writeback {
+    /// The patch is on storage (in the OS at least).
+    Done,
+    /// The write that carried the patch failed.
+    Failed(String),
+    /// Another thread is writing the slice; wait and ask again.
+    Wait,
+    /// Write these bytes at the slice offset, then report with [`SliceCache::writeback_done`].
+    Write {
+        /// Generation of this write.
+        generation: u64,
+        /// The slice as it is now.
+        bytes: Vec<u8>,
+    },
 }
 
 impl SliceCache {
@@ -54,6 +102,7 @@ impl SliceCache {
             name,
             slice,
             lru: LruCache::new(NonZeroUsize::new(slices).expect("at least MIN_SLICES")),
+            dirty: HashMap::new(),
             hits: 0,
             misses: 0,
         }
@@ -72,6 +121,11 @@ impl SliceCache {
     ) -> Result<(&mut [u8], usize)> {
         let start = offset.0 - offset.0 % self.slice;
         let within = (offset.0 - start) as usize;
+        if self.dirty.contains_key(&start) {
+            self.hits += 1;
+            let d = self.dirty.get_mut(&start).expect("just checked");
+            return Ok((&mut d.bytes, within));
+        }
         if self.lru.contains(&start) {
             self.hits += 1;
         } else {
@@ -103,7 +157,11 @@ impl SliceCache {
             let start = off - off % self.slice;
             let within = (off - start) as usize;
             let n = rest.len().min(self.slice as usize - within);
-            if let Some(slice) = self.lru.peek_mut(&start) {
+            let slice = match self.dirty.get_mut(&start) {
+                Some(d) => Some(&mut d.bytes),
+                None => self.lru.peek_mut(&start),
+            };
+            if let Some(slice) = slice {
                 slice[within..within + n].copy_from_slice(&rest[..n]);
             }
             off += n as u64;
@@ -126,7 +184,104 @@ impl SliceCache {
         let mut off = offset.0 - offset.0 % self.slice;
         while off < offset.0 + len {
             self.lru.pop(&off);
+            if let Some(d) = self.dirty.get_mut(&off) {
+                // Still being written or waited for: it leaves when its last ticket does.
+                d.failed
+                    .get_or_insert_with(|| "the cluster was freed".into());
+            }
             off += self.slice;
+        }
+    }
+
+    /// Patches bytes at `offset` in memory only (the slice must be cached) and pins the slice
+    /// until a write covers the patch: the returned ticket says when (see the module docs).
+    pub fn patch_pinned(&mut self, offset: HostOffset, bytes: &[u8]) -> Ticket {
+        let start = offset.0 - offset.0 % self.slice;
+        assert!(
+            (offset.0 - start) as usize + bytes.len() <= self.slice as usize,
+            "a pinned patch stays inside one slice"
+        );
+        if !self.dirty.contains_key(&start) {
+            let bytes = self
+                .lru
+                .pop(&start)
+                .expect("a slice is cached before it is patched");
+            self.dirty.insert(
+                start,
+                Dirty {
+                    bytes,
+                    started: 0,
+                    completed: 0,
+                    running: false,
+                    tickets: 0,
+                    failed: None,
+                },
+            );
+        }
+        let within = (offset.0 - start) as usize;
+        let d = self.dirty.get_mut(&start).expect("just inserted");
+        d.bytes[within..within + bytes.len()].copy_from_slice(bytes);
+        d.tickets += 1;
+        Ticket {
+            slice: start,
+            need: d.started + 1,
+        }
+    }
+
+    /// The next step for a ticket holder. `Done` and `Failed` redeem the ticket: ask once
+    /// more after either and the answer is meaningless.
+    pub fn writeback(&mut self, t: Ticket) -> Writeback {
+        let d = self
+            .dirty
+            .get_mut(&t.slice)
+            .expect("a ticket pins its slice");
+        let step = if d.completed >= t.need {
+            Writeback::Done
+        } else if let Some(why) = &d.failed {
+            Writeback::Failed(why.clone())
+        } else if d.running {
+            return Writeback::Wait;
+        } else {
+            d.running = true;
+            d.started += 1;
+            return Writeback::Write {
+                generation: d.started,
+                bytes: d.bytes.to_vec(),
+            };
+        };
+        d.tickets -= 1;
+        self.unpin_if_idle(t.slice);
+        step
+    }
+
+    /// Reports the end of a write that [`SliceCache::writeback`] asked for.
+    pub fn writeback_done(&mut self, slice: u64, generation: u64, result: Result<(), String>) {
+        let d = self
+            .dirty
+            .get_mut(&slice)
+            .expect("a running write pins its slice");
+        d.running = false;
+        match result {
+            Ok(()) => d.completed = generation,
+            Err(e) => {
+                d.failed.get_or_insert(e);
+            }
+        }
+        self.unpin_if_idle(slice);
+    }
+
+    /// A pinned slice with no tickets and no write running goes back to the LRU, or, if a
+    /// write failed (memory and disk may differ) or its cluster was freed, is dropped.
+    fn unpin_if_idle(&mut self, slice: u64) {
+        let idle = self
+            .dirty
+            .get(&slice)
+            .is_some_and(|d| d.tickets == 0 && !d.running);
+        if idle {
+            let d = self.dirty.remove(&slice).expect("just checked");
+            if d.failed.is_none() {
+                self.lru.put(slice, d.bytes);
+            }
         }
     }
 
@@ -135,22 +290,28 @@ impl SliceCache {
         CacheStats {
             hits: self.hits,
             misses: self.misses,
-            slices: self.lru.len(),
-            bytes: self.lru.len() * self.slice as usize,
+            slices: self.lru.len() + self.dirty.len(),
+            bytes: (self.lru.len() + self.dirty.len()) * self.slice as usize,
             budget: self.lru.cap().get() * self.slice as usize,
         }
     }
 }
 
-/// Budget rule: 8 bytes of L2 cache per 64 KiB of virtual size (enough to map the whole disk at
-/// the default cluster size), capped, never below a floor.
-pub fn default_l2_budget(virtual_size: u64) -> u64 {
-    (virtual_size / 8192).clamp(DEFAULT_MIN_BUDGET, DEFAULT_L2_MAX)
+/// Budget rule: enough L2 cache to map the whole virtual disk (one entry, 8 or 16 bytes, per
+/// cluster), capped, never below a floor. Memory is only used as the working set grows.
+pub fn default_l2_budget(virtual_size: u64, geo: &Geometry) -> u64 {
+    (virtual_size / geo.cluster_size())
+        .saturating_mul(geo.l2_entry_size())
+        .clamp(DEFAULT_MIN_BUDGET, DEFAULT_L2_MAX)
 }
 
-/// The refcount cache gets half the L2 budget.
-pub fn default_refcount_budget(virtual_size: u64) -> u64 {
-    (default_l2_budget(virtual_size) / 2).max(DEFAULT_MIN_BUDGET)
+/// Enough refcount cache to cover as many host clusters as the virtual disk has, capped at
+/// half the L2 cap.
+pub fn default_refcount_budget(virtual_size: u64, geo: &Geometry) -> u64 {
+    (virtual_size / geo.cluster_size())
+        .saturating_mul(geo.refcount_bits())
+        .div_ceil(8)
+        .clamp(DEFAULT_MIN_BUDGET, DEFAULT_L2_MAX / 2)
 }
 
 /// Cap of the default L2 budget: QEMU's default maximum (covers 256 GiB at 64 KiB clusters).
@@ -186,9 +347,59 @@ mod tests {
     }
 
     #[test]
+    fn pinned_patches_share_one_write_and_survive_eviction() {
+        let s = MemoryStorage::from_bytes(vec![0; 1 << 20]);
+        let mut c = SliceCache::new("test", 65536, 8 * 4096);
+        c.read_u64(&s, HostOffset(4096)).unwrap();
+        let a = c.patch_pinned(HostOffset(4096), &[1; 8]);
+        let b = c.patch_pinned(HostOffset(4104), &[2; 8]);
+        for i in 10..100 {
+            c.read_u64(&s, HostOffset(i * 4096)).unwrap(); // would evict an unpinned slice
+        }
+        assert_eq!(
+            c.read_u64(&s, HostOffset(4104)).unwrap(),
+            0x0202020202020202
+        );
+        let Writeback::Write { generation, bytes } = c.writeback(a) else {
+            panic!("the first holder writes");
+        };
+        assert_eq!(&bytes[..16], &[[1u8; 8], [2u8; 8]].concat()[..]);
+        assert!(matches!(c.writeback(b), Writeback::Wait));
+        // A patch made while the write runs needs a later write.
+        let late = c.patch_pinned(HostOffset(4112), &[3; 8]);
+        c.writeback_done(4096, generation, Ok(()));
+        assert!(matches!(c.writeback(a), Writeback::Done));
+        assert!(
+            matches!(c.writeback(b), Writeback::Done),
+            "covered by the same write"
+        );
+        let Writeback::Write { generation, .. } = c.writeback(late) else {
+            panic!("the late patch needs its own write");
+        };
+        c.writeback_done(4096, generation, Err("EIO".into()));
+        assert!(matches!(c.writeback(late), Writeback::Failed(_)));
+        assert!(c.dirty.is_empty(), "unpinned once every ticket is redeemed");
+        // A failed slice is dropped, so the next lookup reads the disk again.
+        let misses = c.stats().misses;
+        c.read_u64(&s, HostOffset(4096)).unwrap();
+        assert_eq!(c.stats().misses, misses + 1);
+    }
+
+    #[test]
     fn default_budget_follows_the_rule() {
-        assert_eq!(default_l2_budget(1 << 30), 128 << 10);
-        assert_eq!(default_l2_budget(1 << 40), 32 << 20);
-        assert_eq!(default_refcount_budget(1 << 30), 64 << 10);
+        let standard = Geometry {
+            cluster_bits: 16,
+            extended_l2: false,
+            refcount_order: 4,
+        };
+        let extended = Geometry {
+            extended_l2: true,
+            ..standard
+        };
+        assert_eq!(default_l2_budget(1 << 30, &standard), 128 << 10);
+        assert_eq!(default_l2_budget(1 << 30, &extended), 256 << 10);
+        assert_eq!(default_l2_budget(1 << 40, &standard), 32 << 20);
+        assert_eq!(default_refcount_budget(1 << 30, &standard), 64 << 10);
+        assert_eq!(default_refcount_budget(4 << 40, &standard), 16 << 20);
     }
 }

@@ -299,16 +299,29 @@ pub(crate) struct Meta {
 }
 
 impl Meta {
-    /// Writes metadata bytes to storage. Every metadata write of the engine comes here.
+    /// Writes metadata bytes to storage. Every metadata write of the engine comes here (or,
+    /// for L2 slices written back with group commit, through [`Meta::prepare_meta_write`]).
     pub fn write_meta(&mut self, kind: MetaKind, offset: HostOffset, bytes: &[u8]) -> Result<()> {
-        self.check_usable()?;
-        self.check_overlap(Some(kind), offset, bytes.len() as u64)?;
-        if kind != MetaKind::Header {
-            self.mark_dirty()?;
-        }
+        self.prepare_meta_write(kind, offset, bytes.len() as u64)?;
         self.storage
             .write_at(bytes, offset.0)
             .ctx(|| format!("writing {} at {offset}", kind.name()))
+    }
+
+    /// Everything that must hold before metadata bytes change: the image is usable, the
+    /// bytes land on metadata of that kind, and the dirty bit is durable.
+    pub fn prepare_meta_write(
+        &mut self,
+        kind: MetaKind,
+        offset: HostOffset,
+        len: u64,
+    ) -> Result<()> {
+        self.check_usable()?;
+        self.check_overlap(Some(kind), offset, len)?;
+        if kind != MetaKind::Header {
+            self.mark_dirty()?;
+        }
+        Ok(())
     }
 
     /// Clears a guest data write of `len` bytes at `offset` before it runs (outside the state

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use qcow2_engine::ops::{check, convert, info, map};
+use qcow2_engine::ops::{bench, check, convert, info, map};
 use qcow2_engine::storage::FileStorage;
 use qcow2_engine::{BackingFormat, CreateOptions, Image, OpenOptions};
 
@@ -106,6 +106,52 @@ enum Command {
         #[arg(long = "output", default_value = "human")]
         output: MapOutput,
     },
+    /// Measure read or write throughput on an image, like `qemu-img bench` (threads stand in
+    /// for queue depth). Prints IOPS, MiB/s and peak memory.
+    Bench {
+        /// Image file (qcow2).
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Write (the default is to read).
+        #[arg(short = 'w', long = "write")]
+        write: bool,
+        /// Sequential (stepping by -S) or random (block-aligned) offsets.
+        #[arg(long = "pattern", default_value = "seq")]
+        pattern: PatternArg,
+        /// Request size.
+        #[arg(short = 's', long = "size", value_parser = parse_size, default_value = "4K")]
+        block: u64,
+        /// Step between sequential requests (default: the request size).
+        #[arg(short = 'S', long = "step", value_parser = parse_size)]
+        step: Option<u64>,
+        /// Queue depth: requests in flight, one thread each.
+        #[arg(short = 'd', long = "depth", default_value_t = 1)]
+        depth: usize,
+        /// Number of requests (default 75000 without --time, as qemu-img bench).
+        #[arg(short = 'c', long = "count", conflicts_with = "time")]
+        count: Option<u64>,
+        /// Run for this many seconds instead of a count.
+        #[arg(long = "time")]
+        time: Option<f64>,
+        /// Bypass the page cache for guest data (O_DIRECT; qemu's cache=none).
+        #[arg(long = "direct")]
+        direct: bool,
+        /// First byte of the range requests fall in.
+        #[arg(short = 'o', long = "offset", value_parser = parse_size, default_value = "0")]
+        offset: u64,
+        /// Length of that range (default: to the end of the image).
+        #[arg(long = "range", value_parser = parse_size)]
+        range: Option<u64>,
+        /// Seed of the random pattern.
+        #[arg(long = "seed", default_value_t = 1)]
+        seed: u64,
+        /// Flush after the last request, inside the timed part.
+        #[arg(long = "flush")]
+        flush: bool,
+        /// Output format.
+        #[arg(long = "output", default_value = "human")]
+        output: MapOutput,
+    },
     /// Show where the data of an image lives, through its backing chain.
     Map {
         /// Image file.
@@ -133,6 +179,12 @@ impl From<Fmt> for BackingFormat {
             Fmt::Qcow2 => BackingFormat::Qcow2,
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum PatternArg {
+    Seq,
+    Rand,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -242,6 +294,51 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             output,
             force_share,
         } => return Ok(run_check(&file, repair, output, force_share)),
+        Command::Bench {
+            file,
+            write,
+            pattern,
+            block,
+            step,
+            depth,
+            count,
+            time,
+            direct,
+            offset,
+            range,
+            seed,
+            flush,
+            output,
+        } => {
+            let time = match time {
+                Some(t) if t.is_finite() && t > 0.0 => Some(std::time::Duration::from_secs_f64(t)),
+                Some(t) => anyhow::bail!("--time must be a positive number of seconds, not {t}"),
+                None => None,
+            };
+            let opts = bench::BenchOptions {
+                write,
+                pattern: match pattern {
+                    PatternArg::Seq => bench::Pattern::Seq,
+                    PatternArg::Rand => bench::Pattern::Rand,
+                },
+                block,
+                step,
+                depth,
+                count: count.or(if time.is_none() { Some(75_000) } else { None }),
+                time,
+                direct,
+                offset,
+                range,
+                seed,
+                flush,
+                ..bench::BenchOptions::default()
+            };
+            let report = bench::bench_file(&file, &opts)?;
+            match output {
+                MapOutput::Human => println!("{}", report.summary()),
+                MapOutput::Json => println!("{}", serde_json::to_string(&report)?),
+            }
+        }
         Command::Create {
             file,
             size,

@@ -1,6 +1,7 @@
 //! Guest → host lookups through L1/L2, and the updates that change a mapping.
 
 use super::State;
+use crate::cache::Ticket;
 use crate::error::{Error, Result};
 use crate::format::entries::{COMPRESSED, L1Entry, L2Entry, Mapping};
 use crate::meta::MetaKind;
@@ -93,39 +94,51 @@ impl State {
         self.slot(off)
     }
 
-    /// Writes a new value into an existing slot.
-    pub(crate) fn set_slot(&mut self, slot: Slot, word: u64, bitmap: u64) -> Result<()> {
+    /// Gives an existing slot a new value (see [`State::set_slots`]).
+    pub(crate) fn set_slot(
+        &mut self,
+        slot: Slot,
+        word: u64,
+        bitmap: u64,
+        tickets: &mut Vec<Ticket>,
+    ) -> Result<()> {
         let at = slot
             .at
             .ok_or_else(|| Error::corrupt("updating an L2 slot that has no table"))?;
-        self.set_slots(&[(at, (slot.word, slot.bitmap), (word, bitmap))])
+        self.set_slots(&[(at, (slot.word, slot.bitmap), (word, bitmap))], tickets)
     }
 
-    /// Rewrites L2 slots. Slots that sit next to each other in a table are written with one
-    /// write.
-    pub(crate) fn set_slots(&mut self, updates: &[SlotUpdate]) -> Result<()> {
+    /// Gives L2 slots new values in the cache, pinning their slices: the change reaches
+    /// storage when the caller, after dropping the state lock, redeems the tickets pushed
+    /// onto `tickets` with [`super::Image::write_back`] (one write per slice, shared with
+    /// concurrent requests). It must do so before its request returns, error or not.
+    pub(crate) fn set_slots(
+        &mut self,
+        updates: &[SlotUpdate],
+        tickets: &mut Vec<Ticket>,
+    ) -> Result<()> {
         let entry = self.meta.geo.l2_entry_size();
-        let mut changed: Vec<_> = updates.iter().filter(|(_, old, new)| old != new).collect();
-        changed.sort_unstable_by_key(|(at, _, _)| at.0);
-        for run in changed.chunk_by(|a, b| a.0.0 + entry == b.0.0) {
-            let mut bytes = Vec::with_capacity(run.len() * entry as usize);
-            for (_, _, (word, bitmap)) in run {
-                bytes.extend_from_slice(&word.to_be_bytes());
-                if self.meta.geo.extended_l2 {
-                    bytes.extend_from_slice(&bitmap.to_be_bytes());
-                }
+        let storage = self.meta.storage.clone();
+        for &(at, (old_word, old_bitmap), (word, bitmap)) in updates {
+            if (old_word, old_bitmap) == (word, bitmap) {
+                continue;
             }
-            let at = run[0].0;
-            self.meta.write_meta(MetaKind::L2, at, &bytes)?;
-            self.meta.l2_cache.patch(at, &bytes);
-        }
-        for (_, (old_word, _), (word, _)) in changed {
+            self.meta.prepare_meta_write(MetaKind::L2, at, entry)?;
+            let mut bytes = [0u8; 16];
+            bytes[..8].copy_from_slice(&word.to_be_bytes());
+            bytes[8..].copy_from_slice(&bitmap.to_be_bytes());
+            self.meta.l2_cache.slice_at(&*storage, at)?;
+            tickets.push(
+                self.meta
+                    .l2_cache
+                    .patch_pinned(at, &bytes[..entry as usize]),
+            );
             // A rewritten compressed cluster must not be served from the decompression cache.
             if word & COMPRESSED == 0
                 && self
                     .compressed
                     .as_ref()
-                    .is_some_and(|(key, _)| key == old_word)
+                    .is_some_and(|(key, _)| *key == old_word)
             {
                 self.compressed = None;
             }

@@ -36,7 +36,7 @@ pub use status::LayerStatus;
 
 use crate::alloc;
 use crate::barrier::Barrier;
-use crate::cache::{self, CacheStats, SliceCache};
+use crate::cache::{self, CacheStats, SliceCache, Ticket, Writeback};
 use crate::error::{Error, IoContext, Result};
 use crate::format::header::incompat;
 use crate::format::{CompressionType, Header};
@@ -118,6 +118,8 @@ pub(crate) struct State {
     pub compressed: Option<(u64, Box<[u8]>)>,
     /// Guest clusters (by index) whose mapping a request is changing right now.
     pub busy: HashSet<u64>,
+    /// Requests waiting on the `settled` condition variable.
+    pub sleepers: usize,
 }
 
 /// An open qcow2 image. See the module docs.
@@ -208,10 +210,10 @@ impl Image {
         let end_cluster = file_len.div_ceil(geo.cluster_size());
         let l2_budget = opts
             .l2_cache_bytes
-            .unwrap_or_else(|| cache::default_l2_budget(header.size));
+            .unwrap_or_else(|| cache::default_l2_budget(header.size, &geo));
         let rc_budget = opts
             .refcount_cache_bytes
-            .unwrap_or_else(|| cache::default_refcount_budget(header.size));
+            .unwrap_or_else(|| cache::default_refcount_budget(header.size, &geo));
 
         if opts.skip_backing && opts.writable {
             return Err(Error::arg("skip_backing is only allowed read-only"));
@@ -273,6 +275,7 @@ impl Image {
                 backing_size: backing.as_ref().map(Backing::size),
                 compressed: None,
                 busy: HashSet::new(),
+                sleepers: 0,
             }),
             settled: Condvar::new(),
             io_gate: RwLock::new(()),
@@ -297,9 +300,73 @@ impl Image {
         cluster: u64,
     ) -> MutexGuard<'a, State> {
         while st.busy.contains(&cluster) {
-            st = self.settled.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = self.sleep(st);
         }
         st
+    }
+
+    /// Waits for [`Image::wake`]; returns the lock held again.
+    fn sleep<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        st.sleepers += 1;
+        let mut st = self.settled.wait(st).unwrap_or_else(|e| e.into_inner());
+        st.sleepers -= 1;
+        st
+    }
+
+    /// Wakes the requests waiting for busy clusters or slice writes, if there are any (a
+    /// futex wake is a system call; most requests have nobody to wake).
+    pub(crate) fn wake(&self, st: &State) {
+        if st.sleepers > 0 {
+            self.settled.notify_all();
+        }
+    }
+
+    /// Writes back pinned L2 slices until every ticket is redeemed (see `cache`), without the
+    /// state lock held by the caller. Every ticket is redeemed even after an error; the first
+    /// error is returned.
+    pub(crate) fn write_back(&self, tickets: &[Ticket]) -> Result<()> {
+        if tickets.is_empty() {
+            return Ok(());
+        }
+        self.write_back_locked(self.lock(), tickets).1
+    }
+
+    /// [`Image::write_back`] entered and left with the state lock held.
+    pub(crate) fn write_back_locked<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        tickets: &[Ticket],
+    ) -> (MutexGuard<'a, State>, Result<()>) {
+        let mut failure = None;
+        for &t in tickets {
+            loop {
+                match st.meta.l2_cache.writeback(t) {
+                    Writeback::Done => break,
+                    Writeback::Failed(why) => {
+                        failure.get_or_insert_with(|| {
+                            Error::io(
+                                format!("writing the L2 table slice at {:#x}", t.slice),
+                                std::io::Error::other(why),
+                            )
+                        });
+                        break;
+                    }
+                    Writeback::Wait => st = self.sleep(st),
+                    Writeback::Write { generation, bytes } => {
+                        drop(st);
+                        let result = self.storage.write_data(&bytes, t.slice);
+                        st = self.lock();
+                        st.meta.l2_cache.writeback_done(
+                            t.slice,
+                            generation,
+                            result.map_err(|e| e.to_string()),
+                        );
+                        self.wake(&st);
+                    }
+                }
+            }
+        }
+        (st, failure.map_or(Ok(()), Err))
     }
 
     /// Shared hold on the I/O gate for one request's data I/O.

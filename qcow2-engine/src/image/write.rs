@@ -18,6 +18,7 @@ use std::ops::Range;
 
 use super::read::Piece;
 use super::{Image, State};
+use crate::cache::Ticket;
 use crate::error::{IoContext, Result};
 use crate::format::entries::{COPIED, Mapping, SubclusterBitmap};
 use crate::types::{GuestOffset, HostOffset};
@@ -169,19 +170,18 @@ impl State {
         Ok(true)
     }
 
-    /// Links planned allocations whose data is written: L2 entries first, then releases.
-    fn link(&mut self, steps: &[Step]) -> Result<()> {
+    /// Links planned allocations whose data is written: L2 entries (in the cache; the caller
+    /// writes them back with the tickets), then the release of what they replaced. The busy
+    /// marks stay until the entries are written.
+    fn link(&mut self, steps: &[Step], tickets: &mut Vec<Ticket>) -> Result<()> {
         let updates: Vec<_> = allocs(steps).map(|a| (a.slot_at, a.old, a.new)).collect();
-        let linked = self.set_slots(&updates);
-        if linked.is_ok() {
-            for a in allocs(steps) {
-                if let Some(old) = a.release {
-                    self.release(old);
-                }
-                self.busy.remove(&a.cluster);
+        self.set_slots(&updates, tickets)?;
+        for a in allocs(steps) {
+            if let Some(old) = a.release {
+                self.release(old);
             }
         }
-        linked
+        Ok(())
     }
 
     /// Gives up planned allocations before anything links them: busy marks cleared, fresh
@@ -262,8 +262,7 @@ impl Image {
                         }
                         Err(e) => {
                             st.abandon(&steps);
-                            drop(st);
-                            self.settled.notify_all();
+                            self.wake(&st);
                             return Err(e);
                         }
                     }
@@ -296,24 +295,20 @@ impl Image {
         if allocs(steps).next().is_none() {
             return written;
         }
-        let result = {
-            let mut st = self.lock();
-            match written {
-                Ok(()) => {
-                    let linked = st.link(steps);
-                    if linked.is_err() {
-                        st.clear_busy(steps);
-                    }
-                    linked
-                }
-                Err(e) => {
-                    st.abandon(steps);
-                    Err(e)
-                }
-            }
-        };
-        self.settled.notify_all();
-        result
+        let mut st = self.lock();
+        if let Err(e) = written {
+            st.abandon(steps);
+            self.wake(&st);
+            return Err(e);
+        }
+        let mut tickets = Vec::new();
+        let linked = st.link(steps, &mut tickets);
+        // The entries reach storage before anyone else may use these clusters (an in-place
+        // write acknowledged before its mapping is written would not survive a crash).
+        let (mut st, written_back) = self.write_back_locked(st, &tickets);
+        st.clear_busy(steps);
+        self.wake(&st);
+        linked.and(written_back)
     }
 
     /// Writes the data and copy-on-write bytes of planned steps. Returns whether bytes were

@@ -3,6 +3,7 @@
 //! partial units at the edges of a range get real zeros through the write path.
 
 use super::{Image, State};
+use crate::cache::Ticket;
 use crate::error::Result;
 use crate::format::entries::{COPIED, Mapping, SubclusterBitmap, SubclusterState, ZERO};
 use crate::types::GuestOffset;
@@ -33,12 +34,16 @@ impl Image {
         let mut pos = off.0;
         let end = off.0 + len;
         let mut edges = Vec::new();
-        while pos < end {
+        let mut tickets = Vec::new();
+        let mut changed = Ok(());
+        while pos < end && changed.is_ok() {
             let n = (cs - pos % cs).min(end - pos);
             let mut st = self.wait_idle(self.lock(), pos >> cb);
-            st.zero_in_cluster(GuestOffset(pos), n, mode, &mut edges)?;
+            changed = st.zero_in_cluster(GuestOffset(pos), n, mode, &mut edges, &mut tickets);
             pos += n;
         }
+        let written_back = self.write_back(&tickets);
+        changed.and(written_back)?;
         let longest = edges.iter().map(|&(_, n)| n).max().unwrap_or(0);
         let zeros = vec![0u8; longest as usize];
         for (at, n) in edges {
@@ -57,6 +62,7 @@ impl State {
         len: u64,
         mode: ZeroMode,
         edges: &mut Vec<(u64, u64)>,
+        tickets: &mut Vec<Ticket>,
     ) -> Result<()> {
         let geo = self.meta.geo;
         let sc = geo.subcluster_size();
@@ -75,9 +81,9 @@ impl State {
             self.zero_bytes(base_plus(base, full_end * sc), end - full_end * sc, edges)?;
         }
         if geo.extended_l2 {
-            self.zero_subclusters(base, first_full, full_end, mode, edges)
+            self.zero_subclusters(base, first_full, full_end, mode, edges, tickets)
         } else {
-            self.zero_cluster(base, mode, edges)
+            self.zero_cluster(base, mode, edges, tickets)
         }
     }
     /// Zeroes a whole cluster of a standard-L2 image through its L2 entry.
@@ -86,6 +92,7 @@ impl State {
         base: GuestOffset,
         mode: ZeroMode,
         edges: &mut Vec<(u64, u64)>,
+        tickets: &mut Vec<Ticket>,
     ) -> Result<()> {
         let has_backing = self.backing_covers(base);
         let slot = self.slot(base)?;
@@ -96,7 +103,7 @@ impl State {
             if slot.at.is_none() || mapping == Mapping::Unallocated {
                 return Ok(());
             }
-            self.set_slot(slot, 0, 0)?;
+            self.set_slot(slot, 0, 0, tickets)?;
             self.release(mapping);
             return Ok(());
         }
@@ -116,7 +123,7 @@ impl State {
             _ => (ZERO, false),
         };
         let slot = self.slot_for_write(base)?;
-        self.set_slot(slot, word, 0)?;
+        self.set_slot(slot, word, 0, tickets)?;
         if !keep {
             self.release(mapping);
         }
@@ -131,6 +138,7 @@ impl State {
         end: u64,
         mode: ZeroMode,
         edges: &mut Vec<(u64, u64)>,
+        tickets: &mut Vec<Ticket>,
     ) -> Result<()> {
         let has_backing = self.backing_covers(base);
         let slot = self.slot(base)?;
@@ -175,7 +183,7 @@ impl State {
         } else {
             slot
         };
-        self.set_slot(slot, word, new.0)?;
+        self.set_slot(slot, word, new.0, tickets)?;
         if free_host {
             self.release(mapping);
         }

@@ -1,5 +1,6 @@
-//! Whole-image operations: create, info, map, convert, check/repair.
+//! Whole-image operations: create, info, map, convert, check/repair, bench.
 
+pub mod bench;
 pub mod check;
 pub mod convert;
 pub mod create;

@@ -273,6 +273,15 @@ impl Storage for FileStorage {
         )
     }
 
+    /// Only in [`CacheMode::Direct`]: buffered writes allocate lazily (delayed allocation)
+    /// and gain nothing from it.
+    fn preallocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.direct.is_none() || len == 0 {
+            return Ok(());
+        }
+        self.fallocate_or(FallocateFlags::KEEP_SIZE, offset, len, || Ok(()))
+    }
+
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
     }
