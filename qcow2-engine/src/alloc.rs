@@ -120,7 +120,11 @@ impl Meta {
     /// Hands out one cluster whose refcount (1) is durable and which reads as zeros.
     pub fn alloc_cluster(&mut self) -> Result<HostOffset> {
         if self.reserve.is_empty() {
-            self.refill_reserve()?;
+            // The slow path: a barrier under the state lock. Normally a top-up (below) keeps
+            // the reserve from running dry.
+            let batch = self.prepare_batch()?;
+            self.sync()?;
+            self.reserve.extend(batch);
         }
         let c = self
             .reserve
@@ -129,9 +133,37 @@ impl Meta {
         Ok(HostOffset(c << self.geo.cluster_bits))
     }
 
-    /// Reserves a batch of clusters: reuses free ones (zeroed first), takes the rest at the
-    /// end of the image, then one barrier.
-    fn refill_reserve(&mut self) -> Result<()> {
+    /// Whether the reserve is low enough to start a top-up: under half the last batch, and no
+    /// top-up running.
+    pub fn wants_top_up(&self) -> bool {
+        !self.topping_up && (self.reserve.len() as u64) < self.reserve_batch / 4
+    }
+
+    /// Starts a top-up: the next batch, refcounts written but not yet durable. The caller
+    /// drops the state lock, syncs, and hands the batch to [`Meta::finish_top_up`], so
+    /// requests keep allocating from what is left of the reserve during the barrier.
+    pub fn start_top_up(&mut self) -> Result<Vec<u64>> {
+        self.topping_up = true;
+        let batch = self.prepare_batch();
+        if batch.is_err() {
+            self.topping_up = false;
+        }
+        batch
+    }
+
+    /// Ends a top-up: the batch joins the reserve once the barrier succeeded (otherwise its
+    /// clusters leak until the next repair; the refcounts may not be durable).
+    pub fn finish_top_up(&mut self, batch: Vec<u64>, synced: bool) {
+        self.topping_up = false;
+        if synced {
+            self.reserve.extend(batch);
+        }
+    }
+
+    /// The next batch of clusters for the reserve: reuses free ones (zeroed first), takes the
+    /// rest at the end of the image. Their refcounts are written, not synced: they may only
+    /// be handed out after a barrier.
+    fn prepare_batch(&mut self) -> Result<Vec<u64>> {
         let want = self.reserve_batch.max(1);
         let mut got = Vec::new();
         let mut c = self.free_hint;
@@ -169,11 +201,9 @@ impl Meta {
             got.extend(start..start + rest);
         }
         self.preallocate_runs(&got)?;
-        self.sync()?;
-        self.reserve.extend(got);
         let max = (MAX_RESERVE_BYTES >> self.geo.cluster_bits).max(1);
         self.reserve_batch = (want * 2).min(max);
-        Ok(())
+        Ok(got)
     }
 
     /// Allocates `count` contiguous clusters at the end of the image (refcounts set, not yet

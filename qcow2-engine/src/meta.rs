@@ -289,6 +289,8 @@ pub(crate) struct Meta {
     pub reserve: VecDeque<u64>,
     /// How many clusters the next reserve refill takes.
     pub reserve_batch: u64,
+    /// A top-up batch is waiting for its barrier outside the state lock.
+    pub topping_up: bool,
     /// Clusters unlinked from every table whose refcount is not decremented yet; they are
     /// released in batches after a barrier (see `alloc`).
     pub pending_free: Vec<u64>,

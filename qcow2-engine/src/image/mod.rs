@@ -240,6 +240,7 @@ impl Image {
             writable: opts.writable,
             reserve: VecDeque::new(),
             reserve_batch: alloc::FIRST_RESERVE,
+            topping_up: false,
             pending_free: Vec::new(),
             dirty: false,
             corrupt: None,
@@ -367,6 +368,24 @@ impl Image {
             }
         }
         (st, failure.map_or(Ok(()), Err))
+    }
+
+    /// Refills the reserve ahead of need, with the barrier outside the state lock, so that
+    /// allocating requests rarely wait for a refill. Failures are left to the next
+    /// allocation, which refills synchronously and reports them.
+    pub(crate) fn top_up_reserve(&self) {
+        let batch = {
+            let mut st = self.lock();
+            if !st.meta.wants_top_up() {
+                return;
+            }
+            match st.meta.start_top_up() {
+                Ok(batch) => batch,
+                Err(_) => return,
+            }
+        };
+        let synced = self.barrier.sync(&*self.storage).is_ok();
+        self.lock().meta.finish_top_up(batch, synced);
     }
 
     /// Shared hold on the I/O gate for one request's data I/O.

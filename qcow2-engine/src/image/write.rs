@@ -308,6 +308,11 @@ impl Image {
         let (mut st, written_back) = self.write_back_locked(st, &tickets);
         st.clear_busy(steps);
         self.wake(&st);
+        let top_up = st.meta.wants_top_up();
+        drop(st);
+        if top_up {
+            self.top_up_reserve();
+        }
         linked.and(written_back)
     }
 
