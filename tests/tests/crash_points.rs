@@ -451,7 +451,9 @@ fn standard_clusters_with_reuse_of_freed_clusters() {
         &[(0, 1 << 20)],
         ops,
     );
-    assert!(enumerate(&case) > 300);
+    // Batched L2 writes and merged data writes: ~300 mutations and flushes cover this workload.
+    let n = enumerate(&case);
+    assert!(n > 250, "only {n} crash points");
 }
 
 /// The repair itself is crash-safe: a dirty image with leaks (left by a crash in the middle of
