@@ -7,6 +7,11 @@ depth), QEMU through `qemu-img bench` (sequential and strided patterns) or `qemu
 scripts (random patterns; QD32 as batches of 32 aio requests), and the raw file through fio
 (io_uring). Caches are dropped before every cell. Prints a Markdown table with ratios.
 
+Timing: qemu-img bench stops its clock before closing the image, so sequential and strided
+cells time the requests only, for all three. qemu-io is timed from outside, open and closing
+flush included, so random-write cells include a final flush for all three (`--flush`,
+fio's `end_fsync`).
+
 Usage: hack/bench.py [--dir DIR] [--repeat N] [--quick] [--qcow2util PATH]
 """
 
@@ -74,6 +79,8 @@ class Bench:
             cmd.append("-w")
         if cell["direct"]:
             cmd.append("--direct")
+        if cell["pattern"] == "rand" and cell["write"]:
+            cmd.append("--flush")  # qemu-io's time includes its closing flush
         out = json.loads(sh(cmd).stdout)
         return out["iops"]
 
@@ -118,6 +125,8 @@ class Bench:
                f"--direct={1 if cell['direct'] else 0}", "--ioengine=io_uring",
                f"--iodepth={cell['qd']}", f"--number_ios={cell['count']}", f"--size={GIB}",
                "--norandommap", "--randrepeat=1", "--fallocate=none", "--output-format=json"]
+        if cell["pattern"] == "rand" and cell["write"]:
+            cmd.append("--end_fsync=1")  # as qemu-io's closing flush
         out = json.loads(sh(cmd).stdout)
         job = out["jobs"][0]
         return job["write" if cell["write"] else "read"]["iops"]

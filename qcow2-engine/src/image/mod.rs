@@ -28,7 +28,7 @@ mod zero;
 
 use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 pub use backing::{Backing, BackingPolicy, RawBacking, resolve_backing_name};
@@ -122,6 +122,18 @@ pub(crate) struct State {
     pub sleepers: usize,
 }
 
+/// One request's shared hold on the I/O gate, counted.
+struct InFlight<'a> {
+    _gate: RwLockReadGuard<'a, ()>,
+    count: &'a AtomicUsize,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// An open qcow2 image. See the module docs.
 #[derive(Debug)]
 pub struct Image {
@@ -134,6 +146,10 @@ pub struct Image {
     barrier: Arc<Barrier>,
     backing: Option<Backing>,
     size: AtomicU64,
+    /// Requests between entering and leaving the I/O gate.
+    in_flight: AtomicUsize,
+    /// Enough clusters are pending release for a batch (see [`Image::note_pending`]).
+    release_due: AtomicBool,
     path: Option<PathBuf>,
     writable: bool,
     geo: Geometry,
@@ -284,6 +300,8 @@ impl Image {
             barrier,
             backing,
             size: AtomicU64::new(size),
+            in_flight: AtomicUsize::new(0),
+            release_due: AtomicBool::new(false),
             path: path.map(Path::to_path_buf),
             writable: opts.writable,
             geo,
@@ -355,7 +373,16 @@ impl Image {
                     Writeback::Wait => st = self.sleep(st),
                     Writeback::Write { generation, bytes } => {
                         drop(st);
-                        let result = self.storage.write_data(&bytes, t.slice);
+                        // Alone, a buffered write is a copy into the page cache. With other
+                        // requests in flight it would wait for the inode lock their direct
+                        // I/O holds shared, and stall them: then the slice goes direct too.
+                        // (Linux keeps the two coherent; one slice is never written twice
+                        // at once.)
+                        let result = if self.in_flight.load(Ordering::Relaxed) <= 1 {
+                            self.storage.write_at(&bytes, t.slice)
+                        } else {
+                            self.storage.write_data(&bytes, t.slice)
+                        };
                         st = self.lock();
                         st.meta.l2_cache.writeback_done(
                             t.slice,
@@ -389,8 +416,13 @@ impl Image {
     }
 
     /// Shared hold on the I/O gate for one request's data I/O.
-    fn io_shared(&self) -> RwLockReadGuard<'_, ()> {
-        self.io_gate.read().unwrap_or_else(|e| e.into_inner())
+    fn io_shared(&self) -> InFlight<'_> {
+        let gate = self.io_gate.read().unwrap_or_else(|e| e.into_inner());
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            _gate: gate,
+            count: &self.in_flight,
+        }
     }
 
     /// Releases pending clusters (refcount decrements, punches) once no data I/O is in flight.
@@ -401,10 +433,18 @@ impl Image {
 
     /// After a request: run a batch release if enough clusters are pending.
     fn release_if_due(&self) -> Result<()> {
-        if self.lock().meta.wants_release() {
+        if self.release_due.swap(false, Ordering::Relaxed) {
             self.release_pending()
         } else {
             Ok(())
+        }
+    }
+
+    /// Records, under the state lock, whether enough releases are pending for a batch; the
+    /// request runs it once it has left the I/O gate (see [`Image::release_if_due`]).
+    pub(crate) fn note_pending(&self, st: &State) {
+        if st.meta.wants_release() {
+            self.release_due.store(true, Ordering::Relaxed);
         }
     }
 

@@ -45,6 +45,8 @@ pub(crate) struct Alloc {
     fresh: bool,
     /// What the slot pointed at before, to release once the new entry is written.
     release: Option<Mapping>,
+    /// Linked at planning time (see [`State::plan_write_cluster`]); its tickets are here.
+    early: Option<Vec<Ticket>>,
 }
 
 /// One cluster's share of a write request.
@@ -157,16 +159,40 @@ impl State {
             src,
             fresh,
             release,
+            early: None,
+        };
+        let mut planned = Step::Alloc(planned);
+        let Step::Alloc(a) = &mut planned else {
+            unreachable!()
         };
         if let Err(e) = self
             .meta
             .check_data_write(HostOffset(host.0 + unit.0), unit.1 - unit.0)
         {
-            self.abandon(std::slice::from_ref(&Step::Alloc(planned)));
+            self.abandon_unlinked(std::slice::from_ref(&planned));
             return Err(e);
         }
         self.busy.insert(cluster);
-        steps.push(Step::Alloc(planned));
+        // Linking before the data is written is safe when the range read as zeros before and
+        // the new cluster reads as zeros until then: a concurrent reader, a process crash or a
+        // power loss in between all see zeros, which is the old content. It saves the write
+        // from waiting for its L2 slice after its data: the slice write (shared with other
+        // requests) runs while the data is written.
+        let zeros = |p: &[Piece]| p.iter().all(|p| matches!(p, Piece::Zero(_)));
+        if fresh && zeros(&a.head) && zeros(&a.tail) {
+            let mut old = Vec::new();
+            self.cluster_pieces(off, src_len(&a.src), &mut old)?;
+            if zeros(&old) {
+                let mut tickets = Vec::new();
+                let linked = self.set_slots(&[(a.slot_at, a.old, a.new)], &mut tickets);
+                a.early = Some(tickets);
+                if let Err(e) = linked {
+                    steps.push(planned);
+                    return Err(e);
+                }
+            }
+        }
+        steps.push(planned);
         Ok(true)
     }
 
@@ -174,7 +200,10 @@ impl State {
     /// writes them back with the tickets), then the release of what they replaced. The busy
     /// marks stay until the entries are written.
     fn link(&mut self, steps: &[Step], tickets: &mut Vec<Ticket>) -> Result<()> {
-        let updates: Vec<_> = allocs(steps).map(|a| (a.slot_at, a.old, a.new)).collect();
+        let updates: Vec<_> = allocs(steps)
+            .filter(|a| a.early.is_none())
+            .map(|a| (a.slot_at, a.old, a.new))
+            .collect();
         self.set_slots(&updates, tickets)?;
         for a in allocs(steps) {
             if let Some(old) = a.release {
@@ -184,15 +213,15 @@ impl State {
         Ok(())
     }
 
-    /// Gives up planned allocations before anything links them: busy marks cleared, fresh
-    /// clusters freed.
-    fn abandon(&mut self, steps: &[Step]) {
-        for a in allocs(steps) {
+    /// Gives up the planned allocations nothing links yet: fresh clusters freed, busy marks
+    /// cleared. Early-linked ones stay busy until their tickets are redeemed.
+    fn abandon_unlinked(&mut self, steps: &[Step]) {
+        for a in allocs(steps).filter(|a| a.early.is_none()) {
             if a.fresh {
                 self.meta.free_range(a.host, 1);
             }
+            self.busy.remove(&a.cluster);
         }
-        self.clear_busy(steps);
     }
 
     fn clear_busy(&mut self, steps: &[Step]) {
@@ -200,6 +229,19 @@ impl State {
             self.busy.remove(&a.cluster);
         }
     }
+}
+
+fn src_len(src: &Range<usize>) -> usize {
+    src.end - src.start
+}
+
+/// Tickets of allocations linked at planning time.
+fn early_tickets(steps: &[Step]) -> Vec<Ticket> {
+    allocs(steps)
+        .filter_map(|a| a.early.as_deref())
+        .flatten()
+        .copied()
+        .collect()
 }
 
 fn allocs(steps: &[Step]) -> impl Iterator<Item = &Alloc> {
@@ -261,8 +303,7 @@ impl Image {
                             break;
                         }
                         Err(e) => {
-                            st.abandon(&steps);
-                            self.wake(&st);
+                            self.give_up(st, &steps);
                             return Err(e);
                         }
                     }
@@ -295,25 +336,36 @@ impl Image {
         if allocs(steps).next().is_none() {
             return written;
         }
-        let mut st = self.lock();
+        let st = self.lock();
         if let Err(e) = written {
-            st.abandon(steps);
-            self.wake(&st);
+            self.give_up(st, steps);
             return Err(e);
         }
-        let mut tickets = Vec::new();
+        let mut st = st;
+        let mut tickets = early_tickets(steps);
         let linked = st.link(steps, &mut tickets);
         // The entries reach storage before anyone else may use these clusters (an in-place
         // write acknowledged before its mapping is written would not survive a crash).
         let (mut st, written_back) = self.write_back_locked(st, &tickets);
         st.clear_busy(steps);
         self.wake(&st);
+        self.note_pending(&st);
         let top_up = st.meta.wants_top_up();
         drop(st);
         if top_up {
             self.top_up_reserve();
         }
         linked.and(written_back)
+    }
+
+    /// After a failure: unlinked allocations are abandoned; early-linked ones keep their
+    /// clusters (the entries may already be on storage; the range reads zeros or part of
+    /// the data, as after any failed write) and stay busy until their slices are written.
+    fn give_up<'a>(&'a self, mut st: std::sync::MutexGuard<'a, State>, steps: &[Step]) {
+        st.abandon_unlinked(steps);
+        let (mut st, _) = self.write_back_locked(st, &early_tickets(steps));
+        st.clear_busy(steps);
+        self.wake(&st);
     }
 
     /// Writes the data and copy-on-write bytes of planned steps. Returns whether bytes were

@@ -40,6 +40,7 @@ impl Image {
             let n = (cs - pos % cs).min(end - pos);
             let mut st = self.wait_idle(self.lock(), pos >> cb);
             changed = st.zero_in_cluster(GuestOffset(pos), n, mode, &mut edges, &mut tickets);
+            self.note_pending(&st);
             pos += n;
         }
         let written_back = self.write_back(&tickets);
