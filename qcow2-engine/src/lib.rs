@@ -1,6 +1,6 @@
 //! qcow2-engine: a qcow2 image engine, byte-compatible with QEMU in both directions.
 //!
-//! Layers (each a module with one job): [`storage`] (the only I/O seam), [`format`] (on-disk
+//! Layers (each a module with one job): [`storage`] (the only I/O seam), [`format`](mod@format) (on-disk
 //! encoding and validation), [`cache`] (metadata slices under a byte budget), `alloc` (cluster
 //! allocation with refcounts), [`image`] (the public handle) and [`ops`] (whole-image
 //! operations). See `docs/engine.md` for the design and the durability contract.
