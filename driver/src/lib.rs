@@ -1,0 +1,4 @@
+//! qcow2-csi: the CSI plugin for qcow2 volumes. Today it holds the NBD export ([`nbd`]) and
+//! the `qcow2-csi nbd` command that serves an image on a socket; the CSI services follow.
+
+pub mod nbd;

@@ -1,0 +1,115 @@
+//! What an export serves: a block device behind a trait, so the server can be tested without
+//! the engine and the engine can be served without knowing NBD.
+
+use std::io;
+
+use qcow2_engine::{Image, ZeroFlags};
+
+use super::proto::errno;
+
+/// A failed device operation, as the NBD client will see it: an errno from the spec's list
+/// and a one-line message (sent in structured error chunks, logged otherwise).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceError {
+    pub errno: u32,
+    pub message: String,
+}
+
+impl DeviceError {
+    pub fn new(errno: u32, message: impl Into<String>) -> Self {
+        Self {
+            errno,
+            message: message.into(),
+        }
+    }
+}
+
+/// Device results.
+pub type DeviceResult<T = ()> = Result<T, DeviceError>;
+
+/// A block device that many connections and requests may use at once.
+pub trait BlockDevice: Send + Sync + std::fmt::Debug {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Writes are refused.
+    fn read_only(&self) -> bool;
+    /// Reads `buf.len()` bytes at `offset` (inside the device).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> DeviceResult;
+    /// Writes at `offset`; on return the data survives a crash of this process.
+    fn write_at(&self, buf: &[u8], offset: u64) -> DeviceResult;
+    /// Makes every completed write durable.
+    fn flush(&self) -> DeviceResult;
+    /// Deallocates a range (reads as zeros afterwards for this engine).
+    fn trim(&self, offset: u64, len: u64) -> DeviceResult;
+    /// Makes a range read as zeros; `no_hole` keeps it allocated.
+    fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool) -> DeviceResult;
+}
+
+/// Maps an engine error to the NBD errno the spec prescribes for it.
+pub fn errno_of(e: &qcow2_engine::Error) -> u32 {
+    use qcow2_engine::Error as E;
+    match e {
+        E::ReadOnly(_) => errno::EPERM,
+        E::InvalidArgument(_) => errno::EINVAL,
+        E::Io { source, .. } => match source.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => errno::ENOSPC,
+            Some(libc::ENOMEM) => errno::ENOMEM,
+            _ if source.kind() == io::ErrorKind::OutOfMemory => errno::ENOMEM,
+            _ => errno::EIO,
+        },
+        _ => errno::EIO,
+    }
+}
+
+fn engine(e: qcow2_engine::Error) -> DeviceError {
+    DeviceError::new(errno_of(&e), e.to_string())
+}
+
+impl BlockDevice for Image {
+    fn size(&self) -> u64 {
+        Image::size(self)
+    }
+    fn read_only(&self) -> bool {
+        !self.is_writable()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> DeviceResult {
+        Image::read_at(self, buf, offset).map_err(engine)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> DeviceResult {
+        Image::write_at(self, buf, offset).map_err(engine)
+    }
+    fn flush(&self) -> DeviceResult {
+        Image::flush(self).map_err(engine)
+    }
+    fn trim(&self, offset: u64, len: u64) -> DeviceResult {
+        self.discard(offset, len).map_err(engine)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool) -> DeviceResult {
+        Image::write_zeroes(self, offset, len, ZeroFlags { no_hole }).map_err(engine)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_errors_map_to_the_spec_errnos() {
+        let io = |code| qcow2_engine::Error::io("writing", io::Error::from_raw_os_error(code));
+        assert_eq!(errno_of(&io(libc::ENOSPC)), errno::ENOSPC);
+        assert_eq!(errno_of(&io(libc::EDQUOT)), errno::ENOSPC);
+        assert_eq!(errno_of(&io(libc::EIO)), errno::EIO);
+        assert_eq!(
+            errno_of(&qcow2_engine::Error::ReadOnly("x".into())),
+            errno::EPERM
+        );
+        assert_eq!(
+            errno_of(&qcow2_engine::Error::InvalidArgument("x".into())),
+            errno::EINVAL
+        );
+        assert_eq!(
+            errno_of(&qcow2_engine::Error::Corrupt("x".into())),
+            errno::EIO
+        );
+    }
+}

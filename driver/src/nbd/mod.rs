@@ -1,0 +1,9 @@
+//! The NBD export: the wire format ([`proto`]), the device trait the server serves
+//! ([`device`]), and the server ([`server`]). See `docs/nbd.md`.
+
+pub mod device;
+pub mod proto;
+pub mod server;
+
+pub use device::{BlockDevice, DeviceError};
+pub use server::{Export, Limits, Server};

@@ -1,0 +1,464 @@
+//! The NBD server: fixed-newstyle handshake and the transmission phase, for any
+//! [`BlockDevice`].
+//!
+//! Bounded everywhere: option data (64 KiB), options per connection (256), request payloads
+//! (32 MiB), and the handshake's duration. A malformed request gets the spec's error and the
+//! stream stays in sync (a WRITE's payload is always consumed); only what cannot be answered
+//! without losing sync (a bad magic, an oversized WRITE payload, an unknown export named by
+//! `EXPORT_NAME`) closes the connection.
+//!
+//! This version runs the requests of one connection in order; connections run in parallel,
+//! each on its own thread, over one shared device per export (so `CAN_MULTI_CONN` holds:
+//! a FLUSH on any connection is an `fdatasync` of the one image everybody writes to).
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::device::{BlockDevice, DeviceError};
+use super::proto::{
+    self, IHAVEOPT, InfoRequest, NBDMAGIC, REQUEST_LEN, Request, cmd, cmd_flag, errno, flag,
+    handshake, info, opt, rep, reply,
+};
+
+/// Limits of one server.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest READ/WRITE payload (the spec's recommended floor for "not a denial of service").
+    pub max_payload: u32,
+    /// Largest option data.
+    pub max_option_len: u32,
+    /// Options accepted before transmission.
+    pub max_options: u32,
+    /// Time allowed for the whole handshake.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_payload: 32 << 20,
+            max_option_len: 64 << 10,
+            max_options: 256,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One named export.
+#[derive(Debug, Clone)]
+pub struct Export {
+    pub name: String,
+    pub description: Option<String>,
+    pub device: Arc<dyn BlockDevice>,
+}
+
+/// Why a connection ended other than by the client's choice.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("connection I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+/// A connected stream the server can talk over.
+pub trait Socket: Read + Write + Send {
+    /// Bounds every read (the handshake timeout), or not.
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+}
+
+impl Socket for UnixStream {
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_read_timeout(self, t)
+    }
+}
+
+impl Socket for std::net::TcpStream {
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        std::net::TcpStream::set_read_timeout(self, t)
+    }
+}
+
+/// The server: exports and limits; serve each accepted connection with [`Server::serve`].
+#[derive(Debug, Clone)]
+pub struct Server {
+    exports: Vec<Export>,
+    limits: Limits,
+}
+
+/// What the handshake ended with.
+enum Negotiated {
+    Transmission { export: usize, structured: bool },
+    Closed,
+}
+
+impl Server {
+    pub fn new(exports: Vec<Export>, limits: Limits) -> Self {
+        Self { exports, limits }
+    }
+
+    fn find(&self, name: &str) -> Option<usize> {
+        // The empty name is the default export: the first one.
+        if name.is_empty() && !self.exports.is_empty() {
+            return Some(0);
+        }
+        self.exports.iter().position(|e| e.name == name)
+    }
+
+    /// Transmission flags of an export.
+    pub fn transmission_flags(&self, export: usize) -> u16 {
+        let mut f = flag::HAS_FLAGS
+            | flag::SEND_FLUSH
+            | flag::SEND_FUA
+            | flag::SEND_DF
+            | flag::SEND_CACHE
+            | flag::CAN_MULTI_CONN;
+        if self.exports[export].device.read_only() {
+            f |= flag::READ_ONLY;
+        } else {
+            f |= flag::SEND_TRIM | flag::SEND_WRITE_ZEROES;
+        }
+        f
+    }
+
+    /// Serves one connection to its end. `Ok` when the client disconnected (cleanly or not).
+    pub fn serve<S: Socket>(&self, mut s: S) -> Result<(), ConnError> {
+        s.set_read_timeout(Some(self.limits.handshake_timeout))?;
+        let negotiated = self.handshake(&mut s)?;
+        s.set_read_timeout(None)?;
+        match negotiated {
+            Negotiated::Closed => Ok(()),
+            Negotiated::Transmission { export, structured } => {
+                self.transmission(&mut s, export, structured)
+            }
+        }
+    }
+
+    fn handshake<S: Socket>(&self, s: &mut S) -> Result<Negotiated, ConnError> {
+        let mut hello = Vec::with_capacity(18);
+        hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+        hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        hello.extend_from_slice(&(handshake::FIXED_NEWSTYLE | handshake::NO_ZEROES).to_be_bytes());
+        s.write_all(&hello)?;
+        let client = read_u32(s)?;
+        let known = u32::from(handshake::FIXED_NEWSTYLE | handshake::NO_ZEROES);
+        if client & !known != 0 {
+            return Err(ConnError::Protocol(format!(
+                "unknown client flags {client:#x}"
+            )));
+        }
+        let no_zeroes = client & u32::from(handshake::NO_ZEROES) != 0;
+        let mut structured = false;
+        for _ in 0..self.limits.max_options {
+            let mut head = [0u8; 16];
+            s.read_exact(&mut head)?;
+            if proto::be64(&head[0..8]) != IHAVEOPT {
+                return Err(ConnError::Protocol("option without IHAVEOPT".into()));
+            }
+            let option = proto::be32(&head[8..12]);
+            let len = proto::be32(&head[12..16]);
+            if len > self.limits.max_option_len {
+                return Err(ConnError::Protocol(format!(
+                    "option {option} carries {len} bytes"
+                )));
+            }
+            let mut data = vec![0u8; len as usize];
+            s.read_exact(&mut data)?;
+            match option {
+                opt::EXPORT_NAME => {
+                    let name = String::from_utf8_lossy(&data);
+                    // No way to report an error here: an unknown export closes the connection.
+                    let Some(export) = self.find(&name) else {
+                        return Err(ConnError::Protocol(format!("unknown export {name:?}")));
+                    };
+                    let mut r = Vec::with_capacity(134);
+                    r.extend_from_slice(&self.exports[export].device.size().to_be_bytes());
+                    r.extend_from_slice(&self.transmission_flags(export).to_be_bytes());
+                    if !no_zeroes {
+                        r.extend_from_slice(&[0u8; 124]);
+                    }
+                    s.write_all(&r)?;
+                    return Ok(Negotiated::Transmission { export, structured });
+                }
+                opt::ABORT => {
+                    // The client may already be gone: its leaving is the point.
+                    let _ = s.write_all(&proto::option_reply(option, rep::ACK, 0));
+                    return Ok(Negotiated::Closed);
+                }
+                opt::LIST => {
+                    if !data.is_empty() {
+                        error_reply(s, option, rep::ERR_INVALID, "LIST takes no data")?;
+                        continue;
+                    }
+                    for e in &self.exports {
+                        let mut d = (e.name.len() as u32).to_be_bytes().to_vec();
+                        d.extend_from_slice(e.name.as_bytes());
+                        send_option(s, option, rep::SERVER, &d)?;
+                    }
+                    send_option(s, option, rep::ACK, &[])?;
+                }
+                opt::STARTTLS => {
+                    error_reply(s, option, rep::ERR_UNSUP, "TLS is not offered")?;
+                }
+                opt::STRUCTURED_REPLY => {
+                    if !data.is_empty() {
+                        error_reply(
+                            s,
+                            option,
+                            rep::ERR_INVALID,
+                            "STRUCTURED_REPLY takes no data",
+                        )?;
+                        continue;
+                    }
+                    structured = true;
+                    send_option(s, option, rep::ACK, &[])?;
+                }
+                opt::INFO | opt::GO => {
+                    let Some(req) = InfoRequest::decode(&data) else {
+                        error_reply(s, option, rep::ERR_INVALID, "malformed INFO/GO data")?;
+                        continue;
+                    };
+                    let Some(export) = self.find(&req.name) else {
+                        let msg = format!("no export named {:?}", req.name);
+                        error_reply(s, option, rep::ERR_UNKNOWN, &msg)?;
+                        continue;
+                    };
+                    self.send_info(s, option, export, &req)?;
+                    send_option(s, option, rep::ACK, &[])?;
+                    if option == opt::GO {
+                        return Ok(Negotiated::Transmission { export, structured });
+                    }
+                }
+                _ => {
+                    let msg = format!("option {option} is not supported");
+                    error_reply(s, option, rep::ERR_UNSUP, &msg)?;
+                }
+            }
+        }
+        Err(ConnError::Protocol(format!(
+            "more than {} options",
+            self.limits.max_options
+        )))
+    }
+
+    fn send_info<S: Socket>(
+        &self,
+        s: &mut S,
+        option: u32,
+        export: usize,
+        req: &InfoRequest,
+    ) -> io::Result<()> {
+        let e = &self.exports[export];
+        // NBD_INFO_EXPORT always, even unrequested: QEMU's client depends on it.
+        let mut d = info::EXPORT.to_be_bytes().to_vec();
+        d.extend_from_slice(&e.device.size().to_be_bytes());
+        d.extend_from_slice(&self.transmission_flags(export).to_be_bytes());
+        send_option(s, option, rep::INFO, &d)?;
+        if req.requests.contains(&info::NAME) {
+            let mut d = info::NAME.to_be_bytes().to_vec();
+            d.extend_from_slice(e.name.as_bytes());
+            send_option(s, option, rep::INFO, &d)?;
+        }
+        if let Some(desc) = &e.description
+            && req.requests.contains(&info::DESCRIPTION)
+        {
+            let mut d = info::DESCRIPTION.to_be_bytes().to_vec();
+            d.extend_from_slice(desc.as_bytes());
+            send_option(s, option, rep::INFO, &d)?;
+        }
+        // Any offset and length work (minimum 1); 4 KiB is what the engine prefers.
+        let mut d = info::BLOCK_SIZE.to_be_bytes().to_vec();
+        d.extend_from_slice(&1u32.to_be_bytes());
+        d.extend_from_slice(&4096u32.to_be_bytes());
+        d.extend_from_slice(&self.limits.max_payload.to_be_bytes());
+        send_option(s, option, rep::INFO, &d)
+    }
+
+    fn transmission<S: Socket>(
+        &self,
+        s: &mut S,
+        export: usize,
+        structured: bool,
+    ) -> Result<(), ConnError> {
+        let dev = &*self.exports[export].device;
+        let mut head = [0u8; REQUEST_LEN];
+        let mut payload = Vec::new();
+        loop {
+            match s.read_exact(&mut head) {
+                Ok(()) => {}
+                // The client went away between requests: nothing is lost.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+            let Some(req) = Request::decode(&head) else {
+                return Err(ConnError::Protocol("request with a bad magic".into()));
+            };
+            if req.kind == cmd::WRITE {
+                if req.length > self.limits.max_payload {
+                    return Err(ConnError::Protocol(format!(
+                        "WRITE of {} bytes exceeds the {}-byte limit",
+                        req.length, self.limits.max_payload
+                    )));
+                }
+                payload.resize(req.length as usize, 0);
+                s.read_exact(&mut payload)?;
+            }
+            if req.kind == cmd::DISC {
+                return Ok(());
+            }
+            match self.check(dev, &req, structured) {
+                Err(e) => reply_error(s, &req, structured, &e)?,
+                Ok(()) => self.execute(s, dev, &req, &payload, structured)?,
+            }
+        }
+    }
+
+    /// Validates a request before it touches the device.
+    fn check(
+        &self,
+        dev: &dyn BlockDevice,
+        r: &Request,
+        structured: bool,
+    ) -> Result<(), DeviceError> {
+        let allowed = match r.kind {
+            cmd::READ => cmd_flag::FUA | if structured { cmd_flag::DF } else { 0 },
+            cmd::WRITE => cmd_flag::FUA,
+            cmd::FLUSH | cmd::CACHE => cmd_flag::FUA,
+            cmd::TRIM => cmd_flag::FUA,
+            cmd::WRITE_ZEROES => cmd_flag::FUA | cmd_flag::NO_HOLE,
+            other => {
+                return Err(DeviceError::new(
+                    errno::EINVAL,
+                    format!("command {other} is not supported"),
+                ));
+            }
+        };
+        if r.flags & !allowed != 0 {
+            return Err(DeviceError::new(
+                errno::EINVAL,
+                format!("flags {:#x} are not valid for command {}", r.flags, r.kind),
+            ));
+        }
+        let writes = matches!(r.kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
+        if writes && dev.read_only() {
+            return Err(DeviceError::new(errno::EPERM, "the export is read-only"));
+        }
+        if r.kind == cmd::FLUSH {
+            return Ok(());
+        }
+        if r.kind == cmd::READ && r.length > self.limits.max_payload {
+            return Err(DeviceError::new(
+                errno::EINVAL,
+                format!("READ of {} bytes exceeds the limit", r.length),
+            ));
+        }
+        let in_range = r
+            .offset
+            .checked_add(u64::from(r.length))
+            .is_some_and(|end| end <= dev.size());
+        if !in_range {
+            let e = if matches!(r.kind, cmd::WRITE | cmd::WRITE_ZEROES) {
+                errno::ENOSPC
+            } else {
+                errno::EINVAL
+            };
+            return Err(DeviceError::new(
+                e,
+                format!(
+                    "{:#x}+{:#x} is beyond the end of the export ({:#x})",
+                    r.offset,
+                    r.length,
+                    dev.size()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn execute<S: Socket>(
+        &self,
+        s: &mut S,
+        dev: &dyn BlockDevice,
+        r: &Request,
+        payload: &[u8],
+        structured: bool,
+    ) -> io::Result<()> {
+        let fua = r.flags & cmd_flag::FUA != 0;
+        let len = u64::from(r.length);
+        let done = match r.kind {
+            cmd::READ => {
+                let mut buf = vec![0u8; r.length as usize];
+                return match dev.read_at(&mut buf, r.offset) {
+                    Err(e) => reply_error(s, r, structured, &e),
+                    Ok(()) if structured => {
+                        let mut out = proto::chunk_header(
+                            r.cookie,
+                            reply::FLAG_DONE,
+                            reply::OFFSET_DATA,
+                            8 + r.length,
+                        )
+                        .to_vec();
+                        out.extend_from_slice(&r.offset.to_be_bytes());
+                        out.extend_from_slice(&buf);
+                        s.write_all(&out)
+                    }
+                    Ok(()) => {
+                        let mut out = proto::simple_reply(r.cookie, 0).to_vec();
+                        out.extend_from_slice(&buf);
+                        s.write_all(&out)
+                    }
+                };
+            }
+            cmd::WRITE => dev.write_at(payload, r.offset),
+            cmd::FLUSH => dev.flush(),
+            cmd::TRIM => dev.trim(r.offset, len),
+            cmd::WRITE_ZEROES => dev.write_zeroes(r.offset, len, r.flags & cmd_flag::NO_HOLE != 0),
+            cmd::CACHE => Ok(()), // a hint; the engine has no read-ahead to prime
+            _ => unreachable!("check() refuses other commands"),
+        };
+        let done = done.and_then(|()| {
+            if fua && matches!(r.kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES) {
+                dev.flush()
+            } else {
+                Ok(())
+            }
+        });
+        match done {
+            Ok(()) => s.write_all(&proto::simple_reply(r.cookie, 0)),
+            Err(e) => reply_error(s, r, structured, &e),
+        }
+    }
+}
+
+/// The error reply for a request: a structured error chunk when structured replies are on
+/// (it carries the message), a simple reply otherwise.
+fn reply_error<S: Socket>(
+    s: &mut S,
+    r: &Request,
+    structured: bool,
+    e: &DeviceError,
+) -> io::Result<()> {
+    if structured {
+        s.write_all(&proto::error_chunk(r.cookie, e.errno, &e.message))
+    } else {
+        s.write_all(&proto::simple_reply(r.cookie, e.errno))
+    }
+}
+
+fn read_u32<S: Read>(s: &mut S) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+
+fn send_option<S: Write>(s: &mut S, option: u32, kind: u32, data: &[u8]) -> io::Result<()> {
+    let mut out = proto::option_reply(option, kind, data.len() as u32).to_vec();
+    out.extend_from_slice(data);
+    s.write_all(&out)
+}
+
+fn error_reply<S: Write>(s: &mut S, option: u32, kind: u32, message: &str) -> io::Result<()> {
+    send_option(s, option, kind, message.as_bytes())
+}
