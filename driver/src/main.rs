@@ -1,13 +1,14 @@
 //! `qcow2-csi`: the plugin binary. `qcow2-csi nbd` serves one image over NBD on a unix socket
 //! (the equivalent of `qemu-nbd`).
 
+use std::collections::HashMap;
 use std::net::Shutdown;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -121,8 +122,12 @@ fn serve_until_signal(
             }
         })
     };
-    let mut conns: Vec<(UnixStream, std::thread::JoinHandle<()>)> = Vec::new();
-    for conn in listener.incoming() {
+    // Open connections by id: a second handle of each, to shut its read side at stop. A
+    // connection removes its own entry when it ends, so its socket closes at once (a client
+    // waiting for the server to hang up, after ABORT say, is not kept waiting).
+    let open: Arc<Mutex<HashMap<u64, UnixStream>>> = Arc::default();
+    let mut threads = Vec::new();
+    for (id, conn) in listener.incoming().enumerate() {
         if stop.load(Ordering::SeqCst) {
             break;
         }
@@ -133,20 +138,34 @@ fn serve_until_signal(
                 continue;
             }
         };
-        let handle = conn.try_clone().context("cloning a connection")?;
-        let server = server.clone();
-        let thread = std::thread::spawn(move || {
+        let id = id as u64;
+        open.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, conn.try_clone().context("cloning a connection")?);
+        let (server, open) = (server.clone(), open.clone());
+        threads.push(std::thread::spawn(move || {
             if let Err(e) = server.serve(conn) {
                 eprintln!("qcow2-csi: connection ended: {e}");
             }
-        });
-        conns.retain(|(_, t)| !t.is_finished());
-        conns.push((handle, thread));
+            open.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        }));
+        threads.retain(|t: &std::thread::JoinHandle<()>| !t.is_finished());
     }
-    eprintln!("qcow2-csi: stopping: draining {} connections", conns.len());
-    for (stream, thread) in conns {
+    let draining: Vec<UnixStream> = open
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .drain()
+        .map(|(_, s)| s)
+        .collect();
+    eprintln!(
+        "qcow2-csi: stopping: draining {} connections",
+        draining.len()
+    );
+    for stream in draining {
         let _ = stream.shutdown(Shutdown::Read);
-        let _ = thread.join();
+    }
+    for t in threads {
+        let _ = t.join();
     }
     let _ = waker.join();
     match Arc::try_unwrap(server) {

@@ -227,15 +227,18 @@ impl InfoRequest {
     }
 }
 
-pub(crate) fn be16(b: &[u8]) -> u16 {
+/// Big-endian u16 from 2 bytes.
+pub fn be16(b: &[u8]) -> u16 {
     u16::from_be_bytes(b.try_into().expect("2 bytes"))
 }
 
-pub(crate) fn be32(b: &[u8]) -> u32 {
+/// Big-endian u32 from 4 bytes.
+pub fn be32(b: &[u8]) -> u32 {
     u32::from_be_bytes(b.try_into().expect("4 bytes"))
 }
 
-pub(crate) fn be64(b: &[u8]) -> u64 {
+/// Big-endian u64 from 8 bytes.
+pub fn be64(b: &[u8]) -> u64 {
     u64::from_be_bytes(b.try_into().expect("8 bytes"))
 }
 
