@@ -555,3 +555,152 @@ fn acknowledged_writes_survive_sigkill_without_flush() {
     served.stop();
     qemu::check_clean(&img);
 }
+
+fn nbdinfo_map(uri: &str, context: &str) -> String {
+    let out = Command::new("nbdinfo")
+        .args([&format!("--map={context}"), uri])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nbdinfo --map={context}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn block_status_matches_qemu_nbd_on_the_same_images() {
+    if Command::new("nbdinfo").arg("--version").output().is_err() {
+        assert!(
+            std::env::var_os("QCOW2_CSI_REQUIRE_ALL").is_none(),
+            "nbdinfo is required (QCOW2_CSI_REQUIRE_ALL is set)"
+        );
+        eprintln!("skipped: nbdinfo (libnbd-bin) is not installed");
+        return;
+    }
+    if !qemu::require() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = qcow2(dir.path(), "base.qcow2", "cluster_size=64k");
+    qemu::io(
+        &base,
+        &[
+            "write -P 1 0 1M".to_string(),
+            "write -P 2 8M 64k".to_string(),
+        ],
+    );
+    for (name, opts) in [
+        ("top.qcow2", "cluster_size=64k"),
+        ("top-ext.qcow2", "cluster_size=64k,extended_l2=on"),
+    ] {
+        let top = dir.path().join(name);
+        qemu::img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            opts,
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            top.to_str().unwrap(),
+        ]);
+        qemu::io(
+            &top,
+            &[
+                "write -P 3 512k 1M".to_string(),
+                "write -P 4 3M 4k".to_string(),
+                "write -z 16M 1M".to_string(),
+                "discard 8M 64k".to_string(),
+            ],
+        );
+        let served = Served::start(&top, &[]);
+        let ours = [
+            nbdinfo_map(&served.uri(), "base:allocation"),
+            nbdinfo_map(&served.uri(), "qemu:allocation-depth"),
+        ];
+        served.stop();
+        let socket = dir.path().join("qemu-nbd.sock");
+        let mut qnbd = Command::new("qemu-nbd")
+            .args(["-t", "-r", "-A", "-f", "qcow2", "-k"])
+            .arg(&socket)
+            .arg(&top)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "qemu-nbd never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let uri = format!("nbd+unix:///?socket={}", socket.display());
+        let theirs = [
+            nbdinfo_map(&uri, "base:allocation"),
+            nbdinfo_map(&uri, "qemu:allocation-depth"),
+        ];
+        qnbd.kill().unwrap();
+        qnbd.wait().unwrap();
+        assert_eq!(ours, theirs, "{name}: block status differs from qemu-nbd's");
+        qemu::check_clean(&top);
+    }
+}
+
+#[test]
+fn metadata_contexts_need_structured_replies_and_block_status_needs_a_context() {
+    if !qemu::require() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = qcow2(dir.path(), "img.qcow2", "cluster_size=64k");
+    let served = Served::start(&img, &[]);
+    let flags = u32::from(handshake::FIXED_NEWSTYLE | handshake::NO_ZEROES);
+    let query = |queries: &[&str]| {
+        let mut d = 0u32.to_be_bytes().to_vec();
+        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        d
+    };
+    let mut c = Client::connect(&served.socket, flags);
+    c.option(opt::LIST_META_CONTEXT, &query(&[]));
+    assert_eq!(c.option_reply().1, rep::ERR_INVALID);
+    c.option(opt::STRUCTURED_REPLY, &[]);
+    assert_eq!(c.option_reply().1, rep::ACK);
+    // LIST with nothing lists both; "base:" is a wildcard for LIST; unknown names are ignored.
+    c.option(opt::LIST_META_CONTEXT, &query(&[]));
+    let (_, k1, d1) = c.option_reply();
+    let (_, k2, d2) = c.option_reply();
+    assert_eq!((k1, &d1[4..]), (rep::META_CONTEXT, &b"base:allocation"[..]));
+    assert_eq!(
+        (k2, &d2[4..]),
+        (rep::META_CONTEXT, &b"qemu:allocation-depth"[..])
+    );
+    assert_eq!(c.option_reply().1, rep::ACK);
+    c.option(opt::LIST_META_CONTEXT, &query(&["base:", "x:y"]));
+    assert_eq!(&c.option_reply().2[4..], b"base:allocation");
+    assert_eq!(c.option_reply().1, rep::ACK);
+    c.option(opt::SET_META_CONTEXT, &query(&["nope:nothing"]));
+    assert_eq!(c.option_reply().1, rep::ACK, "nothing selected");
+    assert_eq!(c.go(""), rep::ACK);
+    // Block status with no context selected: EINVAL in a structured error chunk.
+    c.request(cmd::BLOCK_STATUS, 0, 5, 0, 65536, &[]);
+    let mut h = [0u8; 20];
+    c.s.read_exact(&mut h).unwrap();
+    assert_eq!(&h[0..4], &proto::STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    assert_eq!(u16::from_be_bytes([h[6], h[7]]), proto::reply::ERROR);
+    let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+    let mut body = vec![0u8; len];
+    c.s.read_exact(&mut body).unwrap();
+    assert_eq!(
+        u32::from_be_bytes(body[0..4].try_into().unwrap()),
+        errno::EINVAL
+    );
+    drop(c);
+    served.stop();
+    qemu::check_clean(&img);
+}

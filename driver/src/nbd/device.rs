@@ -27,6 +27,19 @@ impl DeviceError {
 /// Device results.
 pub type DeviceResult<T = ()> = Result<T, DeviceError>;
 
+/// One run of a device range with one allocation status (NBD block status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u64,
+    /// No layer holds data here (reads come from nowhere: zeros).
+    pub hole: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+    /// Which layer provides the bytes: 0 none, 1 the image itself, 2 its backing file, ...
+    /// (`qemu:allocation-depth`).
+    pub depth: u32,
+}
+
 /// A block device that many connections and requests may use at once.
 pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// Size in bytes.
@@ -43,6 +56,16 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     fn trim(&self, offset: u64, len: u64) -> DeviceResult;
     /// Makes a range read as zeros; `no_hole` keeps it allocated.
     fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool) -> DeviceResult;
+    /// Allocation status of `[offset, offset + len)` (inside the device), in order, covering
+    /// the range. The default says "all data, in the top layer", which is always safe.
+    fn block_status(&self, _offset: u64, len: u64) -> DeviceResult<Vec<Extent>> {
+        Ok(vec![Extent {
+            length: len,
+            hole: false,
+            zero: false,
+            depth: 1,
+        }])
+    }
 }
 
 /// Maps an engine error to the NBD errno the spec prescribes for it.
@@ -86,6 +109,20 @@ impl BlockDevice for Image {
     }
     fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool) -> DeviceResult {
         Image::write_zeroes(self, offset, len, ZeroFlags { no_hole }).map_err(engine)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> DeviceResult<Vec<Extent>> {
+        let map = qcow2_engine::ops::map::map_range(self, offset, len).map_err(engine)?;
+        // The same reading of the chain as qemu-nbd: a hole is anything without data (zero
+        // clusters included), and the depth counts from 1 for layers that allocate.
+        Ok(map
+            .into_iter()
+            .map(|m| Extent {
+                length: m.length,
+                hole: !m.data,
+                zero: m.zero,
+                depth: if m.present { m.depth as u32 + 1 } else { 0 },
+            })
+            .collect())
     }
 }
 

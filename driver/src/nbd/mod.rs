@@ -5,5 +5,5 @@ pub mod device;
 pub mod proto;
 pub mod server;
 
-pub use device::{BlockDevice, DeviceError};
+pub use device::{BlockDevice, DeviceError, Extent};
 pub use server::{Export, Limits, Server};

@@ -121,6 +121,48 @@ pub mod errno {
     pub const ESHUTDOWN: u32 = 108;
 }
 
+/// Metadata contexts this server offers, with the ids it gives them.
+pub mod context {
+    pub const BASE_ALLOCATION: &str = "base:allocation";
+    pub const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
+    pub const BASE_ALLOCATION_ID: u32 = 1;
+    pub const ALLOCATION_DEPTH_ID: u32 = 2;
+    /// `base:allocation` flags.
+    pub const STATE_HOLE: u32 = 1;
+    pub const STATE_ZERO: u32 = 2;
+}
+
+/// The data of `LIST_META_CONTEXT`/`SET_META_CONTEXT`: export name and queries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaContextRequest {
+    pub name: String,
+    pub queries: Vec<String>,
+}
+
+impl MetaContextRequest {
+    /// Decodes option data; `None` when lengths disagree or strings are not UTF-8.
+    pub fn decode(data: &[u8]) -> Option<MetaContextRequest> {
+        let mut rest = data;
+        let mut take = |n: usize| -> Option<&[u8]> {
+            let (a, b) = (rest.get(..n)?, rest.get(n..)?);
+            rest = b;
+            Some(a)
+        };
+        let name_len = be32(take(4)?) as usize;
+        let name = String::from_utf8(take(name_len)?.to_vec()).ok()?;
+        let count = be32(take(4)?) as usize;
+        let mut queries = Vec::new();
+        for _ in 0..count {
+            let len = be32(take(4)?) as usize;
+            queries.push(String::from_utf8(take(len)?.to_vec()).ok()?);
+        }
+        if !rest.is_empty() {
+            return None;
+        }
+        Some(MetaContextRequest { name, queries })
+    }
+}
+
 /// Size of a transmission request header.
 pub const REQUEST_LEN: usize = 28;
 
@@ -291,6 +333,30 @@ mod tests {
                 0, 3, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0, 0, 0, 7, 0x80, 0, 0, 6, 0, 0, 0, 0
             ]
         );
+    }
+
+    #[test]
+    fn meta_context_requests_decode_and_refuse_bad_lengths() {
+        let mut d = 0u32.to_be_bytes().to_vec();
+        d.extend_from_slice(&2u32.to_be_bytes());
+        for q in ["base:allocation", "qemu:"] {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        assert_eq!(
+            MetaContextRequest::decode(&d),
+            Some(MetaContextRequest {
+                name: String::new(),
+                queries: vec!["base:allocation".into(), "qemu:".into()]
+            })
+        );
+        assert_eq!(MetaContextRequest::decode(&d[..d.len() - 1]), None);
+        let mut extra = d.clone();
+        extra.push(0);
+        assert_eq!(MetaContextRequest::decode(&extra), None);
+        let mut many = 0u32.to_be_bytes().to_vec();
+        many.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(MetaContextRequest::decode(&many), None);
     }
 
     #[test]

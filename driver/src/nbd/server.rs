@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use super::device::{BlockDevice, DeviceError};
 use super::proto::{
-    self, IHAVEOPT, InfoRequest, NBDMAGIC, REQUEST_LEN, Request, cmd, cmd_flag, errno, flag,
-    handshake, info, opt, rep, reply,
+    self, IHAVEOPT, InfoRequest, MetaContextRequest, NBDMAGIC, REQUEST_LEN, Request, cmd, cmd_flag,
+    context, errno, flag, handshake, info, opt, rep, reply,
 };
 
 /// Limits of one server.
@@ -90,8 +90,36 @@ pub struct Server {
 
 /// What the handshake ended with.
 enum Negotiated {
-    Transmission { export: usize, structured: bool },
+    Transmission {
+        export: usize,
+        structured: bool,
+        /// Selected metadata context ids.
+        contexts: Vec<u32>,
+    },
     Closed,
+}
+
+/// The contexts a LIST (wildcards allowed, nothing = everything) or SET query names, in the
+/// order first named; unknown namespaces and names are ignored, as the spec asks.
+fn match_contexts(queries: &[String], list: bool) -> Vec<(u32, &'static str)> {
+    let all = [
+        (context::BASE_ALLOCATION_ID, context::BASE_ALLOCATION),
+        (context::ALLOCATION_DEPTH_ID, context::ALLOCATION_DEPTH),
+    ];
+    if list && queries.is_empty() {
+        return all.to_vec();
+    }
+    let mut out = Vec::new();
+    for q in queries {
+        for (id, name) in all {
+            let namespace = &name[..=name.find(':').expect("names have a namespace")];
+            let hit = q == name || (list && q == namespace);
+            if hit && !out.iter().any(|&(i, _)| i == id) {
+                out.push((id, name));
+            }
+        }
+    }
+    out
 }
 
 impl Server {
@@ -130,9 +158,11 @@ impl Server {
         s.set_read_timeout(None)?;
         match negotiated {
             Negotiated::Closed => Ok(()),
-            Negotiated::Transmission { export, structured } => {
-                self.transmission(&mut s, export, structured)
-            }
+            Negotiated::Transmission {
+                export,
+                structured,
+                contexts,
+            } => self.transmission(&mut s, export, structured, &contexts),
         }
     }
 
@@ -151,6 +181,12 @@ impl Server {
         }
         let no_zeroes = client & u32::from(handshake::NO_ZEROES) != 0;
         let mut structured = false;
+        // Contexts chosen by SET_META_CONTEXT, and for which export name.
+        let mut selected: Option<(String, Vec<u32>)> = None;
+        let contexts_for = |selected: &Option<(String, Vec<u32>)>, export: usize| match selected {
+            Some((name, ids)) if self.find(name) == Some(export) => ids.clone(),
+            _ => Vec::new(),
+        };
         for _ in 0..self.limits.max_options {
             let mut head = [0u8; 16];
             s.read_exact(&mut head)?;
@@ -180,7 +216,11 @@ impl Server {
                         r.extend_from_slice(&[0u8; 124]);
                     }
                     s.write_all(&r)?;
-                    return Ok(Negotiated::Transmission { export, structured });
+                    return Ok(Negotiated::Transmission {
+                        export,
+                        structured,
+                        contexts: contexts_for(&selected, export),
+                    });
                 }
                 opt::ABORT => {
                     // The client may already be gone: its leaving is the point.
@@ -228,8 +268,39 @@ impl Server {
                     self.send_info(s, option, export, &req)?;
                     send_option(s, option, rep::ACK, &[])?;
                     if option == opt::GO {
-                        return Ok(Negotiated::Transmission { export, structured });
+                        return Ok(Negotiated::Transmission {
+                            export,
+                            structured,
+                            contexts: contexts_for(&selected, export),
+                        });
                     }
+                }
+                opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                    if !structured {
+                        let msg = "metadata contexts need structured replies first";
+                        error_reply(s, option, rep::ERR_INVALID, msg)?;
+                        continue;
+                    }
+                    let Some(req) = MetaContextRequest::decode(&data) else {
+                        error_reply(s, option, rep::ERR_INVALID, "malformed context query")?;
+                        continue;
+                    };
+                    if self.find(&req.name).is_none() {
+                        let msg = format!("no export named {:?}", req.name);
+                        error_reply(s, option, rep::ERR_UNKNOWN, &msg)?;
+                        continue;
+                    }
+                    let list = option == opt::LIST_META_CONTEXT;
+                    let matched = match_contexts(&req.queries, list);
+                    for &(id, name) in &matched {
+                        let mut d = id.to_be_bytes().to_vec();
+                        d.extend_from_slice(name.as_bytes());
+                        send_option(s, option, rep::META_CONTEXT, &d)?;
+                    }
+                    if !list {
+                        selected = Some((req.name, matched.iter().map(|&(id, _)| id).collect()));
+                    }
+                    send_option(s, option, rep::ACK, &[])?;
                 }
                 _ => {
                     let msg = format!("option {option} is not supported");
@@ -281,6 +352,7 @@ impl Server {
         s: &mut S,
         export: usize,
         structured: bool,
+        contexts: &[u32],
     ) -> Result<(), ConnError> {
         let dev = &*self.exports[export].device;
         let mut head = [0u8; REQUEST_LEN];
@@ -308,8 +380,11 @@ impl Server {
             if req.kind == cmd::DISC {
                 return Ok(());
             }
-            match self.check(dev, &req, structured) {
+            match self.check(dev, &req, structured, contexts) {
                 Err(e) => reply_error(s, &req, structured, &e)?,
+                Ok(()) if req.kind == cmd::BLOCK_STATUS => {
+                    block_status(s, dev, &req, contexts)?;
+                }
                 Ok(()) => self.execute(s, dev, &req, &payload, structured)?,
             }
         }
@@ -321,6 +396,7 @@ impl Server {
         dev: &dyn BlockDevice,
         r: &Request,
         structured: bool,
+        contexts: &[u32],
     ) -> Result<(), DeviceError> {
         let allowed = match r.kind {
             cmd::READ => cmd_flag::FUA | if structured { cmd_flag::DF } else { 0 },
@@ -328,6 +404,18 @@ impl Server {
             cmd::FLUSH | cmd::CACHE => cmd_flag::FUA,
             cmd::TRIM => cmd_flag::FUA,
             cmd::WRITE_ZEROES => cmd_flag::FUA | cmd_flag::NO_HOLE,
+            cmd::BLOCK_STATUS if structured && !contexts.is_empty() => {
+                if r.length == 0 {
+                    return Err(DeviceError::new(errno::EINVAL, "block status of 0 bytes"));
+                }
+                cmd_flag::FUA | cmd_flag::REQ_ONE
+            }
+            cmd::BLOCK_STATUS => {
+                return Err(DeviceError::new(
+                    errno::EINVAL,
+                    "block status needs structured replies and a metadata context",
+                ));
+            }
             other => {
                 return Err(DeviceError::new(
                     errno::EINVAL,
@@ -430,6 +518,60 @@ impl Server {
             Err(e) => reply_error(s, r, structured, &e),
         }
     }
+}
+
+/// Answers BLOCK_STATUS: one chunk per selected context, the last one marked done.
+fn block_status<S: Socket>(
+    s: &mut S,
+    dev: &dyn BlockDevice,
+    r: &Request,
+    contexts: &[u32],
+) -> io::Result<()> {
+    let extents = match dev.block_status(r.offset, u64::from(r.length)) {
+        Ok(e) => e,
+        Err(e) => return reply_error(s, r, true, &e),
+    };
+    let one = r.flags & cmd_flag::REQ_ONE != 0;
+    let mut out = Vec::new();
+    for (i, &id) in contexts.iter().enumerate() {
+        // (length, flags) pairs, neighbours with equal flags merged; never longer than the
+        // request (so never above u32).
+        let mut pairs: Vec<(u32, u32)> = Vec::new();
+        for e in &extents {
+            let flags = match id {
+                context::BASE_ALLOCATION_ID => {
+                    (if e.hole { context::STATE_HOLE } else { 0 })
+                        | (if e.zero { context::STATE_ZERO } else { 0 })
+                }
+                _ => e.depth,
+            };
+            match pairs.last_mut() {
+                Some((len, f)) if *f == flags => *len += e.length as u32,
+                _ => pairs.push((e.length as u32, flags)),
+            }
+        }
+        if one {
+            pairs.truncate(1);
+        }
+        let done = if i + 1 == contexts.len() {
+            reply::FLAG_DONE
+        } else {
+            0
+        };
+        let body_len = 4 + 8 * pairs.len() as u32;
+        out.extend_from_slice(&proto::chunk_header(
+            r.cookie,
+            done,
+            reply::BLOCK_STATUS,
+            body_len,
+        ));
+        out.extend_from_slice(&id.to_be_bytes());
+        for (len, flags) in pairs {
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(&flags.to_be_bytes());
+        }
+    }
+    s.write_all(&out)
 }
 
 /// The error reply for a request: a structured error chunk when structured replies are on

@@ -57,11 +57,18 @@ fn chain_status(
 
 /// Maps the whole image through its chain, merging adjacent extents like qemu-img.
 pub fn map(img: &Image) -> Result<Vec<MapExtent>> {
-    let size = img.size();
+    map_range(img, 0, img.size())
+}
+
+/// Maps `[start, start + len)` through the chain (what NBD block status asks for); the
+/// caller keeps the range inside the image.
+pub fn map_range(img: &Image, start: u64, len: u64) -> Result<Vec<MapExtent>> {
+    let end = start + len;
     let mut out: Vec<MapExtent> = Vec::new();
-    let mut off = 0;
-    while off < size {
-        let (n, depth, status) = chain_status(img, off, size - off, 0)?;
+    let mut off = start;
+    while off < end {
+        let (n, depth, status) = chain_status(img, off, end - off, 0)?;
+        let n = n.min(end - off);
         let (present, zero, data, compressed, offset) = match status {
             LayerStatus::Unallocated => (false, true, false, false, None),
             LayerStatus::Zero { host } => (true, true, false, false, host),
