@@ -7,13 +7,15 @@
 //! without losing sync (a bad magic, an oversized WRITE payload, an unknown export named by
 //! `EXPORT_NAME`) closes the connection.
 //!
-//! This version runs the requests of one connection in order; connections run in parallel,
-//! each on its own thread, over one shared device per export (so `CAN_MULTI_CONN` holds:
-//! a FLUSH on any connection is an `fdatasync` of the one image everybody writes to).
+//! Each connection has a reader (the thread that called [`Server::serve`]) and a pool of
+//! workers: requests run concurrently, up to [`Limits::requests_in_flight`] and
+//! [`Limits::bytes_in_flight`], and are answered as they complete. Connections share one
+//! device per export, so `CAN_MULTI_CONN` holds: a FLUSH on any connection is an
+//! `fdatasync` of the one image everybody writes to, covering every write already answered.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::Duration;
 
 use super::device::{BlockDevice, DeviceError};
@@ -33,6 +35,10 @@ pub struct Limits {
     pub max_options: u32,
     /// Time allowed for the whole handshake.
     pub handshake_timeout: Duration,
+    /// Requests of one connection executing at once.
+    pub requests_in_flight: usize,
+    /// Payload and read-buffer bytes of one connection in flight.
+    pub bytes_in_flight: u64,
 }
 
 impl Default for Limits {
@@ -42,6 +48,8 @@ impl Default for Limits {
             max_option_len: 64 << 10,
             max_options: 256,
             handshake_timeout: Duration::from_secs(10),
+            requests_in_flight: 16,
+            bytes_in_flight: 64 << 20,
         }
     }
 }
@@ -64,20 +72,28 @@ pub enum ConnError {
 }
 
 /// A connected stream the server can talk over.
-pub trait Socket: Read + Write + Send {
+pub trait Socket: Read + Write + Send + Sized {
     /// Bounds every read (the handshake timeout), or not.
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+    /// A second handle on the same connection (replies are written through it).
+    fn try_clone(&self) -> io::Result<Self>;
 }
 
 impl Socket for UnixStream {
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         UnixStream::set_read_timeout(self, t)
     }
+    fn try_clone(&self) -> io::Result<Self> {
+        UnixStream::try_clone(self)
+    }
 }
 
 impl Socket for std::net::TcpStream {
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         std::net::TcpStream::set_read_timeout(self, t)
+    }
+    fn try_clone(&self) -> io::Result<Self> {
+        std::net::TcpStream::try_clone(self)
     }
 }
 
@@ -355,8 +371,56 @@ impl Server {
         contexts: &[u32],
     ) -> Result<(), ConnError> {
         let dev = &*self.exports[export].device;
+        let writer = Mutex::new(s.try_clone()?);
+        let budget = Budget::new(self.limits.bytes_in_flight);
+        let workers = self.limits.requests_in_flight.max(1);
+        // Requests run on a pool of workers and are answered as they complete (replies may
+        // overtake each other, as the spec allows); a reply is written whole under the writer
+        // lock. The channel and the byte budget bound what is in flight.
+        let (tx, rx) = mpsc::sync_channel::<(Request, Vec<u8>)>(workers);
+        let rx = Mutex::new(rx);
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| {
+                    loop {
+                        let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok((req, payload)) = job else { return };
+                        let mut out = Vec::new();
+                        let reply = match self.check(dev, &req, structured, contexts) {
+                            Err(e) => reply_error(&mut out, &req, structured, &e),
+                            Ok(()) if req.kind == cmd::BLOCK_STATUS => {
+                                block_status(&mut out, dev, &req, contexts)
+                            }
+                            Ok(()) => self.execute(&mut out, dev, &req, &payload, structured),
+                        };
+                        let sent = reply.and_then(|()| {
+                            writer
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .write_all(&out)
+                        });
+                        budget.release(charge(&req));
+                        if sent.is_err() {
+                            // The client is gone; the reader finds out on its next read.
+                            return;
+                        }
+                    }
+                });
+            }
+            let result = self.read_requests(s, &tx, &budget);
+            drop(tx); // the workers finish what is queued, reply, and stop
+            result
+        })
+    }
+
+    /// The reading half of a connection: requests (and WRITE payloads) in, jobs out.
+    fn read_requests<S: Socket>(
+        &self,
+        s: &mut S,
+        jobs: &mpsc::SyncSender<(Request, Vec<u8>)>,
+        budget: &Budget,
+    ) -> Result<(), ConnError> {
         let mut head = [0u8; REQUEST_LEN];
-        let mut payload = Vec::new();
         loop {
             match s.read_exact(&mut head) {
                 Ok(()) => {}
@@ -367,25 +431,26 @@ impl Server {
             let Some(req) = Request::decode(&head) else {
                 return Err(ConnError::Protocol("request with a bad magic".into()));
             };
-            if req.kind == cmd::WRITE {
-                if req.length > self.limits.max_payload {
-                    return Err(ConnError::Protocol(format!(
-                        "WRITE of {} bytes exceeds the {}-byte limit",
-                        req.length, self.limits.max_payload
-                    )));
-                }
-                payload.resize(req.length as usize, 0);
-                s.read_exact(&mut payload)?;
-            }
             if req.kind == cmd::DISC {
-                return Ok(());
+                return Ok(()); // outstanding requests finish before the connection closes
             }
-            match self.check(dev, &req, structured, contexts) {
-                Err(e) => reply_error(s, &req, structured, &e)?,
-                Ok(()) if req.kind == cmd::BLOCK_STATUS => {
-                    block_status(s, dev, &req, contexts)?;
+            let mut payload = Vec::new();
+            if req.kind == cmd::WRITE && req.length > self.limits.max_payload {
+                return Err(ConnError::Protocol(format!(
+                    "WRITE of {} bytes exceeds the {}-byte limit",
+                    req.length, self.limits.max_payload
+                )));
+            }
+            budget.acquire(charge(&req));
+            if req.kind == cmd::WRITE {
+                payload.resize(req.length as usize, 0);
+                if let Err(e) = s.read_exact(&mut payload) {
+                    budget.release(charge(&req));
+                    return Err(e.into());
                 }
-                Ok(()) => self.execute(s, dev, &req, &payload, structured)?,
+            }
+            if jobs.send((req, payload)).is_err() {
+                return Ok(());
             }
         }
     }
@@ -465,9 +530,9 @@ impl Server {
         Ok(())
     }
 
-    fn execute<S: Socket>(
+    fn execute<W: Write>(
         &self,
-        s: &mut S,
+        s: &mut W,
         dev: &dyn BlockDevice,
         r: &Request,
         payload: &[u8],
@@ -520,9 +585,49 @@ impl Server {
     }
 }
 
+/// Bytes a request holds while in flight (its payload or its read buffer).
+fn charge(r: &Request) -> u64 {
+    match r.kind {
+        cmd::READ | cmd::WRITE => u64::from(r.length),
+        _ => 0,
+    }
+}
+
+/// A byte budget for the requests of one connection in flight. A request larger than the
+/// whole budget still runs, alone.
+#[derive(Debug)]
+struct Budget {
+    limit: u64,
+    used: Mutex<u64>,
+    freed: Condvar,
+}
+
+impl Budget {
+    fn new(limit: u64) -> Self {
+        Self {
+            limit,
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+        }
+    }
+
+    fn acquire(&self, n: u64) {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        while *used > 0 && *used + n > self.limit {
+            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        *used += n;
+    }
+
+    fn release(&self, n: u64) {
+        *self.used.lock().unwrap_or_else(|e| e.into_inner()) -= n;
+        self.freed.notify_all();
+    }
+}
+
 /// Answers BLOCK_STATUS: one chunk per selected context, the last one marked done.
-fn block_status<S: Socket>(
-    s: &mut S,
+fn block_status<W: Write>(
+    s: &mut W,
     dev: &dyn BlockDevice,
     r: &Request,
     contexts: &[u32],
@@ -576,8 +681,8 @@ fn block_status<S: Socket>(
 
 /// The error reply for a request: a structured error chunk when structured replies are on
 /// (it carries the message), a simple reply otherwise.
-fn reply_error<S: Socket>(
-    s: &mut S,
+fn reply_error<W: Write>(
+    s: &mut W,
     r: &Request,
     structured: bool,
     e: &DeviceError,
@@ -603,4 +708,127 @@ fn send_option<S: Write>(s: &mut S, option: u32, kind: u32, data: &[u8]) -> io::
 
 fn error_reply<S: Write>(s: &mut S, option: u32, kind: u32, message: &str) -> io::Result<()> {
     send_option(s, option, kind, message.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::device::DeviceResult;
+
+    /// A memory device whose read of block 0 waits until block 1 has been written: served in
+    /// order, a READ of block 0 followed by a WRITE of block 1 would never finish.
+    #[derive(Debug, Default)]
+    struct Rendezvous {
+        bytes: Mutex<Vec<u8>>,
+        written: Condvar,
+    }
+
+    impl BlockDevice for Rendezvous {
+        fn size(&self) -> u64 {
+            8192
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> DeviceResult {
+            let mut b = self.bytes.lock().unwrap();
+            if offset == 0 {
+                // Bounded, so a server that serialises requests fails the test, not hangs it.
+                let (guard, timeout) = self
+                    .written
+                    .wait_timeout_while(b, Duration::from_secs(5), |b| b[4096] == 0)
+                    .unwrap();
+                b = guard;
+                if timeout.timed_out() {
+                    return Err(crate::nbd::DeviceError::new(errno::EIO, "never written"));
+                }
+            }
+            buf.copy_from_slice(&b[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> DeviceResult {
+            self.bytes.lock().unwrap()[offset as usize..offset as usize + buf.len()]
+                .copy_from_slice(buf);
+            self.written.notify_all();
+            Ok(())
+        }
+        fn flush(&self) -> DeviceResult {
+            Ok(())
+        }
+        fn trim(&self, _: u64, _: u64) -> DeviceResult {
+            Ok(())
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> DeviceResult {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn requests_of_one_connection_run_concurrently_and_replies_overtake() {
+        let dev = Rendezvous {
+            bytes: Mutex::new(vec![0; 8192]),
+            written: Condvar::new(),
+        };
+        let server = Server::new(
+            vec![Export {
+                name: String::new(),
+                description: None,
+                device: Arc::new(dev),
+            }],
+            Limits::default(),
+        );
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        theirs
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| server.serve(ours).unwrap());
+            let mut hello = [0u8; 18];
+            theirs.read_exact(&mut hello).unwrap();
+            theirs
+                .write_all(
+                    &u32::from(handshake::FIXED_NEWSTYLE | handshake::NO_ZEROES).to_be_bytes(),
+                )
+                .unwrap();
+            let mut m = IHAVEOPT.to_be_bytes().to_vec();
+            m.extend_from_slice(&opt::EXPORT_NAME.to_be_bytes());
+            m.extend_from_slice(&0u32.to_be_bytes());
+            theirs.write_all(&m).unwrap();
+            let mut export = [0u8; 10];
+            theirs.read_exact(&mut export).unwrap();
+            let read = Request {
+                flags: 0,
+                kind: cmd::READ,
+                cookie: 1,
+                offset: 0,
+                length: 4096,
+            };
+            let write = Request {
+                flags: 0,
+                kind: cmd::WRITE,
+                cookie: 2,
+                offset: 4096,
+                length: 4,
+            };
+            theirs.write_all(&read.encode()).unwrap();
+            theirs.write_all(&write.encode()).unwrap();
+            theirs.write_all(&[9; 4]).unwrap();
+            // The write is answered first; the read follows once the write unblocked it.
+            let mut r = [0u8; 16];
+            theirs.read_exact(&mut r).unwrap();
+            assert_eq!(r, proto::simple_reply(2, 0));
+            theirs.read_exact(&mut r).unwrap();
+            assert_eq!(r, proto::simple_reply(1, 0));
+            let mut data = vec![0u8; 4096];
+            theirs.read_exact(&mut data).unwrap();
+            let disc = Request {
+                flags: 0,
+                kind: cmd::DISC,
+                cookie: 3,
+                offset: 0,
+                length: 0,
+            };
+            theirs.write_all(&disc.encode()).unwrap();
+        });
+    }
 }
