@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs when it is missing (Debian/Ubuntu): the qemu-img/qemu-io
-# oracle, nbdinfo (libnbd-bin) and cargo-nextest. Safe to run repeatedly; does nothing when all is present.
+# oracle, the NBD clients (libnbd-bin, nbdfuse), fuse3, xfsprogs and cargo-nextest. Safe to run repeatedly; does nothing when all is present.
 set -euo pipefail
 
 need_pkgs=()
 command -v qemu-img >/dev/null 2>&1 || need_pkgs+=(qemu-utils)
 command -v qemu-io >/dev/null 2>&1 || need_pkgs+=(qemu-utils)
 command -v nbdinfo >/dev/null 2>&1 || need_pkgs+=(libnbd-bin)
+command -v nbdfuse >/dev/null 2>&1 || need_pkgs+=(nbdfuse)
+command -v fusermount3 >/dev/null 2>&1 || need_pkgs+=(fuse3)
+command -v mkfs.xfs >/dev/null 2>&1 || need_pkgs+=(xfsprogs)
+command -v mkfs.ext4 >/dev/null 2>&1 || need_pkgs+=(e2fsprogs)
+command -v losetup >/dev/null 2>&1 || need_pkgs+=(mount)
 if ((${#need_pkgs[@]})); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

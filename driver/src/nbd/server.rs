@@ -23,6 +23,7 @@ use super::proto::{
     self, IHAVEOPT, InfoRequest, MetaContextRequest, NBDMAGIC, REQUEST_LEN, Request, cmd, cmd_flag,
     context, errno, flag, handshake, info, opt, rep, reply,
 };
+use crate::error::Error;
 
 /// Limits of one server.
 #[derive(Debug, Clone)]
@@ -60,15 +61,6 @@ pub struct Export {
     pub name: String,
     pub description: Option<String>,
     pub device: Arc<dyn BlockDevice>,
-}
-
-/// Why a connection ended other than by the client's choice.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnError {
-    #[error("connection I/O: {0}")]
-    Io(#[from] io::Error),
-    #[error("protocol violation: {0}")]
-    Protocol(String),
 }
 
 /// A connected stream the server can talk over.
@@ -168,7 +160,7 @@ impl Server {
     }
 
     /// Serves one connection to its end. `Ok` when the client disconnected (cleanly or not).
-    pub fn serve<S: Socket>(&self, mut s: S) -> Result<(), ConnError> {
+    pub fn serve<S: Socket>(&self, mut s: S) -> Result<(), Error> {
         s.set_read_timeout(Some(self.limits.handshake_timeout))?;
         let negotiated = self.handshake(&mut s)?;
         s.set_read_timeout(None)?;
@@ -182,7 +174,7 @@ impl Server {
         }
     }
 
-    fn handshake<S: Socket>(&self, s: &mut S) -> Result<Negotiated, ConnError> {
+    fn handshake<S: Socket>(&self, s: &mut S) -> Result<Negotiated, Error> {
         let mut hello = Vec::with_capacity(18);
         hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
         hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -191,9 +183,7 @@ impl Server {
         let client = read_u32(s)?;
         let known = u32::from(handshake::FIXED_NEWSTYLE | handshake::NO_ZEROES);
         if client & !known != 0 {
-            return Err(ConnError::Protocol(format!(
-                "unknown client flags {client:#x}"
-            )));
+            return Err(Error::Protocol(format!("unknown client flags {client:#x}")));
         }
         let no_zeroes = client & u32::from(handshake::NO_ZEROES) != 0;
         let mut structured = false;
@@ -207,12 +197,12 @@ impl Server {
             let mut head = [0u8; 16];
             s.read_exact(&mut head)?;
             if proto::be64(&head[0..8]) != IHAVEOPT {
-                return Err(ConnError::Protocol("option without IHAVEOPT".into()));
+                return Err(Error::Protocol("option without IHAVEOPT".into()));
             }
             let option = proto::be32(&head[8..12]);
             let len = proto::be32(&head[12..16]);
             if len > self.limits.max_option_len {
-                return Err(ConnError::Protocol(format!(
+                return Err(Error::Protocol(format!(
                     "option {option} carries {len} bytes"
                 )));
             }
@@ -223,7 +213,7 @@ impl Server {
                     let name = String::from_utf8_lossy(&data);
                     // No way to report an error here: an unknown export closes the connection.
                     let Some(export) = self.find(&name) else {
-                        return Err(ConnError::Protocol(format!("unknown export {name:?}")));
+                        return Err(Error::Protocol(format!("unknown export {name:?}")));
                     };
                     let mut r = Vec::with_capacity(134);
                     r.extend_from_slice(&self.exports[export].device.size().to_be_bytes());
@@ -324,7 +314,7 @@ impl Server {
                 }
             }
         }
-        Err(ConnError::Protocol(format!(
+        Err(Error::Protocol(format!(
             "more than {} options",
             self.limits.max_options
         )))
@@ -369,7 +359,7 @@ impl Server {
         export: usize,
         structured: bool,
         contexts: &[u32],
-    ) -> Result<(), ConnError> {
+    ) -> Result<(), Error> {
         let dev = &*self.exports[export].device;
         let writer = Mutex::new(s.try_clone()?);
         let budget = Budget::new(self.limits.bytes_in_flight);
@@ -419,7 +409,7 @@ impl Server {
         s: &mut S,
         jobs: &mpsc::SyncSender<(Request, Vec<u8>)>,
         budget: &Budget,
-    ) -> Result<(), ConnError> {
+    ) -> Result<(), Error> {
         let mut head = [0u8; REQUEST_LEN];
         loop {
             match s.read_exact(&mut head) {
@@ -429,14 +419,14 @@ impl Server {
                 Err(e) => return Err(e.into()),
             }
             let Some(req) = Request::decode(&head) else {
-                return Err(ConnError::Protocol("request with a bad magic".into()));
+                return Err(Error::Protocol("request with a bad magic".into()));
             };
             if req.kind == cmd::DISC {
                 return Ok(()); // outstanding requests finish before the connection closes
             }
             let mut payload = Vec::new();
             if req.kind == cmd::WRITE && req.length > self.limits.max_payload {
-                return Err(ConnError::Protocol(format!(
+                return Err(Error::Protocol(format!(
                     "WRITE of {} bytes exceeds the {}-byte limit",
                     req.length, self.limits.max_payload
                 )));

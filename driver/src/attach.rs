@@ -1,0 +1,136 @@
+//! Attaching an NBD export as a block device on a host without kernel nbd: `nbdfuse` exposes
+//! the export as a file on a FUSE mount, and a loop device is set up on that file. Detach
+//! tears it down in the reverse order: loop device, FUSE mount, nbdfuse process.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+
+/// How long nbdfuse gets to connect and publish its file, and to exit after the unmount.
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A block device backed by an export through nbdfuse and a loop device.
+#[derive(Debug)]
+pub struct FuseLoop {
+    device: PathBuf,
+    mountpoint: PathBuf,
+    fuse: Child,
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let step = format!("{cmd:?}");
+    let out = cmd
+        .output()
+        .map_err(|e| Error::attach(&step, e.to_string()))?;
+    if !out.status.success() {
+        return Err(Error::attach(
+            step,
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+impl FuseLoop {
+    /// Exposes the export on the unix socket `socket` as a loop device. `work` is a private,
+    /// empty or missing directory for the FUSE mount.
+    pub fn attach(socket: &Path, work: &Path, read_only: bool) -> Result<FuseLoop> {
+        std::fs::create_dir_all(work)
+            .map_err(|e| Error::attach(format!("creating {}", work.display()), e.to_string()))?;
+        let file = work.join("disk");
+        let pidfile = work.with_extension("pid");
+        let _ = std::fs::remove_file(&pidfile);
+        let mut cmd = Command::new("nbdfuse");
+        cmd.arg("-P").arg(&pidfile);
+        if read_only {
+            cmd.arg("-r");
+        }
+        let mut fuse = cmd
+            .arg(&file)
+            .arg("--unix")
+            .arg(socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| Error::attach("starting nbdfuse", e.to_string()))?;
+        // nbdfuse writes its pid file once the file is being served.
+        let deadline = Instant::now() + WAIT;
+        while !std::fs::metadata(&pidfile).is_ok_and(|m| m.len() > 0) {
+            if let Ok(Some(status)) = fuse.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = fuse.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                return Err(Error::attach(
+                    "nbdfuse",
+                    format!("exited with {status}: {}", err.trim()),
+                ));
+            }
+            if Instant::now() > deadline {
+                let _ = fuse.kill();
+                let _ = fuse.wait();
+                return Err(Error::attach("nbdfuse", "did not come up in time"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut losetup = Command::new("losetup");
+        losetup.args(["--find", "--show"]);
+        if read_only {
+            losetup.arg("--read-only");
+        }
+        let device = match run(losetup.arg(&file)) {
+            Ok(dev) => PathBuf::from(dev),
+            Err(e) => {
+                let _ = unmount(work);
+                let _ = fuse.wait();
+                return Err(e);
+            }
+        };
+        Ok(FuseLoop {
+            device,
+            mountpoint: work.to_path_buf(),
+            fuse,
+        })
+    }
+
+    /// The block device (`/dev/loopN`).
+    pub fn device(&self) -> &Path {
+        &self.device
+    }
+
+    /// Tears down in order: the loop device (its buffers are flushed to the file, i.e. to the
+    /// export), the FUSE mount, then waits for nbdfuse to exit (it flushes the export).
+    pub fn detach(mut self) -> Result<()> {
+        run(Command::new("losetup").arg("-d").arg(&self.device))?;
+        unmount(&self.mountpoint)?;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match self.fuse.try_wait() {
+                Ok(Some(_)) => return Ok(()),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                _ => {
+                    let _ = self.fuse.kill();
+                    let _ = self.fuse.wait();
+                    return Err(Error::attach("nbdfuse", "did not exit after the unmount"));
+                }
+            }
+        }
+    }
+}
+
+/// Unmounts a FUSE mount: `fusermount3 -u` where installed, else `umount` (as root).
+fn unmount(mountpoint: &Path) -> Result<()> {
+    let fusermount = Command::new("fusermount3")
+        .arg("-u")
+        .arg(mountpoint)
+        .output();
+    match fusermount {
+        Ok(out) if out.status.success() => Ok(()),
+        _ => run(Command::new("umount").arg(mountpoint)).map(|_| ()),
+    }
+}
