@@ -1,7 +1,7 @@
 # qcow2-csi developer targets. `make help` lists them.
 CARGO ?= cargo
 
-.PHONY: help build demo test test-deps lint fmt clippy doc clean fuzz bench
+.PHONY: help build demo test test-deps lint fmt clippy doc clean fuzz bench bench-nbd
 
 help: ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -22,6 +22,10 @@ BENCH_ARGS ?=
 bench: ## Engine vs QEMU qcow2 vs raw file, side by side (needs qemu-utils and fio; BENCH_ARGS=--quick)
 	$(CARGO) build --release -p qcow2-engine
 	./hack/bench.py $(BENCH_ARGS)
+
+bench-nbd: ## qcow2-csi nbd vs qemu-nbd with fio's nbd engine and nbdcopy (needs qemu-utils, fio, libnbd-bin)
+	$(CARGO) build --release -p qcow2-csi
+	./hack/bench_nbd.py $(BENCH_ARGS)
 
 lint: fmt clippy ## fmt --check and clippy -D warnings
 

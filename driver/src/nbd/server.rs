@@ -14,6 +14,7 @@
 //! `fdatasync` of the one image everybody writes to, covering every write already answered.
 
 use std::io::{self, Read, Write};
+use std::ops::Range;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::Duration;
@@ -376,18 +377,30 @@ impl Server {
                         let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
                         let Ok((req, payload)) = job else { return };
                         let mut out = Vec::new();
+                        let mut window = None;
                         let reply = match self.check(dev, &req, structured, contexts) {
                             Err(e) => reply_error(&mut out, &req, structured, &e),
+                            Ok(()) if req.kind == cmd::READ => {
+                                // Built in place: the reply is a window of `out`.
+                                let (buf, range) = read_reply(dev, &req, structured);
+                                out = buf;
+                                window = Some(range);
+                                Ok(())
+                            }
                             Ok(()) if req.kind == cmd::BLOCK_STATUS => {
                                 block_status(&mut out, dev, &req, contexts)
                             }
                             Ok(()) => self.execute(&mut out, dev, &req, &payload, structured),
                         };
+                        let bytes = match window {
+                            Some(range) => &out[range],
+                            None => &out[..],
+                        };
                         let sent = reply.and_then(|()| {
                             writer
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())
-                                .write_all(&out)
+                                .write_all(bytes)
                         });
                         budget.release(charge(&req));
                         if sent.is_err() {
@@ -531,29 +544,7 @@ impl Server {
         let fua = r.flags & cmd_flag::FUA != 0;
         let len = u64::from(r.length);
         let done = match r.kind {
-            cmd::READ => {
-                let mut buf = vec![0u8; r.length as usize];
-                return match dev.read_at(&mut buf, r.offset) {
-                    Err(e) => reply_error(s, r, structured, &e),
-                    Ok(()) if structured => {
-                        let mut out = proto::chunk_header(
-                            r.cookie,
-                            reply::FLAG_DONE,
-                            reply::OFFSET_DATA,
-                            8 + r.length,
-                        )
-                        .to_vec();
-                        out.extend_from_slice(&r.offset.to_be_bytes());
-                        out.extend_from_slice(&buf);
-                        s.write_all(&out)
-                    }
-                    Ok(()) => {
-                        let mut out = proto::simple_reply(r.cookie, 0).to_vec();
-                        out.extend_from_slice(&buf);
-                        s.write_all(&out)
-                    }
-                };
-            }
+            cmd::READ => unreachable!("READ is answered by read_reply"),
             cmd::WRITE => dev.write_at(payload, r.offset),
             cmd::FLUSH => dev.flush(),
             cmd::TRIM => dev.trim(r.offset, len),
@@ -573,6 +564,34 @@ impl Server {
             Err(e) => reply_error(s, r, structured, &e),
         }
     }
+}
+
+/// A READ's reply, built so that the data lands on a 4 KiB boundary (an `O_DIRECT` read
+/// goes straight into it, without a bounce buffer) with the reply header just before it:
+/// returns the buffer and the window of it to send.
+fn read_reply(dev: &dyn BlockDevice, r: &Request, structured: bool) -> (Vec<u8>, Range<usize>) {
+    const ALIGN: usize = qcow2_engine::storage::DIRECT_ALIGN;
+    let len = r.length as usize;
+    let mut raw = vec![0u8; len + 2 * ALIGN];
+    let data = raw.as_ptr().align_offset(ALIGN) + ALIGN;
+    if let Err(e) = dev.read_at(&mut raw[data..data + len], r.offset) {
+        let mut out = Vec::new();
+        reply_error(&mut out, r, structured, &e).expect("writing to a Vec cannot fail");
+        let n = out.len();
+        return (out, 0..n);
+    }
+    let header: Vec<u8> = if structured {
+        let mut h =
+            proto::chunk_header(r.cookie, reply::FLAG_DONE, reply::OFFSET_DATA, 8 + r.length)
+                .to_vec();
+        h.extend_from_slice(&r.offset.to_be_bytes());
+        h
+    } else {
+        proto::simple_reply(r.cookie, 0).to_vec()
+    };
+    let start = data - header.len();
+    raw[start..data].copy_from_slice(&header);
+    (raw, start..data + len)
 }
 
 /// Bytes a request holds while in flight (its payload or its read buffer).
