@@ -50,7 +50,7 @@ impl Default for Limits {
             max_option_len: 64 << 10,
             max_options: 256,
             handshake_timeout: Duration::from_secs(10),
-            requests_in_flight: 16,
+            requests_in_flight: 32,
             bytes_in_flight: 64 << 20,
         }
     }
