@@ -87,7 +87,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     description: Some(image.display().to_string()),
                     device: Arc::new(img),
                 }],
-                Limits::default(),
+                Limits {
+                    io_flusher: true,
+                    ..Limits::default()
+                },
             ));
             let listener = listen(&socket)?;
             eprintln!(

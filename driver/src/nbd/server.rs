@@ -41,6 +41,10 @@ pub struct Limits {
     pub requests_in_flight: usize,
     /// Payload and read-buffer bytes of one connection in flight.
     pub bytes_in_flight: u64,
+    /// Put every serving thread in the `PR_SET_IO_FLUSHER` state (needs `CAP_SYS_RESOURCE`):
+    /// when the kernel's nbd client on this host writes back dirty pages through us, memory
+    /// reclaim must not wait on I/O that only we can complete.
+    pub io_flusher: bool,
 }
 
 impl Default for Limits {
@@ -52,6 +56,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             requests_in_flight: 32,
             bytes_in_flight: 64 << 20,
+            io_flusher: false,
         }
     }
 }
@@ -160,8 +165,20 @@ impl Server {
         f
     }
 
+    /// Marks the calling thread as an I/O flusher if the limits ask for it. Without the
+    /// capability the call fails; the server then runs as before, and says so once.
+    fn io_flusher(&self) {
+        if self.limits.io_flusher
+            && let Err(e) = rustix::process::configure_io_flusher_behavior(true)
+        {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| eprintln!("qcow2-csi: PR_SET_IO_FLUSHER refused: {e}"));
+        }
+    }
+
     /// Serves one connection to its end. `Ok` when the client disconnected (cleanly or not).
     pub fn serve<S: Socket>(&self, mut s: S) -> Result<(), Error> {
+        self.io_flusher();
         s.set_read_timeout(Some(self.limits.handshake_timeout))?;
         let negotiated = self.handshake(&mut s)?;
         s.set_read_timeout(None)?;
@@ -373,6 +390,7 @@ impl Server {
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 scope.spawn(|| {
+                    self.io_flusher();
                     loop {
                         let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
                         let Ok((req, payload)) = job else { return };
@@ -769,6 +787,93 @@ mod tests {
         }
         fn write_zeroes(&self, _: u64, _: u64, _: bool) -> DeviceResult {
             Ok(())
+        }
+    }
+
+    /// Records whether the thread serving a read is an I/O flusher.
+    #[derive(Debug, Default)]
+    struct Probe {
+        flusher: Mutex<Option<bool>>,
+    }
+
+    impl BlockDevice for Probe {
+        fn size(&self) -> u64 {
+            4096
+        }
+        fn read_only(&self) -> bool {
+            true
+        }
+        fn read_at(&self, buf: &mut [u8], _: u64) -> DeviceResult {
+            *self.flusher.lock().unwrap() = rustix::process::is_io_flusher().ok();
+            buf.fill(0);
+            Ok(())
+        }
+        fn write_at(&self, _: &[u8], _: u64) -> DeviceResult {
+            Ok(())
+        }
+        fn flush(&self) -> DeviceResult {
+            Ok(())
+        }
+        fn trim(&self, _: u64, _: u64) -> DeviceResult {
+            Ok(())
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> DeviceResult {
+            Ok(())
+        }
+    }
+
+    /// Handshake with EXPORT_NAME "" over `theirs`; returns after the export reply.
+    fn quick_handshake(theirs: &mut UnixStream) {
+        let mut hello = [0u8; 18];
+        theirs.read_exact(&mut hello).unwrap();
+        theirs
+            .write_all(&u32::from(handshake::FIXED_NEWSTYLE | handshake::NO_ZEROES).to_be_bytes())
+            .unwrap();
+        let mut m = IHAVEOPT.to_be_bytes().to_vec();
+        m.extend_from_slice(&opt::EXPORT_NAME.to_be_bytes());
+        m.extend_from_slice(&0u32.to_be_bytes());
+        theirs.write_all(&m).unwrap();
+        let mut export = [0u8; 10];
+        theirs.read_exact(&mut export).unwrap();
+    }
+
+    #[test]
+    fn serving_threads_are_io_flushers_when_asked() {
+        let privileged = rustix::process::configure_io_flusher_behavior(false).is_ok();
+        if !privileged {
+            eprintln!("skipped: PR_SET_IO_FLUSHER needs CAP_SYS_RESOURCE");
+            return;
+        }
+        for wanted in [true, false] {
+            let probe = Arc::new(Probe::default());
+            let server = Server::new(
+                vec![Export {
+                    name: String::new(),
+                    description: None,
+                    device: probe.clone(),
+                }],
+                Limits {
+                    io_flusher: wanted,
+                    ..Limits::default()
+                },
+            );
+            let (ours, mut theirs) = UnixStream::pair().unwrap();
+            std::thread::scope(|s| {
+                s.spawn(|| server.serve(ours).unwrap());
+                quick_handshake(&mut theirs);
+                let read = Request {
+                    flags: 0,
+                    kind: cmd::READ,
+                    cookie: 1,
+                    offset: 0,
+                    length: 512,
+                };
+                theirs.write_all(&read.encode()).unwrap();
+                let mut r = vec![0u8; 16 + 512];
+                theirs.read_exact(&mut r).unwrap();
+                drop(theirs);
+            });
+            assert_eq!(*probe.flusher.lock().unwrap(), Some(wanted));
         }
     }
 
