@@ -293,6 +293,7 @@ fn nbdinfo_sees_the_advertised_features() {
         "can_fua",
         "can_trim",
         "can_zero",
+        "can_fast_zero",
         "can_multi_conn",
         "can_cache",
     ] {
@@ -470,6 +471,36 @@ fn protocol_edge_cases_get_the_spec_answers_and_keep_the_stream_in_sync() {
     assert_eq!(c.simple(0).1, errno::EINVAL);
     c.request(cmd::WRITE_ZEROES, 1 << 9, 8, 0, 512, &[]);
     assert_eq!(c.simple(0).1, errno::EINVAL);
+    // FAST_ZERO: whole clusters are a flag update (fast); a partial cluster would mean
+    // writing zeros, so the client is told ENOTSUP and the range is left alone.
+    c.request(cmd::WRITE, 0, 20, 65536, 65536, &[0x42; 65536]);
+    assert_eq!(c.simple(0).1, 0);
+    c.request(
+        cmd::WRITE_ZEROES,
+        cmd_flag::FAST_ZERO,
+        21,
+        65536 + 512,
+        512,
+        &[],
+    );
+    assert_eq!(c.simple(0).1, errno::ENOTSUP);
+    c.request(cmd::READ, 0, 22, 65536 + 512, 512, &[]);
+    assert_eq!(
+        c.simple(512).2,
+        vec![0x42; 512],
+        "a refused fast zero changes nothing"
+    );
+    c.request(
+        cmd::WRITE_ZEROES,
+        cmd_flag::FAST_ZERO,
+        23,
+        65536,
+        65536,
+        &[],
+    );
+    assert_eq!(c.simple(0).1, 0);
+    c.request(cmd::READ, 0, 24, 65536, 65536, &[]);
+    assert_eq!(c.simple(65536).2, vec![0; 65536]);
     // Still in sync: the data written first is intact and nothing leaked from bad requests.
     c.request(cmd::READ, 0, 9, 4096, 512, &[]);
     assert_eq!(c.simple(512), (9, 0, vec![0x77; 512]));

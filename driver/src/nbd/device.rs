@@ -56,6 +56,12 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     fn trim(&self, offset: u64, len: u64) -> DeviceResult;
     /// Makes a range read as zeros; `no_hole` keeps it allocated.
     fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool) -> DeviceResult;
+    /// Whether [`BlockDevice::write_zeroes`] of this range is cheaper than writing zeros
+    /// (NBD `FAST_ZERO`: a client asks so it can skip pre-zeroing when it is not). The
+    /// default says no, which only costs the client a fallback.
+    fn zeroes_are_fast(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
     /// Allocation status of `[offset, offset + len)` (inside the device), in order, covering
     /// the range. The default says "all data, in the top layer", which is always safe.
     fn block_status(&self, _offset: u64, len: u64) -> DeviceResult<Vec<Extent>> {
@@ -109,6 +115,20 @@ impl BlockDevice for Image {
     }
     fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool) -> DeviceResult {
         Image::write_zeroes(self, offset, len, ZeroFlags { no_hole }).map_err(engine)
+    }
+    fn zeroes_are_fast(&self, offset: u64, len: u64) -> bool {
+        // Whole allocation units become zero in their L2 entries (v3 has the zero flag);
+        // a partial unit needs zero data written.
+        let geo = self.geometry();
+        let unit = if geo.extended_l2 {
+            geo.subcluster_size()
+        } else {
+            geo.cluster_size()
+        };
+        let end = offset + len;
+        self.header().version >= 3
+            && offset.is_multiple_of(unit)
+            && (end.is_multiple_of(unit) || end == Image::size(self))
     }
     fn block_status(&self, offset: u64, len: u64) -> DeviceResult<Vec<Extent>> {
         let map = qcow2_engine::ops::map::map_range(self, offset, len).map_err(engine)?;

@@ -160,7 +160,7 @@ impl Server {
         if self.exports[export].device.read_only() {
             f |= flag::READ_ONLY;
         } else {
-            f |= flag::SEND_TRIM | flag::SEND_WRITE_ZEROES;
+            f |= flag::SEND_TRIM | flag::SEND_WRITE_ZEROES | flag::SEND_FAST_ZERO;
         }
         f
     }
@@ -489,7 +489,7 @@ impl Server {
             cmd::WRITE => cmd_flag::FUA,
             cmd::FLUSH | cmd::CACHE => cmd_flag::FUA,
             cmd::TRIM => cmd_flag::FUA,
-            cmd::WRITE_ZEROES => cmd_flag::FUA | cmd_flag::NO_HOLE,
+            cmd::WRITE_ZEROES => cmd_flag::FUA | cmd_flag::NO_HOLE | cmd_flag::FAST_ZERO,
             cmd::BLOCK_STATUS if structured && !contexts.is_empty() => {
                 if r.length == 0 {
                     return Err(DeviceError::new(errno::EINVAL, "block status of 0 bytes"));
@@ -546,6 +546,15 @@ impl Server {
                     r.length,
                     dev.size()
                 ),
+            ));
+        }
+        if r.kind == cmd::WRITE_ZEROES
+            && r.flags & cmd_flag::FAST_ZERO != 0
+            && !dev.zeroes_are_fast(r.offset, u64::from(r.length))
+        {
+            return Err(DeviceError::new(
+                errno::ENOTSUP,
+                "zeroing this range means writing zeros (not whole allocation units)",
             ));
         }
         Ok(())
