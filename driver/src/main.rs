@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use qcow2_csi::nbd::{Export, Limits, Server};
+use qcow2_csi::nbd::device::RawFile;
+use qcow2_csi::nbd::{BlockDevice, Export, Limits, Server};
 use qcow2_engine::{BackingPolicy, CacheMode, Image, OpenOptions};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -40,9 +41,18 @@ enum Command {
         /// Page cache (writeback) or O_DIRECT (none) for guest data.
         #[arg(long, default_value = "writeback")]
         cache: Cache,
+        /// Image format (never probed).
+        #[arg(long, default_value = "qcow2")]
+        format: Format,
         /// The qcow2 image.
         image: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Format {
+    Qcow2,
+    Raw,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -68,6 +78,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             read_only,
             cache,
+            format,
             image,
         } => {
             let opts = OpenOptions {
@@ -79,13 +90,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 ..OpenOptions::default()
             };
-            let img = Image::open(&image, &opts)
-                .with_context(|| format!("opening {}", image.display()))?;
+            let device: Arc<dyn BlockDevice> = match format {
+                Format::Qcow2 => Arc::new(
+                    Image::open(&image, &opts)
+                        .with_context(|| format!("opening {}", image.display()))?,
+                ),
+                Format::Raw => Arc::new(
+                    RawFile::open(&image, !read_only, opts.cache)
+                        .with_context(|| format!("opening {}", image.display()))?,
+                ),
+            };
             let server = Arc::new(Server::new(
                 vec![Export {
                     name,
                     description: Some(image.display().to_string()),
-                    device: Arc::new(img),
+                    device,
                 }],
                 Limits {
                     io_flusher: true,

@@ -853,3 +853,41 @@ fn nbdcopy_round_trips_a_gib() {
         img.to_str().unwrap(),
     ]);
 }
+
+#[test]
+fn raw_files_are_served_too() {
+    if !qemu::require() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let served_file = dir.path().join("disk.raw");
+    let reference = dir.path().join("reference.raw");
+    for f in [&served_file, &reference] {
+        std::fs::File::create(f).unwrap().set_len(32 << 20).unwrap();
+    }
+    let cmds = [
+        "write -P 0xab 1000 70000",
+        "write -z 4096 8192",
+        "discard 1048576 65536",
+        "write -P 0x11 33550336 4096",
+    ];
+    for cache in ["writeback", "none"] {
+        let served = Served::start(&served_file, &["--format", "raw", "--cache", cache]);
+        qemu_io_uri(&served.uri(), &cmds);
+        qemu_io_uri(
+            &served.uri(),
+            &["read -P 0xab 1000 3096", "read -P 0 4096 8192"],
+        );
+        served.stop();
+    }
+    qemu_io_uri(reference.to_str().unwrap(), &cmds);
+    qemu::img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        served_file.to_str().unwrap(),
+        reference.to_str().unwrap(),
+    ]);
+}

@@ -170,3 +170,79 @@ mod tests {
         );
     }
 }
+
+/// A raw image file as an export (`qcow2-csi nbd --format raw`), through the engine's file
+/// storage: the same QEMU-compatible locks, `O_DIRECT` mode and hole punching.
+#[derive(Debug)]
+pub struct RawFile {
+    storage: qcow2_engine::storage::FileStorage,
+    size: u64,
+    read_only: bool,
+}
+
+impl RawFile {
+    /// Opens (and locks) a raw file.
+    pub fn open(
+        path: &std::path::Path,
+        writable: bool,
+        cache: qcow2_engine::CacheMode,
+    ) -> io::Result<RawFile> {
+        use qcow2_engine::storage::Storage;
+        let mut storage = qcow2_engine::storage::FileStorage::open(path, writable)?;
+        storage.set_cache_mode(cache)?;
+        let size = storage.len()?;
+        Ok(RawFile {
+            storage,
+            size,
+            read_only: !writable,
+        })
+    }
+}
+
+fn io_err(what: &str, e: io::Error) -> DeviceError {
+    let errno = match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => errno::ENOSPC,
+        _ => errno::EIO,
+    };
+    DeviceError::new(errno, format!("{what}: {e}"))
+}
+
+impl BlockDevice for RawFile {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> DeviceResult {
+        use qcow2_engine::storage::Storage;
+        self.storage
+            .read_data(buf, offset)
+            .map_err(|e| io_err("reading", e))
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> DeviceResult {
+        use qcow2_engine::storage::Storage;
+        self.storage
+            .write_data(buf, offset)
+            .map_err(|e| io_err("writing", e))
+    }
+    fn flush(&self) -> DeviceResult {
+        use qcow2_engine::storage::Storage;
+        self.storage.flush().map_err(|e| io_err("flushing", e))
+    }
+    fn trim(&self, offset: u64, len: u64) -> DeviceResult {
+        use qcow2_engine::storage::Storage;
+        self.storage
+            .punch_hole(offset, len)
+            .map_err(|e| io_err("punching", e))
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool) -> DeviceResult {
+        use qcow2_engine::storage::Storage;
+        let done = if no_hole {
+            self.storage.write_zeroes(offset, len)
+        } else {
+            self.storage.punch_hole(offset, len)
+        };
+        done.map_err(|e| io_err("zeroing", e))
+    }
+}
