@@ -91,7 +91,8 @@ impl State {
         let mask = SubclusterBitmap::range_mask(first_sub, sub_end - first_sub);
         let old = SubclusterBitmap(slot.bitmap);
 
-        let (host, unit, fresh, release, bitmap) = match mapping {
+        // `host` None: a fresh cluster from the reserve, taken once nothing else can fail.
+        let (host, unit, release, bitmap) = match mapping {
             Mapping::Data { host, .. } if !geo.extended_l2 || old.alloc() & mask == mask => {
                 let at = host.0 + in_cluster;
                 self.meta.check_data_write(HostOffset(at), len)?;
@@ -114,7 +115,7 @@ impl State {
                     sub_end * sc
                 };
                 let bitmap = SubclusterBitmap::from_masks(old.alloc() | mask, old.zero() & !mask);
-                (host, (start, stop), false, None, bitmap)
+                (Some(host), (start, stop), None, bitmap)
             }
             _ => {
                 let unit = match mapping {
@@ -129,11 +130,8 @@ impl State {
                 match mapping {
                     Mapping::Zero {
                         prealloc: Some(host),
-                    } => (host, unit, false, None, bitmap),
-                    _ => {
-                        let host = self.meta.alloc_cluster()?;
-                        (host, unit, true, Some(mapping), bitmap)
-                    }
+                    } => (Some(host), unit, None, bitmap),
+                    _ => (None, unit, Some(mapping), bitmap),
                 }
             }
         };
@@ -147,7 +145,23 @@ impl State {
             let at = GuestOffset(base.0 + end);
             self.cluster_pieces(at, (unit.1 - end) as usize, &mut tail)?;
         }
-        let planned = Alloc {
+        // Linking before the data is written is safe when the range read as zeros before and
+        // the new cluster reads as zeros until then: a concurrent reader, a process crash or a
+        // power loss in between all see zeros, which is the old content. It saves the write
+        // from waiting for its L2 slice after its data: the slice write (shared with other
+        // requests) runs while the data is written.
+        let zeros = |p: &[Piece]| p.iter().all(|p| matches!(p, Piece::Zero(_)));
+        let link_early = host.is_none() && zeros(&head) && zeros(&tail) && {
+            let mut old = Vec::new();
+            self.cluster_pieces(off, src.len(), &mut old)?;
+            zeros(&old)
+        };
+        let fresh = host.is_none();
+        let host = match host {
+            Some(h) => h,
+            None => self.meta.alloc_cluster()?,
+        };
+        let mut planned = Alloc {
             cluster,
             slot_at,
             old: (slot.word, slot.bitmap),
@@ -161,38 +175,27 @@ impl State {
             release,
             early: None,
         };
-        let mut planned = Step::Alloc(planned);
-        let Step::Alloc(a) = &mut planned else {
-            unreachable!()
-        };
         if let Err(e) = self
             .meta
             .check_data_write(HostOffset(host.0 + unit.0), unit.1 - unit.0)
         {
-            self.abandon_unlinked(std::slice::from_ref(&planned));
+            if fresh {
+                self.meta.free_range(host, 1);
+            }
             return Err(e);
         }
         self.busy.insert(cluster);
-        // Linking before the data is written is safe when the range read as zeros before and
-        // the new cluster reads as zeros until then: a concurrent reader, a process crash or a
-        // power loss in between all see zeros, which is the old content. It saves the write
-        // from waiting for its L2 slice after its data: the slice write (shared with other
-        // requests) runs while the data is written.
-        let zeros = |p: &[Piece]| p.iter().all(|p| matches!(p, Piece::Zero(_)));
-        if fresh && zeros(&a.head) && zeros(&a.tail) {
-            let mut old = Vec::new();
-            self.cluster_pieces(off, src_len(&a.src), &mut old)?;
-            if zeros(&old) {
-                let mut tickets = Vec::new();
-                let linked = self.set_slots(&[(a.slot_at, a.old, a.new)], &mut tickets);
-                a.early = Some(tickets);
-                if let Err(e) = linked {
-                    steps.push(planned);
-                    return Err(e);
-                }
+        if link_early {
+            let mut tickets = Vec::new();
+            let linked = self.set_slots(&[(slot_at, planned.old, planned.new)], &mut tickets);
+            planned.early = Some(tickets);
+            if let Err(e) = linked {
+                // Pushed, so the caller redeems the tickets and clears the busy mark.
+                steps.push(Step::Alloc(planned));
+                return Err(e);
             }
         }
-        steps.push(planned);
+        steps.push(Step::Alloc(planned));
         Ok(true)
     }
 
@@ -229,10 +232,6 @@ impl State {
             self.busy.remove(&a.cluster);
         }
     }
-}
-
-fn src_len(src: &Range<usize>) -> usize {
-    src.end - src.start
 }
 
 /// Tickets of allocations linked at planning time.

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::image::{Image, OpenOptions};
-use crate::storage::{CacheMode, DIRECT_ALIGN};
+use crate::storage::{AlignedBuf, CacheMode};
 
 /// Where requests go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -189,26 +189,6 @@ pub fn max_rss_kib() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// A buffer of `len` bytes that starts on a [`DIRECT_ALIGN`] boundary, so `O_DIRECT` requests
-/// need no bounce copy.
-struct IoBuf {
-    raw: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl IoBuf {
-    fn new(len: usize, fill: u8) -> Self {
-        let raw = vec![fill; len + DIRECT_ALIGN];
-        let start = raw.as_ptr().align_offset(DIRECT_ALIGN);
-        Self { raw, start, len }
-    }
-
-    fn bytes(&mut self) -> &mut [u8] {
-        &mut self.raw[self.start..self.start + self.len]
-    }
-}
-
 /// Opens the image at `path` and runs the benchmark on it.
 pub fn bench_file(path: &Path, opts: &BenchOptions) -> Result<BenchReport> {
     let open = OpenOptions {
@@ -245,7 +225,9 @@ pub fn bench(image: &Image, opts: &BenchOptions) -> Result<BenchReport> {
         let workers: Vec<_> = (0..opts.depth)
             .map(|_| {
                 s.spawn(|| -> Result<()> {
-                    let mut buf = IoBuf::new(opts.block as usize, opts.fill);
+                    // Aligned, so O_DIRECT requests need no bounce copy.
+                    let mut buf = AlignedBuf::new(opts.block as usize);
+                    buf.bytes_mut().fill(opts.fill);
                     loop {
                         if stop.load(Ordering::Relaxed) {
                             return Ok(());
@@ -258,7 +240,7 @@ pub fn bench(image: &Image, opts: &BenchOptions) -> Result<BenchReport> {
                         let done = if opts.write {
                             image.write_at(buf.bytes(), at)
                         } else {
-                            image.read_at(buf.bytes(), at)
+                            image.read_at(buf.bytes_mut(), at)
                         };
                         if let Err(e) = done {
                             stop.store(true, Ordering::Relaxed);

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use rustix::fs::FallocateFlags;
 
-use super::{Storage, write_zeroes_by_writing};
+use super::{AlignedBuf, Storage, write_zeroes_by_writing};
 
 /// How guest data reaches the file.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -139,29 +139,6 @@ impl FileStorage {
 
 fn aligned(offset: u64, len: usize) -> bool {
     len > 0 && offset.is_multiple_of(DIRECT_ALIGN as u64) && len.is_multiple_of(DIRECT_ALIGN)
-}
-
-/// A heap buffer whose usable part starts on a [`DIRECT_ALIGN`] boundary.
-struct AlignedBuf {
-    raw: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> Self {
-        let raw = vec![0u8; len + DIRECT_ALIGN];
-        let start = raw.as_ptr().align_offset(DIRECT_ALIGN);
-        Self { raw, start, len }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        &self.raw[self.start..self.start + self.len]
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.raw[self.start..self.start + self.len]
-    }
 }
 
 fn is_aligned_ptr(p: *const u8) -> bool {

@@ -108,6 +108,34 @@ impl<S: Storage + ?Sized> Storage for Arc<S> {
     }
 }
 
+/// A heap buffer whose usable part starts on a [`DIRECT_ALIGN`] boundary: what `O_DIRECT`
+/// needs to read or write without a bounce copy.
+#[derive(Debug)]
+pub struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// `len` zero bytes, aligned.
+    pub fn new(len: usize) -> Self {
+        let raw = vec![0u8; len + DIRECT_ALIGN];
+        let start = raw.as_ptr().align_offset(DIRECT_ALIGN);
+        Self { raw, start, len }
+    }
+
+    /// The aligned bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.raw[self.start..self.start + self.len]
+    }
+
+    /// The aligned bytes, writable.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + self.len]
+    }
+}
+
 /// Writes zeros in bounded chunks; the fallback for storage without a native zeroing call.
 pub(crate) fn write_zeroes_by_writing(
     storage: &dyn Storage,
