@@ -5,12 +5,14 @@
 #[path = "../../tests/src/qemu.rs"]
 #[allow(dead_code)]
 mod qemu;
+#[allow(dead_code)] // each test binary uses part of the helpers
+mod support;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use qcow2_csi::attach::FuseLoop;
+use support::Served;
 
 fn have(tool: &str) -> bool {
     Command::new("sh")
@@ -40,30 +42,6 @@ fn is_root() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
-fn serve(image: &Path, socket: &Path) -> Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_qcow2-csi"))
-        .args(["nbd", "--socket"])
-        .arg(socket)
-        .arg(image)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(socket).is_err() {
-        assert!(Instant::now() < deadline, "the server never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
-}
-
-fn stop(mut child: Child) {
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(child.wait().unwrap().success());
-}
-
 fn sh(cmd: &mut Command) {
     let out = cmd.output().unwrap();
     assert!(
@@ -76,7 +54,6 @@ fn sh(cmd: &mut Command) {
 fn round_trip(fs: &str) {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("vol.qcow2");
-    let socket = dir.path().join("vol.sock");
     let work = dir.path().join("fuse");
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
@@ -90,8 +67,8 @@ fn round_trip(fs: &str) {
     ]);
     let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
 
-    let server = serve(&image, &socket);
-    let att = FuseLoop::attach(&socket, &work, false).unwrap();
+    let server = Served::start(&image, &[]);
+    let att = FuseLoop::attach(&server.socket, &work, false).unwrap();
     sh(Command::new(format!("mkfs.{fs}"))
         .arg("-q")
         .arg(att.device()));
@@ -101,11 +78,11 @@ fn round_trip(fs: &str) {
     std::fs::write(mnt.join("dir/hello"), b"hello\n").unwrap();
     sh(Command::new("umount").arg(&mnt));
     att.detach().unwrap();
-    stop(server);
+    server.stop();
     qemu::check_clean(&image);
 
-    let server = serve(&image, &socket);
-    let att = FuseLoop::attach(&socket, &work, false).unwrap();
+    let server = Served::start(&image, &[]);
+    let att = FuseLoop::attach(&server.socket, &work, false).unwrap();
     sh(Command::new("mount").arg(att.device()).arg(&mnt));
     assert!(
         std::fs::read(mnt.join("data.bin")).unwrap() == payload,
@@ -114,7 +91,7 @@ fn round_trip(fs: &str) {
     assert_eq!(std::fs::read(mnt.join("dir/hello")).unwrap(), b"hello\n");
     sh(Command::new("umount").arg(&mnt));
     att.detach().unwrap();
-    stop(server);
+    server.stop();
     qemu::check_clean(&image);
 }
 

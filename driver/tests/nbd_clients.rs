@@ -5,68 +5,19 @@
 #[path = "../../tests/src/qemu.rs"]
 #[allow(dead_code)]
 mod qemu;
+mod support;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use qcow2_csi::nbd::proto::{
     self, IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC, Request, cmd, cmd_flag, errno, handshake, opt,
     rep,
 };
-
-/// A running `qcow2-csi nbd`; killed when dropped.
-struct Served {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Served {
-    fn start(image: &Path, extra: &[&str]) -> Served {
-        let socket = image.with_extension("sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_qcow2-csi"))
-            .arg("nbd")
-            .arg("--socket")
-            .arg(&socket)
-            .args(extra)
-            .arg(image)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start qcow2-csi nbd");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "the server never listened");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Served { child, socket }
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd+unix:///?socket={}", self.socket.display())
-    }
-
-    /// SIGTERM, then wait: the server drains and closes the image cleanly.
-    fn stop(mut self) {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "server exit status {status}");
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use support::Served;
 
 fn qemu_io_uri(uri: &str, cmds: &[&str]) -> String {
     let mut c = Command::new("qemu-io");
@@ -138,7 +89,7 @@ fn exercise(image: &Path) {
         .unwrap();
     let raw_uri = raw.to_str().unwrap().to_string();
     qemu_io_uri(&raw_uri, &cmds);
-    qemu::img(&["compare", "-f", "raw", "-F", "raw", &served.uri(), &raw_uri]);
+    qemu::compare(Path::new(&served.uri()), "raw", Path::new(&raw_uri), "raw");
     served.stop();
     qemu::check_clean(image);
 }
@@ -215,15 +166,7 @@ fn qemu_img_converts_to_and_from_the_export() {
         src.to_str().unwrap(),
         &served.uri(),
     ]);
-    qemu::img(&[
-        "compare",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        src.to_str().unwrap(),
-        &served.uri(),
-    ]);
+    qemu::compare(&src, "qcow2", Path::new(&served.uri()), "raw");
     let back = dir.path().join("back.raw");
     qemu::img(&[
         "convert",
@@ -236,34 +179,13 @@ fn qemu_img_converts_to_and_from_the_export() {
     ]);
     served.stop();
     qemu::check_clean(&dst);
-    qemu::img(&[
-        "compare",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        src.to_str().unwrap(),
-        back.to_str().unwrap(),
-    ]);
-    qemu::img(&[
-        "compare",
-        "-f",
-        "qcow2",
-        "-F",
-        "qcow2",
-        src.to_str().unwrap(),
-        dst.to_str().unwrap(),
-    ]);
+    qemu::compare(&src, "qcow2", &back, "raw");
+    qemu::compare(&src, "qcow2", &dst, "qcow2");
 }
 
 #[test]
 fn nbdinfo_sees_the_advertised_features() {
-    if Command::new("nbdinfo").arg("--version").output().is_err() {
-        assert!(
-            std::env::var_os("QCOW2_CSI_REQUIRE_ALL").is_none(),
-            "nbdinfo is required (QCOW2_CSI_REQUIRE_ALL is set)"
-        );
-        eprintln!("skipped: nbdinfo (libnbd-bin) is not installed");
+    if !support::require_tool("nbdinfo", "libnbd-bin") {
         return;
     }
     if !qemu::require() {
@@ -602,12 +524,7 @@ fn nbdinfo_map(uri: &str, context: &str) -> String {
 
 #[test]
 fn block_status_matches_qemu_nbd_on_the_same_images() {
-    if Command::new("nbdinfo").arg("--version").output().is_err() {
-        assert!(
-            std::env::var_os("QCOW2_CSI_REQUIRE_ALL").is_none(),
-            "nbdinfo is required (QCOW2_CSI_REQUIRE_ALL is set)"
-        );
-        eprintln!("skipped: nbdinfo (libnbd-bin) is not installed");
+    if !support::require_tool("nbdinfo", "libnbd-bin") {
         return;
     }
     if !qemu::require() {
@@ -785,12 +702,7 @@ fn eight_connections_write_concurrently_and_a_flush_on_one_covers_them_all() {
 
 #[test]
 fn nbdcopy_round_trips_a_gib() {
-    if Command::new("nbdcopy").arg("--version").output().is_err() {
-        assert!(
-            std::env::var_os("QCOW2_CSI_REQUIRE_ALL").is_none(),
-            "nbdcopy is required (QCOW2_CSI_REQUIRE_ALL is set)"
-        );
-        eprintln!("skipped: nbdcopy (libnbd-bin) is not installed");
+    if !support::require_tool("nbdcopy", "libnbd-bin") {
         return;
     }
     if !qemu::require() {
@@ -834,24 +746,8 @@ fn nbdcopy_round_trips_a_gib() {
     run(&served.uri(), back.to_str().unwrap());
     served.stop();
     qemu::check_clean(&img);
-    qemu::img(&[
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        src.to_str().unwrap(),
-        back.to_str().unwrap(),
-    ]);
-    qemu::img(&[
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "qcow2",
-        src.to_str().unwrap(),
-        img.to_str().unwrap(),
-    ]);
+    qemu::compare(&src, "raw", &back, "raw");
+    qemu::compare(&src, "raw", &img, "qcow2");
 }
 
 #[test]
@@ -881,13 +777,5 @@ fn raw_files_are_served_too() {
         served.stop();
     }
     qemu_io_uri(reference.to_str().unwrap(), &cmds);
-    qemu::img(&[
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        served_file.to_str().unwrap(),
-        reference.to_str().unwrap(),
-    ]);
+    qemu::compare(&served_file, "raw", &reference, "raw");
 }

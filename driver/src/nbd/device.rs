@@ -80,12 +80,17 @@ pub fn errno_of(e: &qcow2_engine::Error) -> u32 {
     match e {
         E::ReadOnly(_) => errno::EPERM,
         E::InvalidArgument(_) => errno::EINVAL,
-        E::Io { source, .. } => match source.raw_os_error() {
-            Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => errno::ENOSPC,
-            Some(libc::ENOMEM) => errno::ENOMEM,
-            _ if source.kind() == io::ErrorKind::OutOfMemory => errno::ENOMEM,
-            _ => errno::EIO,
-        },
+        E::Io { source, .. } => errno_of_io(source),
+        _ => errno::EIO,
+    }
+}
+
+/// Maps a host I/O error: a full disk or quota is `ENOSPC`, as the spec asks.
+fn errno_of_io(e: &io::Error) -> u32 {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => errno::ENOSPC,
+        Some(libc::ENOMEM) => errno::ENOMEM,
+        _ if e.kind() == io::ErrorKind::OutOfMemory => errno::ENOMEM,
         _ => errno::EIO,
     }
 }
@@ -200,11 +205,7 @@ impl RawFile {
 }
 
 fn io_err(what: &str, e: io::Error) -> DeviceError {
-    let errno = match e.raw_os_error() {
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => errno::ENOSPC,
-        _ => errno::EIO,
-    };
-    DeviceError::new(errno, format!("{what}: {e}"))
+    DeviceError::new(errno_of_io(&e), format!("{what}: {e}"))
 }
 
 impl BlockDevice for RawFile {
