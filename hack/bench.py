@@ -27,20 +27,7 @@ import subprocess
 import sys
 import time
 
-GIB = 1 << 30
-
-
-def sh(args, **kw):
-    return subprocess.run(args, check=True, capture_output=True, text=True, **kw)
-
-
-def drop_caches():
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError:
-        pass  # not root: caches stay warm (said in the header)
+from benchlib import GIB, drop_caches, sh
 
 
 class Bench:
