@@ -30,7 +30,7 @@ class Server:
         if os.path.exists(sock):
             os.unlink(sock)
         if kind == "ours":
-            cmd = [ours_bin, "nbd", "--socket", sock, "--cache", "none", image]
+            cmd = [ours_bin, "nbd", "--socket", sock, "--persistent", "--cache", "none", image]
         else:
             cmd = ["qemu-nbd", "-t", "-f", "qcow2", "--cache=none", "--aio=io_uring",
                    "-k", sock, image]

@@ -2,8 +2,9 @@
 //! ([`device`]), and the server ([`server`]). See `docs/nbd.md`.
 
 pub mod device;
+pub mod listen;
 pub mod proto;
 pub mod server;
 
 pub use device::{BlockDevice, DeviceError, Extent};
-pub use server::{Export, Limits, Server};
+pub use server::{Discard, Export, Limits, Server};

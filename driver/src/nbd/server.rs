@@ -67,6 +67,31 @@ pub struct Export {
     pub name: String,
     pub description: Option<String>,
     pub device: Arc<dyn BlockDevice>,
+    /// What TRIM and hole-punching zero writes do.
+    pub discard: Discard,
+}
+
+impl Export {
+    /// An export of `device` named `name` that passes discards through.
+    pub fn new(name: impl Into<String>, device: Arc<dyn BlockDevice>) -> Self {
+        Self {
+            name: name.into(),
+            description: None,
+            device,
+            discard: Discard::Unmap,
+        }
+    }
+}
+
+/// What a client's discard requests do to the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Discard {
+    /// TRIM frees the range, and WRITE_ZEROES without `NO_HOLE` may too (thin volumes stay thin).
+    #[default]
+    Unmap,
+    /// TRIM succeeds and changes nothing; WRITE_ZEROES always keeps the range allocated
+    /// (qemu-nbd's default, for images that must stay fully allocated).
+    Ignore,
 }
 
 /// A connected stream the server can talk over.
@@ -190,6 +215,21 @@ impl Server {
                 contexts,
             } => self.transmission(&mut s, export, structured, &contexts),
         }
+    }
+
+    /// Serves the kernel's end of a socket pair handed to the nbd driver: no handshake (the
+    /// driver was told size and flags over netlink or ioctl), simple replies only.
+    pub fn serve_kernel<S: Socket>(&self, mut s: S, export: usize) -> Result<(), Error> {
+        if export >= self.exports.len() {
+            return Err(Error::Protocol(format!("no export #{export}")));
+        }
+        self.io_flusher();
+        self.transmission(&mut s, export, false, &[])
+    }
+
+    /// The exports, in the order given.
+    pub fn exports(&self) -> &[Export] {
+        &self.exports
     }
 
     fn handshake<S: Socket>(&self, s: &mut S) -> Result<Negotiated, Error> {
@@ -378,7 +418,8 @@ impl Server {
         structured: bool,
         contexts: &[u32],
     ) -> Result<(), Error> {
-        let dev = &*self.exports[export].device;
+        let exp = &self.exports[export];
+        let dev = &*exp.device;
         let writer = Mutex::new(s.try_clone()?);
         let budget = Budget::new(self.limits.bytes_in_flight);
         let workers = self.limits.requests_in_flight.max(1);
@@ -408,7 +449,7 @@ impl Server {
                             Ok(()) if req.kind == cmd::BLOCK_STATUS => {
                                 block_status(&mut out, dev, &req, contexts)
                             }
-                            Ok(()) => self.execute(&mut out, dev, &req, &payload, structured),
+                            Ok(()) => self.execute(&mut out, exp, &req, &payload, structured),
                         };
                         let bytes = match window {
                             Some(range) => &out[range],
@@ -563,19 +604,24 @@ impl Server {
     fn execute<W: Write>(
         &self,
         s: &mut W,
-        dev: &dyn BlockDevice,
+        export: &Export,
         r: &Request,
         payload: &[u8],
         structured: bool,
     ) -> io::Result<()> {
+        let (dev, discard) = (&*export.device, export.discard);
         let fua = r.flags & cmd_flag::FUA != 0;
         let len = u64::from(r.length);
         let done = match r.kind {
             cmd::READ => unreachable!("READ is answered by read_reply"),
             cmd::WRITE => dev.write_at(payload, r.offset),
             cmd::FLUSH => dev.flush(),
+            cmd::TRIM if discard == Discard::Ignore => Ok(()),
             cmd::TRIM => dev.trim(r.offset, len),
-            cmd::WRITE_ZEROES => dev.write_zeroes(r.offset, len, r.flags & cmd_flag::NO_HOLE != 0),
+            cmd::WRITE_ZEROES => {
+                let no_hole = r.flags & cmd_flag::NO_HOLE != 0 || discard == Discard::Ignore;
+                dev.write_zeroes(r.offset, len, no_hole)
+            }
             cmd::CACHE => Ok(()), // a hint; the engine has no read-ahead to prime
             _ => unreachable!("check() refuses other commands"),
         };
@@ -856,11 +902,7 @@ mod tests {
         for wanted in [true, false] {
             let probe = Arc::new(Probe::default());
             let server = Server::new(
-                vec![Export {
-                    name: String::new(),
-                    description: None,
-                    device: probe.clone(),
-                }],
+                vec![Export::new("", probe.clone())],
                 Limits {
                     io_flusher: wanted,
                     ..Limits::default()
@@ -892,14 +934,7 @@ mod tests {
             bytes: Mutex::new(vec![0; 8192]),
             written: Condvar::new(),
         };
-        let server = Server::new(
-            vec![Export {
-                name: String::new(),
-                description: None,
-                device: Arc::new(dev),
-            }],
-            Limits::default(),
-        );
+        let server = Server::new(vec![Export::new("", Arc::new(dev))], Limits::default());
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         theirs
             .set_read_timeout(Some(Duration::from_secs(10)))

@@ -1,6 +1,6 @@
 //! Helpers shared by the driver's integration tests.
 
-use std::os::unix::net::UnixStream;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -9,26 +9,61 @@ use std::time::{Duration, Instant};
 pub struct Served {
     child: Child,
     pub socket: PathBuf,
+    /// Where the server says it listens (the socket path, or ADDR:PORT with `--bind`).
+    pub endpoint: String,
 }
 
 impl Served {
+    /// Serves `image` on a unix socket next to it, with `--persistent`.
     pub fn start(image: &Path, extra: &[&str]) -> Served {
         let socket = image.with_extension("sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_qcow2-csi"))
+        let mut args: Vec<&str> = vec!["--socket", socket.to_str().unwrap(), "--persistent"];
+        args.extend_from_slice(extra);
+        let mut served = Served::spawn(image, &args);
+        served.socket = socket;
+        served
+    }
+
+    /// Runs `qcow2-csi nbd ARGS IMAGE` and returns once it listens (it says where on its
+    /// first stderr line; the rest of its stderr is passed through).
+    pub fn spawn(image: &Path, args: &[&str]) -> Served {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_qcow2-csi"))
             .arg("nbd")
-            .arg("--socket")
-            .arg(&socket)
-            .args(extra)
+            .args(args)
             .arg(image)
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start qcow2-csi nbd");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "the server never listened");
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut first = String::new();
+        stderr.read_line(&mut first).unwrap();
+        let endpoint = first
+            .trim()
+            .rsplit_once(" on ")
+            .map(|(_, e)| e.to_string())
+            .unwrap_or_else(|| panic!("the server did not start: {first}"));
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                eprintln!("[server] {line}");
+            }
+        });
+        Served {
+            child,
+            socket: PathBuf::from(&endpoint),
+            endpoint,
+        }
+    }
+
+    /// Waits up to `limit` for the server to exit by itself; its status, or `None`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Served { child, socket }
+        None
     }
 
     pub fn uri(&self) -> String {

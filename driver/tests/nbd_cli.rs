@@ -1,0 +1,173 @@
+//! The `qcow2-csi nbd` command's listening options: `--bind` (TCP), `--shared`,
+//! `--persistent` and `--discard`, each checked through a real client and `qemu-img`.
+
+#[path = "../../tests/src/qemu.rs"]
+#[allow(dead_code)]
+mod qemu;
+#[allow(dead_code)]
+mod support;
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use support::Served;
+
+fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    let out = c.arg(uri).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && !text.contains("Pattern verification failed"),
+        "qemu-io {cmds:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+fn image(dir: &Path) -> PathBuf {
+    let p = dir.join("vol.qcow2");
+    qemu::img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "64M"]);
+    p
+}
+
+fn unix_uri(socket: &Path) -> String {
+    format!("nbd+unix:///?socket={}", socket.display())
+}
+
+#[test]
+fn bind_serves_over_tcp() {
+    if !qemu::require() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let served = Served::spawn(&img, &["--bind", "127.0.0.1:0", "--persistent"]);
+    let port = served.endpoint.rsplit_once(':').unwrap().1.to_string();
+    assert_ne!(port, "0", "the real port is reported");
+    let uri = format!("nbd://127.0.0.1:{port}");
+    qemu_io(&uri, &["write -P 0x5a 12345 100000"]);
+    qemu_io(&uri, &["read -P 0x5a 12345 100000", "read -P 0 0 12345"]);
+    served.stop();
+    qemu::check_clean(&img);
+    qemu::io(
+        &img,
+        &[
+            "read -P 0x5a 12345 100000".into(),
+            "read -P 0 112345 4096".into(),
+        ],
+    );
+}
+
+#[test]
+fn without_persistent_the_server_exits_clean_after_the_last_client() {
+    if !qemu::require() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let socket = dir.path().join("s.sock");
+    let mut served = Served::spawn(&img, &["--socket", socket.to_str().unwrap()]);
+    qemu_io(&unix_uri(&socket), &["write -P 0x11 0 1M"]);
+    let status = served
+        .wait_exit(Duration::from_secs(10))
+        .expect("the server exits once its only client left");
+    assert!(status.success(), "exit status {status}");
+    assert!(!socket.exists(), "the socket file is removed");
+    qemu::check_clean(&img);
+    qemu::io(&img, &["read -P 0x11 0 1M".into()]);
+}
+
+#[test]
+fn shared_caps_the_clients_connected_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let mut served = Served::start(&img, &["--shared", "1"]);
+    let greeting = |s: &mut UnixStream, wait: Duration| -> bool {
+        s.set_read_timeout(Some(wait)).unwrap();
+        let mut hello = [0u8; 18];
+        s.read_exact(&mut hello).is_ok()
+    };
+    let mut first = UnixStream::connect(&served.socket).unwrap();
+    assert!(greeting(&mut first, Duration::from_secs(5)));
+    // The second client is not served while the first is connected...
+    let mut second = UnixStream::connect(&served.socket).unwrap();
+    assert!(!greeting(&mut second, Duration::from_millis(500)));
+    // ...and is as soon as the first leaves.
+    drop(first);
+    assert!(greeting(&mut second, Duration::from_secs(5)));
+    drop(second);
+    assert!(served.wait_exit(Duration::from_millis(300)).is_none());
+    served.stop();
+}
+
+/// Data written, then discarded and zeroed with holes allowed, through the export; returns
+/// the bytes of the range still backed by host clusters afterwards (an `offset` in `qemu-img
+/// map`: data, or zeros kept allocated).
+fn allocated_after_discards(discard: &str) -> u64 {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    qemu::io(&img, &["write -P 0x77 0 4M".into()]);
+    let served = Served::start(&img, &["--discard", discard]);
+    let uri = served.uri();
+    qemu_io(&uri, &["discard 0 2M", "write -z -u 2M 2M"]);
+    // Whatever the policy, zeroed bytes read as zeros; discarded ones are unspecified.
+    qemu_io(&uri, &["read -P 0 2M 2M"]);
+    served.stop();
+    qemu::check_clean(&img);
+    qemu::map(&img)
+        .iter()
+        .filter(|e| e.get("offset").is_some() && e["start"].as_u64().unwrap() < 4 << 20)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn discard_unmap_frees_and_ignore_keeps_the_space() {
+    if !qemu::require() {
+        return;
+    }
+    assert_eq!(allocated_after_discards("unmap"), 0);
+    assert_eq!(allocated_after_discards("ignore"), 4 << 20);
+}
+
+#[test]
+fn discard_ignore_leaves_discarded_data_in_place() {
+    if !qemu::require() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    qemu::io(&img, &["write -P 0x77 0 1M".into()]);
+    let served = Served::start(&img, &["--discard", "ignore"]);
+    qemu_io(&served.uri(), &["discard 0 1M", "read -P 0x77 0 1M"]);
+    served.stop();
+    qemu::check_clean(&img);
+}
+
+#[test]
+fn socket_and_bind_are_exclusive_and_one_is_required() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_qcow2-csi"))
+            .arg("nbd")
+            .args(args)
+            .arg(&img)
+            .output()
+            .unwrap()
+    };
+    let none = run(&[]);
+    assert!(!none.status.success());
+    let both = run(&["--socket", "/tmp/x.sock", "--bind", "127.0.0.1:0"]);
+    assert!(!both.status.success());
+    assert!(String::from_utf8_lossy(&both.stderr).contains("cannot be used with"));
+    let zero = run(&["--socket", "/tmp/x.sock", "--shared", "0"]);
+    assert!(!zero.status.success());
+}
