@@ -5,6 +5,7 @@
 #[path = "../../tests/src/qemu.rs"]
 #[allow(dead_code)]
 mod qemu;
+#[allow(dead_code)] // each test binary uses part of the helpers
 mod support;
 
 use std::io::{Read, Write};
