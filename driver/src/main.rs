@@ -2,12 +2,13 @@
 //! or a TCP address (the equivalent of `qemu-nbd`).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use qcow2_csi::attach::{KernelOptions, Mode, Volume};
 use qcow2_csi::nbd::device::RawFile;
 use qcow2_csi::nbd::listen::{Endpoint, Listener, ServeOptions, Serving};
 use qcow2_csi::nbd::{BlockDevice, Discard, Export, Limits, Server};
@@ -27,6 +28,43 @@ enum Command {
     /// Serve an image over NBD until SIGTERM/SIGINT (or, without --persistent, until the
     /// last client leaves); then drain, flush and close.
     Nbd(NbdArgs),
+    /// Attach an image as a block device on this host (kernel nbd, or nbdfuse + loop), print
+    /// the device path, serve it until SIGTERM/SIGINT, then detach and close.
+    Attach(AttachArgs),
+}
+
+#[derive(Args, Debug)]
+struct AttachArgs {
+    /// Kernel nbd, nbdfuse + loop, or whichever this host has (kernel first).
+    #[arg(long, default_value = "auto")]
+    mode: AttachMode,
+    /// Volume id: the kernel device's backend identifier (default: the image's file name).
+    #[arg(long)]
+    id: Option<String>,
+    /// Private directory for the nbdfuse socket and mount (default: IMAGE.attach/).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Refuse writes.
+    #[arg(long)]
+    read_only: bool,
+    /// Page cache (writeback) or O_DIRECT (none) for guest data.
+    #[arg(long, default_value = "writeback")]
+    cache: Cache,
+    /// Image format (never probed).
+    #[arg(long, default_value = "qcow2")]
+    format: Format,
+    /// What discards do: free the space (unmap) or nothing (ignore).
+    #[arg(long, default_value = "unmap")]
+    discard: DiscardArg,
+    /// The image.
+    image: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum AttachMode {
+    Auto,
+    Nbd,
+    Nbdfuse,
 }
 
 #[derive(Args, Debug)]
@@ -84,42 +122,118 @@ enum Cache {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Nbd(args) => nbd(args),
+        Command::Attach(args) => attach(args),
     }
 }
 
-fn nbd(args: NbdArgs) -> anyhow::Result<()> {
-    let image = &args.image;
+/// A server of one export: the image opened as asked.
+fn open_server(
+    image: &Path,
+    name: String,
+    read_only: bool,
+    cache: Cache,
+    format: Format,
+    discard: DiscardArg,
+) -> anyhow::Result<Arc<Server>> {
     let opts = OpenOptions {
-        writable: !args.read_only,
+        writable: !read_only,
         backing: BackingPolicy::Allow,
-        cache: match args.cache {
+        cache: match cache {
             Cache::None => CacheMode::Direct,
             Cache::Writeback => CacheMode::Buffered,
         },
         ..OpenOptions::default()
     };
-    let device: Arc<dyn BlockDevice> = match args.format {
+    let device: Arc<dyn BlockDevice> = match format {
         Format::Qcow2 => Arc::new(
             Image::open(image, &opts).with_context(|| format!("opening {}", image.display()))?,
         ),
         Format::Raw => Arc::new(
-            RawFile::open(image, !args.read_only, opts.cache)
+            RawFile::open(image, !read_only, opts.cache)
                 .with_context(|| format!("opening {}", image.display()))?,
         ),
     };
-    let mut export = Export::new(args.name, device);
+    let mut export = Export::new(name, device);
     export.description = Some(image.display().to_string());
-    export.discard = match args.discard {
+    export.discard = match discard {
         DiscardArg::Unmap => Discard::Unmap,
         DiscardArg::Ignore => Discard::Ignore,
     };
-    let server = Arc::new(Server::new(
+    Ok(Arc::new(Server::new(
         vec![export],
         Limits {
             io_flusher: true,
             ..Limits::default()
         },
-    ));
+    )))
+}
+
+fn attach(args: AttachArgs) -> anyhow::Result<()> {
+    let image = &args.image;
+    let server = open_server(
+        image,
+        String::new(),
+        args.read_only,
+        args.cache,
+        args.format,
+        args.discard,
+    )?;
+    let id = match args.id {
+        Some(id) => id,
+        None => image
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .context("the image path has no file name")?,
+    };
+    let work = args.work_dir.unwrap_or_else(|| {
+        let mut w = image.clone().into_os_string();
+        w.push(".attach");
+        PathBuf::from(w)
+    });
+    let mode = match args.mode {
+        AttachMode::Auto => Mode::Auto,
+        AttachMode::Nbd => Mode::Nbd,
+        AttachMode::Nbdfuse => Mode::Nbdfuse,
+    };
+    // Installed before attaching, so a signal during the attach is not lost.
+    let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
+    let image_held = Arc::downgrade(&server);
+    let attached = qcow2_csi::attach::attach(
+        mode,
+        Volume {
+            id: &id,
+            server,
+            work_dir: &work,
+        },
+        &KernelOptions::default(),
+    )
+    .with_context(|| format!("attaching {}", image.display()))?;
+    println!("{}", attached.device().display());
+    eprintln!(
+        "qcow2-csi: {} attached as {} ({:?})",
+        image.display(),
+        attached.device().display(),
+        attached.mode()
+    );
+    signals.forever().next();
+    attached.detach().context("detaching")?;
+    anyhow::ensure!(image_held.strong_count() == 0, "the image is still held");
+    let _ = std::fs::remove_dir(work.join("fuse"));
+    let _ = std::fs::remove_dir(&work);
+    eprintln!("qcow2-csi: detached and closed {}", image.display());
+    Ok(())
+}
+
+fn nbd(args: NbdArgs) -> anyhow::Result<()> {
+    let image = &args.image;
+    let server = open_server(
+        image,
+        args.name,
+        args.read_only,
+        args.cache,
+        args.format,
+        args.discard,
+    )?;
     let endpoint = match (args.socket, args.bind) {
         (Some(path), _) => Endpoint::Unix(path),
         (None, Some(addr)) => Endpoint::Tcp(addr),

@@ -8,10 +8,14 @@ mod qemu;
 #[allow(dead_code)] // each test binary uses part of the helpers
 mod support;
 
-use std::path::Path;
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 
-use qcow2_csi::attach::FuseLoop;
+use qcow2_csi::attach::{FuseLoop, KernelOptions, Mode, Volume, attach};
+use qcow2_csi::nbd::{Export, Limits, Server};
+use qcow2_engine::{Image, OpenOptions};
 use support::Served;
 
 fn have(tool: &str) -> bool {
@@ -51,10 +55,96 @@ fn sh(cmd: &mut Command) {
     );
 }
 
-fn round_trip(fs: &str) {
+/// One way of getting a block device for an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Way {
+    /// `qcow2-csi nbd` on a socket, and [`FuseLoop`] on it.
+    Socket,
+    /// [`qcow2_csi::attach::attach`] in this process with `Mode::Auto` (the kernel's nbd
+    /// where the module is loaded, else nbdfuse), serving the engine directly.
+    InProcess,
+    /// `qcow2-csi attach --mode auto`, stopped with SIGTERM.
+    Command,
+}
+
+enum Handle {
+    Socket(Served, FuseLoop),
+    InProcess(qcow2_csi::attach::Attached),
+    Command(Child, PathBuf),
+}
+
+impl Handle {
+    fn attach(way: Way, image: &Path, work: &Path) -> Handle {
+        match way {
+            Way::Socket => {
+                let server = Served::start(image, &[]);
+                let fuse = FuseLoop::attach(&server.socket, work, false).unwrap();
+                Handle::Socket(server, fuse)
+            }
+            Way::InProcess => {
+                let opts = OpenOptions {
+                    writable: true,
+                    ..OpenOptions::default()
+                };
+                let img = Image::open(image, &opts).unwrap();
+                let server = Arc::new(Server::new(
+                    vec![Export::new("", Arc::new(img))],
+                    Limits::default(),
+                ));
+                let volume = Volume {
+                    id: "pvc-test",
+                    server,
+                    work_dir: work,
+                };
+                Handle::InProcess(attach(Mode::Auto, volume, &KernelOptions::default()).unwrap())
+            }
+            Way::Command => {
+                let mut child = Command::new(env!("CARGO_BIN_EXE_qcow2-csi"))
+                    .args(["attach", "--mode", "auto", "--work-dir"])
+                    .arg(work)
+                    .arg(image)
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                let mut line = String::new();
+                BufReader::new(child.stdout.take().unwrap())
+                    .read_line(&mut line)
+                    .unwrap();
+                assert!(line.starts_with("/dev/"), "attach printed {line:?}");
+                Handle::Command(child, PathBuf::from(line.trim()))
+            }
+        }
+    }
+
+    fn device(&self) -> &Path {
+        match self {
+            Handle::Socket(_, f) => f.device(),
+            Handle::InProcess(a) => a.device(),
+            Handle::Command(_, d) => d,
+        }
+    }
+
+    fn detach(self) {
+        match self {
+            Handle::Socket(server, fuse) => {
+                fuse.detach().unwrap();
+                server.stop();
+            }
+            Handle::InProcess(a) => a.detach().unwrap(),
+            Handle::Command(mut child, _) => {
+                let pid = child.id().to_string();
+                sh(Command::new("kill").args(["-TERM", &pid]));
+                let status = child.wait().unwrap();
+                assert!(status.success(), "qcow2-csi attach exited with {status}");
+            }
+        }
+    }
+}
+
+fn round_trip(fs: &str, way: Way) {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("vol.qcow2");
-    let work = dir.path().join("fuse");
+    let work = dir.path().join("work");
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     qemu::img(&[
@@ -67,8 +157,7 @@ fn round_trip(fs: &str) {
     ]);
     let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
 
-    let server = Served::start(&image, &[]);
-    let att = FuseLoop::attach(&server.socket, &work, false).unwrap();
+    let att = Handle::attach(way, &image, &work);
     sh(Command::new(format!("mkfs.{fs}"))
         .arg("-q")
         .arg(att.device()));
@@ -77,34 +166,73 @@ fn round_trip(fs: &str) {
     std::fs::create_dir(mnt.join("dir")).unwrap();
     std::fs::write(mnt.join("dir/hello"), b"hello\n").unwrap();
     sh(Command::new("umount").arg(&mnt));
-    att.detach().unwrap();
-    server.stop();
+    att.detach();
     qemu::check_clean(&image);
 
-    let server = Served::start(&image, &[]);
-    let att = FuseLoop::attach(&server.socket, &work, false).unwrap();
+    let att = Handle::attach(way, &image, &work);
     sh(Command::new("mount").arg(att.device()).arg(&mnt));
     assert!(
         std::fs::read(mnt.join("data.bin")).unwrap() == payload,
-        "{fs}: file differs"
+        "{fs} {way:?}: file differs"
     );
     assert_eq!(std::fs::read(mnt.join("dir/hello")).unwrap(), b"hello\n");
     sh(Command::new("umount").arg(&mnt));
-    att.detach().unwrap();
-    server.stop();
+    att.detach();
     qemu::check_clean(&image);
+}
+
+fn runnable() -> bool {
+    match missing() {
+        None => true,
+        Some(why) => {
+            assert!(
+                std::env::var_os("QCOW2_CSI_REQUIRE_ALL").is_none(),
+                "attach test cannot run: {why} (QCOW2_CSI_REQUIRE_ALL is set)"
+            );
+            eprintln!("skipped: {why}");
+            false
+        }
+    }
 }
 
 #[test]
 fn ext4_and_xfs_survive_detach_and_reattach() {
-    if let Some(why) = missing() {
-        assert!(
-            std::env::var_os("QCOW2_CSI_REQUIRE_ALL").is_none(),
-            "fuse attach test cannot run: {why} (QCOW2_CSI_REQUIRE_ALL is set)"
-        );
-        eprintln!("skipped: {why}");
+    if runnable() {
+        round_trip("ext4", Way::Socket);
+        round_trip("xfs", Way::Socket);
+    }
+}
+
+#[test]
+fn the_in_process_attacher_serves_the_engine_directly() {
+    if runnable() {
+        round_trip("ext4", Way::InProcess);
+    }
+}
+
+#[test]
+fn qcow2_csi_attach_holds_the_device_until_sigterm() {
+    if runnable() {
+        round_trip("xfs", Way::Command);
+    }
+}
+
+#[test]
+fn kernel_mode_without_the_module_says_what_to_load() {
+    if Path::new("/sys/module/nbd").exists() {
+        eprintln!("skipped: this host has the nbd module");
         return;
     }
-    round_trip("ext4");
-    round_trip("xfs");
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("vol.qcow2");
+    qemu::img(&["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "1M"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_qcow2-csi"))
+        .args(["attach", "--mode", "nbd"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("modprobe nbd"), "{err}");
+    qemu::check_clean(&image);
 }

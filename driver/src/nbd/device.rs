@@ -24,6 +24,14 @@ impl DeviceError {
     }
 }
 
+impl std::fmt::Display for DeviceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (NBD errno {})", self.message, self.errno)
+    }
+}
+
+impl std::error::Error for DeviceError {}
+
 /// Device results.
 pub type DeviceResult<T = ()> = Result<T, DeviceError>;
 
@@ -245,5 +253,56 @@ impl BlockDevice for RawFile {
             self.storage.punch_hole(offset, len)
         };
         done.map_err(|e| io_err("zeroing", e))
+    }
+}
+
+/// A device in memory, for the crate's unit tests: counts flushes.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct Memory {
+    pub bytes: std::sync::Mutex<Vec<u8>>,
+    pub flushes: std::sync::atomic::AtomicU32,
+}
+
+#[cfg(test)]
+impl Memory {
+    pub fn new(size: usize) -> Self {
+        Self {
+            bytes: std::sync::Mutex::new(vec![0; size]),
+            flushes: Default::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl BlockDevice for Memory {
+    fn size(&self) -> u64 {
+        self.bytes.lock().unwrap().len() as u64
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> DeviceResult {
+        let o = offset as usize;
+        buf.copy_from_slice(&self.bytes.lock().unwrap()[o..o + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> DeviceResult {
+        let o = offset as usize;
+        self.bytes.lock().unwrap()[o..o + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&self) -> DeviceResult {
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+    fn trim(&self, offset: u64, len: u64) -> DeviceResult {
+        self.write_zeroes(offset, len, false)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, _: bool) -> DeviceResult {
+        let (o, l) = (offset as usize, len as usize);
+        self.bytes.lock().unwrap()[o..o + l].fill(0);
+        Ok(())
     }
 }

@@ -6,7 +6,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
 use crate::error::{Error, Result};
+use crate::nbd::Server;
+use crate::nbd::listen::{Endpoint, Listener, ServeOptions, Serving, Stopper};
 
 /// How long nbdfuse gets to connect and publish its file, and to exit after the unmount.
 const WAIT: Duration = Duration::from_secs(10);
@@ -132,5 +137,70 @@ fn unmount(mountpoint: &Path) -> Result<()> {
     match fusermount {
         Ok(out) if out.status.success() => Ok(()),
         _ => run(Command::new("umount").arg(mountpoint)).map(|_| ()),
+    }
+}
+
+/// An export served on a private unix socket and attached through [`FuseLoop`].
+#[derive(Debug)]
+pub struct FuseDevice {
+    fuse: FuseLoop,
+    stopper: Stopper,
+    serving: JoinHandle<Result<u64>>,
+    server: Arc<Server>,
+}
+
+impl FuseDevice {
+    /// Serves export 0 of `server` on `work/nbd.sock` and attaches it; `work` is private to
+    /// this volume.
+    pub fn attach(server: Arc<Server>, work: &Path) -> Result<FuseDevice> {
+        std::fs::create_dir_all(work)
+            .map_err(|e| Error::attach(format!("creating {}", work.display()), e.to_string()))?;
+        let socket = work.join("nbd.sock");
+        let listener = Listener::bind(&Endpoint::Unix(socket.clone()))?;
+        let serving = Serving::new(
+            listener,
+            server.clone(),
+            ServeOptions {
+                shared: 16,
+                persistent: true,
+            },
+        );
+        let stopper = serving.stopper();
+        let thread = std::thread::spawn(move || serving.run());
+        let read_only = server.exports()[0].device.read_only();
+        match FuseLoop::attach(&socket, &work.join("fuse"), read_only) {
+            Ok(fuse) => Ok(FuseDevice {
+                fuse,
+                stopper,
+                serving: thread,
+                server,
+            }),
+            Err(e) => {
+                stopper.stop();
+                let _ = thread.join();
+                Err(e)
+            }
+        }
+    }
+
+    pub fn device(&self) -> &Path {
+        self.fuse.device()
+    }
+
+    /// Loop device, FUSE mount and nbdfuse go first (they flush through the export); then
+    /// the export stops and the image is flushed.
+    pub fn detach(self) -> Result<()> {
+        let torn = self.fuse.detach();
+        self.stopper.stop();
+        let served = self
+            .serving
+            .join()
+            .map_err(|_| Error::attach("serving the export", "the thread panicked"))?;
+        torn?;
+        served?;
+        self.server.exports()[0]
+            .device
+            .flush()
+            .map_err(|e| Error::attach("flushing the volume", e.to_string()))
     }
 }

@@ -1,0 +1,829 @@
+//! Kernel nbd attach: socket pairs between us and the kernel's nbd driver, one end served
+//! in-process (no handshake, simple replies), the other handed to the driver with netlink
+//! CONNECT (or, where the netlink family is unusable, the ioctls).
+//!
+//! Deliberate settings (`docs/nbd.md` § Kernel attach):
+//! - backend identifier = the volume id: `/sys/block/nbdN/backend` names the volume, and the
+//!   kernel refuses a RECONFIGURE that names another volume on a recycled index;
+//! - I/O timeout 0: the kernel never aborts a request of a slow but live server, and with one
+//!   connection never kills the socket on a timeout;
+//! - dead-connection timeout 15 min: while the plugin is restarting (crash-loop backoff caps at
+//!   5 min, plus an image pull) I/O waits instead of failing and turning the filesystem
+//!   read-only; after it, I/O fails rather than hanging forever;
+//! - destroy on disconnect: dynamic devices do not pile up.
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::ioctl::{self, DevNode, Ioctl};
+use super::netlink::{self, ConnectConfig, Nbd, Transport};
+use crate::error::{Error, Result};
+use crate::nbd::Server;
+use crate::nbd::proto::flag;
+
+/// Settings of the kernel attacher.
+#[derive(Debug, Clone)]
+pub struct KernelOptions {
+    /// Socket pairs per device (blk-mq hardware queues).
+    pub connections: usize,
+    /// Logical = physical block size of the device.
+    pub block_size: u64,
+    /// Per-request I/O timeout in seconds; 0 = never abort.
+    pub timeout_s: u64,
+    /// How long I/O waits for a reconnect once our sockets are gone.
+    pub dead_conn_timeout_s: u64,
+    /// Where sysfs and device nodes live (tests point these elsewhere).
+    pub sysfs: PathBuf,
+    pub dev: PathBuf,
+    /// How long to wait for udev to create `/dev/nbdN`.
+    pub device_wait: Duration,
+}
+
+impl Default for KernelOptions {
+    fn default() -> Self {
+        Self {
+            connections: 1,
+            block_size: 4096,
+            timeout_s: 0,
+            dead_conn_timeout_s: 15 * 60,
+            sysfs: PathBuf::from("/sys"),
+            dev: PathBuf::from("/dev"),
+            device_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A transport that can be moved to another thread.
+pub type BoxTransport = Box<dyn Transport + Send>;
+
+impl Transport for BoxTransport {
+    fn send(&mut self, msg: &[u8]) -> std::io::Result<()> {
+        (**self).send(msg)
+    }
+    fn recv(&mut self) -> std::io::Result<Vec<u8>> {
+        (**self).recv()
+    }
+}
+
+/// How the device was set up, which decides how it is torn down.
+enum Control {
+    Netlink(Nbd<BoxTransport>),
+    Ioctl {
+        dev: Arc<dyn Ioctl>,
+        do_it: JoinHandle<Result<()>>,
+    },
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Control::Netlink(_) => "netlink",
+            Control::Ioctl { .. } => "ioctl",
+        })
+    }
+}
+
+/// A volume attached as `/dev/nbdN`, served by threads of this process.
+#[derive(Debug)]
+pub struct KernelDevice {
+    index: u32,
+    backend: String,
+    device: PathBuf,
+    server: Arc<Server>,
+    serving: Vec<JoinHandle<()>>,
+    control: Control,
+    sysfs: PathBuf,
+}
+
+/// The transmission flags the driver is told: what the export supports, multi-conn only
+/// with several sockets.
+fn kernel_flags(server: &Server, connections: usize) -> u64 {
+    let mut f = u64::from(server.transmission_flags(0));
+    if connections <= 1 {
+        f &= !u64::from(flag::CAN_MULTI_CONN);
+    }
+    f
+}
+
+/// Socket pairs: (ours, the kernel's).
+fn pairs(n: usize) -> Result<Vec<(UnixStream, OwnedFd)>> {
+    (0..n.max(1))
+        .map(|_| {
+            let (ours, theirs) = UnixStream::pair()?;
+            Ok((ours, OwnedFd::from(theirs)))
+        })
+        .collect()
+}
+
+fn serve(server: &Arc<Server>, ours: Vec<UnixStream>, volume: &str) -> Vec<JoinHandle<()>> {
+    ours.into_iter()
+        .map(|s| {
+            let server = server.clone();
+            let volume = volume.to_string();
+            std::thread::Builder::new()
+                .name("nbd-kernel".into())
+                .spawn(move || {
+                    if let Err(e) = server.serve_kernel(s, 0) {
+                        eprintln!("qcow2-csi: {volume}: kernel connection ended: {e}");
+                    }
+                })
+                .expect("spawning a serving thread")
+        })
+        .collect()
+}
+
+fn wait_for(path: &Path, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while !path.exists() {
+        if Instant::now() > deadline {
+            return Err(Error::attach(
+                format!("waiting for {}", path.display()),
+                "udev did not create the device node",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// The backend identifier the kernel shows for `nbd{index}`, if any.
+fn backend_of(sysfs: &Path, index: u32) -> Option<String> {
+    let p = sysfs.join(format!("block/nbd{index}/backend"));
+    std::fs::read_to_string(p)
+        .ok()
+        .map(|s| s.trim_end_matches('\n').to_string())
+}
+
+impl KernelDevice {
+    /// Attaches export 0 of `server` through netlink, on a device the kernel picks.
+    pub fn connect(
+        server: Arc<Server>,
+        volume_id: &str,
+        opts: &KernelOptions,
+        transport: BoxTransport,
+    ) -> Result<KernelDevice> {
+        let mut nl = Nbd::new(transport)?;
+        let export = &server.exports()[0];
+        let cfg = ConnectConfig {
+            size: export.device.size(),
+            block_size: opts.block_size,
+            server_flags: kernel_flags(&server, opts.connections),
+            client_flags: netlink::nbd::CFLAG_DESTROY_ON_DISCONNECT,
+            timeout_s: opts.timeout_s,
+            dead_conn_timeout_s: opts.dead_conn_timeout_s,
+            backend: volume_id.to_string(),
+        };
+        let (ours, theirs): (Vec<_>, Vec<_>) = pairs(opts.connections)?.into_iter().unzip();
+        // Served before CONNECT: the kernel may read the partition table at once.
+        let serving = serve(&server, ours, volume_id);
+        let index = match nl.connect(&cfg, &netlink::raw_fds(&theirs)) {
+            Ok(i) => i,
+            Err(e) => {
+                drop(theirs); // our threads see end-of-file and stop
+                for t in serving {
+                    let _ = t.join();
+                }
+                return Err(e);
+            }
+        };
+        drop(theirs); // the kernel holds its own references
+        let device = opts.dev.join(format!("nbd{index}"));
+        let dev = KernelDevice {
+            index,
+            backend: volume_id.to_string(),
+            device,
+            server,
+            serving,
+            control: Control::Netlink(nl),
+            sysfs: opts.sysfs.clone(),
+        };
+        if let Err(e) = wait_for(&dev.device, opts.device_wait) {
+            let _ = dev.detach();
+            return Err(e);
+        }
+        Ok(dev)
+    }
+
+    /// Takes over a device a previous process attached (index and volume id from its
+    /// records): fresh sockets through RECONFIGURE. The kernel swaps only dead sockets and
+    /// reports success even when it swapped none, so a socket it did not take (it closes
+    /// when we drop our copy of its end) is reported as an error.
+    pub fn reconnect(
+        server: Arc<Server>,
+        index: u32,
+        volume_id: &str,
+        opts: &KernelOptions,
+        transport: BoxTransport,
+    ) -> Result<KernelDevice> {
+        match backend_of(&opts.sysfs, index) {
+            Some(b) if b == volume_id => {}
+            Some(b) => {
+                return Err(Error::attach(
+                    format!("reconnecting nbd{index}"),
+                    format!("the device serves {b:?}, not {volume_id:?}"),
+                ));
+            }
+            None => {
+                return Err(Error::attach(
+                    format!("reconnecting nbd{index}"),
+                    "no backend identifier in sysfs (no such device, or a kernel before 5.14)",
+                ));
+            }
+        }
+        let mut nl = Nbd::new(transport)?;
+        let (ours, theirs): (Vec<_>, Vec<_>) = pairs(opts.connections)?.into_iter().unzip();
+        nl.reconfigure(
+            index,
+            volume_id,
+            opts.timeout_s,
+            opts.dead_conn_timeout_s,
+            &netlink::raw_fds(&theirs),
+        )?;
+        drop(theirs);
+        if let Some(i) = ours
+            .iter()
+            .position(|s| hung_up(s, Duration::from_millis(200)))
+        {
+            return Err(Error::attach(
+                format!("reconnecting nbd{index}"),
+                format!(
+                    "the kernel did not take socket {i}: the device still has live connections \
+                     (another process serves it?)"
+                ),
+            ));
+        }
+        let serving = serve(&server, ours, volume_id);
+        Ok(KernelDevice {
+            index,
+            backend: volume_id.to_string(),
+            device: opts.dev.join(format!("nbd{index}")),
+            server,
+            serving,
+            control: Control::Netlink(nl),
+            sysfs: opts.sysfs.clone(),
+        })
+    }
+
+    /// Attaches through the ioctls on the first free pre-created device.
+    pub fn connect_ioctl(server: Arc<Server>, opts: &KernelOptions) -> Result<KernelDevice> {
+        let path = ioctl::free_device(&opts.sysfs, &opts.dev)?;
+        let node = DevNode::open(&path)
+            .map_err(|e| Error::attach(format!("opening {}", path.display()), e.to_string()))?;
+        Self::start_ioctl(server, opts, Arc::new(node), path)
+    }
+
+    fn start_ioctl(
+        server: Arc<Server>,
+        opts: &KernelOptions,
+        dev: Arc<dyn Ioctl>,
+        path: PathBuf,
+    ) -> Result<KernelDevice> {
+        let index: u32 = path
+            .file_name()
+            .and_then(|n| n.to_str()?.strip_prefix("nbd")?.parse().ok())
+            .unwrap_or(u32::MAX);
+        let setup = ioctl::Setup {
+            size: server.exports()[0].device.size(),
+            block_size: opts.block_size,
+            flags: kernel_flags(&server, opts.connections),
+            timeout_s: opts.timeout_s,
+        };
+        let (ours, theirs): (Vec<_>, Vec<_>) = pairs(opts.connections)?.into_iter().unzip();
+        ioctl::configure(&*dev, &setup, &netlink::raw_fds(&theirs))?;
+        let serving = serve(&server, ours, &path.display().to_string());
+        let do_it = {
+            let dev = dev.clone();
+            std::thread::spawn(move || {
+                let r = ioctl::run(&*dev);
+                drop(theirs); // the kernel has let go of them
+                r
+            })
+        };
+        Ok(KernelDevice {
+            index,
+            backend: String::new(),
+            device: path,
+            server,
+            serving,
+            control: Control::Ioctl { dev, do_it },
+            sysfs: opts.sysfs.clone(),
+        })
+    }
+
+    /// The block device (`/dev/nbdN`).
+    pub fn device(&self) -> &Path {
+        &self.device
+    }
+
+    /// The kernel's device index.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Disconnects the device (after checking it still serves our volume), waits for the
+    /// serving threads to answer what is in flight, and flushes the image.
+    pub fn detach(self) -> Result<()> {
+        match self.control {
+            Control::Netlink(mut nl) => {
+                match backend_of(&self.sysfs, self.index) {
+                    Some(b) if b == self.backend => nl.disconnect(self.index)?,
+                    Some(b) => {
+                        return Err(Error::attach(
+                            format!("detaching nbd{}", self.index),
+                            format!("the device now serves {b:?}; left alone"),
+                        ));
+                    }
+                    // Gone already (destroyed by an earlier disconnect): nothing to do.
+                    None => {}
+                }
+            }
+            Control::Ioctl { dev, do_it } => {
+                ioctl::disconnect(&*dev)?;
+                match do_it.join() {
+                    Ok(r) => r?,
+                    Err(_) => return Err(Error::attach("NBD_DO_IT", "the thread panicked")),
+                }
+            }
+        }
+        for t in self.serving {
+            let _ = t.join();
+        }
+        self.server.exports()[0]
+            .device
+            .flush()
+            .map_err(|e| Error::attach("flushing the volume", e.to_string()))
+    }
+}
+
+/// Whether the peer of `s` closed within `wait`.
+fn hung_up(s: &UnixStream, wait: Duration) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let mut fds = [PollFd::new(
+        s,
+        PollFlags::IN | PollFlags::RDHUP | PollFlags::HUP,
+    )];
+    let timeout = Timespec::try_from(wait).ok();
+    match poll(&mut fds, timeout.as_ref()) {
+        Ok(0) | Err(_) => false,
+        Ok(_) => {
+            let r = fds[0].revents();
+            r.intersects(PollFlags::HUP | PollFlags::RDHUP)
+                || (r.contains(PollFlags::IN) && peek_eof(s))
+        }
+    }
+}
+
+fn peek_eof(s: &UnixStream) -> bool {
+    let mut b = [0u8; 1];
+    matches!(
+        rustix::net::recv(
+            s,
+            &mut b,
+            rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT
+        ),
+        Ok((0, _))
+    )
+}
+
+/// Whether the kernel offers the nbd netlink family (the module is loaded).
+pub fn netlink_available() -> bool {
+    netlink::Socket::open()
+        .ok()
+        .and_then(|s| Nbd::new(Box::new(s) as BoxTransport).ok())
+        .is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attach::ioctl::req;
+    use crate::attach::netlink::{Message, attrs, nbd};
+    use crate::nbd::device::Memory;
+    use crate::nbd::proto::{self, Request, cmd};
+    use crate::nbd::{Export, Limits};
+    use std::collections::VecDeque;
+    use std::io::{self, Read, Write};
+    use std::os::fd::{BorrowedFd, RawFd};
+    use std::sync::{Condvar, Mutex};
+
+    const FAMILY: u16 = 0x1c;
+
+    /// What the simulated kernel holds and was sent.
+    #[derive(Default)]
+    struct Sim {
+        /// Its references to the sockets it was handed.
+        held: Vec<UnixStream>,
+        sent: Vec<Vec<u8>>,
+        /// Whether RECONFIGURE finds dead sockets to replace.
+        take_on_reconfigure: bool,
+        refuse_connect: bool,
+    }
+
+    /// Duplicates a descriptor of the caller, as the kernel's `sockfd_lookup` takes a
+    /// reference of its own.
+    #[allow(unsafe_code)] // borrowing a descriptor by number, as the kernel does
+    fn take(fd: RawFd) -> UnixStream {
+        // SAFETY: the descriptor is open for the duration of the call (the message naming
+        // it is being sent by the code under test, which still owns it).
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        UnixStream::from(rustix::io::fcntl_dupfd_cloexec(fd, 0).unwrap())
+    }
+
+    fn socket_fds(body: &[u8]) -> Vec<RawFd> {
+        let Some((_, socks)) = attrs(body).find(|&(k, _)| k == nbd::ATTR_SOCKETS) else {
+            return vec![];
+        };
+        attrs(socks)
+            .filter_map(|(_, item)| attrs(item).find(|&(k, _)| k == nbd::SOCK_FD))
+            .map(|(_, p)| u32::from_ne_bytes(p.try_into().unwrap()) as RawFd)
+            .collect()
+    }
+
+    fn ack(seq: u32, errno: i32) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&36u32.to_ne_bytes());
+        m.extend_from_slice(&2u16.to_ne_bytes());
+        m.extend_from_slice(&0u16.to_ne_bytes());
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&errno.to_ne_bytes());
+        m.extend_from_slice(&[0; 16]);
+        m
+    }
+
+    /// A netlink transport answering like the nbd driver would.
+    struct FakeKernel {
+        sim: Arc<Mutex<Sim>>,
+        replies: VecDeque<Vec<u8>>,
+    }
+
+    impl Transport for FakeKernel {
+        fn send(&mut self, msg: &[u8]) -> io::Result<()> {
+            let mut sim = self.sim.lock().unwrap();
+            sim.sent.push(msg.to_vec());
+            let family = u16::from_ne_bytes([msg[4], msg[5]]);
+            let seq = u32::from_ne_bytes(msg[8..12].try_into().unwrap());
+            let (command, body) = (msg[16], &msg[20..]);
+            let mut out = Vec::new();
+            if family == 0x10 {
+                let mut m = Message::new(0x10, seq, 1, 1);
+                m.u32(1, u32::from(FAMILY)); // FAMILY_ID (u16, padded)
+                out.extend(m.finish());
+                out.extend(ack(seq, 0));
+            } else {
+                match command {
+                    nbd::CMD_CONNECT if sim.refuse_connect => out.extend(ack(seq, -libc::EINVAL)),
+                    nbd::CMD_CONNECT => {
+                        for fd in socket_fds(body) {
+                            sim.held.push(take(fd));
+                        }
+                        let mut m = Message::new(FAMILY, seq, nbd::CMD_CONNECT, 1);
+                        m.u32(nbd::ATTR_INDEX, 5);
+                        out.extend(m.finish());
+                        out.extend(ack(seq, 0));
+                    }
+                    nbd::CMD_RECONFIGURE => {
+                        if sim.take_on_reconfigure {
+                            for fd in socket_fds(body) {
+                                sim.held.push(take(fd));
+                            }
+                        }
+                        out.extend(ack(seq, 0));
+                    }
+                    nbd::CMD_DISCONNECT => {
+                        // The driver sends NBD_CMD_DISC on every socket and shuts them down.
+                        for s in sim.held.drain(..) {
+                            let disc = Request {
+                                flags: 0,
+                                kind: cmd::DISC,
+                                cookie: 0,
+                                offset: 0,
+                                length: 0,
+                            };
+                            let _ = (&s).write_all(&disc.encode());
+                            let _ = s.shutdown(std::net::Shutdown::Write);
+                        }
+                        out.extend(ack(seq, 0));
+                    }
+                    _ => out.extend(ack(seq, -libc::EOPNOTSUPP)),
+                }
+            }
+            self.replies.push_back(out);
+            Ok(())
+        }
+        fn recv(&mut self) -> io::Result<Vec<u8>> {
+            Ok(self.replies.pop_front().unwrap_or_default())
+        }
+    }
+
+    struct Rig {
+        sim: Arc<Mutex<Sim>>,
+        mem: Arc<Memory>,
+        server: Arc<Server>,
+        opts: KernelOptions,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Rig {
+        fn new() -> Rig {
+            let dir = tempfile::tempdir().unwrap();
+            let mem = Arc::new(Memory::new(1 << 20));
+            let server = Arc::new(Server::new(
+                vec![Export::new("", mem.clone())],
+                Limits::default(),
+            ));
+            let opts = KernelOptions {
+                sysfs: dir.path().join("sys"),
+                dev: dir.path().join("dev"),
+                device_wait: Duration::from_secs(2),
+                ..KernelOptions::default()
+            };
+            std::fs::create_dir_all(opts.sysfs.join("block/nbd5")).unwrap();
+            std::fs::create_dir_all(&opts.dev).unwrap();
+            std::fs::write(opts.dev.join("nbd5"), "").unwrap();
+            Rig {
+                sim: Arc::default(),
+                mem,
+                server,
+                opts,
+                _dir: dir,
+            }
+        }
+
+        fn set_backend(&self, b: &str) {
+            std::fs::write(self.opts.sysfs.join("block/nbd5/backend"), format!("{b}\n")).unwrap();
+        }
+
+        fn transport(&self) -> BoxTransport {
+            Box::new(FakeKernel {
+                sim: self.sim.clone(),
+                replies: VecDeque::new(),
+            })
+        }
+
+        /// What the kernel would do for a filesystem: a write, a read and a flush, on the
+        /// socket it holds; returns the data read.
+        fn kernel_io(&self) -> Vec<u8> {
+            let sock = self.sim.lock().unwrap().held[0].try_clone().unwrap();
+            let mut sock = sock;
+            let req = |kind, cookie, offset, length| Request {
+                flags: 0,
+                kind,
+                cookie,
+                offset,
+                length,
+            };
+            sock.write_all(&req(cmd::WRITE, 1, 4096, 512).encode())
+                .unwrap();
+            sock.write_all(&[0xaa; 512]).unwrap();
+            let mut reply = [0u8; 16];
+            sock.read_exact(&mut reply).unwrap();
+            assert_eq!(reply, proto::simple_reply(1, 0));
+            sock.write_all(&req(cmd::READ, 2, 4096, 1024).encode())
+                .unwrap();
+            sock.read_exact(&mut reply).unwrap();
+            assert_eq!(reply, proto::simple_reply(2, 0));
+            let mut data = vec![0u8; 1024];
+            sock.read_exact(&mut data).unwrap();
+            sock.write_all(&req(cmd::FLUSH, 3, 0, 0).encode()).unwrap();
+            sock.read_exact(&mut reply).unwrap();
+            assert_eq!(reply, proto::simple_reply(3, 0));
+            data
+        }
+
+        fn sent(&self, command: u8) -> Vec<Vec<u8>> {
+            let sim = self.sim.lock().unwrap();
+            sim.sent
+                .iter()
+                .filter(|m| u16::from_ne_bytes([m[4], m[5]]) == FAMILY && m[16] == command)
+                .cloned()
+                .collect()
+        }
+    }
+
+    fn u64_attr(msg: &[u8], kind: u16) -> Option<u64> {
+        attrs(&msg[20..])
+            .find(|&(k, _)| k == kind)
+            .map(|(_, p)| u64::from_ne_bytes(p.try_into().unwrap()))
+    }
+
+    #[test]
+    fn connect_serves_the_kernel_and_detach_disconnects_and_flushes() {
+        let rig = Rig::new();
+        rig.set_backend("vol-1");
+        let dev =
+            KernelDevice::connect(rig.server.clone(), "vol-1", &rig.opts, rig.transport()).unwrap();
+        assert_eq!(dev.device(), rig.opts.dev.join("nbd5"));
+        assert_eq!(dev.index(), 5);
+        let mut expect = vec![0u8; 1024];
+        expect[..512].fill(0xaa);
+        assert_eq!(rig.kernel_io(), expect);
+
+        let connect = &rig.sent(nbd::CMD_CONNECT)[0];
+        let flags = u64_attr(connect, nbd::ATTR_SERVER_FLAGS).unwrap() as u16;
+        use proto::flag;
+        for want in [
+            flag::HAS_FLAGS,
+            flag::SEND_FLUSH,
+            flag::SEND_FUA,
+            flag::SEND_TRIM,
+            flag::SEND_WRITE_ZEROES,
+        ] {
+            assert_ne!(flags & want, 0, "flag {want:#x} in {flags:#x}");
+        }
+        assert_eq!(flags & flag::CAN_MULTI_CONN, 0, "one socket: no multi-conn");
+        assert_eq!(flags & flag::READ_ONLY, 0);
+        assert_eq!(u64_attr(connect, nbd::ATTR_SIZE_BYTES), Some(1 << 20));
+        assert_eq!(u64_attr(connect, nbd::ATTR_TIMEOUT), Some(0));
+        assert_eq!(u64_attr(connect, nbd::ATTR_DEAD_CONN_TIMEOUT), Some(900));
+        assert_eq!(u64_attr(connect, nbd::ATTR_CLIENT_FLAGS), Some(1));
+        assert!(connect.windows(6).any(|w| w == b"vol-1\0"));
+        assert!(attrs(&connect[20..]).all(|(k, _)| k != nbd::ATTR_INDEX));
+
+        dev.detach().unwrap();
+        let disconnect = &rig.sent(nbd::CMD_DISCONNECT)[0];
+        assert_eq!(&disconnect[20..], [8, 0, 1, 0, 5, 0, 0, 0].map(u8::to_le));
+        // The kernel's FLUSH, then the one at detach.
+        assert_eq!(rig.mem.flushes.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn multi_conn_is_advertised_only_with_several_sockets() {
+        let mut rig = Rig::new();
+        rig.set_backend("v");
+        rig.opts.connections = 3;
+        let dev =
+            KernelDevice::connect(rig.server.clone(), "v", &rig.opts, rig.transport()).unwrap();
+        assert_eq!(rig.sim.lock().unwrap().held.len(), 3);
+        let connect = &rig.sent(nbd::CMD_CONNECT)[0];
+        let flags = u64_attr(connect, nbd::ATTR_SERVER_FLAGS).unwrap() as u16;
+        assert_ne!(flags & proto::flag::CAN_MULTI_CONN, 0);
+        dev.detach().unwrap();
+    }
+
+    #[test]
+    fn detach_leaves_alone_a_device_that_now_serves_another_volume() {
+        let rig = Rig::new();
+        rig.set_backend("vol-1");
+        let dev =
+            KernelDevice::connect(rig.server.clone(), "vol-1", &rig.opts, rig.transport()).unwrap();
+        rig.set_backend("vol-2");
+        let e = dev.detach().unwrap_err().to_string();
+        assert!(e.contains("vol-2"), "{e}");
+        assert!(rig.sent(nbd::CMD_DISCONNECT).is_empty());
+        rig.sim.lock().unwrap().held.clear(); // let the serving thread go
+    }
+
+    #[test]
+    fn a_refused_connect_stops_the_serving_threads() {
+        let rig = Rig::new();
+        rig.sim.lock().unwrap().refuse_connect = true;
+        let e = KernelDevice::connect(rig.server.clone(), "v", &rig.opts, rig.transport())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CONNECT"), "{e}");
+        // Every serving thread has ended: nothing holds the server but us.
+        assert_eq!(Arc::strong_count(&rig.server), 1);
+    }
+
+    #[test]
+    fn reconnect_hands_fresh_sockets_to_the_same_device() {
+        let rig = Rig::new();
+        rig.set_backend("vol-1");
+        rig.sim.lock().unwrap().take_on_reconfigure = true;
+        let dev =
+            KernelDevice::reconnect(rig.server.clone(), 5, "vol-1", &rig.opts, rig.transport())
+                .unwrap();
+        let msg = &rig.sent(nbd::CMD_RECONFIGURE)[0];
+        let body: Vec<_> = attrs(&msg[20..]).map(|(k, _)| k).collect();
+        assert_eq!(
+            body,
+            [
+                nbd::ATTR_INDEX,
+                nbd::ATTR_BACKEND_IDENTIFIER,
+                nbd::ATTR_TIMEOUT,
+                nbd::ATTR_DEAD_CONN_TIMEOUT,
+                nbd::ATTR_SOCKETS
+            ]
+        );
+        assert!(msg.windows(6).any(|w| w == b"vol-1\0"));
+        assert_eq!(rig.kernel_io()[..512], [0xaa; 512]);
+        dev.detach().unwrap();
+    }
+
+    #[test]
+    fn reconnect_fails_when_the_kernel_keeps_live_sockets() {
+        let rig = Rig::new();
+        rig.set_backend("vol-1");
+        // RECONFIGURE "succeeds" but the kernel drops the socket (no dead one to replace).
+        let e = KernelDevice::reconnect(rig.server.clone(), 5, "vol-1", &rig.opts, rig.transport())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did not take"), "{e}");
+    }
+
+    #[test]
+    fn reconnect_checks_the_backend_before_touching_the_device() {
+        let rig = Rig::new();
+        rig.set_backend("vol-2");
+        let e = KernelDevice::reconnect(rig.server.clone(), 5, "vol-1", &rig.opts, rig.transport())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("vol-2"), "{e}");
+        assert!(rig.sim.lock().unwrap().sent.is_empty());
+        std::fs::remove_file(rig.opts.sysfs.join("block/nbd5/backend")).unwrap();
+        let e = KernelDevice::reconnect(rig.server.clone(), 5, "vol-1", &rig.opts, rig.transport())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no backend identifier"), "{e}");
+    }
+
+    /// An nbd device driven by ioctls: SET_SOCK takes a reference, DO_IT blocks until
+    /// DISCONNECT, which sends NBD_CMD_DISC like the driver.
+    #[derive(Default)]
+    struct IoctlSim {
+        calls: Mutex<Vec<(u32, u64)>>,
+        held: Mutex<Vec<UnixStream>>,
+        disconnected: Mutex<bool>,
+        cv: Condvar,
+    }
+
+    impl Ioctl for IoctlSim {
+        fn ioctl(&self, request: u32, arg: u64) -> io::Result<()> {
+            self.calls.lock().unwrap().push((request, arg));
+            match request {
+                req::SET_SOCK => self.held.lock().unwrap().push(take(arg as RawFd)),
+                req::DO_IT => {
+                    let mut d = self.disconnected.lock().unwrap();
+                    while !*d {
+                        d = self.cv.wait(d).unwrap();
+                    }
+                }
+                req::DISCONNECT => {
+                    for s in self.held.lock().unwrap().drain(..) {
+                        let disc = Request {
+                            flags: 0,
+                            kind: cmd::DISC,
+                            cookie: 0,
+                            offset: 0,
+                            length: 0,
+                        };
+                        let _ = (&s).write_all(&disc.encode());
+                    }
+                    *self.disconnected.lock().unwrap() = true;
+                    self.cv.notify_all();
+                }
+                _ => {}
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_ioctl_path_configures_runs_and_disconnects_in_order() {
+        let rig = Rig::new();
+        let sim = Arc::new(IoctlSim::default());
+        let dev = KernelDevice::start_ioctl(
+            rig.server.clone(),
+            &rig.opts,
+            sim.clone(),
+            rig.opts.dev.join("nbd5"),
+        )
+        .unwrap();
+        assert_eq!(dev.index(), 5);
+        while !sim
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|&(r, _)| r == req::DO_IT)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let sock = sim.held.lock().unwrap()[0].try_clone().unwrap();
+        rig.sim.lock().unwrap().held.push(sock);
+        assert_eq!(rig.kernel_io()[..512], [0xaa; 512]);
+        dev.detach().unwrap();
+        let calls = sim.calls.lock().unwrap();
+        let kinds: Vec<u32> = calls.iter().map(|&(r, _)| r).collect();
+        assert_eq!(
+            kinds,
+            [
+                req::SET_BLKSIZE,
+                req::SET_SIZE,
+                req::SET_TIMEOUT,
+                req::SET_FLAGS,
+                req::SET_SOCK,
+                req::DO_IT,
+                req::DISCONNECT,
+                req::CLEAR_SOCK
+            ]
+        );
+        assert_eq!(calls[0].1, 4096);
+        assert_eq!(calls[1].1, 1 << 20);
+    }
+}
