@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs when it is missing (Debian/Ubuntu): the qemu-img/qemu-io
-# oracle, the NBD clients (libnbd-bin, nbdfuse), fuse3, xfsprogs and cargo-nextest. Safe to run repeatedly; does nothing when all is present.
+# oracle, the NBD clients (libnbd-bin, python3-libnbd, nbdfuse), fuse3, xfsprogs and cargo-nextest. Safe to run repeatedly; does nothing when all is present.
 set -euo pipefail
 
 need_pkgs=()
@@ -8,6 +8,8 @@ command -v qemu-img >/dev/null 2>&1 || need_pkgs+=(qemu-utils)
 command -v qemu-io >/dev/null 2>&1 || need_pkgs+=(qemu-utils)
 command -v nbdinfo >/dev/null 2>&1 || need_pkgs+=(libnbd-bin)
 command -v nbdfuse >/dev/null 2>&1 || need_pkgs+=(nbdfuse)
+# The system interpreter's binding (a pyenv or venv python3 on PATH would not see it).
+/usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need_pkgs+=(python3-libnbd)
 command -v fusermount3 >/dev/null 2>&1 || need_pkgs+=(fuse3)
 command -v mkfs.xfs >/dev/null 2>&1 || need_pkgs+=(xfsprogs)
 command -v mkfs.ext4 >/dev/null 2>&1 || need_pkgs+=(e2fsprogs)
