@@ -16,7 +16,7 @@
 use std::io::{self, Read, Write};
 use std::ops::Range;
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use super::device::{BlockDevice, DeviceError};
@@ -25,6 +25,11 @@ use super::proto::{
     context, errno, flag, handshake, info, opt, rep, reply,
 };
 use crate::error::Error;
+
+/// A worker's read scratch buffer above this is not kept for the next request.
+const SCRATCH_KEEP: usize = 1 << 20;
+/// Read buffer for incoming requests.
+const REQUEST_BUFFER: usize = 64 << 10;
 
 /// Limits of one server.
 #[derive(Debug, Clone)]
@@ -426,24 +431,26 @@ impl Server {
         // Requests run on a pool of workers and are answered as they complete (replies may
         // overtake each other, as the spec allows); a reply is written whole under the writer
         // lock. The channel and the byte budget bound what is in flight.
-        let (tx, rx) = mpsc::sync_channel::<(Request, Vec<u8>)>(workers);
-        let rx = Mutex::new(rx);
+        let (tx, rx) = crossbeam_channel::bounded::<(Request, Vec<u8>)>(workers);
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 scope.spawn(|| {
                     self.io_flusher();
+                    // A READ's reply is built in place here; kept between requests unless a
+                    // large read grew it.
+                    let mut scratch = Vec::new();
                     loop {
-                        let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let job = rx.recv();
                         let Ok((req, payload)) = job else { return };
+                        if scratch.capacity() > SCRATCH_KEEP {
+                            scratch = Vec::new();
+                        }
                         let mut out = Vec::new();
                         let mut window = None;
                         let reply = match self.check(dev, &req, structured, contexts) {
                             Err(e) => reply_error(&mut out, &req, structured, &e),
                             Ok(()) if req.kind == cmd::READ => {
-                                // Built in place: the reply is a window of `out`.
-                                let (buf, range) = read_reply(dev, &req, structured);
-                                out = buf;
-                                window = Some(range);
+                                window = Some(read_reply(dev, &req, structured, &mut scratch));
                                 Ok(())
                             }
                             Ok(()) if req.kind == cmd::BLOCK_STATUS => {
@@ -452,7 +459,7 @@ impl Server {
                             Ok(()) => self.execute(&mut out, exp, &req, &payload, structured),
                         };
                         let bytes = match window {
-                            Some(range) => &out[range],
+                            Some(range) => &scratch[range],
                             None => &out[..],
                         };
                         let sent = reply.and_then(|()| {
@@ -469,19 +476,22 @@ impl Server {
                     }
                 });
             }
-            let result = self.read_requests(s, &tx, &budget);
+            let result = self.read_requests(&mut *s, &tx, &budget);
             drop(tx); // the workers finish what is queued, reply, and stop
             result
         })
     }
 
     /// The reading half of a connection: requests (and WRITE payloads) in, jobs out.
-    fn read_requests<S: Socket>(
+    fn read_requests<R: Read>(
         &self,
-        s: &mut S,
-        jobs: &mpsc::SyncSender<(Request, Vec<u8>)>,
+        s: R,
+        jobs: &crossbeam_channel::Sender<(Request, Vec<u8>)>,
         budget: &Budget,
     ) -> Result<(), Error> {
+        // Several requests pipelined by the client come in with one read; a large WRITE
+        // payload bypasses the buffer.
+        let mut s = io::BufReader::with_capacity(REQUEST_BUFFER, s);
         let mut head = [0u8; REQUEST_LEN];
         loop {
             match s.read_exact(&mut head) {
@@ -639,32 +649,39 @@ impl Server {
     }
 }
 
-/// A READ's reply, built so that the data lands on a 4 KiB boundary (an `O_DIRECT` read
-/// goes straight into it, without a bounce buffer) with the reply header just before it:
-/// returns the buffer and the window of it to send.
-fn read_reply(dev: &dyn BlockDevice, r: &Request, structured: bool) -> (Vec<u8>, Range<usize>) {
+/// A READ's reply, built in `buf` so that the data lands on a 4 KiB boundary (an `O_DIRECT`
+/// read goes straight into it, without a bounce buffer) with the reply header just before
+/// it: returns the window of `buf` to send. `buf` is a worker's scratch space, reused from
+/// request to request (no allocation and no zero-filling once it is big enough).
+fn read_reply(
+    dev: &dyn BlockDevice,
+    r: &Request,
+    structured: bool,
+    buf: &mut Vec<u8>,
+) -> Range<usize> {
     const ALIGN: usize = qcow2_engine::storage::DIRECT_ALIGN;
     let len = r.length as usize;
-    let mut raw = vec![0u8; len + 2 * ALIGN];
-    let data = raw.as_ptr().align_offset(ALIGN) + ALIGN;
-    if let Err(e) = dev.read_at(&mut raw[data..data + len], r.offset) {
-        let mut out = Vec::new();
-        reply_error(&mut out, r, structured, &e).expect("writing to a Vec cannot fail");
-        let n = out.len();
-        return (out, 0..n);
+    if buf.len() < len + 2 * ALIGN {
+        buf.resize(len + 2 * ALIGN, 0);
     }
-    let header: Vec<u8> = if structured {
-        let mut h =
-            proto::chunk_header(r.cookie, reply::FLAG_DONE, reply::OFFSET_DATA, 8 + r.length)
-                .to_vec();
-        h.extend_from_slice(&r.offset.to_be_bytes());
-        h
+    let data = buf.as_ptr().align_offset(ALIGN) + ALIGN;
+    if let Err(e) = dev.read_at(&mut buf[data..data + len], r.offset) {
+        buf.clear();
+        reply_error(buf, r, structured, &e).expect("writing to a Vec cannot fail");
+        return 0..buf.len();
+    }
+    let mut header = [0u8; 28];
+    let header: &[u8] = if structured {
+        let h = proto::chunk_header(r.cookie, reply::FLAG_DONE, reply::OFFSET_DATA, 8 + r.length);
+        header[..20].copy_from_slice(&h);
+        header[20..].copy_from_slice(&r.offset.to_be_bytes());
+        &header
     } else {
-        proto::simple_reply(r.cookie, 0).to_vec()
+        &proto::simple_reply(r.cookie, 0)
     };
     let start = data - header.len();
-    raw[start..data].copy_from_slice(&header);
-    (raw, start..data + len)
+    buf[start..data].copy_from_slice(header);
+    start..data + len
 }
 
 /// Bytes a request holds while in flight (its payload or its read buffer).
