@@ -26,8 +26,9 @@ use super::proto::{
 };
 use crate::error::Error;
 
-/// A worker's read scratch buffer above this is not kept for the next request.
-const SCRATCH_KEEP: usize = 1 << 20;
+/// A worker's read scratch buffer above this is not kept for the next request (32 workers
+/// per connection: keeping large ones would pin memory per volume).
+const SCRATCH_KEEP: usize = 256 << 10;
 /// Read buffer for incoming requests.
 const REQUEST_BUFFER: usize = 64 << 10;
 
@@ -662,7 +663,9 @@ fn read_reply(
     const ALIGN: usize = qcow2_engine::storage::DIRECT_ALIGN;
     let len = r.length as usize;
     if buf.len() < len + 2 * ALIGN {
-        buf.resize(len + 2 * ALIGN, 0);
+        // A fresh zeroed allocation (large ones come zeroed from the kernel, without a
+        // memset), not a resize of the old one.
+        *buf = vec![0u8; len + 2 * ALIGN];
     }
     let data = buf.as_ptr().align_offset(ALIGN) + ALIGN;
     if let Err(e) = dev.read_at(&mut buf[data..data + len], r.offset) {
