@@ -16,12 +16,22 @@ use crate::nbd::listen::{Endpoint, Listener, ServeOptions, Serving, Stopper};
 /// How long nbdfuse gets to connect and publish its file, and to exit after the unmount.
 const WAIT: Duration = Duration::from_secs(10);
 
-/// A block device backed by an export through nbdfuse and a loop device.
+/// A block device backed by an export through nbdfuse and a loop device. Dropped without
+/// [`FuseLoop::detach`] (an error path, a panic), it still tears everything down, best effort.
 #[derive(Debug)]
 pub struct FuseLoop {
     device: PathBuf,
     mountpoint: PathBuf,
     fuse: Child,
+    attached: bool,
+}
+
+impl Drop for FuseLoop {
+    fn drop(&mut self) {
+        if self.attached {
+            let _ = self.teardown();
+        }
+    }
 }
 
 fn run(cmd: &mut Command) -> Result<String> {
@@ -98,6 +108,7 @@ impl FuseLoop {
             device,
             mountpoint: work.to_path_buf(),
             fuse,
+            attached: true,
         })
     }
 
@@ -109,7 +120,22 @@ impl FuseLoop {
     /// Tears down in order: the loop device (its buffers are flushed to the file, i.e. to the
     /// export), the FUSE mount, then waits for nbdfuse to exit (it flushes the export).
     pub fn detach(mut self) -> Result<()> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Result<()> {
+        if !self.attached {
+            return Ok(());
+        }
+        self.attached = false;
         run(Command::new("losetup").arg("-d").arg(&self.device))?;
+        // While someone still has the loop device open (udev probing it after a mkfs or an
+        // unmount, say), the kernel only marks it for auto-clear: it keeps the file open,
+        // and the FUSE mount stays busy until it lets go.
+        wait_until(
+            || !loop_bound(&self.device),
+            format!("{} to let go of its file", self.device.display()),
+        )?;
         unmount(&self.mountpoint)?;
         let deadline = Instant::now() + WAIT;
         loop {
@@ -128,15 +154,48 @@ impl FuseLoop {
     }
 }
 
-/// Unmounts a FUSE mount: `fusermount3 -u` where installed, else `umount` (as root).
+/// Whether a loop device is still bound to a file (`/sys/block/loopN/loop` exists).
+fn loop_bound(device: &Path) -> bool {
+    device
+        .file_name()
+        .is_some_and(|n| Path::new("/sys/block").join(n).join("loop").exists())
+}
+
+/// Polls `done` until it holds, or fails after [`WAIT`] naming `what` was awaited.
+fn wait_until(mut done: impl FnMut() -> bool, what: String) -> Result<()> {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        if Instant::now() > deadline {
+            return Err(Error::attach(format!("waiting for {what}"), "timed out"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// Unmounts a FUSE mount: `fusermount3 -u` where installed, else `umount` (as root); a busy
+/// mount (a file still open a moment longer) is retried until [`WAIT`].
 fn unmount(mountpoint: &Path) -> Result<()> {
-    let fusermount = Command::new("fusermount3")
-        .arg("-u")
-        .arg(mountpoint)
-        .output();
-    match fusermount {
-        Ok(out) if out.status.success() => Ok(()),
-        _ => run(Command::new("umount").arg(mountpoint)).map(|_| ()),
+    let once = || {
+        let fusermount = Command::new("fusermount3")
+            .arg("-u")
+            .arg(mountpoint)
+            .output();
+        match fusermount {
+            Ok(out) if out.status.success() => Ok(()),
+            _ => run(Command::new("umount").arg(mountpoint)).map(|_| ()),
+        }
+    };
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match once() {
+            Err(Error::Attach { detail, .. })
+                if detail.contains("busy") && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
     }
 }
 
@@ -145,8 +204,20 @@ fn unmount(mountpoint: &Path) -> Result<()> {
 pub struct FuseDevice {
     fuse: FuseLoop,
     stopper: Stopper,
-    serving: JoinHandle<Result<u64>>,
+    /// Taken by [`FuseDevice::detach`]; still here at drop means an error path: stop serving.
+    serving: Option<JoinHandle<Result<u64>>>,
     server: Arc<Server>,
+}
+
+impl Drop for FuseDevice {
+    fn drop(&mut self) {
+        if let Some(t) = self.serving.take() {
+            // The FuseLoop's own drop has not run yet: tear it down first, then stop.
+            let _ = self.fuse.teardown();
+            self.stopper.stop();
+            let _ = t.join();
+        }
+    }
 }
 
 impl FuseDevice {
@@ -172,7 +243,7 @@ impl FuseDevice {
             Ok(fuse) => Ok(FuseDevice {
                 fuse,
                 stopper,
-                serving: thread,
+                serving: Some(thread),
                 server,
             }),
             Err(e) => {
@@ -189,11 +260,11 @@ impl FuseDevice {
 
     /// Loop device, FUSE mount and nbdfuse go first (they flush through the export); then
     /// the export stops and the image is flushed.
-    pub fn detach(self) -> Result<()> {
-        let torn = self.fuse.detach();
+    pub fn detach(mut self) -> Result<()> {
+        let torn = self.fuse.teardown();
         self.stopper.stop();
-        let served = self
-            .serving
+        let serving = self.serving.take().expect("serving until detached");
+        let served = serving
             .join()
             .map_err(|_| Error::attach("serving the export", "the thread panicked"))?;
         torn?;
