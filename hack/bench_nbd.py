@@ -71,7 +71,7 @@ def nbdcopy(src, dst):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", default="/var/tmp/qcow2-csi-bench-nbd")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--qcow2-csi", dest="ours", default="target/release/qcow2-csi")
     args = ap.parse_args()
     for tool in ("qemu-img", "qemu-nbd", "fio", "nbdcopy"):
@@ -98,19 +98,19 @@ def main():
                 f.write(os.urandom(1 << 20))
 
     def cell(prepare, measure):
-        res = {}
-        for kind in ("ours", "qemu"):
-            runs = []
-            for _ in range(args.repeat):
+        # Interleaved (ours, qemu, ours, qemu, ...): the VM's disk speed drifts over minutes,
+        # and back-to-back pairs see the same drift.
+        runs = {"ours": [], "qemu": []}
+        for _ in range(args.repeat):
+            for kind in runs:
                 prepare()
                 drop_caches()
                 srv = Server(kind, img, sock, ours_bin)
                 try:
-                    runs.append(measure(srv.uri))
+                    runs[kind].append(measure(srv.uri))
                 finally:
                     srv.stop()
-            res[kind] = statistics.median(runs)
-        return res
+        return {k: statistics.median(v) for k, v in runs.items()}
 
     rows = [
         ("4K random write, fresh (fio nbd)", "1", "IOPS", fresh, lambda u: fio(u, "randwrite", 1)),
@@ -122,8 +122,8 @@ def main():
         ("1 GiB copy out of the export (nbdcopy, 1 MiB)", "-", "MiB/s", filled,
          lambda u: nbdcopy(u, "null:")),
     ]
-    print(f"Images: 1 GiB qcow2, 64 KiB clusters, O_DIRECT; median of {args.repeat}; "
-          f"caches dropped before each run.")
+    print(f"Images: 1 GiB qcow2, 64 KiB clusters, O_DIRECT; median of {args.repeat} interleaved "
+          f"runs; caches dropped before each run.")
     print()
     print("| pattern | QD | unit | qcow2-csi nbd | qemu-nbd | ratio |")
     print("|---|---|---|---|---|---|")

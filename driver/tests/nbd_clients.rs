@@ -523,6 +523,43 @@ fn nbdinfo_map(uri: &str, context: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// `nbdinfo --map` lines: (offset, length, flags).
+fn parse_map(text: &str) -> Vec<(u64, u64, u32)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((
+                f.next()?.parse().ok()?,
+                f.next()?.parse().ok()?,
+                f.next()?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// Our `base:allocation` says what `qemu-img map` says on every byte: a hole where it has no
+/// data, zero where it reads zeros.
+fn assert_agrees_with_qemu_img_map(image: &Path, base_allocation: &str) {
+    let ours = parse_map(base_allocation);
+    assert!(!ours.is_empty(), "no extents in {base_allocation:?}");
+    for e in qemu::map(image) {
+        let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        let data = e["data"].as_bool().unwrap();
+        let zero = e["zero"].as_bool().unwrap();
+        for &(off, n, flags) in &ours {
+            if off < start + len && start < off + n {
+                let (hole, z) = (flags & 1 != 0, flags & 2 != 0);
+                assert_eq!(
+                    (hole, z),
+                    (!data, zero),
+                    "{}: at {off:#x}+{n:#x} ours {flags}, qemu-img map {e}",
+                    image.display()
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn block_status_matches_qemu_nbd_on_the_same_images() {
     if !support::require_tool("nbdinfo", "libnbd-bin") {
@@ -573,6 +610,7 @@ fn block_status_matches_qemu_nbd_on_the_same_images() {
             nbdinfo_map(&served.uri(), "qemu:allocation-depth"),
         ];
         served.stop();
+        assert_agrees_with_qemu_img_map(&top, &ours[0]);
         let socket = dir.path().join("qemu-nbd.sock");
         let mut qnbd = Command::new("qemu-nbd")
             .args(["-t", "-r", "-A", "-f", "qcow2", "-k"])
@@ -595,6 +633,11 @@ fn block_status_matches_qemu_nbd_on_the_same_images() {
         assert_eq!(ours, theirs, "{name}: block status differs from qemu-nbd's");
         qemu::check_clean(&top);
     }
+    // The plain base image too.
+    let served = Served::start(&base, &[]);
+    let map = nbdinfo_map(&served.uri(), "base:allocation");
+    served.stop();
+    assert_agrees_with_qemu_img_map(&base, &map);
 }
 
 #[test]

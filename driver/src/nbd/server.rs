@@ -1009,4 +1009,100 @@ mod tests {
             theirs.write_all(&disc.encode()).unwrap();
         });
     }
+
+    /// Reads one option reply: (reply type, data).
+    fn option_reply(s: &mut UnixStream) -> (u32, Vec<u8>) {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).unwrap();
+        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+        let mut data = vec![0u8; len];
+        s.read_exact(&mut data).unwrap();
+        (kind, data)
+    }
+
+    fn send_opt(s: &mut UnixStream, option: u32, data: &[u8]) {
+        let mut m = IHAVEOPT.to_be_bytes().to_vec();
+        m.extend_from_slice(&option.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        s.write_all(&m).unwrap();
+    }
+
+    #[test]
+    fn several_named_exports_are_listed_and_each_serves_its_own_device() {
+        use crate::nbd::device::Memory;
+        let a = Arc::new(Memory::new(1 << 20));
+        let b = Arc::new(Memory::new(2 << 20));
+        b.bytes.lock().unwrap()[4096] = 0xbb;
+        let server = Server::new(
+            vec![Export::new("a", a.clone()), Export::new("b", b.clone())],
+            Limits::default(),
+        );
+        std::thread::scope(|scope| {
+            // LIST names both, then GO to "b" reports b's size and reads b's bytes.
+            let (ours, mut theirs) = UnixStream::pair().unwrap();
+            scope.spawn(|| server.serve(ours).unwrap());
+            let mut hello = [0u8; 18];
+            theirs.read_exact(&mut hello).unwrap();
+            theirs
+                .write_all(
+                    &u32::from(handshake::FIXED_NEWSTYLE | handshake::NO_ZEROES).to_be_bytes(),
+                )
+                .unwrap();
+            send_opt(&mut theirs, opt::LIST, &[]);
+            let mut names = Vec::new();
+            loop {
+                let (kind, data) = option_reply(&mut theirs);
+                if kind == rep::ACK {
+                    break;
+                }
+                assert_eq!(kind, rep::SERVER);
+                let n = u32::from_be_bytes(data[..4].try_into().unwrap()) as usize;
+                names.push(String::from_utf8(data[4..4 + n].to_vec()).unwrap());
+            }
+            assert_eq!(names, ["a", "b"]);
+            let mut go = 1u32.to_be_bytes().to_vec();
+            go.extend_from_slice(b"b");
+            go.extend_from_slice(&0u16.to_be_bytes());
+            send_opt(&mut theirs, opt::GO, &go);
+            let mut size = None;
+            loop {
+                let (kind, data) = option_reply(&mut theirs);
+                if kind == rep::ACK {
+                    break;
+                }
+                if u16::from_be_bytes(data[..2].try_into().unwrap()) == info::EXPORT {
+                    size = Some(u64::from_be_bytes(data[2..10].try_into().unwrap()));
+                }
+            }
+            assert_eq!(size, Some(2 << 20));
+            let read = Request {
+                flags: 0,
+                kind: cmd::READ,
+                cookie: 7,
+                offset: 4096,
+                length: 1,
+            };
+            theirs.write_all(&read.encode()).unwrap();
+            let mut r = [0u8; 17];
+            theirs.read_exact(&mut r).unwrap();
+            assert_eq!(r[16], 0xbb);
+            drop(theirs);
+
+            // EXPORT_NAME "a" on another connection: a's size.
+            let (ours, mut theirs) = UnixStream::pair().unwrap();
+            scope.spawn(|| server.serve(ours).unwrap());
+            theirs.read_exact(&mut hello).unwrap();
+            theirs
+                .write_all(
+                    &u32::from(handshake::FIXED_NEWSTYLE | handshake::NO_ZEROES).to_be_bytes(),
+                )
+                .unwrap();
+            send_opt(&mut theirs, opt::EXPORT_NAME, b"a");
+            let mut export = [0u8; 10];
+            theirs.read_exact(&mut export).unwrap();
+            assert_eq!(u64::from_be_bytes(export[..8].try_into().unwrap()), 1 << 20);
+        });
+    }
 }
