@@ -186,7 +186,7 @@ struct State {
     stop: AtomicBool,
 }
 
-/// Asks a running [`serve`] to stop; cheap to clone, callable from any thread.
+/// Asks a running [`Serving::run`] to stop; cheap to clone, callable from any thread.
 #[derive(Debug, Clone)]
 pub struct Stopper {
     state: Arc<State>,
@@ -194,7 +194,7 @@ pub struct Stopper {
 }
 
 impl Stopper {
-    /// Stops accepting; [`serve`] then drains the open connections and returns.
+    /// Stops accepting; [`Serving::run`] then drains the open connections and returns.
     pub fn stop(&self) {
         self.state.stop.store(true, Ordering::SeqCst);
         self.state.changed.notify_all();
