@@ -1,4 +1,5 @@
-//! The crate's one error type.
+//! The crate's one error type, and its mapping to gRPC status codes (the one place where
+//! that happens: [`From<Error> for tonic::Status`]).
 
 use std::io;
 
@@ -20,6 +21,36 @@ pub enum Error {
         /// What went wrong.
         detail: String,
     },
+    /// A request is malformed or asks for something unsupported.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The volume (or other object) does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The name is taken by an incompatible object.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// Another operation on the same object is in progress: retry later.
+    #[error("{0}")]
+    Aborted(String),
+    /// The object is not in a state that allows the operation (in use, say).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A size outside what can be provided.
+    #[error("{0}")]
+    OutOfRange(String),
+    /// Out of space or another limit.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// Not ready yet (the state directory is loading).
+    #[error("{0}")]
+    Unavailable(String),
+    /// Not offered by this plugin.
+    #[error("{0}")]
+    Unimplemented(String),
+    /// Anything else: a bug or an environment failure, with what was being done.
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl Error {
@@ -28,6 +59,28 @@ impl Error {
             step: step.into(),
             detail: detail.into(),
         }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        use tonic::Code;
+        let code = match &e {
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::NotFound(_) => Code::NotFound,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::Aborted(_) => Code::Aborted,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::OutOfRange(_) => Code::OutOfRange,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::Unimplemented(_) => Code::Unimplemented,
+            Error::Io(io) if io.raw_os_error() == Some(libc::ENOSPC) => Code::ResourceExhausted,
+            Error::Io(_) | Error::Protocol(_) | Error::Attach { .. } | Error::Internal(_) => {
+                Code::Internal
+            }
+        };
+        tonic::Status::new(code, e.to_string())
     }
 }
 

@@ -2,6 +2,7 @@
 //! the `qcow2-csi nbd` command that serves an image on a socket; the CSI services follow.
 
 pub mod attach;
+pub mod csi;
 pub mod error;
 pub mod nbd;
 

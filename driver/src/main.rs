@@ -28,9 +28,40 @@ enum Command {
     /// Serve an image over NBD until SIGTERM/SIGINT (or, without --persistent, until the
     /// last client leaves); then drain, flush and close.
     Nbd(NbdArgs),
+    /// Run the CSI plugin (Identity and Controller) on a unix socket until SIGTERM/SIGINT.
+    Serve(ServeArgs),
     /// Attach an image as a block device on this host (kernel nbd, or nbdfuse + loop), print
     /// the device path, serve it until SIGTERM/SIGINT, then detach and close.
     Attach(AttachArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// The CSI endpoint, unix:///PATH (the parent directory is created; a stale socket is
+    /// replaced).
+    #[arg(long, default_value = "unix:///tmp/qcow2-csi/csi.sock")]
+    endpoint: String,
+    /// This node's id (Kubernetes: the node name).
+    #[arg(long)]
+    node_id: String,
+    /// Where layers and volume records live.
+    #[arg(long, default_value = "/var/lib/qcow2-csi")]
+    state_dir: PathBuf,
+    /// The CSI driver name.
+    #[arg(long, default_value = qcow2_csi::csi::DRIVER_NAME)]
+    driver_name: String,
+    /// Volumes this node may have staged at once (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    max_volumes: u32,
+    /// Log lines as text or JSON.
+    #[arg(long, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Args, Debug)]
@@ -123,7 +154,50 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Nbd(args) => nbd(args),
         Command::Attach(args) => attach(args),
+        Command::Serve(args) => serve(args),
     }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+    anyhow::ensure!(!args.node_id.is_empty(), "--node-id must not be empty");
+    let plugin = Arc::new(qcow2_csi::csi::Plugin::new(qcow2_csi::csi::Config {
+        driver_name: args.driver_name,
+        node_id: args.node_id,
+        state_dir: args.state_dir,
+        max_volumes: i64::from(args.max_volumes),
+    }));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let shutdown = async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return std::future::pending().await;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::info!("signal received: draining RPCs");
+        };
+        qcow2_csi::csi::serve::serve(plugin, &args.endpoint, shutdown)
+            .await
+            .map_err(anyhow::Error::from)
+    })
 }
 
 /// A server of one export: the image opened as asked.

@@ -1,0 +1,557 @@
+//! The Controller service: volumes as qcow2 head layers in this node's state directory.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use csi_proto::v1::controller_server::Controller;
+use csi_proto::v1::controller_service_capability::{Rpc, Type as CapType, rpc};
+use csi_proto::v1::*;
+use qcow2_engine::ops::create::{CreateOptions, create};
+use qcow2_engine::{BackingPolicy, Image, OpenOptions};
+use tonic::{Request, Response, Status};
+
+use super::params::Params;
+use super::state::{self, AccessType, VolumeRecord};
+use super::{Plugin, capability};
+use crate::error::{Error, Result};
+
+/// Sizes are multiples of this: the kernel's nbd device uses 4 KiB blocks.
+pub const SIZE_ALIGN: u64 = 4096;
+/// Size of a volume whose request names none.
+pub const DEFAULT_SIZE: u64 = 1 << 30;
+/// Longest name accepted (the CSI spec's general string limit).
+const MAX_NAME: usize = 128;
+
+/// Controller: create, delete, list, validate, expand, capacity.
+#[derive(Debug, Clone)]
+pub struct ControllerService(pub Arc<Plugin>);
+
+/// The size to provision for a capacity range: the required bytes (or the default) rounded
+/// up to [`SIZE_ALIGN`], never above the limit.
+pub fn size_for(range: Option<&CapacityRange>) -> Result<u64> {
+    let (req, lim) = range.map_or((0, 0), |r| (r.required_bytes, r.limit_bytes));
+    if req < 0 || lim < 0 {
+        return Err(Error::InvalidArgument(
+            "capacity_range bytes must not be negative".into(),
+        ));
+    }
+    let (req, lim) = (req as u64, lim as u64);
+    if lim > 0 && req > lim {
+        return Err(Error::InvalidArgument(format!(
+            "required_bytes {req} exceeds limit_bytes {lim}"
+        )));
+    }
+    let want = match (req, lim) {
+        (0, 0) => DEFAULT_SIZE,
+        (0, l) => DEFAULT_SIZE.min(l),
+        (r, _) => r,
+    };
+    let size = want.div_ceil(SIZE_ALIGN) * SIZE_ALIGN;
+    if lim > 0 && size > lim {
+        return Err(Error::OutOfRange(format!(
+            "sizes are multiples of {SIZE_ALIGN} bytes: none lies between {req} and {lim}"
+        )));
+    }
+    Ok(size)
+}
+
+fn to_volume(plugin: &Plugin, rec: &VolumeRecord) -> Volume {
+    Volume {
+        capacity_bytes: rec.size as i64,
+        volume_id: rec.id.clone(),
+        volume_context: BTreeMap::<String, String>::new().into_iter().collect(),
+        content_source: None,
+        accessible_topology: vec![plugin.topology()],
+    }
+}
+
+/// Whether `req` allows this node.
+fn topology_allows(plugin: &Plugin, req: Option<&TopologyRequirement>) -> bool {
+    let Some(req) = req else { return true };
+    if req.requisite.is_empty() {
+        return true;
+    }
+    let ours = plugin.topology();
+    req.requisite
+        .iter()
+        .any(|t| t.segments.get(super::TOPOLOGY_KEY) == ours.segments.get(super::TOPOLOGY_KEY))
+}
+
+/// Bytes that can still be provisioned: free space of the state directory's filesystem times
+/// the overcommit ratio.
+fn available(plugin: &Plugin, ratio: f64) -> Result<u64> {
+    let st = rustix::fs::statvfs(&plugin.config.state_dir).map_err(|e| {
+        Error::Internal(format!(
+            "statvfs {}: {e}",
+            plugin.config.state_dir.display()
+        ))
+    })?;
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    Ok((free as f64 * ratio) as u64)
+}
+
+impl ControllerService {
+    fn create(&self, req: CreateVolumeRequest) -> Result<Volume> {
+        let plugin = &*self.0;
+        if req.name.is_empty() {
+            return Err(Error::InvalidArgument("name is required".into()));
+        }
+        if req.name.len() > MAX_NAME {
+            return Err(Error::InvalidArgument(format!(
+                "name is longer than {MAX_NAME} bytes"
+            )));
+        }
+        let caps = capability::check_all(&req.volume_capabilities)?;
+        let params = Params::parse(&req.parameters)?;
+        if !req.mutable_parameters.is_empty() {
+            return Err(Error::InvalidArgument(
+                "mutable_parameters are not supported (no MODIFY_VOLUME)".into(),
+            ));
+        }
+        if req.volume_content_source.is_some() {
+            return Err(Error::InvalidArgument(
+                "volume content sources (snapshots, clones) are not supported yet".into(),
+            ));
+        }
+        let size = size_for(req.capacity_range.as_ref())?;
+        if !topology_allows(plugin, req.accessibility_requirements.as_ref()) {
+            return Err(Error::ResourceExhausted(format!(
+                "volumes of this plugin live on node {}, which no requisite topology allows",
+                plugin.config.node_id
+            )));
+        }
+        let _held = plugin.locks.try_lock(format!("name {:?}", req.name))?;
+        let mut access: Vec<AccessType> = caps.iter().map(|c| c.access).collect();
+        access.sort_by_key(|a| *a as u8);
+        access.dedup();
+        if let Some(existing) = plugin.state()?.volume_by_name(&req.name) {
+            let (r, l) = req
+                .capacity_range
+                .as_ref()
+                .map_or((0, 0), |c| (c.required_bytes as u64, c.limit_bytes as u64));
+            let fits = existing.size >= r && (l == 0 || existing.size <= l);
+            if !fits || existing.parameters != params.canonical() {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {:?} exists as {} with {} bytes and parameters {:?}",
+                    req.name, existing.id, existing.size, existing.parameters
+                )));
+            }
+            return Ok(to_volume(plugin, existing));
+        }
+        let room = available(plugin, params.overcommit_ratio)?;
+        if size > room {
+            return Err(Error::ResourceExhausted(format!(
+                "{size} bytes asked, {room} can be provisioned on node {}",
+                plugin.config.node_id
+            )));
+        }
+        let id = state::new_id("vol-");
+        let head = format!("{}.qcow2", state::new_id("layer-"));
+        let path = plugin.state()?.layer_path(&head);
+        create(
+            &path,
+            &CreateOptions {
+                size: Some(size),
+                cluster_size: params.cluster_size,
+                extended_l2: params.subclusters,
+                ..CreateOptions::default()
+            },
+        )
+        .map_err(|e| Error::Internal(format!("creating {}: {e}", path.display())))?;
+        super::failpoint("create-after-layer");
+        let rec = VolumeRecord {
+            id,
+            name: req.name,
+            size,
+            head,
+            parameters: params.canonical(),
+            access,
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        };
+        let volume = to_volume(plugin, &rec);
+        // The commit point: before it, a crash leaves an orphan layer for the next load.
+        plugin.state()?.put_volume(rec)?;
+        super::failpoint("create-after-record");
+        tracing::info!(volume = %volume.volume_id, size, "created");
+        Ok(volume)
+    }
+
+    fn delete(&self, req: DeleteVolumeRequest) -> Result<()> {
+        let plugin = &*self.0;
+        if req.volume_id.is_empty() {
+            return Err(Error::InvalidArgument("volume_id is required".into()));
+        }
+        if !state::is_volume_id(&req.volume_id) {
+            return Ok(()); // names no volume of ours: already gone
+        }
+        let _held = plugin.locks.try_lock(req.volume_id.clone())?;
+        let removed = plugin.state()?.remove_volume(&req.volume_id)?;
+        if let Some(rec) = removed {
+            super::failpoint("delete-after-record");
+            let layer = plugin.state()?.layer_path(&rec.head);
+            // After the commit point: a crash here leaves an orphan the next load removes.
+            state::remove_durably(&layer)?;
+            tracing::info!(volume = %rec.id, "deleted");
+        }
+        Ok(())
+    }
+
+    fn record(&self, id: &str) -> Result<VolumeRecord> {
+        if id.is_empty() {
+            return Err(Error::InvalidArgument("volume_id is required".into()));
+        }
+        self.0
+            .state()?
+            .volume(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("no volume {id:?}")))
+    }
+
+    fn validate(
+        &self,
+        req: ValidateVolumeCapabilitiesRequest,
+    ) -> Result<ValidateVolumeCapabilitiesResponse> {
+        if req.volume_id.is_empty() {
+            return Err(Error::InvalidArgument("volume_id is required".into()));
+        }
+        if req.volume_capabilities.is_empty() {
+            return Err(Error::InvalidArgument(
+                "volume_capabilities is required".into(),
+            ));
+        }
+        let rec = self.record(&req.volume_id)?;
+        let unsupported = req
+            .volume_capabilities
+            .iter()
+            .find_map(|c| capability::check(c).err());
+        let params_differ = !req.parameters.is_empty()
+            && Params::parse(&req.parameters)
+                .map(|p| p.canonical())
+                .ok()
+                .as_ref()
+                != Some(&rec.parameters);
+        let message = match (unsupported, params_differ) {
+            (Some(e), _) => e.to_string(),
+            (None, true) => "the parameters differ from the volume's".into(),
+            (None, false) => {
+                return Ok(ValidateVolumeCapabilitiesResponse {
+                    confirmed: Some(validate_volume_capabilities_response::Confirmed {
+                        volume_context: req.volume_context,
+                        volume_capabilities: req.volume_capabilities,
+                        parameters: req.parameters,
+                        mutable_parameters: Default::default(),
+                    }),
+                    message: String::new(),
+                });
+            }
+        };
+        Ok(ValidateVolumeCapabilitiesResponse {
+            confirmed: None,
+            message,
+        })
+    }
+
+    fn list(&self, req: ListVolumesRequest) -> Result<ListVolumesResponse> {
+        if req.max_entries < 0 {
+            return Err(Error::InvalidArgument(
+                "max_entries must not be negative".into(),
+            ));
+        }
+        // The token is the last id returned: opaque to the CO, checked here.
+        if !req.starting_token.is_empty() && !state::is_volume_id(&req.starting_token) {
+            return Err(Error::Aborted(format!(
+                "starting_token {:?} was not issued by this plugin",
+                req.starting_token
+            )));
+        }
+        let st = self.0.state()?;
+        let mut rest = st
+            .volumes()
+            .filter(|v| req.starting_token.is_empty() || v.id > req.starting_token);
+        let limit = if req.max_entries == 0 {
+            usize::MAX
+        } else {
+            req.max_entries as usize
+        };
+        let page: Vec<&VolumeRecord> = rest.by_ref().take(limit).collect();
+        let next_token = match (rest.next(), page.last()) {
+            (Some(_), Some(last)) => last.id.clone(),
+            _ => String::new(),
+        };
+        Ok(ListVolumesResponse {
+            entries: page
+                .into_iter()
+                .map(|v| list_volumes_response::Entry {
+                    volume: Some(to_volume(&self.0, v)),
+                    status: None,
+                })
+                .collect(),
+            next_token,
+        })
+    }
+
+    fn capacity(&self, req: GetCapacityRequest) -> Result<i64> {
+        let params = Params::parse(&req.parameters)?;
+        for c in &req.volume_capabilities {
+            capability::check(c)?;
+        }
+        if let Some(t) = &req.accessible_topology
+            && t.segments.get(super::TOPOLOGY_KEY) != Some(&self.0.config.node_id)
+        {
+            return Ok(0);
+        }
+        Ok(available(&self.0, params.overcommit_ratio)?.min(i64::MAX as u64) as i64)
+    }
+
+    fn expand(&self, req: ControllerExpandVolumeRequest) -> Result<ControllerExpandVolumeResponse> {
+        if req.volume_id.is_empty() {
+            return Err(Error::InvalidArgument("volume_id is required".into()));
+        }
+        let range = req
+            .capacity_range
+            .ok_or_else(|| Error::InvalidArgument("capacity_range is required".into()))?;
+        if range.required_bytes <= 0 && range.limit_bytes <= 0 {
+            return Err(Error::InvalidArgument(
+                "capacity_range names no size".into(),
+            ));
+        }
+        let size = size_for(Some(&range))?;
+        let _held = self.0.locks.try_lock(req.volume_id.clone())?;
+        let mut rec = self.record(&req.volume_id)?;
+        let block_use = matches!(
+            req.volume_capability.as_ref().map(capability::check),
+            Some(Ok(capability::Checked {
+                access: AccessType::Block,
+                ..
+            }))
+        );
+        let node_expansion_required = !block_use && rec.access.contains(&AccessType::Mount);
+        if size > rec.size {
+            let path = self.0.state()?.layer_path(&rec.head);
+            let layers = self.0.state()?.layers_dir();
+            let image = Image::open(
+                &path,
+                &OpenOptions {
+                    writable: true,
+                    backing: BackingPolicy::ConfineTo(layers),
+                    ..OpenOptions::default()
+                },
+            )
+            .map_err(|e| Error::Internal(format!("opening {}: {e}", path.display())))?;
+            image
+                .resize(size)
+                .and_then(|()| image.flush())
+                .map_err(|e| Error::Internal(format!("growing {}: {e}", path.display())))?;
+            drop(image);
+            rec.size = size;
+            self.0.state()?.put_volume(rec.clone())?;
+            tracing::info!(volume = %rec.id, size, "expanded");
+        }
+        Ok(ControllerExpandVolumeResponse {
+            capacity_bytes: rec.size as i64,
+            node_expansion_required,
+        })
+    }
+}
+
+fn caps() -> Vec<ControllerServiceCapability> {
+    [
+        rpc::Type::CreateDeleteVolume,
+        rpc::Type::ListVolumes,
+        rpc::Type::GetCapacity,
+        rpc::Type::ExpandVolume,
+        rpc::Type::GetVolume,
+        rpc::Type::SingleNodeMultiWriter,
+    ]
+    .into_iter()
+    .map(|t| ControllerServiceCapability {
+        r#type: Some(CapType::Rpc(Rpc { r#type: t as i32 })),
+    })
+    .collect()
+}
+
+fn unimplemented<T>(what: &str) -> Result<Response<T>, Status> {
+    Err(Error::Unimplemented(format!("{what} is not offered by this plugin")).into())
+}
+
+#[tonic::async_trait]
+impl Controller for ControllerService {
+    async fn create_volume(
+        &self,
+        req: Request<CreateVolumeRequest>,
+    ) -> Result<Response<CreateVolumeResponse>, Status> {
+        let this = self.clone();
+        let volume = self
+            .0
+            .blocking(move || this.create(req.into_inner()))
+            .await?;
+        Ok(Response::new(CreateVolumeResponse {
+            volume: Some(volume),
+        }))
+    }
+
+    async fn delete_volume(
+        &self,
+        req: Request<DeleteVolumeRequest>,
+    ) -> Result<Response<DeleteVolumeResponse>, Status> {
+        let this = self.clone();
+        self.0
+            .blocking(move || this.delete(req.into_inner()))
+            .await?;
+        Ok(Response::new(DeleteVolumeResponse {}))
+    }
+
+    async fn controller_publish_volume(
+        &self,
+        _: Request<ControllerPublishVolumeRequest>,
+    ) -> Result<Response<ControllerPublishVolumeResponse>, Status> {
+        unimplemented("ControllerPublishVolume")
+    }
+
+    async fn controller_unpublish_volume(
+        &self,
+        _: Request<ControllerUnpublishVolumeRequest>,
+    ) -> Result<Response<ControllerUnpublishVolumeResponse>, Status> {
+        unimplemented("ControllerUnpublishVolume")
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        req: Request<ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
+        Ok(Response::new(self.validate(req.into_inner())?))
+    }
+
+    async fn list_volumes(
+        &self,
+        req: Request<ListVolumesRequest>,
+    ) -> Result<Response<ListVolumesResponse>, Status> {
+        Ok(Response::new(self.list(req.into_inner())?))
+    }
+
+    async fn get_capacity(
+        &self,
+        req: Request<GetCapacityRequest>,
+    ) -> Result<Response<GetCapacityResponse>, Status> {
+        Ok(Response::new(GetCapacityResponse {
+            available_capacity: self.capacity(req.into_inner())?,
+            maximum_volume_size: None,
+            minimum_volume_size: None,
+        }))
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _: Request<ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
+        Ok(Response::new(ControllerGetCapabilitiesResponse {
+            capabilities: caps(),
+        }))
+    }
+
+    async fn create_snapshot(
+        &self,
+        _: Request<CreateSnapshotRequest>,
+    ) -> Result<Response<CreateSnapshotResponse>, Status> {
+        unimplemented("CreateSnapshot")
+    }
+
+    async fn delete_snapshot(
+        &self,
+        _: Request<DeleteSnapshotRequest>,
+    ) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        unimplemented("DeleteSnapshot")
+    }
+
+    async fn list_snapshots(
+        &self,
+        _: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<ListSnapshotsResponse>, Status> {
+        unimplemented("ListSnapshots")
+    }
+
+    async fn get_snapshot(
+        &self,
+        _: Request<GetSnapshotRequest>,
+    ) -> Result<Response<GetSnapshotResponse>, Status> {
+        unimplemented("GetSnapshot")
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        req: Request<ControllerExpandVolumeRequest>,
+    ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
+        let this = self.clone();
+        Ok(Response::new(
+            self.0
+                .blocking(move || this.expand(req.into_inner()))
+                .await?,
+        ))
+    }
+
+    async fn controller_get_volume(
+        &self,
+        req: Request<ControllerGetVolumeRequest>,
+    ) -> Result<Response<ControllerGetVolumeResponse>, Status> {
+        let id = req.into_inner().volume_id;
+        let rec = self.record(&id)?;
+        let head_present = self.0.state()?.layer_path(&rec.head).exists();
+        Ok(Response::new(ControllerGetVolumeResponse {
+            volume: Some(to_volume(&self.0, &rec)),
+            status: Some(controller_get_volume_response::VolumeStatus {
+                published_node_ids: Vec::new(),
+                volume_condition: Some(VolumeCondition {
+                    abnormal: !head_present,
+                    message: if head_present {
+                        String::new()
+                    } else {
+                        format!("the head layer {} is missing", rec.head)
+                    },
+                }),
+            }),
+        }))
+    }
+
+    async fn controller_modify_volume(
+        &self,
+        _: Request<ControllerModifyVolumeRequest>,
+    ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
+        unimplemented("ControllerModifyVolume")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(req: i64, lim: i64) -> CapacityRange {
+        CapacityRange {
+            required_bytes: req,
+            limit_bytes: lim,
+        }
+    }
+
+    #[test]
+    fn sizes_follow_the_capacity_range_rules() {
+        assert_eq!(size_for(None).unwrap(), DEFAULT_SIZE);
+        assert_eq!(size_for(Some(&range(0, 0))).unwrap(), DEFAULT_SIZE);
+        assert_eq!(size_for(Some(&range(0, 8192))).unwrap(), 8192);
+        assert_eq!(size_for(Some(&range(1, 0))).unwrap(), 4096);
+        assert_eq!(size_for(Some(&range(1 << 30, 1 << 30))).unwrap(), 1 << 30);
+        assert_eq!(size_for(Some(&range(5000, 0))).unwrap(), 8192);
+        assert!(matches!(
+            size_for(Some(&range(5000, 6000))),
+            Err(Error::OutOfRange(_))
+        ));
+        assert!(matches!(
+            size_for(Some(&range(-1, 0))),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            size_for(Some(&range(10, 5))),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+}

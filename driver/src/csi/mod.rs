@@ -1,0 +1,156 @@
+//! The CSI plugin: Identity and Controller services over the state directory ([`state`]).
+//! `qcow2-csi serve` ([`serve`]) runs them on a unix socket.
+
+pub mod capability;
+pub mod controller;
+pub mod identity;
+pub mod locks;
+pub mod params;
+pub mod serve;
+pub mod state;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::error::{Error, Result};
+use state::State;
+
+/// The driver name (`GetPluginInfo`, the `CSIDriver` object).
+pub const DRIVER_NAME: &str = "qcow2.csi.dev";
+/// The topology key: volumes live on one node.
+pub const TOPOLOGY_KEY: &str = "topology.qcow2.csi.dev/node";
+
+/// How the plugin was started.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub driver_name: String,
+    pub node_id: String,
+    pub state_dir: PathBuf,
+    /// Volumes a node may have staged at once (0: no limit).
+    pub max_volumes: i64,
+}
+
+/// The plugin's shared state: every service holds an `Arc` of it.
+#[derive(Debug)]
+pub struct Plugin {
+    pub config: Config,
+    /// `None` until the state directory is loaded (Probe says not ready meanwhile).
+    state: Mutex<Option<State>>,
+    /// Why loading failed, if it did: every RPC then says so.
+    load_error: Mutex<Option<String>>,
+    pub locks: locks::Locks,
+    /// Operations in progress (see [`Plugin::blocking`]).
+    operations: AtomicUsize,
+}
+
+impl Plugin {
+    pub fn new(config: Config) -> Self {
+        Self {
+            config,
+            state: Mutex::new(None),
+            load_error: Mutex::new(None),
+            locks: locks::Locks::default(),
+            operations: AtomicUsize::new(0),
+        }
+    }
+
+    /// Loads the state directory (and collects what interrupted operations left).
+    pub fn load(&self) -> Result<state::Cleanup> {
+        match State::load(&self.config.state_dir) {
+            Ok((st, cleanup)) => {
+                *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(st);
+                Ok(cleanup)
+            }
+            Err(e) => {
+                *self.load_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    /// Why the state directory could not be loaded, if it could not.
+    pub fn load_error(&self) -> Option<String> {
+        self.load_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn ready(&self) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// The loaded state, or UNAVAILABLE while loading.
+    pub fn state(&self) -> Result<StateGuard<'_>> {
+        let g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            return Err(Error::Unavailable(match self.load_error() {
+                Some(e) => format!("the state directory failed to load: {e}"),
+                None => "the state directory is still loading".into(),
+            }));
+        }
+        Ok(StateGuard(g))
+    }
+
+    /// This node's topology segment.
+    pub fn topology(&self) -> csi_proto::v1::Topology {
+        csi_proto::v1::Topology {
+            segments: [(TOPOLOGY_KEY.to_string(), self.config.node_id.clone())].into(),
+        }
+    }
+}
+
+/// The loaded state under its lock.
+#[derive(Debug)]
+pub struct StateGuard<'a>(MutexGuard<'a, Option<State>>);
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        self.0.as_ref().expect("checked when locked")
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        self.0.as_mut().expect("checked when locked")
+    }
+}
+
+impl Plugin {
+    /// Runs an operation's blocking work (file I/O, fsync, image creation) off the async
+    /// executor, counted in [`Plugin::operations`] until it ends, even if the client gives up
+    /// waiting: shutdown waits for these.
+    pub(crate) async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.operations.fetch_add(1, Ordering::SeqCst);
+        let plugin = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let r = f();
+            plugin.operations.fetch_sub(1, Ordering::SeqCst);
+            r
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("a worker thread failed: {e}")))?
+    }
+
+    /// Operations running now.
+    pub fn operations(&self) -> usize {
+        self.operations.load(Ordering::SeqCst)
+    }
+}
+
+/// Crash-test hook: when `QCOW2_CSI_FAILPOINT` names this point, the process aborts here, as
+/// a `kill -9` at that instant would (the restart tests use it). Costs one environment lookup.
+pub(crate) fn failpoint(name: &str) {
+    if std::env::var_os("QCOW2_CSI_FAILPOINT").is_some_and(|v| v == name) {
+        eprintln!("qcow2-csi: failpoint {name}: aborting");
+        std::process::abort();
+    }
+}

@@ -1,0 +1,212 @@
+//! StorageClass parameters, typed. Unknown keys are refused (a typo must not silently give a
+//! default volume), except the `csi.storage.k8s.io/` keys the external provisioner adds.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::error::{Error, Result};
+
+/// A filesystem the node can make and mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsType {
+    Ext4,
+    Xfs,
+}
+
+impl FsType {
+    /// `""` is "not said"; anything but ext4 and xfs is refused.
+    pub fn parse(s: &str) -> Result<Option<FsType>> {
+        match s {
+            "" => Ok(None),
+            "ext4" => Ok(Some(FsType::Ext4)),
+            "xfs" => Ok(Some(FsType::Xfs)),
+            other => Err(Error::InvalidArgument(format!(
+                "filesystem {other:?} is not supported (ext4 or xfs)"
+            ))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "ext4",
+            FsType::Xfs => "xfs",
+        }
+    }
+}
+
+/// Parameters of a volume.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Params {
+    /// qcow2 cluster size in bytes (a power of two, 512 B – 2 MiB).
+    pub cluster_size: u64,
+    /// Extended L2 entries (subclusters): less copy-on-write for small writes over snapshots.
+    pub subclusters: bool,
+    /// Filesystem for mount volumes whose capability names none.
+    pub fs_type: Option<FsType>,
+    /// Extra mkfs arguments (whitespace-separated; passed as arguments, never to a shell).
+    pub mkfs_options: Vec<String>,
+    /// GetCapacity reports free space times this (thin volumes rarely fill up).
+    pub overcommit_ratio: f64,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Self {
+            cluster_size: 64 << 10,
+            subclusters: false,
+            fs_type: None,
+            mkfs_options: Vec::new(),
+            overcommit_ratio: 1.0,
+        }
+    }
+}
+
+/// Keys added by the Kubernetes external-provisioner (`--extra-create-metadata`) and the
+/// `csi.storage.k8s.io/*` secret and fstype conventions.
+const PROVISIONER_PREFIX: &str = "csi.storage.k8s.io/";
+
+fn parse_size(key: &str, v: &str) -> Result<u64> {
+    let bad = || Error::InvalidArgument(format!("{key}: {v:?} is not a size (e.g. 64K, 1M)"));
+    let (num, mult) = match v.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (v, 1u64),
+        Some((i, _)) => {
+            let mult = match &v[i..] {
+                "K" | "k" | "Ki" => 1 << 10,
+                "M" | "m" | "Mi" => 1 << 20,
+                _ => return Err(bad()),
+            };
+            (&v[..i], mult)
+        }
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(bad)
+}
+
+impl Params {
+    /// Parses and validates CreateVolume / GetCapacity parameters.
+    pub fn parse(raw: &HashMap<String, String>) -> Result<Params> {
+        let mut p = Params::default();
+        let mut keys: Vec<&String> = raw.keys().collect();
+        keys.sort();
+        for key in keys {
+            let v = raw[key].trim();
+            match key.as_str() {
+                "clusterSize" => {
+                    let n = parse_size(key, v)?;
+                    if !n.is_power_of_two() || !(512..=2 << 20).contains(&n) {
+                        return Err(Error::InvalidArgument(format!(
+                            "clusterSize: {v:?} is not a power of two from 512 to 2M"
+                        )));
+                    }
+                    p.cluster_size = n;
+                }
+                "subclusters" => {
+                    p.subclusters = match v {
+                        "true" => true,
+                        "false" => false,
+                        _ => {
+                            return Err(Error::InvalidArgument(format!(
+                                "subclusters: {v:?} is not true or false"
+                            )));
+                        }
+                    }
+                }
+                "fsType" => p.fs_type = FsType::parse(v)?,
+                "mkfsOptions" => p.mkfs_options = v.split_whitespace().map(String::from).collect(),
+                "overcommitRatio" => {
+                    p.overcommit_ratio = v
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|r| r.is_finite() && (1.0..=100.0).contains(r))
+                        .ok_or_else(|| {
+                            Error::InvalidArgument(format!(
+                                "overcommitRatio: {v:?} is not a number from 1 to 100"
+                            ))
+                        })?;
+                }
+                k if k.starts_with(PROVISIONER_PREFIX) => {}
+                k => {
+                    return Err(Error::InvalidArgument(format!(
+                        "unknown parameter {k:?} (known: clusterSize, subclusters, fsType, \
+                         mkfsOptions, overcommitRatio)"
+                    )));
+                }
+            }
+        }
+        if p.subclusters && p.cluster_size < 16 << 10 {
+            return Err(Error::InvalidArgument(
+                "subclusters need a clusterSize of at least 16K".into(),
+            ));
+        }
+        Ok(p)
+    }
+
+    /// The canonical form stored in the volume record and compared on a repeated create.
+    pub fn canonical(&self) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        m.insert("clusterSize".into(), self.cluster_size.to_string());
+        m.insert("subclusters".into(), self.subclusters.to_string());
+        if let Some(fs) = self.fs_type {
+            m.insert("fsType".into(), fs.as_str().into());
+        }
+        if !self.mkfs_options.is_empty() {
+            m.insert("mkfsOptions".into(), self.mkfs_options.join(" "));
+        }
+        m
+    }
+
+    /// Back from the canonical form (records written by this plugin).
+    pub fn from_canonical(m: &BTreeMap<String, String>) -> Result<Params> {
+        let raw: HashMap<String, String> = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        Params::parse(&raw)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(kv: &[(&str, &str)]) -> HashMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn known_keys_are_typed_and_round_trip() {
+        let p = Params::parse(&map(&[
+            ("clusterSize", "128K"),
+            ("subclusters", "true"),
+            ("fsType", "xfs"),
+            ("mkfsOptions", " -m  reflink=0 "),
+            ("csi.storage.k8s.io/pvc/name", "data"),
+        ]))
+        .unwrap();
+        assert_eq!(p.cluster_size, 128 << 10);
+        assert!(p.subclusters);
+        assert_eq!(p.fs_type, Some(FsType::Xfs));
+        assert_eq!(p.mkfs_options, ["-m", "reflink=0"]);
+        assert_eq!(Params::from_canonical(&p.canonical()).unwrap(), p);
+        assert_eq!(Params::parse(&HashMap::new()).unwrap(), Params::default());
+    }
+
+    #[test]
+    fn bad_values_and_unknown_keys_are_refused_by_name() {
+        for (k, v, says) in [
+            ("clusterSize", "100K", "power of two"),
+            ("clusterSize", "4M", "power of two"),
+            ("clusterSize", "12Q", "not a size"),
+            ("subclusters", "yes", "true or false"),
+            ("fsType", "btrfs", "not supported"),
+            ("overcommitRatio", "0.5", "from 1 to 100"),
+            ("clustersize", "64K", "unknown parameter"),
+        ] {
+            let e = Params::parse(&map(&[(k, v)])).unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument(_)), "{k}={v}: {e}");
+            assert!(e.to_string().contains(says), "{k}={v}: {e}");
+        }
+        let e = Params::parse(&map(&[("subclusters", "true"), ("clusterSize", "4K")]));
+        assert!(e.unwrap_err().to_string().contains("at least 16K"));
+    }
+}

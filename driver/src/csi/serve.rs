@@ -1,0 +1,161 @@
+//! `qcow2-csi serve`: the gRPC server on a unix socket.
+
+use std::future::Future;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use csi_proto::v1::controller_server::ControllerServer;
+use csi_proto::v1::identity_server::IdentityServer;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use super::Plugin;
+use super::controller::ControllerService;
+use super::identity::IdentityService;
+use crate::error::{Error, Result};
+
+/// The socket path of a CSI endpoint: `unix:///path`, `unix:/path` or `/path`.
+pub fn socket_path(endpoint: &str) -> Result<PathBuf> {
+    let path = endpoint
+        .strip_prefix("unix://")
+        .or_else(|| endpoint.strip_prefix("unix:"))
+        .unwrap_or(endpoint);
+    if !path.starts_with('/') {
+        return Err(Error::InvalidArgument(format!(
+            "endpoint {endpoint:?} is not unix:///ABSOLUTE/PATH"
+        )));
+    }
+    // sun_path holds 108 bytes with its terminating NUL.
+    if path.len() > 107 {
+        return Err(Error::InvalidArgument(format!(
+            "socket path {path:?} is longer than 107 bytes"
+        )));
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// Binds the socket: creates the parent directory, replaces a stale socket (never another
+/// kind of file), and leaves the socket readable and writable by owner and group only.
+fn bind(path: &Path) -> Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| Error::Internal(format!("creating {}: {e}", parent.display())))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(md) if md.file_type().is_socket() => std::fs::remove_file(path).map_err(|e| {
+            Error::Internal(format!("removing the stale socket {}: {e}", path.display()))
+        })?,
+        Ok(_) => {
+            return Err(Error::InvalidArgument(format!(
+                "{} exists and is not a socket",
+                path.display()
+            )));
+        }
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|e| Error::Internal(format!("listening on {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| Error::Internal(format!("chmod {}: {e}", path.display())))?;
+    Ok(listener)
+}
+
+/// How long shutdown waits for running operations before exiting anyway.
+const DRAIN_LIMIT: Duration = Duration::from_secs(120);
+
+/// Serves Identity and Controller on `endpoint` until `shutdown` completes; then stops
+/// accepting, waits for running operations to finish (idle client connections do not hold
+/// it up), and removes the socket. The state directory loads in the background (Probe says
+/// not ready until it has).
+pub async fn serve(
+    plugin: Arc<Plugin>,
+    endpoint: &str,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let path = socket_path(endpoint)?;
+    let listener = bind(&path)?;
+    tracing::info!(
+        endpoint = %path.display(),
+        node = %plugin.config.node_id,
+        state_dir = %plugin.config.state_dir.display(),
+        "serving"
+    );
+    let loader = {
+        let plugin = plugin.clone();
+        tokio::spawn(async move {
+            let p = plugin.clone();
+            match plugin.blocking(move || p.load()).await {
+                Ok(c) => tracing::info!(
+                    volumes = plugin.state().map(|s| s.volumes().count()).unwrap_or(0),
+                    partial_files = c.partial_files,
+                    orphan_layers = c.orphan_layers,
+                    "state directory loaded"
+                ),
+                Err(e) => tracing::error!(error = %e, "the state directory failed to load"),
+            }
+        })
+    };
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let stop_serving = {
+        let stopping = stopping.clone();
+        async move {
+            shutdown.await;
+            stopping.notify_waiters();
+        }
+    };
+    let server = tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(IdentityService(plugin.clone())))
+        .add_service(ControllerServer::new(ControllerService(plugin.clone())))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop_serving);
+    let notified = stopping.notified();
+    let drained = {
+        let plugin = plugin.clone();
+        async move {
+            notified.await;
+            let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
+            while plugin.operations() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if plugin.operations() > 0 {
+                tracing::warn!(
+                    operations = plugin.operations(),
+                    "exiting with operations running"
+                );
+            }
+        }
+    };
+    // The server future ends when every connection has closed; clients that keep idle
+    // connections open would hold it forever, so it is enough that operations drained.
+    let result = tokio::select! {
+        r = server => r,
+        () = drained => Ok(()),
+    };
+    let _ = loader.await;
+    let _ = std::fs::remove_file(&path);
+    result.map_err(|e| Error::Internal(format!("gRPC server: {e}")))?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_name_absolute_socket_paths() {
+        for ok in [
+            "unix:///csi/csi.sock",
+            "unix:/csi/csi.sock",
+            "/csi/csi.sock",
+        ] {
+            assert_eq!(socket_path(ok).unwrap(), Path::new("/csi/csi.sock"));
+        }
+        for bad in ["unix://csi.sock", "tcp://1.2.3.4:5", "csi.sock"] {
+            assert!(socket_path(bad).is_err(), "{bad}");
+        }
+        let long = format!("unix:///{}", "x".repeat(120));
+        assert!(socket_path(&long).unwrap_err().to_string().contains("107"));
+    }
+}

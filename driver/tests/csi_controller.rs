@@ -1,0 +1,611 @@
+//! Identity and Controller conformance over the unix socket, following the contract that
+//! csi-sanity checks (`docs/csi.md`), plus restarts at crash points.
+
+#[allow(dead_code)]
+#[path = "support/csi.rs"]
+mod csi;
+#[path = "../../tests/src/qemu.rs"]
+#[allow(dead_code)]
+mod qemu;
+
+use std::collections::HashMap;
+
+use csi::{NODE, Plugin, block_cap, mount_cap};
+use csi_proto::v1::controller_service_capability::rpc::Type as Rpc;
+use csi_proto::v1::volume_capability::access_mode::Mode;
+use csi_proto::v1::*;
+use tonic::Code;
+
+const MIB: i64 = 1 << 20;
+
+fn create_req(name: &str, size: i64) -> CreateVolumeRequest {
+    CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: size,
+            limit_bytes: size,
+        }),
+        volume_capabilities: vec![mount_cap(Mode::SingleNodeWriter, "")],
+        ..CreateVolumeRequest::default()
+    }
+}
+
+fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
+    match r {
+        Ok(ok) => panic!("expected an error, got {ok:?}"),
+        Err(s) => s.code(),
+    }
+}
+
+async fn create(p: &Plugin, name: &str, size: i64) -> Volume {
+    p.controller()
+        .await
+        .create_volume(create_req(name, size))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+}
+
+#[tokio::test]
+async fn identity_names_the_driver_and_its_capabilities() {
+    let p = Plugin::start().await;
+    let mut id = p.identity().await;
+    let info = id
+        .get_plugin_info(GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, "qcow2.csi.dev");
+    // csi-sanity: at most 63 characters, starts and ends with a letter.
+    assert!(info.name.len() <= 63);
+    assert!(info.name.starts_with(|c: char| c.is_ascii_alphabetic()));
+    assert!(info.name.ends_with(|c: char| c.is_ascii_alphabetic()));
+    assert!(!info.vendor_version.is_empty());
+    let caps = id
+        .get_plugin_capabilities(GetPluginCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities;
+    use plugin_capability::Type;
+    let mut services = Vec::new();
+    let mut online = false;
+    for c in caps {
+        match c.r#type.unwrap() {
+            Type::Service(s) => services.push(s.r#type()),
+            Type::VolumeExpansion(e) => {
+                online |= e.r#type() == plugin_capability::volume_expansion::Type::Online;
+            }
+        }
+    }
+    use plugin_capability::service::Type as S;
+    assert_eq!(
+        services,
+        [S::ControllerService, S::VolumeAccessibilityConstraints]
+    );
+    assert!(online);
+    let probe = id.probe(ProbeRequest {}).await.unwrap().into_inner();
+    assert_eq!(probe.ready, Some(true));
+}
+
+#[tokio::test]
+async fn controller_capabilities_are_what_is_implemented() {
+    let p = Plugin::start().await;
+    let caps: Vec<Rpc> = p
+        .controller()
+        .await
+        .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities
+        .into_iter()
+        .map(|c| match c.r#type.unwrap() {
+            controller_service_capability::Type::Rpc(r) => r.r#type(),
+        })
+        .collect();
+    assert_eq!(
+        caps,
+        [
+            Rpc::CreateDeleteVolume,
+            Rpc::ListVolumes,
+            Rpc::GetCapacity,
+            Rpc::ExpandVolume,
+            Rpc::GetVolume,
+            Rpc::SingleNodeMultiWriter
+        ]
+    );
+}
+
+#[tokio::test]
+async fn create_volume_makes_a_qcow2_head_with_the_asked_size_and_parameters() {
+    if !qemu::require() {
+        return;
+    }
+    let p = Plugin::start().await;
+    let mut c = p.controller().await;
+    let mut req = create_req("pvc-1", 64 * MIB);
+    req.parameters = HashMap::from([
+        ("clusterSize".into(), "128K".into()),
+        ("subclusters".into(), "true".into()),
+        ("csi.storage.k8s.io/pvc/name".into(), "data".into()),
+    ]);
+    let v = c
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(v.capacity_bytes, 64 * MIB);
+    assert!(v.volume_id.starts_with("vol-"));
+    assert_eq!(
+        v.accessible_topology[0].segments["topology.qcow2.csi.dev/node"],
+        NODE
+    );
+    let layers = p.layers();
+    assert_eq!(layers.len(), 1);
+    let info = qemu::info(&layers[0]);
+    assert_eq!(info["virtual-size"], 64 * MIB);
+    assert_eq!(info["cluster-size"], 128 << 10);
+    assert_eq!(info["format-specific"]["data"]["extended-l2"], true);
+    qemu::check_clean(&layers[0]);
+}
+
+#[tokio::test]
+async fn create_volume_refuses_bad_requests_with_the_spec_codes() {
+    let p = Plugin::start().await;
+    let mut c = p.controller().await;
+    let no_name = create_req("", MIB);
+    assert_eq!(code(c.create_volume(no_name).await), Code::InvalidArgument);
+    let mut no_caps = create_req("a", MIB);
+    no_caps.volume_capabilities.clear();
+    assert_eq!(code(c.create_volume(no_caps).await), Code::InvalidArgument);
+    let mut multi = create_req("a", MIB);
+    multi.volume_capabilities = vec![mount_cap(Mode::MultiNodeMultiWriter, "")];
+    assert_eq!(code(c.create_volume(multi).await), Code::InvalidArgument);
+    let mut fs = create_req("a", MIB);
+    fs.volume_capabilities = vec![mount_cap(Mode::SingleNodeWriter, "ntfs")];
+    assert_eq!(code(c.create_volume(fs).await), Code::InvalidArgument);
+    let mut unknown = create_req("a", MIB);
+    unknown.parameters = HashMap::from([("clustersize".into(), "64K".into())]);
+    let s = c.create_volume(unknown).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().contains("clustersize"), "{}", s.message());
+    let mut neg = create_req("a", MIB);
+    neg.capacity_range = Some(CapacityRange {
+        required_bytes: -1,
+        limit_bytes: 0,
+    });
+    assert_eq!(code(c.create_volume(neg).await), Code::InvalidArgument);
+    let odd = create_req("a", 5000); // no multiple of 4096 equals 5000
+    assert_eq!(code(c.create_volume(odd).await), Code::OutOfRange);
+    let mut source = create_req("a", MIB);
+    source.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Volume(
+            volume_content_source::VolumeSource {
+                volume_id: "vol-x".into(),
+            },
+        )),
+    });
+    assert_eq!(code(c.create_volume(source).await), Code::InvalidArgument);
+    let mut elsewhere = create_req("a", MIB);
+    elsewhere.accessibility_requirements = Some(TopologyRequirement {
+        requisite: vec![Topology {
+            segments: HashMap::from([("topology.qcow2.csi.dev/node".into(), "node-b".into())]),
+        }],
+        preferred: vec![],
+    });
+    assert_eq!(
+        code(c.create_volume(elsewhere).await),
+        Code::ResourceExhausted
+    );
+    let long = create_req(&"n".repeat(129), MIB);
+    assert_eq!(code(c.create_volume(long).await), Code::InvalidArgument);
+    // Nothing was left behind by the refused requests.
+    assert!(p.layers().is_empty());
+    assert!(p.records().is_empty());
+}
+
+#[tokio::test]
+async fn create_volume_is_idempotent_by_name_and_refuses_an_incompatible_repeat() {
+    let p = Plugin::start().await;
+    let mut c = p.controller().await;
+    let name = "x".repeat(128);
+    let first = create(&p, &name, 8 * MIB).await;
+    for _ in 0..10 {
+        let again = create(&p, &name, 8 * MIB).await;
+        assert_eq!(again, first);
+    }
+    assert_eq!(
+        code(c.create_volume(create_req(&name, 16 * MIB)).await),
+        Code::AlreadyExists
+    );
+    let mut other_params = create_req(&name, 8 * MIB);
+    other_params.parameters = HashMap::from([("clusterSize".into(), "1M".into())]);
+    assert_eq!(
+        code(c.create_volume(other_params).await),
+        Code::AlreadyExists
+    );
+    // A block capability on the same volume is compatible.
+    let mut block = create_req(&name, 8 * MIB);
+    block.volume_capabilities = vec![block_cap(Mode::SingleNodeSingleWriter)];
+    c.create_volume(block).await.unwrap();
+    assert_eq!(p.layers().len(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_identical_creates_make_exactly_one_volume() {
+    let p = Plugin::start().await;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let mut c = p.controller().await;
+        tasks.push(tokio::spawn(async move {
+            c.create_volume(create_req("race", 4 * MIB)).await
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(r) => ids.push(r.into_inner().volume.unwrap().volume_id),
+            Err(s) => assert_eq!(s.code(), Code::Aborted, "{s:?}"),
+        }
+    }
+    assert!(!ids.is_empty());
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    // The retry the CO makes after ABORTED gets the same volume.
+    assert_eq!(create(&p, "race", 4 * MIB).await.volume_id, ids[0]);
+    assert_eq!(p.layers().len(), 1);
+    assert_eq!(p.records().len(), 1);
+}
+
+#[tokio::test]
+async fn delete_volume_removes_the_layer_and_succeeds_for_unknown_ids() {
+    let p = Plugin::start().await;
+    let mut c = p.controller().await;
+    let v = create(&p, "del", 4 * MIB).await;
+    assert_eq!(p.layers().len(), 1);
+    let del = |id: &str| DeleteVolumeRequest {
+        volume_id: id.into(),
+        secrets: HashMap::new(),
+    };
+    assert_eq!(code(c.delete_volume(del("")).await), Code::InvalidArgument);
+    c.delete_volume(del("fake-vol-id")).await.unwrap();
+    c.delete_volume(del(&format!("vol-{}", "0".repeat(32))))
+        .await
+        .unwrap();
+    c.delete_volume(del(&v.volume_id)).await.unwrap();
+    assert!(p.layers().is_empty());
+    assert!(p.records().is_empty());
+    c.delete_volume(del(&v.volume_id)).await.unwrap();
+    // The name is free again, for a new volume.
+    assert_ne!(create(&p, "del", 4 * MIB).await.volume_id, v.volume_id);
+}
+
+#[tokio::test]
+async fn validate_volume_capabilities_follows_the_spec() {
+    let p = Plugin::start().await;
+    let mut c = p.controller().await;
+    let v = create(&p, "val", 4 * MIB).await;
+    let req = |id: &str, caps: Vec<VolumeCapability>| ValidateVolumeCapabilitiesRequest {
+        volume_id: id.into(),
+        volume_capabilities: caps,
+        ..Default::default()
+    };
+    let good = vec![mount_cap(Mode::SingleNodeWriter, "xfs")];
+    assert_eq!(
+        code(c.validate_volume_capabilities(req("", good.clone())).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            c.validate_volume_capabilities(req(&v.volume_id, vec![]))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            c.validate_volume_capabilities(req("fake-vol-id", good.clone()))
+                .await
+        ),
+        Code::NotFound
+    );
+    let ok = c
+        .validate_volume_capabilities(req(&v.volume_id, good.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.confirmed.unwrap().volume_capabilities, good);
+    let no = c
+        .validate_volume_capabilities(req(
+            &v.volume_id,
+            vec![mount_cap(Mode::MultiNodeReaderOnly, "")],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(no.confirmed.is_none());
+    assert!(
+        no.message.contains("MULTI_NODE_READER_ONLY"),
+        "{}",
+        no.message
+    );
+}
+
+#[tokio::test]
+async fn list_volumes_pages_with_an_opaque_token() {
+    let p = Plugin::start().await;
+    let mut c = p.controller().await;
+    let list = |max: i32, token: &str| ListVolumesRequest {
+        max_entries: max,
+        starting_token: token.into(),
+    };
+    assert!(
+        c.list_volumes(list(0, ""))
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+            .is_empty()
+    );
+    let mut made = Vec::new();
+    for i in 0..5 {
+        made.push(create(&p, &format!("v{i}"), 4 * MIB).await.volume_id);
+    }
+    made.sort();
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c.list_volumes(list(2, &token)).await.unwrap().into_inner();
+        assert!(page.entries.len() <= 2);
+        seen.extend(
+            page.entries
+                .iter()
+                .map(|e| e.volume.clone().unwrap().volume_id),
+        );
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    seen.sort();
+    assert_eq!(seen, made);
+    assert_eq!(
+        code(c.list_volumes(list(0, "invalid-token")).await),
+        Code::Aborted
+    );
+    assert_eq!(
+        code(c.list_volumes(list(-1, "")).await),
+        Code::InvalidArgument
+    );
+    c.delete_volume(DeleteVolumeRequest {
+        volume_id: made[0].clone(),
+        secrets: HashMap::new(),
+    })
+    .await
+    .unwrap();
+    let all = c.list_volumes(list(0, "")).await.unwrap().into_inner();
+    assert_eq!(all.entries.len(), 4);
+    assert!(all.next_token.is_empty());
+}
+
+#[tokio::test]
+async fn get_capacity_reports_free_space_times_the_ratio_for_this_node_only() {
+    let p = Plugin::start().await;
+    let mut c = p.controller().await;
+    let cap = |params: &[(&str, &str)], topo: Option<&str>| GetCapacityRequest {
+        volume_capabilities: vec![],
+        parameters: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        accessible_topology: topo.map(|n| Topology {
+            segments: HashMap::from([("topology.qcow2.csi.dev/node".into(), n.into())]),
+        }),
+    };
+    let one = c.get_capacity(cap(&[], None)).await.unwrap().into_inner();
+    assert!(one.available_capacity > 0);
+    let here = c
+        .get_capacity(cap(&[], Some(NODE)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(here.available_capacity > 0);
+    let two = c
+        .get_capacity(cap(&[("overcommitRatio", "2")], None))
+        .await
+        .unwrap()
+        .into_inner();
+    let ratio = two.available_capacity as f64 / one.available_capacity as f64;
+    assert!((1.9..2.1).contains(&ratio), "ratio {ratio}");
+    let there = c
+        .get_capacity(cap(&[], Some("node-b")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(there.available_capacity, 0);
+    assert_eq!(
+        code(c.get_capacity(cap(&[("color", "red")], None)).await),
+        Code::InvalidArgument
+    );
+    // A volume larger than what can be provisioned is refused up front.
+    let huge = create_req(
+        "huge",
+        one.available_capacity.saturating_mul(4) / 4096 * 4096,
+    );
+    assert_eq!(code(c.create_volume(huge).await), Code::ResourceExhausted);
+}
+
+#[tokio::test]
+async fn expand_volume_grows_the_image_to_exactly_the_requested_size() {
+    if !qemu::require() {
+        return;
+    }
+    let p = Plugin::start().await;
+    let mut c = p.controller().await;
+    let v = create(&p, "grow", 8 * MIB).await;
+    let req = |id: &str, size: Option<i64>, cap: Option<VolumeCapability>| {
+        ControllerExpandVolumeRequest {
+            volume_id: id.into(),
+            capacity_range: size.map(|s| CapacityRange {
+                required_bytes: s,
+                limit_bytes: 0,
+            }),
+            secrets: HashMap::new(),
+            volume_capability: cap,
+        }
+    };
+    assert_eq!(
+        code(c.controller_expand_volume(req("", Some(MIB), None)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            c.controller_expand_volume(req(&v.volume_id, None, None))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            c.controller_expand_volume(req("fake-vol-id", Some(MIB), None))
+                .await
+        ),
+        Code::NotFound
+    );
+    let grown = c
+        .controller_expand_volume(req(&v.volume_id, Some(24 * MIB), None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(grown.capacity_bytes, 24 * MIB);
+    assert!(
+        grown.node_expansion_required,
+        "a mount volume's filesystem grows on the node"
+    );
+    let head = &p.layers()[0];
+    assert_eq!(qemu::info(head)["virtual-size"], 24 * MIB);
+    qemu::check_clean(head);
+    // Smaller than now: nothing shrinks. Block use needs no node step.
+    let same = c
+        .controller_expand_volume(req(
+            &v.volume_id,
+            Some(MIB),
+            Some(block_cap(Mode::SingleNodeWriter)),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(same.capacity_bytes, 24 * MIB);
+    assert!(!same.node_expansion_required);
+    // The record follows: a restart and a repeated create see the new size.
+    let got = c
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: v.volume_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.volume.unwrap().capacity_bytes, 24 * MIB);
+    assert!(!got.status.unwrap().volume_condition.unwrap().abnormal);
+}
+
+#[tokio::test]
+async fn unknown_ids_are_not_found_never_invalid() {
+    let p = Plugin::start().await;
+    let mut c = p.controller().await;
+    for id in [
+        "fake-vol-id",
+        "vol-../../etc/passwd",
+        &format!("vol-{}", "a".repeat(32)),
+    ] {
+        assert_eq!(
+            code(
+                c.controller_get_volume(ControllerGetVolumeRequest {
+                    volume_id: id.into()
+                })
+                .await
+            ),
+            Code::NotFound,
+            "{id}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sigterm_stops_cleanly_and_a_restart_keeps_every_volume() {
+    let mut p = Plugin::start().await;
+    let a = create(&p, "a", 4 * MIB).await;
+    let b = create(&p, "b", 4 * MIB).await;
+    assert!(p.stop().success());
+    assert!(!p.socket.exists(), "the socket is removed on exit");
+    p.restart_with(&[]).await;
+    assert_eq!(create(&p, "a", 4 * MIB).await, a);
+    assert_eq!(create(&p, "b", 4 * MIB).await, b);
+}
+
+/// Crashes at `point` during the call `op`, restarts, and returns the plugin for checks.
+async fn crash_at(point: &str, setup: impl AsyncFnOnce(&Plugin)) -> Plugin {
+    let mut p = Plugin::start().await;
+    setup(&p).await;
+    p.restart_with(&[("QCOW2_CSI_FAILPOINT", point)]).await;
+    p
+}
+
+#[tokio::test]
+async fn a_crash_during_create_leaves_nothing_or_a_whole_volume() {
+    // After the layer, before the record: the layer is an orphan, collected at restart; the
+    // CO's retry creates the volume.
+    let mut p = crash_at("create-after-layer", async |_| {}).await;
+    let mut c = p.controller().await;
+    assert!(c.create_volume(create_req("pvc", 4 * MIB)).await.is_err());
+    assert!(p.wait_crash(), "the failpoint fired");
+    assert_eq!(
+        p.layers().len(),
+        1,
+        "the orphan layer is there before the restart"
+    );
+    p.restart_with(&[]).await;
+    assert!(p.layers().is_empty(), "collected: {:?}", p.layers());
+    assert!(p.records().is_empty());
+    let v = create(&p, "pvc", 4 * MIB).await;
+    assert_eq!(p.layers().len(), 1);
+
+    // After the record, before the reply: the volume exists; the retry returns it.
+    let mut p2 = crash_at("create-after-record", async |_| {}).await;
+    let mut c2 = p2.controller().await;
+    assert!(c2.create_volume(create_req("pvc", 4 * MIB)).await.is_err());
+    assert!(p2.wait_crash());
+    p2.restart_with(&[]).await;
+    let first = create(&p2, "pvc", 4 * MIB).await;
+    assert_eq!(create(&p2, "pvc", 4 * MIB).await, first);
+    assert_eq!(p2.layers().len(), 1);
+    assert_eq!(p2.records().len(), 1);
+    drop(v);
+}
+
+#[tokio::test]
+async fn a_crash_during_delete_leaves_the_volume_gone_and_its_layer_collected() {
+    let mut p = Plugin::start().await;
+    let v = create(&p, "pvc", 4 * MIB).await;
+    let keep = create(&p, "keep", 4 * MIB).await;
+    p.restart_with(&[("QCOW2_CSI_FAILPOINT", "delete-after-record")])
+        .await;
+    let mut c = p.controller().await;
+    let del = DeleteVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        secrets: HashMap::new(),
+    };
+    assert!(c.delete_volume(del.clone()).await.is_err());
+    assert!(p.wait_crash());
+    p.restart_with(&[]).await;
+    assert_eq!(p.layers().len(), 1, "only the kept volume's layer remains");
+    assert_eq!(p.records().len(), 1);
+    let mut c = p.controller().await;
+    c.delete_volume(del).await.unwrap(); // the CO's retry: already gone, OK
+    assert_eq!(create(&p, "keep", 4 * MIB).await, keep);
+}
