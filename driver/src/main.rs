@@ -28,7 +28,7 @@ enum Command {
     /// Serve an image over NBD until SIGTERM/SIGINT (or, without --persistent, until the
     /// last client leaves); then drain, flush and close.
     Nbd(NbdArgs),
-    /// Run the CSI plugin (Identity and Controller) on a unix socket until SIGTERM/SIGINT.
+    /// Run the CSI plugin (Identity, Controller, Node) on a unix socket until SIGTERM/SIGINT.
     Serve(ServeArgs),
     /// Attach an image as a block device on this host (kernel nbd, or nbdfuse + loop), print
     /// the device path, serve it until SIGTERM/SIGINT, then detach and close.
@@ -53,6 +53,10 @@ struct ServeArgs {
     /// Volumes this node may have staged at once (0: no limit).
     #[arg(long, default_value_t = 0)]
     max_volumes: u32,
+    /// How staged volumes become block devices: kernel nbd, nbdfuse + loop, or whichever
+    /// this host has (kernel first).
+    #[arg(long, default_value = "auto")]
+    attach: AttachMode,
     /// Log lines as text or JSON.
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
@@ -174,6 +178,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         node_id: args.node_id,
         state_dir: args.state_dir,
         max_volumes: i64::from(args.max_volumes),
+        attach: mode_of(args.attach),
     }));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -242,6 +247,14 @@ fn open_server(
     )))
 }
 
+fn mode_of(m: AttachMode) -> Mode {
+    match m {
+        AttachMode::Auto => Mode::Auto,
+        AttachMode::Nbd => Mode::Nbd,
+        AttachMode::Nbdfuse => Mode::Nbdfuse,
+    }
+}
+
 fn attach(args: AttachArgs) -> anyhow::Result<()> {
     let image = &args.image;
     let server = open_server(
@@ -264,11 +277,7 @@ fn attach(args: AttachArgs) -> anyhow::Result<()> {
         w.push(".attach");
         PathBuf::from(w)
     });
-    let mode = match args.mode {
-        AttachMode::Auto => Mode::Auto,
-        AttachMode::Nbd => Mode::Nbd,
-        AttachMode::Nbdfuse => Mode::Nbdfuse,
-    };
+    let mode = mode_of(args.mode);
     // Installed before attaching, so a signal during the attach is not lost.
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
     let image_held = Arc::downgrade(&server);

@@ -187,6 +187,12 @@ impl ControllerService {
             return Ok(()); // names no volume of ours: already gone
         }
         let _held = plugin.locks.try_lock(req.volume_id.clone())?;
+        if plugin.node.is_staged(&req.volume_id) {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {} is staged on this node; unstage it first",
+                req.volume_id
+            )));
+        }
         let removed = plugin.state()?.remove_volume(&req.volume_id)?;
         if let Some(rec) = removed {
             super::failpoint("delete-after-record");

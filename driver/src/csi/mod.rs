@@ -1,10 +1,13 @@
-//! The CSI plugin: Identity and Controller services over the state directory ([`state`]).
+//! The CSI plugin: Identity, Controller and Node services over the state directory
+//! ([`state`]).
 //! `qcow2-csi serve` ([`serve`]) runs them on a unix socket.
 
 pub mod capability;
 pub mod controller;
 pub mod identity;
 pub mod locks;
+pub mod mounts;
+pub mod node;
 pub mod params;
 pub mod serve;
 pub mod state;
@@ -29,6 +32,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Volumes a node may have staged at once (0: no limit).
     pub max_volumes: i64,
+    /// How staged volumes become block devices.
+    pub attach: crate::attach::Mode,
 }
 
 /// The plugin's shared state: every service holds an `Arc` of it.
@@ -42,6 +47,8 @@ pub struct Plugin {
     pub locks: locks::Locks,
     /// Operations in progress (see [`Plugin::blocking`]).
     operations: AtomicUsize,
+    /// Volumes staged on this node.
+    pub node: node::NodeState,
 }
 
 impl Plugin {
@@ -52,6 +59,7 @@ impl Plugin {
             load_error: Mutex::new(None),
             locks: locks::Locks::default(),
             operations: AtomicUsize::new(0),
+            node: node::NodeState::default(),
         }
     }
 

@@ -8,12 +8,14 @@ use std::time::Duration;
 
 use csi_proto::v1::controller_server::ControllerServer;
 use csi_proto::v1::identity_server::IdentityServer;
+use csi_proto::v1::node_server::NodeServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use super::Plugin;
 use super::controller::ControllerService;
 use super::identity::IdentityService;
+use super::node::NodeService;
 use crate::error::{Error, Result};
 
 /// The socket path of a CSI endpoint: `unix:///path`, `unix:/path` or `/path`.
@@ -65,7 +67,7 @@ fn bind(path: &Path) -> Result<UnixListener> {
 /// How long shutdown waits for running operations before exiting anyway.
 const DRAIN_LIMIT: Duration = Duration::from_secs(120);
 
-/// Serves Identity and Controller on `endpoint` until `shutdown` completes; then stops
+/// Serves Identity, Controller and Node on `endpoint` until `shutdown` completes; then stops
 /// accepting, waits for running operations to finish (idle client connections do not hold
 /// it up), and removes the socket. The state directory loads in the background (Probe says
 /// not ready until it has).
@@ -108,6 +110,7 @@ pub async fn serve(
     let server = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService(plugin.clone())))
         .add_service(ControllerServer::new(ControllerService(plugin.clone())))
+        .add_service(NodeServer::new(NodeService(plugin.clone())))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop_serving);
     let notified = stopping.notified();
     let drained = {
@@ -133,6 +136,7 @@ pub async fn serve(
         () = drained => Ok(()),
     };
     let _ = loader.await;
+    plugin.node.flush_all();
     let _ = std::fs::remove_file(&path);
     result.map_err(|e| Error::Internal(format!("gRPC server: {e}")))?;
     tracing::info!("stopped");

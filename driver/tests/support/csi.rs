@@ -67,6 +67,10 @@ impl Plugin {
         IdentityClient::new(connect(&self.socket).await.unwrap())
     }
 
+    pub async fn node(&self) -> csi_proto::v1::node_client::NodeClient<Channel> {
+        csi_proto::v1::node_client::NodeClient::new(connect(&self.socket).await.unwrap())
+    }
+
     pub async fn controller(&self) -> ControllerClient<Channel> {
         ControllerClient::new(connect(&self.socket).await.unwrap())
     }

@@ -1,0 +1,117 @@
+//! Mounts: what is mounted where (`/proc/self/mountinfo`), and mount/umount/mkfs through the
+//! system tools (mount(8) parses option strings exactly as users expect).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::error::{Error, Result};
+
+/// Decodes mountinfo's octal escapes (`\040` for a space, ...).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Mount points listed in a mountinfo text.
+pub fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape(p)))
+        .collect()
+}
+
+/// Whether something is mounted at `path`.
+pub fn is_mount_point(path: &Path) -> Result<bool> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::Internal(format!("reading /proc/self/mountinfo: {e}")))?;
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    Ok(mount_points(&text).contains(&path))
+}
+
+/// Runs a system tool; its stderr becomes the error.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let shown = format!("{cmd:?}");
+    let out = cmd
+        .output()
+        .map_err(|e| Error::Internal(format!("{shown}: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::Internal(format!(
+            "{shown}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The filesystem type on a device, or `None` when blkid finds nothing (a blank device).
+pub fn fs_on(device: &Path) -> Result<Option<String>> {
+    let out = Command::new("blkid")
+        .args(["-p", "-o", "value", "-s", "TYPE"])
+        .arg(device)
+        .output()
+        .map_err(|e| Error::Internal(format!("blkid: {e}")))?;
+    match out.status.code() {
+        Some(0) => {
+            let t = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            Ok((!t.is_empty()).then_some(t))
+        }
+        // 2: nothing recognised.
+        Some(2) => Ok(None),
+        _ => Err(Error::Internal(format!(
+            "blkid {}: {}",
+            device.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))),
+    }
+}
+
+/// Unmounts `path` if something is mounted there.
+pub fn unmount_if_mounted(path: &Path) -> Result<()> {
+    if is_mount_point(path)? {
+        run(Command::new("umount").arg(path))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_lines_give_their_mount_points_unescaped() {
+        let text = "22 1 8:1 / / rw,relatime - ext4 /dev/vda rw\n\
+                    40 22 0:35 / /var/lib/kubelet/pods/a\\040b/vol rw - ext4 /dev/nbd0 rw\n";
+        assert_eq!(
+            mount_points(text),
+            [
+                PathBuf::from("/"),
+                PathBuf::from("/var/lib/kubelet/pods/a b/vol")
+            ]
+        );
+        assert_eq!(unescape("a\\134b"), "a\\b");
+        assert_eq!(unescape("trailing\\04"), "trailing\\04");
+    }
+
+    #[test]
+    fn the_root_is_a_mount_point_and_a_fresh_directory_is_not() {
+        assert!(is_mount_point(Path::new("/")).unwrap());
+        let d = tempfile::tempdir().unwrap();
+        assert!(!is_mount_point(d.path()).unwrap());
+    }
+}

@@ -1,0 +1,481 @@
+//! Node service conformance as root, through the attacher this host has (nbdfuse + loop on
+//! machines without kernel nbd): stage and publish mount (ext4, xfs) and block volumes,
+//! idempotent repeats, data across unstage/stage, the argument and state rules, and no
+//! leaked mounts, loop devices or processes.
+
+#[allow(dead_code)]
+#[path = "support/csi.rs"]
+mod csi;
+#[path = "../../tests/src/qemu.rs"]
+#[allow(dead_code)]
+mod qemu;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use csi::{NODE, Plugin, block_cap, mount_cap};
+use csi_proto::v1::volume_capability::access_mode::Mode;
+use csi_proto::v1::*;
+use tonic::Code;
+
+const MIB: i64 = 1 << 20;
+
+/// Why this host cannot run node tests, if it cannot (CI has everything).
+fn missing() -> Option<String> {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root {
+        return Some("needs root".into());
+    }
+    for t in [
+        "nbdfuse",
+        "losetup",
+        "mkfs.ext4",
+        "mkfs.xfs",
+        "blkid",
+        "qemu-img",
+    ] {
+        let ok = Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !ok {
+            return Some(format!("{t} is not installed"));
+        }
+    }
+    None
+}
+
+fn runnable() -> bool {
+    match missing() {
+        None => true,
+        Some(why) => {
+            assert!(
+                std::env::var_os("QCOW2_CSI_REQUIRE_ALL").is_none(),
+                "node tests cannot run: {why} (QCOW2_CSI_REQUIRE_ALL is set)"
+            );
+            eprintln!("skipped: {why}");
+            false
+        }
+    }
+}
+
+fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
+    match r {
+        Ok(ok) => panic!("expected an error, got {ok:?}"),
+        Err(s) => s.code(),
+    }
+}
+
+async fn create(p: &Plugin, name: &str, size: i64, cap: VolumeCapability) -> String {
+    p.controller()
+        .await
+        .create_volume(CreateVolumeRequest {
+            name: name.into(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: size,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![cap],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id
+}
+
+fn stage_req(id: &str, staging: &Path, cap: &VolumeCapability) -> NodeStageVolumeRequest {
+    NodeStageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(cap.clone()),
+        ..Default::default()
+    }
+}
+
+fn publish_req(
+    id: &str,
+    staging: &Path,
+    target: &Path,
+    cap: &VolumeCapability,
+) -> NodePublishVolumeRequest {
+    NodePublishVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(cap.clone()),
+        ..Default::default()
+    }
+}
+
+fn unstage_req(id: &str, staging: &Path) -> NodeUnstageVolumeRequest {
+    NodeUnstageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.display().to_string(),
+    }
+}
+
+fn unpublish_req(id: &str, target: &Path) -> NodeUnpublishVolumeRequest {
+    NodeUnpublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: target.display().to_string(),
+    }
+}
+
+/// Mounts, loop devices and nbdfuse processes that mention `dir`.
+fn leaks(dir: &Path) -> Vec<String> {
+    let d = dir.display().to_string();
+    let mut out = Vec::new();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    out.extend(mounts.lines().filter(|l| l.contains(&d)).map(String::from));
+    let loops = Command::new("losetup").arg("-a").output().unwrap();
+    out.extend(
+        String::from_utf8_lossy(&loops.stdout)
+            .lines()
+            .filter(|l| l.contains(&d))
+            .map(String::from),
+    );
+    let ps = Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    out.extend(
+        String::from_utf8_lossy(&ps.stdout)
+            .lines()
+            .filter(|l| l.starts_with("nbdfuse") && l.contains(&d))
+            .map(String::from),
+    );
+    out
+}
+
+fn head_layer(p: &Plugin) -> PathBuf {
+    let layers = p.layers();
+    assert_eq!(layers.len(), 1, "{layers:?}");
+    layers[0].clone()
+}
+
+async fn mount_flow(fs: &str, size: i64) {
+    let p = Plugin::start().await;
+    let cap = mount_cap(Mode::SingleNodeWriter, fs);
+    let id = create(&p, &format!("pvc-{fs}"), size, cap.clone()).await;
+    let staging = p.dir.path().join("staging");
+    let target = p.dir.path().join("pods/target");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    let mut node = p.node().await;
+    for _ in 0..10 {
+        node.node_stage_volume(stage_req(&id, &staging, &cap))
+            .await
+            .unwrap();
+    }
+    for _ in 0..10 {
+        node.node_publish_volume(publish_req(&id, &staging, &target, &cap))
+            .await
+            .unwrap();
+    }
+    // What a staged and published volume holds (and what must all be gone at the end): the
+    // staging and target mounts, the FUSE mount, the loop device, nbdfuse.
+    let held = leaks(p.dir.path());
+    assert!(held.len() >= 4, "{held:?}");
+    let payload: Vec<u8> = (0..2_000_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(target.join("data.bin"), &payload).unwrap();
+    std::fs::create_dir(target.join("dir")).unwrap();
+    std::fs::write(target.join("dir/hello"), "hello").unwrap();
+    let stats = node
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: id.clone(),
+            volume_path: target.display().to_string(),
+            staging_target_path: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let bytes = stats
+        .usage
+        .iter()
+        .find(|u| u.unit() == volume_usage::Unit::Bytes)
+        .unwrap();
+    assert!(bytes.total > size / 2 && bytes.total <= size, "{bytes:?}");
+    assert!(bytes.used >= 2_000_000, "{bytes:?}");
+    assert!(
+        stats
+            .usage
+            .iter()
+            .any(|u| u.unit() == volume_usage::Unit::Inodes && u.used > 0)
+    );
+    assert!(!stats.volume_condition.unwrap().abnormal);
+    // Deleting a staged volume is refused.
+    let del = DeleteVolumeRequest {
+        volume_id: id.clone(),
+        secrets: HashMap::new(),
+    };
+    assert_eq!(
+        code(p.controller().await.delete_volume(del.clone()).await),
+        Code::FailedPrecondition
+    );
+    // Unstage while published is refused too.
+    assert_eq!(
+        code(node.node_unstage_volume(unstage_req(&id, &staging)).await),
+        Code::FailedPrecondition
+    );
+    for _ in 0..3 {
+        node.node_unpublish_volume(unpublish_req(&id, &target))
+            .await
+            .unwrap();
+    }
+    assert!(!target.exists(), "the target is removed on unpublish");
+    for _ in 0..3 {
+        node.node_unstage_volume(unstage_req(&id, &staging))
+            .await
+            .unwrap();
+    }
+    assert!(leaks(p.dir.path()).is_empty(), "{:?}", leaks(p.dir.path()));
+    qemu::check_clean(&head_layer(&p));
+
+    // Stage again: the filesystem is found, not remade, and the files are there.
+    node.node_stage_volume(stage_req(&id, &staging, &cap))
+        .await
+        .unwrap();
+    node.node_publish_volume(publish_req(&id, &staging, &target, &cap))
+        .await
+        .unwrap();
+    assert!(std::fs::read(target.join("data.bin")).unwrap() == payload);
+    assert_eq!(
+        std::fs::read_to_string(target.join("dir/hello")).unwrap(),
+        "hello"
+    );
+    node.node_unpublish_volume(unpublish_req(&id, &target))
+        .await
+        .unwrap();
+    node.node_unstage_volume(unstage_req(&id, &staging))
+        .await
+        .unwrap();
+    assert!(leaks(p.dir.path()).is_empty(), "{:?}", leaks(p.dir.path()));
+    qemu::check_clean(&head_layer(&p));
+    p.controller().await.delete_volume(del).await.unwrap();
+    assert!(p.layers().is_empty());
+}
+
+#[tokio::test]
+async fn ext4_volumes_stage_publish_and_keep_their_data() {
+    if runnable() {
+        mount_flow("ext4", 64 * MIB).await;
+    }
+}
+
+#[tokio::test]
+async fn xfs_volumes_stage_publish_and_keep_their_data() {
+    if runnable() {
+        mount_flow("xfs", 512 * MIB).await;
+    }
+}
+
+#[tokio::test]
+async fn block_volumes_publish_the_device_as_a_file() {
+    if !runnable() {
+        return;
+    }
+    let p = Plugin::start().await;
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let id = create(&p, "blk", 16 * MIB, cap.clone()).await;
+    let staging = p.dir.path().join("staging");
+    let target = p.dir.path().join("dev-target");
+    std::fs::create_dir_all(&staging).unwrap();
+    let mut node = p.node().await;
+    node.node_stage_volume(stage_req(&id, &staging, &cap))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        node.node_publish_volume(publish_req(&id, &staging, &target, &cap))
+            .await
+            .unwrap();
+    }
+    let pattern: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 241) as u8).collect();
+    let dd = |args: &[&str]| {
+        let out = Command::new("dd").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let src = p.dir.path().join("pattern");
+    std::fs::write(&src, &pattern).unwrap();
+    dd(&[
+        &format!("if={}", src.display()),
+        &format!("of={}", target.display()),
+        "bs=64k",
+        "seek=4",
+        "oflag=direct",
+        "conv=notrunc",
+    ]);
+    let stats = node
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: id.clone(),
+            volume_path: target.display().to_string(),
+            staging_target_path: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.usage[0].total, 16 * MIB);
+    node.node_unpublish_volume(unpublish_req(&id, &target))
+        .await
+        .unwrap();
+    assert!(!target.exists());
+    node.node_unstage_volume(unstage_req(&id, &staging))
+        .await
+        .unwrap();
+    assert!(leaks(p.dir.path()).is_empty(), "{:?}", leaks(p.dir.path()));
+    let head = head_layer(&p);
+    qemu::check_clean(&head);
+    let raw = p.dir.path().join("head.raw");
+    qemu::to_raw(&head, &raw);
+    let data = std::fs::read(&raw).unwrap();
+    assert!(data[256 << 10..(256 << 10) + (1 << 20)] == pattern[..]);
+    assert!(data[..256 << 10].iter().all(|&b| b == 0));
+}
+
+#[tokio::test]
+async fn node_requests_follow_the_argument_and_state_rules() {
+    if !runnable() {
+        return;
+    }
+    let p = Plugin::start().await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "");
+    let id = create(&p, "rules", 16 * MIB, cap.clone()).await;
+    let staging = p.dir.path().join("staging");
+    let target = p.dir.path().join("target");
+    std::fs::create_dir_all(&staging).unwrap();
+    let mut node = p.node().await;
+    let mut no_cap = stage_req(&id, &staging, &cap);
+    no_cap.volume_capability = None;
+    assert_eq!(
+        code(node.node_stage_volume(no_cap).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(node.node_stage_volume(stage_req("", &staging, &cap)).await),
+        Code::InvalidArgument
+    );
+    let mut no_path = stage_req(&id, &staging, &cap);
+    no_path.staging_target_path.clear();
+    assert_eq!(
+        code(node.node_stage_volume(no_path).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            node.node_stage_volume(stage_req("fake-vol-id", &staging, &cap))
+                .await
+        ),
+        Code::NotFound
+    );
+    // Publish before stage.
+    assert_eq!(
+        code(
+            node.node_publish_volume(publish_req(&id, &staging, &target, &cap))
+                .await
+        ),
+        Code::FailedPrecondition
+    );
+    let mut no_target = publish_req(&id, &staging, &target, &cap);
+    no_target.target_path.clear();
+    assert_eq!(
+        code(node.node_publish_volume(no_target).await),
+        Code::InvalidArgument
+    );
+    // Unpublish and unstage of what was never there: OK.
+    node.node_unpublish_volume(unpublish_req(&id, &target))
+        .await
+        .unwrap();
+    node.node_unstage_volume(unstage_req(&id, &staging))
+        .await
+        .unwrap();
+    assert_eq!(
+        code(node.node_unstage_volume(unstage_req("", &staging)).await),
+        Code::InvalidArgument
+    );
+    // Stats: unknown volume, unstaged volume and wrong path are NOT_FOUND.
+    let stats = |id: &str, path: &str| NodeGetVolumeStatsRequest {
+        volume_id: id.into(),
+        volume_path: path.into(),
+        staging_target_path: String::new(),
+    };
+    assert_eq!(
+        code(node.node_get_volume_stats(stats("", "/x")).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(node.node_get_volume_stats(stats(&id, "")).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(node.node_get_volume_stats(stats("fake-vol-id", "/x")).await),
+        Code::NotFound
+    );
+    node.node_stage_volume(stage_req(&id, &staging, &cap))
+        .await
+        .unwrap();
+    assert_eq!(
+        code(node.node_get_volume_stats(stats(&id, "/some/path")).await),
+        Code::NotFound
+    );
+    // Staged elsewhere: a second staging path is refused.
+    let other = p.dir.path().join("staging2");
+    std::fs::create_dir_all(&other).unwrap();
+    assert_eq!(
+        code(node.node_stage_volume(stage_req(&id, &other, &cap)).await),
+        Code::AlreadyExists
+    );
+    node.node_unstage_volume(unstage_req(&id, &staging))
+        .await
+        .unwrap();
+    assert!(leaks(p.dir.path()).is_empty(), "{:?}", leaks(p.dir.path()));
+    let info = node
+        .node_get_info(NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.node_id, NODE);
+    assert_eq!(
+        info.accessible_topology.unwrap().segments["topology.qcow2.csi.dev/node"],
+        NODE
+    );
+}
+
+#[tokio::test]
+async fn a_crash_during_stage_can_be_retried_after_restart() {
+    if !runnable() {
+        return;
+    }
+    let mut p = Plugin::start().await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4");
+    let id = create(&p, "crash", 64 * MIB, cap.clone()).await;
+    let staging = p.dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    p.restart_with(&[("QCOW2_CSI_FAILPOINT", "stage-after-attach")])
+        .await;
+    assert!(
+        p.node()
+            .await
+            .node_stage_volume(stage_req(&id, &staging, &cap))
+            .await
+            .is_err()
+    );
+    assert!(p.wait_crash(), "the failpoint fired");
+    p.restart_with(&[]).await;
+    let mut node = p.node().await;
+    node.node_stage_volume(stage_req(&id, &staging, &cap))
+        .await
+        .unwrap();
+    std::fs::write(staging.join("after-crash"), "ok").unwrap();
+    node.node_unstage_volume(unstage_req(&id, &staging))
+        .await
+        .unwrap();
+    assert!(leaks(p.dir.path()).is_empty(), "{:?}", leaks(p.dir.path()));
+    qemu::check_clean(&head_layer(&p));
+}
