@@ -9,7 +9,7 @@ help: ## List targets
 build: ## Build everything (release)
 	$(CARGO) build --release --workspace
 
-demo: ## Build qcow2util and show it working on a fresh image
+demo: ## qcow2util on a fresh image, then the CSI plugin run locally and driven by a client
 	./hack/demo.sh
 
 test: ## Run the whole test suite, installing its dependencies when missing

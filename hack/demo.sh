@@ -24,3 +24,34 @@ echo "== overlay on top, and its chain"
 echo "== round trip back to raw"
 "$bin" dd -i "$work/overlay.qcow2" -f qcow2 -o "$work/back.raw" -O raw
 cmp "$work/data.raw" "$work/back.raw" && echo "round trip: identical"
+
+echo
+echo "== the CSI plugin: qcow2-csi serve with local defaults, driven by examples/csi_client.rs"
+cargo build --release --bin qcow2-csi --example csi_client
+state="$work/state"
+sock="unix://$work/csi.sock"
+target/release/qcow2-csi serve --endpoint "$sock" --node-id "$(hostname)" --state-dir "$state" 2>"$work/plugin.log" &
+plugin=$!
+trap 'kill $plugin 2>/dev/null || true; rm -rf "$work"' EXIT
+client=target/release/examples/csi_client
+for _ in $(seq 100); do "$client" "$sock" info >/dev/null 2>&1 && break; sleep 0.1; done
+"$client" "$sock" info
+"$client" "$sock" create demo-volume 1073741824
+"$client" "$sock" list
+vol=$("$client" "$sock" list | awk '{print $1}')
+echo "== the volume's head layer"
+"$bin" info -f "$state"/layers/*.qcow2 --pretty
+if [ "$(id -u)" -eq 0 ] && command -v nbdfuse >/dev/null && [ -e /dev/fuse ]; then
+  echo "== stage it (export, attach, mkfs, mount), write a file, unstage"
+  mkdir -p "$work/staging"
+  "$client" "$sock" stage "$vol" "$work/staging"
+  echo "written through the filesystem on $vol" > "$work/staging/hello.txt"
+  df -h "$work/staging" | tail -1
+  "$client" "$sock" unstage "$vol" "$work/staging"
+else
+  echo "(stage skipped: needs root, nbdfuse and /dev/fuse)"
+fi
+"$client" "$sock" delete "$vol"
+kill -TERM $plugin && wait $plugin
+echo "== plugin log"
+cat "$work/plugin.log"
