@@ -479,3 +479,126 @@ async fn a_crash_during_stage_can_be_retried_after_restart() {
     assert!(leaks(p.dir.path()).is_empty(), "{:?}", leaks(p.dir.path()));
     qemu::check_clean(&head_layer(&p));
 }
+
+async fn bytes_total(
+    node: &mut csi_proto::v1::node_client::NodeClient<tonic::transport::Channel>,
+    id: &str,
+    path: &Path,
+) -> i64 {
+    node.node_get_volume_stats(NodeGetVolumeStatsRequest {
+        volume_id: id.into(),
+        volume_path: path.display().to_string(),
+        staging_target_path: String::new(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .usage
+    .into_iter()
+    .find(|u| u.unit() == volume_usage::Unit::Bytes)
+    .unwrap()
+    .total
+}
+
+#[tokio::test]
+async fn expansion_grows_image_and_filesystem_at_the_next_stage_through_nbdfuse() {
+    if !runnable() {
+        return;
+    }
+    let p = Plugin::start().await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4");
+    let id = create(&p, "grow", 64 * MIB, cap.clone()).await;
+    let staging = p.dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let mut node = p.node().await;
+    let mut ctl = p.controller().await;
+    node.node_stage_volume(stage_req(&id, &staging, &cap))
+        .await
+        .unwrap();
+    std::fs::write(staging.join("keep"), "kept").unwrap();
+    let before = bytes_total(&mut node, &id, &staging).await;
+    assert!(before <= 64 * MIB);
+    let expand_ctl = |size: i64| ControllerExpandVolumeRequest {
+        volume_id: id.clone(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: size,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    };
+    let node_expand = |size: i64| NodeExpandVolumeRequest {
+        volume_id: id.clone(),
+        volume_path: staging.display().to_string(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: size,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    };
+    // Staged: the controller records the size and hands the growth to the node.
+    let r = ctl
+        .controller_expand_volume(expand_ctl(128 * MIB))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 128 * MIB);
+    assert!(r.node_expansion_required);
+    // nbdfuse cannot grow a device in use: refused before anything changes.
+    let s = node
+        .node_expand_volume(node_expand(128 * MIB))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    assert_eq!(bytes_total(&mut node, &id, &staging).await, before);
+    // The next stage grows image, device and filesystem.
+    node.node_unstage_volume(unstage_req(&id, &staging))
+        .await
+        .unwrap();
+    node.node_stage_volume(stage_req(&id, &staging, &cap))
+        .await
+        .unwrap();
+    let after = bytes_total(&mut node, &id, &staging).await;
+    assert!(after > before + 48 * MIB, "{before} -> {after}");
+    assert_eq!(
+        std::fs::read_to_string(staging.join("keep")).unwrap(),
+        "kept"
+    );
+    // NodeExpandVolume at the size it already has: nothing to do, OK.
+    let done = node
+        .node_expand_volume(node_expand(128 * MIB))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.capacity_bytes, 128 * MIB);
+    // Unstaged: the controller grows the image itself; the next stage grows the filesystem.
+    node.node_unstage_volume(unstage_req(&id, &staging))
+        .await
+        .unwrap();
+    ctl.controller_expand_volume(expand_ctl(192 * MIB))
+        .await
+        .unwrap();
+    assert_eq!(qemu::info(&head_layer(&p))["virtual-size"], 192 * MIB);
+    node.node_stage_volume(stage_req(&id, &staging, &cap))
+        .await
+        .unwrap();
+    assert!(bytes_total(&mut node, &id, &staging).await > after + 48 * MIB);
+    assert_eq!(
+        std::fs::read_to_string(staging.join("keep")).unwrap(),
+        "kept"
+    );
+    node.node_unstage_volume(unstage_req(&id, &staging))
+        .await
+        .unwrap();
+    assert!(leaks(p.dir.path()).is_empty(), "{:?}", leaks(p.dir.path()));
+    qemu::check_clean(&head_layer(&p));
+    // Unknown volumes and paths.
+    let mut bad = node_expand(MIB);
+    bad.volume_id = "fake-vol-id".into();
+    assert_eq!(code(node.node_expand_volume(bad).await), Code::NotFound);
+    let mut nopath = node_expand(MIB);
+    nopath.volume_path.clear();
+    assert_eq!(
+        code(node.node_expand_volume(nopath).await),
+        Code::InvalidArgument
+    );
+}

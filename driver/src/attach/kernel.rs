@@ -314,6 +314,17 @@ impl KernelDevice {
         })
     }
 
+    /// Grows the device to `size` bytes online (the export must already be that large).
+    pub fn resize(&mut self, size: u64) -> Result<()> {
+        match &mut self.control {
+            Control::Netlink(nl) => nl.resize(self.index, &self.backend, size),
+            Control::Ioctl { .. } => Err(Error::attach(
+                format!("growing nbd{}", self.index),
+                "a device set up with ioctls cannot change size while running",
+            )),
+        }
+    }
+
     /// The block device (`/dev/nbdN`).
     pub fn device(&self) -> &Path {
         &self.device
@@ -649,6 +660,23 @@ mod tests {
         assert_eq!(&disconnect[20..], [8, 0, 1, 0, 5, 0, 0, 0].map(u8::to_le));
         // The kernel's FLUSH, then the one at detach.
         assert_eq!(rig.mem.flushes.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_netlink_device_grows_online_with_reconfigure() {
+        let rig = Rig::new();
+        rig.set_backend("vol-1");
+        let mut dev =
+            KernelDevice::connect(rig.server.clone(), "vol-1", &rig.opts, rig.transport()).unwrap();
+        dev.resize(4 << 20).unwrap();
+        let msg = rig
+            .sent(nbd::CMD_RECONFIGURE)
+            .pop()
+            .expect("a RECONFIGURE was sent");
+        assert_eq!(u64_attr(&msg, nbd::ATTR_SIZE_BYTES), Some(4 << 20));
+        assert!(msg.windows(6).any(|w| w == b"vol-1\0"));
+        assert!(attrs(&msg[20..]).all(|(k, _)| k != nbd::ATTR_SOCKETS));
+        dev.detach().unwrap();
     }
 
     #[test]

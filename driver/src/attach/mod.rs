@@ -65,6 +65,23 @@ impl Attached {
         }
     }
 
+    /// Grows the device to `size` bytes while it is in use. Only the kernel's nbd driver can:
+    /// the nbdfuse file keeps the size it had at attach (grow by attaching again).
+    pub fn resize(&mut self, size: u64) -> Result<()> {
+        match self {
+            Attached::Kernel(k) => k.resize(size),
+            Attached::Fuse(_) => Err(Error::FailedPrecondition(
+                "an nbdfuse-attached volume cannot grow while staged; it grows at the next stage"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Whether [`Attached::resize`] can work.
+    pub fn can_resize(&self) -> bool {
+        matches!(self, Attached::Kernel(_))
+    }
+
     /// Tears the device down and flushes the volume.
     pub fn detach(self) -> Result<()> {
         match self {

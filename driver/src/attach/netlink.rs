@@ -336,6 +336,17 @@ impl<T: Transport> Nbd<T> {
         self.run("netlink RECONFIGURE", &mut msg, seq).map(drop)
     }
 
+    /// RECONFIGURE a running device's size (online growth). The backend identifier must match.
+    pub fn resize(&mut self, index: u32, backend: &str, size: u64) -> Result<()> {
+        let seq = self.next_seq();
+        let mut msg = Message::new(self.family, seq, nbd::CMD_RECONFIGURE, nbd::VERSION);
+        msg.u32(nbd::ATTR_INDEX, index)
+            .string(nbd::ATTR_BACKEND_IDENTIFIER, backend)
+            .u64(nbd::ATTR_SIZE_BYTES, size);
+        self.run("netlink RECONFIGURE (size)", &mut msg, seq)
+            .map(drop)
+    }
+
     /// DISCONNECT a device. The kernel checks no ownership: callers check the backend first.
     pub fn disconnect(&mut self, index: u32) -> Result<()> {
         let seq = self.next_seq();
@@ -589,6 +600,21 @@ mod tests {
             &[12, 0, 4, 0,  0, 0, 0, 0, 0, 0, 0, 0],                         // TIMEOUT 0
             &[12, 0, 8, 0,  0x2c, 0x01, 0, 0, 0, 0, 0, 0],                   // DEAD_CONN_TIMEOUT 300
             &[16, 0, 7, 0x80,  12, 0, 1, 0x80,  8, 0, 1, 0,  9, 0, 0, 0],    // SOCKETS { ITEM { FD 9 } }
+        ].concat();
+        assert_eq!(nbd.transport.sent[1], expected);
+    }
+
+    #[rustfmt::skip]
+    #[test]
+    fn resize_reconfigures_the_size_of_the_named_device() {
+        let mut nbd = client(vec![ack(2, 0)]);
+        nbd.resize(3, "vol", 2 << 30).unwrap();
+        let expected: Vec<u8> = [
+            &[48u8, 0, 0, 0,  0x1c, 0,  5, 0,  2, 0, 0, 0,  0, 0, 0, 0][..],
+            &[3, 1, 0, 0],                                                   // RECONFIGURE
+            &[8, 0, 1, 0,  3, 0, 0, 0],                                      // INDEX 3
+            &[8, 0, 10, 0,  b'v', b'o', b'l', 0],                            // BACKEND "vol\0"
+            &[12, 0, 2, 0,  0, 0, 0, 0x80, 0, 0, 0, 0],                      // SIZE_BYTES 2 GiB
         ].concat();
         assert_eq!(nbd.transport.sent[1], expected);
     }

@@ -333,8 +333,15 @@ impl ControllerService {
                 ..
             }))
         );
-        let node_expansion_required = !block_use && rec.access.contains(&AccessType::Mount);
-        if size > rec.size {
+        let staged = self.0.node.is_staged(&rec.id);
+        // A staged volume's image is open on the node: record the size, and the node grows
+        // image, device and filesystem (NodeExpandVolume, or the next NodeStage).
+        let node_expansion_required =
+            staged || (!block_use && rec.access.contains(&AccessType::Mount));
+        if size > rec.size && staged {
+            rec.size = size;
+            self.0.state()?.put_volume(rec.clone())?;
+        } else if size > rec.size {
             let path = self.0.state()?.layer_path(&rec.head);
             let layers = self.0.state()?.layers_dir();
             let image = Image::open(

@@ -27,8 +27,8 @@ pub struct Staged {
     pub staging: PathBuf,
     pub cap: Checked,
     pub device: PathBuf,
-    /// The open head layer (flushed at shutdown).
-    image: Arc<dyn BlockDevice>,
+    /// The open head layer (flushed at shutdown, grown by NodeExpandVolume).
+    image: Arc<Image>,
     attached: Mutex<Option<Attached>>,
     published: Mutex<BTreeSet<PathBuf>>,
 }
@@ -118,6 +118,56 @@ fn clear_leftovers(staging: &Path, work: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Whether the ext4 filesystem on `device` is smaller than the device (after an expansion).
+fn ext4_smaller_than_device(device: &Path) -> Result<bool> {
+    let header = run(Command::new("dumpe2fs").arg("-h").arg(device))?;
+    let field = |name: &str| -> Option<u64> {
+        header
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let (Some(blocks), Some(block)) = (field("Block count:"), field("Block size:")) else {
+        return Err(Error::Internal(format!(
+            "dumpe2fs {}: no block count or size",
+            device.display()
+        )));
+    };
+    let dev_size: u64 = run(Command::new("blockdev").arg("--getsize64").arg(device))?
+        .parse()
+        .map_err(|e| Error::Internal(format!("blockdev --getsize64: {e}")))?;
+    Ok(blocks.saturating_mul(block) + block <= dev_size)
+}
+
+/// Grows an unmounted ext4 filesystem to its device (offline resize needs a clean check
+/// first; it also needs no CAP_SYS_RESOURCE, unlike an online one).
+fn grow_ext4_offline(device: &Path) -> Result<()> {
+    let fsck = Command::new("e2fsck")
+        .args(["-f", "-p"])
+        .arg(device)
+        .output()
+        .map_err(|e| Error::Internal(format!("e2fsck: {e}")))?;
+    // 0: clean, 1: errors corrected; anything else needs a human.
+    if !matches!(fsck.status.code(), Some(0 | 1)) {
+        return Err(Error::FailedPrecondition(format!(
+            "e2fsck {} before growing it: {}",
+            device.display(),
+            String::from_utf8_lossy(&fsck.stdout).trim()
+        )));
+    }
+    run(Command::new("resize2fs").arg(device)).map(drop)
+}
+
+/// Grows the filesystem mounted at `mountpoint` from `device` to the device's size (a no-op
+/// when it already fills it).
+fn grow_fs(device: &Path, mountpoint: &Path) -> Result<()> {
+    match mounts::fs_on(device)?.as_deref() {
+        Some("ext4") => run(Command::new("resize2fs").arg(device)).map(drop),
+        Some("xfs") => run(Command::new("xfs_growfs").arg(mountpoint)).map(drop),
+        _ => Ok(()),
+    }
+}
+
 impl NodeService {
     fn plugin(&self) -> &Plugin {
         &self.0
@@ -172,9 +222,17 @@ impl NodeService {
             },
         )
         .map_err(|e| Error::Internal(format!("opening {}: {e}", head.display())))?;
-        let device: Arc<dyn BlockDevice> = Arc::new(image);
+        // ControllerExpandVolume of a staged volume only recorded the size: grow to it now.
+        if image.size() < rec.size && !cap.read_only_mode {
+            image
+                .resize(rec.size)
+                .and_then(|()| image.flush())
+                .map_err(|e| Error::Internal(format!("growing {}: {e}", head.display())))?;
+        }
+        let image = Arc::new(image);
+        let device: Arc<dyn BlockDevice> = image.clone();
         let server = Arc::new(Server::new(
-            vec![Export::new(rec.id.clone(), device.clone())],
+            vec![Export::new(rec.id.clone(), device)],
             Limits {
                 io_flusher: true,
                 ..Limits::default()
@@ -204,7 +262,12 @@ impl NodeService {
                         mkfs.arg("-q").args(&params.mkfs_options).arg(&dev);
                         run(&mut mkfs)?;
                     }
-                    Some(t) if t == fs.as_str() || cap.fs_type.is_none() => {}
+                    Some(t) if t == fs.as_str() || cap.fs_type.is_none() => {
+                        // After an expansion the device is larger than the filesystem.
+                        if t == "ext4" && !cap.read_only_mode && ext4_smaller_than_device(&dev)? {
+                            grow_ext4_offline(&dev)?;
+                        }
+                    }
                     Some(t) => {
                         return Err(Error::FailedPrecondition(format!(
                             "the volume holds {t}, not {}",
@@ -223,6 +286,10 @@ impl NodeService {
                     mount.arg("-o").arg(opts.join(","));
                 }
                 run(mount.arg(&dev).arg(&staging))?;
+                if !cap.read_only_mode && mounts::fs_on(&dev)?.as_deref() == Some("xfs") {
+                    // xfs grows only mounted (a no-op when it already fills the device).
+                    run(Command::new("xfs_growfs").arg(&staging))?;
+                }
             }
             Ok(())
         };
@@ -241,7 +308,7 @@ impl NodeService {
                     staging,
                     cap,
                     device: dev,
-                    image: device,
+                    image,
                     attached: Mutex::new(Some(attached)),
                     published: Mutex::new(BTreeSet::new()),
                 }),
@@ -368,6 +435,64 @@ impl NodeService {
                 .remove(&target);
         }
         Ok(())
+    }
+
+    /// Grows a staged volume online: the image, the block device, the filesystem. Checks
+    /// that the device can grow before changing anything.
+    fn expand(&self, req: NodeExpandVolumeRequest) -> Result<u64> {
+        required(&req.volume_id, "volume_id")?;
+        let path = absolute(&req.volume_path, "volume_path")?;
+        let mut rec = self
+            .0
+            .state()?
+            .volume(&req.volume_id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("no volume {:?}", req.volume_id)))?;
+        let _held = self.0.locks.try_lock(req.volume_id.clone())?;
+        let s = self.0.node.get(&req.volume_id).ok_or_else(|| {
+            Error::NotFound(format!("volume {} is not staged here", req.volume_id))
+        })?;
+        let published = s
+            .published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&path);
+        if s.staging != path && !published {
+            return Err(Error::NotFound(format!(
+                "volume {} is not at {}",
+                req.volume_id,
+                path.display()
+            )));
+        }
+        let size = match &req.capacity_range {
+            Some(r) if r.required_bytes > 0 || r.limit_bytes > 0 => {
+                super::controller::size_for(Some(r))?.max(rec.size)
+            }
+            _ => rec.size,
+        };
+        let mut attached = s.attached.lock().unwrap_or_else(|e| e.into_inner());
+        let attached = attached
+            .as_mut()
+            .ok_or_else(|| Error::FailedPrecondition("the volume is being unstaged".into()))?;
+        if size > s.image.size() {
+            if !attached.can_resize() {
+                return attached.resize(size).map(|()| size); // the explanation
+            }
+            s.image
+                .resize(size)
+                .and_then(|()| s.image.flush())
+                .map_err(|e| Error::Internal(format!("growing the image: {e}")))?;
+            attached.resize(size)?;
+        }
+        if s.cap.access == AccessType::Mount {
+            grow_fs(&s.device, &s.staging)?;
+        }
+        if size > rec.size {
+            rec.size = size;
+            self.0.state()?.put_volume(rec)?;
+        }
+        tracing::info!(volume = %req.volume_id, size, "expanded on the node");
+        Ok(size)
     }
 
     fn stats(&self, req: NodeGetVolumeStatsRequest) -> Result<NodeGetVolumeStatsResponse> {
@@ -497,9 +622,16 @@ impl Node for NodeService {
 
     async fn node_expand_volume(
         &self,
-        _: Request<NodeExpandVolumeRequest>,
+        req: Request<NodeExpandVolumeRequest>,
     ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
-        Err(Error::Unimplemented("NodeExpandVolume is not offered yet".into()).into())
+        let this = self.clone();
+        let size = self
+            .0
+            .blocking(move || this.expand(req.into_inner()))
+            .await?;
+        Ok(Response::new(NodeExpandVolumeResponse {
+            capacity_bytes: size as i64,
+        }))
     }
 
     async fn node_get_capabilities(
@@ -509,6 +641,7 @@ impl Node for NodeService {
         let capabilities = [
             rpc::Type::StageUnstageVolume,
             rpc::Type::GetVolumeStats,
+            rpc::Type::ExpandVolume,
             rpc::Type::VolumeCondition,
             rpc::Type::SingleNodeMultiWriter,
         ]
