@@ -602,3 +602,67 @@ async fn expansion_grows_image_and_filesystem_at_the_next_stage_through_nbdfuse(
         Code::InvalidArgument
     );
 }
+
+#[tokio::test]
+async fn single_writer_volumes_publish_once_and_max_volumes_is_enforced() {
+    if !runnable() {
+        return;
+    }
+    let p = Plugin::start_with_args(&["--max-volumes", "1"]).await;
+    let info = p
+        .node()
+        .await
+        .node_get_info(NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.max_volumes_per_node, 1);
+    let cap = mount_cap(Mode::SingleNodeSingleWriter, "ext4");
+    let a = create(&p, "a", 32 * MIB, cap.clone()).await;
+    let b = create(&p, "b", 32 * MIB, cap.clone()).await;
+    let (sa, sb) = (p.dir.path().join("sa"), p.dir.path().join("sb"));
+    let (t1, t2) = (p.dir.path().join("t1"), p.dir.path().join("t2"));
+    for d in [&sa, &sb] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let mut node = p.node().await;
+    node.node_stage_volume(stage_req(&a, &sa, &cap))
+        .await
+        .unwrap();
+    assert_eq!(
+        code(node.node_stage_volume(stage_req(&b, &sb, &cap)).await),
+        Code::ResourceExhausted
+    );
+    node.node_publish_volume(publish_req(&a, &sa, &t1, &cap))
+        .await
+        .unwrap();
+    node.node_publish_volume(publish_req(&a, &sa, &t1, &cap))
+        .await
+        .unwrap();
+    assert_eq!(
+        code(
+            node.node_publish_volume(publish_req(&a, &sa, &t2, &cap))
+                .await
+        ),
+        Code::FailedPrecondition
+    );
+    node.node_unpublish_volume(unpublish_req(&a, &t1))
+        .await
+        .unwrap();
+    node.node_publish_volume(publish_req(&a, &sa, &t2, &cap))
+        .await
+        .unwrap();
+    node.node_unpublish_volume(unpublish_req(&a, &t2))
+        .await
+        .unwrap();
+    node.node_unstage_volume(unstage_req(&a, &sa))
+        .await
+        .unwrap();
+    node.node_stage_volume(stage_req(&b, &sb, &cap))
+        .await
+        .unwrap();
+    node.node_unstage_volume(unstage_req(&b, &sb))
+        .await
+        .unwrap();
+    assert!(leaks(p.dir.path()).is_empty(), "{:?}", leaks(p.dir.path()));
+}

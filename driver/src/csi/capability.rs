@@ -16,6 +16,8 @@ pub struct Checked {
     pub fs_type: Option<FsType>,
     pub mount_flags: Vec<String>,
     pub read_only_mode: bool,
+    /// SINGLE_NODE_SINGLE_WRITER: one workload (one publish target) at a time.
+    pub single_writer: bool,
 }
 
 /// Why a capability is not supported, or `Ok` with its parts. Missing parts are
@@ -41,12 +43,14 @@ pub fn check(cap: &VolumeCapability) -> Result<Checked> {
             )));
         }
     };
+    let single_writer = mode == Mode::SingleNodeSingleWriter;
     match &cap.access_type {
         Some(ProtoAccess::Block(_)) => Ok(Checked {
             access: AccessType::Block,
             fs_type: None,
             mount_flags: Vec::new(),
             read_only_mode,
+            single_writer,
         }),
         Some(ProtoAccess::Mount(MountVolume {
             fs_type,
@@ -63,6 +67,7 @@ pub fn check(cap: &VolumeCapability) -> Result<Checked> {
                 fs_type: FsType::parse(fs_type)?,
                 mount_flags: mount_flags.clone(),
                 read_only_mode,
+                single_writer,
             })
         }
         None => Err(Error::InvalidArgument(

@@ -383,6 +383,16 @@ impl NodeService {
                 "the publish access type differs from the staged one".into(),
             ));
         }
+        if cap.single_writer {
+            let published = s.published.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(other) = published.iter().find(|t| **t != target) {
+                return Err(Error::FailedPrecondition(format!(
+                    "SINGLE_NODE_SINGLE_WRITER: volume {} is already published at {}",
+                    req.volume_id,
+                    other.display()
+                )));
+            }
+        }
         let source = match cap.access {
             AccessType::Mount => {
                 std::fs::create_dir_all(&target)

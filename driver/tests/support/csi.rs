@@ -16,6 +16,8 @@ pub const NODE: &str = "node-a";
 /// A plugin process with its own state directory and socket; killed when dropped.
 pub struct Plugin {
     child: Option<Child>,
+    /// Extra `serve` arguments, kept across restarts.
+    args: Vec<String>,
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub state: PathBuf,
@@ -23,11 +25,16 @@ pub struct Plugin {
 
 impl Plugin {
     pub async fn start() -> Plugin {
+        Plugin::start_with_args(&[]).await
+    }
+
+    pub async fn start_with_args(args: &[&str]) -> Plugin {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("csi.sock");
         let state = dir.path().join("state");
         let mut p = Plugin {
             child: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
             dir,
             socket,
             state,
@@ -45,6 +52,7 @@ impl Plugin {
             .arg(format!("unix://{}", self.socket.display()))
             .args(["--node-id", NODE, "--state-dir"])
             .arg(&self.state)
+            .args(&self.args)
             .envs(env.iter().copied())
             .stderr(Stdio::null())
             .spawn()
