@@ -447,18 +447,15 @@ async fn node_requests_follow_the_argument_and_state_rules() {
     );
 }
 
-#[tokio::test]
-async fn a_crash_during_stage_can_be_retried_after_restart() {
-    if !runnable() {
-        return;
-    }
+/// Kills the plugin at `point` during the first NodeStage of a fresh ext4 volume, restarts
+/// it, and checks the retry stages a working filesystem and unstages without leaks.
+async fn crash_during_stage(point: &str) {
     let mut p = Plugin::start().await;
     let cap = mount_cap(Mode::SingleNodeWriter, "ext4");
     let id = create(&p, "crash", 64 * MIB, cap.clone()).await;
     let staging = p.dir.path().join("staging");
     std::fs::create_dir_all(&staging).unwrap();
-    p.restart_with(&[("QCOW2_CSI_FAILPOINT", "stage-after-attach")])
-        .await;
+    p.restart_with(&[("QCOW2_CSI_FAILPOINT", point)]).await;
     assert!(
         p.node()
             .await
@@ -466,13 +463,96 @@ async fn a_crash_during_stage_can_be_retried_after_restart() {
             .await
             .is_err()
     );
-    assert!(p.wait_crash(), "the failpoint fired");
+    assert!(p.wait_crash(), "the failpoint {point} fired");
     p.restart_with(&[]).await;
     let mut node = p.node().await;
     node.node_stage_volume(stage_req(&id, &staging, &cap))
         .await
         .unwrap();
     std::fs::write(staging.join("after-crash"), "ok").unwrap();
+    node.node_unstage_volume(unstage_req(&id, &staging))
+        .await
+        .unwrap();
+    assert!(
+        leaks(p.dir.path()).is_empty(),
+        "{point}: {:?}",
+        leaks(p.dir.path())
+    );
+    qemu::check_clean(&head_layer(&p));
+    // The file written after the crash is there on the next stage.
+    node.node_stage_volume(stage_req(&id, &staging, &cap))
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(staging.join("after-crash")).unwrap(),
+        "ok"
+    );
+    node.node_unstage_volume(unstage_req(&id, &staging))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_crash_after_attach_during_stage_can_be_retried_after_restart() {
+    if runnable() {
+        crash_during_stage("stage-after-attach").await;
+    }
+}
+
+#[tokio::test]
+async fn a_crash_after_mkfs_during_stage_can_be_retried_after_restart() {
+    if runnable() {
+        crash_during_stage("stage-after-mkfs").await;
+    }
+}
+
+#[tokio::test]
+async fn a_crash_after_mount_during_stage_can_be_retried_after_restart() {
+    if runnable() {
+        crash_during_stage("stage-after-mount").await;
+    }
+}
+
+#[tokio::test]
+async fn xfs_grows_at_the_next_stage_after_an_offline_expansion() {
+    if !runnable() {
+        return;
+    }
+    let p = Plugin::start().await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "xfs");
+    let id = create(&p, "xfs-grow", 320 * MIB, cap.clone()).await;
+    let staging = p.dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let mut node = p.node().await;
+    node.node_stage_volume(stage_req(&id, &staging, &cap))
+        .await
+        .unwrap();
+    std::fs::write(staging.join("keep"), "kept").unwrap();
+    let before = bytes_total(&mut node, &id, &staging).await;
+    node.node_unstage_volume(unstage_req(&id, &staging))
+        .await
+        .unwrap();
+    p.controller()
+        .await
+        .controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: id.clone(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 640 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    node.node_stage_volume(stage_req(&id, &staging, &cap))
+        .await
+        .unwrap();
+    let after = bytes_total(&mut node, &id, &staging).await;
+    assert!(after > before + 256 * MIB, "{before} -> {after}");
+    assert_eq!(
+        std::fs::read_to_string(staging.join("keep")).unwrap(),
+        "kept"
+    );
     node.node_unstage_volume(unstage_req(&id, &staging))
         .await
         .unwrap();

@@ -112,10 +112,42 @@ fn clear_leftovers(staging: &Path, work: &Path) -> Result<()> {
         }
     }
     let fuse = work.join("fuse");
+    stop_stale_nbdfuse(&work.join("fuse.pid"), &fuse);
     if mounts::is_mount_point(&fuse)? {
         run(Command::new("umount").arg("-l").arg(&fuse))?;
     }
     Ok(())
+}
+
+/// Stops the nbdfuse a previous run left (its NBD connection died with that run, but it
+/// keeps its FUSE mount until told): the pid from its pid file, if that process is an
+/// nbdfuse serving `mountpoint`.
+fn stop_stale_nbdfuse(pidfile: &Path, mountpoint: &Path) {
+    let Some(pid) = std::fs::read_to_string(pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    let ours = args.first().is_some_and(|a| a.ends_with(b"nbdfuse"))
+        && args
+            .iter()
+            .any(|a| a.starts_with(mountpoint.as_os_str().as_encoded_bytes()));
+    if !ours {
+        return;
+    }
+    if let Some(p) = rustix::process::Pid::from_raw(pid) {
+        let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
+        for _ in 0..200 {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+    let _ = std::fs::remove_file(pidfile);
 }
 
 /// Whether the ext4 filesystem on `device` is smaller than the device (after an expansion).
@@ -261,6 +293,7 @@ impl NodeService {
                         let mut mkfs = Command::new(format!("mkfs.{}", fs.as_str()));
                         mkfs.arg("-q").args(&params.mkfs_options).arg(&dev);
                         run(&mut mkfs)?;
+                        failpoint("stage-after-mkfs");
                     }
                     Some(t) if t == fs.as_str() || cap.fs_type.is_none() => {
                         // After an expansion the device is larger than the filesystem.
@@ -286,6 +319,7 @@ impl NodeService {
                     mount.arg("-o").arg(opts.join(","));
                 }
                 run(mount.arg(&dev).arg(&staging))?;
+                failpoint("stage-after-mount");
                 if !cap.read_only_mode && mounts::fs_on(&dev)?.as_deref() == Some("xfs") {
                     // xfs grows only mounted (a no-op when it already fills the device).
                     run(Command::new("xfs_growfs").arg(&staging))?;
