@@ -1,6 +1,5 @@
 //! The Controller service: volumes as qcow2 head layers in this node's state directory.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use csi_proto::v1::controller_server::Controller;
@@ -59,7 +58,7 @@ fn to_volume(plugin: &Plugin, rec: &VolumeRecord) -> Volume {
     Volume {
         capacity_bytes: rec.size as i64,
         volume_id: rec.id.clone(),
-        volume_context: BTreeMap::<String, String>::new().into_iter().collect(),
+        volume_context: Default::default(),
         content_source: None,
         accessible_topology: vec![plugin.topology()],
     }

@@ -328,6 +328,8 @@ impl NodeService {
             Ok(())
         };
         if let Err(e) = finish() {
+            // Undo in reverse: a mount made before the failing step, then the device.
+            let _ = mounts::unmount_if_mounted(&staging);
             let _ = attached.detach();
             return Err(e);
         }
