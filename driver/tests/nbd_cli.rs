@@ -13,23 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use support::Served;
-
-fn qemu_io(uri: &str, cmds: &[&str]) -> String {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for x in cmds {
-        c.args(["-c", x]);
-    }
-    let out = c.arg(uri).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success() && !text.contains("Pattern verification failed"),
-        "qemu-io {cmds:?}: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
-}
+use support::{Served, qemu_io_uri};
 
 fn image(dir: &Path) -> PathBuf {
     let p = dir.join("vol.qcow2");
@@ -52,8 +36,8 @@ fn bind_serves_over_tcp() {
     let port = served.endpoint.rsplit_once(':').unwrap().1.to_string();
     assert_ne!(port, "0", "the real port is reported");
     let uri = format!("nbd://127.0.0.1:{port}");
-    qemu_io(&uri, &["write -P 0x5a 12345 100000"]);
-    qemu_io(&uri, &["read -P 0x5a 12345 100000", "read -P 0 0 12345"]);
+    qemu_io_uri(&uri, &["write -P 0x5a 12345 100000"]);
+    qemu_io_uri(&uri, &["read -P 0x5a 12345 100000", "read -P 0 0 12345"]);
     served.stop();
     qemu::check_clean(&img);
     qemu::io(
@@ -74,7 +58,7 @@ fn without_persistent_the_server_exits_clean_after_the_last_client() {
     let img = image(dir.path());
     let socket = dir.path().join("s.sock");
     let mut served = Served::spawn(&img, &["--socket", socket.to_str().unwrap()]);
-    qemu_io(&unix_uri(&socket), &["write -P 0x11 0 1M"]);
+    qemu_io_uri(&unix_uri(&socket), &["write -P 0x11 0 1M"]);
     let status = served
         .wait_exit(Duration::from_secs(10))
         .expect("the server exits once its only client left");
@@ -116,9 +100,9 @@ fn allocated_after_discards(discard: &str) -> u64 {
     qemu::io(&img, &["write -P 0x77 0 4M".into()]);
     let served = Served::start(&img, &["--discard", discard]);
     let uri = served.uri();
-    qemu_io(&uri, &["discard 0 2M", "write -z -u 2M 2M"]);
+    qemu_io_uri(&uri, &["discard 0 2M", "write -z -u 2M 2M"]);
     // Whatever the policy, zeroed bytes read as zeros; discarded ones are unspecified.
-    qemu_io(&uri, &["read -P 0 2M 2M"]);
+    qemu_io_uri(&uri, &["read -P 0 2M 2M"]);
     served.stop();
     qemu::check_clean(&img);
     qemu::map(&img)
@@ -146,7 +130,7 @@ fn discard_ignore_leaves_discarded_data_in_place() {
     let img = image(dir.path());
     qemu::io(&img, &["write -P 0x77 0 1M".into()]);
     let served = Served::start(&img, &["--discard", "ignore"]);
-    qemu_io(&served.uri(), &["discard 0 1M", "read -P 0x77 0 1M"]);
+    qemu_io_uri(&served.uri(), &["discard 0 1M", "read -P 0x77 0 1M"]);
     served.stop();
     qemu::check_clean(&img);
 }

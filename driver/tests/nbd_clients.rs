@@ -18,23 +18,7 @@ use qcow2_csi::nbd::proto::{
     self, IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC, Request, cmd, cmd_flag, errno, handshake, opt,
     rep,
 };
-use support::Served;
-
-fn qemu_io_uri(uri: &str, cmds: &[&str]) -> String {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for x in cmds {
-        c.args(["-c", x]);
-    }
-    let out = c.arg(uri).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success() && !text.contains("Pattern verification failed"),
-        "qemu-io {cmds:?}: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
-}
+use support::{Served, qemu_io_uri};
 
 fn qcow2(dir: &Path, name: &str, opts: &str) -> PathBuf {
     let p = dir.join(name);

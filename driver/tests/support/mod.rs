@@ -104,3 +104,21 @@ pub fn require_tool(tool: &str, package: &str) -> bool {
     eprintln!("skipped: {tool} ({package}) is not installed");
     false
 }
+
+/// Runs qemu-io commands (one `-c` each) on an NBD URI as a raw device; asserts none failed
+/// and no pattern check missed. Returns qemu-io's output.
+pub fn qemu_io_uri(uri: &str, cmds: &[&str]) -> String {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    let out = c.arg(uri).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && !text.contains("Pattern verification failed"),
+        "qemu-io {cmds:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
