@@ -2,7 +2,7 @@
 //! or a TCP address (the equivalent of `qemu-nbd`).
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -79,20 +79,8 @@ struct AttachArgs {
     /// Private directory for the nbdfuse socket and mount (default: IMAGE.attach/).
     #[arg(long)]
     work_dir: Option<PathBuf>,
-    /// Refuse writes.
-    #[arg(long)]
-    read_only: bool,
-    /// Page cache (writeback) or O_DIRECT (none) for guest data.
-    #[arg(long, default_value = "writeback")]
-    cache: Cache,
-    /// Image format (never probed).
-    #[arg(long, default_value = "qcow2")]
-    format: Format,
-    /// What discards do: free the space (unmap) or nothing (ignore).
-    #[arg(long, default_value = "unmap")]
-    discard: DiscardArg,
-    /// The image.
-    image: PathBuf,
+    #[command(flatten)]
+    image: ImageArgs,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -114,15 +102,22 @@ struct NbdArgs {
     /// Export name (clients asking for "" get this export too).
     #[arg(long, default_value = "")]
     name: String,
-    /// Refuse writes.
-    #[arg(long)]
-    read_only: bool,
     /// Clients connected at once; further clients wait until one leaves.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     shared: u32,
     /// Keep serving after the last client disconnects.
     #[arg(long)]
     persistent: bool,
+    #[command(flatten)]
+    image: ImageArgs,
+}
+
+/// The image and how it is opened and exported: shared by `nbd` and `attach`.
+#[derive(Args, Debug)]
+struct ImageArgs {
+    /// Refuse writes.
+    #[arg(long)]
+    read_only: bool,
     /// Page cache (writeback) or O_DIRECT (none) for guest data.
     #[arg(long, default_value = "writeback")]
     cache: Cache,
@@ -207,14 +202,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// A server of one export: the image opened as asked.
-fn open_server(
-    image: &Path,
-    name: String,
-    read_only: bool,
-    cache: Cache,
-    format: Format,
-    discard: DiscardArg,
-) -> anyhow::Result<Arc<Server>> {
+fn open_server(args: &ImageArgs, name: String) -> anyhow::Result<Arc<Server>> {
+    let ImageArgs {
+        read_only,
+        cache,
+        format,
+        discard,
+        ref image,
+    } = *args;
     let opts = OpenOptions {
         writable: !read_only,
         backing: BackingPolicy::Allow,
@@ -257,15 +252,8 @@ fn mode_of(m: AttachMode) -> Mode {
 }
 
 fn attach(args: AttachArgs) -> anyhow::Result<()> {
-    let image = &args.image;
-    let server = open_server(
-        image,
-        String::new(),
-        args.read_only,
-        args.cache,
-        args.format,
-        args.discard,
-    )?;
+    let image = &args.image.image;
+    let server = open_server(&args.image, String::new())?;
     let id = match args.id {
         Some(id) => id,
         None => image
@@ -309,15 +297,8 @@ fn attach(args: AttachArgs) -> anyhow::Result<()> {
 }
 
 fn nbd(args: NbdArgs) -> anyhow::Result<()> {
-    let image = &args.image;
-    let server = open_server(
-        image,
-        args.name,
-        args.read_only,
-        args.cache,
-        args.format,
-        args.discard,
-    )?;
+    let image = &args.image.image;
+    let server = open_server(&args.image, args.name)?;
     let endpoint = match (args.socket, args.bind) {
         (Some(path), _) => Endpoint::Unix(path),
         (None, Some(addr)) => Endpoint::Tcp(addr),
