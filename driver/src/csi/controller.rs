@@ -203,17 +203,6 @@ impl ControllerService {
         Ok(())
     }
 
-    fn record(&self, id: &str) -> Result<VolumeRecord> {
-        if id.is_empty() {
-            return Err(Error::InvalidArgument("volume_id is required".into()));
-        }
-        self.0
-            .state()?
-            .volume(id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("no volume {id:?}")))
-    }
-
     fn validate(
         &self,
         req: ValidateVolumeCapabilitiesRequest,
@@ -226,7 +215,7 @@ impl ControllerService {
                 "volume_capabilities is required".into(),
             ));
         }
-        let rec = self.record(&req.volume_id)?;
+        let rec = self.0.volume_record(&req.volume_id)?;
         let unsupported = req
             .volume_capabilities
             .iter()
@@ -324,7 +313,7 @@ impl ControllerService {
         }
         let size = size_for(Some(&range))?;
         let _held = self.0.locks.try_lock(req.volume_id.clone())?;
-        let mut rec = self.record(&req.volume_id)?;
+        let mut rec = self.0.volume_record(&req.volume_id)?;
         let block_use = matches!(
             req.volume_capability.as_ref().map(capability::check),
             Some(Ok(capability::Checked {
@@ -508,7 +497,7 @@ impl Controller for ControllerService {
         req: Request<ControllerGetVolumeRequest>,
     ) -> Result<Response<ControllerGetVolumeResponse>, Status> {
         let id = req.into_inner().volume_id;
-        let rec = self.record(&id)?;
+        let rec = self.0.volume_record(&id)?;
         let head_present = self.0.state()?.layer_path(&rec.head).exists();
         Ok(Response::new(ControllerGetVolumeResponse {
             volume: Some(to_volume(&self.0, &rec)),

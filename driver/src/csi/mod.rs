@@ -104,6 +104,18 @@ impl Plugin {
         Ok(StateGuard(g))
     }
 
+    /// The record of volume `id`: INVALID_ARGUMENT without an id, NOT_FOUND for any id that
+    /// names no volume (malformed ones included).
+    pub fn volume_record(&self, id: &str) -> Result<state::VolumeRecord> {
+        if id.is_empty() {
+            return Err(Error::InvalidArgument("volume_id is required".into()));
+        }
+        self.state()?
+            .volume(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("no volume {id:?}")))
+    }
+
     /// This node's topology segment.
     pub fn topology(&self) -> csi_proto::v1::Topology {
         csi_proto::v1::Topology {

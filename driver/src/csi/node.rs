@@ -214,11 +214,7 @@ impl NodeService {
                 .as_ref()
                 .ok_or_else(|| Error::InvalidArgument("volume_capability is required".into()))?,
         )?;
-        let rec = plugin
-            .state()?
-            .volume(&req.volume_id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("no volume {:?}", req.volume_id)))?;
+        let rec = plugin.volume_record(&req.volume_id)?;
         let _held = plugin.locks.try_lock(req.volume_id.clone())?;
         if let Some(s) = plugin.node.get(&req.volume_id) {
             if s.staging == staging
@@ -283,7 +279,8 @@ impl NodeService {
         let dev = attached.device().to_path_buf();
         let finish = || -> Result<()> {
             if cap.access == AccessType::Mount {
-                match mounts::fs_on(&dev)? {
+                // The filesystem on the device once this is done: found, or made.
+                let on_disk = match mounts::fs_on(&dev)? {
                     None if cap.read_only_mode => {
                         return Err(Error::FailedPrecondition(
                             "a blank volume cannot be formatted read-only".into(),
@@ -294,12 +291,14 @@ impl NodeService {
                         mkfs.arg("-q").args(&params.mkfs_options).arg(&dev);
                         run(&mut mkfs)?;
                         failpoint("stage-after-mkfs");
+                        fs.as_str().to_string()
                     }
                     Some(t) if t == fs.as_str() || cap.fs_type.is_none() => {
                         // After an expansion the device is larger than the filesystem.
                         if t == "ext4" && !cap.read_only_mode && ext4_smaller_than_device(&dev)? {
                             grow_ext4_offline(&dev)?;
                         }
+                        t
                     }
                     Some(t) => {
                         return Err(Error::FailedPrecondition(format!(
@@ -307,7 +306,7 @@ impl NodeService {
                             fs.as_str()
                         )));
                     }
-                }
+                };
                 std::fs::create_dir_all(&staging)
                     .map_err(|e| Error::Internal(format!("creating {}: {e}", staging.display())))?;
                 let mut opts = cap.mount_flags.clone();
@@ -320,7 +319,7 @@ impl NodeService {
                 }
                 run(mount.arg(&dev).arg(&staging))?;
                 failpoint("stage-after-mount");
-                if !cap.read_only_mode && mounts::fs_on(&dev)?.as_deref() == Some("xfs") {
+                if !cap.read_only_mode && on_disk == "xfs" {
                     // xfs grows only mounted (a no-op when it already fills the device).
                     run(Command::new("xfs_growfs").arg(&staging))?;
                 }
@@ -488,12 +487,7 @@ impl NodeService {
     fn expand(&self, req: NodeExpandVolumeRequest) -> Result<u64> {
         required(&req.volume_id, "volume_id")?;
         let path = absolute(&req.volume_path, "volume_path")?;
-        let mut rec = self
-            .0
-            .state()?
-            .volume(&req.volume_id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("no volume {:?}", req.volume_id)))?;
+        let mut rec = self.0.volume_record(&req.volume_id)?;
         let _held = self.0.locks.try_lock(req.volume_id.clone())?;
         let s = self.0.node.get(&req.volume_id).ok_or_else(|| {
             Error::NotFound(format!("volume {} is not staged here", req.volume_id))
@@ -545,12 +539,7 @@ impl NodeService {
         required(&req.volume_id, "volume_id")?;
         required(&req.volume_path, "volume_path")?;
         let path = PathBuf::from(&req.volume_path);
-        let rec = self
-            .0
-            .state()?
-            .volume(&req.volume_id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("no volume {:?}", req.volume_id)))?;
+        let rec = self.0.volume_record(&req.volume_id)?;
         let s = self.0.node.get(&req.volume_id).ok_or_else(|| {
             Error::NotFound(format!("volume {} is not staged here", req.volume_id))
         })?;
