@@ -955,25 +955,16 @@ mod tests {
             written: Condvar::new(),
         };
         let server = Server::new(vec![Export::new("", Arc::new(dev))], Limits::default());
-        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
         theirs
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         std::thread::scope(|s| {
             s.spawn(|| server.serve(ours).unwrap());
-            let mut hello = [0u8; 18];
-            theirs.read_exact(&mut hello).unwrap();
-            theirs
-                .write_all(
-                    &u32::from(handshake::FIXED_NEWSTYLE | handshake::NO_ZEROES).to_be_bytes(),
-                )
-                .unwrap();
-            let mut m = IHAVEOPT.to_be_bytes().to_vec();
-            m.extend_from_slice(&opt::EXPORT_NAME.to_be_bytes());
-            m.extend_from_slice(&0u32.to_be_bytes());
-            theirs.write_all(&m).unwrap();
-            let mut export = [0u8; 10];
-            theirs.read_exact(&mut export).unwrap();
+            // Owned here: if an assertion fails, the socket closes while unwinding and the
+            // server thread ends, so the scope reports the failure instead of hanging.
+            let mut theirs = theirs;
+            quick_handshake(&mut theirs);
             let read = Request {
                 flags: 0,
                 kind: cmd::READ,
@@ -991,14 +982,23 @@ mod tests {
             theirs.write_all(&read.encode()).unwrap();
             theirs.write_all(&write.encode()).unwrap();
             theirs.write_all(&[9; 4]).unwrap();
-            // The write is answered first; the read follows once the write unblocked it.
-            let mut r = [0u8; 16];
-            theirs.read_exact(&mut r).unwrap();
-            assert_eq!(r, proto::simple_reply(2, 0));
-            theirs.read_exact(&mut r).unwrap();
-            assert_eq!(r, proto::simple_reply(1, 0));
-            let mut data = vec![0u8; 4096];
-            theirs.read_exact(&mut data).unwrap();
+            // The READ completes only once the later WRITE has run beside it (the device
+            // fails it with EIO after 5 s otherwise). Once the WRITE is done, the two replies
+            // race for the socket: either may come first.
+            let mut answered = Vec::new();
+            for _ in 0..2 {
+                let mut r = [0u8; 16];
+                theirs.read_exact(&mut r).unwrap();
+                let cookie = u64::from_be_bytes(r[8..16].try_into().unwrap());
+                assert_eq!(r, proto::simple_reply(cookie, 0), "cookie {cookie}");
+                if cookie == 1 {
+                    let mut data = vec![0u8; 4096];
+                    theirs.read_exact(&mut data).unwrap();
+                }
+                answered.push(cookie);
+            }
+            answered.sort_unstable();
+            assert_eq!(answered, [1, 2]);
             let disc = Request {
                 flags: 0,
                 kind: cmd::DISC,
