@@ -269,9 +269,6 @@ impl FuseDevice {
             .map_err(|_| Error::attach("serving the export", "the thread panicked"))?;
         torn?;
         served?;
-        self.server.exports()[0]
-            .device
-            .flush()
-            .map_err(|e| Error::attach("flushing the volume", e.to_string()))
+        super::flush_volume(&self.server)
     }
 }

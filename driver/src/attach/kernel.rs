@@ -363,10 +363,7 @@ impl KernelDevice {
         for t in self.serving {
             let _ = t.join();
         }
-        self.server.exports()[0]
-            .device
-            .flush()
-            .map_err(|e| Error::attach("flushing the volume", e.to_string()))
+        super::flush_volume(&self.server)
     }
 }
 

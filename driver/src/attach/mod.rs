@@ -91,6 +91,14 @@ impl Attached {
     }
 }
 
+/// Flushes the volume an attachment served (export 0), the last step of every detach.
+fn flush_volume(server: &Server) -> Result<()> {
+    server.exports()[0]
+        .device
+        .flush()
+        .map_err(|e| Error::attach("flushing the volume", e.to_string()))
+}
+
 fn nbdfuse_available() -> bool {
     Path::new("/dev/fuse").exists()
         && std::env::var_os("PATH")

@@ -118,23 +118,22 @@ impl Plugin {
 
     /// Files in the state directory's `layers/`.
     pub fn layers(&self) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(self.state.join("layers"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        v.sort();
-        v
+        sorted_entries(&self.state.join("layers"))
     }
 
     /// Volume records in `volumes/`.
     pub fn records(&self) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(self.state.join("volumes"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        v.sort();
-        v
+        sorted_entries(&self.state.join("volumes"))
     }
+}
+
+fn sorted_entries(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v
 }
 
 impl Drop for Plugin {
