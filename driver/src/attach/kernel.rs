@@ -335,6 +335,11 @@ impl KernelDevice {
         self.index
     }
 
+    /// Whether it was set up through netlink (and so can be taken over after a restart).
+    pub fn is_netlink(&self) -> bool {
+        matches!(self.control, Control::Netlink(_))
+    }
+
     /// Disconnects the device (after checking it still serves our volume), waits for the
     /// serving threads to answer what is in flight, and flushes the image.
     pub fn detach(self) -> Result<()> {
@@ -397,6 +402,26 @@ fn peek_eof(s: &UnixStream) -> bool {
     )
 }
 
+/// The nbd devices whose backend identifier is `volume_id`, by index (from sysfs).
+pub fn devices_of(sysfs: &Path, volume_id: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir(sysfs.join("block")) else {
+        return Vec::new();
+    };
+    let mut found: Vec<u32> = entries
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_prefix("nbd")?
+                .parse()
+                .ok()
+        })
+        .filter(|&i| backend_of(sysfs, i).as_deref() == Some(volume_id))
+        .collect();
+    found.sort_unstable();
+    found
+}
+
 /// Whether the kernel offers the nbd netlink family (the module is loaded).
 pub fn netlink_available() -> bool {
     netlink::Socket::open()
@@ -409,124 +434,16 @@ pub fn netlink_available() -> bool {
 mod tests {
     use super::*;
     use crate::attach::ioctl::req;
-    use crate::attach::netlink::{Message, attrs, nbd};
+    use crate::attach::netlink::{attrs, nbd};
     use crate::nbd::device::Memory;
     use crate::nbd::proto::{self, Request, cmd};
     use crate::nbd::{Export, Limits};
     use std::collections::VecDeque;
     use std::io::{self, Read, Write};
-    use std::os::fd::{BorrowedFd, RawFd};
+    use std::os::fd::RawFd;
     use std::sync::{Condvar, Mutex};
 
-    const FAMILY: u16 = 0x1c;
-
-    /// What the simulated kernel holds and was sent.
-    #[derive(Default)]
-    struct Sim {
-        /// Its references to the sockets it was handed.
-        held: Vec<UnixStream>,
-        sent: Vec<Vec<u8>>,
-        /// Whether RECONFIGURE finds dead sockets to replace.
-        take_on_reconfigure: bool,
-        refuse_connect: bool,
-    }
-
-    /// Duplicates a descriptor of the caller, as the kernel's `sockfd_lookup` takes a
-    /// reference of its own.
-    #[allow(unsafe_code)] // borrowing a descriptor by number, as the kernel does
-    fn take(fd: RawFd) -> UnixStream {
-        // SAFETY: the descriptor is open for the duration of the call (the message naming
-        // it is being sent by the code under test, which still owns it).
-        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-        UnixStream::from(rustix::io::fcntl_dupfd_cloexec(fd, 0).unwrap())
-    }
-
-    fn socket_fds(body: &[u8]) -> Vec<RawFd> {
-        let Some((_, socks)) = attrs(body).find(|&(k, _)| k == nbd::ATTR_SOCKETS) else {
-            return vec![];
-        };
-        attrs(socks)
-            .filter_map(|(_, item)| attrs(item).find(|&(k, _)| k == nbd::SOCK_FD))
-            .map(|(_, p)| u32::from_ne_bytes(p.try_into().unwrap()) as RawFd)
-            .collect()
-    }
-
-    fn ack(seq: u32, errno: i32) -> Vec<u8> {
-        let mut m = Vec::new();
-        m.extend_from_slice(&36u32.to_ne_bytes());
-        m.extend_from_slice(&2u16.to_ne_bytes());
-        m.extend_from_slice(&0u16.to_ne_bytes());
-        m.extend_from_slice(&seq.to_ne_bytes());
-        m.extend_from_slice(&0u32.to_ne_bytes());
-        m.extend_from_slice(&errno.to_ne_bytes());
-        m.extend_from_slice(&[0; 16]);
-        m
-    }
-
-    /// A netlink transport answering like the nbd driver would.
-    struct FakeKernel {
-        sim: Arc<Mutex<Sim>>,
-        replies: VecDeque<Vec<u8>>,
-    }
-
-    impl Transport for FakeKernel {
-        fn send(&mut self, msg: &[u8]) -> io::Result<()> {
-            let mut sim = self.sim.lock().unwrap();
-            sim.sent.push(msg.to_vec());
-            let family = u16::from_ne_bytes([msg[4], msg[5]]);
-            let seq = u32::from_ne_bytes(msg[8..12].try_into().unwrap());
-            let (command, body) = (msg[16], &msg[20..]);
-            let mut out = Vec::new();
-            if family == 0x10 {
-                let mut m = Message::new(0x10, seq, 1, 1);
-                m.u32(1, u32::from(FAMILY)); // FAMILY_ID (u16, padded)
-                out.extend(m.finish());
-                out.extend(ack(seq, 0));
-            } else {
-                match command {
-                    nbd::CMD_CONNECT if sim.refuse_connect => out.extend(ack(seq, -libc::EINVAL)),
-                    nbd::CMD_CONNECT => {
-                        for fd in socket_fds(body) {
-                            sim.held.push(take(fd));
-                        }
-                        let mut m = Message::new(FAMILY, seq, nbd::CMD_CONNECT, 1);
-                        m.u32(nbd::ATTR_INDEX, 5);
-                        out.extend(m.finish());
-                        out.extend(ack(seq, 0));
-                    }
-                    nbd::CMD_RECONFIGURE => {
-                        if sim.take_on_reconfigure {
-                            for fd in socket_fds(body) {
-                                sim.held.push(take(fd));
-                            }
-                        }
-                        out.extend(ack(seq, 0));
-                    }
-                    nbd::CMD_DISCONNECT => {
-                        // The driver sends NBD_CMD_DISC on every socket and shuts them down.
-                        for s in sim.held.drain(..) {
-                            let disc = Request {
-                                flags: 0,
-                                kind: cmd::DISC,
-                                cookie: 0,
-                                offset: 0,
-                                length: 0,
-                            };
-                            let _ = (&s).write_all(&disc.encode());
-                            let _ = s.shutdown(std::net::Shutdown::Write);
-                        }
-                        out.extend(ack(seq, 0));
-                    }
-                    _ => out.extend(ack(seq, -libc::EOPNOTSUPP)),
-                }
-            }
-            self.replies.push_back(out);
-            Ok(())
-        }
-        fn recv(&mut self) -> io::Result<Vec<u8>> {
-            Ok(self.replies.pop_front().unwrap_or_default())
-        }
-    }
+    use crate::attach::sim::{FAMILY, FakeKernel, Sim, take};
 
     struct Rig {
         sim: Arc<Mutex<Sim>>,

@@ -7,12 +7,14 @@ pub mod fuse;
 pub mod ioctl;
 pub mod kernel;
 pub mod netlink;
+#[cfg(test)]
+pub(crate) mod sim;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use fuse::{FuseDevice, FuseLoop};
-pub use kernel::{KernelDevice, KernelOptions};
+pub use kernel::{BoxTransport, KernelDevice, KernelOptions};
 
 use crate::error::{Error, Result};
 use crate::nbd::Server;
@@ -77,6 +79,16 @@ impl Attached {
         }
     }
 
+    /// The kernel device index a restarted process can take over with
+    /// [`Attacher::reattach`]: only netlink devices outlive their server (ioctl devices end
+    /// with the process that ran `NBD_DO_IT`, nbdfuse with its connection).
+    pub fn reattach_index(&self) -> Option<u32> {
+        match self {
+            Attached::Kernel(k) if k.is_netlink() => Some(k.index()),
+            _ => None,
+        }
+    }
+
     /// Whether [`Attached::resize`] can work.
     pub fn can_resize(&self) -> bool {
         matches!(self, Attached::Kernel(_))
@@ -127,25 +139,121 @@ fn ioctl_node(kernel: &KernelOptions) -> PathBuf {
     kernel.dev.join("nbd0")
 }
 
-/// Attaches `volume` with the mechanism `mode` resolves to.
-pub fn attach(mode: Mode, volume: Volume<'_>, kernel: &KernelOptions) -> Result<Attached> {
-    match resolve(mode, kernel)? {
-        Mode::Nbdfuse => FuseDevice::attach(volume.server, volume.work_dir).map(Attached::Fuse),
-        _ => {
-            let device = match netlink::Socket::open()
-                .map_err(|e| Error::attach("opening a netlink socket", e.to_string()))
-                .and_then(|s| {
-                    KernelDevice::connect(volume.server.clone(), volume.id, kernel, Box::new(s))
-                }) {
-                Ok(d) => d,
-                // An old kernel without the netlink family: the pre-created devices.
-                Err(e) if !kernel::netlink_available() && ioctl_node(kernel).exists() => {
-                    eprintln!("qcow2-csi: netlink attach unavailable ({e}); using the ioctls");
-                    KernelDevice::connect_ioctl(volume.server, kernel)?
-                }
-                Err(e) => return Err(e),
-            };
-            Ok(Attached::Kernel(device))
+/// Opens a netlink conversation with the kernel's nbd family.
+pub type NetlinkDoor = Arc<dyn Fn() -> Result<BoxTransport> + Send + Sync>;
+
+/// How this host attaches volumes: the mode, the kernel settings and the door to the kernel
+/// (the real netlink socket; tests substitute a simulated kernel).
+#[derive(Clone)]
+pub struct Attacher {
+    pub mode: Mode,
+    pub kernel: KernelOptions,
+    netlink: Option<NetlinkDoor>,
+}
+
+impl std::fmt::Debug for Attacher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attacher")
+            .field("mode", &self.mode)
+            .field("kernel", &self.kernel)
+            .field("simulated", &self.netlink.is_some())
+            .finish()
+    }
+}
+
+impl Attacher {
+    /// The host's own kernel and nbdfuse, with default kernel settings.
+    pub fn new(mode: Mode) -> Attacher {
+        Attacher {
+            mode,
+            kernel: KernelOptions::default(),
+            netlink: None,
         }
     }
+
+    /// A kernel reached through `door` instead of a netlink socket (`kernel.sysfs` and
+    /// `kernel.dev` point at its files). Mode [`Mode::Nbd`].
+    pub fn with_kernel(kernel: KernelOptions, door: NetlinkDoor) -> Attacher {
+        Attacher {
+            mode: Mode::Nbd,
+            kernel,
+            netlink: Some(door),
+        }
+    }
+
+    fn open_netlink(&self) -> Result<BoxTransport> {
+        match &self.netlink {
+            Some(door) => door(),
+            None => netlink::Socket::open()
+                .map(|s| Box::new(s) as BoxTransport)
+                .map_err(|e| Error::attach("opening a netlink socket", e.to_string())),
+        }
+    }
+
+    fn netlink_available(&self) -> bool {
+        self.netlink.is_some() || kernel::netlink_available()
+    }
+
+    /// Attaches `volume` with the mechanism the mode resolves to.
+    pub fn attach(&self, volume: Volume<'_>) -> Result<Attached> {
+        let resolved = match (&self.netlink, self.mode) {
+            (Some(_), Mode::Auto) => Mode::Nbd,
+            (_, mode) => resolve(mode, &self.kernel)?,
+        };
+        match resolved {
+            Mode::Nbdfuse => FuseDevice::attach(volume.server, volume.work_dir).map(Attached::Fuse),
+            _ => {
+                let device = match self.open_netlink().and_then(|t| {
+                    KernelDevice::connect(volume.server.clone(), volume.id, &self.kernel, t)
+                }) {
+                    Ok(d) => d,
+                    // An old kernel without the netlink family: the pre-created devices.
+                    Err(e) if !self.netlink_available() && ioctl_node(&self.kernel).exists() => {
+                        tracing::warn!(error = %e, "netlink attach unavailable; using the ioctls");
+                        KernelDevice::connect_ioctl(volume.server, &self.kernel)?
+                    }
+                    Err(e) => return Err(e),
+                };
+                Ok(Attached::Kernel(device))
+            }
+        }
+    }
+
+    /// Takes over `/dev/nbd{index}`, which a previous process attached for `volume` (see
+    /// [`Attached::reattach_index`]): the kernel kept it waiting for a new connection.
+    pub fn reattach(&self, volume: Volume<'_>, index: u32) -> Result<Attached> {
+        let transport = self.open_netlink()?;
+        KernelDevice::reconnect(volume.server, index, volume.id, &self.kernel, transport)
+            .map(Attached::Kernel)
+    }
+
+    /// Disconnects the kernel devices that still name `volume_id` as their backend: what an
+    /// interrupted attach or a lost process left. The kernel's own list in sysfs says which;
+    /// none without the netlink family.
+    pub fn disconnect_stale(&self, volume_id: &str) -> Result<Vec<u32>> {
+        let stale = kernel::devices_of(&self.kernel.sysfs, volume_id);
+        if stale.is_empty() || !self.netlink_available() {
+            return Ok(Vec::new());
+        }
+        let mut nl = netlink::Nbd::new(self.open_netlink()?)?;
+        for &index in &stale {
+            nl.disconnect(index)?;
+            tracing::info!(
+                volume = volume_id,
+                device = index,
+                "disconnected a stale nbd device"
+            );
+        }
+        Ok(stale)
+    }
+}
+
+/// Attaches `volume` with the mechanism `mode` resolves to, through the host's kernel.
+pub fn attach(mode: Mode, volume: Volume<'_>, kernel: &KernelOptions) -> Result<Attached> {
+    Attacher {
+        mode,
+        kernel: kernel.clone(),
+        netlink: None,
+    }
+    .attach(volume)
 }

@@ -10,7 +10,7 @@ use super::state::AccessType;
 use crate::error::{Error, Result};
 
 /// A capability, checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Checked {
     pub access: AccessType,
     pub fs_type: Option<FsType>,

@@ -90,7 +90,7 @@ fn available(plugin: &Plugin, ratio: f64) -> Result<u64> {
 }
 
 impl ControllerService {
-    fn create(&self, req: CreateVolumeRequest) -> Result<Volume> {
+    pub(crate) fn create(&self, req: CreateVolumeRequest) -> Result<Volume> {
         let plugin = &*self.0;
         if req.name.is_empty() {
             return Err(Error::InvalidArgument("name is required".into()));
@@ -177,7 +177,7 @@ impl ControllerService {
         Ok(volume)
     }
 
-    fn delete(&self, req: DeleteVolumeRequest) -> Result<()> {
+    pub(crate) fn delete(&self, req: DeleteVolumeRequest) -> Result<()> {
         let plugin = &*self.0;
         if req.volume_id.is_empty() {
             return Err(Error::InvalidArgument("volume_id is required".into()));

@@ -10,12 +10,14 @@ pub mod mounts;
 pub mod node;
 pub mod params;
 pub mod serve;
+pub mod staging;
 pub mod state;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::attach::Attacher;
 use crate::error::{Error, Result};
 use state::State;
 
@@ -49,26 +51,51 @@ pub struct Plugin {
     operations: AtomicUsize,
     /// Volumes staged on this node.
     pub node: node::NodeState,
+    /// How staged volumes become block devices.
+    pub attacher: Attacher,
+}
+
+/// What loading the state directory found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Loaded {
+    /// What interrupted operations left and was collected.
+    pub cleanup: state::Cleanup,
+    /// Volumes a previous process had staged.
+    pub recovered: node::Recovered,
 }
 
 impl Plugin {
     pub fn new(config: Config) -> Self {
+        let attacher = Attacher::new(config.attach);
+        Self::with_attacher(config, attacher)
+    }
+
+    /// A plugin attaching through `attacher` (tests: a simulated kernel).
+    pub fn with_attacher(config: Config, attacher: Attacher) -> Self {
         Self {
+            node: node::NodeState::new(&config.state_dir),
             config,
             state: Mutex::new(None),
             load_error: Mutex::new(None),
             locks: locks::Locks::default(),
             operations: AtomicUsize::new(0),
-            node: node::NodeState::default(),
+            attacher,
         }
     }
 
-    /// Loads the state directory (and collects what interrupted operations left).
-    pub fn load(&self) -> Result<state::Cleanup> {
-        match State::load(&self.config.state_dir) {
-            Ok((st, cleanup)) => {
+    /// Loads the state directory, collects what interrupted operations left, and takes back
+    /// the volumes a previous process staged; only then do the services answer.
+    pub fn load(&self) -> Result<Loaded> {
+        let loaded = State::load(&self.config.state_dir).and_then(|(st, cleanup)| {
+            let recovered = self
+                .node
+                .recover(&st, &self.attacher, &self.config.state_dir)?;
+            Ok((st, Loaded { cleanup, recovered }))
+        });
+        match loaded {
+            Ok((st, loaded)) => {
                 *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(st);
-                Ok(cleanup)
+                Ok(loaded)
             }
             Err(e) => {
                 *self.load_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());

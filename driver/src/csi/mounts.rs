@@ -89,6 +89,22 @@ pub fn unmount_if_mounted(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Detaches whatever is mounted at `path` at once (`umount -l`): the filesystem finishes
+/// its last writes, or fails them, in the background; for a device that no longer answers.
+/// Mounts stacked on `path` are all removed (bounded, should a mount refuse to go).
+pub fn unmount_lazily(path: &Path) -> Result<()> {
+    for _ in 0..8 {
+        if !is_mount_point(path)? {
+            return Ok(());
+        }
+        run(Command::new("umount").arg("-l").arg(path))?;
+    }
+    Err(Error::Internal(format!(
+        "{} is still a mount point after 8 unmounts",
+        path.display()
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

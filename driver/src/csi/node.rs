@@ -15,41 +15,95 @@ use tonic::{Request, Response, Status};
 use super::capability::{self, Checked};
 use super::mounts::{self, run};
 use super::params::{FsType, Params};
-use super::state::AccessType;
+use super::staging::{Attachment, StageRecord, StageRecords};
+use super::state::{AccessType, State, VolumeRecord};
 use super::{Plugin, failpoint};
-use crate::attach::{self, Attached, KernelOptions, Volume};
+use crate::attach::{self, Attached, Attacher, Volume};
 use crate::error::{Error, Result};
 use crate::nbd::{BlockDevice, Export, Limits, Server};
 
 /// A staged volume: its export and device live as long as this does.
 #[derive(Debug)]
 pub struct Staged {
+    pub volume_id: String,
     pub staging: PathBuf,
     pub cap: Checked,
     pub device: PathBuf,
-    /// The open head layer (flushed at shutdown, grown by NodeExpandVolume).
-    image: Arc<Image>,
+    attachment: Attachment,
+    /// The open head layer (flushed at shutdown, grown by NodeExpandVolume); `None` when lost.
+    image: Option<Arc<Image>>,
     attached: Mutex<Option<Attached>>,
+    /// Why the volume has no working device: a previous plugin process staged it and its
+    /// device did not survive that process. Unpublish and unstage clear it up.
+    lost: Option<String>,
     published: Mutex<BTreeSet<PathBuf>>,
 }
 
+impl Staged {
+    fn record(&self) -> StageRecord {
+        StageRecord {
+            volume_id: self.volume_id.clone(),
+            staging: self.staging.clone(),
+            capability: self.cap.clone(),
+            device: self.device.clone(),
+            attachment: self.attachment,
+            published: self.published().clone(),
+        }
+    }
+
+    fn published(&self) -> std::sync::MutexGuard<'_, BTreeSet<PathBuf>> {
+        self.published.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `Err(FAILED_PRECONDITION)` with the reason when the volume is lost.
+    fn check_live(&self) -> Result<()> {
+        match &self.lost {
+            Some(why) => Err(Error::FailedPrecondition(format!(
+                "volume {}: {why}",
+                self.volume_id
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// What [`NodeState::recover`] found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    /// Kernel devices taken over: their filesystems never noticed the restart.
+    pub reattached: usize,
+    /// Volumes whose device ended with the previous process (reported as abnormal until
+    /// unstaged).
+    pub lost: usize,
+    /// Records of volumes that no longer exist, dropped.
+    pub forgotten: usize,
+}
+
 /// Volumes staged on this node.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct NodeState {
     staged: Mutex<HashMap<String, Arc<Staged>>>,
+    records: StageRecords,
 }
 
 impl NodeState {
+    pub fn new(state_dir: &Path) -> NodeState {
+        NodeState {
+            staged: Mutex::default(),
+            records: StageRecords::new(state_dir),
+        }
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Staged>>> {
+        self.staged.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn get(&self, id: &str) -> Option<Arc<Staged>> {
-        self.staged
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .cloned()
+        self.map().get(id).cloned()
     }
 
     pub fn count(&self) -> usize {
-        self.staged.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.map().len()
     }
 
     /// Whether `id` is staged (the controller refuses to delete it then).
@@ -57,23 +111,142 @@ impl NodeState {
         self.get(id).is_some()
     }
 
+    /// Persists the record of `s` (its publish targets changed).
+    fn persist(&self, s: &Staged) -> Result<()> {
+        self.records.save(&s.record())
+    }
+
     /// Flushes every staged volume's image (at shutdown: what was written is durable even if
     /// the block devices die with this process).
     pub fn flush_all(&self) {
         let staged: Vec<(String, Arc<Staged>)> = self
-            .staged
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .map()
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         for (id, s) in staged {
-            match s.image.flush() {
+            let Some(image) = &s.image else { continue };
+            match image.flush() {
                 Ok(()) => tracing::info!(volume = %id, "flushed"),
                 Err(e) => tracing::error!(volume = %id, error = %e, "flush failed"),
             }
         }
     }
+
+    /// Takes back what a previous process staged, from the stage records: a kernel nbd
+    /// device set up through netlink is still there, waiting for a server, and gets one
+    /// (RECONFIGURE with fresh sockets); a device that ended with that process (nbdfuse,
+    /// ioctls), or one that cannot be taken over, is kept as *lost*: listed, reported
+    /// abnormal, and cleared by unpublish and unstage. Records of deleted volumes are dropped.
+    pub fn recover(
+        &self,
+        state: &State,
+        attacher: &Attacher,
+        state_dir: &Path,
+    ) -> Result<Recovered> {
+        let mut found = Recovered::default();
+        for rec in self.records.load()? {
+            let id = rec.volume_id.clone();
+            let Some(volume) = state.volume(&id) else {
+                tracing::warn!(volume = %id, "stage record of a volume that no longer exists");
+                let work = state_dir.join("attach").join(&id);
+                let _ = mounts::unmount_lazily(&rec.staging);
+                if let Err(e) = clear_leftovers(&rec.staging, &work, attacher, &id) {
+                    tracing::warn!(volume = %id, error = %e, "clearing its leftovers");
+                }
+                self.records.remove(&id)?;
+                found.forgotten += 1;
+                continue;
+            };
+            let taken = match rec.attachment {
+                Attachment::Nbd { index } => open_head(state, volume, &rec.capability)
+                    .and_then(|image| {
+                        let server = serve_image(&id, image.clone());
+                        let work = state_dir.join("attach").join(&id);
+                        let volume = Volume {
+                            id: &id,
+                            server,
+                            work_dir: &work,
+                        };
+                        attacher
+                            .reattach(volume, index)
+                            .map(|attached| (image, attached))
+                    })
+                    .map_err(|e| {
+                        format!(
+                            "the plugin restarted and could not take nbd{index} over ({e}); \
+                             unpublish and unstage it (restart its pods) to stage it again"
+                        )
+                    }),
+                Attachment::NbdIoctl => Err("the plugin restarted, and a device set up through \
+                    the nbd ioctls ends with the process that served it; unpublish and unstage \
+                    it (restart its pods) to stage it again"
+                    .to_string()),
+                Attachment::Nbdfuse => Err("the plugin restarted, and an nbdfuse-attached \
+                    device ends with the process that served it; unpublish and unstage it \
+                    (restart its pods) to stage it again"
+                    .to_string()),
+            };
+            let (image, attached, lost) = match taken {
+                Ok((image, attached)) => {
+                    tracing::info!(volume = %id, device = %rec.device.display(), "reattached");
+                    found.reattached += 1;
+                    (Some(image), Some(attached), None)
+                }
+                Err(why) => {
+                    tracing::error!(volume = %id, device = %rec.device.display(), "{why}");
+                    found.lost += 1;
+                    (None, None, Some(why))
+                }
+            };
+            self.map().insert(
+                id.clone(),
+                Arc::new(Staged {
+                    volume_id: id,
+                    staging: rec.staging,
+                    cap: rec.capability,
+                    device: rec.device,
+                    attachment: rec.attachment,
+                    image,
+                    attached: Mutex::new(attached),
+                    lost,
+                    published: Mutex::new(rec.published),
+                }),
+            );
+        }
+        Ok(found)
+    }
+}
+
+/// Opens a volume's head layer for staging: writable unless the capability is read-only,
+/// backing files confined to `layers/`.
+fn open_head(state: &State, rec: &VolumeRecord, cap: &Checked) -> Result<Arc<Image>> {
+    open_layer(state.layers_dir(), &state.layer_path(&rec.head), cap)
+}
+
+fn open_layer(layers: PathBuf, head: &Path, cap: &Checked) -> Result<Arc<Image>> {
+    Image::open(
+        head,
+        &OpenOptions {
+            writable: !cap.read_only_mode,
+            backing: BackingPolicy::ConfineTo(layers),
+            ..OpenOptions::default()
+        },
+    )
+    .map(Arc::new)
+    .map_err(|e| Error::Internal(format!("opening {}: {e}", head.display())))
+}
+
+/// An NBD server whose export 0 is `image`.
+fn serve_image(id: &str, image: Arc<Image>) -> Arc<Server> {
+    let device: Arc<dyn BlockDevice> = image;
+    Arc::new(Server::new(
+        vec![Export::new(id.to_string(), device)],
+        Limits {
+            io_flusher: true,
+            ..Limits::default()
+        },
+    ))
 }
 
 /// Node: stage, publish, stats, info.
@@ -97,11 +270,12 @@ fn absolute(p: &str, what: &str) -> Result<PathBuf> {
 }
 
 /// Unmounts what a previous run of the plugin may have left for this volume: the staging
-/// mount, loop devices on its FUSE file, the FUSE mount itself (its nbdfuse died with us).
-fn clear_leftovers(staging: &Path, work: &Path) -> Result<()> {
-    if mounts::is_mount_point(staging)? {
-        run(Command::new("umount").arg("-l").arg(staging))?;
-    }
+/// mount, kernel nbd devices still naming the volume, loop devices on its FUSE file, the
+/// FUSE mount itself (its nbdfuse lost its server with that run).
+fn clear_leftovers(staging: &Path, work: &Path, attacher: &Attacher, id: &str) -> Result<()> {
+    // Lazily: a filesystem on a device whose server is gone may block on I/O.
+    mounts::unmount_lazily(staging)?;
+    attacher.disconnect_stale(id)?;
     let disk = work.join("fuse/disk");
     if let Ok(list) = run(Command::new("losetup")
         .args(["-n", "-O", "NAME", "-j"])
@@ -216,18 +390,30 @@ impl NodeService {
         )?;
         let rec = plugin.volume_record(&req.volume_id)?;
         let _held = plugin.locks.try_lock(req.volume_id.clone())?;
+        let work = plugin.config.state_dir.join("attach").join(&rec.id);
         if let Some(s) = plugin.node.get(&req.volume_id) {
-            if s.staging == staging
+            if let Some(why) = &s.lost {
+                // Lost at a restart: stage it afresh, unless pods still use the dead mount.
+                if let Some(target) = s.published().iter().next() {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {}: {why} (still published at {})",
+                        req.volume_id,
+                        target.display()
+                    )));
+                }
+                self.release(&s, &work)?;
+            } else if s.staging == staging
                 && s.cap.access == cap.access
                 && s.cap.read_only_mode == cap.read_only_mode
             {
                 return Ok(()); // a repeat
+            } else {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {} is staged at {} with another capability",
+                    req.volume_id,
+                    s.staging.display()
+                )));
             }
-            return Err(Error::AlreadyExists(format!(
-                "volume {} is staged at {} with another capability",
-                req.volume_id,
-                s.staging.display()
-            )));
         }
         let max = plugin.config.max_volumes;
         if max > 0 && plugin.node.count() as i64 >= max {
@@ -237,44 +423,24 @@ impl NodeService {
         }
         let params = Params::from_canonical(&rec.parameters)?;
         let fs = cap.fs_type.or(params.fs_type).unwrap_or(FsType::Ext4);
-        let work = plugin.config.state_dir.join("attach").join(&rec.id);
-        clear_leftovers(&staging, &work)?;
-        let layers = plugin.state()?.layers_dir();
-        let head = plugin.state()?.layer_path(&rec.head);
-        let image = Image::open(
-            &head,
-            &OpenOptions {
-                writable: !cap.read_only_mode,
-                backing: BackingPolicy::ConfineTo(layers),
-                ..OpenOptions::default()
-            },
-        )
-        .map_err(|e| Error::Internal(format!("opening {}: {e}", head.display())))?;
+        clear_leftovers(&staging, &work, &plugin.attacher, &rec.id)?;
+        let (layers, head) = {
+            let st = plugin.state()?;
+            (st.layers_dir(), st.layer_path(&rec.head))
+        };
+        let image = open_layer(layers, &head, &cap)?;
         // ControllerExpandVolume of a staged volume only recorded the size: grow to it now.
         if image.size() < rec.size && !cap.read_only_mode {
             image
                 .resize(rec.size)
                 .and_then(|()| image.flush())
-                .map_err(|e| Error::Internal(format!("growing {}: {e}", head.display())))?;
+                .map_err(|e| Error::Internal(format!("growing volume {}: {e}", rec.id)))?;
         }
-        let image = Arc::new(image);
-        let device: Arc<dyn BlockDevice> = image.clone();
-        let server = Arc::new(Server::new(
-            vec![Export::new(rec.id.clone(), device)],
-            Limits {
-                io_flusher: true,
-                ..Limits::default()
-            },
-        ));
-        let attached = attach::attach(
-            plugin.config.attach,
-            Volume {
-                id: &rec.id,
-                server,
-                work_dir: &work,
-            },
-            &KernelOptions::default(),
-        )?;
+        let attached = plugin.attacher.attach(Volume {
+            id: &rec.id,
+            server: serve_image(&rec.id, image.clone()),
+            work_dir: &work,
+        })?;
         failpoint("stage-after-attach");
         let dev = attached.device().to_path_buf();
         let finish = || -> Result<()> {
@@ -326,29 +492,54 @@ impl NodeService {
             }
             Ok(())
         };
-        if let Err(e) = finish() {
-            // Undo in reverse: a mount made before the failing step, then the device.
-            let _ = mounts::unmount_if_mounted(&staging);
-            let _ = attached.detach();
-            return Err(e);
-        }
-        plugin
-            .node
-            .staged
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                rec.id.clone(),
-                Arc::new(Staged {
-                    staging,
-                    cap,
-                    device: dev,
-                    image,
-                    attached: Mutex::new(Some(attached)),
-                    published: Mutex::new(BTreeSet::new()),
-                }),
-            );
+        let staged = finish().map(|()| Staged {
+            volume_id: rec.id.clone(),
+            staging: staging.clone(),
+            device: dev,
+            attachment: match attached.reattach_index() {
+                Some(index) => Attachment::Nbd { index },
+                None if attached.mode() == attach::Mode::Nbd => Attachment::NbdIoctl,
+                None => Attachment::Nbdfuse,
+            },
+            cap,
+            image: Some(image),
+            attached: Mutex::new(None),
+            lost: None,
+            published: Mutex::new(BTreeSet::new()),
+        });
+        // The record is the commit point: without it, a restart would not know the volume.
+        let staged = staged.and_then(|s| plugin.node.persist(&s).map(|()| s));
+        let staged = match staged {
+            Ok(s) => s,
+            Err(e) => {
+                // Undo in reverse: a mount made before the failing step, then the device.
+                let _ = mounts::unmount_if_mounted(&staging);
+                let _ = attached.detach();
+                return Err(e);
+            }
+        };
+        *staged.attached.lock().unwrap_or_else(|e| e.into_inner()) = Some(attached);
+        plugin.node.map().insert(rec.id.clone(), Arc::new(staged));
         tracing::info!(volume = %rec.id, "staged");
+        Ok(())
+    }
+
+    /// Tears down what staged `s` (unmount, detach or clear a lost device's leftovers) and
+    /// forgets it. The caller holds the volume's lock and checked it is not published.
+    fn release(&self, s: &Staged, work: &Path) -> Result<()> {
+        let plugin = self.plugin();
+        if s.lost.is_some() {
+            clear_leftovers(&s.staging, work, &plugin.attacher, &s.volume_id)?;
+        } else {
+            if s.cap.access == AccessType::Mount {
+                mounts::unmount_if_mounted(&s.staging)?;
+            }
+            if let Some(a) = s.attached.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                a.detach()?;
+            }
+        }
+        plugin.node.records.remove(&s.volume_id)?;
+        plugin.node.map().remove(&s.volume_id);
         Ok(())
     }
 
@@ -357,37 +548,21 @@ impl NodeService {
         required(&req.volume_id, "volume_id")?;
         let staging = absolute(&req.staging_target_path, "staging_target_path")?;
         let _held = plugin.locks.try_lock(req.volume_id.clone())?;
+        let work = plugin.config.state_dir.join("attach").join(&req.volume_id);
         let Some(s) = plugin.node.get(&req.volume_id) else {
             // Not staged by this process: clear what a previous one may have left.
             if crate::csi::state::is_volume_id(&req.volume_id) {
-                let work = plugin.config.state_dir.join("attach").join(&req.volume_id);
-                clear_leftovers(&staging, &work)?;
+                clear_leftovers(&staging, &work, &plugin.attacher, &req.volume_id)?;
             }
             return Ok(());
         };
-        if !s
-            .published
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
-        {
+        if !s.published().is_empty() {
             return Err(Error::FailedPrecondition(format!(
                 "volume {} is still published",
                 req.volume_id
             )));
         }
-        if s.cap.access == AccessType::Mount {
-            mounts::unmount_if_mounted(&s.staging)?;
-        }
-        if let Some(a) = s.attached.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            a.detach()?;
-        }
-        plugin
-            .node
-            .staged
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&req.volume_id);
+        self.release(&s, &work)?;
         tracing::info!(volume = %req.volume_id, "unstaged");
         Ok(())
     }
@@ -418,8 +593,12 @@ impl NodeService {
                 "the publish access type differs from the staged one".into(),
             ));
         }
+        let repeat = s.published().contains(&target);
+        if !repeat {
+            s.check_live()?;
+        }
         if cap.single_writer {
-            let published = s.published.lock().unwrap_or_else(|e| e.into_inner());
+            let published = s.published();
             if let Some(other) = published.iter().find(|t| **t != target) {
                 return Err(Error::FailedPrecondition(format!(
                     "SINGLE_NODE_SINGLE_WRITER: volume {} is already published at {}",
@@ -443,21 +622,36 @@ impl NodeService {
                 s.device.clone()
             }
         };
-        if !mounts::is_mount_point(&target)? {
-            run(Command::new("mount")
-                .arg("--bind")
-                .arg(&source)
-                .arg(&target))?;
-            if req.readonly || cap.read_only_mode {
-                run(Command::new("mount")
-                    .args(["-o", "remount,bind,ro"])
-                    .arg(&target))?;
+        // Recorded before it is mounted: a restart must know every mount that may exist.
+        if !repeat {
+            s.published().insert(target.clone());
+            if let Err(e) = self.0.node.persist(&s) {
+                s.published().remove(&target);
+                return Err(e);
             }
         }
-        s.published
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(target);
+        let mounted = (|| {
+            if !mounts::is_mount_point(&target)? {
+                run(Command::new("mount")
+                    .arg("--bind")
+                    .arg(&source)
+                    .arg(&target))?;
+                if req.readonly || cap.read_only_mode {
+                    run(Command::new("mount")
+                        .args(["-o", "remount,bind,ro"])
+                        .arg(&target))?;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = mounted {
+            let _ = mounts::unmount_if_mounted(&target);
+            if !repeat {
+                s.published().remove(&target);
+                let _ = self.0.node.persist(&s);
+            }
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -473,11 +667,10 @@ impl NodeService {
             Err(_) => Ok(()),
         };
         removed.map_err(|e| Error::Internal(format!("removing {}: {e}", target.display())))?;
-        if let Some(s) = self.0.node.get(&req.volume_id) {
-            s.published
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&target);
+        if let Some(s) = self.0.node.get(&req.volume_id)
+            && s.published().remove(&target)
+        {
+            self.0.node.persist(&s)?;
         }
         Ok(())
     }
@@ -492,11 +685,7 @@ impl NodeService {
         let s = self.0.node.get(&req.volume_id).ok_or_else(|| {
             Error::NotFound(format!("volume {} is not staged here", req.volume_id))
         })?;
-        let published = s
-            .published
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&path);
+        let published = s.published().contains(&path);
         if s.staging != path && !published {
             return Err(Error::NotFound(format!(
                 "volume {} is not at {}",
@@ -510,17 +699,20 @@ impl NodeService {
             }
             _ => rec.size,
         };
+        s.check_live()?;
         let mut attached = s.attached.lock().unwrap_or_else(|e| e.into_inner());
-        let attached = attached
-            .as_mut()
-            .ok_or_else(|| Error::FailedPrecondition("the volume is being unstaged".into()))?;
-        if size > s.image.size() {
+        let (Some(attached), Some(image)) = (attached.as_mut(), &s.image) else {
+            return Err(Error::FailedPrecondition(
+                "the volume is being unstaged".into(),
+            ));
+        };
+        if size > image.size() {
             if !attached.can_resize() {
                 return attached.resize(size).map(|()| size); // the explanation
             }
-            s.image
+            image
                 .resize(size)
-                .and_then(|()| s.image.flush())
+                .and_then(|()| image.flush())
                 .map_err(|e| Error::Internal(format!("growing the image: {e}")))?;
             attached.resize(size)?;
         }
@@ -543,11 +735,7 @@ impl NodeService {
         let s = self.0.node.get(&req.volume_id).ok_or_else(|| {
             Error::NotFound(format!("volume {} is not staged here", req.volume_id))
         })?;
-        let known = s.staging == path
-            || s.published
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains(&path);
+        let known = s.staging == path || s.published().contains(&path);
         if !known {
             return Err(Error::NotFound(format!(
                 "volume {} is not at {}",
@@ -555,7 +743,27 @@ impl NodeService {
                 path.display()
             )));
         }
-        let device_present = s.device.exists();
+        let condition = match &s.lost {
+            Some(why) => VolumeCondition {
+                abnormal: true,
+                message: why.clone(),
+            },
+            None if !s.device.exists() => VolumeCondition {
+                abnormal: true,
+                message: format!("the block device {} is gone", s.device.display()),
+            },
+            None => VolumeCondition {
+                abnormal: false,
+                message: String::new(),
+            },
+        };
+        if s.lost.is_some() {
+            // statvfs of a filesystem whose device no longer answers may block.
+            return Ok(NodeGetVolumeStatsResponse {
+                usage: Vec::new(),
+                volume_condition: Some(condition),
+            });
+        }
         let usage = match s.cap.access {
             AccessType::Block => vec![VolumeUsage {
                 available: 0,
@@ -585,14 +793,7 @@ impl NodeService {
         };
         Ok(NodeGetVolumeStatsResponse {
             usage,
-            volume_condition: Some(VolumeCondition {
-                abnormal: !device_present,
-                message: if device_present {
-                    String::new()
-                } else {
-                    format!("the block device {} is gone", s.device.display())
-                },
-            }),
+            volume_condition: Some(condition),
         })
     }
 }
@@ -697,5 +898,335 @@ impl Node for NodeService {
             max_volumes_per_node: self.0.config.max_volumes,
             accessible_topology: Some(self.0.topology()),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Restart recovery against a simulated kernel nbd driver (`attach::sim`): the plugin
+    //! stages a block volume on "nbd5", dies, and a new plugin takes the device over.
+
+    use super::*;
+    use crate::attach::KernelOptions;
+    use crate::attach::sim::{FakeKernel, Sim, request};
+    use crate::csi::Config;
+    use crate::csi::controller::ControllerService;
+    use crate::nbd::proto::cmd;
+    use csi_proto::v1::volume_capability::access_mode::Mode as AccessMode;
+
+    struct Host {
+        dir: tempfile::TempDir,
+        sim: Arc<Mutex<Sim>>,
+        kernel: KernelOptions,
+    }
+
+    fn block_cap() -> VolumeCapability {
+        VolumeCapability {
+            access_type: Some(volume_capability::AccessType::Block(
+                volume_capability::BlockVolume {},
+            )),
+            access_mode: Some(volume_capability::AccessMode {
+                mode: AccessMode::SingleNodeWriter as i32,
+            }),
+        }
+    }
+
+    impl Host {
+        fn new() -> Host {
+            let dir = tempfile::tempdir().unwrap();
+            let kernel = KernelOptions {
+                sysfs: dir.path().join("sys"),
+                dev: dir.path().join("dev"),
+                device_wait: std::time::Duration::from_secs(2),
+                ..KernelOptions::default()
+            };
+            std::fs::create_dir_all(kernel.sysfs.join("block/nbd5")).unwrap();
+            std::fs::create_dir_all(&kernel.dev).unwrap();
+            std::fs::write(kernel.dev.join("nbd5"), "").unwrap();
+            Host {
+                dir,
+                sim: Arc::default(),
+                kernel,
+            }
+        }
+
+        /// A plugin process on this host, loaded.
+        fn start(&self) -> (Arc<Plugin>, super::super::Loaded) {
+            let config = Config {
+                driver_name: crate::csi::DRIVER_NAME.into(),
+                node_id: "n1".into(),
+                state_dir: self.dir.path().join("state"),
+                max_volumes: 0,
+                attach: attach::Mode::Nbd,
+            };
+            let attacher = Attacher::with_kernel(self.kernel.clone(), FakeKernel::door(&self.sim));
+            let plugin = Arc::new(Plugin::with_attacher(config, attacher));
+            let loaded = plugin.load().unwrap();
+            (plugin, loaded)
+        }
+
+        /// The kernel names the volume as nbd5's backend (it does at CONNECT).
+        fn set_backend(&self, id: &str) {
+            std::fs::write(
+                self.kernel.sysfs.join("block/nbd5/backend"),
+                format!("{id}\n"),
+            )
+            .unwrap();
+        }
+
+        /// The plugin process dies: its ends of the sockets close. The kernel keeps its
+        /// own (dead) ones, here dropped so the serving threads see the hang-up.
+        /// Returns once its images are closed (their locks released), as at a process exit.
+        fn kill(&self, plugin: Arc<Plugin>) {
+            let images: Vec<_> = plugin
+                .node
+                .map()
+                .values()
+                .filter_map(|s| s.image.as_ref().map(Arc::downgrade))
+                .collect();
+            self.sim.lock().unwrap().held.clear();
+            drop(plugin);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while images.iter().any(|i| i.strong_count() > 0) {
+                assert!(std::time::Instant::now() < deadline, "images still open");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+
+        fn kernel_socket(&self) -> std::os::unix::net::UnixStream {
+            self.sim
+                .lock()
+                .unwrap()
+                .held
+                .last()
+                .unwrap()
+                .try_clone()
+                .unwrap()
+        }
+
+        fn staging(&self) -> PathBuf {
+            self.dir.path().join("staging/vol")
+        }
+
+        fn stage(&self, plugin: &Arc<Plugin>, id: &str) -> Result<()> {
+            NodeService(plugin.clone()).stage(NodeStageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: self.staging().to_string_lossy().into_owned(),
+                volume_capability: Some(block_cap()),
+                ..Default::default()
+            })
+        }
+
+        fn unstage(&self, plugin: &Arc<Plugin>, id: &str) -> Result<()> {
+            NodeService(plugin.clone()).unstage(NodeUnstageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: self.staging().to_string_lossy().into_owned(),
+            })
+        }
+
+        fn stats(&self, plugin: &Arc<Plugin>, id: &str) -> VolumeCondition {
+            NodeService(plugin.clone())
+                .stats(NodeGetVolumeStatsRequest {
+                    volume_id: id.into(),
+                    volume_path: self.staging().to_string_lossy().into_owned(),
+                    staging_target_path: String::new(),
+                })
+                .unwrap()
+                .volume_condition
+                .unwrap()
+        }
+
+        fn sent(&self, command: u8) -> Vec<Vec<u8>> {
+            self.sim
+                .lock()
+                .unwrap()
+                .sent
+                .iter()
+                .filter(|m| {
+                    m.len() > 16
+                        && u16::from_ne_bytes([m[4], m[5]]) == crate::attach::sim::FAMILY
+                        && m[16] == command
+                })
+                .cloned()
+                .collect()
+        }
+    }
+
+    fn create(plugin: &Arc<Plugin>) -> String {
+        ControllerService(plugin.clone())
+            .create(CreateVolumeRequest {
+                name: "pvc-1".into(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: 1 << 20,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![block_cap()],
+                ..Default::default()
+            })
+            .unwrap()
+            .volume_id
+    }
+
+    #[test]
+    fn a_restarted_plugin_takes_its_kernel_device_over_and_the_data_path_continues() {
+        use crate::attach::netlink::nbd;
+        let host = Host::new();
+        let (p1, loaded) = host.start();
+        assert_eq!(loaded.recovered, Recovered::default());
+        let id = create(&p1);
+        host.stage(&p1, &id).unwrap();
+        host.set_backend(&id);
+        let rec = &StageRecords::new(&p1.config.state_dir).load().unwrap()[0];
+        assert_eq!(rec.attachment, Attachment::Nbd { index: 5 });
+        assert_eq!(rec.device, host.kernel.dev.join("nbd5"));
+
+        let sock = host.kernel_socket();
+        request(&sock, cmd::WRITE, 8192, &[0xab; 4096], 0);
+        drop(sock);
+        host.kill(p1);
+
+        // A new process: nbd5 is handed a fresh socket, and serves what was written.
+        host.sim.lock().unwrap().take_on_reconfigure = true;
+        let (p2, loaded) = host.start();
+        assert_eq!(
+            loaded.recovered,
+            Recovered {
+                reattached: 1,
+                ..Recovered::default()
+            }
+        );
+        let reconf = host.sent(nbd::CMD_RECONFIGURE);
+        assert_eq!(reconf.len(), 1);
+        assert!(reconf[0].windows(id.len()).any(|w| w == id.as_bytes()));
+        let sock = host.kernel_socket();
+        assert_eq!(request(&sock, cmd::READ, 8192, &[], 4096), vec![0xab; 4096]);
+        request(&sock, cmd::WRITE, 0, &[0xcd; 512], 0);
+        request(&sock, cmd::FLUSH, 0, &[], 0);
+        assert!(!host.stats(&p2, &id).abnormal);
+        // A repeated NodeStage is still a repeat; the controller still sees the volume staged.
+        host.stage(&p2, &id).unwrap();
+        assert_eq!(host.sent(nbd::CMD_CONNECT).len(), 1, "no second device");
+        let del = ControllerService(p2.clone()).delete(DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        });
+        assert!(matches!(del, Err(Error::FailedPrecondition(_))), "{del:?}");
+
+        host.unstage(&p2, &id).unwrap();
+        assert_eq!(host.sent(nbd::CMD_DISCONNECT).len(), 1);
+        assert!(
+            StageRecords::new(&p2.config.state_dir)
+                .load()
+                .unwrap()
+                .is_empty()
+        );
+        // The data reached the layer.
+        let st = p2.state().unwrap();
+        let head = st.layer_path(&st.volume(&id).unwrap().head);
+        drop(st);
+        let img = Image::open(&head, &OpenOptions::default()).unwrap();
+        let mut buf = vec![0u8; 512];
+        img.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, vec![0xcd; 512]);
+        img.read_at(&mut buf, 8192).unwrap();
+        assert_eq!(buf, vec![0xab; 512]);
+    }
+
+    #[test]
+    fn a_device_that_cannot_be_taken_over_is_reported_lost_until_unstaged() {
+        use crate::attach::netlink::nbd;
+        let host = Host::new();
+        let (p1, _) = host.start();
+        let id = create(&p1);
+        host.stage(&p1, &id).unwrap();
+        // While the plugin was down, the device was recycled for another volume.
+        host.set_backend("vol-someone-else");
+        host.kill(p1);
+
+        let (p2, loaded) = host.start();
+        assert_eq!(loaded.recovered.lost, 1);
+        assert!(
+            host.sent(nbd::CMD_RECONFIGURE).is_empty(),
+            "nbd5 is not ours"
+        );
+        let cond = host.stats(&p2, &id);
+        assert!(cond.abnormal);
+        assert!(
+            cond.message.contains("could not take nbd5 over"),
+            "{}",
+            cond.message
+        );
+        let del = ControllerService(p2.clone()).delete(DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        });
+        assert!(matches!(del, Err(Error::FailedPrecondition(_))), "{del:?}");
+
+        // Unstaging clears it without touching the other volume's device.
+        host.unstage(&p2, &id).unwrap();
+        assert!(host.sent(nbd::CMD_DISCONNECT).is_empty());
+        assert!(!p2.node.is_staged(&id));
+        assert!(
+            StageRecords::new(&p2.config.state_dir)
+                .load()
+                .unwrap()
+                .is_empty()
+        );
+        // And it stages again, on a new device.
+        host.set_backend("");
+        host.stage(&p2, &id).unwrap();
+        assert_eq!(host.sent(nbd::CMD_CONNECT).len(), 2);
+    }
+
+    #[test]
+    fn a_retried_stage_disconnects_the_device_an_interrupted_one_left() {
+        use crate::attach::netlink::nbd;
+        let host = Host::new();
+        let (p1, _) = host.start();
+        let id = create(&p1);
+        // A crash after CONNECT and before the stage record: only the kernel knows nbd5.
+        host.set_backend(&id);
+        host.stage(&p1, &id).unwrap_or_else(|e| panic!("{e}"));
+        NodeService(p1.clone())
+            .release(&p1.node.get(&id).unwrap(), Path::new("/nonexistent"))
+            .unwrap();
+        host.sim.lock().unwrap().sent.clear();
+        host.set_backend(&id);
+        host.kill(p1);
+        let (p2, loaded) = host.start();
+        assert_eq!(
+            loaded.recovered,
+            Recovered::default(),
+            "no record, nothing recovered"
+        );
+        host.stage(&p2, &id).unwrap();
+        let disc = host.sent(nbd::CMD_DISCONNECT);
+        assert_eq!(
+            disc.len(),
+            1,
+            "the stale nbd5 is disconnected before a new CONNECT"
+        );
+        assert_eq!(&disc[0][20..], [8, 0, 1, 0, 5, 0, 0, 0]);
+        assert_eq!(host.sent(nbd::CMD_CONNECT).len(), 1);
+    }
+
+    #[test]
+    fn records_of_deleted_volumes_are_dropped_at_load() {
+        let host = Host::new();
+        let (p1, _) = host.start();
+        let id = create(&p1);
+        host.stage(&p1, &id).unwrap();
+        host.kill(p1);
+        // The volume's record vanished behind the plugin's back.
+        std::fs::remove_file(host.dir.path().join(format!("state/volumes/{id}.json"))).unwrap();
+        let (p2, loaded) = host.start();
+        assert_eq!(loaded.recovered.forgotten, 1);
+        assert!(!p2.node.is_staged(&id));
+        assert!(
+            StageRecords::new(&p2.config.state_dir)
+                .load()
+                .unwrap()
+                .is_empty()
+        );
     }
 }

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use crate::error::{Error, Result};
 
 /// A filesystem the node can make and mount.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FsType {
     Ext4,
     Xfs,

@@ -89,10 +89,13 @@ pub async fn serve(
         tokio::spawn(async move {
             let p = plugin.clone();
             match plugin.blocking(move || p.load()).await {
-                Ok(c) => tracing::info!(
+                Ok(l) => tracing::info!(
                     volumes = plugin.state().map(|s| s.volumes().count()).unwrap_or(0),
-                    partial_files = c.partial_files,
-                    orphan_layers = c.orphan_layers,
+                    partial_files = l.cleanup.partial_files,
+                    orphan_layers = l.cleanup.orphan_layers,
+                    reattached = l.recovered.reattached,
+                    lost = l.recovered.lost,
+                    forgotten = l.recovered.forgotten,
                     "state directory loaded"
                 ),
                 Err(e) => tracing::error!(error = %e, "the state directory failed to load"),
