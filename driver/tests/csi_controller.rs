@@ -548,6 +548,53 @@ async fn sigterm_stops_cleanly_and_a_restart_keeps_every_volume() {
     assert_eq!(create(&p, "b", 4 * MIB).await, b);
 }
 
+/// SIGTERM while a CreateVolume is half done (paused after its layer, before its record):
+/// the plugin stops accepting, lets the call finish and answer, then exits cleanly; the
+/// volume it answered with exists after the restart, its layer not collected as an orphan.
+#[tokio::test]
+async fn sigterm_waits_for_an_operation_in_flight() {
+    let mut p = Plugin::start().await;
+    p.restart_with(&[("QCOW2_CSI_FAILPOINT", "create-after-layer:sleep=1500")])
+        .await;
+    let mut c = p.controller().await;
+    let call = tokio::spawn(async move { c.create_volume(create_req("pvc", 4 * MIB)).await });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while p.layers().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the create never began"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    p.terminate();
+    // A new call during the drain is not served.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let late = match csi::connect(&p.socket).await {
+        Ok(ch) => controller_client::ControllerClient::new(ch)
+            .create_volume(create_req("late", 4 * MIB))
+            .await
+            .is_ok(),
+        Err(_) => false,
+    };
+    assert!(!late, "no new work is accepted once stopping");
+    let created = call.await.unwrap().expect("the call in flight completes");
+    let status = p
+        .exited_within(std::time::Duration::from_secs(20))
+        .expect("the plugin exits after the drain");
+    assert!(status.success(), "{status:?}");
+    p.restart_with(&[]).await;
+    assert_eq!(
+        p.layers().len(),
+        1,
+        "the layer is the volume's, not an orphan"
+    );
+    assert_eq!(p.records().len(), 1);
+    assert_eq!(
+        create(&p, "pvc", 4 * MIB).await,
+        created.into_inner().volume.unwrap()
+    );
+}
+
 /// Crashes at `point` during the call `op`, restarts, and returns the plugin for checks.
 async fn crash_at(point: &str, setup: impl AsyncFnOnce(&Plugin)) -> Plugin {
     let mut p = Plugin::start().await;

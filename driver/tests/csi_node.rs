@@ -746,3 +746,182 @@ async fn single_writer_volumes_publish_once_and_max_volumes_is_enforced() {
         .unwrap();
     assert!(leaks(p.dir.path()).is_empty(), "{:?}", leaks(p.dir.path()));
 }
+
+/// How the plugin process ends while a volume is staged and published.
+#[derive(Debug, Clone, Copy)]
+enum Ending {
+    Kill9,
+    Sigterm,
+}
+
+/// The plugin ends while an nbdfuse volume is staged and published (nbdfuse cannot
+/// reconnect, so the device dies with the process). The restarted plugin knows the volume
+/// from its stage record: it reports it abnormal, refuses to delete it or to publish it
+/// anew, refuses a NodeStage while pods still use the dead mount, and once unpublished it
+/// stages afresh with the synced data there. Nothing leaks.
+async fn restart_while_staged(ending: Ending) {
+    let mut p = Plugin::start().await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4");
+    let id = create(&p, "restart", 64 * MIB, cap.clone()).await;
+    let staging = p.dir.path().join("staging");
+    let target = p.dir.path().join("pods/target");
+    std::fs::create_dir_all(&staging).unwrap();
+    let mut node = p.node().await;
+    node.node_stage_volume(stage_req(&id, &staging, &cap))
+        .await
+        .unwrap();
+    node.node_publish_volume(publish_req(&id, &staging, &target, &cap))
+        .await
+        .unwrap();
+    let record = p.state.join(format!("staged/{id}.json"));
+    let text = std::fs::read_to_string(&record).unwrap();
+    assert!(text.contains(r#""kind": "nbdfuse""#), "{text}");
+    assert!(text.contains(&target.display().to_string()), "{text}");
+    {
+        let f = std::fs::File::create(target.join("synced")).unwrap();
+        std::io::Write::write_all(&mut &f, b"before the restart").unwrap();
+        f.sync_all().unwrap();
+    }
+    match ending {
+        Ending::Kill9 => p.kill9(),
+        Ending::Sigterm => {
+            // Promptly: the device is left for the pods, not torn down under them.
+            p.terminate();
+            let status = p.exited_within(std::time::Duration::from_secs(5));
+            assert!(status.is_some_and(|s| s.success()), "{status:?}");
+        }
+    }
+    p.restart_with(&[]).await;
+    let mut node = p.node().await;
+
+    let stats = node
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: id.clone(),
+            volume_path: target.display().to_string(),
+            staging_target_path: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cond = stats.volume_condition.unwrap();
+    assert!(cond.abnormal, "{ending:?}");
+    assert!(cond.message.contains("nbdfuse"), "{}", cond.message);
+    let del = DeleteVolumeRequest {
+        volume_id: id.clone(),
+        secrets: HashMap::new(),
+    };
+    assert_eq!(
+        code(p.controller().await.delete_volume(del.clone()).await),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(node.node_stage_volume(stage_req(&id, &staging, &cap)).await),
+        Code::FailedPrecondition,
+        "pods still use the dead mount"
+    );
+    let other = p.dir.path().join("pods/other");
+    assert_eq!(
+        code(
+            node.node_publish_volume(publish_req(&id, &staging, &other, &cap))
+                .await
+        ),
+        Code::FailedPrecondition
+    );
+
+    node.node_unpublish_volume(unpublish_req(&id, &target))
+        .await
+        .unwrap();
+    let text = std::fs::read_to_string(&record).unwrap();
+    assert!(!text.contains(&target.display().to_string()), "{text}");
+    // Unpublished: the next NodeStage clears the dead attachment and stages afresh.
+    node.node_stage_volume(stage_req(&id, &staging, &cap))
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(staging.join("synced")).unwrap(),
+        "before the restart"
+    );
+    let stats = node
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: id.clone(),
+            volume_path: staging.display().to_string(),
+            staging_target_path: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!stats.volume_condition.unwrap().abnormal);
+    node.node_unstage_volume(unstage_req(&id, &staging))
+        .await
+        .unwrap();
+    assert!(!record.exists());
+    assert!(
+        leaks(p.dir.path()).is_empty(),
+        "{ending:?}: {:?}",
+        leaks(p.dir.path())
+    );
+    qemu::check_clean(&head_layer(&p));
+    p.controller().await.delete_volume(del).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_kill9_while_staged_leaves_a_lost_volume_that_restages_once_unpublished() {
+    if runnable() {
+        restart_while_staged(Ending::Kill9).await;
+    }
+}
+
+#[tokio::test]
+async fn a_sigterm_while_staged_leaves_a_lost_volume_that_restages_once_unpublished() {
+    if runnable() {
+        restart_while_staged(Ending::Sigterm).await;
+    }
+}
+
+/// A lost volume that is unstaged (the pods went away) is cleared up completely.
+#[tokio::test]
+async fn a_lost_volume_unstages_cleanly_after_a_restart() {
+    if !runnable() {
+        return;
+    }
+    let mut p = Plugin::start().await;
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let id = create(&p, "lost-block", 16 * MIB, cap.clone()).await;
+    let staging = p.dir.path().join("staging");
+    let target = p.dir.path().join("pods/dev");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    let mut node = p.node().await;
+    node.node_stage_volume(stage_req(&id, &staging, &cap))
+        .await
+        .unwrap();
+    node.node_publish_volume(publish_req(&id, &staging, &target, &cap))
+        .await
+        .unwrap();
+    assert!(leaks(p.dir.path()).len() >= 3);
+    p.kill9();
+    p.restart_with(&[]).await;
+    let mut node = p.node().await;
+    for _ in 0..3 {
+        node.node_unpublish_volume(unpublish_req(&id, &target))
+            .await
+            .unwrap();
+    }
+    assert!(!target.exists());
+    for _ in 0..3 {
+        node.node_unstage_volume(unstage_req(&id, &staging))
+            .await
+            .unwrap();
+    }
+    assert!(leaks(p.dir.path()).is_empty(), "{:?}", leaks(p.dir.path()));
+    assert!(!p.state.join(format!("staged/{id}.json")).exists());
+    p.controller()
+        .await
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: id,
+            secrets: HashMap::new(),
+        })
+        .await
+        .unwrap();
+    assert!(p.layers().is_empty());
+}

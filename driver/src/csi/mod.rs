@@ -194,10 +194,26 @@ impl Plugin {
 }
 
 /// Crash-test hook: when `QCOW2_CSI_FAILPOINT` names this point, the process aborts here, as
-/// a `kill -9` at that instant would (the restart tests use it). Costs one environment lookup.
+/// a `kill -9` at that instant would (the restart tests use it); `NAME:sleep=MS` pauses here
+/// instead (the shutdown tests use it to catch an operation in flight). Costs one environment
+/// lookup.
 pub(crate) fn failpoint(name: &str) {
-    if std::env::var_os("QCOW2_CSI_FAILPOINT").is_some_and(|v| v == name) {
-        eprintln!("qcow2-csi: failpoint {name}: aborting");
-        std::process::abort();
+    let Some(v) = std::env::var_os("QCOW2_CSI_FAILPOINT") else {
+        return;
+    };
+    let v = v.to_string_lossy();
+    let (point, action) = v.split_once(':').unwrap_or((&v, "abort"));
+    if point != name {
+        return;
+    }
+    match action.strip_prefix("sleep=").and_then(|ms| ms.parse().ok()) {
+        Some(ms) => {
+            eprintln!("qcow2-csi: failpoint {name}: sleeping {ms} ms");
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+        None => {
+            eprintln!("qcow2-csi: failpoint {name}: aborting");
+            std::process::abort();
+        }
     }
 }

@@ -133,6 +133,19 @@ impl NodeState {
         }
     }
 
+    /// Lets every staged volume's device outlive this process, which is about to exit: a
+    /// kernel nbd device waits for the next process to take it over, and tearing down an
+    /// nbdfuse one would only fail against the mounts pods still use. (Dropping an
+    /// attachment tears it down.)
+    pub fn leave_attached(&self) {
+        for s in self.map().values() {
+            if let Some(a) = s.attached.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                tracing::info!(volume = %s.volume_id, device = %a.device().display(), "left attached");
+                std::mem::forget(a);
+            }
+        }
+    }
+
     /// Takes back what a previous process staged, from the stage records: a kernel nbd
     /// device set up through netlink is still there, waiting for a server, and gets one
     /// (RECONFIGURE with fresh sockets); a device that ended with that process (nbdfuse,

@@ -140,6 +140,7 @@ pub async fn serve(
     };
     let _ = loader.await;
     plugin.node.flush_all();
+    plugin.node.leave_attached();
     let _ = std::fs::remove_file(&path);
     result.map_err(|e| Error::Internal(format!("gRPC server: {e}")))?;
     tracing::info!("stopped");

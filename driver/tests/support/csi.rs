@@ -108,12 +108,31 @@ impl Plugin {
 
     /// SIGTERM and wait: the exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
-        let mut c = self.child.take().expect("running");
+        self.terminate();
+        self.child.take().expect("running").wait().unwrap()
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn terminate(&self) {
+        let c = self.child.as_ref().expect("running");
         Command::new("kill")
             .args(["-TERM", &c.id().to_string()])
             .status()
             .unwrap();
-        c.wait().unwrap()
+    }
+
+    /// The exit status once the process has exited, if within `limit`.
+    pub fn exited_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = c.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
     }
 
     /// Files in the state directory's `layers/`.
