@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 use super::capability::{self, Checked};
 use super::mounts::{self, run};
 use super::params::{FsType, Params};
-use super::staging::{Attachment, StageRecord, StageRecords};
+use super::staging::{self, Attachment, StageRecord, StageRecords};
 use super::state::{AccessType, State, VolumeRecord};
 use super::{Plugin, failpoint};
 use crate::attach::{self, Attached, Attacher, Volume};
@@ -37,6 +37,8 @@ pub struct Staged {
     /// device did not survive that process. Unpublish and unstage clear it up.
     lost: Option<String>,
     published: Mutex<BTreeSet<PathBuf>>,
+    /// The boot it was staged in.
+    boot_id: String,
 }
 
 impl Staged {
@@ -48,11 +50,22 @@ impl Staged {
             device: self.device.clone(),
             attachment: self.attachment,
             published: self.published().clone(),
+            boot_id: self.boot_id.clone(),
         }
     }
 
     fn published(&self) -> std::sync::MutexGuard<'_, BTreeSet<PathBuf>> {
         self.published.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Publish targets still mounted (an unreadable mount table counts them all): what a
+    /// CO unmounted behind our back does not hold the volume.
+    fn in_use(&self) -> Vec<PathBuf> {
+        self.published()
+            .iter()
+            .filter(|t| mounts::is_mount_point(t).unwrap_or(true))
+            .cloned()
+            .collect()
     }
 
     /// `Err(FAILED_PRECONDITION)` with the reason when the volume is lost.
@@ -77,6 +90,8 @@ pub struct Recovered {
     pub lost: usize,
     /// Records of volumes that no longer exist, dropped.
     pub forgotten: usize,
+    /// Records from an earlier boot, dropped: their devices and mounts went with it.
+    pub previous_boot: usize,
 }
 
 /// Volumes staged on this node.
@@ -158,8 +173,15 @@ impl NodeState {
         state_dir: &Path,
     ) -> Result<Recovered> {
         let mut found = Recovered::default();
+        let boot = staging::boot_id();
         for rec in self.records.load()? {
             let id = rec.volume_id.clone();
+            if rec.boot_id != boot {
+                tracing::info!(volume = %id, "stage record from an earlier boot: dropped");
+                self.records.remove(&id)?;
+                found.previous_boot += 1;
+                continue;
+            }
             let Some(volume) = state.volume(&id) else {
                 tracing::warn!(volume = %id, "stage record of a volume that no longer exists");
                 let work = state_dir.join("attach").join(&id);
@@ -224,6 +246,7 @@ impl NodeState {
                     attached: Mutex::new(attached),
                     lost,
                     published: Mutex::new(rec.published),
+                    boot_id: rec.boot_id,
                 }),
             );
         }
@@ -407,7 +430,8 @@ impl NodeService {
         if let Some(s) = plugin.node.get(&req.volume_id) {
             if let Some(why) = &s.lost {
                 // Lost at a restart: stage it afresh, unless pods still use the dead mount.
-                if let Some(target) = s.published().iter().next() {
+                // Targets no longer mounted (the CO cleaned them up) do not count.
+                if let Some(target) = s.in_use().first() {
                     return Err(Error::FailedPrecondition(format!(
                         "volume {}: {why} (still published at {})",
                         req.volume_id,
@@ -519,6 +543,7 @@ impl NodeService {
             attached: Mutex::new(None),
             lost: None,
             published: Mutex::new(BTreeSet::new()),
+            boot_id: staging::boot_id(),
         });
         // The record is the commit point: without it, a restart would not know the volume.
         let staged = staged.and_then(|s| plugin.node.persist(&s).map(|()| s));
@@ -569,10 +594,11 @@ impl NodeService {
             }
             return Ok(());
         };
-        if !s.published().is_empty() {
+        if let Some(target) = s.in_use().first() {
             return Err(Error::FailedPrecondition(format!(
-                "volume {} is still published",
-                req.volume_id
+                "volume {} is still published at {}",
+                req.volume_id,
+                target.display()
             )));
         }
         self.release(&s, &work)?;
@@ -1152,9 +1178,14 @@ mod tests {
         let (p1, _) = host.start();
         let id = create(&p1);
         host.stage(&p1, &id).unwrap();
-        // While the plugin was down, the device was recycled for another volume.
+        // While the plugin was down, the device was recycled for another volume, and the
+        // CO unmounted the pod's publish target behind the plugin's back.
         host.set_backend("vol-someone-else");
         host.kill(p1);
+        let records = StageRecords::new(&host.dir.path().join("state"));
+        let mut rec = records.load().unwrap().remove(0);
+        rec.published.insert(host.dir.path().join("pods/gone"));
+        records.save(&rec).unwrap();
 
         let (p2, loaded) = host.start();
         assert_eq!(loaded.recovered.lost, 1);
@@ -1175,9 +1206,17 @@ mod tests {
         });
         assert!(matches!(del, Err(Error::FailedPrecondition(_))), "{del:?}");
 
-        // Unstaging clears it without touching the other volume's device.
-        host.unstage(&p2, &id).unwrap();
+        // The pod's target is no longer mounted, so NodeStage clears the lost attachment
+        // (without touching the other volume's device) and stages afresh on a new one.
+        host.stage(&p2, &id).unwrap();
         assert!(host.sent(nbd::CMD_DISCONNECT).is_empty());
+        assert_eq!(host.sent(nbd::CMD_CONNECT).len(), 2);
+        assert!(!host.stats(&p2, &id).abnormal);
+        let rec = &StageRecords::new(&p2.config.state_dir).load().unwrap()[0];
+        assert!(rec.published.is_empty(), "{rec:?}");
+        host.set_backend(&id);
+        host.unstage(&p2, &id).unwrap();
+        assert_eq!(host.sent(nbd::CMD_DISCONNECT).len(), 1);
         assert!(!p2.node.is_staged(&id));
         assert!(
             StageRecords::new(&p2.config.state_dir)
@@ -1185,10 +1224,6 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
-        // And it stages again, on a new device.
-        host.set_backend("");
-        host.stage(&p2, &id).unwrap();
-        assert_eq!(host.sent(nbd::CMD_CONNECT).len(), 2);
     }
 
     #[test]
@@ -1221,6 +1256,29 @@ mod tests {
         );
         assert_eq!(&disc[0][20..], [8, 0, 1, 0, 5, 0, 0, 0]);
         assert_eq!(host.sent(nbd::CMD_CONNECT).len(), 1);
+    }
+
+    #[test]
+    fn records_from_an_earlier_boot_are_dropped_at_load() {
+        use crate::attach::netlink::nbd;
+        let host = Host::new();
+        let (p1, _) = host.start();
+        let id = create(&p1);
+        host.stage(&p1, &id).unwrap();
+        host.set_backend(&id);
+        host.kill(p1);
+        let records = StageRecords::new(&host.dir.path().join("state"));
+        let mut rec = records.load().unwrap().remove(0);
+        assert_eq!(rec.boot_id, staging::boot_id());
+        rec.boot_id = "an-earlier-boot".into();
+        records.save(&rec).unwrap();
+        host.sim.lock().unwrap().take_on_reconfigure = true;
+        let (p2, loaded) = host.start();
+        assert_eq!(loaded.recovered.previous_boot, 1);
+        assert_eq!(loaded.recovered.reattached, 0);
+        assert!(host.sent(nbd::CMD_RECONFIGURE).is_empty());
+        assert!(!p2.node.is_staged(&id));
+        assert!(records.load().unwrap().is_empty());
     }
 
     #[test]

@@ -96,6 +96,7 @@ pub async fn serve(
                     reattached = l.recovered.reattached,
                     lost = l.recovered.lost,
                     forgotten = l.recovered.forgotten,
+                    previous_boot = l.recovered.previous_boot,
                     "state directory loaded"
                 ),
                 Err(e) => tracing::error!(error = %e, "the state directory failed to load"),

@@ -47,6 +47,17 @@ pub struct StageRecord {
     pub attachment: Attachment,
     /// Publish targets (bind mounts of the staging path or of the device).
     pub published: BTreeSet<PathBuf>,
+    /// The kernel's boot id when staged: a record from an earlier boot describes devices
+    /// and mounts that no longer exist (kubelet stages again after a reboot).
+    #[serde(default)]
+    pub boot_id: String,
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`), or `""` where it cannot be read.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// The `staged/` directory.
@@ -144,6 +155,7 @@ mod tests {
             device: "/dev/nbd3".into(),
             attachment,
             published: ["/pods/a".into()].into(),
+            boot_id: boot_id(),
         }
     }
 
