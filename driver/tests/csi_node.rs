@@ -581,7 +581,7 @@ async fn bytes_total(
 }
 
 #[tokio::test]
-async fn expansion_grows_image_and_filesystem_at_the_next_stage_through_nbdfuse() {
+async fn ext4_expansion_staged_and_unstaged_through_nbdfuse() {
     if !runnable() {
         return;
     }
@@ -623,14 +623,27 @@ async fn expansion_grows_image_and_filesystem_at_the_next_stage_through_nbdfuse(
         .into_inner();
     assert_eq!(r.capacity_bytes, 128 * MIB);
     assert!(r.node_expansion_required);
-    // nbdfuse cannot grow a device in use: refused before anything changes.
-    let s = node
-        .node_expand_volume(node_expand(128 * MIB))
-        .await
-        .unwrap_err();
-    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
-    assert_eq!(bytes_total(&mut node, &id, &staging).await, before);
-    // The next stage grows image, device and filesystem.
+    if has_cap_sys_resource() {
+        // Online: image, loop size limit, resize2fs.
+        let r = node
+            .node_expand_volume(node_expand(128 * MIB))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.capacity_bytes, 128 * MIB);
+    } else {
+        // Growing a mounted ext4 needs CAP_SYS_RESOURCE: refused before anything changes.
+        eprintln!("no CAP_SYS_RESOURCE: checking the refusal, not online ext4 growth");
+        let s = node
+            .node_expand_volume(node_expand(128 * MIB))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+        assert!(s.message().contains("CAP_SYS_RESOURCE"), "{s:?}");
+        assert_eq!(bytes_total(&mut node, &id, &staging).await, before);
+        assert_eq!(qemu::info_shared(&head_layer(&p))["virtual-size"], 64 * MIB);
+    }
+    // The next stage finds image, device and filesystem at the size (growing them if needed).
     node.node_unstage_volume(unstage_req(&id, &staging))
         .await
         .unwrap();
@@ -681,6 +694,97 @@ async fn expansion_grows_image_and_filesystem_at_the_next_stage_through_nbdfuse(
         code(node.node_expand_volume(nopath).await),
         Code::InvalidArgument
     );
+}
+
+/// Whether this process may grow a mounted ext4 (CAP_SYS_RESOURCE).
+fn has_cap_sys_resource() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << 24) != 0)
+}
+
+/// A published xfs volume grows online through nbdfuse (the loop device's size limit rises
+/// within the FUSE file's headroom): the pod sees the new size at once and can fill it.
+#[tokio::test]
+async fn xfs_grows_online_through_nbdfuse_while_published() {
+    if !runnable() {
+        return;
+    }
+    let p = Plugin::start().await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "xfs");
+    let id = create(&p, "grow-online", 320 * MIB, cap.clone()).await;
+    let staging = p.dir.path().join("staging");
+    let target = p.dir.path().join("pods/target");
+    std::fs::create_dir_all(&staging).unwrap();
+    let mut node = p.node().await;
+    node.node_stage_volume(stage_req(&id, &staging, &cap))
+        .await
+        .unwrap();
+    node.node_publish_volume(publish_req(&id, &staging, &target, &cap))
+        .await
+        .unwrap();
+    let first: Vec<u8> = (0..200 * MIB as u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(target.join("first"), &first).unwrap();
+    let before = bytes_total(&mut node, &id, &target).await;
+    // A second file as large does not fit yet.
+    assert!(before < 400 * MIB);
+    let r = p
+        .controller()
+        .await
+        .controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: id.clone(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 640 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.node_expansion_required);
+    let r = node
+        .node_expand_volume(NodeExpandVolumeRequest {
+            volume_id: id.clone(),
+            volume_path: target.display().to_string(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 640 * MIB,
+                limit_bytes: 0,
+            }),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 640 * MIB);
+    let after = bytes_total(&mut node, &id, &target).await;
+    assert!(after > before + 300 * MIB, "{before} -> {after}");
+    assert_eq!(
+        qemu::info_shared(&head_layer(&p))["virtual-size"],
+        640 * MIB
+    );
+    std::fs::write(target.join("second"), &first).unwrap();
+    assert!(std::fs::read(target.join("first")).unwrap() == first);
+    node.node_unpublish_volume(unpublish_req(&id, &target))
+        .await
+        .unwrap();
+    node.node_unstage_volume(unstage_req(&id, &staging))
+        .await
+        .unwrap();
+    assert!(leaks(p.dir.path()).is_empty(), "{:?}", leaks(p.dir.path()));
+    qemu::check_clean(&head_layer(&p));
+    // Both files are there at the next stage.
+    node.node_stage_volume(stage_req(&id, &staging, &cap))
+        .await
+        .unwrap();
+    assert!(std::fs::read(staging.join("second")).unwrap() == first);
+    node.node_unstage_volume(unstage_req(&id, &staging))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

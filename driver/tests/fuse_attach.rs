@@ -78,7 +78,7 @@ impl Handle {
         match way {
             Way::Socket => {
                 let server = Served::start(image, &[]);
-                let fuse = FuseLoop::attach(&server.socket, work, false).unwrap();
+                let fuse = FuseLoop::attach(&server.socket, work, false, None).unwrap();
                 Handle::Socket(server, fuse)
             }
             Way::InProcess => {

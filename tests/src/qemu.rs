@@ -184,3 +184,9 @@ pub fn info(path: &Path) -> serde_json::Value {
     let text = img(&["info", "--output=json", path.to_str().expect("utf-8")]);
     serde_json::from_str(&text).expect("info json")
 }
+
+/// `qemu-img info` of an image another process has open for writing (`-U`: no lock).
+pub fn info_shared(path: &Path) -> serde_json::Value {
+    let text = img(&["info", "-U", "--output=json", path.to_str().expect("utf-8")]);
+    serde_json::from_str(&text).expect("info json")
+}

@@ -67,15 +67,12 @@ impl Attached {
         }
     }
 
-    /// Grows the device to `size` bytes while it is in use. Only the kernel's nbd driver can:
-    /// the nbdfuse file keeps the size it had at attach (grow by attaching again).
+    /// Grows the device to `size` bytes while it is in use (the volume must already be that
+    /// large): netlink RECONFIGURE for the kernel's nbd, the loop size limit for nbdfuse.
     pub fn resize(&mut self, size: u64) -> Result<()> {
         match self {
             Attached::Kernel(k) => k.resize(size),
-            Attached::Fuse(_) => Err(Error::FailedPrecondition(
-                "an nbdfuse-attached volume cannot grow while staged; it grows at the next stage"
-                    .into(),
-            )),
+            Attached::Fuse(f) => f.resize(size),
         }
     }
 
@@ -89,9 +86,12 @@ impl Attached {
         }
     }
 
-    /// Whether [`Attached::resize`] can work.
+    /// Whether [`Attached::resize`] can work: not for ioctl-attached kernel devices.
     pub fn can_resize(&self) -> bool {
-        matches!(self, Attached::Kernel(_))
+        match self {
+            Attached::Kernel(k) => k.is_netlink(),
+            Attached::Fuse(_) => true,
+        }
     }
 
     /// Tears the device down and flushes the volume.

@@ -400,6 +400,19 @@ fn grow_ext4_offline(device: &Path) -> Result<()> {
     run(Command::new("resize2fs").arg(device)).map(drop)
 }
 
+/// Whether this process may grow a mounted ext4 (the kernel checks CAP_SYS_RESOURCE).
+fn has_cap_sys_resource() -> bool {
+    const CAP_SYS_RESOURCE: u32 = 24;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0)
+}
+
 /// Grows the filesystem mounted at `mountpoint` from `device` to the device's size (a no-op
 /// when it already fills it).
 fn grow_fs(device: &Path, mountpoint: &Path) -> Result<()> {
@@ -747,7 +760,21 @@ impl NodeService {
         };
         if size > image.size() {
             if !attached.can_resize() {
-                return attached.resize(size).map(|()| size); // the explanation
+                return Err(Error::FailedPrecondition(format!(
+                    "{} was set up with the nbd ioctls and cannot change size while in use; \
+                     the volume grows at the next stage",
+                    s.device.display()
+                )));
+            }
+            if s.cap.access == AccessType::Mount
+                && mounts::fs_on(&s.device)?.as_deref() == Some("ext4")
+                && !has_cap_sys_resource()
+            {
+                return Err(Error::FailedPrecondition(
+                    "growing a mounted ext4 needs CAP_SYS_RESOURCE, which this plugin lacks; \
+                     the filesystem grows at the next stage"
+                        .into(),
+                ));
             }
             image
                 .resize(size)

@@ -238,6 +238,10 @@ impl Server {
         &self.exports
     }
 
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     fn handshake<S: Socket>(&self, s: &mut S) -> Result<Negotiated, Error> {
         let mut hello = Vec::with_capacity(18);
         hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
