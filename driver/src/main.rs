@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use qcow2_csi::attach::{KernelOptions, Mode, Volume};
+use qcow2_csi::attach::{Attacher, Mode, Volume};
 use qcow2_csi::nbd::device::RawFile;
 use qcow2_csi::nbd::listen::{Endpoint, Listener, ServeOptions, Serving};
 use qcow2_csi::nbd::{BlockDevice, Discard, Export, Limits, Server};
@@ -270,16 +270,13 @@ fn attach(args: AttachArgs) -> anyhow::Result<()> {
     // Installed before attaching, so a signal during the attach is not lost.
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
     let image_held = Arc::downgrade(&server);
-    let attached = qcow2_csi::attach::attach(
-        mode,
-        Volume {
+    let attached = Attacher::new(mode)
+        .attach(Volume {
             id: &id,
             server,
             work_dir: &work,
-        },
-        &KernelOptions::default(),
-    )
-    .with_context(|| format!("attaching {}", image.display()))?;
+        })
+        .with_context(|| format!("attaching {}", image.display()))?;
     println!("{}", attached.device().display());
     eprintln!(
         "qcow2-csi: {} attached as {} ({:?})",

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
-use qcow2_csi::attach::{FuseLoop, KernelOptions, Mode, Volume, attach};
+use qcow2_csi::attach::{Attacher, FuseLoop, Mode, Volume};
 use qcow2_csi::nbd::{Export, Limits, Server};
 use qcow2_engine::{Image, OpenOptions};
 use support::Served;
@@ -60,7 +60,7 @@ fn sh(cmd: &mut Command) {
 enum Way {
     /// `qcow2-csi nbd` on a socket, and [`FuseLoop`] on it.
     Socket,
-    /// [`qcow2_csi::attach::attach`] in this process with `Mode::Auto` (the kernel's nbd
+    /// [`qcow2_csi::attach::Attacher`] in this process with `Mode::Auto` (the kernel's nbd
     /// where the module is loaded, else nbdfuse), serving the engine directly.
     InProcess,
     /// `qcow2-csi attach --mode auto`, stopped with SIGTERM.
@@ -96,7 +96,7 @@ impl Handle {
                     server,
                     work_dir: work,
                 };
-                Handle::InProcess(attach(Mode::Auto, volume, &KernelOptions::default()).unwrap())
+                Handle::InProcess(Attacher::new(Mode::Auto).attach(volume).unwrap())
             }
             Way::Command => {
                 let mut child = Command::new(env!("CARGO_BIN_EXE_qcow2-csi"))

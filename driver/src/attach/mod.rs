@@ -247,13 +247,3 @@ impl Attacher {
         Ok(stale)
     }
 }
-
-/// Attaches `volume` with the mechanism `mode` resolves to, through the host's kernel.
-pub fn attach(mode: Mode, volume: Volume<'_>, kernel: &KernelOptions) -> Result<Attached> {
-    Attacher {
-        mode,
-        kernel: kernel.clone(),
-        netlink: None,
-    }
-    .attach(volume)
-}

@@ -10,6 +10,7 @@ pub mod mounts;
 pub mod node;
 pub mod params;
 pub mod serve;
+pub mod staged;
 pub mod staging;
 pub mod state;
 
@@ -50,7 +51,7 @@ pub struct Plugin {
     /// Operations in progress (see [`Plugin::blocking`]).
     operations: AtomicUsize,
     /// Volumes staged on this node.
-    pub node: node::NodeState,
+    pub node: staged::NodeState,
     /// How staged volumes become block devices.
     pub attacher: Attacher,
 }
@@ -61,7 +62,7 @@ pub struct Loaded {
     /// What interrupted operations left and was collected.
     pub cleanup: state::Cleanup,
     /// Volumes a previous process had staged.
-    pub recovered: node::Recovered,
+    pub recovered: staged::Recovered,
 }
 
 impl Plugin {
@@ -73,7 +74,7 @@ impl Plugin {
     /// A plugin attaching through `attacher` (tests: a simulated kernel).
     pub fn with_attacher(config: Config, attacher: Attacher) -> Self {
         Self {
-            node: node::NodeState::new(&config.state_dir),
+            node: staged::NodeState::new(&config.state_dir),
             config,
             state: Mutex::new(None),
             load_error: Mutex::new(None),

@@ -1,0 +1,340 @@
+//! Volumes staged on this node: what each holds (image, export, device, publish targets),
+//! their records, and taking them back after a restart ([`NodeState::recover`]).
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use qcow2_engine::{BackingPolicy, Image, OpenOptions};
+
+use super::capability::Checked;
+use super::mounts::{self, run};
+use super::staging::{self, Attachment, StageRecord, StageRecords};
+use super::state::{State, VolumeRecord};
+use crate::attach::{Attached, Attacher, Volume};
+use crate::error::{Error, Result};
+use crate::nbd::{BlockDevice, Export, Limits, Server};
+
+/// A staged volume: its export and device live as long as this does.
+#[derive(Debug)]
+pub struct Staged {
+    pub volume_id: String,
+    pub staging: PathBuf,
+    pub cap: Checked,
+    pub device: PathBuf,
+    pub(super) attachment: Attachment,
+    /// The open head layer (flushed at shutdown, grown by NodeExpandVolume); `None` when lost.
+    pub(super) image: Option<Arc<Image>>,
+    pub(super) attached: Mutex<Option<Attached>>,
+    /// Why the volume has no working device: a previous plugin process staged it and its
+    /// device did not survive that process. Unpublish and unstage clear it up.
+    pub(super) lost: Option<String>,
+    pub(super) published: Mutex<BTreeSet<PathBuf>>,
+    /// The boot it was staged in.
+    pub(super) boot_id: String,
+}
+
+impl Staged {
+    pub(super) fn record(&self) -> StageRecord {
+        StageRecord {
+            volume_id: self.volume_id.clone(),
+            staging: self.staging.clone(),
+            capability: self.cap.clone(),
+            device: self.device.clone(),
+            attachment: self.attachment,
+            published: self.published().clone(),
+            boot_id: self.boot_id.clone(),
+        }
+    }
+
+    pub(super) fn published(&self) -> std::sync::MutexGuard<'_, BTreeSet<PathBuf>> {
+        self.published.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Publish targets still mounted (an unreadable mount table counts them all): what a
+    /// CO unmounted behind our back does not hold the volume.
+    pub(super) fn in_use(&self) -> Vec<PathBuf> {
+        self.published()
+            .iter()
+            .filter(|t| mounts::is_mount_point(t).unwrap_or(true))
+            .cloned()
+            .collect()
+    }
+
+    /// `Err(FAILED_PRECONDITION)` with the reason when the volume is lost.
+    pub(super) fn check_live(&self) -> Result<()> {
+        match &self.lost {
+            Some(why) => Err(Error::FailedPrecondition(format!(
+                "volume {}: {why}",
+                self.volume_id
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// What [`NodeState::recover`] found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    /// Kernel devices taken over: their filesystems never noticed the restart.
+    pub reattached: usize,
+    /// Volumes whose device ended with the previous process (reported as abnormal until
+    /// unstaged).
+    pub lost: usize,
+    /// Records of volumes that no longer exist, dropped.
+    pub forgotten: usize,
+    /// Records from an earlier boot, dropped: their devices and mounts went with it.
+    pub previous_boot: usize,
+}
+
+/// Volumes staged on this node.
+#[derive(Debug)]
+pub struct NodeState {
+    staged: Mutex<HashMap<String, Arc<Staged>>>,
+    pub(super) records: StageRecords,
+}
+
+impl NodeState {
+    pub fn new(state_dir: &Path) -> NodeState {
+        NodeState {
+            staged: Mutex::default(),
+            records: StageRecords::new(state_dir),
+        }
+    }
+
+    pub(super) fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Staged>>> {
+        self.staged.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Staged>> {
+        self.map().get(id).cloned()
+    }
+
+    pub fn count(&self) -> usize {
+        self.map().len()
+    }
+
+    /// Whether `id` is staged (the controller refuses to delete it then).
+    pub fn is_staged(&self, id: &str) -> bool {
+        self.get(id).is_some()
+    }
+
+    /// Persists the record of `s` (its publish targets changed).
+    pub(super) fn persist(&self, s: &Staged) -> Result<()> {
+        self.records.save(&s.record())
+    }
+
+    /// Flushes every staged volume's image (at shutdown: what was written is durable even if
+    /// the block devices die with this process).
+    pub fn flush_all(&self) {
+        let staged: Vec<(String, Arc<Staged>)> = self
+            .map()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (id, s) in staged {
+            let Some(image) = &s.image else { continue };
+            match image.flush() {
+                Ok(()) => tracing::info!(volume = %id, "flushed"),
+                Err(e) => tracing::error!(volume = %id, error = %e, "flush failed"),
+            }
+        }
+    }
+
+    /// Lets every staged volume's device outlive this process, which is about to exit: a
+    /// kernel nbd device waits for the next process to take it over, and tearing down an
+    /// nbdfuse one would only fail against the mounts pods still use. (Dropping an
+    /// attachment tears it down.)
+    pub fn leave_attached(&self) {
+        for s in self.map().values() {
+            if let Some(a) = s.attached.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                tracing::info!(volume = %s.volume_id, device = %a.device().display(), "left attached");
+                std::mem::forget(a);
+            }
+        }
+    }
+
+    /// Takes back what a previous process staged, from the stage records: a kernel nbd
+    /// device set up through netlink is still there, waiting for a server, and gets one
+    /// (RECONFIGURE with fresh sockets); a device that ended with that process (nbdfuse,
+    /// ioctls), or one that cannot be taken over, is kept as *lost*: listed, reported
+    /// abnormal, and cleared by unpublish and unstage. Records of deleted volumes are dropped.
+    pub fn recover(
+        &self,
+        state: &State,
+        attacher: &Attacher,
+        state_dir: &Path,
+    ) -> Result<Recovered> {
+        let mut found = Recovered::default();
+        let boot = staging::boot_id();
+        for rec in self.records.load()? {
+            let id = rec.volume_id.clone();
+            if rec.boot_id != boot {
+                tracing::info!(volume = %id, "stage record from an earlier boot: dropped");
+                self.records.remove(&id)?;
+                found.previous_boot += 1;
+                continue;
+            }
+            let Some(volume) = state.volume(&id) else {
+                tracing::warn!(volume = %id, "stage record of a volume that no longer exists");
+                let work = state_dir.join("attach").join(&id);
+                let _ = mounts::unmount_lazily(&rec.staging);
+                if let Err(e) = clear_leftovers(&rec.staging, &work, attacher, &id) {
+                    tracing::warn!(volume = %id, error = %e, "clearing its leftovers");
+                }
+                self.records.remove(&id)?;
+                found.forgotten += 1;
+                continue;
+            };
+            let taken = match rec.attachment {
+                Attachment::Nbd { index } => open_head(state, volume, &rec.capability)
+                    .and_then(|image| {
+                        let server = serve_image(&id, image.clone());
+                        let work = state_dir.join("attach").join(&id);
+                        let volume = Volume {
+                            id: &id,
+                            server,
+                            work_dir: &work,
+                        };
+                        attacher
+                            .reattach(volume, index)
+                            .map(|attached| (image, attached))
+                    })
+                    .map_err(|e| {
+                        format!(
+                            "the plugin restarted and could not take nbd{index} over ({e}); \
+                             unpublish and unstage it (restart its pods) to stage it again"
+                        )
+                    }),
+                Attachment::NbdIoctl => Err("the plugin restarted, and a device set up through \
+                    the nbd ioctls ends with the process that served it; unpublish and unstage \
+                    it (restart its pods) to stage it again"
+                    .to_string()),
+                Attachment::Nbdfuse => Err("the plugin restarted, and an nbdfuse-attached \
+                    device ends with the process that served it; unpublish and unstage it \
+                    (restart its pods) to stage it again"
+                    .to_string()),
+            };
+            let (image, attached, lost) = match taken {
+                Ok((image, attached)) => {
+                    tracing::info!(volume = %id, device = %rec.device.display(), "reattached");
+                    found.reattached += 1;
+                    (Some(image), Some(attached), None)
+                }
+                Err(why) => {
+                    tracing::error!(volume = %id, device = %rec.device.display(), "{why}");
+                    found.lost += 1;
+                    (None, None, Some(why))
+                }
+            };
+            self.map().insert(
+                id.clone(),
+                Arc::new(Staged {
+                    volume_id: id,
+                    staging: rec.staging,
+                    cap: rec.capability,
+                    device: rec.device,
+                    attachment: rec.attachment,
+                    image,
+                    attached: Mutex::new(attached),
+                    lost,
+                    published: Mutex::new(rec.published),
+                    boot_id: rec.boot_id,
+                }),
+            );
+        }
+        Ok(found)
+    }
+}
+
+/// Opens a volume's head layer for staging: writable unless the capability is read-only,
+/// backing files confined to `layers/`.
+pub(super) fn open_head(state: &State, rec: &VolumeRecord, cap: &Checked) -> Result<Arc<Image>> {
+    open_layer(state.layers_dir(), &state.layer_path(&rec.head), cap)
+}
+
+pub(super) fn open_layer(layers: PathBuf, head: &Path, cap: &Checked) -> Result<Arc<Image>> {
+    Image::open(
+        head,
+        &OpenOptions {
+            writable: !cap.read_only_mode,
+            backing: BackingPolicy::ConfineTo(layers),
+            ..OpenOptions::default()
+        },
+    )
+    .map(Arc::new)
+    .map_err(|e| Error::Internal(format!("opening {}: {e}", head.display())))
+}
+
+/// An NBD server whose export 0 is `image`.
+pub(super) fn serve_image(id: &str, image: Arc<Image>) -> Arc<Server> {
+    let device: Arc<dyn BlockDevice> = image;
+    Arc::new(Server::new(
+        vec![Export::new(id.to_string(), device)],
+        Limits {
+            io_flusher: true,
+            ..Limits::default()
+        },
+    ))
+}
+
+/// Unmounts what a previous run of the plugin may have left for this volume: the staging
+/// mount, kernel nbd devices still naming the volume, loop devices on its FUSE file, the
+/// FUSE mount itself (its nbdfuse lost its server with that run).
+pub(super) fn clear_leftovers(
+    staging: &Path,
+    work: &Path,
+    attacher: &Attacher,
+    id: &str,
+) -> Result<()> {
+    // Lazily: a filesystem on a device whose server is gone may block on I/O.
+    mounts::unmount_lazily(staging)?;
+    attacher.disconnect_stale(id)?;
+    let disk = work.join("fuse/disk");
+    if let Ok(list) = run(Command::new("losetup")
+        .args(["-n", "-O", "NAME", "-j"])
+        .arg(&disk))
+    {
+        for dev in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let _ = run(Command::new("losetup").arg("-d").arg(dev));
+        }
+    }
+    let fuse = work.join("fuse");
+    stop_stale_nbdfuse(&work.join("fuse.pid"), &fuse);
+    if mounts::is_mount_point(&fuse)? {
+        run(Command::new("umount").arg("-l").arg(&fuse))?;
+    }
+    Ok(())
+}
+
+/// Stops the nbdfuse a previous run left (its NBD connection died with that run, but it
+/// keeps its FUSE mount until told): the pid from its pid file, if that process is an
+/// nbdfuse serving `mountpoint`.
+fn stop_stale_nbdfuse(pidfile: &Path, mountpoint: &Path) {
+    let Some(pid) = std::fs::read_to_string(pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    let ours = args.first().is_some_and(|a| a.ends_with(b"nbdfuse"))
+        && args
+            .iter()
+            .any(|a| a.starts_with(mountpoint.as_os_str().as_encoded_bytes()));
+    if !ours {
+        return;
+    }
+    if let Some(p) = rustix::process::Pid::from_raw(pid) {
+        let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
+        for _ in 0..200 {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+    let _ = std::fs::remove_file(pidfile);
+}
