@@ -392,7 +392,13 @@ impl NodeService {
         required(&req.volume_id, "volume_id")?;
         let target = absolute(&req.target_path, "target_path")?;
         let _held = self.0.locks.try_lock(req.volume_id.clone())?;
-        mounts::unmount_if_mounted(&target)?;
+        let staged = self.0.node.get(&req.volume_id);
+        if staged.as_ref().is_some_and(|s| s.lost.is_some()) {
+            // Its device no longer answers: the last unmount must not wait for it.
+            mounts::unmount_lazily(&target)?;
+        } else {
+            mounts::unmount_if_mounted(&target)?;
+        }
         // We created the target: a directory (mount) or a file (block).
         let removed = match std::fs::symlink_metadata(&target) {
             Ok(md) if md.is_dir() => std::fs::remove_dir(&target),
@@ -400,7 +406,7 @@ impl NodeService {
             Err(_) => Ok(()),
         };
         removed.map_err(|e| Error::Internal(format!("removing {}: {e}", target.display())))?;
-        if let Some(s) = self.0.node.get(&req.volume_id)
+        if let Some(s) = staged
             && s.published().remove(&target)
         {
             self.0.node.persist(&s)?;

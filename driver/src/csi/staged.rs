@@ -179,7 +179,6 @@ impl NodeState {
             let Some(volume) = state.volume(&id) else {
                 tracing::warn!(volume = %id, "stage record of a volume that no longer exists");
                 let work = state_dir.join("attach").join(&id);
-                let _ = mounts::unmount_lazily(&rec.staging);
                 if let Err(e) = clear_leftovers(&rec.staging, &work, attacher, &id) {
                     tracing::warn!(volume = %id, error = %e, "clearing its leftovers");
                 }
@@ -201,21 +200,20 @@ impl NodeState {
                             .reattach(volume, index)
                             .map(|attached| (image, attached))
                     })
-                    .map_err(|e| {
-                        format!(
-                            "the plugin restarted and could not take nbd{index} over ({e}); \
-                             unpublish and unstage it (restart its pods) to stage it again"
-                        )
-                    }),
-                Attachment::NbdIoctl => Err("the plugin restarted, and a device set up through \
-                    the nbd ioctls ends with the process that served it; unpublish and unstage \
-                    it (restart its pods) to stage it again"
+                    .map_err(|e| format!("could not take nbd{index} over ({e})")),
+                Attachment::NbdIoctl => Err("a device set up through the nbd ioctls ends with \
+                    the process that served it"
                     .to_string()),
-                Attachment::Nbdfuse => Err("the plugin restarted, and an nbdfuse-attached \
-                    device ends with the process that served it; unpublish and unstage it \
-                    (restart its pods) to stage it again"
+                Attachment::Nbdfuse => Err("an nbdfuse-attached device ends with the process \
+                    that served it"
                     .to_string()),
-            };
+            }
+            .map_err(|why| {
+                format!(
+                    "the plugin restarted and {why}; unpublish and unstage the volume (restart \
+                     its pods) to stage it again"
+                )
+            });
             let (image, attached, lost) = match taken {
                 Ok((image, attached)) => {
                     tracing::info!(volume = %id, device = %rec.device.display(), "reattached");
