@@ -192,13 +192,13 @@ impl ControllerService {
                 req.volume_id
             )));
         }
-        let removed = plugin.state()?.remove_volume(&req.volume_id)?;
-        if let Some(rec) = removed {
+        let mut st = plugin.state()?;
+        if let Some(rec) = st.remove_volume(&req.volume_id)? {
             super::failpoint("delete-after-record");
-            let layer = plugin.state()?.layer_path(&rec.head);
-            // After the commit point: a crash here leaves an orphan the next load removes.
-            state::remove_durably(&layer)?;
-            tracing::info!(volume = %rec.id, "deleted");
+            // After the commit point: its head, and frozen layers only it reached, go. A
+            // crash here leaves them to the next load's collection.
+            let collected = st.collect_garbage()?;
+            tracing::info!(volume = %rec.id, layers = collected, "deleted");
         }
         Ok(())
     }

@@ -2,16 +2,21 @@
 //!
 //! ```text
 //! STATE/
-//!   layers/<layer>.qcow2     qcow2 files: a volume's writable head, or (later) frozen layers
-//!   volumes/<volume id>.json one record per volume, written atomically
+//!   layers/<layer>.qcow2         qcow2 files: a volume's writable head, or a frozen layer
+//!   volumes/<volume id>.json     one record per volume (its head layer), written atomically
+//!   snapshots/<snapshot id>.json one record per snapshot (its frozen layer)
 //! ```
 //!
+//! The layer graph: a volume's head and a snapshot's layer are roots; each layer's qcow2
+//! header names its backing layer (a file name in `layers/`). A layer no volume uses as its
+//! head is frozen and never written again. A layer lives while a root reaches it.
+//!
 //! A record is the commit point of every operation: CreateVolume makes the layer first and
-//! writes the record last; DeleteVolume removes the record first and the layer after. So a
-//! crash at any step leaves either a complete volume or files no record points at, which
-//! [`State::load`] deletes (`.tmp` records, `.creating-*` images, unreferenced layers).
-//! Backing names inside qcow2 headers are relative to `layers/`, and images are opened with
-//! their backing files confined there.
+//! writes the record last; DeleteVolume removes the record first and then collects the
+//! layers nothing reaches any more. So a crash at any step leaves either a complete object
+//! or files no root reaches, which [`State::load`] deletes (`.tmp` records, `.creating-*`
+//! images, unreachable layers). Images are opened with their backing files confined to
+//! `layers/`.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -49,13 +54,39 @@ pub struct VolumeRecord {
     pub created: u64,
 }
 
-/// A volume id: `vol-` and 32 lower-case hex digits. Anything else names no volume.
-pub fn is_volume_id(id: &str) -> bool {
-    id.strip_prefix("vol-").is_some_and(|h| {
+/// One snapshot, as persisted in `snapshots/<id>.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    /// The CSI snapshot id (`snap-` + 32 hex digits).
+    pub id: String,
+    /// The CreateSnapshot name, for idempotency.
+    pub name: String,
+    /// The volume it was taken of (which may since have been deleted).
+    pub source_volume_id: String,
+    /// File name of its frozen layer in `layers/`.
+    pub layer: String,
+    /// Virtual size in bytes when taken.
+    pub size: u64,
+    /// Seconds and nanoseconds since the epoch.
+    pub created: (u64, u32),
+}
+
+fn is_id(id: &str, prefix: &str) -> bool {
+    id.strip_prefix(prefix).is_some_and(|h| {
         h.len() == 32
             && h.bytes()
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
+}
+
+/// A volume id: `vol-` and 32 lower-case hex digits. Anything else names no volume.
+pub fn is_volume_id(id: &str) -> bool {
+    is_id(id, "vol-")
+}
+
+/// A snapshot id: `snap-` and 32 lower-case hex digits.
+pub fn is_snapshot_id(id: &str) -> bool {
+    is_id(id, "snap-")
 }
 
 /// A fresh random id with `prefix`.
@@ -68,6 +99,7 @@ pub fn new_id(prefix: &str) -> String {
 pub struct State {
     root: PathBuf,
     volumes: BTreeMap<String, VolumeRecord>,
+    snapshots: BTreeMap<String, SnapshotRecord>,
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -122,55 +154,113 @@ impl State {
     /// Opens (creating if needed) the state directory, reads every record, and deletes what an
     /// interrupted operation left behind.
     pub fn load(root: &Path) -> Result<(State, Cleanup)> {
-        for sub in ["layers", "volumes"] {
+        for sub in ["layers", "volumes", "snapshots"] {
             let d = root.join(sub);
             std::fs::create_dir_all(&d).map_err(io_err(format!("creating {}", d.display())))?;
         }
         let mut cleanup = Cleanup::default();
-        let mut volumes = BTreeMap::new();
-        let vdir = root.join("volumes");
-        for entry in read_dir(&vdir)? {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let path = entry.path();
-            if name.starts_with('.') && name.ends_with(".tmp") {
-                remove_durably(&path)?;
-                cleanup.partial_files += 1;
-                continue;
-            }
-            let Some(id) = name.strip_suffix(".json") else {
-                continue;
-            };
-            let text =
-                std::fs::read(&path).map_err(io_err(format!("reading {}", path.display())))?;
-            let rec: VolumeRecord = serde_json::from_slice(&text).map_err(|e| {
-                Error::Internal(format!("{} is not a volume record: {e}", path.display()))
-            })?;
-            if rec.id != id || !is_volume_id(id) {
-                return Err(Error::Internal(format!(
-                    "{} names volume {:?}",
-                    path.display(),
-                    rec.id
-                )));
-            }
-            volumes.insert(rec.id.clone(), rec);
-        }
+        let volumes: BTreeMap<String, VolumeRecord> =
+            read_records(&root.join("volumes"), is_volume_id, &mut cleanup)?
+                .into_iter()
+                .map(|(id, r): (String, VolumeRecord)| {
+                    if r.id == id {
+                        Ok((id, r))
+                    } else {
+                        Err(Error::Internal(format!(
+                            "volumes/{id}.json names {:?}",
+                            r.id
+                        )))
+                    }
+                })
+                .collect::<Result<_>>()?;
+        let snapshots: BTreeMap<String, SnapshotRecord> =
+            read_records(&root.join("snapshots"), is_snapshot_id, &mut cleanup)?
+                .into_iter()
+                .map(|(id, r): (String, SnapshotRecord)| {
+                    if r.id == id {
+                        Ok((id, r))
+                    } else {
+                        Err(Error::Internal(format!(
+                            "snapshots/{id}.json names {:?}",
+                            r.id
+                        )))
+                    }
+                })
+                .collect::<Result<_>>()?;
         let state = State {
             root: root.to_path_buf(),
             volumes,
+            snapshots,
         };
-        let referenced: std::collections::HashSet<&str> =
-            state.volumes.values().map(|v| v.head.as_str()).collect();
         for entry in read_dir(&state.layers_dir())? {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') && name.contains(".creating-") {
                 remove_durably(&entry.path())?;
                 cleanup.partial_files += 1;
-            } else if name.ends_with(".qcow2") && !referenced.contains(name.as_str()) {
-                remove_durably(&entry.path())?;
-                cleanup.orphan_layers += 1;
             }
         }
+        cleanup.orphan_layers = state.collect_garbage()?;
         Ok((state, cleanup))
+    }
+
+    /// The layers some root (a volume's head, a snapshot's layer) reaches through backing
+    /// links, read from the qcow2 headers. A header that cannot be read is an error: nothing
+    /// may be collected without the whole graph.
+    pub fn reachable_layers(&self) -> Result<std::collections::BTreeSet<String>> {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut todo: Vec<String> = self
+            .volumes
+            .values()
+            .map(|v| v.head.clone())
+            .chain(self.snapshots.values().map(|s| s.layer.clone()))
+            .collect();
+        while let Some(layer) = todo.pop() {
+            if !seen.insert(layer.clone()) {
+                continue;
+            }
+            if let Some(parent) = self.backing_of(&layer)? {
+                todo.push(parent);
+            }
+        }
+        Ok(seen)
+    }
+
+    /// The layer `layer` is backed by (its header's backing name, a file in `layers/`).
+    pub fn backing_of(&self, layer: &str) -> Result<Option<String>> {
+        let path = self.layer_path(layer);
+        let img = qcow2_engine::Image::open(
+            &path,
+            &qcow2_engine::OpenOptions {
+                skip_backing: true,
+                force_share: true,
+                backing: qcow2_engine::BackingPolicy::ConfineTo(self.layers_dir()),
+                ..qcow2_engine::OpenOptions::default()
+            },
+        )
+        .map_err(|e| Error::Internal(format!("reading {}: {e}", path.display())))?;
+        match img.header().backing_file {
+            None => Ok(None),
+            Some(name) if is_layer_name(&name) => Ok(Some(name)),
+            Some(name) => Err(Error::Internal(format!(
+                "{} is backed by {name:?}, which is not a layer of this state directory",
+                path.display()
+            ))),
+        }
+    }
+
+    /// Deletes the layers no root reaches; returns how many.
+    pub fn collect_garbage(&self) -> Result<usize> {
+        let live = self.reachable_layers()?;
+        let mut removed = 0;
+        for entry in read_dir(&self.layers_dir())? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if is_layer_name(&name) && !live.contains(&name) {
+                remove_durably(&entry.path())?;
+                tracing::info!(layer = %name, "collected an unreachable layer");
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     pub fn root(&self) -> &Path {
@@ -198,6 +288,38 @@ impl State {
         self.volumes.values().find(|v| v.name == name)
     }
 
+    pub fn snapshot(&self, id: &str) -> Option<&SnapshotRecord> {
+        self.snapshots.get(id)
+    }
+
+    pub fn snapshot_by_name(&self, name: &str) -> Option<&SnapshotRecord> {
+        self.snapshots.values().find(|s| s.name == name)
+    }
+
+    /// Snapshots in id order.
+    pub fn snapshots(&self) -> impl Iterator<Item = &SnapshotRecord> {
+        self.snapshots.values()
+    }
+
+    /// Persists a snapshot record (the commit point of CreateSnapshot).
+    pub fn put_snapshot(&mut self, rec: SnapshotRecord) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(&rec).expect("records serialise");
+        let path = self.root.join("snapshots").join(format!("{}.json", rec.id));
+        write_atomic(&path, &bytes)?;
+        self.snapshots.insert(rec.id.clone(), rec);
+        Ok(())
+    }
+
+    /// Forgets a snapshot (the commit point of DeleteSnapshot); its layer stays while
+    /// anything reaches it ([`State::collect_garbage`]).
+    pub fn remove_snapshot(&mut self, id: &str) -> Result<Option<SnapshotRecord>> {
+        if !self.snapshots.contains_key(id) {
+            return Ok(None);
+        }
+        remove_durably(&self.root.join("snapshots").join(format!("{id}.json")))?;
+        Ok(self.snapshots.remove(id))
+    }
+
     /// Volumes in id order.
     pub fn volumes(&self) -> impl Iterator<Item = &VolumeRecord> {
         self.volumes.values()
@@ -222,6 +344,46 @@ impl State {
     }
 }
 
+/// A layer file name as this plugin makes them: `layer-` + 32 hex digits + `.qcow2`.
+pub fn is_layer_name(name: &str) -> bool {
+    name.strip_suffix(".qcow2")
+        .is_some_and(|id| is_id(id, "layer-"))
+}
+
+/// Every record in `dir` as `(id, record)`, deleting half-written ones (`.tmp`). A record
+/// that does not parse, or whose file name is not an id, stops the load.
+fn read_records<R: serde::de::DeserializeOwned>(
+    dir: &Path,
+    is_valid: fn(&str) -> bool,
+    cleanup: &mut Cleanup,
+) -> Result<Vec<(String, R)>> {
+    let mut out = Vec::new();
+    for entry in read_dir(dir)? {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if name.starts_with('.') && name.ends_with(".tmp") {
+            remove_durably(&path)?;
+            cleanup.partial_files += 1;
+            continue;
+        }
+        let Some(id) = name.strip_suffix(".json") else {
+            continue;
+        };
+        if !is_valid(id) {
+            return Err(Error::Internal(format!(
+                "{} is not named after an id",
+                path.display()
+            )));
+        }
+        let text = std::fs::read(&path).map_err(io_err(format!("reading {}", path.display())))?;
+        let rec = serde_json::from_slice(&text).map_err(|e| {
+            Error::Internal(format!("{} is not a valid record: {e}", path.display()))
+        })?;
+        out.push((id.to_string(), rec));
+    }
+    Ok(out)
+}
+
 fn read_dir(dir: &Path) -> Result<Vec<std::fs::DirEntry>> {
     std::fs::read_dir(dir)
         .and_then(|it| it.collect::<std::io::Result<Vec<_>>>())
@@ -244,10 +406,29 @@ mod tests {
         }
     }
 
+    /// A real (empty) layer, optionally backed by another.
+    fn layer(st: &State, backing: Option<&str>) -> String {
+        let name = format!("{}.qcow2", new_id("layer-"));
+        qcow2_engine::create(
+            &st.layer_path(&name),
+            &qcow2_engine::CreateOptions {
+                size: Some(1 << 20),
+                backing: backing.map(|b| (b.to_string(), qcow2_engine::BackingFormat::Qcow2)),
+                ..qcow2_engine::CreateOptions::default()
+            },
+        )
+        .unwrap();
+        name
+    }
+
     #[test]
     fn ids_have_one_shape() {
         let id = new_id("vol-");
         assert!(is_volume_id(&id), "{id}");
+        assert!(is_snapshot_id(&new_id("snap-")));
+        assert!(!is_snapshot_id(&id));
+        assert!(is_layer_name(&format!("{}.qcow2", new_id("layer-"))));
+        assert!(!is_layer_name("../x.qcow2"));
         for bad in [
             "",
             "vol-",
@@ -266,10 +447,10 @@ mod tests {
         let (mut st, clean) = State::load(dir.path()).unwrap();
         assert_eq!(clean, Cleanup::default());
         let id = new_id("vol-");
-        std::fs::write(st.layer_path("a.qcow2"), b"layer").unwrap();
-        st.put_volume(record(&id, "a.qcow2")).unwrap();
+        let a = layer(&st, None);
+        st.put_volume(record(&id, &a)).unwrap();
         // What crashes leave: an orphan layer, a half-created image, a half-written record.
-        std::fs::write(st.layer_path("orphan.qcow2"), b"x").unwrap();
+        layer(&st, None);
         std::fs::write(st.layer_path(".b.qcow2.creating-12"), b"x").unwrap();
         std::fs::write(dir.path().join("volumes/.vol-x.json.tmp"), b"{").unwrap();
         let (st, clean) = State::load(dir.path()).unwrap();
@@ -280,32 +461,82 @@ mod tests {
                 orphan_layers: 1
             }
         );
-        assert_eq!(st.volume(&id), Some(&record(&id, "a.qcow2")));
-        assert!(st.layer_path("a.qcow2").exists());
-        assert!(!st.layer_path("orphan.qcow2").exists());
+        assert_eq!(st.volume(&id), Some(&record(&id, &a)));
+        assert_eq!(std::fs::read_dir(st.layers_dir()).unwrap().count(), 1);
     }
 
     #[test]
-    fn a_removed_volume_is_gone_after_reload_and_its_layer_collected() {
+    fn layers_live_while_a_volume_or_snapshot_reaches_them() {
         let dir = tempfile::tempdir().unwrap();
         let (mut st, _) = State::load(dir.path()).unwrap();
-        let id = new_id("vol-");
-        std::fs::write(st.layer_path("a.qcow2"), b"layer").unwrap();
-        st.put_volume(record(&id, "a.qcow2")).unwrap();
-        assert!(st.remove_volume(&id).unwrap().is_some());
-        assert!(st.remove_volume(&id).unwrap().is_none());
-        // Crash before the layer was removed: the reload collects it.
-        let (st, clean) = State::load(dir.path()).unwrap();
-        assert!(st.volume(&id).is_none());
-        assert_eq!(clean.orphan_layers, 1);
+        // base <- snap <- head (the volume), and a snapshot record on `snap`.
+        let base = layer(&st, None);
+        let snap = layer(&st, Some(&base));
+        let head = layer(&st, Some(&snap));
+        let vol = new_id("vol-");
+        st.put_volume(record(&vol, &head)).unwrap();
+        let sid = new_id("snap-");
+        st.put_snapshot(SnapshotRecord {
+            id: sid.clone(),
+            name: "s".into(),
+            source_volume_id: vol.clone(),
+            layer: snap.clone(),
+            size: 1 << 20,
+            created: (1, 2),
+        })
+        .unwrap();
+        assert_eq!(st.collect_garbage().unwrap(), 0);
+        // The volume goes: the snapshot still reaches snap and base; head is collected.
+        st.remove_volume(&vol).unwrap();
+        assert_eq!(st.collect_garbage().unwrap(), 1);
+        assert!(!st.layer_path(&head).exists());
+        let (st2, _) = State::load(dir.path()).unwrap();
+        assert_eq!(st2.snapshot(&sid).unwrap().layer, snap);
+        assert_eq!(
+            st2.reachable_layers().unwrap(),
+            [base.clone(), snap.clone()].into()
+        );
+        // The snapshot goes too: everything is collected.
+        let mut st = st2;
+        st.remove_snapshot(&sid).unwrap();
+        assert!(st.remove_snapshot(&sid).unwrap().is_none());
+        assert_eq!(st.collect_garbage().unwrap(), 2);
+    }
+
+    #[test]
+    fn a_backing_name_outside_the_layers_stops_collection() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut st, _) = State::load(dir.path()).unwrap();
+        qcow2_engine::create(
+            &dir.path().join("base.qcow2"),
+            &qcow2_engine::CreateOptions {
+                size: Some(1 << 20),
+                ..qcow2_engine::CreateOptions::default()
+            },
+        )
+        .unwrap();
+        let head = layer(&st, Some("../base.qcow2"));
+        st.put_volume(record(&new_id("vol-"), &head)).unwrap();
+        let other = layer(&st, None);
+        let e = st.collect_garbage().unwrap_err().to_string();
+        assert!(e.contains("not a layer"), "{e}");
+        assert!(
+            st.layer_path(&other).exists(),
+            "nothing collected without the whole graph"
+        );
     }
 
     #[test]
     fn a_corrupt_record_stops_the_load_instead_of_losing_a_volume() {
         let dir = tempfile::tempdir().unwrap();
         State::load(dir.path()).unwrap();
-        std::fs::write(dir.path().join("volumes/vol-1.json"), b"not json").unwrap();
+        let id = new_id("vol-");
+        std::fs::write(dir.path().join(format!("volumes/{id}.json")), b"not json").unwrap();
         let e = State::load(dir.path()).unwrap_err().to_string();
-        assert!(e.contains("not a volume record"), "{e}");
+        assert!(e.contains("not a valid record"), "{e}");
+        std::fs::remove_file(dir.path().join(format!("volumes/{id}.json"))).unwrap();
+        std::fs::write(dir.path().join("snapshots/snap-1.json"), b"{}").unwrap();
+        let e = State::load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("not named after an id"), "{e}");
     }
 }

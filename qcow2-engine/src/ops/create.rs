@@ -260,8 +260,12 @@ fn backing_size(name: &str, fmt: BackingFormat, path: Option<&Path>) -> Result<u
             .ctx(|| format!("reading backing file {}", resolved.display()))?
             .len()),
         BackingFormat::Qcow2 => {
+            // Only the header is read, so no lock is taken: the backing file may be in use by
+            // a writer (a live volume being snapshotted, whose writes stop before the pivot).
             let opts = OpenOptions {
                 backing: BackingPolicy::Allow,
+                skip_backing: true,
+                force_share: true,
                 ..OpenOptions::default()
             };
             Ok(Image::open(&resolved, &opts)?.size())
