@@ -5,6 +5,7 @@
 pub mod capability;
 pub mod controller;
 pub mod identity;
+pub mod live;
 pub mod locks;
 pub mod mounts;
 pub mod node;

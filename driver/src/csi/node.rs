@@ -20,6 +20,7 @@ use super::state::AccessType;
 use super::{Plugin, failpoint};
 use crate::attach::{self, Volume};
 use crate::error::{Error, Result};
+use crate::nbd::BlockDevice;
 
 /// Node: stage, publish, stats, info.
 #[derive(Debug, Clone)]
@@ -162,10 +163,7 @@ impl NodeService {
         let image = open_layer(layers, &head, &cap)?;
         // ControllerExpandVolume of a staged volume only recorded the size: grow to it now.
         if image.size() < rec.size && !cap.read_only_mode {
-            image
-                .resize(rec.size)
-                .and_then(|()| image.flush())
-                .map_err(|e| Error::Internal(format!("growing volume {}: {e}", rec.id)))?;
+            image.resize(rec.size)?;
         }
         let attached = plugin.attacher.attach(Volume {
             id: &rec.id,
@@ -463,10 +461,7 @@ impl NodeService {
                         .into(),
                 ));
             }
-            image
-                .resize(size)
-                .and_then(|()| image.flush())
-                .map_err(|e| Error::Internal(format!("growing the image: {e}")))?;
+            image.resize(size)?;
             attached.resize(size)?;
         }
         if s.cap.access == AccessType::Mount {

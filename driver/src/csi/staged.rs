@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use qcow2_engine::{BackingPolicy, Image, OpenOptions};
 
 use super::capability::Checked;
+use super::live::LiveImage;
 use super::mounts::{self, run};
 use super::staging::{self, Attachment, StageRecord, StageRecords};
 use super::state::{State, VolumeRecord};
@@ -25,7 +26,7 @@ pub struct Staged {
     pub device: PathBuf,
     pub(super) attachment: Attachment,
     /// The open head layer (flushed at shutdown, grown by NodeExpandVolume); `None` when lost.
-    pub(super) image: Option<Arc<Image>>,
+    pub(super) image: Option<Arc<LiveImage>>,
     pub(super) attached: Mutex<Option<Attached>>,
     /// Why the volume has no working device: a previous plugin process staged it and its
     /// device did not survive that process. Unpublish and unstage clear it up.
@@ -135,7 +136,7 @@ impl NodeState {
             .collect();
         for (id, s) in staged {
             let Some(image) = &s.image else { continue };
-            match image.flush() {
+            match BlockDevice::flush(&**image) {
                 Ok(()) => tracing::info!(volume = %id, "flushed"),
                 Err(e) => tracing::error!(volume = %id, error = %e, "flush failed"),
             }
@@ -248,25 +249,31 @@ impl NodeState {
 
 /// Opens a volume's head layer for staging: writable unless the capability is read-only,
 /// backing files confined to `layers/`.
-pub(super) fn open_head(state: &State, rec: &VolumeRecord, cap: &Checked) -> Result<Arc<Image>> {
+pub(super) fn open_head(
+    state: &State,
+    rec: &VolumeRecord,
+    cap: &Checked,
+) -> Result<Arc<LiveImage>> {
     open_layer(state.layers_dir(), &state.layer_path(&rec.head), cap)
 }
 
-pub(super) fn open_layer(layers: PathBuf, head: &Path, cap: &Checked) -> Result<Arc<Image>> {
-    Image::open(
-        head,
-        &OpenOptions {
-            writable: !cap.read_only_mode,
-            backing: BackingPolicy::ConfineTo(layers),
-            ..OpenOptions::default()
-        },
-    )
-    .map(Arc::new)
-    .map_err(|e| Error::Internal(format!("opening {}: {e}", head.display())))
+/// How a staged volume's layers are opened.
+pub(super) fn head_options(layers: PathBuf, cap: &Checked) -> OpenOptions {
+    OpenOptions {
+        writable: !cap.read_only_mode,
+        backing: BackingPolicy::ConfineTo(layers),
+        ..OpenOptions::default()
+    }
+}
+
+pub(super) fn open_layer(layers: PathBuf, head: &Path, cap: &Checked) -> Result<Arc<LiveImage>> {
+    Image::open(head, &head_options(layers, cap))
+        .map(|img| Arc::new(LiveImage::new(img)))
+        .map_err(|e| Error::Internal(format!("opening {}: {e}", head.display())))
 }
 
 /// An NBD server whose export 0 is `image`.
-pub(super) fn serve_image(id: &str, image: Arc<Image>) -> Arc<Server> {
+pub(super) fn serve_image(id: &str, image: Arc<LiveImage>) -> Arc<Server> {
     let device: Arc<dyn BlockDevice> = image;
     Arc::new(Server::new(
         vec![Export::new(id.to_string(), device)],
