@@ -114,7 +114,11 @@ async fn controller_capabilities_are_what_is_implemented() {
             Rpc::GetCapacity,
             Rpc::ExpandVolume,
             Rpc::GetVolume,
-            Rpc::SingleNodeMultiWriter
+            Rpc::SingleNodeMultiWriter,
+            Rpc::CreateDeleteSnapshot,
+            Rpc::ListSnapshots,
+            Rpc::CloneVolume,
+            Rpc::GetSnapshot,
         ]
     );
 }
@@ -190,7 +194,8 @@ async fn create_volume_refuses_bad_requests_with_the_spec_codes() {
             },
         )),
     });
-    assert_eq!(code(c.create_volume(source).await), Code::InvalidArgument);
+    // A source that does not exist (csi-sanity's "missing source volume").
+    assert_eq!(code(c.create_volume(source).await), Code::NotFound);
     let mut elsewhere = create_req("a", MIB);
     elsewhere.accessibility_requirements = Some(TopologyRequirement {
         requisite: vec![Topology {

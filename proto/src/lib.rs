@@ -11,3 +11,6 @@
 pub mod v1 {
     tonic::include_proto!("csi.v1");
 }
+
+/// `google.protobuf.Timestamp`, as the snapshot messages use it.
+pub use prost_types::Timestamp;

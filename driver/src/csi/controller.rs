@@ -10,7 +10,8 @@ use qcow2_engine::{BackingPolicy, Image, OpenOptions};
 use tonic::{Request, Response, Status};
 
 use super::params::Params;
-use super::state::{self, AccessType, VolumeRecord};
+use super::snapshot::{freeze_head, make_layer};
+use super::state::{self, AccessType, Source, VolumeRecord};
 use super::{Plugin, capability};
 use crate::error::{Error, Result};
 
@@ -55,11 +56,21 @@ pub fn size_for(range: Option<&CapacityRange>) -> Result<u64> {
 }
 
 fn to_volume(plugin: &Plugin, rec: &VolumeRecord) -> Volume {
+    use volume_content_source::{SnapshotSource, Type, VolumeSource};
     Volume {
         capacity_bytes: rec.size as i64,
         volume_id: rec.id.clone(),
         volume_context: Default::default(),
-        content_source: None,
+        content_source: rec.source.as_ref().map(|s| VolumeContentSource {
+            r#type: Some(match s {
+                Source::Snapshot(id) => Type::Snapshot(SnapshotSource {
+                    snapshot_id: id.clone(),
+                }),
+                Source::Volume(id) => Type::Volume(VolumeSource {
+                    volume_id: id.clone(),
+                }),
+            }),
+        }),
         accessible_topology: vec![plugin.topology()],
     }
 }
@@ -107,12 +118,20 @@ impl ControllerService {
                 "mutable_parameters are not supported (no MODIFY_VOLUME)".into(),
             ));
         }
-        if req.volume_content_source.is_some() {
-            return Err(Error::InvalidArgument(
-                "volume content sources (snapshots, clones) are not supported yet".into(),
-            ));
-        }
-        let size = size_for(req.capacity_range.as_ref())?;
+        let source = match req
+            .volume_content_source
+            .as_ref()
+            .and_then(|s| s.r#type.as_ref())
+        {
+            None => None,
+            Some(volume_content_source::Type::Snapshot(s)) => {
+                Some(Source::Snapshot(s.snapshot_id.clone()))
+            }
+            Some(volume_content_source::Type::Volume(v)) => {
+                Some(Source::Volume(v.volume_id.clone()))
+            }
+        };
+        let requested = size_for(req.capacity_range.as_ref())?;
         if !topology_allows(plugin, req.accessibility_requirements.as_ref()) {
             return Err(Error::ResourceExhausted(format!(
                 "volumes of this plugin live on node {}, which no requisite topology allows",
@@ -129,14 +148,45 @@ impl ControllerService {
                 .as_ref()
                 .map_or((0, 0), |c| (c.required_bytes as u64, c.limit_bytes as u64));
             let fits = existing.size >= r && (l == 0 || existing.size <= l);
-            if !fits || existing.parameters != params.canonical() {
+            if !fits || existing.parameters != params.canonical() || existing.source != source {
                 return Err(Error::AlreadyExists(format!(
-                    "volume {:?} exists as {} with {} bytes and parameters {:?}",
-                    req.name, existing.id, existing.size, existing.parameters
+                    "volume {:?} exists as {} with {} bytes, parameters {:?} and source {:?}",
+                    req.name, existing.id, existing.size, existing.parameters, existing.source
                 )));
             }
             return Ok(to_volume(plugin, existing));
         }
+        // The source, held still while the new head is made on top of it.
+        let (_source_lock, source_size) = match &source {
+            None => (None, None),
+            Some(Source::Snapshot(id)) => {
+                let size = plugin
+                    .state()?
+                    .snapshot(id)
+                    .map(|s| s.size)
+                    .ok_or_else(|| Error::NotFound(format!("no snapshot {id:?}")))?;
+                (Some(plugin.locks.try_lock(id.clone())?), Some(size))
+            }
+            Some(Source::Volume(id)) => {
+                let size = plugin.volume_record(id)?.size;
+                (Some(plugin.locks.try_lock(id.clone())?), Some(size))
+            }
+        };
+        let size = match (source_size, req.capacity_range.as_ref()) {
+            // A restore or clone without a size has its source's.
+            (Some(src), None) => src,
+            (Some(src), Some(r)) if r.required_bytes == 0 && r.limit_bytes == 0 => src,
+            (Some(src), Some(r)) if requested < src => {
+                if r.limit_bytes > 0 && (r.limit_bytes as u64) < src {
+                    return Err(Error::OutOfRange(format!(
+                        "the source has {src} bytes, more than limit_bytes {}",
+                        r.limit_bytes
+                    )));
+                }
+                src
+            }
+            _ => requested,
+        };
         let room = available(plugin, params.overcommit_ratio)?;
         if size > room {
             return Err(Error::ResourceExhausted(format!(
@@ -145,29 +195,47 @@ impl ControllerService {
             )));
         }
         let id = state::new_id("vol-");
-        let head = format!("{}.qcow2", state::new_id("layer-"));
-        let path = plugin.state()?.layer_path(&head);
-        create(
-            &path,
-            &CreateOptions {
-                size: Some(size),
-                cluster_size: params.cluster_size,
-                extended_l2: params.subclusters,
-                ..CreateOptions::default()
-            },
-        )
-        .map_err(|e| Error::Internal(format!("creating {}: {e}", path.display())))?;
+        let head = plugin.pending_layer();
+        match &source {
+            None => {
+                let path = plugin.state()?.layer_path(&head.name);
+                create(
+                    &path,
+                    &CreateOptions {
+                        size: Some(size),
+                        cluster_size: params.cluster_size,
+                        extended_l2: params.subclusters,
+                        ..CreateOptions::default()
+                    },
+                )
+                .map_err(|e| Error::Internal(format!("creating {}: {e}", path.display())))?;
+            }
+            Some(Source::Snapshot(snap)) => {
+                let layer = plugin
+                    .state()?
+                    .snapshot(snap)
+                    .map(|s| s.layer.clone())
+                    .ok_or_else(|| Error::NotFound(format!("no snapshot {snap:?}")))?;
+                make_layer(plugin, &head.name, &layer, size, &params)?;
+            }
+            Some(Source::Volume(src)) => {
+                // A clone: an implicit snapshot (a frozen layer nothing lists), restored.
+                let (frozen, _) = freeze_head(plugin, src)?;
+                make_layer(plugin, &head.name, &frozen, size, &params)?;
+            }
+        }
         super::failpoint("create-after-layer");
         let rec = VolumeRecord {
             id,
             name: req.name,
             size,
-            head,
+            head: head.name.clone(),
             parameters: params.canonical(),
             access,
             created: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            source,
         };
         let volume = to_volume(plugin, &rec);
         // The commit point: before it, a crash leaves an orphan layer for the next load.
@@ -192,12 +260,12 @@ impl ControllerService {
                 req.volume_id
             )));
         }
-        let mut st = plugin.state()?;
-        if let Some(rec) = st.remove_volume(&req.volume_id)? {
+        let removed = plugin.state()?.remove_volume(&req.volume_id)?;
+        if let Some(rec) = removed {
             super::failpoint("delete-after-record");
             // After the commit point: its head, and frozen layers only it reached, go. A
             // crash here leaves them to the next load's collection.
-            let collected = st.collect_garbage()?;
+            let collected = plugin.collect_garbage()?;
             tracing::info!(volume = %rec.id, layers = collected, "deleted");
         }
         Ok(())
@@ -365,6 +433,10 @@ fn caps() -> Vec<ControllerServiceCapability> {
         rpc::Type::ExpandVolume,
         rpc::Type::GetVolume,
         rpc::Type::SingleNodeMultiWriter,
+        rpc::Type::CreateDeleteSnapshot,
+        rpc::Type::ListSnapshots,
+        rpc::Type::CloneVolume,
+        rpc::Type::GetSnapshot,
     ]
     .into_iter()
     .map(|t| ControllerServiceCapability {
@@ -454,30 +526,43 @@ impl Controller for ControllerService {
 
     async fn create_snapshot(
         &self,
-        _: Request<CreateSnapshotRequest>,
+        req: Request<CreateSnapshotRequest>,
     ) -> Result<Response<CreateSnapshotResponse>, Status> {
-        unimplemented("CreateSnapshot")
+        let this = self.clone();
+        let snapshot = self
+            .0
+            .blocking(move || this.create_snapshot(req.into_inner()))
+            .await?;
+        Ok(Response::new(CreateSnapshotResponse {
+            snapshot: Some(snapshot),
+        }))
     }
 
     async fn delete_snapshot(
         &self,
-        _: Request<DeleteSnapshotRequest>,
+        req: Request<DeleteSnapshotRequest>,
     ) -> Result<Response<DeleteSnapshotResponse>, Status> {
-        unimplemented("DeleteSnapshot")
+        let this = self.clone();
+        self.0
+            .blocking(move || this.delete_snapshot(req.into_inner()))
+            .await?;
+        Ok(Response::new(DeleteSnapshotResponse {}))
     }
 
     async fn list_snapshots(
         &self,
-        _: Request<ListSnapshotsRequest>,
+        req: Request<ListSnapshotsRequest>,
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
-        unimplemented("ListSnapshots")
+        Ok(Response::new(self.list_snapshots(req.into_inner())?))
     }
 
     async fn get_snapshot(
         &self,
-        _: Request<GetSnapshotRequest>,
+        req: Request<GetSnapshotRequest>,
     ) -> Result<Response<GetSnapshotResponse>, Status> {
-        unimplemented("GetSnapshot")
+        Ok(Response::new(GetSnapshotResponse {
+            snapshot: Some(self.get_snapshot(req.into_inner())?),
+        }))
     }
 
     async fn controller_expand_volume(

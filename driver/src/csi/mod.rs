@@ -11,10 +11,12 @@ pub mod mounts;
 pub mod node;
 pub mod params;
 pub mod serve;
+pub mod snapshot;
 pub mod staged;
 pub mod staging;
 pub mod state;
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -55,6 +57,25 @@ pub struct Plugin {
     pub node: staged::NodeState,
     /// How staged volumes become block devices.
     pub attacher: Attacher,
+    /// Layers being made whose record is not written yet: collection leaves them alone.
+    pending: Mutex<HashSet<String>>,
+}
+
+/// A layer being made ([`Plugin::pending_layer`]); no longer pending when dropped.
+#[derive(Debug)]
+pub struct PendingLayer<'a> {
+    plugin: &'a Plugin,
+    pub name: String,
+}
+
+impl Drop for PendingLayer<'_> {
+    fn drop(&mut self) {
+        self.plugin
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.name);
+    }
 }
 
 /// What loading the state directory found.
@@ -82,7 +103,30 @@ impl Plugin {
             locks: locks::Locks::default(),
             operations: AtomicUsize::new(0),
             attacher,
+            pending: Mutex::default(),
         }
+    }
+
+    /// A fresh layer name, protected from collection until the guard drops (after the
+    /// record that reaches it is written, or the operation failed).
+    pub fn pending_layer(&self) -> PendingLayer<'_> {
+        let name = format!("{}.qcow2", state::new_id("layer-"));
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.clone());
+        PendingLayer { plugin: self, name }
+    }
+
+    /// Deletes layers nothing reaches (after a delete); returns how many.
+    pub fn collect_garbage(&self) -> Result<usize> {
+        let st = self.state()?;
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        st.collect_garbage(&pending)
     }
 
     /// Loads the state directory, collects what interrupted operations left, and takes back

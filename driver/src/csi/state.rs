@@ -52,6 +52,17 @@ pub struct VolumeRecord {
     pub access: Vec<AccessType>,
     /// Seconds since the epoch.
     pub created: u64,
+    /// What it was made from (restores and clones); `None` for an empty volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+}
+
+/// A volume's content source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Snapshot(String),
+    Volume(String),
 }
 
 /// One snapshot, as persisted in `snapshots/<id>.json`.
@@ -199,7 +210,7 @@ impl State {
                 cleanup.partial_files += 1;
             }
         }
-        cleanup.orphan_layers = state.collect_garbage()?;
+        cleanup.orphan_layers = state.collect_garbage(&Default::default())?;
         Ok((state, cleanup))
     }
 
@@ -248,13 +259,14 @@ impl State {
         }
     }
 
-    /// Deletes the layers no root reaches; returns how many.
-    pub fn collect_garbage(&self) -> Result<usize> {
+    /// Deletes the layers no root reaches, except `pending` ones (being made by an operation
+    /// that has not written its record yet); returns how many.
+    pub fn collect_garbage(&self, pending: &std::collections::HashSet<String>) -> Result<usize> {
         let live = self.reachable_layers()?;
         let mut removed = 0;
         for entry in read_dir(&self.layers_dir())? {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if is_layer_name(&name) && !live.contains(&name) {
+            if is_layer_name(&name) && !live.contains(&name) && !pending.contains(&name) {
                 remove_durably(&entry.path())?;
                 tracing::info!(layer = %name, "collected an unreachable layer");
                 removed += 1;
@@ -403,6 +415,7 @@ mod tests {
             parameters: BTreeMap::new(),
             access: vec![AccessType::Mount],
             created: 1,
+            source: None,
         }
     }
 
@@ -485,10 +498,10 @@ mod tests {
             created: (1, 2),
         })
         .unwrap();
-        assert_eq!(st.collect_garbage().unwrap(), 0);
+        assert_eq!(st.collect_garbage(&Default::default()).unwrap(), 0);
         // The volume goes: the snapshot still reaches snap and base; head is collected.
         st.remove_volume(&vol).unwrap();
-        assert_eq!(st.collect_garbage().unwrap(), 1);
+        assert_eq!(st.collect_garbage(&Default::default()).unwrap(), 1);
         assert!(!st.layer_path(&head).exists());
         let (st2, _) = State::load(dir.path()).unwrap();
         assert_eq!(st2.snapshot(&sid).unwrap().layer, snap);
@@ -500,7 +513,7 @@ mod tests {
         let mut st = st2;
         st.remove_snapshot(&sid).unwrap();
         assert!(st.remove_snapshot(&sid).unwrap().is_none());
-        assert_eq!(st.collect_garbage().unwrap(), 2);
+        assert_eq!(st.collect_garbage(&Default::default()).unwrap(), 2);
     }
 
     #[test]
@@ -518,7 +531,10 @@ mod tests {
         let head = layer(&st, Some("../base.qcow2"));
         st.put_volume(record(&new_id("vol-"), &head)).unwrap();
         let other = layer(&st, None);
-        let e = st.collect_garbage().unwrap_err().to_string();
+        let e = st
+            .collect_garbage(&Default::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not a layer"), "{e}");
         assert!(
             st.layer_path(&other).exists(),

@@ -1,0 +1,263 @@
+//! Snapshots as frozen layers: CreateSnapshot freezes the volume's head (it becomes the
+//! snapshot's layer) and gives the volume a new empty head on top, O(1) in the volume's size.
+//! A staged volume pivots in-process (its filesystem frozen around the swap). Restores and
+//! clones are new heads on top of a frozen layer. Deleting a snapshot or a volume only drops
+//! its record: a layer lives while a volume or snapshot reaches it (`state.rs`).
+//!
+//! Order of a freeze: the new head is made (pending, so collection leaves it), then the
+//! volume's record names it (the commit point), then a staged volume pivots onto it. A crash
+//! before the record leaves an orphan; after it, the volume's head is the new layer on top of
+//! everything written so far (a reattached device serves it). The snapshot record comes last:
+//! a crash before it leaves a frozen layer that nothing lists, and the retry freezes again.
+
+use std::process::Command;
+
+use csi_proto::Timestamp;
+use csi_proto::v1::*;
+use qcow2_engine::ops::create::{BackingFormat, CreateOptions, create};
+
+use super::controller::ControllerService;
+use super::params::Params;
+use super::state::{self, AccessType, SnapshotRecord, VolumeRecord};
+use super::{Plugin, failpoint};
+use crate::error::{Error, Result};
+
+/// Longest snapshot name accepted (the CSI spec's general string limit).
+const MAX_NAME: usize = 128;
+
+pub(super) fn to_snapshot(rec: &SnapshotRecord) -> Snapshot {
+    Snapshot {
+        size_bytes: rec.size as i64,
+        snapshot_id: rec.id.clone(),
+        source_volume_id: rec.source_volume_id.clone(),
+        creation_time: Some(Timestamp {
+            seconds: rec.created.0 as i64,
+            nanos: rec.created.1 as i32,
+        }),
+        ready_to_use: true,
+        group_snapshot_id: String::new(),
+    }
+}
+
+/// Makes a new empty layer of `size` bytes on top of `backing` (a layer file name), with the
+/// cluster layout of `params`. The caller holds `name` pending.
+pub(super) fn make_layer(
+    plugin: &Plugin,
+    name: &str,
+    backing: &str,
+    size: u64,
+    params: &Params,
+) -> Result<()> {
+    let path = plugin.state()?.layer_path(name);
+    create(
+        &path,
+        &CreateOptions {
+            size: Some(size),
+            cluster_size: params.cluster_size,
+            extended_l2: params.subclusters,
+            backing: Some((backing.to_string(), BackingFormat::Qcow2)),
+            ..CreateOptions::default()
+        },
+    )
+    .map_err(|e| Error::Internal(format!("creating {}: {e}", path.display())))
+}
+
+/// Freezes volume `id`'s head: returns the frozen layer's name and the volume's new record.
+/// The caller holds the volume's lock.
+pub(super) fn freeze_head(plugin: &Plugin, id: &str) -> Result<(String, VolumeRecord)> {
+    let rec = plugin.volume_record(id)?;
+    let params = Params::from_canonical(&rec.parameters)?;
+    let frozen = rec.head.clone();
+    let pending = plugin.pending_layer();
+    make_layer(plugin, &pending.name, &frozen, rec.size, &params)?;
+    failpoint("freeze-after-layer");
+    let mut next = rec.clone();
+    next.head = pending.name.clone();
+    plugin.state()?.put_volume(next.clone())?;
+    failpoint("freeze-after-record");
+    if let Some(staged) = plugin.node.get(id)
+        && let Some(live) = &staged.image
+    {
+        let (layers, old, new) = {
+            let st = plugin.state()?;
+            (
+                st.layers_dir(),
+                st.layer_path(&frozen),
+                st.layer_path(&pending.name),
+            )
+        };
+        let opts = super::staged::head_options(layers, &staged.cap);
+        let fs_frozen = staged.cap.access == AccessType::Mount
+            && !staged.cap.read_only_mode
+            && fsfreeze(&staged.staging, true);
+        let pivoted = live.pivot(&old, &new, &opts);
+        if fs_frozen && !fsfreeze(&staged.staging, false) {
+            tracing::error!(volume = %id, "fsfreeze -u failed: the filesystem stays frozen");
+        }
+        if let Err(e) = pivoted {
+            // Back to the old head: nothing was frozen.
+            plugin.state()?.put_volume(rec)?;
+            let _ = state::remove_durably(&new);
+            return Err(e);
+        }
+    }
+    tracing::info!(volume = %id, frozen = %frozen, head = %next.head, "froze the head");
+    Ok((frozen, next))
+}
+
+/// `fsfreeze -f` (or `-u`) on a mounted filesystem: writers block, and what the filesystem
+/// has is on the device, so the snapshot is consistent as a filesystem. Returns whether it
+/// worked; a filesystem that cannot freeze is snapshotted as a crash would leave it.
+fn fsfreeze(mountpoint: &std::path::Path, freeze: bool) -> bool {
+    let flag = if freeze { "-f" } else { "-u" };
+    match Command::new("fsfreeze").arg(flag).arg(mountpoint).output() {
+        Ok(out) if out.status.success() => true,
+        Ok(out) => {
+            tracing::warn!(
+                mountpoint = %mountpoint.display(),
+                "fsfreeze {flag}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "fsfreeze {flag}");
+            false
+        }
+    }
+}
+
+/// Snapshot parameters: only the keys the external snapshotter adds.
+fn check_parameters(params: &std::collections::HashMap<String, String>) -> Result<()> {
+    match params
+        .keys()
+        .find(|k| !k.starts_with("csi.storage.k8s.io/"))
+    {
+        Some(k) => Err(Error::InvalidArgument(format!(
+            "snapshot parameter {k:?} is not supported (snapshots take none)"
+        ))),
+        None => Ok(()),
+    }
+}
+
+impl ControllerService {
+    pub(crate) fn create_snapshot(&self, req: CreateSnapshotRequest) -> Result<Snapshot> {
+        let plugin = &*self.0;
+        if req.name.is_empty() {
+            return Err(Error::InvalidArgument("name is required".into()));
+        }
+        if req.name.len() > MAX_NAME {
+            return Err(Error::InvalidArgument(format!(
+                "name is longer than {MAX_NAME} bytes"
+            )));
+        }
+        if req.source_volume_id.is_empty() {
+            return Err(Error::InvalidArgument(
+                "source_volume_id is required".into(),
+            ));
+        }
+        check_parameters(&req.parameters)?;
+        let _name = plugin
+            .locks
+            .try_lock(format!("snapshot name {:?}", req.name))?;
+        if let Some(existing) = plugin.state()?.snapshot_by_name(&req.name) {
+            if existing.source_volume_id == req.source_volume_id {
+                return Ok(to_snapshot(existing));
+            }
+            return Err(Error::AlreadyExists(format!(
+                "snapshot {:?} exists as {} of volume {}",
+                req.name, existing.id, existing.source_volume_id
+            )));
+        }
+        plugin.volume_record(&req.source_volume_id)?;
+        let _volume = plugin.locks.try_lock(req.source_volume_id.clone())?;
+        let (frozen, volume) = freeze_head(plugin, &req.source_volume_id)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let rec = SnapshotRecord {
+            id: state::new_id("snap-"),
+            name: req.name,
+            source_volume_id: volume.id,
+            layer: frozen,
+            size: volume.size,
+            created: (now.as_secs(), now.subsec_nanos()),
+        };
+        plugin.state()?.put_snapshot(rec.clone())?;
+        failpoint("snapshot-after-record");
+        tracing::info!(snapshot = %rec.id, volume = %rec.source_volume_id, "snapshot taken");
+        Ok(to_snapshot(&rec))
+    }
+
+    pub(crate) fn delete_snapshot(&self, req: DeleteSnapshotRequest) -> Result<()> {
+        let plugin = &*self.0;
+        if req.snapshot_id.is_empty() {
+            return Err(Error::InvalidArgument("snapshot_id is required".into()));
+        }
+        if !state::is_snapshot_id(&req.snapshot_id) {
+            return Ok(()); // names no snapshot of ours: already gone
+        }
+        let _held = plugin.locks.try_lock(req.snapshot_id.clone())?;
+        let removed = plugin.state()?.remove_snapshot(&req.snapshot_id)?;
+        if removed.is_some() {
+            failpoint("delete-snapshot-after-record");
+            let collected = plugin.collect_garbage()?;
+            tracing::info!(snapshot = %req.snapshot_id, layers = collected, "snapshot deleted");
+        }
+        Ok(())
+    }
+
+    pub(crate) fn list_snapshots(
+        &self,
+        req: ListSnapshotsRequest,
+    ) -> Result<ListSnapshotsResponse> {
+        if req.max_entries < 0 {
+            return Err(Error::InvalidArgument(
+                "max_entries must not be negative".into(),
+            ));
+        }
+        // The token is the last id returned: opaque to the CO, checked here.
+        if !req.starting_token.is_empty() && !state::is_snapshot_id(&req.starting_token) {
+            return Err(Error::Aborted(format!(
+                "starting_token {:?} was not issued by this plugin",
+                req.starting_token
+            )));
+        }
+        let st = self.0.state()?;
+        let mut rest = st.snapshots().filter(|s| {
+            (req.snapshot_id.is_empty() || s.id == req.snapshot_id)
+                && (req.source_volume_id.is_empty() || s.source_volume_id == req.source_volume_id)
+                && (req.starting_token.is_empty() || s.id > req.starting_token)
+        });
+        let limit = if req.max_entries == 0 {
+            usize::MAX
+        } else {
+            req.max_entries as usize
+        };
+        let page: Vec<&SnapshotRecord> = rest.by_ref().take(limit).collect();
+        let next_token = match (rest.next(), page.last()) {
+            (Some(_), Some(last)) => last.id.clone(),
+            _ => String::new(),
+        };
+        Ok(ListSnapshotsResponse {
+            entries: page
+                .into_iter()
+                .map(|s| list_snapshots_response::Entry {
+                    snapshot: Some(to_snapshot(s)),
+                })
+                .collect(),
+            next_token,
+        })
+    }
+
+    pub(crate) fn get_snapshot(&self, req: GetSnapshotRequest) -> Result<Snapshot> {
+        if req.snapshot_id.is_empty() {
+            return Err(Error::InvalidArgument("snapshot_id is required".into()));
+        }
+        self.0
+            .state()?
+            .snapshot(&req.snapshot_id)
+            .map(to_snapshot)
+            .ok_or_else(|| Error::NotFound(format!("no snapshot {:?}", req.snapshot_id)))
+    }
+}
