@@ -1,7 +1,7 @@
 # qcow2-csi developer targets. `make help` lists them.
 CARGO ?= cargo
 
-.PHONY: help build demo test test-deps lint fmt clippy doc clean fuzz bench bench-nbd
+.PHONY: help build demo test test-deps lint fmt clippy doc clean fuzz bench bench-nbd bench-snapshot
 
 help: ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ bench: ## Engine vs QEMU qcow2 vs raw file, side by side (needs qemu-utils and f
 bench-nbd: ## qcow2-csi nbd vs qemu-nbd with fio's nbd engine and nbdcopy (needs qemu-utils, fio, libnbd-bin)
 	$(CARGO) build --release -p qcow2-csi
 	./hack/bench_nbd.py $(BENCH_ARGS)
+
+bench-snapshot: ## CSI CreateSnapshot/restore latency vs qemu-img create -b and a full copy (needs qemu-utils)
+	./hack/bench-snapshot.sh
 
 lint: fmt clippy ## fmt --check and clippy -D warnings
 
