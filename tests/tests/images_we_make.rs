@@ -438,3 +438,90 @@ fn backing_policy_and_loops() {
     };
     assert!(Image::open(&top, &here).is_ok());
 }
+
+/// Flattening the middle of a chain: `convert` makes a standalone copy of the backing chain,
+/// and `set_backing_file_unsafe` points the top at it. The top reads the same bytes before
+/// and after (qemu-img compare), QEMU sees the new chain, and check is clean.
+#[test]
+fn a_top_rebased_onto_a_flattened_copy_of_its_chain_reads_the_same() {
+    if !qemu::require() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = ours(
+        d,
+        "layer-a.qcow2",
+        CreateOptions {
+            size: Some(16 << 20),
+            ..CreateOptions::default()
+        },
+    );
+    qemu::io(
+        &base,
+        &["write -P 0x11 0 4M".into(), "write -P 0x12 8M 1M".into()],
+    );
+    let mid = ours(
+        d,
+        "layer-b.qcow2",
+        CreateOptions {
+            backing: Some(("layer-a.qcow2".into(), BackingFormat::Qcow2)),
+            ..CreateOptions::default()
+        },
+    );
+    qemu::io(
+        &mid,
+        &["write -P 0x21 1M 1M".into(), "write -z 8M 64k".into()],
+    );
+    let top = ours(
+        d,
+        "layer-c.qcow2",
+        CreateOptions {
+            size: Some(32 << 20),
+            backing: Some(("layer-b.qcow2".into(), BackingFormat::Qcow2)),
+            ..CreateOptions::default()
+        },
+    );
+    qemu::io(&top, &["write -P 0x31 3M 512k".into()]);
+    let before = d.join("before.raw");
+    qemu::to_raw(&top, &before);
+
+    // The copy of the chain under the top, then the top pointed at it.
+    let flat = d.join("layer-f.qcow2");
+    qcow2_engine::ops::convert::convert(
+        &mid,
+        &flat,
+        &qcow2_engine::ops::convert::ConvertOptions {
+            input_format: BackingFormat::Qcow2,
+            output_format: BackingFormat::Qcow2,
+            create: CreateOptions::default(),
+            l2_cache_bytes: None,
+        },
+        |_, _| {},
+    )
+    .unwrap();
+    let img = Image::open(&top, &OpenOptions::writable()).unwrap();
+    // A longer name does not fit in place.
+    assert!(
+        img.set_backing_file_unsafe("layer-longer-name.qcow2", "qcow2")
+            .is_err()
+    );
+    img.set_backing_file_unsafe("layer-f.qcow2", "qcow2")
+        .unwrap();
+    img.close().unwrap();
+
+    let info = qemu::info(&top);
+    assert_eq!(info["backing-filename"], "layer-f.qcow2");
+    let chain = qemu::img(&["info", "--backing-chain", "--output=json", s(&top)]);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&chain)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    qemu::check_clean(&top);
+    qemu::check_clean(&flat);
+    qemu::compare(&top, "qcow2", &before, "raw");
+}

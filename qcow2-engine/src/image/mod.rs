@@ -598,6 +598,33 @@ impl Image {
         Ok(())
     }
 
+    /// Names another backing file in the header without touching any data (`qemu-img rebase
+    /// -u`): only correct when the new backing file reads exactly as the old one (a flattened
+    /// copy of it). The backing layer open now stays in use until the image is reopened. The
+    /// new name must not be longer than the old one, so the header rewrite changes the
+    /// name's bytes in place and nothing else moves.
+    pub fn set_backing_file_unsafe(&self, name: &str, format: &str) -> Result<()> {
+        self.check_writable()?;
+        let _exclusive = self.io_gate.write().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.lock();
+        let old = st.meta.header.backing_file.clone().unwrap_or_default();
+        if name.is_empty() || name.len() > old.len() {
+            return Err(Error::arg(format!(
+                "a backing name of {} bytes cannot replace one of {} in place",
+                name.len(),
+                old.len()
+            )));
+        }
+        let previous = st.meta.header.clone();
+        st.meta.header.backing_file = Some(name.to_string());
+        st.meta.header.backing_format = Some(format.to_string());
+        if let Err(e) = st.meta.write_header().and_then(|()| st.meta.sync()) {
+            st.meta.header = previous;
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Allocation status of this layer only, from `off` for at most `len` bytes: returns the
     /// length of the run that shares one status.
     pub fn layer_status(&self, off: u64, len: u64) -> Result<(u64, LayerStatus)> {
