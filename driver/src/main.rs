@@ -53,6 +53,10 @@ struct ServeArgs {
     /// Volumes this node may have staged at once (0: no limit).
     #[arg(long, default_value_t = 0)]
     max_volumes: u32,
+    /// Layers in a volume's chain (head included) past which a background job flattens it;
+    /// every snapshot and clone adds one (0: never flatten).
+    #[arg(long, default_value_t = qcow2_csi::csi::flatten::DEFAULT_MAX_DEPTH)]
+    max_chain_depth: usize,
     /// How staged volumes become block devices: kernel nbd, nbdfuse + loop, or whichever
     /// this host has (kernel first).
     #[arg(long, default_value = "auto")]
@@ -175,6 +179,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         state_dir: args.state_dir,
         max_volumes: i64::from(args.max_volumes),
         attach: mode_of(args.attach),
+        max_chain_depth: args.max_chain_depth,
     }));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

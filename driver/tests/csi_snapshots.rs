@@ -61,15 +61,17 @@ fn from_volume(id: &str) -> Option<volume_content_source::Type> {
 }
 
 async fn volume(p: &Plugin, req: CreateVolumeRequest) -> String {
-    p.controller()
-        .await
-        .create_volume(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id
+    let c = p.controller().await;
+    retried("CreateVolume", || {
+        let mut c = c.clone();
+        let req = req.clone();
+        async move { c.create_volume(req).await }
+    })
+    .await
+    .into_inner()
+    .volume
+    .unwrap()
+    .volume_id
 }
 
 fn snap_req(name: &str, source: &str) -> CreateSnapshotRequest {
@@ -80,37 +82,61 @@ fn snap_req(name: &str, source: &str) -> CreateSnapshotRequest {
     }
 }
 
+/// CreateSnapshot, retried on ABORTED as a CO does (a background flatten holds the volume
+/// while it switches the head's backing file).
 async fn snapshot(p: &Plugin, name: &str, source: &str) -> Snapshot {
-    p.controller()
-        .await
-        .create_snapshot(snap_req(name, source))
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshot
-        .unwrap()
+    let c = p.controller().await;
+    retried("CreateSnapshot", || {
+        let mut c = c.clone();
+        let req = snap_req(name, source);
+        async move { c.create_snapshot(req).await }
+    })
+    .await
+    .into_inner()
+    .snapshot
+    .unwrap()
+}
+
+/// Retries `call` on ABORTED, as a CO does.
+async fn retried<T, F: std::future::Future<Output = Result<T, tonic::Status>>>(
+    what: &str,
+    mut call: impl FnMut() -> F,
+) -> T {
+    loop {
+        match call().await {
+            Ok(r) => return r,
+            Err(s) if s.code() == Code::Aborted => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(s) => panic!("{what}: {s:?}"),
+        }
+    }
 }
 
 async fn delete_volume(p: &Plugin, id: &str) {
-    p.controller()
-        .await
-        .delete_volume(DeleteVolumeRequest {
+    let c = p.controller().await;
+    retried("DeleteVolume", || {
+        let mut c = c.clone();
+        let req = DeleteVolumeRequest {
             volume_id: id.into(),
             secrets: HashMap::new(),
-        })
-        .await
-        .unwrap();
+        };
+        async move { c.delete_volume(req).await }
+    })
+    .await;
 }
 
 async fn delete_snapshot(p: &Plugin, id: &str) {
-    p.controller()
-        .await
-        .delete_snapshot(DeleteSnapshotRequest {
+    let c = p.controller().await;
+    retried("DeleteSnapshot", || {
+        let mut c = c.clone();
+        let req = DeleteSnapshotRequest {
             snapshot_id: id.into(),
             secrets: HashMap::new(),
-        })
-        .await
-        .unwrap();
+        };
+        async move { c.delete_snapshot(req).await }
+    })
+    .await;
 }
 
 fn record(p: &Plugin, dir: &str, id: &str) -> serde_json::Value {
@@ -148,15 +174,17 @@ fn chain(path: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Every layer file is reached from a volume or snapshot record (none orphaned), every
-/// reached layer exists (none missing), and each is `qemu-img check` clean.
-fn assert_layer_graph_sound(p: &Plugin) {
+/// The layer files on disk, and the layers reached from the volume and snapshot records.
+fn layers_present_and_reached(p: &Plugin) -> (BTreeSet<String>, BTreeSet<String>) {
     let mut roots = Vec::new();
     for (dir, key) in [("volumes", "head"), ("snapshots", "layer")] {
         for e in std::fs::read_dir(p.state.join(dir)).unwrap() {
-            let v: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap();
-            roots.push(p.state.join("layers").join(v[key].as_str().unwrap()));
+            let path = e.unwrap().path();
+            if path.extension().is_some_and(|x| x == "json") {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+                roots.push(p.state.join("layers").join(v[key].as_str().unwrap()));
+            }
         }
     }
     let reached: BTreeSet<String> = roots.iter().flat_map(|r| chain(r)).collect();
@@ -165,6 +193,13 @@ fn assert_layer_graph_sound(p: &Plugin) {
         .iter()
         .map(|l| l.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
+    (present, reached)
+}
+
+/// Every layer file is reached from a volume or snapshot record (none orphaned), every
+/// reached layer exists (none missing), and each is `qemu-img check` clean.
+fn assert_layer_graph_sound(p: &Plugin) {
+    let (present, reached) = layers_present_and_reached(p);
     assert_eq!(
         present, reached,
         "layers on disk vs layers reached from records"
@@ -174,18 +209,55 @@ fn assert_layer_graph_sound(p: &Plugin) {
     }
 }
 
+/// Whether background work (flattens) has settled: no layer on disk that no record reaches.
+fn layer_graph_settled(p: &Plugin) -> bool {
+    let (present, reached) = layers_present_and_reached(p);
+    present == reached
+}
+
+/// Runs one qemu-io command on volume `id`'s head; `read_only` opens it unlocked. A
+/// background flatten holds the head for a moment when it switches its backing file: an
+/// open refused by the lock is retried, as anything else is a failure.
+fn qemu_io(p: &Plugin, id: &str, command: &str, read_only: bool) {
+    for _ in 0..200 {
+        let mut cmd = std::process::Command::new("qemu-io");
+        if read_only {
+            cmd.args(["-r", "-U"]);
+        }
+        let out = cmd
+            .args(["-f", "qcow2", "-c", command])
+            .arg(head(p, id))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        if text.contains("Failed to get") && text.contains("lock") {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            continue;
+        }
+        assert!(
+            out.status.success()
+                && !text.contains("failed")
+                && !text.contains("error")
+                && !text.contains("Could not"),
+            "qemu-io {command:?} on {id}: {text}"
+        );
+        return;
+    }
+    panic!("qemu-io {command:?} on {id}: the head stayed locked");
+}
+
 fn write(p: &Plugin, id: &str, pattern: u8, offset: i64, len: i64) {
-    qemu::io(
-        &head(p, id),
-        &[format!("write -P {pattern:#x} {offset} {len}")],
+    qemu_io(
+        p,
+        id,
+        &format!("write -P {pattern:#x} {offset} {len}"),
+        false,
     );
 }
 
 fn expect(p: &Plugin, id: &str, pattern: u8, offset: i64, len: i64) {
-    qemu::io(
-        &head(p, id),
-        &[format!("read -P {pattern:#x} {offset} {len}")],
-    );
+    qemu_io(p, id, &format!("read -P {pattern:#x} {offset} {len}"), true);
 }
 
 #[tokio::test]
@@ -535,4 +607,149 @@ async fn a_crash_during_a_snapshot_delete_or_a_clone_loses_nothing() {
     let c = volume(&p, volume_req("c", 0, from_volume(&v))).await;
     expect(&p, &c, 0x71, 0, MIB);
     assert_layer_graph_sound(&p);
+}
+
+/// Waits until `cond` holds (polling), or panics naming `what`.
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Chains deeper than `--max-chain-depth` are flattened in the background while a reader
+/// checks the volume's content all along; every snapshot still restores its own content.
+#[tokio::test]
+async fn deep_chains_flatten_in_the_background_and_read_correctly_throughout() {
+    if !qemu::require() {
+        return;
+    }
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let p = Plugin::start_with_args(&["--max-chain-depth", "3"]).await;
+    let v = volume(&p, volume_req("v", 16 * MIB, None)).await;
+    write(&p, &v, 0x40, 0, MIB);
+    // The reader: the first MiB never changes; qemu-io opens the chain read-only and
+    // unlocked each time. Opening may race with the collection of an old chain (a file
+    // gone between header and open); a read that opened must verify.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (verified, mismatched) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let reader = {
+        let (stop, verified, mismatched) = (stop.clone(), verified.clone(), mismatched.clone());
+        let state = p.state.clone();
+        let id = v.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let rec: serde_json::Value = serde_json::from_slice(
+                    &std::fs::read(state.join("volumes").join(format!("{id}.json"))).unwrap(),
+                )
+                .unwrap();
+                let head = state.join("layers").join(rec["head"].as_str().unwrap());
+                let out = std::process::Command::new("qemu-io")
+                    .args(["-r", "-U", "-f", "qcow2", "-c", "read -P 0x40 0 1M"])
+                    .arg(&head)
+                    .output()
+                    .unwrap();
+                let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                    + &String::from_utf8_lossy(&out.stderr);
+                if text.contains("Pattern verification failed") {
+                    mismatched.fetch_add(1, Ordering::SeqCst);
+                } else if text.contains("read 1048576/1048576 bytes") {
+                    verified.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        })
+    };
+    let mut snaps = Vec::new();
+    for i in 1..=6u8 {
+        write(&p, &v, 0x40 + i, i64::from(i) * MIB, MIB);
+        snaps.push(snapshot(&p, &format!("s{i}"), &v).await.snapshot_id);
+    }
+    wait_until("the chain is flattened to the limit", || {
+        chain(&head(&p, &v)).len() <= 3
+    })
+    .await;
+    // Let the reader run over the flattened chain too.
+    let seen = verified.load(Ordering::SeqCst);
+    wait_until("the reader reads again", || {
+        verified.load(Ordering::SeqCst) > seen + 2
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    reader.join().unwrap();
+    assert_eq!(mismatched.load(Ordering::SeqCst), 0);
+    assert!(verified.load(Ordering::SeqCst) > 0);
+
+    for i in 0..=6u8 {
+        expect(&p, &v, 0x40 + i, i64::from(i) * MIB, MIB);
+    }
+    // Each snapshot restores exactly its own content.
+    for (i, s) in snaps.iter().enumerate() {
+        let i = i as u8 + 1;
+        let r = volume(&p, volume_req(&format!("r{i}"), 0, from_snapshot(s))).await;
+        expect(&p, &r, 0x40 + i, i64::from(i) * MIB, MIB);
+        if i < 6 {
+            expect(&p, &r, 0, i64::from(i + 1) * MIB, MIB);
+        }
+        delete_volume(&p, &r).await;
+    }
+    // Without the snapshots only the head and the flattened copy remain.
+    for s in &snaps {
+        delete_snapshot(&p, s).await;
+    }
+    wait_until("background work settles", || layer_graph_settled(&p)).await;
+    assert!(p.layers().len() <= 3, "{:?}", p.layers());
+    for i in 0..=6u8 {
+        expect(&p, &v, 0x40 + i, i64::from(i) * MIB, MIB);
+    }
+    assert_layer_graph_sound(&p);
+}
+
+/// kill -9 while flattening, after the copy and after the switch: the restart finds the
+/// deep chain (or the flattened one), flattens again if needed, and loses nothing.
+async fn crash_during_flatten(point: &str) {
+    let mut p = Plugin::start_with_args(&["--max-chain-depth", "2"]).await;
+    let v = volume(&p, volume_req("v", 8 * MIB, None)).await;
+    write(&p, &v, 0x51, 0, MIB);
+    let s1 = snapshot(&p, "s1", &v).await.snapshot_id;
+    wait_until("the first flatten", || chain(&head(&p, &v)).len() <= 2).await;
+    p.restart_with(&[("QCOW2_CSI_FAILPOINT", point)]).await;
+    write(&p, &v, 0x52, MIB, MIB);
+    // This snapshot makes the chain 3 deep: the flatten starts and the process dies in it.
+    let _ = p
+        .controller()
+        .await
+        .create_snapshot(snap_req("s2", &v))
+        .await;
+    assert!(p.wait_crash(), "the failpoint {point} fired");
+    p.restart_with(&[]).await;
+    // Nothing lost, whichever chain the volume is on now.
+    expect(&p, &v, 0x51, 0, MIB);
+    expect(&p, &v, 0x52, MIB, MIB);
+    // The restart checks every chain and flattens what is too deep.
+    wait_until("the flatten after the restart", || {
+        chain(&head(&p, &v)).len() <= 2 && layer_graph_settled(&p)
+    })
+    .await;
+    assert_layer_graph_sound(&p);
+    let r = volume(&p, volume_req("r", 0, from_snapshot(&s1))).await;
+    expect(&p, &r, 0x51, 0, MIB);
+    expect(&p, &r, 0, MIB, MIB);
+    expect(&p, &v, 0x52, MIB, MIB);
+    assert_layer_graph_sound(&p);
+}
+
+#[tokio::test]
+async fn a_crash_after_the_flatten_copy() {
+    if qemu::require() {
+        crash_during_flatten("flatten-after-copy").await;
+    }
+}
+
+#[tokio::test]
+async fn a_crash_after_the_flatten_switch() {
+    if qemu::require() {
+        crash_during_flatten("flatten-after-rebase").await;
+    }
 }

@@ -460,6 +460,17 @@ impl Controller for ControllerService {
             .0
             .blocking(move || this.create(req.into_inner()))
             .await?;
+        // A restore or clone may be deep, and a clone deepened its source.
+        if let Some(src) = volume
+            .content_source
+            .as_ref()
+            .and_then(|s| s.r#type.as_ref())
+        {
+            super::flatten::check(&self.0, &volume.volume_id);
+            if let volume_content_source::Type::Volume(v) = src {
+                super::flatten::check(&self.0, &v.volume_id);
+            }
+        }
         Ok(Response::new(CreateVolumeResponse {
             volume: Some(volume),
         }))
@@ -533,6 +544,7 @@ impl Controller for ControllerService {
             .0
             .blocking(move || this.create_snapshot(req.into_inner()))
             .await?;
+        super::flatten::check(&self.0, &snapshot.source_volume_id);
         Ok(Response::new(CreateSnapshotResponse {
             snapshot: Some(snapshot),
         }))

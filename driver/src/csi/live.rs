@@ -67,31 +67,47 @@ impl LiveImage {
     /// new one with `opts`. If the new one does not open, the old one is reopened from
     /// `old_head` and the error returned; the volume goes on as before.
     pub fn pivot(&self, old_head: &Path, new_head: &Path, opts: &OpenOptions) -> Result<()> {
+        self.reopen(old_head, new_head, opts, || Ok(()))
+    }
+
+    /// Closes the image (after the requests in flight and a flush), runs `between` while
+    /// nothing has the head open, and opens `next` (or, if `between` or that fails,
+    /// `current` again, returning the error).
+    pub fn reopen(
+        &self,
+        current: &Path,
+        next: &Path,
+        opts: &OpenOptions,
+        between: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
         let mut g = self.current.write().unwrap_or_else(|e| e.into_inner());
         let old = g
             .take()
             .ok_or_else(|| Error::Internal("the volume has no open head layer".into()))?;
         if let Err(e) = old.flush() {
             *g = Some(old);
-            return Err(Error::Internal(format!("flushing before the pivot: {e}")));
+            return Err(Error::Internal(format!("flushing before a reopen: {e}")));
         }
         if let Err(e) = old.close() {
-            // Closing failed after a good flush: the data is safe; reopen to go on.
-            tracing::warn!(error = %e, "closing the old head at a pivot");
+            // Closing failed after a good flush: the data is safe; go on.
+            tracing::warn!(error = %e, "closing the head at a reopen");
         }
-        match Image::open(new_head, opts) {
+        let opened = between().and_then(|()| {
+            Image::open(next, opts)
+                .map_err(|e| Error::Internal(format!("opening {}: {e}", next.display())))
+        });
+        match opened {
             Ok(new) => {
                 self.size.store(new.size(), Ordering::SeqCst);
                 *g = Some(new);
                 Ok(())
             }
             Err(e) => {
-                let reopened = Image::open(old_head, opts);
+                let reopened = Image::open(current, opts);
                 let back = reopened.is_ok();
                 *g = reopened.ok();
                 Err(Error::Internal(format!(
-                    "opening the new head {}: {e}{}",
-                    new_head.display(),
+                    "{e}{}",
                     if back {
                         ""
                     } else {

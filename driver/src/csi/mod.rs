@@ -4,6 +4,7 @@
 
 pub mod capability;
 pub mod controller;
+pub mod flatten;
 pub mod identity;
 pub mod live;
 pub mod locks;
@@ -40,6 +41,8 @@ pub struct Config {
     pub max_volumes: i64,
     /// How staged volumes become block devices.
     pub attach: crate::attach::Mode,
+    /// Layers in a volume's chain past which it is flattened in the background (0: never).
+    pub max_chain_depth: usize,
 }
 
 /// The plugin's shared state: every service holds an `Arc` of it.
@@ -59,6 +62,8 @@ pub struct Plugin {
     pub attacher: Attacher,
     /// Layers being made whose record is not written yet: collection leaves them alone.
     pending: Mutex<HashSet<String>>,
+    /// Volumes with a flatten running.
+    flattening: Mutex<HashSet<String>>,
 }
 
 /// A layer being made ([`Plugin::pending_layer`]); no longer pending when dropped.
@@ -104,7 +109,23 @@ impl Plugin {
             operations: AtomicUsize::new(0),
             attacher,
             pending: Mutex::default(),
+            flattening: Mutex::default(),
         }
+    }
+
+    /// Marks a flatten of `id` as running; false if one already is.
+    pub(crate) fn begin_flatten(&self, id: &str) -> bool {
+        self.flattening
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string())
+    }
+
+    pub(crate) fn end_flatten(&self, id: &str) {
+        self.flattening
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
     }
 
     /// A fresh layer name, protected from collection until the guard drops (after the

@@ -709,6 +709,7 @@ mod tests {
                 state_dir: self.dir.path().join("state"),
                 max_volumes: 0,
                 attach: attach::Mode::Nbd,
+                max_chain_depth: 0,
             };
             let attacher = Attacher::with_kernel(self.kernel.clone(), FakeKernel::door(&self.sim));
             let plugin = Arc::new(Plugin::with_attacher(config, attacher));

@@ -101,6 +101,14 @@ pub async fn serve(
                 ),
                 Err(e) => tracing::error!(error = %e, "the state directory failed to load"),
             }
+            // Chains a previous run left deep (a flatten it did not finish).
+            let ids: Vec<String> = plugin
+                .state()
+                .map(|st| st.volumes().map(|v| v.id.clone()).collect())
+                .unwrap_or_default();
+            for id in ids {
+                super::flatten::check(&plugin, &id);
+            }
         })
     };
     let stopping = Arc::new(tokio::sync::Notify::new());

@@ -1,0 +1,172 @@
+//! Keeping chains short. Every snapshot and clone adds a layer under a volume's head, and
+//! reads that miss the upper layers walk down the chain. Past `--max-chain-depth` layers, a
+//! background job flattens: it copies everything the head's backing chain holds into one new
+//! standalone layer, then points the head at it. The head keeps its own data and the volume
+//! reads the same bytes; the old layers go when nothing else (snapshots, clones) reaches them.
+//!
+//! The copy reads only frozen layers, so the volume stays in use meanwhile, staged or not.
+//! Only the switch holds the volume: under its lock, a staged volume's export is quiesced
+//! while the head's header names the new backing file (the same pause as a snapshot's
+//! pivot). Crash safety: the copy is pending until the switch, so a crash before it leaves an
+//! orphan for collection; the switch is one in-place rewrite of the backing name (same
+//! length), after which the copy is reached and the old chain collected.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use qcow2_engine::ops::convert::{ConvertOptions, convert};
+use qcow2_engine::{BackingFormat, BackingPolicy, CreateOptions, Image, OpenOptions};
+
+use super::params::Params;
+use super::{Plugin, failpoint};
+use crate::error::{Error, Result};
+
+/// Default `--max-chain-depth`: layers in a volume's chain, head included.
+pub const DEFAULT_MAX_DEPTH: usize = 16;
+
+/// How long the switch waits for the volume's lock (other operations hold it briefly).
+const LOCK_WAIT: Duration = Duration::from_secs(60);
+
+/// Layers in the chain from `head` down, head included.
+pub fn depth(plugin: &Plugin, head: &str) -> Result<usize> {
+    let st = plugin.state()?;
+    let mut n = 1;
+    let mut layer = head.to_string();
+    while let Some(parent) = st.backing_of(&layer)? {
+        n += 1;
+        layer = parent;
+    }
+    Ok(n)
+}
+
+/// Starts a flatten of volume `id` in the background if its chain is deeper than the limit
+/// and none is running for it.
+pub fn check(plugin: &Arc<Plugin>, id: &str) {
+    let limit = plugin.config.max_chain_depth;
+    if limit == 0 {
+        return;
+    }
+    let deep = plugin
+        .state()
+        .ok()
+        .and_then(|st| st.volume(id).map(|v| v.head.clone()))
+        .map(|head| depth(plugin, &head));
+    match deep {
+        Some(Ok(d)) if d > limit => {}
+        Some(Err(e)) => {
+            tracing::warn!(volume = %id, error = %e, "measuring the chain");
+            return;
+        }
+        _ => return,
+    }
+    if !plugin.begin_flatten(id) {
+        return;
+    }
+    let (plugin, id) = (plugin.clone(), id.to_string());
+    std::thread::Builder::new()
+        .name("flatten".into())
+        .spawn(move || {
+            let t = Instant::now();
+            let done = flatten(&plugin, &id);
+            match &done {
+                Ok(true) => tracing::info!(volume = %id, ms = t.elapsed().as_millis() as u64, "flattened"),
+                Ok(false) => tracing::info!(volume = %id, "flatten abandoned: the head changed; the next check redoes it"),
+                Err(e) => tracing::warn!(volume = %id, error = %e, "flatten failed"),
+            }
+            if !matches!(done, Ok(true)) {
+                // A copy nothing reaches (the volume went, the switch failed) is collected.
+                if let Err(e) = plugin.collect_garbage() {
+                    tracing::warn!(error = %e, "collecting after a flatten");
+                }
+            }
+            plugin.end_flatten(&id);
+            // Snapshots taken meanwhile may have deepened the chain again (or frozen the
+            // head, which abandoned this run): measure again. Not after an error, which
+            // would only repeat.
+            if done.is_ok() {
+                check(&plugin, &id);
+            }
+        })
+        .expect("spawning a flatten thread");
+}
+
+/// Flattens the chain under volume `id`'s head; `Ok(false)` when the head changed during
+/// the copy (a snapshot froze it), which leaves everything as it was.
+pub fn flatten(plugin: &Plugin, id: &str) -> Result<bool> {
+    let rec = plugin.volume_record(id)?;
+    let params = Params::from_canonical(&rec.parameters)?;
+    let (layers, head_path, backing) = {
+        let st = plugin.state()?;
+        let Some(backing) = st.backing_of(&rec.head)? else {
+            return Ok(true); // nothing under the head
+        };
+        (st.layers_dir(), st.layer_path(&rec.head), backing)
+    };
+    let copy = plugin.pending_layer();
+    let copy_path = layers.join(&copy.name);
+    convert(
+        &layers.join(&backing),
+        &copy_path,
+        &ConvertOptions {
+            input_format: BackingFormat::Qcow2,
+            output_format: BackingFormat::Qcow2,
+            create: CreateOptions {
+                cluster_size: params.cluster_size,
+                extended_l2: params.subclusters,
+                ..CreateOptions::default()
+            },
+            l2_cache_bytes: None,
+        },
+        |_, _| {},
+    )
+    .map_err(|e| Error::Internal(format!("copying the chain under {}: {e}", rec.head)))?;
+    failpoint("flatten-after-copy");
+
+    let deadline = Instant::now() + LOCK_WAIT;
+    let _held = loop {
+        match plugin.locks.try_lock(id.to_string()) {
+            Ok(g) => break g,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            // The copy is left to collection (nothing reaches it).
+            Err(e) => return Err(e),
+        }
+    };
+    let now = plugin.volume_record(id)?;
+    if now.head != rec.head || plugin.state()?.backing_of(&now.head)? != Some(backing.clone()) {
+        super::state::remove_durably(&copy_path)?;
+        return Ok(false);
+    }
+    let rebase = || -> Result<()> {
+        let img = Image::open(
+            &head_path,
+            &OpenOptions {
+                writable: true,
+                backing: BackingPolicy::ConfineTo(layers.clone()),
+                ..OpenOptions::default()
+            },
+        )
+        .and_then(|img| {
+            img.set_backing_file_unsafe(&copy.name, "qcow2")?;
+            img.close()
+        });
+        img.map_err(|e| Error::Internal(format!("pointing {} at the copy: {e}", rec.head)))
+    };
+    let staged = plugin.node.get(id);
+    // On an error the copy is left to collection, which reads the head's header to decide
+    // whether anything reaches it.
+    match staged
+        .as_ref()
+        .and_then(|s| s.image.as_ref().map(|live| (s, live)))
+    {
+        Some((s, live)) => {
+            let opts = super::staged::head_options(layers.clone(), &s.cap);
+            live.reopen(&head_path, &head_path, &opts, rebase)?;
+        }
+        None => rebase()?,
+    }
+    failpoint("flatten-after-rebase");
+    drop(copy);
+    let collected = plugin.collect_garbage()?;
+    tracing::info!(volume = %id, layers = collected, "the old chain's unreached layers collected");
+    Ok(true)
+}
