@@ -1174,3 +1174,122 @@ async fn a_snapshot_of_a_volume_in_use_restores_the_files_as_of_the_snapshot() {
     .unwrap();
     assert!(p.layers().is_empty(), "{:?}", p.layers());
 }
+
+/// Layers in the chain under volume `id`'s head, head included (`qemu-img info -U
+/// --backing-chain`; the head may be open in the plugin).
+fn chain_len(p: &Plugin, id: &str) -> usize {
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(p.state.join(format!("volumes/{id}.json"))).unwrap())
+            .unwrap();
+    let head = p.state.join("layers").join(rec["head"].as_str().unwrap());
+    let text = qemu::img(&[
+        "info",
+        "-U",
+        "--backing-chain",
+        "--output=json",
+        head.to_str().unwrap(),
+    ]);
+    serde_json::from_str::<serde_json::Value>(&text)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .len()
+}
+
+/// A staged volume in use is flattened online: snapshots under a running writer deepen its
+/// chain past `--max-chain-depth`, the background job copies the frozen layers and switches
+/// the head's backing file under a quiesced export, and the writer never sees an error; the
+/// files are all there at the next stage.
+#[tokio::test]
+async fn a_staged_volume_in_use_is_flattened_online() {
+    if !runnable() {
+        return;
+    }
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let p = Plugin::start_with_args(&["--max-chain-depth", "3"]).await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4");
+    let v = create(&p, "deep", 64 * MIB, cap.clone()).await;
+    let staging = p.dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let mut node = p.node().await;
+    node.node_stage_volume(stage_req(&v, &staging, &cap))
+        .await
+        .unwrap();
+    let (stop, done) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let writer = {
+        let (stop, done, dir) = (stop.clone(), done.clone(), staging.clone());
+        std::thread::spawn(move || -> std::io::Result<()> {
+            let mut k = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                k += 1;
+                let f = std::fs::File::create(dir.join(format!("f{k}")))?;
+                std::io::Write::write_all(&mut &f, format!("{k}\n").repeat(500).as_bytes())?;
+                f.sync_all()?;
+                done.store(k, Ordering::SeqCst);
+            }
+            Ok(())
+        })
+    };
+    let mut snaps = Vec::new();
+    for i in 0..5 {
+        let floor = done.load(Ordering::SeqCst) + 5;
+        while done.load(Ordering::SeqCst) < floor {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let snap = loop {
+            match p
+                .controller()
+                .await
+                .create_snapshot(CreateSnapshotRequest {
+                    source_volume_id: v.clone(),
+                    name: format!("deep-{i}"),
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(r) => break r.into_inner().snapshot.unwrap().snapshot_id,
+                Err(s) if s.code() == Code::Aborted => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(s) => panic!("{s:?}"),
+            }
+        };
+        snaps.push(snap);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while chain_len(&p, &v) > 3 {
+        assert!(std::time::Instant::now() < deadline, "never flattened");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let floor = done.load(Ordering::SeqCst) + 10;
+    while done.load(Ordering::SeqCst) < floor {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap().expect("the writer saw no error");
+    let written = done.load(Ordering::SeqCst);
+    node.node_unstage_volume(unstage_req(&v, &staging))
+        .await
+        .unwrap();
+    for l in p.layers() {
+        qemu::check_clean(&l);
+    }
+    node.node_stage_volume(stage_req(&v, &staging, &cap))
+        .await
+        .unwrap();
+    for k in 1..=written {
+        assert_eq!(
+            std::fs::read_to_string(staging.join(format!("f{k}"))).unwrap(),
+            format!("{k}\n").repeat(500),
+            "f{k}"
+        );
+    }
+    node.node_unstage_volume(unstage_req(&v, &staging))
+        .await
+        .unwrap();
+    assert!(leaks(p.dir.path()).is_empty(), "{:?}", leaks(p.dir.path()));
+}
