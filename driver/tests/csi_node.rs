@@ -1100,11 +1100,16 @@ async fn a_snapshot_of_a_volume_in_use_restores_the_files_as_of_the_snapshot() {
         .unwrap()
         .expect("the writer saw no error across the pivot");
 
+    // Restored into a larger volume: the filesystem grows to it at stage.
     let r = p
         .controller()
         .await
         .create_volume(CreateVolumeRequest {
             name: "restored".into(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 256 * MIB,
+                limit_bytes: 0,
+            }),
             volume_capabilities: vec![cap.clone()],
             volume_content_source: Some(VolumeContentSource {
                 r#type: Some(volume_content_source::Type::Snapshot(
@@ -1126,6 +1131,11 @@ async fn a_snapshot_of_a_volume_in_use_restores_the_files_as_of_the_snapshot() {
     node.node_stage_volume(stage_req(&r, &restored, &cap))
         .await
         .unwrap();
+    let total = bytes_total(&mut node, &r, &restored).await;
+    assert!(
+        total > 200 * MIB,
+        "the filesystem grew to the restore's size: {total}"
+    );
     for k in 1..=before {
         let text = std::fs::read_to_string(restored.join(format!("f{k}")))
             .unwrap_or_else(|e| panic!("f{k} (completed before the snapshot): {e}"));

@@ -753,3 +753,41 @@ async fn a_crash_after_the_flatten_switch() {
         crash_during_flatten("flatten-after-rebase").await;
     }
 }
+
+/// A clone of a clone of a clone with `--max-chain-depth 2`: each clone's chain is flattened
+/// in the background, and each keeps its own content.
+#[tokio::test]
+async fn clones_of_clones_are_flattened_and_keep_their_content() {
+    if !qemu::require() {
+        return;
+    }
+    let p = Plugin::start_with_args(&["--max-chain-depth", "2"]).await;
+    let v = volume(&p, volume_req("v", 8 * MIB, None)).await;
+    write(&p, &v, 0x81, 0, MIB);
+    let c1 = volume(&p, volume_req("c1", 0, from_volume(&v))).await;
+    write(&p, &c1, 0x82, MIB, MIB);
+    let c2 = volume(&p, volume_req("c2", 0, from_volume(&c1))).await;
+    write(&p, &c2, 0x83, 2 * MIB, MIB);
+    let c3 = volume(&p, volume_req("c3", 12 * MIB, from_volume(&c2))).await;
+    write(&p, &c3, 0x84, 3 * MIB, MIB);
+    wait_until("every chain at the limit", || {
+        [&v, &c1, &c2, &c3]
+            .iter()
+            .all(|id| chain(&head(&p, id)).len() <= 2)
+            && layer_graph_settled(&p)
+    })
+    .await;
+    expect(&p, &c3, 0x81, 0, MIB);
+    expect(&p, &c3, 0x82, MIB, MIB);
+    expect(&p, &c3, 0x83, 2 * MIB, MIB);
+    expect(&p, &c3, 0x84, 3 * MIB, MIB);
+    expect(&p, &c3, 0, 8 * MIB, 4 * MIB);
+    expect(&p, &c2, 0, 3 * MIB, MIB);
+    expect(&p, &c1, 0, 2 * MIB, MIB);
+    expect(&p, &v, 0, MIB, MIB);
+    assert_layer_graph_sound(&p);
+    for id in [&v, &c1, &c2, &c3] {
+        delete_volume(&p, id).await;
+    }
+    wait_until("all collected", || p.layers().is_empty()).await;
+}

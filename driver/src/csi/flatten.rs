@@ -39,12 +39,14 @@ pub fn depth(plugin: &Plugin, head: &str) -> Result<usize> {
     Ok(n)
 }
 
-/// Starts a flatten of volume `id` in the background if its chain is deeper than the limit
-/// and none is running for it.
-pub fn check(plugin: &Arc<Plugin>, id: &str) {
+/// Failed runs retried (a second apart) before leaving it to the next check.
+const RETRIES: u32 = 5;
+
+/// Whether volume `id`'s chain is deeper than the limit.
+fn still_deep(plugin: &Plugin, id: &str) -> bool {
     let limit = plugin.config.max_chain_depth;
     if limit == 0 {
-        return;
+        return false;
     }
     let deep = plugin
         .state()
@@ -52,38 +54,61 @@ pub fn check(plugin: &Arc<Plugin>, id: &str) {
         .and_then(|st| st.volume(id).map(|v| v.head.clone()))
         .map(|head| depth(plugin, &head));
     match deep {
-        Some(Ok(d)) if d > limit => {}
+        Some(Ok(d)) => d > limit,
         Some(Err(e)) => {
             tracing::warn!(volume = %id, error = %e, "measuring the chain");
-            return;
+            false
         }
-        _ => return,
+        None => false,
     }
-    if !plugin.begin_flatten(id) {
+}
+
+/// Starts a flatten of volume `id` in the background if its chain is deeper than the limit
+/// and none is running for it (the running one measures again when it ends).
+pub fn check(plugin: &Arc<Plugin>, id: &str) {
+    if !still_deep(plugin, id) || !plugin.begin_flatten(id) {
         return;
     }
     let (plugin, id) = (plugin.clone(), id.to_string());
     std::thread::Builder::new()
         .name("flatten".into())
         .spawn(move || {
-            let t = Instant::now();
-            let done = flatten(&plugin, &id);
-            match &done {
-                Ok(true) => tracing::info!(volume = %id, ms = t.elapsed().as_millis() as u64, "flattened"),
-                Ok(false) => tracing::info!(volume = %id, "flatten abandoned: the head changed; the next check redoes it"),
-                Err(e) => tracing::warn!(volume = %id, error = %e, "flatten failed"),
-            }
-            if !matches!(done, Ok(true)) {
-                // A copy nothing reaches (the volume went, the switch failed) is collected.
-                if let Err(e) = plugin.collect_garbage() {
-                    tracing::warn!(error = %e, "collecting after a flatten");
+            let mut failures = 0;
+            let ended_ok = loop {
+                let t = Instant::now();
+                let done = flatten(&plugin, &id);
+                match &done {
+                    Ok(true) => tracing::info!(volume = %id, ms = t.elapsed().as_millis() as u64, "flattened"),
+                    Ok(false) => tracing::info!(volume = %id, "flatten abandoned: the head changed"),
+                    Err(e) => tracing::warn!(volume = %id, error = %e, "flatten failed"),
                 }
-            }
+                if !matches!(done, Ok(true)) {
+                    // A copy nothing reaches (the volume went, the switch failed) is collected.
+                    if let Err(e) = plugin.collect_garbage() {
+                        tracing::warn!(error = %e, "collecting after a flatten");
+                    }
+                }
+                match done {
+                    // The volume is gone: nothing to do.
+                    Err(Error::NotFound(_)) => break false,
+                    // A transient failure (the head open elsewhere for a moment, a full
+                    // disk): try again a few times, then leave it to the next check.
+                    Err(_) if failures < RETRIES => {
+                        failures += 1;
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                    Err(_) => break false,
+                    // Snapshots taken meanwhile may have deepened the chain again (or frozen
+                    // the head, which abandoned this run): measure again.
+                    Ok(_) if still_deep(&plugin, &id) => failures = 0,
+                    Ok(_) => break true,
+                }
+            };
             plugin.end_flatten(&id);
-            // Snapshots taken meanwhile may have deepened the chain again (or frozen the
-            // head, which abandoned this run): measure again. Not after an error, which
-            // would only repeat.
-            if done.is_ok() {
+            // A snapshot between the last measure and the end above found this run still
+            // going and started none: measure once more (not after failures, which the
+            // next snapshot or load retries).
+            if ended_ok {
                 check(&plugin, &id);
             }
         })
