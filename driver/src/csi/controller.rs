@@ -458,19 +458,22 @@ impl Controller for ControllerService {
         let this = self.clone();
         let volume = self
             .0
-            .blocking(move || this.create(req.into_inner()))
+            .blocking(move || {
+                let volume = this.create(req.into_inner())?;
+                // A restore or clone may be deep, and a clone deepened its source.
+                let source = volume
+                    .content_source
+                    .as_ref()
+                    .and_then(|s| s.r#type.as_ref());
+                if let Some(src) = source {
+                    super::flatten::check(&this.0, &volume.volume_id);
+                    if let volume_content_source::Type::Volume(v) = src {
+                        super::flatten::check(&this.0, &v.volume_id);
+                    }
+                }
+                Ok(volume)
+            })
             .await?;
-        // A restore or clone may be deep, and a clone deepened its source.
-        if let Some(src) = volume
-            .content_source
-            .as_ref()
-            .and_then(|s| s.r#type.as_ref())
-        {
-            super::flatten::check(&self.0, &volume.volume_id);
-            if let volume_content_source::Type::Volume(v) = src {
-                super::flatten::check(&self.0, &v.volume_id);
-            }
-        }
         Ok(Response::new(CreateVolumeResponse {
             volume: Some(volume),
         }))
@@ -542,9 +545,12 @@ impl Controller for ControllerService {
         let this = self.clone();
         let snapshot = self
             .0
-            .blocking(move || this.create_snapshot(req.into_inner()))
+            .blocking(move || {
+                let snapshot = this.create_snapshot(req.into_inner())?;
+                super::flatten::check(&this.0, &snapshot.source_volume_id);
+                Ok(snapshot)
+            })
             .await?;
-        super::flatten::check(&self.0, &snapshot.source_volume_id);
         Ok(Response::new(CreateSnapshotResponse {
             snapshot: Some(snapshot),
         }))

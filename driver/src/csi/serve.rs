@@ -102,13 +102,19 @@ pub async fn serve(
                 Err(e) => tracing::error!(error = %e, "the state directory failed to load"),
             }
             // Chains a previous run left deep (a flatten it did not finish).
-            let ids: Vec<String> = plugin
-                .state()
-                .map(|st| st.volumes().map(|v| v.id.clone()).collect())
-                .unwrap_or_default();
-            for id in ids {
-                super::flatten::check(&plugin, &id);
-            }
+            let p = plugin.clone();
+            let _ = plugin
+                .blocking(move || {
+                    let ids: Vec<String> = p
+                        .state()
+                        .map(|st| st.volumes().map(|v| v.id.clone()).collect())
+                        .unwrap_or_default();
+                    for id in ids {
+                        super::flatten::check(&p, &id);
+                    }
+                    Ok(())
+                })
+                .await;
         })
     };
     let stopping = Arc::new(tokio::sync::Notify::new());
