@@ -41,17 +41,38 @@ for _ in $(seq 100); do "$client" "$sock" info >/dev/null 2>&1 && break; sleep 0
 vol=$("$client" "$sock" list | awk '{print $1}')
 echo "== the volume's head layer"
 "$bin" info -f "$state"/layers/*.qcow2 --pretty
+staged=0
 if [ "$(id -u)" -eq 0 ] && command -v nbdfuse >/dev/null && [ -e /dev/fuse ]; then
-  echo "== stage it (export, attach, mkfs, mount), write a file, unstage"
+  staged=1
+  echo "== stage it (export, attach, mkfs, mount), write a file"
   mkdir -p "$work/staging"
   "$client" "$sock" stage "$vol" "$work/staging"
   echo "written through the filesystem on $vol" > "$work/staging/hello.txt"
+  sync
   df -h "$work/staging" | tail -1
-  "$client" "$sock" unstage "$vol" "$work/staging"
 else
   echo "(stage skipped: needs root, nbdfuse and /dev/fuse)"
 fi
+echo "== snapshot it (while staged, the export pivots onto a new head), restore the snapshot"
+snap=$("$client" "$sock" snapshot "$vol" demo-snapshot | awk '{print $1}')
+"$client" "$sock" snapshots
+restored=$("$client" "$sock" restore demo-restore "$snap" | awk '{print $1}')
+if [ "$staged" -eq 1 ]; then
+  echo "after the snapshot" > "$work/staging/later.txt"
+  "$client" "$sock" unstage "$vol" "$work/staging"
+  echo "== stage the restore: the file from before the snapshot, not the one after"
+  mkdir -p "$work/restored"
+  "$client" "$sock" stage "$restored" "$work/restored"
+  ls "$work/restored"
+  cat "$work/restored/hello.txt"
+  "$client" "$sock" unstage "$restored" "$work/restored"
+fi
+echo "== the layers: the volume's chain and the restore's"
+"$bin" info -f "$state/layers/$(sed -n 's/.*"head": "\(.*\)".*/\1/p' "$state/volumes/$restored.json")" --detail --pretty | head -20
+"$client" "$sock" delete-snapshot "$snap"
+"$client" "$sock" delete "$restored"
 "$client" "$sock" delete "$vol"
+echo "layers left: $(ls "$state/layers" | wc -l)"
 kill -TERM $plugin && wait $plugin
 echo "== plugin log"
 cat "$work/plugin.log"

@@ -8,6 +8,10 @@
 //! cargo run -p qcow2-csi --example csi_client -- ENDPOINT stage VOLUME_ID STAGING_DIR
 //! cargo run -p qcow2-csi --example csi_client -- ENDPOINT unstage VOLUME_ID STAGING_DIR
 //! cargo run -p qcow2-csi --example csi_client -- ENDPOINT delete VOLUME_ID
+//! cargo run -p qcow2-csi --example csi_client -- ENDPOINT snapshot VOLUME_ID NAME
+//! cargo run -p qcow2-csi --example csi_client -- ENDPOINT restore NAME SNAPSHOT_ID
+//! cargo run -p qcow2-csi --example csi_client -- ENDPOINT snapshots
+//! cargo run -p qcow2-csi --example csi_client -- ENDPOINT delete-snapshot SNAPSHOT_ID
 //! ```
 
 use csi_proto::v1::controller_client::ControllerClient;
@@ -46,7 +50,9 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (endpoint, cmd) = match args.as_slice() {
         [e, c, ..] => (e.as_str(), c.as_str()),
-        _ => anyhow::bail!("usage: csi_client ENDPOINT info|create|list|stage|unstage|delete ..."),
+        _ => anyhow::bail!(
+            "usage: csi_client ENDPOINT info|create|list|stage|unstage|delete|snapshot|restore|snapshots|delete-snapshot ..."
+        ),
     };
     let arg = |i: usize| -> anyhow::Result<&str> {
         args.get(i + 2)
@@ -122,6 +128,61 @@ async fn main() -> anyhow::Result<()> {
             ControllerClient::new(ch)
                 .delete_volume(DeleteVolumeRequest {
                     volume_id: arg(0)?.into(),
+                    ..Default::default()
+                })
+                .await?;
+            println!("deleted");
+        }
+        "snapshot" => {
+            let s = ControllerClient::new(ch)
+                .create_snapshot(CreateSnapshotRequest {
+                    source_volume_id: arg(0)?.into(),
+                    name: arg(1)?.into(),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .snapshot
+                .unwrap_or_default();
+            println!(
+                "{} of {} ({} bytes)",
+                s.snapshot_id, s.source_volume_id, s.size_bytes
+            );
+        }
+        "restore" => {
+            let v = ControllerClient::new(ch)
+                .create_volume(CreateVolumeRequest {
+                    name: arg(0)?.into(),
+                    volume_capabilities: vec![mount_cap()],
+                    volume_content_source: Some(VolumeContentSource {
+                        r#type: Some(volume_content_source::Type::Snapshot(
+                            volume_content_source::SnapshotSource {
+                                snapshot_id: arg(1)?.into(),
+                            },
+                        )),
+                    }),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .volume
+                .unwrap_or_default();
+            println!("{} {} bytes", v.volume_id, v.capacity_bytes);
+        }
+        "snapshots" => {
+            let l = ControllerClient::new(ch)
+                .list_snapshots(ListSnapshotsRequest::default())
+                .await?
+                .into_inner();
+            for e in l.entries {
+                let s = e.snapshot.unwrap_or_default();
+                println!("{} of {}", s.snapshot_id, s.source_volume_id);
+            }
+        }
+        "delete-snapshot" => {
+            ControllerClient::new(ch)
+                .delete_snapshot(DeleteSnapshotRequest {
+                    snapshot_id: arg(0)?.into(),
                     ..Default::default()
                 })
                 .await?;
