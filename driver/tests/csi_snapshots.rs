@@ -565,7 +565,7 @@ async fn a_crash_after_the_snapshot_record() {
 }
 
 #[tokio::test]
-async fn a_crash_during_a_snapshot_delete_or_a_clone_loses_nothing() {
+async fn a_crash_during_a_snapshot_delete_a_clone_or_a_restore_loses_nothing() {
     if !qemu::require() {
         return;
     }
@@ -606,6 +606,25 @@ async fn a_crash_during_a_snapshot_delete_or_a_clone_loses_nothing() {
     expect(&p, &v, 0x71, 0, MIB);
     let c = volume(&p, volume_req("c", 0, from_volume(&v))).await;
     expect(&p, &c, 0x71, 0, MIB);
+    assert_layer_graph_sound(&p);
+
+    // A restore interrupted after its layer and after its record.
+    let s2 = snapshot(&p, "s2", &c).await.snapshot_id;
+    for point in ["create-after-layer", "create-after-record"] {
+        p.restart_with(&[("QCOW2_CSI_FAILPOINT", point)]).await;
+        assert!(
+            p.controller()
+                .await
+                .create_volume(volume_req("restored", 0, from_snapshot(&s2)))
+                .await
+                .is_err()
+        );
+        assert!(p.wait_crash(), "{point}");
+        p.restart_with(&[]).await;
+        assert_layer_graph_sound(&p);
+    }
+    let restored = volume(&p, volume_req("restored", 0, from_snapshot(&s2))).await;
+    expect(&p, &restored, 0x71, 0, MIB);
     assert_layer_graph_sound(&p);
 }
 
