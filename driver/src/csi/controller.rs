@@ -100,6 +100,57 @@ fn available(plugin: &Plugin, ratio: f64) -> Result<u64> {
     Ok((free as f64 * ratio) as u64)
 }
 
+/// A List call's paging, checked: `max_entries` (0: all) and `starting_token`, the last id
+/// of the previous page (opaque to the CO, checked here: ABORTED unless `is_id` accepts it).
+pub(super) struct Paging<'r> {
+    limit: usize,
+    after: &'r str,
+}
+
+impl<'r> Paging<'r> {
+    pub(super) fn new(
+        max_entries: i32,
+        starting_token: &'r str,
+        is_id: fn(&str) -> bool,
+    ) -> Result<Self> {
+        if max_entries < 0 {
+            return Err(Error::InvalidArgument(
+                "max_entries must not be negative".into(),
+            ));
+        }
+        if !starting_token.is_empty() && !is_id(starting_token) {
+            return Err(Error::Aborted(format!(
+                "starting_token {starting_token:?} was not issued by this plugin"
+            )));
+        }
+        let limit = if max_entries == 0 {
+            usize::MAX
+        } else {
+            max_entries as usize
+        };
+        Ok(Paging {
+            limit,
+            after: starting_token,
+        })
+    }
+
+    /// The page of `items` (in id order) after the token, and the next page's token (empty
+    /// on the last page).
+    pub(super) fn page<'a, T>(
+        &self,
+        items: impl Iterator<Item = &'a T>,
+        id: impl Fn(&T) -> &str,
+    ) -> (Vec<&'a T>, String) {
+        let mut rest = items.filter(|t| self.after.is_empty() || id(t) > self.after);
+        let page: Vec<&T> = rest.by_ref().take(self.limit).collect();
+        let next_token = match (rest.next(), page.last()) {
+            (Some(_), Some(last)) => id(last).to_string(),
+            _ => String::new(),
+        };
+        (page, next_token)
+    }
+}
+
 impl ControllerService {
     pub(crate) fn create(&self, req: CreateVolumeRequest) -> Result<Volume> {
         let plugin = &*self.0;
@@ -316,32 +367,9 @@ impl ControllerService {
     }
 
     fn list(&self, req: ListVolumesRequest) -> Result<ListVolumesResponse> {
-        if req.max_entries < 0 {
-            return Err(Error::InvalidArgument(
-                "max_entries must not be negative".into(),
-            ));
-        }
-        // The token is the last id returned: opaque to the CO, checked here.
-        if !req.starting_token.is_empty() && !state::is_volume_id(&req.starting_token) {
-            return Err(Error::Aborted(format!(
-                "starting_token {:?} was not issued by this plugin",
-                req.starting_token
-            )));
-        }
+        let paging = Paging::new(req.max_entries, &req.starting_token, state::is_volume_id)?;
         let st = self.0.state()?;
-        let mut rest = st
-            .volumes()
-            .filter(|v| req.starting_token.is_empty() || v.id > req.starting_token);
-        let limit = if req.max_entries == 0 {
-            usize::MAX
-        } else {
-            req.max_entries as usize
-        };
-        let page: Vec<&VolumeRecord> = rest.by_ref().take(limit).collect();
-        let next_token = match (rest.next(), page.last()) {
-            (Some(_), Some(last)) => last.id.clone(),
-            _ => String::new(),
-        };
+        let (page, next_token) = paging.page(st.volumes(), |v| &v.id);
         Ok(ListVolumesResponse {
             entries: page
                 .into_iter()

@@ -16,7 +16,7 @@ use csi_proto::Timestamp;
 use csi_proto::v1::*;
 use qcow2_engine::ops::create::{BackingFormat, CreateOptions, create};
 
-use super::controller::ControllerService;
+use super::controller::{ControllerService, Paging};
 use super::params::Params;
 use super::state::{self, AccessType, SnapshotRecord, VolumeRecord};
 use super::{Plugin, failpoint};
@@ -211,34 +211,13 @@ impl ControllerService {
         &self,
         req: ListSnapshotsRequest,
     ) -> Result<ListSnapshotsResponse> {
-        if req.max_entries < 0 {
-            return Err(Error::InvalidArgument(
-                "max_entries must not be negative".into(),
-            ));
-        }
-        // The token is the last id returned: opaque to the CO, checked here.
-        if !req.starting_token.is_empty() && !state::is_snapshot_id(&req.starting_token) {
-            return Err(Error::Aborted(format!(
-                "starting_token {:?} was not issued by this plugin",
-                req.starting_token
-            )));
-        }
+        let paging = Paging::new(req.max_entries, &req.starting_token, state::is_snapshot_id)?;
         let st = self.0.state()?;
-        let mut rest = st.snapshots().filter(|s| {
+        let matching = st.snapshots().filter(|s| {
             (req.snapshot_id.is_empty() || s.id == req.snapshot_id)
                 && (req.source_volume_id.is_empty() || s.source_volume_id == req.source_volume_id)
-                && (req.starting_token.is_empty() || s.id > req.starting_token)
         });
-        let limit = if req.max_entries == 0 {
-            usize::MAX
-        } else {
-            req.max_entries as usize
-        };
-        let page: Vec<&SnapshotRecord> = rest.by_ref().take(limit).collect();
-        let next_token = match (rest.next(), page.last()) {
-            (Some(_), Some(last)) => last.id.clone(),
-            _ => String::new(),
-        };
+        let (page, next_token) = paging.page(matching, |s| &s.id);
         Ok(ListSnapshotsResponse {
             entries: page
                 .into_iter()
