@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::capability::Checked;
-use super::state::{is_volume_id, remove_durably, write_atomic};
+use super::state::{Cleanup, RecordKind, is_volume_id, read_records, remove_durably, write_atomic};
 use crate::error::{Error, Result};
 
 /// How the staged volume's block device is provided, which decides whether a restarted
@@ -93,45 +93,17 @@ impl StageRecords {
     /// Every record, in volume id order; half-written ones (`.tmp`) are deleted. A record
     /// that does not parse stops the load: guessing would lose track of a mounted volume.
     pub fn load(&self) -> Result<Vec<StageRecord>> {
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(it) => it
-                .collect::<std::io::Result<Vec<_>>>()
-                .map_err(|e| Error::Internal(format!("listing {}: {e}", self.dir.display())))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => {
-                return Err(Error::Internal(format!(
-                    "listing {}: {e}",
-                    self.dir.display()
-                )));
-            }
-        };
-        let mut records = Vec::new();
-        for entry in entries {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let path = entry.path();
-            if name.starts_with('.') && name.ends_with(".tmp") {
-                remove_durably(&path)?;
-                continue;
-            }
-            let Some(id) = name.strip_suffix(".json") else {
-                continue;
-            };
-            let text = std::fs::read(&path)
-                .map_err(|e| Error::Internal(format!("reading {}: {e}", path.display())))?;
-            let rec: StageRecord = serde_json::from_slice(&text).map_err(|e| {
-                Error::Internal(format!("{} is not a stage record: {e}", path.display()))
-            })?;
-            if rec.volume_id != id || !is_volume_id(id) {
-                return Err(Error::Internal(format!(
-                    "{} names volume {:?}",
-                    path.display(),
-                    rec.volume_id
-                )));
-            }
-            records.push(rec);
+        if !self.dir.exists() {
+            return Ok(Vec::new());
         }
-        records.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
-        Ok(records)
+        let kind = RecordKind {
+            name: "stage record",
+            names: "volume",
+            is_id: is_volume_id,
+            id_of: |r: &StageRecord| &r.volume_id,
+        };
+        let records = read_records(&self.dir, &kind, &mut Cleanup::default())?;
+        Ok(records.into_values().collect())
     }
 }
 

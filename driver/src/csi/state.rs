@@ -170,34 +170,26 @@ impl State {
             std::fs::create_dir_all(&d).map_err(io_err(format!("creating {}", d.display())))?;
         }
         let mut cleanup = Cleanup::default();
-        let volumes: BTreeMap<String, VolumeRecord> =
-            read_records(&root.join("volumes"), is_volume_id, &mut cleanup)?
-                .into_iter()
-                .map(|(id, r): (String, VolumeRecord)| {
-                    if r.id == id {
-                        Ok((id, r))
-                    } else {
-                        Err(Error::Internal(format!(
-                            "volumes/{id}.json names {:?}",
-                            r.id
-                        )))
-                    }
-                })
-                .collect::<Result<_>>()?;
-        let snapshots: BTreeMap<String, SnapshotRecord> =
-            read_records(&root.join("snapshots"), is_snapshot_id, &mut cleanup)?
-                .into_iter()
-                .map(|(id, r): (String, SnapshotRecord)| {
-                    if r.id == id {
-                        Ok((id, r))
-                    } else {
-                        Err(Error::Internal(format!(
-                            "snapshots/{id}.json names {:?}",
-                            r.id
-                        )))
-                    }
-                })
-                .collect::<Result<_>>()?;
+        let volumes = read_records(
+            &root.join("volumes"),
+            &RecordKind {
+                name: "volume record",
+                names: "volume",
+                is_id: is_volume_id,
+                id_of: |r: &VolumeRecord| &r.id,
+            },
+            &mut cleanup,
+        )?;
+        let snapshots = read_records(
+            &root.join("snapshots"),
+            &RecordKind {
+                name: "snapshot record",
+                names: "snapshot",
+                is_id: is_snapshot_id,
+                id_of: |r: &SnapshotRecord| &r.id,
+            },
+            &mut cleanup,
+        )?;
         let state = State {
             root: root.to_path_buf(),
             volumes,
@@ -362,14 +354,25 @@ pub fn is_layer_name(name: &str) -> bool {
         .is_some_and(|id| is_id(id, "layer-"))
 }
 
-/// Every record in `dir` as `(id, record)`, deleting half-written ones (`.tmp`). A record
-/// that does not parse, or whose file name is not an id, stops the load.
-fn read_records<R: serde::de::DeserializeOwned>(
+/// How [`read_records`] reads one kind of record.
+pub(super) struct RecordKind<R> {
+    /// For errors: "volume record".
+    pub name: &'static str,
+    /// For errors: what the id names, "volume".
+    pub names: &'static str,
+    pub is_id: fn(&str) -> bool,
+    pub id_of: fn(&R) -> &String,
+}
+
+/// Every record in `dir` by id, deleting half-written ones (`.tmp`) and counting them in
+/// `cleanup`. A record that does not parse, whose file name is not an id, or that names
+/// another id than its file's stops the load: guessing could lose an object.
+pub(super) fn read_records<R: serde::de::DeserializeOwned>(
     dir: &Path,
-    is_valid: fn(&str) -> bool,
+    kind: &RecordKind<R>,
     cleanup: &mut Cleanup,
-) -> Result<Vec<(String, R)>> {
-    let mut out = Vec::new();
+) -> Result<BTreeMap<String, R>> {
+    let mut out = BTreeMap::new();
     for entry in read_dir(dir)? {
         let name = entry.file_name().to_string_lossy().into_owned();
         let path = entry.path();
@@ -381,17 +384,25 @@ fn read_records<R: serde::de::DeserializeOwned>(
         let Some(id) = name.strip_suffix(".json") else {
             continue;
         };
-        if !is_valid(id) {
+        if !(kind.is_id)(id) {
             return Err(Error::Internal(format!(
                 "{} is not named after an id",
                 path.display()
             )));
         }
         let text = std::fs::read(&path).map_err(io_err(format!("reading {}", path.display())))?;
-        let rec = serde_json::from_slice(&text).map_err(|e| {
-            Error::Internal(format!("{} is not a valid record: {e}", path.display()))
+        let rec: R = serde_json::from_slice(&text).map_err(|e| {
+            Error::Internal(format!("{} is not a {}: {e}", path.display(), kind.name))
         })?;
-        out.push((id.to_string(), rec));
+        if (kind.id_of)(&rec) != id {
+            return Err(Error::Internal(format!(
+                "{} names {} {:?}",
+                path.display(),
+                kind.names,
+                (kind.id_of)(&rec)
+            )));
+        }
+        out.insert(id.to_string(), rec);
     }
     Ok(out)
 }
@@ -549,7 +560,7 @@ mod tests {
         let id = new_id("vol-");
         std::fs::write(dir.path().join(format!("volumes/{id}.json")), b"not json").unwrap();
         let e = State::load(dir.path()).unwrap_err().to_string();
-        assert!(e.contains("not a valid record"), "{e}");
+        assert!(e.contains("not a volume record"), "{e}");
         std::fs::remove_file(dir.path().join(format!("volumes/{id}.json"))).unwrap();
         std::fs::write(dir.path().join("snapshots/snap-1.json"), b"{}").unwrap();
         let e = State::load(dir.path()).unwrap_err().to_string();
