@@ -20,7 +20,6 @@ use csi_proto::v1::node_client::NodeClient;
 use csi_proto::v1::volume_capability::access_mode::Mode;
 use csi_proto::v1::volume_capability::{AccessMode, AccessType, MountVolume};
 use csi_proto::v1::*;
-use tonic::transport::{Channel, Endpoint, Uri};
 
 fn mount_cap() -> VolumeCapability {
     VolumeCapability {
@@ -29,20 +28,6 @@ fn mount_cap() -> VolumeCapability {
             mode: Mode::SingleNodeWriter as i32,
         }),
     }
-}
-
-async fn channel(endpoint: &str) -> anyhow::Result<Channel> {
-    let path = qcow2_csi::csi::serve::socket_path(endpoint)?;
-    Ok(Endpoint::try_from("http://localhost")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await?)
 }
 
 #[tokio::main]
@@ -59,7 +44,8 @@ async fn main() -> anyhow::Result<()> {
             .map(String::as_str)
             .ok_or_else(|| anyhow::anyhow!("{cmd}: missing argument {}", i + 1))
     };
-    let ch = channel(endpoint).await?;
+    let socket = qcow2_csi::csi::serve::socket_path(endpoint)?;
+    let ch = qcow2_csi::csi::client::connect(&socket).await?;
     match cmd {
         "info" => {
             let mut id = IdentityClient::new(ch.clone());

@@ -20,7 +20,6 @@ use csi_proto::v1::volume_capability::access_mode::Mode;
 use csi_proto::v1::volume_capability::{AccessMode, AccessType, MountVolume};
 use csi_proto::v1::*;
 use qcow2_engine::{Image, OpenOptions};
-use tonic::transport::{Channel, Endpoint, Uri};
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
@@ -32,19 +31,6 @@ impl Drop for Plugin {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-async fn channel(path: PathBuf) -> anyhow::Result<Channel> {
-    Ok(Endpoint::try_from("http://localhost")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await?)
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -104,7 +90,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let deadline = Instant::now() + Duration::from_secs(20);
     let ch = loop {
-        if let Ok(ch) = channel(socket.clone()).await {
+        if let Ok(ch) = qcow2_csi::csi::client::connect(&socket).await {
             break ch;
         }
         anyhow::ensure!(Instant::now() < deadline, "the plugin did not start");

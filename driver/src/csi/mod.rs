@@ -3,6 +3,7 @@
 //! `qcow2-csi serve` ([`serve`]) runs them on a unix socket.
 
 pub mod capability;
+pub mod client;
 pub mod controller;
 pub mod flatten;
 pub mod identity;

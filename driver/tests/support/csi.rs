@@ -9,7 +9,7 @@ use csi_proto::v1::identity_client::IdentityClient;
 use csi_proto::v1::volume_capability::access_mode::Mode;
 use csi_proto::v1::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use csi_proto::v1::{ProbeRequest, VolumeCapability};
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 pub const NODE: &str = "node-a";
 
@@ -161,21 +161,7 @@ impl Drop for Plugin {
     }
 }
 
-/// A gRPC channel over a unix socket (tonic speaks HTTP/2 with authority `localhost`).
-pub async fn connect(socket: &Path) -> Result<Channel, tonic::transport::Error> {
-    let socket = socket.to_path_buf();
-    Endpoint::try_from("http://localhost")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await
-}
+pub use qcow2_csi::csi::client::connect;
 
 pub fn mount_cap(mode: Mode, fs: &str) -> VolumeCapability {
     VolumeCapability {
