@@ -9,6 +9,8 @@ mod csi;
 #[path = "../../tests/src/qemu.rs"]
 #[allow(dead_code)]
 mod qemu;
+#[allow(dead_code)] // each test binary uses part of the helpers
+mod support;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -21,46 +23,19 @@ use tonic::Code;
 
 const MIB: i64 = 1 << 20;
 
-/// Why this host cannot run node tests, if it cannot (CI has everything).
-fn missing() -> Option<String> {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    if !root {
-        return Some("needs root".into());
-    }
-    for t in [
-        "nbdfuse",
-        "losetup",
-        "mkfs.ext4",
-        "mkfs.xfs",
-        "blkid",
-        "qemu-img",
-    ] {
-        let ok = Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !ok {
-            return Some(format!("{t} is not installed"));
-        }
-    }
-    None
-}
-
+/// Whether this host can run node tests (CI has everything).
 fn runnable() -> bool {
-    match missing() {
-        None => true,
-        Some(why) => {
-            assert!(
-                std::env::var_os("QCOW2_CSI_REQUIRE_ALL").is_none(),
-                "node tests cannot run: {why} (QCOW2_CSI_REQUIRE_ALL is set)"
-            );
-            eprintln!("skipped: {why}");
-            false
-        }
-    }
+    support::runnable(
+        "node tests",
+        support::root_attach_missing(&[
+            "nbdfuse",
+            "losetup",
+            "mkfs.ext4",
+            "mkfs.xfs",
+            "blkid",
+            "qemu-img",
+        ]),
+    )
 }
 
 fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
@@ -623,7 +598,7 @@ async fn ext4_expansion_staged_and_unstaged_through_nbdfuse() {
         .into_inner();
     assert_eq!(r.capacity_bytes, 128 * MIB);
     assert!(r.node_expansion_required);
-    if has_cap_sys_resource() {
+    if qcow2_csi::csi::node::has_cap_sys_resource() {
         // Online: image, loop size limit, resize2fs.
         let r = node
             .node_expand_volume(node_expand(128 * MIB))
@@ -694,16 +669,6 @@ async fn ext4_expansion_staged_and_unstaged_through_nbdfuse() {
         code(node.node_expand_volume(nopath).await),
         Code::InvalidArgument
     );
-}
-
-/// Whether this process may grow a mounted ext4 (CAP_SYS_RESOURCE).
-fn has_cap_sys_resource() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .is_some_and(|caps| caps & (1 << 24) != 0)
 }
 
 /// A published xfs volume grows online through nbdfuse (the loop device's size limit rises
@@ -1030,6 +995,62 @@ async fn a_lost_volume_unstages_cleanly_after_a_restart() {
     assert!(p.layers().is_empty());
 }
 
+/// A writer thread making numbered files in a directory until stopped: file k holds
+/// [`FileWriter::content`], written and fsynced; [`FileWriter::done`] counts completed files.
+struct FileWriter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: std::thread::JoinHandle<std::io::Result<()>>,
+}
+
+impl FileWriter {
+    fn start(dir: &Path, lines: usize) -> FileWriter {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let thread = {
+            let (stop, done, dir) = (stop.clone(), done.clone(), dir.to_path_buf());
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let mut k = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    k += 1;
+                    let f = std::fs::File::create(dir.join(format!("f{k}")))?;
+                    std::io::Write::write_all(&mut &f, Self::content(k, lines).as_bytes())?;
+                    f.sync_all()?;
+                    done.store(k, Ordering::SeqCst);
+                }
+                Ok(())
+            })
+        };
+        FileWriter { stop, done, thread }
+    }
+
+    /// What file k holds.
+    fn content(k: u64, lines: usize) -> String {
+        format!("{k}\n").repeat(lines)
+    }
+
+    /// Files completed so far.
+    fn done(&self) -> u64 {
+        self.done.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until `n` files are complete.
+    async fn wait_for(&self, n: u64) {
+        while self.done() < n {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Stops the writer: the files it completed, or the error it saw.
+    fn stop(self) -> std::io::Result<u64> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let done = self.done;
+        self.thread.join().unwrap()?;
+        Ok(done.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
 /// CreateSnapshot of a staged, published ext4 volume while a writer runs: the writer never
 /// sees an error across the pivot, and a volume restored from the snapshot holds every file
 /// completed before the call, none begun after it returned, and nothing torn.
@@ -1038,8 +1059,6 @@ async fn a_snapshot_of_a_volume_in_use_restores_the_files_as_of_the_snapshot() {
     if !runnable() {
         return;
     }
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let p = Plugin::start().await;
     let cap = mount_cap(Mode::SingleNodeWriter, "ext4");
     let v = create(&p, "live", 128 * MIB, cap.clone()).await;
@@ -1053,29 +1072,9 @@ async fn a_snapshot_of_a_volume_in_use_restores_the_files_as_of_the_snapshot() {
     node.node_publish_volume(publish_req(&v, &staging, &target, &cap))
         .await
         .unwrap();
-    // The writer: file k holds k, written and fsynced; `done` counts completed files.
-    let (stop, done) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let writer = {
-        let (stop, done, dir) = (stop.clone(), done.clone(), target.clone());
-        std::thread::spawn(move || -> std::io::Result<()> {
-            let mut k = 0u64;
-            while !stop.load(Ordering::SeqCst) {
-                k += 1;
-                let f = std::fs::File::create(dir.join(format!("f{k}")))?;
-                std::io::Write::write_all(&mut &f, format!("{k}\n").repeat(1000).as_bytes())?;
-                f.sync_all()?;
-                done.store(k, Ordering::SeqCst);
-            }
-            Ok(())
-        })
-    };
-    while done.load(Ordering::SeqCst) < 20 {
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-    let before = done.load(Ordering::SeqCst);
+    let writer = FileWriter::start(&target, 1000);
+    writer.wait_for(20).await;
+    let before = writer.done();
     let snap = p
         .controller()
         .await
@@ -1090,14 +1089,10 @@ async fn a_snapshot_of_a_volume_in_use_restores_the_files_as_of_the_snapshot() {
         .snapshot
         .unwrap();
     // Files begun after this may not be in the snapshot; one in progress may be.
-    let after = done.load(Ordering::SeqCst) + 1;
-    while done.load(Ordering::SeqCst) < after + 20 {
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-    stop.store(true, Ordering::SeqCst);
+    let after = writer.done() + 1;
+    writer.wait_for(after + 20).await;
     writer
-        .join()
-        .unwrap()
+        .stop()
         .expect("the writer saw no error across the pivot");
 
     // Restored into a larger volume: the filesystem grows to it at stage.
@@ -1139,7 +1134,7 @@ async fn a_snapshot_of_a_volume_in_use_restores_the_files_as_of_the_snapshot() {
     for k in 1..=before {
         let text = std::fs::read_to_string(restored.join(format!("f{k}")))
             .unwrap_or_else(|e| panic!("f{k} (completed before the snapshot): {e}"));
-        assert_eq!(text, format!("{k}\n").repeat(1000), "f{k}");
+        assert_eq!(text, FileWriter::content(k, 1000), "f{k}");
     }
     let mut present = 0;
     for e in std::fs::read_dir(&restored).unwrap() {
@@ -1185,25 +1180,13 @@ async fn a_snapshot_of_a_volume_in_use_restores_the_files_as_of_the_snapshot() {
     assert!(p.layers().is_empty(), "{:?}", p.layers());
 }
 
-/// Layers in the chain under volume `id`'s head, head included (`qemu-img info -U
-/// --backing-chain`; the head may be open in the plugin).
+/// Layers in the chain under volume `id`'s head, head included (the head may be open in
+/// the plugin).
 fn chain_len(p: &Plugin, id: &str) -> usize {
     let rec: serde_json::Value =
         serde_json::from_slice(&std::fs::read(p.state.join(format!("volumes/{id}.json"))).unwrap())
             .unwrap();
-    let head = p.state.join("layers").join(rec["head"].as_str().unwrap());
-    let text = qemu::img(&[
-        "info",
-        "-U",
-        "--backing-chain",
-        "--output=json",
-        head.to_str().unwrap(),
-    ]);
-    serde_json::from_str::<serde_json::Value>(&text)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .len()
+    qemu::backing_chain(&p.state.join("layers").join(rec["head"].as_str().unwrap())).len()
 }
 
 /// A staged volume in use is flattened online: snapshots under a running writer deepen its
@@ -1215,8 +1198,6 @@ async fn a_staged_volume_in_use_is_flattened_online() {
     if !runnable() {
         return;
     }
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let p = Plugin::start_with_args(&["--max-chain-depth", "3"]).await;
     let cap = mount_cap(Mode::SingleNodeWriter, "ext4");
     let v = create(&p, "deep", 64 * MIB, cap.clone()).await;
@@ -1226,31 +1207,10 @@ async fn a_staged_volume_in_use_is_flattened_online() {
     node.node_stage_volume(stage_req(&v, &staging, &cap))
         .await
         .unwrap();
-    let (stop, done) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let writer = {
-        let (stop, done, dir) = (stop.clone(), done.clone(), staging.clone());
-        std::thread::spawn(move || -> std::io::Result<()> {
-            let mut k = 0u64;
-            while !stop.load(Ordering::SeqCst) {
-                k += 1;
-                let f = std::fs::File::create(dir.join(format!("f{k}")))?;
-                std::io::Write::write_all(&mut &f, format!("{k}\n").repeat(500).as_bytes())?;
-                f.sync_all()?;
-                done.store(k, Ordering::SeqCst);
-            }
-            Ok(())
-        })
-    };
-    let mut snaps = Vec::new();
+    let writer = FileWriter::start(&staging, 500);
     for i in 0..5 {
-        let floor = done.load(Ordering::SeqCst) + 5;
-        while done.load(Ordering::SeqCst) < floor {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-        let snap = loop {
+        writer.wait_for(writer.done() + 5).await;
+        loop {
             match p
                 .controller()
                 .await
@@ -1261,27 +1221,21 @@ async fn a_staged_volume_in_use_is_flattened_online() {
                 })
                 .await
             {
-                Ok(r) => break r.into_inner().snapshot.unwrap().snapshot_id,
+                Ok(_) => break,
                 Err(s) if s.code() == Code::Aborted => {
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 }
                 Err(s) => panic!("{s:?}"),
             }
-        };
-        snaps.push(snap);
+        }
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while chain_len(&p, &v) > 3 {
         assert!(std::time::Instant::now() < deadline, "never flattened");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let floor = done.load(Ordering::SeqCst) + 10;
-    while done.load(Ordering::SeqCst) < floor {
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-    stop.store(true, Ordering::SeqCst);
-    writer.join().unwrap().expect("the writer saw no error");
-    let written = done.load(Ordering::SeqCst);
+    writer.wait_for(writer.done() + 10).await;
+    let written = writer.stop().expect("the writer saw no error");
     node.node_unstage_volume(unstage_req(&v, &staging))
         .await
         .unwrap();
@@ -1294,7 +1248,7 @@ async fn a_staged_volume_in_use_is_flattened_online() {
     for k in 1..=written {
         assert_eq!(
             std::fs::read_to_string(staging.join(format!("f{k}"))).unwrap(),
-            format!("{k}\n").repeat(500),
+            FileWriter::content(k, 500),
             "f{k}"
         );
     }

@@ -151,26 +151,11 @@ fn head(p: &Plugin, id: &str) -> PathBuf {
         .join(record(p, "volumes", id)["head"].as_str().unwrap())
 }
 
-/// The layer files of `path`'s chain, top first (`qemu-img info --backing-chain`).
+/// The layer file names of `path`'s chain, top first.
 fn chain(path: &Path) -> Vec<String> {
-    let text = qemu::img(&[
-        "info",
-        "-U",
-        "--backing-chain",
-        "--output=json",
-        path.to_str().unwrap(),
-    ]);
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v.as_array()
-        .unwrap()
+    qemu::backing_chain(path)
         .iter()
-        .map(|l| {
-            Path::new(l["filename"].as_str().unwrap())
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .into_owned()
-        })
+        .map(|l| l.file_name().unwrap().to_string_lossy().into_owned())
         .collect()
 }
 

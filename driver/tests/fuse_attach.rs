@@ -18,34 +18,6 @@ use qcow2_csi::nbd::{Export, Limits, Server};
 use qcow2_engine::{Image, OpenOptions};
 use support::Served;
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-/// Why this host cannot run the test, if it cannot.
-fn missing() -> Option<String> {
-    if !is_root() {
-        return Some("needs root (loop devices, mounts)".into());
-    }
-    if !Path::new("/dev/fuse").exists() || !Path::new("/dev/loop-control").exists() {
-        return Some("needs /dev/fuse and /dev/loop-control".into());
-    }
-    ["nbdfuse", "losetup", "mkfs.ext4", "mkfs.xfs", "qemu-img"]
-        .into_iter()
-        .find(|t| !have(t))
-        .map(|t| format!("{t} is not installed"))
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
 fn sh(cmd: &mut Command) {
     let out = cmd.output().unwrap();
     assert!(
@@ -182,17 +154,10 @@ fn round_trip(fs: &str, way: Way) {
 }
 
 fn runnable() -> bool {
-    match missing() {
-        None => true,
-        Some(why) => {
-            assert!(
-                std::env::var_os("QCOW2_CSI_REQUIRE_ALL").is_none(),
-                "attach test cannot run: {why} (QCOW2_CSI_REQUIRE_ALL is set)"
-            );
-            eprintln!("skipped: {why}");
-            false
-        }
-    }
+    support::runnable(
+        "attach test",
+        support::root_attach_missing(&["nbdfuse", "losetup", "mkfs.ext4", "mkfs.xfs", "qemu-img"]),
+    )
 }
 
 #[test]

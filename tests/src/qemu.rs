@@ -3,7 +3,7 @@
 //! Tests call [`require`] first: without the tools they skip with a printed reason, except
 //! when `QCOW2_CSI_REQUIRE_ALL=1` (set by `make test` and CI), where a missing tool fails.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// Whether qemu-img and qemu-io are available; prints why not, or panics under CI.
@@ -189,4 +189,22 @@ pub fn info(path: &Path) -> serde_json::Value {
 pub fn info_shared(path: &Path) -> serde_json::Value {
     let text = img(&["info", "-U", "--output=json", path.to_str().expect("utf-8")]);
     serde_json::from_str(&text).expect("info json")
+}
+
+/// The files of `path`'s backing chain, top first (`qemu-img info -U --backing-chain`; the
+/// image may be open elsewhere).
+pub fn backing_chain(path: &Path) -> Vec<PathBuf> {
+    let text = img(&[
+        "info",
+        "-U",
+        "--backing-chain",
+        "--output=json",
+        path.to_str().expect("utf-8"),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&text).expect("info json");
+    v.as_array()
+        .expect("one entry per layer")
+        .iter()
+        .map(|l| PathBuf::from(l["filename"].as_str().expect("a filename")))
+        .collect()
 }

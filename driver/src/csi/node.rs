@@ -83,7 +83,7 @@ fn grow_ext4_offline(device: &Path) -> Result<()> {
 }
 
 /// Whether this process may grow a mounted ext4 (the kernel checks CAP_SYS_RESOURCE).
-fn has_cap_sys_resource() -> bool {
+pub fn has_cap_sys_resource() -> bool {
     const CAP_SYS_RESOURCE: u32 = 24;
     std::fs::read_to_string("/proc/self/status")
         .ok()

@@ -91,6 +91,47 @@ impl Drop for Served {
     }
 }
 
+/// Why root tests that attach devices (loop devices, FUSE, mounts) cannot run on this host,
+/// if they cannot: not root, no `/dev/fuse` or `/dev/loop-control`, or one of `tools`
+/// missing.
+pub fn root_attach_missing(tools: &[&str]) -> Option<String> {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root {
+        return Some("needs root (loop devices, mounts)".into());
+    }
+    if !Path::new("/dev/fuse").exists() || !Path::new("/dev/loop-control").exists() {
+        return Some("needs /dev/fuse and /dev/loop-control".into());
+    }
+    tools
+        .iter()
+        .find(|t| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {t}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .map(|t| format!("{t} is not installed"))
+}
+
+/// Whether a test `missing` nothing runs; else it skips with the reason, unless
+/// `QCOW2_CSI_REQUIRE_ALL` is set (CI), where that is a failure naming `what`.
+pub fn runnable(what: &str, missing: Option<String>) -> bool {
+    match missing {
+        None => true,
+        Some(why) => {
+            assert!(
+                std::env::var_os("QCOW2_CSI_REQUIRE_ALL").is_none(),
+                "{what} cannot run: {why} (QCOW2_CSI_REQUIRE_ALL is set)"
+            );
+            eprintln!("skipped: {why}");
+            false
+        }
+    }
+}
+
 /// Whether `tool` runs; if not, the test skips with a reason, unless
 /// `QCOW2_CSI_REQUIRE_ALL` is set (CI), where a missing tool is a failure.
 pub fn require_tool(tool: &str, package: &str) -> bool {
