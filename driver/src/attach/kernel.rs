@@ -436,14 +436,14 @@ mod tests {
     use crate::attach::ioctl::req;
     use crate::attach::netlink::{attrs, nbd};
     use crate::nbd::device::Memory;
-    use crate::nbd::proto::{self, Request, cmd};
+    use crate::nbd::proto::{self, cmd};
     use crate::nbd::{Export, Limits};
     use std::collections::VecDeque;
-    use std::io::{self, Read, Write};
+    use std::io;
     use std::os::fd::RawFd;
     use std::sync::{Condvar, Mutex};
 
-    use crate::attach::sim::{FAMILY, FakeKernel, Sim, take};
+    use crate::attach::sim::{FAMILY, FakeKernel, Sim, request, send_disc, take};
 
     struct Rig {
         sim: Arc<Mutex<Sim>>,
@@ -494,29 +494,9 @@ mod tests {
         /// socket it holds; returns the data read.
         fn kernel_io(&self) -> Vec<u8> {
             let sock = self.sim.lock().unwrap().held[0].try_clone().unwrap();
-            let mut sock = sock;
-            let req = |kind, cookie, offset, length| Request {
-                flags: 0,
-                kind,
-                cookie,
-                offset,
-                length,
-            };
-            sock.write_all(&req(cmd::WRITE, 1, 4096, 512).encode())
-                .unwrap();
-            sock.write_all(&[0xaa; 512]).unwrap();
-            let mut reply = [0u8; 16];
-            sock.read_exact(&mut reply).unwrap();
-            assert_eq!(reply, proto::simple_reply(1, 0));
-            sock.write_all(&req(cmd::READ, 2, 4096, 1024).encode())
-                .unwrap();
-            sock.read_exact(&mut reply).unwrap();
-            assert_eq!(reply, proto::simple_reply(2, 0));
-            let mut data = vec![0u8; 1024];
-            sock.read_exact(&mut data).unwrap();
-            sock.write_all(&req(cmd::FLUSH, 3, 0, 0).encode()).unwrap();
-            sock.read_exact(&mut reply).unwrap();
-            assert_eq!(reply, proto::simple_reply(3, 0));
+            request(&sock, cmd::WRITE, 4096, &[0xaa; 512], 0);
+            let data = request(&sock, cmd::READ, 4096, &[], 1024);
+            request(&sock, cmd::FLUSH, 0, &[], 0);
             data
         }
 
@@ -707,14 +687,7 @@ mod tests {
                 }
                 req::DISCONNECT => {
                     for s in self.held.lock().unwrap().drain(..) {
-                        let disc = Request {
-                            flags: 0,
-                            kind: cmd::DISC,
-                            cookie: 0,
-                            offset: 0,
-                            length: 0,
-                        };
-                        let _ = (&s).write_all(&disc.encode());
+                        send_disc(&s);
                     }
                     *self.disconnected.lock().unwrap() = true;
                     self.cv.notify_all();

@@ -97,14 +97,7 @@ impl Transport for FakeKernel {
                 nbd::CMD_DISCONNECT => {
                     // The driver sends NBD_CMD_DISC on every socket and shuts them down.
                     for s in sim.held.drain(..) {
-                        let disc = Request {
-                            flags: 0,
-                            kind: cmd::DISC,
-                            cookie: 0,
-                            offset: 0,
-                            length: 0,
-                        };
-                        let _ = (&s).write_all(&disc.encode());
+                        send_disc(&s);
                         let _ = s.shutdown(std::net::Shutdown::Write);
                     }
                     out.extend(ack(seq, 0));
@@ -165,4 +158,16 @@ pub fn request(sock: &UnixStream, kind: u16, offset: u64, data: &[u8], len: u32)
     let mut out = vec![0u8; if kind == cmd::READ { len as usize } else { 0 }];
     sock.read_exact(&mut out).unwrap();
     out
+}
+
+/// Sends `NBD_CMD_DISC` on `s`, as the driver does on each socket at a disconnect.
+pub fn send_disc(s: &UnixStream) {
+    let disc = Request {
+        flags: 0,
+        kind: cmd::DISC,
+        cookie: 0,
+        offset: 0,
+        length: 0,
+    };
+    let _ = (&*s).write_all(&disc.encode());
 }
