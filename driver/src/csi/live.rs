@@ -9,7 +9,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{RwLock, RwLockReadGuard};
 
 use qcow2_engine::{Image, OpenOptions};
 
@@ -46,17 +46,14 @@ impl LiveImage {
         Ok(ImageGuard(guard))
     }
 
-    /// Runs `f` on the current image (between pivots).
-    pub fn with<T>(&self, f: impl FnOnce(&Image) -> T) -> Result<T> {
+    /// Grows the image (NodeExpandVolume).
+    pub fn resize(&self, size: u64) -> Result<()> {
         let g = self
             .image()
             .map_err(|e| Error::Internal(e.message.clone()))?;
-        Ok(f(g.get()))
-    }
-
-    /// Grows the image (NodeExpandVolume).
-    pub fn resize(&self, size: u64) -> Result<()> {
-        self.with(|img| img.resize(size).and_then(|()| img.flush()))?
+        g.get()
+            .resize(size)
+            .and_then(|()| g.get().flush())
             .map_err(|e| Error::Internal(format!("growing the image: {e}")))?;
         self.size.store(size, Ordering::SeqCst);
         Ok(())
@@ -158,13 +155,11 @@ impl BlockDevice for LiveImage {
     }
 }
 
-/// A shared handle, as the export and the node's bookkeeping hold it.
-pub type Live = Arc<LiveImage>;
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use qcow2_engine::{BackingFormat, BackingPolicy, CreateOptions, create};
+    use std::sync::Arc;
 
     #[test]
     fn a_pivot_keeps_every_write_and_freezes_the_old_head() {
