@@ -89,6 +89,29 @@ fn publish_req(
     }
 }
 
+/// Stages volume `id` at `DIR/staging` and publishes it at `DIR/pods/<target>` (a
+/// directory for mount volumes, a file for block ones, made by the plugin); returns the
+/// staging and target paths.
+async fn stage_and_publish(
+    p: &Plugin,
+    node: &mut csi_proto::v1::node_client::NodeClient<tonic::transport::Channel>,
+    id: &str,
+    cap: &VolumeCapability,
+    target: &str,
+) -> (PathBuf, PathBuf) {
+    let staging = p.dir.path().join("staging");
+    let target = p.dir.path().join("pods").join(target);
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    node.node_stage_volume(stage_req(id, &staging, cap))
+        .await
+        .unwrap();
+    node.node_publish_volume(publish_req(id, &staging, &target, cap))
+        .await
+        .unwrap();
+    (staging, target)
+}
+
 fn unstage_req(id: &str, staging: &Path) -> NodeUnstageVolumeRequest {
     NodeUnstageVolumeRequest {
         volume_id: id.into(),
@@ -681,16 +704,8 @@ async fn xfs_grows_online_through_nbdfuse_while_published() {
     let p = Plugin::start().await;
     let cap = mount_cap(Mode::SingleNodeWriter, "xfs");
     let id = create(&p, "grow-online", 320 * MIB, cap.clone()).await;
-    let staging = p.dir.path().join("staging");
-    let target = p.dir.path().join("pods/target");
-    std::fs::create_dir_all(&staging).unwrap();
     let mut node = p.node().await;
-    node.node_stage_volume(stage_req(&id, &staging, &cap))
-        .await
-        .unwrap();
-    node.node_publish_volume(publish_req(&id, &staging, &target, &cap))
-        .await
-        .unwrap();
+    let (staging, target) = stage_and_publish(&p, &mut node, &id, &cap, "target").await;
     let first: Vec<u8> = (0..200 * MIB as u32).map(|i| (i % 251) as u8).collect();
     std::fs::write(target.join("first"), &first).unwrap();
     let before = bytes_total(&mut node, &id, &target).await;
@@ -832,16 +847,8 @@ async fn restart_while_staged(ending: Ending) {
     let mut p = Plugin::start().await;
     let cap = mount_cap(Mode::SingleNodeWriter, "ext4");
     let id = create(&p, "restart", 64 * MIB, cap.clone()).await;
-    let staging = p.dir.path().join("staging");
-    let target = p.dir.path().join("pods/target");
-    std::fs::create_dir_all(&staging).unwrap();
     let mut node = p.node().await;
-    node.node_stage_volume(stage_req(&id, &staging, &cap))
-        .await
-        .unwrap();
-    node.node_publish_volume(publish_req(&id, &staging, &target, &cap))
-        .await
-        .unwrap();
+    let (staging, target) = stage_and_publish(&p, &mut node, &id, &cap, "target").await;
     let record = p.state.join(format!("staged/{id}.json"));
     let text = std::fs::read_to_string(&record).unwrap();
     assert!(text.contains(r#""kind": "nbdfuse""#), "{text}");
@@ -956,17 +963,8 @@ async fn a_lost_volume_unstages_cleanly_after_a_restart() {
     let mut p = Plugin::start().await;
     let cap = block_cap(Mode::SingleNodeWriter);
     let id = create(&p, "lost-block", 16 * MIB, cap.clone()).await;
-    let staging = p.dir.path().join("staging");
-    let target = p.dir.path().join("pods/dev");
-    std::fs::create_dir_all(&staging).unwrap();
-    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
     let mut node = p.node().await;
-    node.node_stage_volume(stage_req(&id, &staging, &cap))
-        .await
-        .unwrap();
-    node.node_publish_volume(publish_req(&id, &staging, &target, &cap))
-        .await
-        .unwrap();
+    let (staging, target) = stage_and_publish(&p, &mut node, &id, &cap, "dev").await;
     assert!(leaks(p.dir.path()).len() >= 3);
     p.kill9();
     p.restart_with(&[]).await;
@@ -1062,16 +1060,8 @@ async fn a_snapshot_of_a_volume_in_use_restores_the_files_as_of_the_snapshot() {
     let p = Plugin::start().await;
     let cap = mount_cap(Mode::SingleNodeWriter, "ext4");
     let v = create(&p, "live", 128 * MIB, cap.clone()).await;
-    let staging = p.dir.path().join("staging");
-    let target = p.dir.path().join("pods/target");
-    std::fs::create_dir_all(&staging).unwrap();
     let mut node = p.node().await;
-    node.node_stage_volume(stage_req(&v, &staging, &cap))
-        .await
-        .unwrap();
-    node.node_publish_volume(publish_req(&v, &staging, &target, &cap))
-        .await
-        .unwrap();
+    let (staging, target) = stage_and_publish(&p, &mut node, &v, &cap, "target").await;
     let writer = FileWriter::start(&target, 1000);
     writer.wait_for(20).await;
     let before = writer.done();

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 pub const SIZE_ALIGN: u64 = 4096;
 /// Size of a volume whose request names none.
 pub const DEFAULT_SIZE: u64 = 1 << 30;
-/// Longest name accepted (the CSI spec's general string limit).
+/// Longest volume or snapshot name accepted (the CSI spec's general string limit).
 const MAX_NAME: usize = 128;
 
 /// Controller: create, delete, list, validate, expand, capacity.
@@ -151,17 +151,23 @@ impl<'r> Paging<'r> {
     }
 }
 
+/// A CreateVolume or CreateSnapshot name: required, at most [`MAX_NAME`] bytes.
+pub(super) fn check_name(name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::InvalidArgument("name is required".into()));
+    }
+    if name.len() > MAX_NAME {
+        return Err(Error::InvalidArgument(format!(
+            "name is longer than {MAX_NAME} bytes"
+        )));
+    }
+    Ok(())
+}
+
 impl ControllerService {
     pub(crate) fn create(&self, req: CreateVolumeRequest) -> Result<Volume> {
         let plugin = &*self.0;
-        if req.name.is_empty() {
-            return Err(Error::InvalidArgument("name is required".into()));
-        }
-        if req.name.len() > MAX_NAME {
-            return Err(Error::InvalidArgument(format!(
-                "name is longer than {MAX_NAME} bytes"
-            )));
-        }
+        check_name(&req.name)?;
         let caps = capability::check_all(&req.volume_capabilities)?;
         let params = Params::parse(&req.parameters)?;
         if !req.mutable_parameters.is_empty() {

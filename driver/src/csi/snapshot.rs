@@ -16,14 +16,11 @@ use csi_proto::Timestamp;
 use csi_proto::v1::*;
 use qcow2_engine::ops::create::{BackingFormat, CreateOptions, create};
 
-use super::controller::{ControllerService, Paging};
+use super::controller::{ControllerService, Paging, check_name};
 use super::params::Params;
 use super::state::{self, AccessType, SnapshotRecord, VolumeRecord};
 use super::{Plugin, failpoint};
 use crate::error::{Error, Result};
-
-/// Longest snapshot name accepted (the CSI spec's general string limit).
-const MAX_NAME: usize = 128;
 
 pub(super) fn to_snapshot(rec: &SnapshotRecord) -> Snapshot {
     Snapshot {
@@ -143,14 +140,7 @@ fn check_parameters(params: &std::collections::HashMap<String, String>) -> Resul
 impl ControllerService {
     pub(crate) fn create_snapshot(&self, req: CreateSnapshotRequest) -> Result<Snapshot> {
         let plugin = &*self.0;
-        if req.name.is_empty() {
-            return Err(Error::InvalidArgument("name is required".into()));
-        }
-        if req.name.len() > MAX_NAME {
-            return Err(Error::InvalidArgument(format!(
-                "name is longer than {MAX_NAME} bytes"
-            )));
-        }
+        check_name(&req.name)?;
         if req.source_volume_id.is_empty() {
             return Err(Error::InvalidArgument(
                 "source_volume_id is required".into(),
