@@ -112,7 +112,6 @@ async fn controller_capabilities_are_what_is_implemented() {
             Rpc::CreateDeleteVolume,
             Rpc::ListVolumes,
             Rpc::GetCapacity,
-            Rpc::ExpandVolume,
             Rpc::GetVolume,
             Rpc::SingleNodeMultiWriter,
             Rpc::CreateDeleteSnapshot,
@@ -445,78 +444,30 @@ async fn get_capacity_reports_free_space_times_the_ratio_for_this_node_only() {
     assert_eq!(code(c.create_volume(huge).await), Code::ResourceExhausted);
 }
 
+/// Expansion is the node's job (csi-resizer's node-only mode): a cluster-wide resizer would
+/// send ControllerExpandVolume to whichever node's plugin leads, not the volume's node.
 #[tokio::test]
-async fn expand_volume_grows_the_image_to_exactly_the_requested_size() {
+async fn controller_expand_volume_is_not_offered_and_changes_nothing() {
     if !qemu::require() {
         return;
     }
     let p = Plugin::start().await;
     let mut c = p.controller().await;
     let v = create(&p, "grow", 8 * MIB).await;
-    let req = |id: &str, size: Option<i64>, cap: Option<VolumeCapability>| {
-        ControllerExpandVolumeRequest {
-            volume_id: id.into(),
-            capacity_range: size.map(|s| CapacityRange {
-                required_bytes: s,
+    let s = c
+        .controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 24 * MIB,
                 limit_bytes: 0,
             }),
-            secrets: HashMap::new(),
-            volume_capability: cap,
-        }
-    };
-    assert_eq!(
-        code(c.controller_expand_volume(req("", Some(MIB), None)).await),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(
-            c.controller_expand_volume(req(&v.volume_id, None, None))
-                .await
-        ),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(
-            c.controller_expand_volume(req("fake-vol-id", Some(MIB), None))
-                .await
-        ),
-        Code::NotFound
-    );
-    let grown = c
-        .controller_expand_volume(req(&v.volume_id, Some(24 * MIB), None))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(grown.capacity_bytes, 24 * MIB);
-    assert!(
-        grown.node_expansion_required,
-        "a mount volume's filesystem grows on the node"
-    );
-    let head = &p.layers()[0];
-    assert_eq!(qemu::info(head)["virtual-size"], 24 * MIB);
-    qemu::check_clean(head);
-    // Smaller than now: nothing shrinks. Block use needs no node step.
-    let same = c
-        .controller_expand_volume(req(
-            &v.volume_id,
-            Some(MIB),
-            Some(block_cap(Mode::SingleNodeWriter)),
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(same.capacity_bytes, 24 * MIB);
-    assert!(!same.node_expansion_required);
-    // The record follows: a restart and a repeated create see the new size.
-    let got = c
-        .controller_get_volume(ControllerGetVolumeRequest {
-            volume_id: v.volume_id.clone(),
+            ..Default::default()
         })
         .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(got.volume.unwrap().capacity_bytes, 24 * MIB);
-    assert!(!got.status.unwrap().volume_condition.unwrap().abnormal);
+        .unwrap_err();
+    assert_eq!(s.code(), Code::Unimplemented, "{s:?}");
+    assert!(s.message().contains("NodeExpandVolume"), "{s:?}");
+    assert_eq!(qemu::info(&p.layers()[0])["virtual-size"], 8 * MIB);
 }
 
 #[tokio::test]

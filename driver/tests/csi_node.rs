@@ -512,7 +512,7 @@ async fn a_crash_after_mount_during_stage_can_be_retried_after_restart() {
 }
 
 #[tokio::test]
-async fn xfs_grows_at_the_next_stage_after_an_offline_expansion() {
+async fn xfs_expanded_while_unstaged_grows_after_the_next_stage() {
     if !runnable() {
         return;
     }
@@ -530,21 +530,27 @@ async fn xfs_grows_at_the_next_stage_after_an_offline_expansion() {
     node.node_unstage_volume(unstage_req(&id, &staging))
         .await
         .unwrap();
-    p.controller()
+    // Expanded while unstaged: the resizer only updates the PV; kubelet stages the volume
+    // again and then asks the node to grow it, on the staging path.
+    node.node_stage_volume(stage_req(&id, &staging, &cap))
         .await
-        .controller_expand_volume(ControllerExpandVolumeRequest {
+        .unwrap();
+    let grown = node
+        .node_expand_volume(NodeExpandVolumeRequest {
             volume_id: id.clone(),
+            volume_path: staging.display().to_string(),
+            staging_target_path: staging.display().to_string(),
             capacity_range: Some(CapacityRange {
                 required_bytes: 640 * MIB,
                 limit_bytes: 0,
             }),
+            volume_capability: Some(cap.clone()),
             ..Default::default()
         })
         .await
-        .unwrap();
-    node.node_stage_volume(stage_req(&id, &staging, &cap))
-        .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
+    assert_eq!(grown.capacity_bytes, 640 * MIB);
     let after = bytes_total(&mut node, &id, &staging).await;
     assert!(after > before + 256 * MIB, "{before} -> {after}");
     assert_eq!(
@@ -578,8 +584,11 @@ async fn bytes_total(
     .total
 }
 
+/// ext4 grows online where the plugin has CAP_SYS_RESOURCE (a privileged pod). Without it
+/// NodeExpandVolume is refused before anything changes, but the size is recorded and the
+/// next stage grows image and filesystem offline (e2fsck, resize2fs).
 #[tokio::test]
-async fn ext4_expansion_staged_and_unstaged_through_nbdfuse() {
+async fn ext4_expansion_online_or_at_the_next_stage_through_nbdfuse() {
     if !runnable() {
         return;
     }
@@ -589,21 +598,12 @@ async fn ext4_expansion_staged_and_unstaged_through_nbdfuse() {
     let staging = p.dir.path().join("staging");
     std::fs::create_dir_all(&staging).unwrap();
     let mut node = p.node().await;
-    let mut ctl = p.controller().await;
     node.node_stage_volume(stage_req(&id, &staging, &cap))
         .await
         .unwrap();
     std::fs::write(staging.join("keep"), "kept").unwrap();
     let before = bytes_total(&mut node, &id, &staging).await;
     assert!(before <= 64 * MIB);
-    let expand_ctl = |size: i64| ControllerExpandVolumeRequest {
-        volume_id: id.clone(),
-        capacity_range: Some(CapacityRange {
-            required_bytes: size,
-            limit_bytes: 0,
-        }),
-        ..Default::default()
-    };
     let node_expand = |size: i64| NodeExpandVolumeRequest {
         volume_id: id.clone(),
         volume_path: staging.display().to_string(),
@@ -613,14 +613,6 @@ async fn ext4_expansion_staged_and_unstaged_through_nbdfuse() {
         }),
         ..Default::default()
     };
-    // Staged: the controller records the size and hands the growth to the node.
-    let r = ctl
-        .controller_expand_volume(expand_ctl(128 * MIB))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.capacity_bytes, 128 * MIB);
-    assert!(r.node_expansion_required);
     if qcow2_csi::csi::node::has_cap_sys_resource() {
         // Online: image, loop size limit, resize2fs.
         let r = node
@@ -629,6 +621,7 @@ async fn ext4_expansion_staged_and_unstaged_through_nbdfuse() {
             .unwrap()
             .into_inner();
         assert_eq!(r.capacity_bytes, 128 * MIB);
+        assert!(bytes_total(&mut node, &id, &staging).await > before + 48 * MIB);
     } else {
         // Growing a mounted ext4 needs CAP_SYS_RESOURCE: refused before anything changes.
         eprintln!("no CAP_SYS_RESOURCE: checking the refusal, not online ext4 growth");
@@ -651,32 +644,20 @@ async fn ext4_expansion_staged_and_unstaged_through_nbdfuse() {
     let after = bytes_total(&mut node, &id, &staging).await;
     assert!(after > before + 48 * MIB, "{before} -> {after}");
     assert_eq!(
+        qemu::info_shared(&head_layer(&p))["virtual-size"],
+        128 * MIB
+    );
+    assert_eq!(
         std::fs::read_to_string(staging.join("keep")).unwrap(),
         "kept"
     );
-    // NodeExpandVolume at the size it already has: nothing to do, OK.
+    // NodeExpandVolume at the size it already has (kubelet's retry): nothing to do, OK.
     let done = node
         .node_expand_volume(node_expand(128 * MIB))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(done.capacity_bytes, 128 * MIB);
-    // Unstaged: the controller grows the image itself; the next stage grows the filesystem.
-    node.node_unstage_volume(unstage_req(&id, &staging))
-        .await
-        .unwrap();
-    ctl.controller_expand_volume(expand_ctl(192 * MIB))
-        .await
-        .unwrap();
-    assert_eq!(qemu::info(&head_layer(&p))["virtual-size"], 192 * MIB);
-    node.node_stage_volume(stage_req(&id, &staging, &cap))
-        .await
-        .unwrap();
-    assert!(bytes_total(&mut node, &id, &staging).await > after + 48 * MIB);
-    assert_eq!(
-        std::fs::read_to_string(staging.join("keep")).unwrap(),
-        "kept"
-    );
     node.node_unstage_volume(unstage_req(&id, &staging))
         .await
         .unwrap();
@@ -711,21 +692,6 @@ async fn xfs_grows_online_through_nbdfuse_while_published() {
     let before = bytes_total(&mut node, &id, &target).await;
     // A second file as large does not fit yet.
     assert!(before < 400 * MIB);
-    let r = p
-        .controller()
-        .await
-        .controller_expand_volume(ControllerExpandVolumeRequest {
-            volume_id: id.clone(),
-            capacity_range: Some(CapacityRange {
-                required_bytes: 640 * MIB,
-                limit_bytes: 0,
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(r.node_expansion_required);
     let r = node
         .node_expand_volume(NodeExpandVolumeRequest {
             volume_id: id.clone(),

@@ -6,7 +6,6 @@ use csi_proto::v1::controller_server::Controller;
 use csi_proto::v1::controller_service_capability::{Rpc, Type as CapType, rpc};
 use csi_proto::v1::*;
 use qcow2_engine::ops::create::{CreateOptions, create};
-use qcow2_engine::{BackingPolicy, Image, OpenOptions};
 use tonic::{Request, Response, Status};
 
 use super::params::Params;
@@ -400,63 +399,6 @@ impl ControllerService {
         }
         Ok(available(&self.0, params.overcommit_ratio)?.min(i64::MAX as u64) as i64)
     }
-
-    fn expand(&self, req: ControllerExpandVolumeRequest) -> Result<ControllerExpandVolumeResponse> {
-        if req.volume_id.is_empty() {
-            return Err(Error::InvalidArgument("volume_id is required".into()));
-        }
-        let range = req
-            .capacity_range
-            .ok_or_else(|| Error::InvalidArgument("capacity_range is required".into()))?;
-        if range.required_bytes <= 0 && range.limit_bytes <= 0 {
-            return Err(Error::InvalidArgument(
-                "capacity_range names no size".into(),
-            ));
-        }
-        let size = size_for(Some(&range))?;
-        let _held = self.0.locks.try_lock(req.volume_id.clone())?;
-        let mut rec = self.0.volume_record(&req.volume_id)?;
-        let block_use = matches!(
-            req.volume_capability.as_ref().map(capability::check),
-            Some(Ok(capability::Checked {
-                access: AccessType::Block,
-                ..
-            }))
-        );
-        let staged = self.0.node.is_staged(&rec.id);
-        // A staged volume's image is open on the node: record the size, and the node grows
-        // image, device and filesystem (NodeExpandVolume, or the next NodeStage).
-        let node_expansion_required =
-            staged || (!block_use && rec.access.contains(&AccessType::Mount));
-        if size > rec.size && staged {
-            rec.size = size;
-            self.0.state()?.put_volume(rec.clone())?;
-        } else if size > rec.size {
-            let path = self.0.state()?.layer_path(&rec.head);
-            let layers = self.0.state()?.layers_dir();
-            let image = Image::open(
-                &path,
-                &OpenOptions {
-                    writable: true,
-                    backing: BackingPolicy::ConfineTo(layers),
-                    ..OpenOptions::default()
-                },
-            )
-            .map_err(|e| Error::Internal(format!("opening {}: {e}", path.display())))?;
-            image
-                .resize(size)
-                .and_then(|()| image.flush())
-                .map_err(|e| Error::Internal(format!("growing {}: {e}", path.display())))?;
-            drop(image);
-            rec.size = size;
-            self.0.state()?.put_volume(rec.clone())?;
-            tracing::info!(volume = %rec.id, size, "expanded");
-        }
-        Ok(ControllerExpandVolumeResponse {
-            capacity_bytes: rec.size as i64,
-            node_expansion_required,
-        })
-    }
 }
 
 fn caps() -> Vec<ControllerServiceCapability> {
@@ -464,7 +406,6 @@ fn caps() -> Vec<ControllerServiceCapability> {
         rpc::Type::CreateDeleteVolume,
         rpc::Type::ListVolumes,
         rpc::Type::GetCapacity,
-        rpc::Type::ExpandVolume,
         rpc::Type::GetVolume,
         rpc::Type::SingleNodeMultiWriter,
         rpc::Type::CreateDeleteSnapshot,
@@ -617,16 +558,14 @@ impl Controller for ControllerService {
         }))
     }
 
+    /// Not offered: a cluster-wide csi-resizer would send it to whichever node's plugin won
+    /// its leader election, not to the node holding the volume. Growth is NodeExpandVolume's
+    /// job (the resizer's node-only mode), on the volume's own node.
     async fn controller_expand_volume(
         &self,
-        req: Request<ControllerExpandVolumeRequest>,
+        _: Request<ControllerExpandVolumeRequest>,
     ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
-        let this = self.clone();
-        Ok(Response::new(
-            self.0
-                .blocking(move || this.expand(req.into_inner()))
-                .await?,
-        ))
+        unimplemented("ControllerExpandVolume (volumes grow through NodeExpandVolume)")
     }
 
     async fn controller_get_volume(

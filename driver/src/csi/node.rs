@@ -161,7 +161,7 @@ impl NodeService {
             (st.layers_dir(), st.layer_path(&rec.head))
         };
         let image = open_layer(layers, &head, &cap)?;
-        // ControllerExpandVolume of a staged volume only recorded the size: grow to it now.
+        // The record is authoritative for the size: an image behind it grows to it now.
         if image.size() < rec.size && !cap.read_only_mode {
             image.resize(rec.size)?;
         }
@@ -444,22 +444,32 @@ impl NodeService {
             ));
         };
         if size > image.size() {
-            if !attached.can_resize() {
-                return Err(Error::FailedPrecondition(format!(
+            let refusal = if !attached.can_resize() {
+                Some(format!(
                     "{} was set up with the nbd ioctls and cannot change size while in use; \
                      the volume grows at the next stage",
                     s.device.display()
-                )));
-            }
-            if s.cap.access == AccessType::Mount
+                ))
+            } else if s.cap.access == AccessType::Mount
                 && mounts::fs_on(&s.device)?.as_deref() == Some("ext4")
                 && !has_cap_sys_resource()
             {
-                return Err(Error::FailedPrecondition(
+                Some(
                     "growing a mounted ext4 needs CAP_SYS_RESOURCE, which this plugin lacks; \
                      the filesystem grows at the next stage"
-                        .into(),
-                ));
+                        .to_string(),
+                )
+            } else {
+                None
+            };
+            if let Some(why) = refusal {
+                // Nothing changes now; the record keeps the size for the next NodeStage,
+                // which grows image and filesystem before anything mounts them.
+                if size > rec.size {
+                    rec.size = size;
+                    self.0.state()?.put_volume(rec)?;
+                }
+                return Err(Error::FailedPrecondition(why));
             }
             image.resize(size)?;
             attached.resize(size)?;
