@@ -1,0 +1,669 @@
+//! The deploy files, read the way Kubernetes and the plugin will read them.
+//!
+//! - Every manifest in `deploy/` (the chart rendered with its defaults) and
+//!   `deploy/examples/` parses into typed Kubernetes objects (k8s-openapi), with unknown
+//!   fields as errors: a misspelt key that the API server would silently drop fails here.
+//! - The plugin's arguments in the DaemonSet exist in `qcow2-csi serve --help`, and those
+//!   arguments start a plugin that answers Probe.
+//! - The driver name, topology key, socket path and StorageClass parameters match the code.
+//! - With the tools venv (`hack/test-deps.sh`): `deploy/` equals the chart's rendering, the
+//!   chart lints and its schema refuses bad values, `kubernetes-validate --strict` accepts the
+//!   manifests, hadolint accepts the Dockerfile. Each check is also shown failing on a
+//!   deliberately broken input.
+
+#[allow(dead_code)]
+#[path = "support/csi.rs"]
+mod csi;
+#[allow(dead_code)]
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{
+    Container, Namespace, PersistentVolumeClaim, Pod, ServiceAccount,
+};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use qcow2_csi::csi::{DRIVER_NAME, TOPOLOGY_KEY};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use csi::Plugin;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().into()
+}
+
+/// The manifests users apply: the rendered chart and the examples.
+fn manifest_files() -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for dir in ["deploy", "deploy/examples"] {
+        let mut here: Vec<PathBuf> = std::fs::read_dir(root().join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+            .collect();
+        here.sort();
+        files.extend(here);
+    }
+    assert!(files.len() >= 7, "{files:?}");
+    files
+}
+
+/// The YAML documents of a multi-document stream (empty ones dropped).
+fn documents(text: &str) -> Result<Vec<Value>, String> {
+    let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| e.to_string())?;
+    Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
+}
+
+/// Deserializes `doc` as `T`; any field `T` does not know is an error naming its path.
+fn strict<T: DeserializeOwned>(doc: &Value) -> Result<T, String> {
+    let mut unknown = Vec::new();
+    let mut note = |p: serde_ignored::Path<'_>| unknown.push(p.to_string().replace(".?", ""));
+    let de = serde_ignored::Deserializer::new(doc.clone(), &mut note);
+    let typed: T = serde_path_to_error::deserialize(de)
+        .map_err(|e| format!("at {}: {}", e.path(), e.inner()))?;
+    if unknown.is_empty() {
+        Ok(typed)
+    } else {
+        Err(format!("unknown fields: {}", unknown.join(", ")))
+    }
+}
+
+/// snapshot.storage.k8s.io/v1 VolumeSnapshotClass (a CRD: not in k8s-openapi). Fields no
+/// test reads are still checked by deserializing them.
+#[allow(dead_code)]
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VolumeSnapshotClass {
+    api_version: SnapshotApi,
+    kind: String,
+    metadata: ObjectMeta,
+    driver: String,
+    deletion_policy: DeletionPolicy,
+    #[serde(default)]
+    parameters: BTreeMap<String, String>,
+}
+
+/// snapshot.storage.k8s.io/v1 VolumeSnapshot.
+#[allow(dead_code)]
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VolumeSnapshot {
+    api_version: SnapshotApi,
+    kind: String,
+    metadata: ObjectMeta,
+    spec: VolumeSnapshotSpec,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VolumeSnapshotSpec {
+    volume_snapshot_class_name: Option<String>,
+    source: VolumeSnapshotSource,
+}
+
+#[allow(dead_code)]
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VolumeSnapshotSource {
+    persistent_volume_claim_name: Option<String>,
+    volume_snapshot_content_name: Option<String>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+enum SnapshotApi {
+    #[serde(rename = "snapshot.storage.k8s.io/v1")]
+    V1,
+}
+
+#[derive(Debug, serde::Deserialize)]
+enum DeletionPolicy {
+    Delete,
+    Retain,
+}
+
+/// One typed manifest object.
+#[derive(Debug)]
+#[allow(dead_code)]
+enum Object {
+    Namespace(Box<Namespace>),
+    CSIDriver(Box<CSIDriver>),
+    DaemonSet(Box<DaemonSet>),
+    ServiceAccount(Box<ServiceAccount>),
+    ClusterRole(Box<ClusterRole>),
+    ClusterRoleBinding(Box<ClusterRoleBinding>),
+    Role(Box<Role>),
+    RoleBinding(Box<RoleBinding>),
+    StorageClass(Box<StorageClass>),
+    VolumeSnapshotClass(Box<VolumeSnapshotClass>),
+    PersistentVolumeClaim(Box<PersistentVolumeClaim>),
+    Pod(Box<Pod>),
+    VolumeSnapshot(Box<VolumeSnapshot>),
+}
+
+/// Dispatches on `kind` (the typed deserializers check `apiVersion` too).
+fn typed(doc: &Value) -> Result<Object, String> {
+    let kind = doc["kind"].as_str().ok_or("no kind")?;
+    Ok(match kind {
+        "Namespace" => Object::Namespace(strict(doc)?),
+        "CSIDriver" => Object::CSIDriver(strict(doc)?),
+        "DaemonSet" => Object::DaemonSet(strict(doc)?),
+        "ServiceAccount" => Object::ServiceAccount(strict(doc)?),
+        "ClusterRole" => Object::ClusterRole(strict(doc)?),
+        "ClusterRoleBinding" => Object::ClusterRoleBinding(strict(doc)?),
+        "Role" => Object::Role(strict(doc)?),
+        "RoleBinding" => Object::RoleBinding(strict(doc)?),
+        "StorageClass" => Object::StorageClass(strict(doc)?),
+        "VolumeSnapshotClass" => Object::VolumeSnapshotClass(strict(doc)?),
+        "PersistentVolumeClaim" => Object::PersistentVolumeClaim(strict(doc)?),
+        "Pod" => Object::Pod(strict(doc)?),
+        "VolumeSnapshot" => Object::VolumeSnapshot(strict(doc)?),
+        other => return Err(format!("kind {other} is not one the deploy files should hold")),
+    })
+}
+
+/// Every object of every manifest file, or the first error with its file and document.
+fn all_objects() -> Vec<(PathBuf, Object)> {
+    let mut out = Vec::new();
+    for file in manifest_files() {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let docs = documents(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        for (i, doc) in docs.iter().enumerate() {
+            let obj = typed(doc)
+                .unwrap_or_else(|e| panic!("{} document {}: {e}", file.display(), i + 1));
+            out.push((file.clone(), obj));
+        }
+    }
+    out
+}
+
+/// The rendered chart's objects.
+fn chart_objects() -> Vec<Object> {
+    all_objects()
+        .into_iter()
+        .filter(|(f, _)| f.ends_with("deploy/qcow2-csi.yaml"))
+        .map(|(_, o)| o)
+        .collect()
+}
+
+fn daemonset() -> DaemonSet {
+    chart_objects()
+        .into_iter()
+        .find_map(|o| match o {
+            Object::DaemonSet(d) => Some(*d),
+            _ => None,
+        })
+        .expect("the chart renders a DaemonSet")
+}
+
+fn container<'a>(ds: &'a DaemonSet, name: &str) -> &'a Container {
+    ds.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+fn serve_help() -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_qcow2-csi"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The `--flags` in `args` that `help` does not list.
+fn flags_missing_from(help: &str, args: &[String]) -> Vec<String> {
+    args.iter()
+        .filter(|a| a.starts_with("--"))
+        .map(|a| a.split('=').next().unwrap().to_string())
+        .filter(|flag| {
+            !help
+                .split_whitespace()
+                .any(|w| w.trim_end_matches(',') == flag)
+        })
+        .collect()
+}
+
+fn plugin_args() -> Vec<String> {
+    let ds = daemonset();
+    let args = container(&ds, "qcow2-csi").args.clone().unwrap();
+    assert_eq!(args[0], "serve", "{args:?}");
+    args[1..].to_vec()
+}
+
+#[test]
+fn every_manifest_parses_into_typed_objects_without_unknown_fields() {
+    let objects = all_objects();
+    let kinds: Vec<&str> = objects
+        .iter()
+        .map(|(_, o)| match o {
+            Object::CSIDriver(_) => "CSIDriver",
+            Object::DaemonSet(_) => "DaemonSet",
+            Object::StorageClass(_) => "StorageClass",
+            Object::VolumeSnapshotClass(_) => "VolumeSnapshotClass",
+            Object::VolumeSnapshot(_) => "VolumeSnapshot",
+            Object::PersistentVolumeClaim(_) => "PersistentVolumeClaim",
+            Object::Pod(_) => "Pod",
+            _ => "other",
+        })
+        .collect();
+    for kind in [
+        "CSIDriver",
+        "DaemonSet",
+        "StorageClass",
+        "VolumeSnapshotClass",
+        "VolumeSnapshot",
+        "PersistentVolumeClaim",
+        "Pod",
+    ] {
+        assert!(kinds.contains(&kind), "no {kind} in the deploy files");
+    }
+}
+
+#[test]
+fn a_misspelt_mistyped_or_misversioned_field_is_an_error() {
+    let text = std::fs::read_to_string(root().join("deploy/qcow2-csi.yaml")).unwrap();
+    let docs = documents(&text).unwrap();
+    let find = |kind: &str| docs.iter().find(|d| d["kind"] == kind).unwrap().clone();
+
+    let mut driver = find("CSIDriver");
+    assert!(typed(&driver).is_ok());
+    driver["spec"]["attachRequird"] = Value::Bool(false);
+    let e = typed(&driver).unwrap_err();
+    assert!(e.contains("spec.attachRequird"), "{e}");
+
+    let mut ds = find("DaemonSet");
+    ds["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always".into();
+    let e = typed(&ds).unwrap_err();
+    assert!(e.contains("imagePullPolicyy"), "{e}");
+    let mut ds = find("DaemonSet");
+    ds["spec"]["template"]["spec"]["containers"][0]["args"] = "serve".into();
+    let e = typed(&ds).unwrap_err();
+    assert!(e.contains("spec.template.spec.containers[0].args"), "{e}");
+
+    let mut driver = find("CSIDriver");
+    driver["apiVersion"] = "storage.k8s.io/v1beta1".into();
+    assert!(typed(&driver).unwrap_err().contains("v1beta1"));
+
+    let mut class = find("VolumeSnapshotClass");
+    class["deletionPolicy"] = "Keep".into();
+    assert!(typed(&class).is_err());
+    let mut class = find("VolumeSnapshotClass");
+    class["parameter"] = serde_json::json!({});
+    assert!(typed(&class).unwrap_err().contains("parameter"));
+}
+
+/// The examples name classes the chart makes and objects the examples make, so they apply
+/// as written.
+#[test]
+fn the_examples_refer_to_what_exists() {
+    let (mut storage, mut snapshot, mut claims, mut snapshots) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let objects = all_objects();
+    for (_, obj) in &objects {
+        match obj {
+            Object::StorageClass(c) => storage.push(c.metadata.name.clone().unwrap()),
+            Object::VolumeSnapshotClass(c) => snapshot.push(c.metadata.name.clone().unwrap()),
+            Object::PersistentVolumeClaim(c) => claims.push(c.metadata.name.clone().unwrap()),
+            Object::VolumeSnapshot(s) => snapshots.push(s.metadata.name.clone().unwrap()),
+            _ => {}
+        }
+    }
+    let mut sources = 0;
+    for (file, obj) in &objects {
+        let at = file.display();
+        match obj {
+            Object::PersistentVolumeClaim(c) => {
+                let spec = c.spec.as_ref().unwrap();
+                let class = spec.storage_class_name.as_ref().unwrap();
+                assert!(storage.contains(class), "{at}: class {class}");
+                if let Some(src) = &spec.data_source {
+                    sources += 1;
+                    let names = match src.kind.as_str() {
+                        "VolumeSnapshot" => &snapshots,
+                        "PersistentVolumeClaim" => &claims,
+                        other => panic!("{at}: data source kind {other}"),
+                    };
+                    assert!(names.contains(&src.name), "{at}: source {}", src.name);
+                }
+            }
+            Object::VolumeSnapshot(s) => {
+                let class = s.spec.volume_snapshot_class_name.as_ref().unwrap();
+                assert!(snapshot.contains(class), "{at}: class {class}");
+                let pvc = s.spec.source.persistent_volume_claim_name.as_ref().unwrap();
+                assert!(claims.contains(pvc), "{at}: claim {pvc}");
+            }
+            Object::Pod(p) => {
+                for v in p.spec.as_ref().unwrap().volumes.iter().flatten() {
+                    if let Some(c) = &v.persistent_volume_claim {
+                        assert!(claims.contains(&c.claim_name), "{at}: {}", c.claim_name);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(sources, 2, "a restore and a clone");
+}
+
+#[test]
+fn plugin_flags_in_the_daemonset_exist_in_serve_help() {
+    let help = serve_help();
+    let args = plugin_args();
+    assert!(args.len() >= 5, "{args:?}");
+    assert_eq!(flags_missing_from(&help, &args), Vec::<String>::new());
+    // The check itself catches a flag the plugin lacks.
+    let mut broken = args.clone();
+    broken.push("--max-volume=3".into());
+    assert_eq!(flags_missing_from(&help, &broken), ["--max-volume"]);
+}
+
+/// The DaemonSet's own arguments (paths moved into a temporary directory) start a plugin
+/// that answers Probe: the values parse, not only the names.
+#[tokio::test]
+async fn the_daemonsets_plugin_arguments_start_a_ready_plugin() {
+    let args: Vec<String> = plugin_args()
+        .into_iter()
+        .filter(|a| {
+            !["--endpoint=", "--node-id=", "--state-dir="]
+                .iter()
+                .any(|p| a.starts_with(p))
+        })
+        .collect();
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let p = Plugin::start_with_args(&refs).await;
+    let info = p
+        .identity()
+        .await
+        .get_plugin_info(csi_proto::v1::GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, DRIVER_NAME);
+}
+
+#[test]
+fn names_paths_and_parameters_match_the_code() {
+    let ds = daemonset();
+    let mut classes = 0;
+    for obj in chart_objects() {
+        match obj {
+            Object::CSIDriver(d) => {
+                assert_eq!(d.metadata.name.as_deref(), Some(DRIVER_NAME));
+                let spec = d.spec;
+                assert_eq!(spec.attach_required, Some(false));
+                assert_eq!(spec.pod_info_on_mount, Some(true));
+                assert_eq!(spec.fs_group_policy.as_deref(), Some("File"));
+                assert_eq!(spec.storage_capacity, Some(true));
+                assert_eq!(
+                    spec.volume_lifecycle_modes.as_deref(),
+                    Some(&["Persistent".to_string()][..])
+                );
+            }
+            Object::StorageClass(c) => {
+                classes += 1;
+                assert_eq!(c.provisioner, DRIVER_NAME);
+                assert_eq!(
+                    c.volume_binding_mode.as_deref(),
+                    Some("WaitForFirstConsumer")
+                );
+                assert_eq!(c.allow_volume_expansion, Some(true));
+                // The class's parameters are ones CreateVolume accepts.
+                let params: HashMap<String, String> =
+                    c.parameters.unwrap_or_default().into_iter().collect();
+                qcow2_csi::csi::params::Params::parse(&params)
+                    .unwrap_or_else(|e| panic!("StorageClass parameters {params:?}: {e}"));
+            }
+            Object::VolumeSnapshotClass(c) => {
+                assert_eq!(c.driver, DRIVER_NAME);
+                assert!(c.parameters.is_empty(), "{:?}", c.metadata.name);
+            }
+            _ => {}
+        }
+    }
+    assert!(classes >= 1);
+    // kubelet reaches the socket through the registrar's path, on the host directory that
+    // is mounted at /csi, where the plugin listens.
+    let registrar = container(&ds, "node-driver-registrar");
+    let reg_path = registrar
+        .args
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find_map(|a| a.strip_prefix("--kubelet-registration-path="))
+        .expect("registration path")
+        .to_string();
+    assert!(
+        reg_path.ends_with(&format!("/plugins/{DRIVER_NAME}/csi.sock")),
+        "{reg_path}"
+    );
+    let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let socket_dir = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "socket-dir")
+        .and_then(|v| v.host_path.as_ref())
+        .map(|h| h.path.clone())
+        .unwrap();
+    assert_eq!(format!("{socket_dir}/csi.sock"), reg_path);
+    assert!(plugin_args().contains(&"--endpoint=unix:///csi/csi.sock".to_string()));
+    for c in &pod.containers {
+        let mounts = c.volume_mounts.as_deref().unwrap_or_default();
+        assert!(
+            mounts
+                .iter()
+                .any(|m| m.name == "socket-dir" && m.mount_path == "/csi"),
+            "{} does not see the socket",
+            c.name
+        );
+    }
+    // Staging and publish mounts must propagate to the host.
+    let plugin = container(&ds, "qcow2-csi");
+    let kubelet = plugin
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.name == "kubelet-dir")
+        .unwrap();
+    assert_eq!(kubelet.mount_propagation.as_deref(), Some("Bidirectional"));
+    assert_eq!(
+        plugin
+            .security_context
+            .as_ref()
+            .and_then(|s| s.privileged),
+        Some(true)
+    );
+
+    // The examples place restores and clones with the driver's topology key.
+    let mut keys = 0;
+    for (_, obj) in all_objects() {
+        if let Object::Pod(p) = obj
+            && let Some(aff) = p.spec.unwrap().affinity.and_then(|a| a.pod_affinity)
+        {
+            for term in aff
+                .required_during_scheduling_ignored_during_execution
+                .unwrap_or_default()
+            {
+                assert_eq!(term.topology_key, TOPOLOGY_KEY);
+                keys += 1;
+            }
+        }
+    }
+    assert!(keys >= 2, "restore and clone examples pin to the source's node");
+
+    // The e2e suite's driver description.
+    let text = std::fs::read_to_string(root().join("tests/e2e/test-driver.yaml")).unwrap();
+    let e2e = &documents(&text).unwrap()[0];
+    assert_eq!(e2e["DriverInfo"]["Name"], DRIVER_NAME);
+    assert_eq!(
+        e2e["DriverInfo"]["TopologyKeys"],
+        serde_json::json!([TOPOLOGY_KEY])
+    );
+    // It says what the plugin offers: node-only expansion.
+    assert_eq!(
+        e2e["DriverInfo"]["Capabilities"]["controllerExpansion"],
+        false
+    );
+    assert_eq!(e2e["DriverInfo"]["Capabilities"]["nodeExpansion"], true);
+}
+
+/// The tools venv made by `hack/test-deps.sh` (kubernetes-validate, helm-python-sdk,
+/// hadolint); `None` (the test skips) when absent, a failure in CI.
+fn tools() -> Option<PathBuf> {
+    let bin = root().join(".venv-tools/bin");
+    let missing = (!bin.join("kubernetes-validate").exists())
+        .then(|| "the tools venv is missing: run hack/test-deps.sh".to_string());
+    support::runnable("the deploy tool checks", missing).then_some(bin)
+}
+
+fn run(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn deploy_is_the_chart_rendered_with_its_defaults() {
+    let Some(bin) = tools() else { return };
+    let (ok, rendered) = run(Command::new(bin.join("python"))
+        .arg(root().join("hack/deploy.py"))
+        .args(["render", "--stdout"]));
+    assert!(ok, "{rendered}");
+    let committed = std::fs::read_to_string(root().join("deploy/qcow2-csi.yaml")).unwrap();
+    assert!(
+        rendered == committed,
+        "deploy/qcow2-csi.yaml differs from the chart's rendering: run `make deploy`"
+    );
+}
+
+#[test]
+fn kubernetes_validate_strict_accepts_the_manifests_and_rejects_a_typo() {
+    let Some(bin) = tools() else { return };
+    for version in ["1.30.0", "1.34.0"] {
+        let (ok, out) = run(Command::new(bin.join("kubernetes-validate"))
+            .args(["--strict", "-k", version])
+            .args(manifest_files()));
+        assert!(ok, "kubernetes {version}: {out}");
+        assert!(out.contains("passed for resource daemonset/"), "{out}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root().join("deploy/qcow2-csi.yaml")).unwrap();
+    let broken = dir.path().join("broken.yaml");
+    std::fs::write(
+        &broken,
+        text.replacen("  attachRequired: false", "  attachRequird: false", 1),
+    )
+    .unwrap();
+    let (ok, out) = run(Command::new(bin.join("kubernetes-validate"))
+        .args(["--strict", "-k", "1.34.0"])
+        .arg(&broken));
+    assert!(!ok && out.contains("attachRequird"), "{out}");
+}
+
+#[test]
+fn the_chart_lints_and_its_schema_refuses_bad_values() {
+    let Some(bin) = tools() else { return };
+    let deploy_py = |args: &[&str]| {
+        run(Command::new(bin.join("python"))
+            .arg(root().join("hack/deploy.py"))
+            .args(args))
+    };
+    let (ok, out) = deploy_py(&["lint"]);
+    assert!(ok, "{out}");
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let good = write(
+        "good.yaml",
+        "node:\n  maxVolumes: 8\n  attach: nbdfuse\nkubeletDir: /var/lib/k0s/kubelet\n",
+    );
+    let (ok, out) = deploy_py(&["values", &good]);
+    assert!(ok, "{out}");
+    for (name, text, says) in [
+        ("typo.yaml", "node:\n  stateDri: /x\n", "stateDri"),
+        ("enum.yaml", "node:\n  attach: kernel\n", "attach"),
+        (
+            "param.yaml",
+            "storageClasses:\n  - name: fast\n    default: false\n    reclaimPolicy: Delete\n    \
+             fsType: ext4\n    parameters:\n      clustersize: \"64K\"\n    mountOptions: []\n",
+            "clustersize",
+        ),
+        ("path.yaml", "kubeletDir: var/lib/kubelet\n", "kubeletDir"),
+    ] {
+        let f = write(name, text);
+        let (ok, out) = deploy_py(&["values", &f]);
+        assert!(!ok && out.contains(says), "{name}: {out}");
+    }
+    // A broken template fails the lint.
+    let chart = dir.path().join("qcow2-csi");
+    copy_dir(&root().join("charts/qcow2-csi"), &chart);
+    let node = chart.join("templates/node.yaml");
+    let text = std::fs::read_to_string(&node).unwrap();
+    std::fs::write(
+        &node,
+        text.replacen(
+            "{{ .Values.node.stateDir }}",
+            "{{ .Values.node.missing.stateDir }}",
+            1,
+        ),
+    )
+    .unwrap();
+    let (ok, out) = deploy_py(&["lint", chart.to_str().unwrap()]);
+    assert!(!ok && out.contains("nil pointer"), "{out}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn hadolint_accepts_the_dockerfile_and_flags_a_careless_one() {
+    let Some(bin) = tools() else { return };
+    let (ok, out) = run(Command::new(bin.join("hadolint"))
+        .arg("--config")
+        .arg(root().join(".hadolint.yaml"))
+        .arg(root().join("Dockerfile")));
+    assert!(ok, "{out}");
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("Dockerfile");
+    std::fs::write(
+        &bad,
+        "FROM debian:bookworm-slim\nRUN apt-get update && apt-get install -y kmod\n",
+    )
+    .unwrap();
+    let (ok, out) = run(Command::new(bin.join("hadolint"))
+        .arg("--config")
+        .arg(root().join(".hadolint.yaml"))
+        .arg(&bad));
+    assert!(!ok && out.contains("DL3015"), "{out}");
+}
