@@ -1,10 +1,10 @@
 # qcow2-csi developer targets. `make help` lists them.
 CARGO ?= cargo
 
-.PHONY: help build demo test test-deps lint fmt clippy doc clean fuzz bench bench-nbd bench-snapshot
+.PHONY: help build demo test test-deps lint fmt clippy doc clean fuzz bench bench-nbd bench-snapshot image deploy kind-e2e
 
 help: ## List targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 build: ## Build everything (release)
 	$(CARGO) build --release --workspace
@@ -29,6 +29,16 @@ bench-nbd: ## qcow2-csi nbd vs qemu-nbd with fio's nbd engine and nbdcopy (needs
 
 bench-snapshot: ## CSI CreateSnapshot/restore latency vs qemu-img create -b and a full copy (needs qemu-utils)
 	./hack/bench-snapshot.sh
+
+IMAGE ?= ghcr.io/qcow2-csi/qcow2-csi:0.1.0
+image: ## Build the container image (Docker with BuildKit; IMAGE=... to tag it otherwise)
+	docker build -t $(IMAGE) .
+
+deploy: ## Render deploy/qcow2-csi.yaml from charts/qcow2-csi (needs the tools venv: make test-deps)
+	.venv-tools/bin/python hack/deploy.py render
+
+kind-e2e: ## On kind (Docker, kind, kubectl): image, install, example flows, csi-sanity; E2E=1 adds the k8s storage suite
+	./tests/e2e/run.sh
 
 lint: fmt clippy ## fmt --check and clippy -D warnings
 

@@ -72,7 +72,7 @@ echo "== the layers: the volume's chain and the restore's"
 "$client" "$sock" delete-snapshot "$snap"
 "$client" "$sock" delete "$restored"
 "$client" "$sock" delete "$vol"
-echo "layers left: $(ls "$state/layers" | wc -l)"
+echo "layers left: $(find "$state/layers" -mindepth 1 -maxdepth 1 | wc -l)"
 kill -TERM $plugin && wait $plugin
 echo "== plugin log"
 cat "$work/plugin.log"

@@ -8,8 +8,8 @@
 //! - The driver name, topology key, socket path and StorageClass parameters match the code.
 //! - With the tools venv (`hack/test-deps.sh`): `deploy/` equals the chart's rendering, the
 //!   chart lints and its schema refuses bad values, `kubernetes-validate --strict` accepts the
-//!   manifests, hadolint accepts the Dockerfile. Each check is also shown failing on a
-//!   deliberately broken input.
+//!   manifests, hadolint accepts the Dockerfile, shellcheck the scripts. Each check is also
+//!   shown failing on a deliberately broken input.
 
 #[allow(dead_code)]
 #[path = "support/csi.rs"]
@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use csi::Plugin;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{
     Container, Namespace, PersistentVolumeClaim, Pod, ServiceAccount,
@@ -31,10 +32,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use qcow2_csi::csi::{DRIVER_NAME, TOPOLOGY_KEY};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use csi::Plugin;
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().into()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .into()
 }
 
 /// The manifests users apply: the rendered chart and the examples.
@@ -162,7 +165,11 @@ fn typed(doc: &Value) -> Result<Object, String> {
         "PersistentVolumeClaim" => Object::PersistentVolumeClaim(strict(doc)?),
         "Pod" => Object::Pod(strict(doc)?),
         "VolumeSnapshot" => Object::VolumeSnapshot(strict(doc)?),
-        other => return Err(format!("kind {other} is not one the deploy files should hold")),
+        other => {
+            return Err(format!(
+                "kind {other} is not one the deploy files should hold"
+            ));
+        }
     })
 }
 
@@ -173,8 +180,8 @@ fn all_objects() -> Vec<(PathBuf, Object)> {
         let text = std::fs::read_to_string(&file).unwrap();
         let docs = documents(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         for (i, doc) in docs.iter().enumerate() {
-            let obj = typed(doc)
-                .unwrap_or_else(|e| panic!("{} document {}: {e}", file.display(), i + 1));
+            let obj =
+                typed(doc).unwrap_or_else(|e| panic!("{} document {}: {e}", file.display(), i + 1));
             out.push((file.clone(), obj));
         }
     }
@@ -482,10 +489,7 @@ fn names_paths_and_parameters_match_the_code() {
         .unwrap();
     assert_eq!(kubelet.mount_propagation.as_deref(), Some("Bidirectional"));
     assert_eq!(
-        plugin
-            .security_context
-            .as_ref()
-            .and_then(|s| s.privileged),
+        plugin.security_context.as_ref().and_then(|s| s.privileged),
         Some(true)
     );
 
@@ -504,7 +508,10 @@ fn names_paths_and_parameters_match_the_code() {
             }
         }
     }
-    assert!(keys >= 2, "restore and clone examples pin to the source's node");
+    assert!(
+        keys >= 2,
+        "restore and clone examples pin to the source's node"
+    );
 
     // The e2e suite's driver description.
     let text = std::fs::read_to_string(root().join("tests/e2e/test-driver.yaml")).unwrap();
@@ -666,4 +673,30 @@ fn hadolint_accepts_the_dockerfile_and_flags_a_careless_one() {
         .arg(root().join(".hadolint.yaml"))
         .arg(&bad));
     assert!(!ok && out.contains("DL3015"), "{out}");
+}
+
+/// The kind workflow scripts cannot run in CI (no Docker engine): shellcheck is what checks
+/// them there, with the Makefile's and CI's scripts.
+#[test]
+fn shellcheck_accepts_the_scripts_and_flags_a_careless_one() {
+    let Some(bin) = tools() else { return };
+    let mut scripts = vec![root().join(".ci/run")];
+    for dir in ["hack", "tests/e2e"] {
+        for e in std::fs::read_dir(root().join(dir)).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "sh") {
+                scripts.push(p);
+            }
+        }
+    }
+    assert!(scripts.len() >= 10, "{scripts:?}");
+    let (ok, out) = run(Command::new(bin.join("shellcheck"))
+        .current_dir(root())
+        .args(&scripts));
+    assert!(ok, "{out}");
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.sh");
+    std::fs::write(&bad, "#!/usr/bin/env bash\ndir=$1\nrm -rf $dir/staging\n").unwrap();
+    let (ok, out) = run(Command::new(bin.join("shellcheck")).arg(&bad));
+    assert!(!ok && out.contains("SC2086"), "{out}");
 }
