@@ -397,14 +397,19 @@ async fn the_snapshot_contract_as_csi_sanity_checks_it() {
     delete_snapshot(&p, &s1.snapshot_id).await;
     delete_snapshot(&p, &s1.snapshot_id).await;
     assert_eq!(list(ListSnapshotsRequest::default()).await.entries.len(), 6);
-    // A missing source snapshot for a restore is NOT_FOUND.
-    assert_eq!(
-        code(
-            c.create_volume(volume_req("r", 0, from_snapshot(&s1.snapshot_id)))
-                .await
-        ),
-        Code::NotFound
-    );
+    // A source this node does not hold is NOT_FOUND, and the message says where restores
+    // and clones are made (sources are node-local; the pod must go to their node).
+    for source in [from_snapshot(&s1.snapshot_id), from_volume("vol-elsewhere")] {
+        let s = c
+            .create_volume(volume_req("r", 0, source))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::NotFound, "{s:?}");
+        assert!(
+            s.message().contains(csi::NODE) && s.message().contains(qcow2_csi::csi::TOPOLOGY_KEY),
+            "{s:?}"
+        );
+    }
     assert_layer_graph_sound(&p);
 }
 

@@ -74,6 +74,17 @@ fn to_volume(plugin: &Plugin, rec: &VolumeRecord) -> Volume {
     }
 }
 
+/// A restore or clone whose source this node does not hold. Sources are node-local and
+/// the scheduler does not know where they are: the pod must be placed on the source's node.
+fn source_elsewhere(plugin: &Plugin, what: &str, id: &str) -> Error {
+    Error::NotFound(format!(
+        "no {what} {id:?} on node {}: restores and clones are made on the node that holds \
+         their source, so schedule the pod there (node affinity on {})",
+        plugin.config.node_id,
+        super::TOPOLOGY_KEY
+    ))
+}
+
 /// Whether `req` allows this node.
 fn topology_allows(plugin: &Plugin, req: Option<&TopologyRequirement>) -> bool {
     let Some(req) = req else { return true };
@@ -220,11 +231,15 @@ impl ControllerService {
                     .state()?
                     .snapshot(id)
                     .map(|s| s.size)
-                    .ok_or_else(|| Error::NotFound(format!("no snapshot {id:?}")))?;
+                    .ok_or_else(|| source_elsewhere(plugin, "snapshot", id))?;
                 (Some(plugin.locks.try_lock(id.clone())?), Some(size))
             }
             Some(Source::Volume(id)) => {
-                let size = plugin.volume_record(id)?.size;
+                let size = plugin
+                    .state()?
+                    .volume(id)
+                    .map(|v| v.size)
+                    .ok_or_else(|| source_elsewhere(plugin, "volume", id))?;
                 (Some(plugin.locks.try_lock(id.clone())?), Some(size))
             }
         };
