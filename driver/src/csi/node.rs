@@ -383,6 +383,22 @@ impl NodeService {
             }
             return Err(e);
         }
+        if !repeat {
+            // kubelet names the pod when the CSIDriver has podInfoOnMount.
+            let pod = |key: &str| {
+                req.volume_context
+                    .get(&format!("csi.storage.k8s.io/pod.{key}"))
+                    .map_or("", String::as_str)
+                    .to_string()
+            };
+            tracing::info!(
+                volume = %req.volume_id,
+                target = %target.display(),
+                pod = %pod("name"),
+                namespace = %pod("namespace"),
+                "published"
+            );
+        }
         Ok(())
     }
 
