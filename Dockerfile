@@ -8,7 +8,11 @@ ARG DEBIAN_RELEASE=bookworm
 
 FROM rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS build
 # Build as an unprivileged user; cargo's registry goes to its home, not /usr/local/cargo.
-RUN useradd --create-home --uid 10001 builder
+# The directories the cache mounts land in are made (and owned) here, not by the mounts.
+RUN groupadd --gid 10001 builder \
+    && useradd --create-home --uid 10001 --gid 10001 builder \
+    && mkdir -p /home/builder/src /home/builder/.cargo /home/builder/out \
+    && chown -R builder:builder /home/builder
 USER 10001:10001
 ENV CARGO_HOME=/home/builder/.cargo
 WORKDIR /home/builder/src
@@ -16,7 +20,6 @@ COPY --chown=builder:builder . .
 RUN --mount=type=cache,target=/home/builder/.cargo/registry,uid=10001,gid=10001 \
     --mount=type=cache,target=/home/builder/src/target,uid=10001,gid=10001 \
     cargo build --release --locked -p qcow2-csi -p qcow2-engine --bins \
-    && mkdir -p /home/builder/out \
     && cp target/release/qcow2-csi target/release/qcow2util /home/builder/out/
 
 FROM debian:${DEBIAN_RELEASE}-slim
