@@ -6,6 +6,8 @@ so no helm binary is needed).
 
   deploy.py render            write deploy/qcow2-csi.yaml from the chart's default values
   deploy.py render --stdout   print it instead (the drift check compares the two)
+  deploy.py render --values FILE
+                              print the chart rendered with FILE's values
   deploy.py lint [CHART]      helm lint: exit 1 on any warning or error
   deploy.py values FILE...    validate values files against values.schema.json: exit 1 if
                               any is rejected (prints the reason)
@@ -82,6 +84,10 @@ def main(argv: list[str]) -> int:
         return 2
     cmd, args = argv[0], argv[1:]
     if cmd == "render":
+        if len(args) == 2 and args[0] == "--values":
+            values = helm_python.values_from_yaml(Path(args[1]).read_text())
+            sys.stdout.write(render(values=values))
+            return 0
         text = render()
         if args == ["--stdout"]:
             sys.stdout.write(text)

@@ -401,11 +401,13 @@ async fn the_daemonsets_plugin_arguments_start_a_ready_plugin() {
     assert_eq!(info.name, DRIVER_NAME);
 }
 
-#[test]
-fn names_paths_and_parameters_match_the_code() {
-    let ds = daemonset();
+/// What any rendering of the chart must hold, whatever the values: names, paths and
+/// parameters that match the code, the socket where kubelet and the sidecars look for it,
+/// and plugin flags that `serve` accepts.
+fn check_rendered(objects: Vec<Object>, help: &str) {
     let mut classes = 0;
-    for obj in chart_objects() {
+    let mut daemonsets = Vec::new();
+    for obj in objects {
         match obj {
             Object::CSIDriver(d) => {
                 assert_eq!(d.metadata.name.as_deref(), Some(DRIVER_NAME));
@@ -437,13 +439,22 @@ fn names_paths_and_parameters_match_the_code() {
                 assert_eq!(c.driver, DRIVER_NAME);
                 assert!(c.parameters.is_empty(), "{:?}", c.metadata.name);
             }
+            Object::DaemonSet(d) => daemonsets.push(*d),
             _ => {}
         }
     }
     assert!(classes >= 1);
+    let [ds] = &daemonsets[..] else {
+        panic!("{} DaemonSets", daemonsets.len())
+    };
+    let plugin = container(ds, "qcow2-csi");
+    let args = plugin.args.clone().unwrap();
+    assert_eq!(args[0], "serve", "{args:?}");
+    assert_eq!(flags_missing_from(help, &args[1..]), Vec::<String>::new());
+    assert!(args.contains(&"--endpoint=unix:///csi/csi.sock".to_string()));
     // kubelet reaches the socket through the registrar's path, on the host directory that
     // is mounted at /csi, where the plugin listens.
-    let registrar = container(&ds, "node-driver-registrar");
+    let registrar = container(ds, "node-driver-registrar");
     let reg_path = registrar
         .args
         .as_ref()
@@ -457,17 +468,17 @@ fn names_paths_and_parameters_match_the_code() {
         "{reg_path}"
     );
     let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
-    let socket_dir = pod
-        .volumes
-        .as_ref()
-        .unwrap()
-        .iter()
-        .find(|v| v.name == "socket-dir")
-        .and_then(|v| v.host_path.as_ref())
-        .map(|h| h.path.clone())
-        .unwrap();
-    assert_eq!(format!("{socket_dir}/csi.sock"), reg_path);
-    assert!(plugin_args().contains(&"--endpoint=unix:///csi/csi.sock".to_string()));
+    let host_path = |name: &str| {
+        pod.volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == name)
+            .and_then(|v| v.host_path.as_ref())
+            .map(|h| h.path.clone())
+            .unwrap_or_else(|| panic!("no hostPath volume {name}"))
+    };
+    assert_eq!(format!("{}/csi.sock", host_path("socket-dir")), reg_path);
     for c in &pod.containers {
         let mounts = c.volume_mounts.as_deref().unwrap_or_default();
         assert!(
@@ -478,8 +489,7 @@ fn names_paths_and_parameters_match_the_code() {
             c.name
         );
     }
-    // Staging and publish mounts must propagate to the host.
-    let plugin = container(&ds, "qcow2-csi");
+    // Staging and publish mounts must propagate to the host, under kubelet's directory.
     let kubelet = plugin
         .volume_mounts
         .as_ref()
@@ -488,10 +498,35 @@ fn names_paths_and_parameters_match_the_code() {
         .find(|m| m.name == "kubelet-dir")
         .unwrap();
     assert_eq!(kubelet.mount_propagation.as_deref(), Some("Bidirectional"));
+    assert_eq!(kubelet.mount_path, host_path("kubelet-dir"));
+    assert!(reg_path.starts_with(&format!("{}/plugins/", kubelet.mount_path)));
     assert_eq!(
         plugin.security_context.as_ref().and_then(|s| s.privileged),
         Some(true)
     );
+    // The state directory the plugin is told about is the one mounted from the host.
+    let state_dir = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--state-dir="))
+        .unwrap();
+    assert_eq!(state_dir, host_path("state-dir"));
+    // kubelet's liveness check goes where livenessprobe listens.
+    let port = plugin.ports.as_ref().unwrap()[0].container_port;
+    let probe = container(ds, "liveness-probe");
+    assert!(
+        probe
+            .args
+            .as_ref()
+            .unwrap()
+            .contains(&format!("--http-endpoint=:{port}")),
+        "{:?}",
+        probe.args
+    );
+}
+
+#[test]
+fn names_paths_and_parameters_match_the_code() {
+    check_rendered(chart_objects(), &serve_help());
 
     // The examples place restores and clones with the driver's topology key.
     let mut keys = 0;
@@ -560,6 +595,65 @@ fn deploy_is_the_chart_rendered_with_its_defaults() {
         rendered == committed,
         "deploy/qcow2-csi.yaml differs from the chart's rendering: run `make deploy`"
     );
+}
+
+/// `charts/qcow2-csi/ci/all-options-values.yaml` switches every optional branch of the
+/// templates on; its rendering is held to the same checks as `deploy/`.
+#[test]
+fn every_option_of_the_chart_renders_valid_objects() {
+    let Some(bin) = tools() else { return };
+    let values = root().join("charts/qcow2-csi/ci/all-options-values.yaml");
+    let (ok, rendered) = run(Command::new(bin.join("python"))
+        .arg(root().join("hack/deploy.py"))
+        .args(["render", "--values"])
+        .arg(&values));
+    assert!(ok, "{rendered}");
+    let objects: Vec<Object> = documents(&rendered)
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, d)| typed(d).unwrap_or_else(|e| panic!("document {}: {e}", i + 1)))
+        .collect();
+    // The options took effect.
+    let mut defaults = Vec::new();
+    for o in &objects {
+        match o {
+            Object::StorageClass(c) if c.metadata.annotations.is_some() => {
+                defaults.push(c.metadata.name.clone().unwrap())
+            }
+            Object::VolumeSnapshotClass(c) if c.metadata.annotations.is_some() => {
+                defaults.push(c.metadata.name.clone().unwrap())
+            }
+            Object::DaemonSet(d) => {
+                let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+                assert!(pod.init_containers.is_none(), "loadNbdModule: false");
+                assert!(pod.affinity.is_some() && pod.image_pull_secrets.is_some());
+                assert_eq!(pod.priority_class_name, None);
+                let plugin = container(d, "qcow2-csi");
+                assert_eq!(
+                    plugin.image.as_deref(),
+                    Some("registry.example.com/storage/qcow2-csi:0.1.0-rc1")
+                );
+                assert!(
+                    plugin
+                        .args
+                        .as_ref()
+                        .unwrap()
+                        .contains(&"--attach=nbdfuse".to_string())
+                );
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(defaults, ["qcow2", "qcow2"], "the default classes");
+    check_rendered(objects, &serve_help());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("all-options.yaml");
+    std::fs::write(&file, &rendered).unwrap();
+    let (ok, out) = run(Command::new(bin.join("kubernetes-validate"))
+        .args(["--strict", "-k", "1.30.0"])
+        .arg(&file));
+    assert!(ok, "{out}");
 }
 
 #[test]
