@@ -619,10 +619,10 @@ fn every_option_of_the_chart_renders_valid_objects() {
     for o in &objects {
         match o {
             Object::StorageClass(c) if c.metadata.annotations.is_some() => {
-                defaults.push(c.metadata.name.clone().unwrap())
+                defaults.push(c.metadata.name.clone().unwrap());
             }
             Object::VolumeSnapshotClass(c) if c.metadata.annotations.is_some() => {
-                defaults.push(c.metadata.name.clone().unwrap())
+                defaults.push(c.metadata.name.clone().unwrap());
             }
             Object::DaemonSet(d) => {
                 let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
