@@ -89,6 +89,21 @@ fn publish_req(
     }
 }
 
+/// Stages volume `id` at `DIR/staging` (made here); returns that path.
+async fn stage(
+    p: &Plugin,
+    node: &mut csi_proto::v1::node_client::NodeClient<tonic::transport::Channel>,
+    id: &str,
+    cap: &VolumeCapability,
+) -> PathBuf {
+    let staging = p.dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    node.node_stage_volume(stage_req(id, &staging, cap))
+        .await
+        .unwrap();
+    staging
+}
+
 /// Stages volume `id` at `DIR/staging` and publishes it at `DIR/pods/<target>` (a
 /// directory for mount volumes, a file for block ones, made by the plugin); returns the
 /// staging and target paths.
@@ -99,13 +114,9 @@ async fn stage_and_publish(
     cap: &VolumeCapability,
     target: &str,
 ) -> (PathBuf, PathBuf) {
-    let staging = p.dir.path().join("staging");
+    let staging = stage(p, node, id, cap).await;
     let target = p.dir.path().join("pods").join(target);
-    std::fs::create_dir_all(&staging).unwrap();
     std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-    node.node_stage_volume(stage_req(id, &staging, cap))
-        .await
-        .unwrap();
     node.node_publish_volume(publish_req(id, &staging, &target, cap))
         .await
         .unwrap();
@@ -116,6 +127,19 @@ fn unstage_req(id: &str, staging: &Path) -> NodeUnstageVolumeRequest {
     NodeUnstageVolumeRequest {
         volume_id: id.into(),
         staging_target_path: staging.display().to_string(),
+    }
+}
+
+/// NodeExpandVolume of `id` at `path` (staging or publish target) to `size` bytes.
+fn expand_req(id: &str, path: &Path, size: i64) -> NodeExpandVolumeRequest {
+    NodeExpandVolumeRequest {
+        volume_id: id.into(),
+        volume_path: path.display().to_string(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: size,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
     }
 }
 
@@ -279,13 +303,9 @@ async fn block_volumes_publish_the_device_as_a_file() {
     let p = Plugin::start().await;
     let cap = block_cap(Mode::SingleNodeWriter);
     let id = create(&p, "blk", 16 * MIB, cap.clone()).await;
-    let staging = p.dir.path().join("staging");
     let target = p.dir.path().join("dev-target");
-    std::fs::create_dir_all(&staging).unwrap();
     let mut node = p.node().await;
-    node.node_stage_volume(stage_req(&id, &staging, &cap))
-        .await
-        .unwrap();
+    let staging = stage(&p, &mut node, &id, &cap).await;
     for _ in 0..3 {
         node.node_publish_volume(publish_req(&id, &staging, &target, &cap))
             .await
@@ -519,12 +539,8 @@ async fn xfs_expanded_while_unstaged_grows_after_the_next_stage() {
     let p = Plugin::start().await;
     let cap = mount_cap(Mode::SingleNodeWriter, "xfs");
     let id = create(&p, "xfs-grow", 320 * MIB, cap.clone()).await;
-    let staging = p.dir.path().join("staging");
-    std::fs::create_dir_all(&staging).unwrap();
     let mut node = p.node().await;
-    node.node_stage_volume(stage_req(&id, &staging, &cap))
-        .await
-        .unwrap();
+    let staging = stage(&p, &mut node, &id, &cap).await;
     std::fs::write(staging.join("keep"), "kept").unwrap();
     let before = bytes_total(&mut node, &id, &staging).await;
     node.node_unstage_volume(unstage_req(&id, &staging))
@@ -537,15 +553,9 @@ async fn xfs_expanded_while_unstaged_grows_after_the_next_stage() {
         .unwrap();
     let grown = node
         .node_expand_volume(NodeExpandVolumeRequest {
-            volume_id: id.clone(),
-            volume_path: staging.display().to_string(),
             staging_target_path: staging.display().to_string(),
-            capacity_range: Some(CapacityRange {
-                required_bytes: 640 * MIB,
-                limit_bytes: 0,
-            }),
             volume_capability: Some(cap.clone()),
-            ..Default::default()
+            ..expand_req(&id, &staging, 640 * MIB)
         })
         .await
         .unwrap()
@@ -595,24 +605,12 @@ async fn ext4_expansion_online_or_at_the_next_stage_through_nbdfuse() {
     let p = Plugin::start().await;
     let cap = mount_cap(Mode::SingleNodeWriter, "ext4");
     let id = create(&p, "grow", 64 * MIB, cap.clone()).await;
-    let staging = p.dir.path().join("staging");
-    std::fs::create_dir_all(&staging).unwrap();
     let mut node = p.node().await;
-    node.node_stage_volume(stage_req(&id, &staging, &cap))
-        .await
-        .unwrap();
+    let staging = stage(&p, &mut node, &id, &cap).await;
     std::fs::write(staging.join("keep"), "kept").unwrap();
     let before = bytes_total(&mut node, &id, &staging).await;
     assert!(before <= 64 * MIB);
-    let node_expand = |size: i64| NodeExpandVolumeRequest {
-        volume_id: id.clone(),
-        volume_path: staging.display().to_string(),
-        capacity_range: Some(CapacityRange {
-            required_bytes: size,
-            limit_bytes: 0,
-        }),
-        ..Default::default()
-    };
+    let node_expand = |size: i64| expand_req(&id, &staging, size);
     if qcow2_csi::csi::node::has_cap_sys_resource() {
         // Online: image, loop size limit, resize2fs.
         let r = node
@@ -694,14 +692,8 @@ async fn xfs_grows_online_through_nbdfuse_while_published() {
     assert!(before < 400 * MIB);
     let r = node
         .node_expand_volume(NodeExpandVolumeRequest {
-            volume_id: id.clone(),
-            volume_path: target.display().to_string(),
-            capacity_range: Some(CapacityRange {
-                required_bytes: 640 * MIB,
-                limit_bytes: 0,
-            }),
             volume_capability: Some(cap.clone()),
-            ..Default::default()
+            ..expand_req(&id, &target, 640 * MIB)
         })
         .await
         .unwrap()
@@ -1157,12 +1149,8 @@ async fn a_staged_volume_in_use_is_flattened_online() {
     let p = Plugin::start_with_args(&["--max-chain-depth", "3"]).await;
     let cap = mount_cap(Mode::SingleNodeWriter, "ext4");
     let v = create(&p, "deep", 64 * MIB, cap.clone()).await;
-    let staging = p.dir.path().join("staging");
-    std::fs::create_dir_all(&staging).unwrap();
     let mut node = p.node().await;
-    node.node_stage_volume(stage_req(&v, &staging, &cap))
-        .await
-        .unwrap();
+    let staging = stage(&p, &mut node, &v, &cap).await;
     let writer = FileWriter::start(&staging, 500);
     for i in 0..5 {
         writer.wait_for(writer.done() + 5).await;
