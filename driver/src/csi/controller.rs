@@ -5,7 +5,6 @@ use std::sync::Arc;
 use csi_proto::v1::controller_server::Controller;
 use csi_proto::v1::controller_service_capability::{Rpc, Type as CapType, rpc};
 use csi_proto::v1::*;
-use qcow2_engine::ops::create::{CreateOptions, create};
 use tonic::{Request, Response, Status};
 
 use super::params::Params;
@@ -223,24 +222,27 @@ impl ControllerService {
             }
             return Ok(to_volume(plugin, existing));
         }
-        // The source, held still while the new head is made on top of it.
-        let (_source_lock, source_size) = match &source {
-            None => (None, None),
+        // The source, held still while the new head is made on top of it: its lock first, then
+        // its size and (for a snapshot) its frozen layer, read once under the lock.
+        let (_source_lock, source_size, source_layer) = match &source {
+            None => (None, None, None),
             Some(Source::Snapshot(id)) => {
-                let size = plugin
+                let lock = plugin.locks.try_lock(id.clone())?;
+                let (size, layer) = plugin
                     .state()?
                     .snapshot(id)
-                    .map(|s| s.size)
+                    .map(|s| (s.size, s.layer.clone()))
                     .ok_or_else(|| source_elsewhere(plugin, "snapshot", id))?;
-                (Some(plugin.locks.try_lock(id.clone())?), Some(size))
+                (Some(lock), Some(size), Some(layer))
             }
             Some(Source::Volume(id)) => {
+                let lock = plugin.locks.try_lock(id.clone())?;
                 let size = plugin
                     .state()?
                     .volume(id)
                     .map(|v| v.size)
                     .ok_or_else(|| source_elsewhere(plugin, "volume", id))?;
-                (Some(plugin.locks.try_lock(id.clone())?), Some(size))
+                (Some(lock), Some(size), None)
             }
         };
         let size = match (source_size, req.capacity_range.as_ref()) {
@@ -268,31 +270,13 @@ impl ControllerService {
         let id = state::new_id("vol-");
         let head = plugin.pending_layer();
         match &source {
-            None => {
-                let path = plugin.state()?.layer_path(&head.name);
-                create(
-                    &path,
-                    &CreateOptions {
-                        size: Some(size),
-                        cluster_size: params.cluster_size,
-                        extended_l2: params.subclusters,
-                        ..CreateOptions::default()
-                    },
-                )
-                .map_err(|e| Error::Internal(format!("creating {}: {e}", path.display())))?;
-            }
-            Some(Source::Snapshot(snap)) => {
-                let layer = plugin
-                    .state()?
-                    .snapshot(snap)
-                    .map(|s| s.layer.clone())
-                    .ok_or_else(|| Error::NotFound(format!("no snapshot {snap:?}")))?;
-                make_layer(plugin, &head.name, &layer, size, &params)?;
+            None | Some(Source::Snapshot(_)) => {
+                make_layer(plugin, &head.name, source_layer.as_deref(), size, &params)?;
             }
             Some(Source::Volume(src)) => {
                 // A clone: an implicit snapshot (a frozen layer nothing lists), restored.
                 let (frozen, _) = freeze_head(plugin, src)?;
-                make_layer(plugin, &head.name, &frozen, size, &params)?;
+                make_layer(plugin, &head.name, Some(&frozen), size, &params)?;
             }
         }
         super::failpoint("create-after-layer");

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 use super::capability;
 use super::mounts::{self, run};
 use super::params::{FsType, Params};
-use super::staged::{Staged, clear_leftovers, open_layer, serve_image};
+use super::staged::{Staged, attach_dir, clear_leftovers, open_layer, serve_image};
 use super::staging::{self, Attachment};
 use super::state::AccessType;
 use super::{Plugin, failpoint};
@@ -121,7 +121,7 @@ impl NodeService {
         )?;
         let rec = plugin.volume_record(&req.volume_id)?;
         let _held = plugin.locks.try_lock(req.volume_id.clone())?;
-        let work = plugin.config.state_dir.join("attach").join(&rec.id);
+        let work = attach_dir(&plugin.config.state_dir, &rec.id);
         if let Some(s) = plugin.node.get(&req.volume_id) {
             if let Some(why) = &s.lost {
                 // Lost at a restart: stage it afresh, unless pods still use the dead mount.
@@ -278,7 +278,7 @@ impl NodeService {
         required(&req.volume_id, "volume_id")?;
         let staging = absolute(&req.staging_target_path, "staging_target_path")?;
         let _held = plugin.locks.try_lock(req.volume_id.clone())?;
-        let work = plugin.config.state_dir.join("attach").join(&req.volume_id);
+        let work = attach_dir(&plugin.config.state_dir, &req.volume_id);
         let Some(s) = plugin.node.get(&req.volume_id) else {
             // Not staged by this process: clear what a previous one may have left.
             if crate::csi::state::is_volume_id(&req.volume_id) {

@@ -36,12 +36,12 @@ pub(super) fn to_snapshot(rec: &SnapshotRecord) -> Snapshot {
     }
 }
 
-/// Makes a new empty layer of `size` bytes on top of `backing` (a layer file name), with the
-/// cluster layout of `params`. The caller holds `name` pending.
+/// Makes a new empty layer of `size` bytes, standalone or on top of `backing` (a layer file
+/// name), with the cluster layout of `params`. The caller holds `name` pending.
 pub(super) fn make_layer(
     plugin: &Plugin,
     name: &str,
-    backing: &str,
+    backing: Option<&str>,
     size: u64,
     params: &Params,
 ) -> Result<()> {
@@ -52,7 +52,7 @@ pub(super) fn make_layer(
             size: Some(size),
             cluster_size: params.cluster_size,
             extended_l2: params.subclusters,
-            backing: Some((backing.to_string(), BackingFormat::Qcow2)),
+            backing: backing.map(|b| (b.to_string(), BackingFormat::Qcow2)),
             ..CreateOptions::default()
         },
     )
@@ -66,7 +66,7 @@ pub(super) fn freeze_head(plugin: &Plugin, id: &str) -> Result<(String, VolumeRe
     let params = Params::from_canonical(&rec.parameters)?;
     let frozen = rec.head.clone();
     let pending = plugin.pending_layer();
-    make_layer(plugin, &pending.name, &frozen, rec.size, &params)?;
+    make_layer(plugin, &pending.name, Some(&frozen), rec.size, &params)?;
     failpoint("freeze-after-layer");
     let mut next = rec.clone();
     next.head = pending.name.clone();

@@ -177,9 +177,9 @@ impl NodeState {
                 found.previous_boot += 1;
                 continue;
             }
+            let work = attach_dir(state_dir, &id);
             let Some(volume) = state.volume(&id) else {
                 tracing::warn!(volume = %id, "stage record of a volume that no longer exists");
-                let work = state_dir.join("attach").join(&id);
                 if let Err(e) = clear_leftovers(&rec.staging, &work, attacher, &id) {
                     tracing::warn!(volume = %id, error = %e, "clearing its leftovers");
                 }
@@ -191,7 +191,6 @@ impl NodeState {
                 Attachment::Nbd { index } => open_head(state, volume, &rec.capability)
                     .and_then(|image| {
                         let server = serve_image(&id, image.clone());
-                        let work = state_dir.join("attach").join(&id);
                         let volume = Volume {
                             id: &id,
                             server,
@@ -249,6 +248,12 @@ impl NodeState {
 
 /// Opens a volume's head layer for staging: writable unless the capability is read-only,
 /// backing files confined to `layers/`.
+/// The private directory of a staged volume's attachment (the nbdfuse socket and FUSE
+/// mount): `STATE/attach/<vol-id>`.
+pub(super) fn attach_dir(state_dir: &Path, id: &str) -> PathBuf {
+    state_dir.join("attach").join(id)
+}
+
 pub(super) fn open_head(
     state: &State,
     rec: &VolumeRecord,
