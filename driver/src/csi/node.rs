@@ -16,7 +16,7 @@ use super::mounts::{self, run};
 use super::params::{FsType, Params};
 use super::staged::{Staged, attach_dir, clear_leftovers, open_layer, serve_image};
 use super::staging::{self, Attachment};
-use super::state::AccessType;
+use super::state::{AccessType, VolumeRecord};
 use super::{Plugin, failpoint};
 use crate::attach::{self, Volume};
 use crate::error::{Error, Result};
@@ -433,7 +433,7 @@ impl NodeService {
     fn expand(&self, req: NodeExpandVolumeRequest) -> Result<u64> {
         required(&req.volume_id, "volume_id")?;
         let path = absolute(&req.volume_path, "volume_path")?;
-        let mut rec = self.0.volume_record(&req.volume_id)?;
+        let rec = self.0.volume_record(&req.volume_id)?;
         let _held = self.0.locks.try_lock(req.volume_id.clone())?;
         let s = self.0.node.get(&req.volume_id).ok_or_else(|| {
             Error::NotFound(format!("volume {} is not staged here", req.volume_id))
@@ -451,6 +451,14 @@ impl NodeService {
                 super::controller::size_for(Some(r))?.max(rec.size)
             }
             _ => rec.size,
+        };
+        // The volume record follows the size asked for (never down).
+        let record_size = |mut rec: VolumeRecord| -> Result<()> {
+            if size > rec.size {
+                rec.size = size;
+                self.0.state()?.put_volume(rec)?;
+            }
+            Ok(())
         };
         s.check_live()?;
         let mut attached = s.attached.lock().unwrap_or_else(|e| e.into_inner());
@@ -481,10 +489,7 @@ impl NodeService {
             if let Some(why) = refusal {
                 // Nothing changes now; the record keeps the size for the next NodeStage,
                 // which grows image and filesystem before anything mounts them.
-                if size > rec.size {
-                    rec.size = size;
-                    self.0.state()?.put_volume(rec)?;
-                }
+                record_size(rec)?;
                 return Err(Error::FailedPrecondition(why));
             }
             image.resize(size)?;
@@ -493,10 +498,7 @@ impl NodeService {
         if s.cap.access == AccessType::Mount {
             grow_fs(&s.device, &s.staging)?;
         }
-        if size > rec.size {
-            rec.size = size;
-            self.0.state()?.put_volume(rec)?;
-        }
+        record_size(rec)?;
         tracing::info!(volume = %req.volume_id, size, "expanded on the node");
         Ok(size)
     }
