@@ -173,15 +173,23 @@ fn typed(doc: &Value) -> Result<Object, String> {
     })
 }
 
-/// Every object of every manifest file, or the first error with its file and document.
+/// The typed objects of a manifest stream; panics at the first error, naming `origin` and
+/// the document.
+fn objects_of(text: &str, origin: &str) -> Vec<Object> {
+    documents(text)
+        .unwrap_or_else(|e| panic!("{origin}: {e}"))
+        .iter()
+        .enumerate()
+        .map(|(i, d)| typed(d).unwrap_or_else(|e| panic!("{origin} document {}: {e}", i + 1)))
+        .collect()
+}
+
+/// Every object of every manifest file, with its file.
 fn all_objects() -> Vec<(PathBuf, Object)> {
     let mut out = Vec::new();
     for file in manifest_files() {
         let text = std::fs::read_to_string(&file).unwrap();
-        let docs = documents(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-        for (i, doc) in docs.iter().enumerate() {
-            let obj =
-                typed(doc).unwrap_or_else(|e| panic!("{} document {}: {e}", file.display(), i + 1));
+        for obj in objects_of(&text, &file.display().to_string()) {
             out.push((file.clone(), obj));
         }
     }
@@ -190,11 +198,8 @@ fn all_objects() -> Vec<(PathBuf, Object)> {
 
 /// The rendered chart's objects.
 fn chart_objects() -> Vec<Object> {
-    all_objects()
-        .into_iter()
-        .filter(|(f, _)| f.ends_with("deploy/qcow2-csi.yaml"))
-        .map(|(_, o)| o)
-        .collect()
+    let text = std::fs::read_to_string(root().join("deploy/qcow2-csi.yaml")).unwrap();
+    objects_of(&text, "deploy/qcow2-csi.yaml")
 }
 
 fn daemonset() -> DaemonSet {
@@ -608,12 +613,7 @@ fn every_option_of_the_chart_renders_valid_objects() {
         .args(["render", "--values"])
         .arg(&values));
     assert!(ok, "{rendered}");
-    let objects: Vec<Object> = documents(&rendered)
-        .unwrap()
-        .iter()
-        .enumerate()
-        .map(|(i, d)| typed(d).unwrap_or_else(|e| panic!("document {}: {e}", i + 1)))
-        .collect();
+    let objects = objects_of(&rendered, "all-options rendering");
     // The options took effect.
     let mut defaults = Vec::new();
     for o in &objects {
