@@ -16,6 +16,8 @@ pub const NODE: &str = "node-a";
 /// A plugin process with its own state directory and socket; killed when dropped.
 pub struct Plugin {
     child: Option<Child>,
+    /// Processes a successor was started beside ([`Plugin::spawn`]); killed when dropped.
+    pub previous: Vec<Child>,
     /// Extra `serve` arguments, kept across restarts.
     args: Vec<String>,
     pub dir: tempfile::TempDir,
@@ -34,6 +36,7 @@ impl Plugin {
         let state = dir.path().join("state");
         let mut p = Plugin {
             child: None,
+            previous: Vec::new(),
             args: args.iter().map(|a| a.to_string()).collect(),
             dir,
             socket,
@@ -46,6 +49,18 @@ impl Plugin {
     /// (Re)starts the process with extra environment variables; waits until Probe is ready.
     pub async fn restart_with(&mut self, env: &[(&str, &str)]) {
         self.kill9();
+        self.spawn(env);
+        self.wait_ready().await;
+    }
+
+    /// Starts a process (the previous one, if any, is not touched: a successor takes its
+    /// volumes over); its stderr goes to [`Plugin::log_path`].
+    pub fn spawn(&mut self, env: &[(&str, &str)]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_qcow2-csi"))
             .arg("serve")
             .arg("--endpoint")
@@ -54,10 +69,25 @@ impl Plugin {
             .arg(&self.state)
             .args(&self.args)
             .envs(env.iter().copied())
-            .stderr(Stdio::null())
+            .stderr(Stdio::from(log))
             .spawn()
             .expect("start qcow2-csi serve");
-        self.child = Some(child);
+        if let Some(old) = self.child.replace(child) {
+            self.previous.push(old);
+        }
+    }
+
+    /// What every process of this plugin wrote to stderr.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("plugin.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Waits until Probe says ready.
+    pub async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(ch) = connect(&self.socket).await
@@ -99,7 +129,16 @@ impl Plugin {
         false
     }
 
+    /// The running process's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     pub fn kill9(&mut self) {
+        for mut c in self.previous.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
