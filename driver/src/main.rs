@@ -64,6 +64,11 @@ struct ServeArgs {
     /// Log lines as text or JSON.
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
+    /// After SIGTERM, seconds to keep serving kernel nbd devices while a new plugin process
+    /// may take them over without a pause (a rolling update); then exit and leave them to
+    /// the next process. Keep it below the pod's termination grace period.
+    #[arg(long, default_value_t = 20)]
+    handoff_wait: u64,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -180,6 +185,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_volumes: i64::from(args.max_volumes),
         attach: mode_of(args.attach),
         max_chain_depth: args.max_chain_depth,
+        handoff_wait: std::time::Duration::from_secs(args.handoff_wait),
     }));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

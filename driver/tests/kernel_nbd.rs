@@ -69,7 +69,10 @@ fn leaks(dir: &Path) -> Vec<String> {
         .map(String::from)
         .collect();
     out.extend(connected_nbds());
-    let ps = Command::new("ps").args(["-eo", "pid,args"]).output().unwrap();
+    let ps = Command::new("ps")
+        .args(["-eo", "pid,args"])
+        .output()
+        .unwrap();
     out.extend(
         String::from_utf8_lossy(&ps.stdout)
             .lines()
@@ -215,7 +218,7 @@ impl Fio {
 enum Restart {
     /// `kill -9`, then a new process.
     Crash,
-    /// SIGTERM, then a new process once the old one exited.
+    /// SIGTERM, then a new process (the old one serves on until it has handed over).
     Planned,
     /// A new process beside the running one (a DaemonSet update with maxSurge), then
     /// SIGTERM to the old one.
@@ -239,7 +242,7 @@ async fn restart_under_fio(how: Restart) -> FioResult {
             p.spawn(&[]);
         }
         Restart::Planned => {
-            assert!(p.stop().success(), "{}", p.log());
+            p.terminate();
             p.spawn(&[]);
         }
         Restart::Surge => {
@@ -267,7 +270,10 @@ async fn restart_under_fio(how: Restart) -> FioResult {
     unstage(&p, &id, &staging).await;
     for old in &mut p.previous {
         let status = old.wait().unwrap();
-        assert!(status.success() || matches!(how, Restart::Crash), "{status}");
+        assert!(
+            status.success() || matches!(how, Restart::Crash),
+            "{status}"
+        );
     }
     p.stop();
     check_layers(&p);
@@ -331,7 +337,10 @@ fn qcow2_csi_attach_serves_dev_nbd_through_netlink() {
 fn attach_cli(mode: &str) {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.qcow2");
-    sh(&format!("qemu-img create -q -f qcow2 {} 256M", image.display()));
+    sh(&format!(
+        "qemu-img create -q -f qcow2 {} 256M",
+        image.display()
+    ));
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     for round in 0..2 {

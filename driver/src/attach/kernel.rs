@@ -7,6 +7,11 @@
 //!   kernel refuses a RECONFIGURE that names another volume on a recycled index;
 //! - I/O timeout 0: the kernel never aborts a request of a slow but live server, and with one
 //!   connection never kills the socket on a timeout;
+//! - the block queue's request timeout ([`KernelOptions::requeue_after`], 1 s): with I/O
+//!   timeout 0 its expiry only looks at the request, and a request sent on a socket that has
+//!   since been replaced (RECONFIGURE after a crash) is sent again on the new one. The
+//!   kernel's default, 30 s, froze every writer for 30 s after a plugin crash. CONNECT and
+//!   every RECONFIGURE that sets the I/O timeout reset it, so it is set again after each;
 //! - dead-connection timeout 15 min: while the plugin is restarting (crash-loop backoff caps at
 //!   5 min, plus an image pull) I/O waits instead of failing and turning the filesystem
 //!   read-only; after it, I/O fails rather than hanging forever;
@@ -16,14 +21,15 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::ioctl::{self, DevNode, Ioctl};
 use super::netlink::{self, ConnectConfig, Nbd, Transport};
 use crate::error::{Error, Result};
-use crate::nbd::Server;
 use crate::nbd::proto::flag;
+use crate::nbd::{Ended, Server};
 
 /// Settings of the kernel attacher.
 #[derive(Debug, Clone)]
@@ -41,6 +47,9 @@ pub struct KernelOptions {
     pub dev: PathBuf,
     /// How long to wait for udev to create `/dev/nbdN`.
     pub device_wait: Duration,
+    /// The block queue's request timeout (`queue/io_timeout`): how soon a request stranded
+    /// on a dead connection is sent again once the device has a new one.
+    pub requeue_after: Duration,
 }
 
 impl Default for KernelOptions {
@@ -53,6 +62,7 @@ impl Default for KernelOptions {
             sysfs: PathBuf::from("/sys"),
             dev: PathBuf::from("/dev"),
             device_wait: Duration::from_secs(10),
+            requeue_after: Duration::from_secs(1),
         }
     }
 }
@@ -94,7 +104,7 @@ pub struct KernelDevice {
     backend: String,
     device: PathBuf,
     server: Arc<Server>,
-    serving: Vec<JoinHandle<()>>,
+    serving: Serving,
     control: Control,
     sysfs: PathBuf,
 }
@@ -119,21 +129,62 @@ fn pairs(n: usize) -> Result<Vec<(UnixStream, OwnedFd)>> {
         .collect()
 }
 
-fn serve(server: &Arc<Server>, ours: Vec<UnixStream>, volume: &str) -> Vec<JoinHandle<()>> {
-    ours.into_iter()
-        .map(|s| {
-            let server = server.clone();
-            let volume = volume.to_string();
-            std::thread::Builder::new()
-                .name("nbd-kernel".into())
-                .spawn(move || {
-                    if let Err(e) = server.serve_kernel(s, 0) {
-                        eprintln!("qcow2-csi: {volume}: kernel connection ended: {e}");
-                    }
-                })
-                .expect("spawning a serving thread")
-        })
-        .collect()
+/// The threads serving a device's connections, and the flag that pauses them.
+#[derive(Debug)]
+struct Serving {
+    stop: Arc<AtomicBool>,
+    /// Each ends with its socket when paused, without one when the connection ended.
+    threads: Vec<JoinHandle<Option<UnixStream>>>,
+}
+
+impl Serving {
+    fn start(server: &Arc<Server>, ours: Vec<UnixStream>, volume: &str) -> Serving {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = ours
+            .into_iter()
+            .map(|mut s| {
+                let (server, stop) = (server.clone(), stop.clone());
+                let volume = volume.to_string();
+                std::thread::Builder::new()
+                    .name("nbd-kernel".into())
+                    .spawn(move || match server.serve_kernel(&mut s, 0, Some(&stop)) {
+                        Ok(Ended::Stopped) => Some(s),
+                        Ok(Ended::Closed) => None,
+                        Err(e) => {
+                            eprintln!("qcow2-csi: {volume}: kernel connection ended: {e}");
+                            None
+                        }
+                    })
+                    .expect("spawning a serving thread")
+            })
+            .collect();
+        Serving { stop, threads }
+    }
+
+    /// Pauses every connection (each answers what it has read) and returns their sockets,
+    /// in order, `None` for a connection that had ended.
+    fn pause(self) -> Vec<Option<UnixStream>> {
+        self.stop.store(true, Ordering::Release);
+        self.threads
+            .into_iter()
+            .map(|t| t.join().ok().flatten())
+            .collect()
+    }
+
+    /// Waits for every connection to end (after a disconnect).
+    fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sets the block queue's request timeout of `nbd{index}` (see the module's notes).
+fn set_requeue_timeout(sysfs: &Path, index: u32, after: Duration) -> Result<()> {
+    let path = sysfs.join(format!("block/nbd{index}/queue/io_timeout"));
+    let ms = after.as_millis().max(1).to_string();
+    std::fs::write(&path, &ms)
+        .map_err(|e| Error::attach(format!("setting {} to {ms}", path.display()), e.to_string()))
 }
 
 fn wait_for(path: &Path, limit: Duration) -> Result<()> {
@@ -179,18 +230,19 @@ impl KernelDevice {
         };
         let (ours, theirs): (Vec<_>, Vec<_>) = pairs(opts.connections)?.into_iter().unzip();
         // Served before CONNECT: the kernel may read the partition table at once.
-        let serving = serve(&server, ours, volume_id);
+        let serving = Serving::start(&server, ours, volume_id);
         let index = match nl.connect(&cfg, &netlink::raw_fds(&theirs)) {
             Ok(i) => i,
             Err(e) => {
                 drop(theirs); // our threads see end-of-file and stop
-                for t in serving {
-                    let _ = t.join();
-                }
+                serving.join();
                 return Err(e);
             }
         };
         drop(theirs); // the kernel holds its own references
+        if let Err(e) = set_requeue_timeout(&opts.sysfs, index, opts.requeue_after) {
+            tracing::error!(error = %e, "requests stranded by a plugin crash will wait 30 s");
+        }
         let device = opts.dev.join(format!("nbd{index}"));
         let dev = KernelDevice {
             index,
@@ -244,6 +296,9 @@ impl KernelDevice {
             &netlink::raw_fds(&theirs),
         )?;
         drop(theirs);
+        if let Err(e) = set_requeue_timeout(&opts.sysfs, index, opts.requeue_after) {
+            tracing::error!(error = %e, "requests stranded by a plugin crash will wait 30 s");
+        }
         if let Some(i) = ours
             .iter()
             .position(|s| hung_up(s, Duration::from_millis(200)))
@@ -256,7 +311,7 @@ impl KernelDevice {
                 ),
             ));
         }
-        let serving = serve(&server, ours, volume_id);
+        let serving = Serving::start(&server, ours, volume_id);
         Ok(KernelDevice {
             index,
             backend: volume_id.to_string(),
@@ -294,7 +349,7 @@ impl KernelDevice {
         };
         let (ours, theirs): (Vec<_>, Vec<_>) = pairs(opts.connections)?.into_iter().unzip();
         ioctl::configure(&*dev, &setup, &netlink::raw_fds(&theirs))?;
-        let serving = serve(&server, ours, &path.display().to_string());
+        let serving = Serving::start(&server, ours, &path.display().to_string());
         let do_it = {
             let dev = dev.clone();
             std::thread::spawn(move || {
@@ -365,10 +420,75 @@ impl KernelDevice {
                 }
             }
         }
-        for t in self.serving {
-            let _ = t.join();
-        }
+        self.serving.join();
         super::flush_volume(&self.server)
+    }
+
+    /// Pauses the device for a handover to another process: every connection answers the
+    /// requests it has read and stops reading; the kernel queues what it sends meanwhile.
+    /// Returns the device's sockets, to pass on, or to [`KernelDevice::resume`] with. Only
+    /// netlink devices outlive this process. On error nothing is paused.
+    pub fn pause(&mut self) -> Result<Vec<UnixStream>> {
+        if !self.is_netlink() {
+            return Err(Error::attach(
+                format!("handing nbd{} over", self.index),
+                "a device set up with ioctls ends with the process that runs it",
+            ));
+        }
+        let serving = std::mem::replace(
+            &mut self.serving,
+            Serving {
+                stop: Arc::default(),
+                threads: Vec::new(),
+            },
+        );
+        let paused = serving.pause();
+        if paused.iter().any(Option::is_none) {
+            let live: Vec<UnixStream> = paused.into_iter().flatten().collect();
+            self.serving = Serving::start(&self.server, live, &self.backend);
+            return Err(Error::attach(
+                format!("handing nbd{} over", self.index),
+                "one of its connections had ended",
+            ));
+        }
+        Ok(paused.into_iter().flatten().collect())
+    }
+
+    /// Serves again the sockets [`KernelDevice::pause`] returned (the handover failed).
+    pub fn resume(&mut self, sockets: Vec<UnixStream>) {
+        self.serving = Serving::start(&self.server, sockets, &self.backend);
+    }
+
+    /// Serves `nbd{index}` on `sockets` a previous process paused and passed to us (see
+    /// [`KernelDevice::pause`]): the kernel never noticed the change of server.
+    pub fn adopt(
+        server: Arc<Server>,
+        index: u32,
+        volume_id: &str,
+        sockets: Vec<UnixStream>,
+        opts: &KernelOptions,
+        transport: BoxTransport,
+    ) -> Result<KernelDevice> {
+        match backend_of(&opts.sysfs, index) {
+            Some(b) if b == volume_id => {}
+            other => {
+                return Err(Error::attach(
+                    format!("adopting nbd{index}"),
+                    format!("the device serves {other:?}, not {volume_id:?}"),
+                ));
+            }
+        }
+        let nl = Nbd::new(transport)?;
+        let serving = Serving::start(&server, sockets, volume_id);
+        Ok(KernelDevice {
+            index,
+            backend: volume_id.to_string(),
+            device: opts.dev.join(format!("nbd{index}")),
+            server,
+            serving,
+            control: Control::Netlink(nl),
+            sysfs: opts.sysfs.clone(),
+        })
     }
 }
 

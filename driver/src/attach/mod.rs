@@ -94,6 +94,24 @@ impl Attached {
         }
     }
 
+    /// Pauses a kernel netlink device for a handover (see [`KernelDevice::pause`]).
+    pub fn pause(&mut self) -> Result<Vec<std::os::unix::net::UnixStream>> {
+        match self {
+            Attached::Kernel(k) => k.pause(),
+            Attached::Fuse(_) => Err(Error::attach(
+                "handing over an nbdfuse device",
+                "an nbdfuse device ends with the process that serves it",
+            )),
+        }
+    }
+
+    /// Serves again what [`Attached::pause`] paused.
+    pub fn resume(&mut self, sockets: Vec<std::os::unix::net::UnixStream>) {
+        if let Attached::Kernel(k) = self {
+            k.resume(sockets);
+        }
+    }
+
     /// Tears the device down and flushes the volume.
     pub fn detach(self) -> Result<()> {
         match self {
@@ -225,6 +243,26 @@ impl Attacher {
         let transport = self.open_netlink()?;
         KernelDevice::reconnect(volume.server, index, volume.id, &self.kernel, transport)
             .map(Attached::Kernel)
+    }
+
+    /// Serves `/dev/nbd{index}` on the sockets a previous process paused and passed on
+    /// ([`Attached::pause`]).
+    pub fn adopt(
+        &self,
+        volume: Volume<'_>,
+        index: u32,
+        sockets: Vec<std::os::unix::net::UnixStream>,
+    ) -> Result<Attached> {
+        let transport = self.open_netlink()?;
+        KernelDevice::adopt(
+            volume.server,
+            index,
+            volume.id,
+            sockets,
+            &self.kernel,
+            transport,
+        )
+        .map(Attached::Kernel)
     }
 
     /// Disconnects the kernel devices that still name `volume_id` as their backend: what an

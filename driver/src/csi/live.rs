@@ -59,6 +59,34 @@ impl LiveImage {
         Ok(())
     }
 
+    /// Flushes and closes the image, so that another process can open it (a handover);
+    /// requests fail with EIO until [`LiveImage::reopen_at`]. Nothing may be in flight.
+    pub fn close(&self) -> Result<()> {
+        let mut g = self.current.write().unwrap_or_else(|e| e.into_inner());
+        let Some(image) = g.take() else {
+            return Ok(());
+        };
+        if let Err(e) = image.flush() {
+            *g = Some(image);
+            return Err(Error::Internal(format!("flushing before a handover: {e}")));
+        }
+        image
+            .close()
+            .map_err(|e| Error::Internal(format!("closing before a handover: {e}")))
+    }
+
+    /// Opens `path` again after [`LiveImage::close`] (a handover that did not happen).
+    pub fn reopen_at(&self, path: &Path, opts: &OpenOptions) -> Result<()> {
+        let mut g = self.current.write().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            let image = Image::open(path, opts)
+                .map_err(|e| Error::Internal(format!("reopening {}: {e}", path.display())))?;
+            self.size.store(image.size(), Ordering::SeqCst);
+            *g = Some(image);
+        }
+        Ok(())
+    }
+
     /// Swaps the image for the one at `new_head` (whose backing file is the current image's
     /// file): waits for requests in flight, flushes and closes the current image, opens the
     /// new one with `opts`. If the new one does not open, the old one is reopened from

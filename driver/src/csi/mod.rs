@@ -6,6 +6,7 @@ pub mod capability;
 pub mod client;
 pub mod controller;
 pub mod flatten;
+pub mod handoff;
 pub mod identity;
 pub mod live;
 pub mod locks;
@@ -44,6 +45,9 @@ pub struct Config {
     pub attach: crate::attach::Mode,
     /// Layers in a volume's chain past which it is flattened in the background (0: never).
     pub max_chain_depth: usize,
+    /// After SIGTERM, how long to keep serving kernel nbd devices while waiting for a new
+    /// process to take them over ([`handoff`]); then exit and leave them waiting.
+    pub handoff_wait: std::time::Duration,
 }
 
 /// The plugin's shared state: every service holds an `Arc` of it.
@@ -65,6 +69,8 @@ pub struct Plugin {
     pending: Mutex<HashSet<String>>,
     /// Volumes with a flatten running.
     flattening: Mutex<HashSet<String>>,
+    /// Handing the volumes over to a new process ([`handoff`]).
+    pub handoff: handoff::Handoff,
 }
 
 /// A layer being made ([`Plugin::pending_layer`]); no longer pending when dropped.
@@ -111,6 +117,7 @@ impl Plugin {
             attacher,
             pending: Mutex::default(),
             flattening: Mutex::default(),
+            handoff: handoff::Handoff::default(),
         }
     }
 
@@ -120,6 +127,14 @@ impl Plugin {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.to_string())
+    }
+
+    /// Flattens running now.
+    pub(crate) fn flattening(&self) -> usize {
+        self.flattening
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     pub(crate) fn end_flatten(&self, id: &str) {
@@ -152,13 +167,49 @@ impl Plugin {
     }
 
     /// Loads the state directory, collects what interrupted operations left, and takes back
-    /// the volumes a previous process staged; only then do the services answer.
+    /// the volumes a previous process staged; only then do the services answer. A plugin
+    /// process still running on this state directory hands its devices over first
+    /// ([`handoff`]).
     pub fn load(&self) -> Result<Loaded> {
-        let loaded = State::load(&self.config.state_dir).and_then(|(st, cleanup)| {
-            let recovered = self
-                .node
-                .recover(&st, &self.attacher, &self.config.state_dir)?;
-            Ok((st, Loaded { cleanup, recovered }))
+        let loaded = handoff::request(&self.config.state_dir).and_then(|mut taking| {
+            let (st, cleanup) = match State::load(&self.config.state_dir) {
+                Ok(l) => l,
+                Err(e) => {
+                    if let Some(t) = taking {
+                        t.refuse(&e.to_string());
+                    }
+                    return Err(e);
+                }
+            };
+            let recovered = self.node.recover(
+                &st,
+                &self.attacher,
+                &self.config.state_dir,
+                taking.as_mut().map(|t| &mut t.volumes),
+            );
+            if let Some(t) = taking {
+                match &recovered {
+                    Ok(r) if r.not_adopted.is_empty() => t.accept()?,
+                    Ok(r) => {
+                        let why = format!("could not take over {:?}", r.not_adopted);
+                        self.node.release(&r.adopted);
+                        t.refuse(&why);
+                        return Err(Error::Unavailable(format!(
+                            "{why}; the previous plugin process serves on"
+                        )));
+                    }
+                    Err(e) => {
+                        t.refuse(&e.to_string());
+                    }
+                }
+            }
+            Ok((
+                st,
+                Loaded {
+                    cleanup,
+                    recovered: recovered?,
+                },
+            ))
         });
         match loaded {
             Ok((st, loaded)) => {
@@ -241,6 +292,31 @@ impl Plugin {
     /// executor, counted in [`Plugin::operations`] until it ends, even if the client gives up
     /// waiting: shutdown waits for these.
     pub(crate) async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.operations.fetch_add(1, Ordering::SeqCst);
+        // Counted first, refused second: a handover that set the flag after this count
+        // waits for it, one that set it before is seen here.
+        if self.handoff.handing.load(Ordering::SeqCst) {
+            self.operations.fetch_sub(1, Ordering::SeqCst);
+            return Err(Error::Unavailable(
+                "this plugin process is handing its volumes over to a new one; retry".into(),
+            ));
+        }
+        let plugin = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let r = f();
+            plugin.operations.fetch_sub(1, Ordering::SeqCst);
+            r
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("a worker thread failed: {e}")))?
+    }
+
+    /// Like [`Plugin::blocking`], but runs even while handing over (loading the state
+    /// directory is what asks for a handover).
+    pub(crate) async fn blocking_unchecked<T: Send + 'static>(
         self: &Arc<Self>,
         f: impl FnOnce() -> Result<T> + Send + 'static,
     ) -> Result<T> {

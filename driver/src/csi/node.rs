@@ -738,6 +738,7 @@ mod tests {
                 max_volumes: 0,
                 attach: attach::Mode::Nbd,
                 max_chain_depth: 0,
+                handoff_wait: std::time::Duration::ZERO,
             };
             let attacher = Attacher::with_kernel(self.kernel.clone(), FakeKernel::door(&self.sim));
             let plugin = Arc::new(Plugin::with_attacher(config, attacher));

@@ -1,7 +1,7 @@
 //! `qcow2-csi serve`: the gRPC server on a unix socket.
 
 use std::future::Future;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,13 +64,22 @@ fn bind(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
+/// The identity of the file at `path`, if any.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
 /// How long shutdown waits for running operations before exiting anyway.
 const DRAIN_LIMIT: Duration = Duration::from_secs(120);
 
-/// Serves Identity, Controller and Node on `endpoint` until `shutdown` completes; then stops
-/// accepting, waits for running operations to finish (idle client connections do not hold
-/// it up), and removes the socket. The state directory loads in the background (Probe says
-/// not ready until it has).
+/// Serves Identity, Controller and Node on `endpoint` until `shutdown` completes or a new
+/// process takes the volumes over ([`super::handoff`]); then stops accepting, waits for
+/// running operations to finish (idle client connections do not hold it up), and removes
+/// the socket if it is still ours. The state directory loads in the background (Probe says
+/// not ready until it has). After a shutdown signal, kernel nbd devices are served on for
+/// up to [`super::Config::handoff_wait`] while a successor may come for them.
 pub async fn serve(
     plugin: Arc<Plugin>,
     endpoint: &str,
@@ -78,6 +87,7 @@ pub async fn serve(
 ) -> Result<()> {
     let path = socket_path(endpoint)?;
     let listener = bind(&path)?;
+    let ours = file_id(&path);
     tracing::info!(
         endpoint = %path.display(),
         node = %plugin.config.node_id,
@@ -88,17 +98,25 @@ pub async fn serve(
         let plugin = plugin.clone();
         tokio::spawn(async move {
             let p = plugin.clone();
-            match plugin.blocking(move || p.load()).await {
-                Ok(l) => tracing::info!(
-                    volumes = plugin.state().map(|s| s.volumes().count()).unwrap_or(0),
-                    partial_files = l.cleanup.partial_files,
-                    orphan_layers = l.cleanup.orphan_layers,
-                    reattached = l.recovered.reattached,
-                    lost = l.recovered.lost,
-                    forgotten = l.recovered.forgotten,
-                    previous_boot = l.recovered.previous_boot,
-                    "state directory loaded"
-                ),
+            match plugin.blocking_unchecked(move || p.load()).await {
+                Ok(l) => {
+                    tracing::info!(
+                        volumes = plugin.state().map(|s| s.volumes().count()).unwrap_or(0),
+                        partial_files = l.cleanup.partial_files,
+                        orphan_layers = l.cleanup.orphan_layers,
+                        reattached = l.recovered.reattached,
+                        taken_over = l.recovered.adopted.len(),
+                        thawed = l.recovered.thawed,
+                        lost = l.recovered.lost,
+                        forgotten = l.recovered.forgotten,
+                        previous_boot = l.recovered.previous_boot,
+                        "state directory loaded"
+                    );
+                    // From now on a successor can take the volumes over.
+                    if let Err(e) = super::handoff::listen(plugin.clone()) {
+                        tracing::error!(error = %e, "planned restarts will pause I/O: no handover socket");
+                    }
+                }
                 Err(e) => tracing::error!(error = %e, "the state directory failed to load"),
             }
             // Chains a previous run left deep (a flatten it did not finish).
@@ -117,11 +135,22 @@ pub async fn serve(
                 .await;
         })
     };
+    let signalled = Arc::new(tokio::sync::Notify::new());
+    {
+        let signalled = signalled.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            signalled.notify_one();
+        });
+    }
     let stopping = Arc::new(tokio::sync::Notify::new());
     let stop_serving = {
-        let stopping = stopping.clone();
+        let (stopping, signalled, plugin) = (stopping.clone(), signalled.clone(), plugin.clone());
         async move {
-            shutdown.await;
+            tokio::select! {
+                () = signalled.notified() => signalled.notify_one(), // kept for below
+                () = plugin.handoff.wait() => {}
+            }
             stopping.notify_waiters();
         }
     };
@@ -154,9 +183,31 @@ pub async fn serve(
         () = drained => Ok(()),
     };
     let _ = loader.await;
-    plugin.node.flush_all();
-    plugin.node.leave_attached();
-    let _ = std::fs::remove_file(&path);
+    // The socket is the successor's once it bound its own at the same path.
+    if file_id(&path) == ours {
+        let _ = std::fs::remove_file(&path);
+    }
+    if plugin.handoff.is_done() {
+        tracing::info!("a new plugin process serves the volumes; exiting at the next signal");
+        signalled.notified().await;
+    } else {
+        plugin.node.flush_all();
+        let wait = plugin.config.handoff_wait;
+        if plugin.node.handable() > 0 && !wait.is_zero() {
+            tracing::info!(
+                volumes = plugin.node.handable(),
+                seconds = wait.as_secs(),
+                "serving kernel nbd devices while a new plugin process may take them over"
+            );
+            if tokio::time::timeout(wait, plugin.handoff.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!("no new plugin process came: the devices wait for the next one");
+            }
+        }
+        plugin.node.leave_attached();
+    }
     result.map_err(|e| Error::Internal(format!("gRPC server: {e}")))?;
     tracing::info!("stopped");
     Ok(())

@@ -84,13 +84,18 @@ pub(super) fn freeze_head(plugin: &Plugin, id: &str) -> Result<(String, VolumeRe
             )
         };
         let opts = super::staged::head_options(layers, &staged.cap);
+        let work = super::staged::attach_dir(&plugin.config.state_dir, id);
+        // The mark lets the next process thaw the filesystem if this one ends frozen.
         let fs_frozen = staged.cap.access == AccessType::Mount
             && !staged.cap.read_only_mode
+            && super::staged::mark_frozen(&work).is_ok()
             && fsfreeze(&staged.staging, true);
+        failpoint("snapshot-while-frozen");
         let pivoted = live.pivot(&old, &new, &opts);
         if fs_frozen && !fsfreeze(&staged.staging, false) {
             tracing::error!(volume = %id, "fsfreeze -u failed: the filesystem stays frozen");
         }
+        super::staged::unmark_frozen(&work);
         if let Err(e) = pivoted {
             // Back to the old head: nothing was frozen.
             plugin.state()?.put_volume(rec)?;

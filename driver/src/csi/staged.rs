@@ -87,6 +87,13 @@ pub struct Recovered {
     pub forgotten: usize,
     /// Records from an earlier boot, dropped: their devices and mounts went with it.
     pub previous_boot: usize,
+    /// Devices handed over by a running plugin process and served on ([`super::handoff`]).
+    pub adopted: Vec<String>,
+    /// Devices handed over that could not be served.
+    pub not_adopted: Vec<String>,
+    /// Filesystems found frozen by a process that ended in the middle of a snapshot, and
+    /// thawed.
+    pub thawed: usize,
 }
 
 /// Volumes staged on this node.
@@ -143,6 +150,20 @@ impl NodeState {
         }
     }
 
+    /// Staged volumes whose device a new process could take over (kernel nbd via netlink).
+    pub fn handable(&self) -> usize {
+        self.map()
+            .values()
+            .filter(|s| {
+                s.attached
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                    .is_some_and(|a| a.reattach_index().is_some())
+            })
+            .count()
+    }
+
     /// Lets every staged volume's device outlive this process, which is about to exit: a
     /// kernel nbd device waits for the next process to take it over, and tearing down an
     /// nbdfuse one would only fail against the mounts pods still use. (Dropping an
@@ -156,16 +177,38 @@ impl NodeState {
         }
     }
 
+    /// Lets go of devices adopted in a handover that is being refused: stops serving them
+    /// and closes their heads, so that the previous process can serve them again.
+    pub(super) fn release(&self, ids: &[String]) {
+        for id in ids {
+            let Some(s) = self.map().remove(id) else {
+                continue;
+            };
+            if let Some(mut a) = s.attached.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                if let Err(e) = a.pause() {
+                    tracing::error!(volume = %id, error = %e, "releasing an adopted device");
+                }
+            }
+            if let Some(image) = &s.image
+                && let Err(e) = image.close()
+            {
+                tracing::error!(volume = %id, error = %e, "closing an adopted head");
+            }
+        }
+    }
+
     /// Takes back what a previous process staged, from the stage records: a kernel nbd
     /// device set up through netlink is still there, waiting for a server, and gets one
     /// (RECONFIGURE with fresh sockets); a device that ended with that process (nbdfuse,
     /// ioctls), or one that cannot be taken over, is kept as *lost*: listed, reported
     /// abnormal, and cleared by unpublish and unstage. Records of deleted volumes are dropped.
+    /// Devices in `incoming` (a handover) are served on the sockets given instead.
     pub fn recover(
         &self,
         state: &State,
         attacher: &Attacher,
         state_dir: &Path,
+        mut incoming: Option<&mut HashMap<String, super::handoff::Incoming>>,
     ) -> Result<Recovered> {
         let mut found = Recovered::default();
         let boot = staging::boot_id();
@@ -187,6 +230,10 @@ impl NodeState {
                 found.forgotten += 1;
                 continue;
             };
+            let handed = incoming.as_deref_mut().and_then(|m| m.remove(&id)).filter(
+                |h| matches!(rec.attachment, Attachment::Nbd { index } if index == h.index),
+            );
+            let adopting = handed.is_some();
             let taken = match rec.attachment {
                 Attachment::Nbd { index } => open_head(state, volume, &rec.capability)
                     .and_then(|image| {
@@ -196,9 +243,11 @@ impl NodeState {
                             server,
                             work_dir: &work,
                         };
-                        attacher
-                            .reattach(volume, index)
-                            .map(|attached| (image, attached))
+                        match handed {
+                            Some(h) => attacher.adopt(volume, index, h.sockets),
+                            None => attacher.reattach(volume, index),
+                        }
+                        .map(|attached| (image, attached))
                     })
                     .map_err(|e| format!("could not take nbd{index} over ({e})")),
                 Attachment::NbdIoctl => Err("a device set up through the nbd ioctls ends with \
@@ -216,9 +265,22 @@ impl NodeState {
             });
             let (image, attached, lost) = match taken {
                 Ok((image, attached)) => {
-                    tracing::info!(volume = %id, device = %rec.device.display(), "reattached");
-                    found.reattached += 1;
+                    if adopting {
+                        tracing::info!(volume = %id, device = %rec.device.display(), "took over from the previous process");
+                        found.adopted.push(id.clone());
+                    } else {
+                        tracing::info!(volume = %id, device = %rec.device.display(), "reattached");
+                        found.reattached += 1;
+                    }
+                    if thaw_if_frozen(&work, &rec.staging) {
+                        found.thawed += 1;
+                    }
                     (Some(image), Some(attached), None)
+                }
+                Err(why) if adopting => {
+                    tracing::error!(volume = %id, device = %rec.device.display(), "{why}");
+                    found.not_adopted.push(id.clone());
+                    continue;
                 }
                 Err(why) => {
                     tracing::error!(volume = %id, device = %rec.device.display(), "{why}");
@@ -246,14 +308,51 @@ impl NodeState {
     }
 }
 
-/// Opens a volume's head layer for staging: writable unless the capability is read-only,
-/// backing files confined to `layers/`.
 /// The private directory of a staged volume's attachment (the nbdfuse socket and FUSE
 /// mount): `STATE/attach/<vol-id>`.
 pub(super) fn attach_dir(state_dir: &Path, id: &str) -> PathBuf {
     state_dir.join("attach").join(id)
 }
 
+/// Marks a staged volume's filesystem as being frozen (for a snapshot) until
+/// [`thaw_if_frozen`] or [`unmark_frozen`]: a process that ends in between leaves the mark, and
+/// the next one thaws the filesystem, which would otherwise block its writers for good.
+pub(super) fn mark_frozen(work: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(work)?;
+    std::fs::write(work.join(FROZEN), b"")
+}
+
+pub(super) fn unmark_frozen(work: &Path) {
+    let _ = std::fs::remove_file(work.join(FROZEN));
+}
+
+/// The mark [`mark_frozen`] leaves.
+const FROZEN: &str = "frozen";
+
+/// Thaws the filesystem at `staging` if a previous process froze it and ended before
+/// thawing; true if it did.
+fn thaw_if_frozen(work: &Path, staging: &Path) -> bool {
+    if !work.join(FROZEN).exists() {
+        return false;
+    }
+    let out = Command::new("fsfreeze").arg("-u").arg(staging).output();
+    let thawed = out.as_ref().is_ok_and(|o| o.status.success());
+    match &out {
+        Ok(_) if thawed => {
+            tracing::warn!(staging = %staging.display(), "thawed a filesystem a previous process left frozen")
+        }
+        // Not frozen after all (the process ended before freezing it).
+        Ok(o) => {
+            tracing::info!(staging = %staging.display(), "fsfreeze -u: {}", String::from_utf8_lossy(&o.stderr).trim())
+        }
+        Err(e) => tracing::error!(staging = %staging.display(), error = %e, "fsfreeze -u"),
+    }
+    unmark_frozen(work);
+    thawed
+}
+
+/// Opens a volume's head layer for staging: writable unless the capability is read-only,
+/// backing files confined to `layers/`.
 pub(super) fn open_head(
     state: &State,
     rec: &VolumeRecord,

@@ -7,4 +7,4 @@ pub mod proto;
 pub mod server;
 
 pub use device::{BlockDevice, DeviceError, Extent};
-pub use server::{Discard, Export, Limits, Server};
+pub use server::{Discard, Ended, Export, Limits, Server};

@@ -16,6 +16,7 @@
 use std::io::{self, Read, Write};
 use std::ops::Range;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -31,6 +32,8 @@ use crate::error::Error;
 const SCRATCH_KEEP: usize = 256 << 10;
 /// Read buffer for incoming requests.
 const REQUEST_BUFFER: usize = 64 << 10;
+/// How often an idle kernel connection that may be paused looks at its stop flag.
+const STOP_POLL: Duration = Duration::from_millis(50);
 
 /// Limits of one server.
 #[derive(Debug, Clone)]
@@ -219,18 +222,35 @@ impl Server {
                 export,
                 structured,
                 contexts,
-            } => self.transmission(&mut s, export, structured, &contexts),
+            } => self
+                .transmission(&mut s, export, structured, &contexts, None)
+                .map(drop),
         }
     }
 
-    /// Serves the kernel's end of a socket pair handed to the nbd driver: no handshake (the
+    /// Serves our end of a socket pair handed to the kernel's nbd driver: no handshake (the
     /// driver was told size and flags over netlink or ioctl), simple replies only.
-    pub fn serve_kernel<S: Socket>(&self, mut s: S, export: usize) -> Result<(), Error> {
+    ///
+    /// With `stop`, the connection can be paused for a handover to another process: once
+    /// `stop` is set, the requests already read (in part or whole) are read to their end,
+    /// executed and answered, nothing further is read, and this returns
+    /// [`Ended::Stopped`] with the socket at a request boundary, so another server can go on
+    /// reading it where this one left off. The kernel meanwhile queues what it sends.
+    pub fn serve_kernel<S: Socket>(
+        &self,
+        s: &mut S,
+        export: usize,
+        stop: Option<&AtomicBool>,
+    ) -> Result<Ended, Error> {
         if export >= self.exports.len() {
             return Err(Error::Protocol(format!("no export #{export}")));
         }
         self.io_flusher();
-        self.transmission(&mut s, export, false, &[])
+        if stop.is_some() {
+            // A reader idle between requests looks at `stop` this often.
+            s.set_read_timeout(Some(STOP_POLL))?;
+        }
+        self.transmission(s, export, false, &[], stop)
     }
 
     /// The exports, in the order given.
@@ -427,7 +447,8 @@ impl Server {
         export: usize,
         structured: bool,
         contexts: &[u32],
-    ) -> Result<(), Error> {
+        stop: Option<&AtomicBool>,
+    ) -> Result<Ended, Error> {
         let exp = &self.exports[export];
         let dev = &*exp.device;
         let writer = Mutex::new(s.try_clone()?);
@@ -481,35 +502,43 @@ impl Server {
                     }
                 });
             }
-            let result = self.read_requests(&mut *s, &tx, &budget);
+            let result = self.read_requests(&mut *s, &tx, &budget, stop);
             drop(tx); // the workers finish what is queued, reply, and stop
             result
         })
     }
 
     /// The reading half of a connection: requests (and WRITE payloads) in, jobs out.
+    /// Several requests pipelined by the client come in with one read; a large WRITE
+    /// payload bypasses the buffer. Once `stop` is set, only what completes the request
+    /// under way is read, so the stream is left at a request boundary.
     fn read_requests<R: Read>(
         &self,
-        s: R,
+        mut s: R,
         jobs: &crossbeam_channel::Sender<(Request, Vec<u8>)>,
         budget: &Budget,
-    ) -> Result<(), Error> {
-        // Several requests pipelined by the client come in with one read; a large WRITE
-        // payload bypasses the buffer.
-        let mut s = io::BufReader::with_capacity(REQUEST_BUFFER, s);
-        let mut head = [0u8; REQUEST_LEN];
+        stop: Option<&AtomicBool>,
+    ) -> Result<Ended, Error> {
+        let stopping = || stop.is_some_and(|f| f.load(Ordering::Acquire));
+        let mut buf = RequestBuffer::new(REQUEST_BUFFER);
         loop {
-            match s.read_exact(&mut head) {
-                Ok(()) => {}
-                // The client went away between requests: nothing is lost.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            if buf.is_empty() && stopping() {
+                return Ok(Ended::Stopped);
+            }
+            match buf.fill_to(&mut s, REQUEST_LEN, stopping) {
+                Ok(Fill::Ready) => {}
+                Ok(Fill::Paused) => return Ok(Ended::Stopped),
+                // The client went away between requests (or within a header: nothing of
+                // that request had been acted on).
+                Ok(Fill::Eof) => return Ok(Ended::Closed),
                 Err(e) => return Err(e.into()),
             }
+            let head: [u8; REQUEST_LEN] = buf.take(REQUEST_LEN).try_into().expect("28 bytes");
             let Some(req) = Request::decode(&head) else {
                 return Err(Error::Protocol("request with a bad magic".into()));
             };
             if req.kind == cmd::DISC {
-                return Ok(()); // outstanding requests finish before the connection closes
+                return Ok(Ended::Closed); // outstanding requests finish before the close
             }
             let mut payload = Vec::new();
             if req.kind == cmd::WRITE && req.length > self.limits.max_payload {
@@ -521,13 +550,13 @@ impl Server {
             budget.acquire(charge(&req));
             if req.kind == cmd::WRITE {
                 payload.resize(req.length as usize, 0);
-                if let Err(e) = s.read_exact(&mut payload) {
+                if let Err(e) = buf.read_into(&mut s, &mut payload) {
                     budget.release(charge(&req));
                     return Err(e.into());
                 }
             }
             if jobs.send((req, payload)).is_err() {
-                return Ok(());
+                return Ok(Ended::Closed);
             }
         }
     }
@@ -689,6 +718,119 @@ fn read_reply(
     let start = data - header.len();
     buf[start..data].copy_from_slice(header);
     start..data + len
+}
+
+/// How a connection's serving ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The client disconnected (cleanly or not).
+    Closed,
+    /// Paused at a request boundary, every request read answered (see
+    /// [`Server::serve_kernel`]).
+    Stopped,
+}
+
+/// Whether a read failed only because nothing came within the socket's read timeout.
+fn idle(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
+/// What [`RequestBuffer::fill_to`] came to.
+enum Fill {
+    Ready,
+    /// The stream ended.
+    Eof,
+    /// Idle between requests with the stop flag set.
+    Paused,
+}
+
+/// Incoming bytes not yet decoded: `data[start..end]`.
+struct RequestBuffer {
+    data: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl RequestBuffer {
+    fn new(capacity: usize) -> Self {
+        Self {
+            data: vec![0; capacity],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Reads until at least `need` bytes are buffered: as much as the stream has (one read
+    /// may bring several requests), or, once `exact()` says so, no more than `need`. An
+    /// idle read is retried, unless nothing is buffered and `exact()` says to stop.
+    fn fill_to<R: Read>(
+        &mut self,
+        s: &mut R,
+        need: usize,
+        exact: impl Fn() -> bool,
+    ) -> io::Result<Fill> {
+        if self.data.len() - self.start < need {
+            self.data.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        while self.len() < need {
+            let limit = if exact() {
+                self.start + need
+            } else {
+                self.data.len()
+            };
+            match s.read(&mut self.data[self.end..limit]) {
+                Ok(0) => return Ok(Fill::Eof),
+                Ok(n) => self.end += n,
+                Err(e) if idle(&e) => {
+                    if self.is_empty() && exact() {
+                        return Ok(Fill::Paused);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Fill::Ready)
+    }
+
+    /// The next `n` buffered bytes (there must be that many).
+    fn take(&mut self, n: usize) -> &[u8] {
+        let r = &self.data[self.start..self.start + n];
+        self.start += n;
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        }
+        r
+    }
+
+    /// Fills `out` with what is buffered, then straight from the stream (never reading
+    /// past its end).
+    fn read_into<R: Read>(&mut self, s: &mut R, out: &mut [u8]) -> io::Result<()> {
+        let have = self.len().min(out.len());
+        out[..have].copy_from_slice(self.take(have));
+        let mut got = have;
+        while got < out.len() {
+            match s.read(&mut out[got..]) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => got += n,
+                Err(e) if idle(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Bytes a request holds while in flight (its payload or its read buffer).

@@ -27,7 +27,10 @@ fn runner() -> PathBuf {
 pub fn missing() -> Option<String> {
     let has = |tool: &str| {
         Command::new("sh")
-            .args(["-c", &format!("command -v {tool} || test -x /usr/sbin/{tool}")])
+            .args([
+                "-c",
+                &format!("command -v {tool} || test -x /usr/sbin/{tool}"),
+            ])
             .output()
             .is_ok_and(|o| o.status.success())
     };
