@@ -96,6 +96,8 @@ struct AttachArgs {
 enum AttachMode {
     Auto,
     Nbd,
+    /// Kernel nbd through the ioctls (kernels without the netlink family).
+    NbdIoctl,
     Nbdfuse,
 }
 
@@ -258,6 +260,7 @@ fn mode_of(m: AttachMode) -> Mode {
     match m {
         AttachMode::Auto => Mode::Auto,
         AttachMode::Nbd => Mode::Nbd,
+        AttachMode::NbdIoctl => Mode::NbdIoctl,
         AttachMode::Nbdfuse => Mode::Nbdfuse,
     }
 }

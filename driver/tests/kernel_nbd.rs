@@ -58,8 +58,8 @@ fn connected_nbds() -> Vec<String> {
     v
 }
 
-/// Mounts under `dir`, connected nbd devices and qcow2-csi processes: all must be gone at
-/// the end of a test.
+/// Mounts under `dir` and connected nbd devices: all must be gone once a test unstaged
+/// everything.
 fn leaks(dir: &Path) -> Vec<String> {
     let d = dir.display().to_string();
     let mut out: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
@@ -69,17 +69,26 @@ fn leaks(dir: &Path) -> Vec<String> {
         .map(String::from)
         .collect();
     out.extend(connected_nbds());
+    out
+}
+
+/// Stops the plugin (SIGTERM: nothing is staged, so it exits at once) and checks that no
+/// process of it, no mount and no device is left, and that every layer checks clean.
+fn finish(mut p: Plugin) {
+    assert!(p.stop().success(), "{}", p.log());
     let ps = Command::new("ps")
         .args(["-eo", "pid,args"])
         .output()
         .unwrap();
-    out.extend(
-        String::from_utf8_lossy(&ps.stdout)
-            .lines()
-            .filter(|l| l.contains("qcow2-csi serve") || l.contains("qcow2-csi attach"))
-            .map(String::from),
-    );
-    out
+    let d = p.dir.path().display().to_string();
+    let procs: Vec<String> = String::from_utf8_lossy(&ps.stdout)
+        .lines()
+        .filter(|l| l.contains(&d))
+        .map(String::from)
+        .collect();
+    assert!(procs.is_empty(), "{procs:?}");
+    assert!(leaks(p.dir.path()).is_empty(), "{:?}", leaks(p.dir.path()));
+    check_layers(&p);
 }
 
 /// Every layer of the plugin's state directory passes `qemu-img check`.
@@ -275,9 +284,8 @@ async fn restart_under_fio(how: Restart) -> FioResult {
             "{status}"
         );
     }
-    p.stop();
-    check_layers(&p);
-    assert!(leaks(p.dir.path()).is_empty(), "{:?}", leaks(p.dir.path()));
+    p.previous.clear();
+    finish(p);
     result
 }
 
@@ -329,6 +337,14 @@ fn qcow2_csi_attach_serves_dev_nbd_through_netlink() {
         return;
     }
     attach_cli("nbd");
+}
+
+#[test]
+fn qcow2_csi_attach_serves_dev_nbd_through_the_ioctls() {
+    if !uml::enter("qcow2_csi_attach_serves_dev_nbd_through_the_ioctls") {
+        return;
+    }
+    attach_cli("nbd-ioctl");
 }
 
 /// `qcow2-csi attach --mode MODE` on a fresh image: ext4 made on the device, fio writes and
@@ -393,4 +409,312 @@ fn attach_cli(mode: &str) {
         assert!(connected_nbds().is_empty(), "{:?}", connected_nbds());
     }
     assert!(leaks(dir.path()).is_empty(), "{:?}", leaks(dir.path()));
+}
+
+async fn publish(p: &Plugin, id: &str, staging: &Path, cap: &VolumeCapability) -> PathBuf {
+    let target = p.dir.path().join("pods").join(id);
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    p.node()
+        .await
+        .node_publish_volume(NodePublishVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging.display().to_string(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("publish {id}: {e}\n{}", p.log()));
+    target
+}
+
+async fn unpublish(p: &Plugin, id: &str, target: &Path) {
+    p.node()
+        .await
+        .node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: id.into(),
+            target_path: target.display().to_string(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("unpublish {id}: {e}\n{}", p.log()));
+}
+
+async fn expand(p: &Plugin, id: &str, path: &Path, size: i64) {
+    p.node()
+        .await
+        .node_expand_volume(NodeExpandVolumeRequest {
+            volume_id: id.into(),
+            volume_path: path.display().to_string(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: size,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("expand {id}: {e}\n{}", p.log()));
+}
+
+/// The size of a mounted filesystem (`df`), in bytes.
+fn fs_size(path: &Path) -> u64 {
+    sh(&format!("df -B1 --output=size {} | tail -1", path.display()))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Stage, publish, write, grow online (RECONFIGURE, then resize2fs or xfs_growfs on the
+/// mounted filesystem, or the block device alone), unpublish, unstage; stage again and read
+/// the data back.
+async fn csi_flow(fs: Option<&str>) {
+    let p = Plugin::start_with_args(&["--attach", "nbd"]).await;
+    let cap = match fs {
+        Some(fs) => mount_cap(Mode::SingleNodeWriter, fs),
+        None => block_cap(Mode::SingleNodeWriter),
+    };
+    let id = create(&p, "pvc-flow", 320 * MIB, &cap).await;
+    let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    for round in 0..2 {
+        let staging = stage(&p, &id, &cap).await;
+        let dev = staged_device(&p, &id);
+        let name = dev.trim_start_matches("/dev/");
+        assert!(name.starts_with("nbd"), "{dev}");
+        assert_eq!(
+            std::fs::read_to_string(format!("/sys/block/{name}/backend"))
+                .unwrap()
+                .trim(),
+            id
+        );
+        assert_eq!(
+            std::fs::read_to_string(format!("/sys/block/{name}/queue/io_timeout"))
+                .unwrap()
+                .trim(),
+            "1000"
+        );
+        let target = publish(&p, &id, &staging, &cap).await;
+        if round == 0 {
+            match fs {
+                Some(_) => std::fs::write(target.join("data.bin"), &payload).unwrap(),
+                None => {
+                    use std::os::unix::fs::FileExt;
+                    let f = std::fs::OpenOptions::new().write(true).open(&target).unwrap();
+                    f.write_all_at(&payload, 4096).unwrap();
+                    f.sync_all().unwrap();
+                }
+            }
+            sh("sync");
+            let before = fs.map(|_| fs_size(&target));
+            expand(&p, &id, &target, 640 * MIB).await;
+            match before {
+                Some(before) => {
+                    let after = fs_size(&target);
+                    assert!(after > before + 250 * MIB as u64, "{before} -> {after}");
+                }
+                None => assert_eq!(
+                    sh(&format!("blockdev --getsize64 {dev}")).trim(),
+                    (640 * MIB).to_string()
+                ),
+            }
+        } else {
+            let read = match fs {
+                Some(_) => std::fs::read(target.join("data.bin")).unwrap(),
+                None => {
+                    use std::os::unix::fs::FileExt;
+                    let mut b = vec![0u8; payload.len()];
+                    std::fs::File::open(&target)
+                        .unwrap()
+                        .read_exact_at(&mut b, 4096)
+                        .unwrap();
+                    b
+                }
+            };
+            assert!(read == payload, "the data did not survive unstage and stage");
+            if fs.is_some() {
+                assert!(fs_size(&target) > 500 * MIB as u64);
+            }
+        }
+        unpublish(&p, &id, &target).await;
+        unstage(&p, &id, &staging).await;
+        assert!(leaks(p.dir.path()).is_empty(), "{:?}", leaks(p.dir.path()));
+        check_layers(&p);
+    }
+    finish(p);
+}
+
+#[test]
+fn ext4_volumes_stage_publish_and_grow_online_on_kernel_nbd() {
+    if !uml::enter("ext4_volumes_stage_publish_and_grow_online_on_kernel_nbd") {
+        return;
+    }
+    rt().block_on(csi_flow(Some("ext4")));
+}
+
+#[test]
+fn xfs_volumes_stage_publish_and_grow_online_on_kernel_nbd() {
+    if !uml::enter("xfs_volumes_stage_publish_and_grow_online_on_kernel_nbd") {
+        return;
+    }
+    rt().block_on(csi_flow(Some("xfs")));
+}
+
+#[test]
+fn block_volumes_stage_publish_and_grow_online_on_kernel_nbd() {
+    if !uml::enter("block_volumes_stage_publish_and_grow_online_on_kernel_nbd") {
+        return;
+    }
+    rt().block_on(csi_flow(None));
+}
+
+async fn snapshot(p: &Plugin, id: &str, name: &str) -> Result<String, tonic::Status> {
+    p.controller()
+        .await
+        .create_snapshot(CreateSnapshotRequest {
+            source_volume_id: id.into(),
+            name: name.into(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().snapshot.unwrap().snapshot_id)
+}
+
+/// Snapshots of a staged ext4 volume under a running fio (fsfreeze, pivot), a flatten of
+/// its chain online, then a restore of the first snapshot staged beside it: fio verifies
+/// every block it wrote, and the restore holds the file written before the snapshot.
+#[test]
+fn snapshots_and_an_online_flatten_under_fio_on_kernel_nbd() {
+    if !uml::enter("snapshots_and_an_online_flatten_under_fio_on_kernel_nbd") {
+        return;
+    }
+    rt().block_on(async {
+        let p = Plugin::start_with_args(&["--attach", "nbd", "--max-chain-depth", "2"]).await;
+        let cap = mount_cap(Mode::SingleNodeWriter, "ext4");
+        let id = create(&p, "pvc-snap", 384 * MIB, &cap).await;
+        let staging = stage(&p, &id, &cap).await;
+        std::fs::write(staging.join("before"), "before the snapshots").unwrap();
+        let fio = Fio::start(&staging.join("fio.dat"), 64, &p.dir.path().join("fio.json"));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let first = snapshot(&p, &id, "snap-1").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        snapshot(&p, &id, "snap-2").await.unwrap();
+        let result = tokio::task::spawn_blocking(move || fio.finish())
+            .await
+            .unwrap();
+        assert_eq!(result.errors, 0);
+        // Three layers past the limit of two: flattened in the background, online.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !p.log().contains("flattened") {
+            assert!(Instant::now() < deadline, "no flatten:\n{}", p.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let restore = p
+            .controller()
+            .await
+            .create_volume(CreateVolumeRequest {
+                name: "pvc-restore".into(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: 384 * MIB,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![cap.clone()],
+                volume_content_source: Some(VolumeContentSource {
+                    r#type: Some(volume_content_source::Type::Snapshot(
+                        volume_content_source::SnapshotSource {
+                            snapshot_id: first.clone(),
+                        },
+                    )),
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+            .volume_id;
+        let restored = stage(&p, &restore, &cap).await;
+        assert_eq!(
+            std::fs::read_to_string(restored.join("before")).unwrap(),
+            "before the snapshots"
+        );
+        unstage(&p, &restore, &restored).await;
+        unstage(&p, &id, &staging).await;
+        finish(p);
+    });
+}
+
+/// A plugin that dies between `fsfreeze -f` and `fsfreeze -u` (a snapshot in progress)
+/// leaves the pod's filesystem frozen; the next process thaws it, and the blocked writer
+/// goes on and verifies.
+#[test]
+fn a_crash_while_the_filesystem_is_frozen_is_thawed_by_the_next_process() {
+    if !uml::enter("a_crash_while_the_filesystem_is_frozen_is_thawed_by_the_next_process") {
+        return;
+    }
+    rt().block_on(async {
+        let mut p = Plugin::start_with_args(&["--attach", "nbd"]).await;
+        p.restart_with(&[("QCOW2_CSI_FAILPOINT", "snapshot-while-frozen")])
+            .await;
+        let cap = mount_cap(Mode::SingleNodeWriter, "ext4");
+        let id = create(&p, "pvc-frozen", 256 * MIB, &cap).await;
+        let staging = stage(&p, &id, &cap).await;
+        let fio = Fio::start(&staging.join("fio.dat"), 48, &p.dir.path().join("fio.json"));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(snapshot(&p, &id, "snap").await.is_err());
+        assert!(p.wait_crash(), "the failpoint did not end the plugin");
+        // Frozen: nothing can write, and nothing thaws it without the next process.
+        let frozen = Command::new("timeout")
+            .arg("2")
+            .arg("touch")
+            .arg(staging.join("probe"))
+            .status()
+            .unwrap();
+        assert!(!frozen.success(), "the filesystem was not frozen");
+        p.restart_with(&[]).await;
+        assert!(p.log().contains("thawed a filesystem"), "{}", p.log());
+        let result = tokio::task::spawn_blocking(move || fio.finish())
+            .await
+            .unwrap();
+        assert_eq!(result.errors, 0);
+        std::fs::write(staging.join("after"), "thawed").unwrap();
+        unstage(&p, &id, &staging).await;
+        finish(p);
+    });
+}
+
+/// One storage request that takes 20 s (injected, while NodeStage mounts): the kernel waits
+/// for it (I/O timeout 0; the 1 s queue timeout only looks), nothing fails, the device stays
+/// and serves fio afterwards.
+#[test]
+fn a_20_s_storage_request_gives_no_error_and_keeps_the_device() {
+    if !uml::enter("a_20_s_storage_request_gives_no_error_and_keeps_the_device") {
+        return;
+    }
+    rt().block_on(async {
+        let mut p = Plugin::start_with_args(&["--attach", "nbd"]).await;
+        let cap = mount_cap(Mode::SingleNodeWriter, "ext4");
+        let id = create(&p, "pvc-slow", 256 * MIB, &cap).await;
+        let staging = stage(&p, &id, &cap).await;
+        unstage(&p, &id, &staging).await;
+        // The next process's first volume write takes 20 s.
+        p.restart_with(&[("QCOW2_CSI_FAILPOINT", "volume-write:sleep-once=20000")])
+            .await;
+        // Mounting writes: the first of those writes is the slow one.
+        let t = Instant::now();
+        let staging = stage(&p, &id, &cap).await;
+        assert!(t.elapsed() >= Duration::from_secs(19), "{:?}", t.elapsed());
+        let kernel_log = sh("dmesg");
+        assert!(kernel_log.contains("Possible stuck request"), "{kernel_log}");
+        assert!(!kernel_log.contains("I/O error"), "{kernel_log}");
+        let dev = staged_device(&p, &id);
+        let fio = Fio::start(&staging.join("fio.dat"), 32, &p.dir.path().join("fio.json"));
+        let result = tokio::task::spawn_blocking(move || fio.finish())
+            .await
+            .unwrap();
+        assert_eq!(result.errors, 0);
+        assert_eq!(result.writes, 8192);
+        assert!(p.log().contains("sleeping 20000 ms, once"), "{}", p.log());
+        assert!(Path::new(&dev).exists());
+        unstage(&p, &id, &staging).await;
+        finish(p);
+    });
 }

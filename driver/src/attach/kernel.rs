@@ -587,7 +587,7 @@ mod tests {
                 device_wait: Duration::from_secs(2),
                 ..KernelOptions::default()
             };
-            std::fs::create_dir_all(opts.sysfs.join("block/nbd5")).unwrap();
+            std::fs::create_dir_all(opts.sysfs.join("block/nbd5/queue")).unwrap();
             std::fs::create_dir_all(&opts.dev).unwrap();
             std::fs::write(opts.dev.join("nbd5"), "").unwrap();
             Rig {
@@ -668,6 +668,9 @@ mod tests {
         assert_eq!(u64_attr(connect, nbd::ATTR_CLIENT_FLAGS), Some(1));
         assert!(connect.windows(6).any(|w| w == b"vol-1\0"));
         assert!(attrs(&connect[20..]).all(|(k, _)| k != nbd::ATTR_INDEX));
+        // The queue's request timeout, which CONNECT reset to 30 s, is ours again.
+        let timeout = rig.opts.sysfs.join("block/nbd5/queue/io_timeout");
+        assert_eq!(std::fs::read_to_string(&timeout).unwrap(), "1000");
 
         dev.detach().unwrap();
         let disconnect = &rig.sent(nbd::CMD_DISCONNECT)[0];
@@ -755,6 +758,40 @@ mod tests {
         assert!(msg.windows(6).any(|w| w == b"vol-1\0"));
         assert_eq!(rig.kernel_io()[..512], [0xaa; 512]);
         dev.detach().unwrap();
+    }
+
+    #[test]
+    fn a_paused_device_answers_what_it_read_and_the_next_server_reads_on() {
+        let rig = Rig::new();
+        rig.set_backend("vol-1");
+        let mut dev =
+            KernelDevice::connect(rig.server.clone(), "vol-1", &rig.opts, rig.transport()).unwrap();
+        let kernel = rig.sim.lock().unwrap().held[0].try_clone().unwrap();
+        request(&kernel, cmd::WRITE, 0, &[0x11; 512], 0);
+        let mut sockets = dev.pause().unwrap();
+        assert_eq!(sockets.len(), 1);
+        // Sent while nobody reads: it waits in the socket, whole, for the next server.
+        let sent = std::thread::spawn(move || request(&kernel, cmd::READ, 0, &[], 512));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!sent.is_finished(), "a paused device answered");
+        // Another server (here: the same process again) reads it where the first stopped.
+        let s = sockets.pop().unwrap();
+        let next = KernelDevice::adopt(
+            rig.server.clone(),
+            5,
+            "vol-1",
+            vec![s],
+            &rig.opts,
+            rig.transport(),
+        )
+        .unwrap();
+        assert_eq!(sent.join().unwrap(), [0x11; 512]);
+        assert!(matches!(
+            KernelDevice::adopt(rig.server.clone(), 5, "vol-2", Vec::new(), &rig.opts, rig.transport()),
+            Err(Error::Attach { .. })
+        ));
+        drop(dev);
+        next.detach().unwrap();
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub enum Mode {
     /// The kernel's nbd driver (netlink; the ioctls where the netlink family is missing but
     /// `/dev/nbd0` exists).
     Nbd,
+    /// The kernel's nbd driver through the ioctls only (kernels without the netlink
+    /// family; such a device ends with this process and cannot grow online).
+    NbdIoctl,
     /// nbdfuse and a loop device.
     Nbdfuse,
 }
@@ -62,6 +65,7 @@ impl Attached {
     /// Which mechanism serves it.
     pub fn mode(&self) -> Mode {
         match self {
+            Attached::Kernel(k) if !k.is_netlink() => Mode::NbdIoctl,
             Attached::Kernel(_) => Mode::Nbd,
             Attached::Fuse(_) => Mode::Nbdfuse,
         }
@@ -220,6 +224,9 @@ impl Attacher {
         };
         match resolved {
             Mode::Nbdfuse => FuseDevice::attach(volume.server, volume.work_dir).map(Attached::Fuse),
+            Mode::NbdIoctl => {
+                KernelDevice::connect_ioctl(volume.server, &self.kernel).map(Attached::Kernel)
+            }
             _ => {
                 let device = match self.open_netlink().and_then(|t| {
                     KernelDevice::connect(volume.server.clone(), volume.id, &self.kernel, t)

@@ -163,6 +163,7 @@ impl BlockDevice for LiveImage {
         BlockDevice::read_at(self.image()?.get(), buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> DeviceResult {
+        super::failpoint("volume-write"); // a slow storage request, in tests
         BlockDevice::write_at(self.image()?.get(), buf, offset)
     }
     fn flush(&self) -> DeviceResult {

@@ -339,18 +339,30 @@ impl Plugin {
 
 /// Crash-test hook: when `QCOW2_CSI_FAILPOINT` names this point, the process aborts here, as
 /// a `kill -9` at that instant would (the restart tests use it); `NAME:sleep=MS` pauses here
-/// instead (the shutdown tests use it to catch an operation in flight). Costs one environment
-/// lookup.
+/// instead (the shutdown tests use it to catch an operation in flight), and
+/// `NAME:sleep-once=MS` pauses only the first time (a slow storage request). The variable is
+/// read once per process.
 pub(crate) fn failpoint(name: &str) {
-    let Some(v) = std::env::var_os("QCOW2_CSI_FAILPOINT") else {
+    static SET: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    static SLEPT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let Some(v) = SET.get_or_init(|| {
+        std::env::var_os("QCOW2_CSI_FAILPOINT").map(|v| v.to_string_lossy().into_owned())
+    }) else {
         return;
     };
-    let v = v.to_string_lossy();
-    let (point, action) = v.split_once(':').unwrap_or((&v, "abort"));
+    let (point, action) = v.split_once(':').unwrap_or((v, "abort"));
     if point != name {
         return;
     }
-    match action.strip_prefix("sleep=").and_then(|ms| ms.parse().ok()) {
+    let ms = |prefix: &str| action.strip_prefix(prefix).and_then(|ms| ms.parse().ok());
+    if let Some(ms) = ms("sleep-once=") {
+        if !SLEPT.swap(true, Ordering::SeqCst) {
+            eprintln!("qcow2-csi: failpoint {name}: sleeping {ms} ms, once");
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+        return;
+    }
+    match ms("sleep=") {
         Some(ms) => {
             eprintln!("qcow2-csi: failpoint {name}: sleeping {ms} ms");
             std::thread::sleep(std::time::Duration::from_millis(ms));

@@ -227,7 +227,7 @@ impl NodeService {
             device: dev,
             attachment: match attached.reattach_index() {
                 Some(index) => Attachment::Nbd { index },
-                None if attached.mode() == attach::Mode::Nbd => Attachment::NbdIoctl,
+                None if attached.mode() == attach::Mode::NbdIoctl => Attachment::NbdIoctl,
                 None => Attachment::Nbdfuse,
             },
             cap,
