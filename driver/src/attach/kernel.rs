@@ -787,7 +787,14 @@ mod tests {
         .unwrap();
         assert_eq!(sent.join().unwrap(), [0x11; 512]);
         assert!(matches!(
-            KernelDevice::adopt(rig.server.clone(), 5, "vol-2", Vec::new(), &rig.opts, rig.transport()),
+            KernelDevice::adopt(
+                rig.server.clone(),
+                5,
+                "vol-2",
+                Vec::new(),
+                &rig.opts,
+                rig.transport()
+            ),
             Err(Error::Attach { .. })
         ));
         drop(dev);

@@ -184,10 +184,11 @@ impl NodeState {
             let Some(s) = self.map().remove(id) else {
                 continue;
             };
-            if let Some(mut a) = s.attached.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                if let Err(e) = a.pause() {
-                    tracing::error!(volume = %id, error = %e, "releasing an adopted device");
-                }
+            let attached = s.attached.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(mut a) = attached
+                && let Err(e) = a.pause()
+            {
+                tracing::error!(volume = %id, error = %e, "releasing an adopted device");
             }
             if let Some(image) = &s.image
                 && let Err(e) = image.close()
@@ -339,11 +340,12 @@ fn thaw_if_frozen(work: &Path, staging: &Path) -> bool {
     let thawed = out.as_ref().is_ok_and(|o| o.status.success());
     match &out {
         Ok(_) if thawed => {
-            tracing::warn!(staging = %staging.display(), "thawed a filesystem a previous process left frozen")
+            tracing::warn!(staging = %staging.display(), "thawed a filesystem a previous process left frozen");
         }
         // Not frozen after all (the process ended before freezing it).
         Ok(o) => {
-            tracing::info!(staging = %staging.display(), "fsfreeze -u: {}", String::from_utf8_lossy(&o.stderr).trim())
+            let why = String::from_utf8_lossy(&o.stderr);
+            tracing::info!(staging = %staging.display(), "fsfreeze -u: {}", why.trim());
         }
         Err(e) => tracing::error!(staging = %staging.display(), error = %e, "fsfreeze -u"),
     }
