@@ -238,13 +238,17 @@ enum Restart {
     /// A new process beside the running one (a DaemonSet update with maxSurge), then
     /// SIGTERM to the old one.
     Surge,
+    /// As `Surge`, but the new process finds no handover socket (an older plugin without
+    /// handovers, say): it reports the volume lost while the old one serves it, and takes
+    /// it back once the old one has gone.
+    Overlap,
 }
 
 /// Stages an ext4 volume on kernel nbd, runs fio on it, restarts the plugin as `how` says
 /// while fio writes, and returns what fio measured; the data verifies, the volume unstages
 /// cleanly and every layer checks clean.
 async fn restart_under_fio(how: Restart) -> FioResult {
-    let mut p = Plugin::start_with_args(&["--attach", "nbd"]).await;
+    let mut p = Plugin::start_with_args(&["--attach", "nbd", "--handoff-wait", "20"]).await;
     let cap = mount_cap(Mode::SingleNodeWriter, "ext4");
     let id = create(&p, "pvc-restart", 512 * MIB, &cap).await;
     let staging = stage(&p, &id, &cap).await;
@@ -266,6 +270,14 @@ async fn restart_under_fio(how: Restart) -> FioResult {
             p.wait_ready().await;
             sh(&format!("kill -TERM {old}"));
         }
+        Restart::Overlap => {
+            let old = p.pid();
+            std::fs::remove_file(p.state.join("handoff.sock")).unwrap();
+            p.spawn(&[]);
+            p.wait_ready().await;
+            // SIGKILL: an old plugin without handovers does not wait for one either.
+            sh(&format!("kill -KILL {old}"));
+        }
     }
     p.wait_ready().await;
     eprintln!(
@@ -279,19 +291,19 @@ async fn restart_under_fio(how: Restart) -> FioResult {
     eprintln!("{how:?}: {result:?}");
     let log = p.log();
     assert!(
-        log.contains("took over") || log.contains("reattached"),
+        log.contains("took over") || log.contains("reattached") || log.contains("took back"),
         "the new plugin did not take the device over:\n{log}"
     );
     unstage(&p, &id, &staging).await;
     for old in &mut p.previous {
         let status = old.wait().unwrap();
         assert!(
-            status.success() || matches!(how, Restart::Crash),
+            status.success() || matches!(how, Restart::Crash | Restart::Overlap),
             "{status}"
         );
     }
     p.previous.clear();
-    finish(p, matches!(how, Restart::Crash));
+    finish(p, matches!(how, Restart::Crash | Restart::Overlap));
     result
 }
 
@@ -333,6 +345,20 @@ fn a_surge_restart_under_fio_stalls_writes_at_most_1_s() {
     assert!(
         r.max_write_latency <= Duration::from_secs(1),
         "a write waited {:?} across a surge restart",
+        r.max_write_latency
+    );
+}
+
+#[test]
+fn an_overlap_without_a_handover_heals_within_5_s() {
+    if !uml::enter("an_overlap_without_a_handover_heals_within_5_s") {
+        return;
+    }
+    let r = rt().block_on(restart_under_fio(Restart::Overlap));
+    assert_eq!(r.errors, 0);
+    assert!(
+        r.max_write_latency <= Duration::from_secs(5),
+        "a write waited {:?} across an overlap without a handover",
         r.max_write_latency
     );
 }

@@ -116,6 +116,7 @@ pub async fn serve(
                     if let Err(e) = super::handoff::listen(plugin.clone()) {
                         tracing::error!(error = %e, "planned restarts will pause I/O: no handover socket");
                     }
+                    super::staged::start_healer(plugin.clone());
                 }
                 Err(e) => tracing::error!(error = %e, "the state directory failed to load"),
             }

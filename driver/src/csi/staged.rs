@@ -309,6 +309,96 @@ impl NodeState {
     }
 }
 
+/// Every second, takes back the kernel nbd devices of volumes reported lost whose device
+/// still names them: a process that served them ended after this one loaded (an older
+/// plugin without handovers beside this one during an upgrade, a handover that failed
+/// halfway). Ends when this process hands its volumes over.
+pub(super) fn start_healer(plugin: std::sync::Arc<super::Plugin>) {
+    let spawned = std::thread::Builder::new()
+        .name("heal".into())
+        .spawn(move || {
+            while !plugin.handoff.is_done() {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                heal(&plugin);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "lost volumes will not be taken back");
+    }
+}
+
+/// One pass of [`start_healer`]; returns how many volumes it took back.
+pub(super) fn heal(plugin: &super::Plugin) -> usize {
+    let lost: Vec<(Arc<Staged>, u32)> = plugin
+        .node
+        .map()
+        .values()
+        .filter(|s| s.lost.is_some())
+        .filter_map(|s| match s.attachment {
+            Attachment::Nbd { index } => Some((s.clone(), index)),
+            _ => None,
+        })
+        .collect();
+    let mut healed = 0;
+    for (s, index) in lost {
+        let id = &s.volume_id;
+        let backend = plugin
+            .attacher
+            .kernel
+            .sysfs
+            .join(format!("block/nbd{index}/backend"));
+        if std::fs::read_to_string(&backend)
+            .ok()
+            .as_deref()
+            .map(str::trim)
+            != Some(id.as_str())
+        {
+            continue;
+        }
+        // Unpublish, unstage and snapshots hold it: try again next time.
+        let Ok(_held) = plugin.locks.try_lock(id.clone()) else {
+            continue;
+        };
+        let opened = (|| {
+            let st = plugin.state()?;
+            let rec = st
+                .volume(id)
+                .ok_or_else(|| Error::NotFound(format!("no volume {id:?}")))?;
+            open_layer(st.layers_dir(), &st.layer_path(&rec.head), &s.cap)
+        })();
+        // Still held by the process that serves it: not lost after all, not yet.
+        let Ok(image) = opened else { continue };
+        let work = attach_dir(&plugin.config.state_dir, id);
+        let volume = Volume {
+            id,
+            server: serve_image(id, image.clone()),
+            work_dir: &work,
+        };
+        match plugin.attacher.reattach(volume, index) {
+            Ok(attached) => {
+                tracing::warn!(volume = %id, device = %s.device.display(), "took back a device whose server had gone");
+                thaw_if_frozen(&work, &s.staging);
+                let healed_one = Staged {
+                    volume_id: id.clone(),
+                    staging: s.staging.clone(),
+                    cap: s.cap.clone(),
+                    device: s.device.clone(),
+                    attachment: s.attachment,
+                    image: Some(image),
+                    attached: Mutex::new(Some(attached)),
+                    lost: None,
+                    published: Mutex::new(s.published().clone()),
+                    boot_id: s.boot_id.clone(),
+                };
+                plugin.node.map().insert(id.clone(), Arc::new(healed_one));
+                healed += 1;
+            }
+            Err(e) => tracing::debug!(volume = %id, error = %e, "not taken back yet"),
+        }
+    }
+    healed
+}
+
 /// The private directory of a staged volume's attachment (the nbdfuse socket and FUSE
 /// mount): `STATE/attach/<vol-id>`.
 pub(super) fn attach_dir(state_dir: &Path, id: &str) -> PathBuf {
