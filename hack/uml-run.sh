@@ -42,7 +42,10 @@ fi
 
 # The run directory must be on the host's filesystem, which the kernel sees as its root.
 run=$(mktemp -d "${TMPDIR:-/tmp}/uml-run.XXXXXX")
-trap 'rm -rf "$run"' EXIT
+# However this script ends (a test runner's timeout kills it), the kernel ends with it.
+stop_kernel() { pkill -KILL -f "init=$run/init" 2>/dev/null || true; }
+trap 'stop_kernel; rm -rf "$run"' EXIT
+trap 'exit 125' TERM INT HUP
 printf '%q ' "$@" >"$run/command"
 : >"$run/env"
 for e in "${envs[@]}"; do printf '%q\n' "$e" >>"$run/env"; done
@@ -74,9 +77,10 @@ cd $(printf '%q' "$PWD")
 ) >$run/out.log 2>&1 </dev/null
 echo \$? >$run/rc.tmp
 dmesg >$run/kernel.log 2>&1
-sync
+# Only the host's filesystem: a plain sync would wait on a device whose server is gone.
+sync -f $run/rc.tmp
 mv $run/rc.tmp $run/rc
-sync
+sync -f $run/rc
 halt -f
 EOF
 chmod +x "$run/init"

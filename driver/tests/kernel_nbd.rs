@@ -191,6 +191,7 @@ impl Fio {
                 "--verify_fatal=1",
                 "--do_verify=1",
                 "--output-format=json",
+                "--verify_state_save=0",
             ])
             .arg(format!("--filename={}", file.display()))
             .arg(format!("--size={size_mib}M"))
@@ -280,6 +281,26 @@ async fn restart_under_fio(how: Restart) -> FioResult {
         }
     }
     p.wait_ready().await;
+    // The old process is gone while fio still writes: the stall measured spans the whole
+    // change of server.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut olds = std::mem::take(&mut p.previous);
+    for old in &mut olds {
+        while old.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the old plugin still runs 10 s after the restart:\n{}",
+                p.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    p.previous = olds;
+    let mut fio = fio;
+    assert!(
+        fio.child.try_wait().unwrap().is_none(),
+        "fio ended before the restart did"
+    );
     eprintln!(
         "{how:?}: the new plugin was ready {:?} after the restart began, {:?} into fio",
         restarted.elapsed(),
@@ -296,7 +317,7 @@ async fn restart_under_fio(how: Restart) -> FioResult {
     );
     unstage(&p, &id, &staging).await;
     for old in &mut p.previous {
-        let status = old.wait().unwrap();
+        let status = old.try_wait().unwrap().expect("exited");
         assert!(
             status.success() || matches!(how, Restart::Crash | Restart::Overlap),
             "{status}"
@@ -421,7 +442,7 @@ fn attach_cli(mode: &str) {
         sh(&format!("mount {dev} {}", mnt.display()));
         if round == 0 {
             sh(&format!(
-                "fio --name=v --filename={}/f --size=32M --rw=randwrite --bs=4k --iodepth=8 \
+                "fio --name=v --filename={}/f --size=32M --rw=randwrite --bs=4k --iodepth=8 --verify_state_save=0 \
                  --ioengine=libaio --direct=1 --verify=crc32c --verify_fatal=1 >/dev/null",
                 mnt.display()
             ));
@@ -429,7 +450,7 @@ fn attach_cli(mode: &str) {
         } else {
             assert_eq!(std::fs::read_to_string(mnt.join("hello")).unwrap(), "hello");
             sh(&format!(
-                "fio --name=v --filename={}/f --size=32M --rw=randwrite --bs=4k \
+                "fio --name=v --filename={}/f --size=32M --rw=randwrite --bs=4k --verify_state_save=0 \
                  --verify=crc32c --verify_only=1 >/dev/null",
                 mnt.display()
             ));
