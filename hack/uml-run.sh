@@ -43,8 +43,7 @@ fi
 # The run directory must be on the host's filesystem, which the kernel sees as its root.
 run=$(mktemp -d "${TMPDIR:-/tmp}/uml-run.XXXXXX")
 # However this script ends (a test runner's timeout kills it), the kernel ends with it.
-stop_kernel() { pkill -KILL -f "init=$run/init" 2>/dev/null || true; }
-trap 'stop_kernel; rm -rf "$run"' EXIT
+trap 'pkill -KILL -f "init=$run/init" 2>/dev/null || true; rm -rf "$run"' EXIT
 trap 'exit 125' TERM INT HUP
 printf '%q ' "$@" >"$run/command"
 : >"$run/env"
