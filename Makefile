@@ -23,9 +23,10 @@ bench: ## Engine vs QEMU qcow2 vs raw file, side by side (needs qemu-utils and f
 	$(CARGO) build --release -p qcow2-engine
 	./hack/bench.py $(BENCH_ARGS)
 
-bench-nbd: ## qcow2-csi nbd vs qemu-nbd with fio's nbd engine and nbdcopy (needs qemu-utils, fio, libnbd-bin)
+bench-nbd: ## qcow2-csi nbd vs qemu-nbd (fio's nbd engine, nbdcopy), then kernel nbd vs qemu-nbd -c in user-mode Linux (needs qemu-utils, fio, libnbd-bin, user-mode-linux)
 	$(CARGO) build --release -p qcow2-csi
 	./hack/bench_nbd.py $(BENCH_ARGS)
+	./hack/bench_kernel.py $(BENCH_ARGS)
 
 bench-snapshot: ## CSI CreateSnapshot/restore latency vs qemu-img create -b and a full copy (needs qemu-utils)
 	./hack/bench-snapshot.sh

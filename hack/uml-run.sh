@@ -60,6 +60,7 @@ export PATH
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t tmpfs -o mode=0755 run /run
+mkdir -p /run/lock
 mkdir -p /dev/shm && mount -t tmpfs shm /dev/shm
 [ -e /dev/nbd0 ] || mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
 modules=/usr/lib/uml/modules/\$(uname -r)/kernel/drivers/block

@@ -232,6 +232,8 @@ impl Fio {
 /// How the plugin is restarted while fio writes.
 #[derive(Debug, Clone, Copy)]
 enum Restart {
+    /// No restart (the control).
+    Nothing,
     /// `kill -9`, then a new process.
     Crash,
     /// SIGTERM, then a new process (the old one serves on until it has handed over).
@@ -257,6 +259,7 @@ async fn restart_under_fio(how: Restart) -> FioResult {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let restarted = Instant::now();
     match how {
+        Restart::Nothing => {}
         Restart::Crash => {
             p.kill9();
             p.spawn(&[]);
@@ -311,8 +314,14 @@ async fn restart_under_fio(how: Restart) -> FioResult {
         .unwrap();
     eprintln!("{how:?}: {result:?}");
     let log = p.log();
+    for line in log.lines().filter(|l| l.contains("handed the volumes over")) {
+        eprintln!("{how:?}: {line}");
+    }
     assert!(
-        log.contains("took over") || log.contains("reattached") || log.contains("took back"),
+        matches!(how, Restart::Nothing)
+            || log.contains("took over")
+            || log.contains("reattached")
+            || log.contains("took back"),
         "the new plugin did not take the device over:\n{log}"
     );
     unstage(&p, &id, &staging).await;
@@ -326,6 +335,18 @@ async fn restart_under_fio(how: Restart) -> FioResult {
     p.previous.clear();
     finish(p, matches!(how, Restart::Crash | Restart::Overlap));
     result
+}
+
+/// The control: the same fio run with no restart, for what a write's latency is anyway in
+/// the user-mode kernel.
+#[test]
+fn fio_verifies_on_kernel_nbd_without_a_restart() {
+    if !uml::enter("fio_verifies_on_kernel_nbd_without_a_restart") {
+        return;
+    }
+    let r = rt().block_on(restart_under_fio(Restart::Nothing));
+    assert_eq!(r.errors, 0);
+    assert_eq!(r.writes, 24576);
 }
 
 #[test]

@@ -6,18 +6,20 @@
 //!
 //! 1. `Hello` (new → old). The old process stops taking RPCs (they get UNAVAILABLE) and waits
 //!    for the ones running and any flatten to end, so nothing changes the state directory
-//!    under the new process.
-//! 2. The old process pauses every kernel nbd device: each connection answers the requests
+//!    under the new process; then it says `Quiet`.
+//! 2. The new process loads the state directory (the volumes' I/O goes on meanwhile) and
+//!    says `Ready`.
+//! 3. The old process pauses every kernel nbd device: each connection answers the requests
 //!    it has read and stops reading at a request boundary (the kernel queues what it sends
 //!    meanwhile), and each head image is flushed and closed. `Offer` lists the devices, and
 //!    one `Sockets` message per device carries its sockets (`SCM_RIGHTS`).
-//! 3. The new process loads the state directory, opens the heads and serves the sockets it
-//!    was given; it answers `Accept`, or `Refuse` after letting go of all of them.
-//! 4. On `Accept` the old process closes its copies, answers `Done`, stops its gRPC server
+//! 4. The new process opens the heads and serves the sockets it was given; it answers
+//!    `Accept`, or `Refuse` after letting go of all of them.
+//! 5. On `Accept` the old process closes its copies, answers `Done`, stops its gRPC server
 //!    and waits for SIGTERM; on `Refuse` or a broken connection it reopens the heads and
 //!    serves the devices again.
 //!
-//! A pod's I/O waits only for the pause, the closes and the opens: milliseconds. Devices that
+//! A pod's I/O waits only for steps 3 and 4: the pause, the closes and the opens. Devices that
 //! cannot move (nbdfuse, ioctls) stay with the old process until it exits.
 
 use std::collections::HashMap;
@@ -56,6 +58,10 @@ enum Msg {
     Hello {
         pid: u32,
     },
+    /// Nothing changes the state directory any more.
+    Quiet,
+    /// The new process loaded it and asks for the devices.
+    Ready,
     Offer {
         volumes: Vec<Offered>,
     },
@@ -183,41 +189,59 @@ pub fn request(state_dir: &Path) -> Result<Option<Taking>> {
         },
         &[],
     )?;
-    let offered = match recv(&conn)?.0 {
-        Msg::Offer { volumes } => volumes,
+    match recv(&conn)?.0 {
+        Msg::Quiet => {}
         Msg::Busy { why } => {
             return Err(Error::Unavailable(format!(
                 "the running plugin cannot hand over now: {why}"
             )));
         }
         other => return Err(Error::Internal(format!("handover: unexpected {other:?}"))),
-    };
-    let mut volumes = HashMap::new();
-    for o in offered {
-        let (msg, fds) = recv(&conn)?;
-        match msg {
-            Msg::Sockets { volume } if volume == o.volume && fds.len() == o.sockets => {}
-            other => {
-                return Err(Error::Internal(format!(
-                    "handover: expected {} sockets of {}, got {other:?} with {}",
-                    o.sockets,
-                    o.volume,
-                    fds.len()
-                )));
-            }
-        }
-        volumes.insert(
-            o.volume,
-            Incoming {
-                index: o.index,
-                sockets: fds.into_iter().map(UnixStream::from).collect(),
-            },
-        );
     }
-    Ok(Some(Taking { conn, volumes }))
+    Ok(Some(Taking {
+        conn,
+        volumes: HashMap::new(),
+    }))
 }
 
 impl Taking {
+    /// Asks for the devices (the state directory is loaded): the old process pauses them
+    /// and passes them on, into [`Taking::volumes`].
+    pub fn ready(&mut self) -> Result<()> {
+        send(&self.conn, &Msg::Ready, &[])?;
+        let offered = match recv(&self.conn)?.0 {
+            Msg::Offer { volumes } => volumes,
+            Msg::Busy { why } => {
+                return Err(Error::Unavailable(format!(
+                    "the running plugin cannot hand over now: {why}"
+                )));
+            }
+            other => return Err(Error::Internal(format!("handover: unexpected {other:?}"))),
+        };
+        for o in offered {
+            let (msg, fds) = recv(&self.conn)?;
+            match msg {
+                Msg::Sockets { volume } if volume == o.volume && fds.len() == o.sockets => {}
+                other => {
+                    return Err(Error::Internal(format!(
+                        "handover: expected {} sockets of {}, got {other:?} with {}",
+                        o.sockets,
+                        o.volume,
+                        fds.len()
+                    )));
+                }
+            }
+            self.volumes.insert(
+                o.volume,
+                Incoming {
+                    index: o.index,
+                    sockets: fds.into_iter().map(UnixStream::from).collect(),
+                },
+            );
+        }
+        Ok(())
+    }
+
     /// Tells the old process the devices are ours now; waits for it to let go.
     pub fn accept(self) -> Result<()> {
         send(&self.conn, &Msg::Accept, &[])?;
@@ -297,13 +321,27 @@ fn give(plugin: &Arc<Plugin>, conn: &UnixStream) -> Result<bool> {
         Msg::Hello { pid } => pid,
         other => return Err(Error::Internal(format!("handover: unexpected {other:?}"))),
     };
-    let started = Instant::now();
     tracing::info!(successor = pid, "a new plugin process asks for the volumes");
     if let Err(why) = quiesce(plugin) {
         plugin.handoff.handing.store(false, Ordering::SeqCst);
         send(conn, &Msg::Busy { why: why.clone() }, &[])?;
         return Err(Error::Unavailable(why));
     }
+    // The successor loads the state directory while the volumes' I/O goes on here.
+    let loaded = send(conn, &Msg::Quiet, &[]).and_then(|()| {
+        conn.set_read_timeout(Some(REPLY_LIMIT))?;
+        recv(conn)
+    });
+    match loaded {
+        Ok((Msg::Ready, _)) => {}
+        other => {
+            plugin.handoff.handing.store(false, Ordering::SeqCst);
+            return Err(Error::Internal(format!(
+                "handover: the successor did not get ready: {other:?}"
+            )));
+        }
+    }
+    let started = Instant::now();
     let paused = match pause_all(plugin) {
         Ok(p) => p,
         Err(e) => {
@@ -354,7 +392,7 @@ fn give(plugin: &Arc<Plugin>, conn: &UnixStream) -> Result<bool> {
             tracing::info!(
                 successor = pid,
                 volumes = ids.len(),
-                ms = started.elapsed().as_millis() as u64,
+                paused_ms = started.elapsed().as_millis() as u64,
                 "handed the volumes over"
             );
             Ok(true)

@@ -181,6 +181,14 @@ impl Plugin {
                     return Err(e);
                 }
             };
+            if let Some(t) = taking.as_mut()
+                && let Err(e) = t.ready()
+            {
+                if let Some(t) = taking {
+                    t.refuse(&e.to_string());
+                }
+                return Err(e);
+            }
             let recovered = self.node.recover(
                 &st,
                 &self.attacher,
