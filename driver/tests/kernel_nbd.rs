@@ -314,7 +314,10 @@ async fn restart_under_fio(how: Restart) -> FioResult {
         .unwrap();
     eprintln!("{how:?}: {result:?}");
     let log = p.log();
-    for line in log.lines().filter(|l| l.contains("handed the volumes over")) {
+    for line in log
+        .lines()
+        .filter(|l| l.contains("handed the volumes over"))
+    {
         eprintln!("{how:?}: {line}");
     }
     assert!(
@@ -337,6 +340,21 @@ async fn restart_under_fio(how: Restart) -> FioResult {
     result
 }
 
+/// Runs [`restart_under_fio`] inside the kernel (test `name`): no I/O error, and no write
+/// waited longer than `limit`.
+fn stall_at_most(name: &str, how: Restart, limit: Duration) {
+    if !uml::enter(name) {
+        return;
+    }
+    let r = rt().block_on(restart_under_fio(how));
+    assert_eq!(r.errors, 0);
+    assert!(
+        r.max_write_latency <= limit,
+        "a write waited {:?} across {how:?}",
+        r.max_write_latency
+    );
+}
+
 /// The control: the same fio run with no restart, for what a write's latency is anyway in
 /// the user-mode kernel.
 #[test]
@@ -351,57 +369,37 @@ fn fio_verifies_on_kernel_nbd_without_a_restart() {
 
 #[test]
 fn a_crash_under_fio_stalls_writes_at_most_5_s() {
-    if !uml::enter("a_crash_under_fio_stalls_writes_at_most_5_s") {
-        return;
-    }
-    let r = rt().block_on(restart_under_fio(Restart::Crash));
-    assert_eq!(r.errors, 0);
-    assert!(
-        r.max_write_latency <= Duration::from_secs(5),
-        "a write waited {:?} across a crash",
-        r.max_write_latency
+    stall_at_most(
+        "a_crash_under_fio_stalls_writes_at_most_5_s",
+        Restart::Crash,
+        Duration::from_secs(5),
     );
 }
 
 #[test]
 fn a_planned_restart_under_fio_stalls_writes_at_most_1_s() {
-    if !uml::enter("a_planned_restart_under_fio_stalls_writes_at_most_1_s") {
-        return;
-    }
-    let r = rt().block_on(restart_under_fio(Restart::Planned));
-    assert_eq!(r.errors, 0);
-    assert!(
-        r.max_write_latency <= Duration::from_secs(1),
-        "a write waited {:?} across a planned restart",
-        r.max_write_latency
+    stall_at_most(
+        "a_planned_restart_under_fio_stalls_writes_at_most_1_s",
+        Restart::Planned,
+        Duration::from_secs(1),
     );
 }
 
 #[test]
 fn a_surge_restart_under_fio_stalls_writes_at_most_1_s() {
-    if !uml::enter("a_surge_restart_under_fio_stalls_writes_at_most_1_s") {
-        return;
-    }
-    let r = rt().block_on(restart_under_fio(Restart::Surge));
-    assert_eq!(r.errors, 0);
-    assert!(
-        r.max_write_latency <= Duration::from_secs(1),
-        "a write waited {:?} across a surge restart",
-        r.max_write_latency
+    stall_at_most(
+        "a_surge_restart_under_fio_stalls_writes_at_most_1_s",
+        Restart::Surge,
+        Duration::from_secs(1),
     );
 }
 
 #[test]
 fn an_overlap_without_a_handover_heals_within_5_s() {
-    if !uml::enter("an_overlap_without_a_handover_heals_within_5_s") {
-        return;
-    }
-    let r = rt().block_on(restart_under_fio(Restart::Overlap));
-    assert_eq!(r.errors, 0);
-    assert!(
-        r.max_write_latency <= Duration::from_secs(5),
-        "a write waited {:?} across an overlap without a handover",
-        r.max_write_latency
+    stall_at_most(
+        "an_overlap_without_a_handover_heals_within_5_s",
+        Restart::Overlap,
+        Duration::from_secs(5),
     );
 }
 

@@ -311,8 +311,22 @@ impl KernelDevice {
                 ),
             ));
         }
-        let serving = Serving::start(&server, ours, volume_id);
-        Ok(KernelDevice {
+        Ok(Self::serving_netlink(
+            server, index, volume_id, ours, opts, nl,
+        ))
+    }
+
+    /// A netlink device `nbd{index}` of `volume_id`, served on `sockets` from now on.
+    fn serving_netlink(
+        server: Arc<Server>,
+        index: u32,
+        volume_id: &str,
+        sockets: Vec<UnixStream>,
+        opts: &KernelOptions,
+        nl: Nbd<BoxTransport>,
+    ) -> KernelDevice {
+        let serving = Serving::start(&server, sockets, volume_id);
+        KernelDevice {
             index,
             backend: volume_id.to_string(),
             device: opts.dev.join(format!("nbd{index}")),
@@ -320,7 +334,7 @@ impl KernelDevice {
             serving,
             control: Control::Netlink(nl),
             sysfs: opts.sysfs.clone(),
-        })
+        }
     }
 
     /// Attaches through the ioctls on the first free pre-created device.
@@ -479,16 +493,9 @@ impl KernelDevice {
             }
         }
         let nl = Nbd::new(transport)?;
-        let serving = Serving::start(&server, sockets, volume_id);
-        Ok(KernelDevice {
-            index,
-            backend: volume_id.to_string(),
-            device: opts.dev.join(format!("nbd{index}")),
-            server,
-            serving,
-            control: Control::Netlink(nl),
-            sysfs: opts.sysfs.clone(),
-        })
+        Ok(Self::serving_netlink(
+            server, index, volume_id, sockets, opts, nl,
+        ))
     }
 }
 

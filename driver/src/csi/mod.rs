@@ -312,14 +312,7 @@ impl Plugin {
                 "this plugin process is handing its volumes over to a new one; retry".into(),
             ));
         }
-        let plugin = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let r = f();
-            plugin.operations.fetch_sub(1, Ordering::SeqCst);
-            r
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("a worker thread failed: {e}")))?
+        self.run_counted(f).await
     }
 
     /// Like [`Plugin::blocking`], but runs even while handing over (loading the state
@@ -329,6 +322,15 @@ impl Plugin {
         f: impl FnOnce() -> Result<T> + Send + 'static,
     ) -> Result<T> {
         self.operations.fetch_add(1, Ordering::SeqCst);
+        self.run_counted(f).await
+    }
+
+    /// Runs `f` off the executor; it was counted in [`Plugin::operations`] by the caller
+    /// and is uncounted when it ends.
+    async fn run_counted<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let plugin = self.clone();
         tokio::task::spawn_blocking(move || {
             let r = f();
