@@ -55,8 +55,16 @@ class Attached:
                 sys.exit(f"bench_kernel: qcow2-csi attach printed {self.dev!r}")
         else:
             self.dev = "/dev/nbd15"
-            sh(["qemu-nbd", "-c", self.dev, "-f", "qcow2", "--cache=writeback",
-                "--aio=threads", image], stderr=subprocess.DEVNULL)
+            # The device of the previous run may still be settling: try again for a while.
+            for attempt in range(50):
+                r = subprocess.run(["qemu-nbd", "-c", self.dev, "-f", "qcow2",
+                                    "--cache=writeback", "--aio=threads", image],
+                                   capture_output=True, text=True)
+                if r.returncode == 0:
+                    break
+                time.sleep(0.1)
+            else:
+                sys.exit(f"bench_kernel: qemu-nbd -c failed: {r.stderr.strip()}")
             name = os.path.basename(self.dev)
             deadline = time.monotonic() + 10
             while not os.path.exists(f"/sys/block/{name}/pid"):
