@@ -54,7 +54,7 @@ class Attached:
             if not self.dev.startswith("/dev/nbd"):
                 sys.exit(f"bench_kernel: qcow2-csi attach printed {self.dev!r}")
         else:
-            self.dev = "/dev/nbd15"
+            self.dev = free_nbd()
             # The device of the previous run may still be settling: try again for a while.
             for attempt in range(50):
                 r = subprocess.run(["qemu-nbd", "-c", self.dev, "-f", "qcow2",
@@ -81,6 +81,16 @@ class Attached:
             name = os.path.basename(self.dev)
             while os.path.exists(f"/sys/block/{name}/pid"):
                 time.sleep(0.02)
+
+
+def free_nbd():
+    """A pre-created nbd device nobody uses, the highest-numbered one (ours are destroyed
+    on detach, lowest first: qemu-nbd -c needs an existing node)."""
+    free = [int(d[3:]) for d in os.listdir("/sys/block") if d.startswith("nbd")
+            and not os.path.exists(f"/sys/block/{d}/pid") and os.path.exists(f"/dev/{d}")]
+    if not free:
+        sys.exit("bench_kernel: no free nbd device for qemu-nbd -c")
+    return f"/dev/nbd{max(free)}"
 
 
 def fio(dev, rw, bs, qd, runtime):
@@ -112,6 +122,10 @@ def one(kind, workload, ours_bin, n, runtime, work):
 
 
 def inside(args):
+    # Enough pre-created devices for every run (each of ours is destroyed on detach).
+    module = f"/usr/lib/uml/modules/{os.uname().release}/kernel/drivers/block/nbd.ko"
+    sh(["rmmod", "nbd"])
+    sh(["insmod", module, "nbds_max=128"])
     work = tempfile.mkdtemp(prefix="bench-kernel.", dir=args.dir)
     rows = []
     n = 0
