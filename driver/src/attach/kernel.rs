@@ -179,12 +179,18 @@ impl Serving {
     }
 }
 
-/// Sets the block queue's request timeout of `nbd{index}` (see the module's notes).
-fn set_requeue_timeout(sysfs: &Path, index: u32, after: Duration) -> Result<()> {
+/// Sets the block queue's request timeout of `nbd{index}` (see the module's notes); a
+/// failure is logged, not fatal (the device works, only crash recovery is slower).
+fn set_requeue_timeout(sysfs: &Path, index: u32, after: Duration) {
     let path = sysfs.join(format!("block/nbd{index}/queue/io_timeout"));
     let ms = after.as_millis().max(1).to_string();
-    std::fs::write(&path, &ms)
-        .map_err(|e| Error::attach(format!("setting {} to {ms}", path.display()), e.to_string()))
+    if let Err(e) = std::fs::write(&path, &ms) {
+        tracing::error!(
+            path = %path.display(),
+            error = %e,
+            "setting the request timeout failed: requests stranded by a plugin crash will wait 30 s"
+        );
+    }
 }
 
 fn wait_for(path: &Path, limit: Duration) -> Result<()> {
@@ -240,9 +246,7 @@ impl KernelDevice {
             }
         };
         drop(theirs); // the kernel holds its own references
-        if let Err(e) = set_requeue_timeout(&opts.sysfs, index, opts.requeue_after) {
-            tracing::error!(error = %e, "requests stranded by a plugin crash will wait 30 s");
-        }
+        set_requeue_timeout(&opts.sysfs, index, opts.requeue_after);
         let device = opts.dev.join(format!("nbd{index}"));
         let dev = KernelDevice {
             index,
@@ -296,9 +300,7 @@ impl KernelDevice {
             &netlink::raw_fds(&theirs),
         )?;
         drop(theirs);
-        if let Err(e) = set_requeue_timeout(&opts.sysfs, index, opts.requeue_after) {
-            tracing::error!(error = %e, "requests stranded by a plugin crash will wait 30 s");
-        }
+        set_requeue_timeout(&opts.sysfs, index, opts.requeue_after);
         if let Some(i) = ours
             .iter()
             .position(|s| hung_up(s, Duration::from_millis(200)))

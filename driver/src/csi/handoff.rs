@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -267,16 +267,7 @@ impl Taking {
 
 /// Binds the handover socket (replacing a stale one; never another kind of file).
 fn bind(path: &Path) -> Result<UnixListener> {
-    match std::fs::symlink_metadata(path) {
-        Ok(md) if md.file_type().is_socket() => std::fs::remove_file(path)?,
-        Ok(_) => {
-            return Err(Error::Internal(format!(
-                "{} exists and is not a socket",
-                path.display()
-            )));
-        }
-        Err(_) => {}
-    }
+    super::serve::remove_stale_socket(path)?;
     let l = UnixListener::bind(path)
         .map_err(|e| Error::Internal(format!("listening on {}: {e}", path.display())))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
@@ -284,7 +275,7 @@ fn bind(path: &Path) -> Result<UnixListener> {
 }
 
 /// Old process: listens for a successor until one takes the volumes over; then tells the
-/// plugin ([`Plugin::handed_over`]).
+/// plugin ([`Handoff::wait`]). A handover that did not happen takes operations again.
 pub fn listen(plugin: Arc<Plugin>) -> Result<()> {
     let path = socket_path(&plugin.config.state_dir);
     let listener = bind(&path)?;
@@ -293,13 +284,14 @@ pub fn listen(plugin: Arc<Plugin>) -> Result<()> {
         .spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                match give(&plugin, &conn) {
-                    Ok(true) => {
-                        plugin.handoff.finish();
-                        return;
-                    }
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!(error = %e, "a handover failed; serving on"),
+                let given = give(&plugin, &conn);
+                if matches!(given, Ok(true)) {
+                    plugin.handoff.finish();
+                    return;
+                }
+                plugin.handoff.handing.store(false, Ordering::SeqCst);
+                if let Err(e) = given {
+                    tracing::warn!(error = %e, "a handover failed; serving on");
                 }
             }
         })
@@ -314,7 +306,8 @@ struct Paused {
     sockets: Vec<UnixStream>,
 }
 
-/// Serves one successor's request; true when it took everything.
+/// Serves one successor's request; true when it took everything. It leaves operations
+/// refused ([`Handoff::handing`]); [`listen`] takes them again when this is not true.
 fn give(plugin: &Arc<Plugin>, conn: &UnixStream) -> Result<bool> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     let pid = match recv(conn)?.0 {
@@ -323,7 +316,6 @@ fn give(plugin: &Arc<Plugin>, conn: &UnixStream) -> Result<bool> {
     };
     tracing::info!(successor = pid, "a new plugin process asks for the volumes");
     if let Err(why) = quiesce(plugin) {
-        plugin.handoff.handing.store(false, Ordering::SeqCst);
         send(conn, &Msg::Busy { why: why.clone() }, &[])?;
         return Err(Error::Unavailable(why));
     }
@@ -335,7 +327,6 @@ fn give(plugin: &Arc<Plugin>, conn: &UnixStream) -> Result<bool> {
     match loaded {
         Ok((Msg::Ready, _)) => {}
         other => {
-            plugin.handoff.handing.store(false, Ordering::SeqCst);
             return Err(Error::Internal(format!(
                 "handover: the successor did not get ready: {other:?}"
             )));
@@ -345,7 +336,6 @@ fn give(plugin: &Arc<Plugin>, conn: &UnixStream) -> Result<bool> {
     let paused = match pause_all(plugin) {
         Ok(p) => p,
         Err(e) => {
-            plugin.handoff.handing.store(false, Ordering::SeqCst);
             send(conn, &Msg::Busy { why: e.to_string() }, &[])?;
             return Err(e);
         }
@@ -405,7 +395,6 @@ fn give(plugin: &Arc<Plugin>, conn: &UnixStream) -> Result<bool> {
             };
             tracing::warn!(successor = pid, reason = %why, "the handover did not happen; serving the volumes again");
             resume_all(plugin, paused);
-            plugin.handoff.handing.store(false, Ordering::SeqCst);
             Ok(false)
         }
     }

@@ -45,23 +45,27 @@ fn bind(path: &Path) -> Result<UnixListener> {
         std::fs::create_dir_all(parent)
             .map_err(|e| Error::Internal(format!("creating {}: {e}", parent.display())))?;
     }
-    match std::fs::symlink_metadata(path) {
-        Ok(md) if md.file_type().is_socket() => std::fs::remove_file(path).map_err(|e| {
-            Error::Internal(format!("removing the stale socket {}: {e}", path.display()))
-        })?,
-        Ok(_) => {
-            return Err(Error::InvalidArgument(format!(
-                "{} exists and is not a socket",
-                path.display()
-            )));
-        }
-        Err(_) => {}
-    }
+    remove_stale_socket(path)?;
     let listener = UnixListener::bind(path)
         .map_err(|e| Error::Internal(format!("listening on {}: {e}", path.display())))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .map_err(|e| Error::Internal(format!("chmod {}: {e}", path.display())))?;
     Ok(listener)
+}
+
+/// Removes a socket a previous process left at `path` (never another kind of file), so
+/// that it can be bound again.
+pub(super) fn remove_stale_socket(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(md) if md.file_type().is_socket() => std::fs::remove_file(path).map_err(|e| {
+            Error::Internal(format!("removing the stale socket {}: {e}", path.display()))
+        }),
+        Ok(_) => Err(Error::InvalidArgument(format!(
+            "{} exists and is not a socket",
+            path.display()
+        ))),
+        Err(_) => Ok(()),
+    }
 }
 
 /// The identity of the file at `path`, if any.
