@@ -30,7 +30,7 @@ echo "== the CSI plugin: qcow2-csi serve with local defaults, driven by examples
 cargo build --release --bin qcow2-csi --example csi_client
 state="$work/state"
 sock="unix://$work/csi.sock"
-target/release/qcow2-csi serve --endpoint "$sock" --node-id "$(hostname)" --state-dir "$state" 2>"$work/plugin.log" &
+target/release/qcow2-csi serve --endpoint "$sock" --node-id "$(hostname)" --state-dir "$state" --kubelet-dir "$work" 2>"$work/plugin.log" &
 plugin=$!
 trap 'kill $plugin 2>/dev/null || true; rm -rf "$work"' EXIT
 client=target/release/examples/csi_client

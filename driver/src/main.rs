@@ -69,6 +69,10 @@ struct ServeArgs {
     /// the next process. Keep it below the pod's termination grace period.
     #[arg(long, default_value_t = 20)]
     handoff_wait: u64,
+    /// kubelet's root directory. Every staging and target path a node request names must
+    /// lie under it once symlinks are resolved; anything else is refused.
+    #[arg(long, default_value = "/var/lib/kubelet")]
+    kubelet_dir: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -180,6 +184,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         LogFormat::Json => logs.json().init(),
     }
     anyhow::ensure!(!args.node_id.is_empty(), "--node-id must not be empty");
+    // Layers, records and work files are the tenants' data: no one else on the host reads
+    // them (the state directory itself is made 0700 too).
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let plugin = Arc::new(qcow2_csi::csi::Plugin::new(qcow2_csi::csi::Config {
         driver_name: args.driver_name,
         node_id: args.node_id,
@@ -188,6 +195,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         attach: mode_of(args.attach),
         max_chain_depth: args.max_chain_depth,
         handoff_wait: std::time::Duration::from_secs(args.handoff_wait),
+        kubelet_dir: args.kubelet_dir,
     }));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

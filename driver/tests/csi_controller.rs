@@ -208,6 +208,32 @@ async fn create_volume_refuses_bad_requests_with_the_spec_codes() {
     );
     let long = create_req(&"n".repeat(129), MIB);
     assert_eq!(code(c.create_volume(long).await), Code::InvalidArgument);
+    // mkfs options that name host paths or devices, and mount flags off the allowlist.
+    for (fs, opts) in [
+        ("ext4", "-d /var/lib/kubelet"),
+        ("ext4", "-m 0 -J device=/dev/sdb"),
+        ("xfs", "-f -l logdev=/dev/sdb"),
+        ("xfs", "-p /etc/proto"),
+    ] {
+        let mut mkfs = create_req("a", MIB);
+        mkfs.volume_capabilities = vec![mount_cap(Mode::SingleNodeWriter, fs)];
+        mkfs.parameters = HashMap::from([("mkfsOptions".into(), opts.into())]);
+        let s = c.create_volume(mkfs).await.unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{opts}");
+        assert!(s.message().contains("mkfsOptions"), "{}", s.message());
+    }
+    let mut flags = create_req("a", MIB);
+    let mut cap = mount_cap(Mode::SingleNodeWriter, "ext4");
+    if let Some(volume_capability::AccessType::Mount(m)) = cap.access_type.as_mut() {
+        m.mount_flags = vec!["noatime".into(), "errors=panic".into()];
+    }
+    flags.volume_capabilities = vec![cap];
+    let s = c.create_volume(flags).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().contains("errors=panic"), "{}", s.message());
+    // Past what the engine addresses with 64 KiB clusters (2 PiB).
+    let huge = create_req("a", i64::MAX & !4095);
+    assert_eq!(code(c.create_volume(huge).await), Code::OutOfRange);
     // Nothing was left behind by the refused requests.
     assert!(p.layers().is_empty());
     assert!(p.records().is_empty());

@@ -96,7 +96,7 @@ async fn stage(
     id: &str,
     cap: &VolumeCapability,
 ) -> PathBuf {
-    let staging = p.dir.path().join("staging");
+    let staging = p.kubelet.join("staging");
     std::fs::create_dir_all(&staging).unwrap();
     node.node_stage_volume(stage_req(id, &staging, cap))
         .await
@@ -115,7 +115,7 @@ async fn stage_and_publish(
     target: &str,
 ) -> (PathBuf, PathBuf) {
     let staging = stage(p, node, id, cap).await;
-    let target = p.dir.path().join("pods").join(target);
+    let target = p.kubelet.join("pods").join(target);
     std::fs::create_dir_all(target.parent().unwrap()).unwrap();
     node.node_publish_volume(publish_req(id, &staging, &target, cap))
         .await
@@ -183,8 +183,8 @@ async fn mount_flow(fs: &str, size: i64) {
     let p = Plugin::start().await;
     let cap = mount_cap(Mode::SingleNodeWriter, fs);
     let id = create(&p, &format!("pvc-{fs}"), size, cap.clone()).await;
-    let staging = p.dir.path().join("staging");
-    let target = p.dir.path().join("pods/target");
+    let staging = p.kubelet.join("staging");
+    let target = p.kubelet.join("pods/target");
     std::fs::create_dir_all(&staging).unwrap();
     std::fs::create_dir_all(target.parent().unwrap()).unwrap();
     let mut node = p.node().await;
@@ -303,7 +303,7 @@ async fn block_volumes_publish_the_device_as_a_file() {
     let p = Plugin::start().await;
     let cap = block_cap(Mode::SingleNodeWriter);
     let id = create(&p, "blk", 16 * MIB, cap.clone()).await;
-    let target = p.dir.path().join("dev-target");
+    let target = p.kubelet.join("dev-target");
     let mut node = p.node().await;
     let staging = stage(&p, &mut node, &id, &cap).await;
     for _ in 0..3 {
@@ -365,8 +365,8 @@ async fn node_requests_follow_the_argument_and_state_rules() {
     let p = Plugin::start().await;
     let cap = mount_cap(Mode::SingleNodeWriter, "");
     let id = create(&p, "rules", 16 * MIB, cap.clone()).await;
-    let staging = p.dir.path().join("staging");
-    let target = p.dir.path().join("target");
+    let staging = p.kubelet.join("staging");
+    let target = p.kubelet.join("target");
     std::fs::create_dir_all(&staging).unwrap();
     let mut node = p.node().await;
     let mut no_cap = stage_req(&id, &staging, &cap);
@@ -443,7 +443,7 @@ async fn node_requests_follow_the_argument_and_state_rules() {
         Code::NotFound
     );
     // Staged elsewhere: a second staging path is refused.
-    let other = p.dir.path().join("staging2");
+    let other = p.kubelet.join("staging2");
     std::fs::create_dir_all(&other).unwrap();
     assert_eq!(
         code(node.node_stage_volume(stage_req(&id, &other, &cap)).await),
@@ -471,7 +471,7 @@ async fn crash_during_stage(point: &str) {
     let mut p = Plugin::start().await;
     let cap = mount_cap(Mode::SingleNodeWriter, "ext4");
     let id = create(&p, "crash", 64 * MIB, cap.clone()).await;
-    let staging = p.dir.path().join("staging");
+    let staging = p.kubelet.join("staging");
     std::fs::create_dir_all(&staging).unwrap();
     p.restart_with(&[("QCOW2_CSI_FAILPOINT", point)]).await;
     assert!(
@@ -742,8 +742,8 @@ async fn single_writer_volumes_publish_once_and_max_volumes_is_enforced() {
     let cap = mount_cap(Mode::SingleNodeSingleWriter, "ext4");
     let a = create(&p, "a", 32 * MIB, cap.clone()).await;
     let b = create(&p, "b", 32 * MIB, cap.clone()).await;
-    let (sa, sb) = (p.dir.path().join("sa"), p.dir.path().join("sb"));
-    let (t1, t2) = (p.dir.path().join("t1"), p.dir.path().join("t2"));
+    let (sa, sb) = (p.kubelet.join("sa"), p.kubelet.join("sb"));
+    let (t1, t2) = (p.kubelet.join("t1"), p.kubelet.join("t2"));
     for d in [&sa, &sb] {
         std::fs::create_dir_all(d).unwrap();
     }
@@ -853,7 +853,7 @@ async fn restart_while_staged(ending: Ending) {
         Code::FailedPrecondition,
         "pods still use the dead mount"
     );
-    let other = p.dir.path().join("pods/other");
+    let other = p.kubelet.join("pods/other");
     assert_eq!(
         code(
             node.node_publish_volume(publish_req(&id, &staging, &other, &cap))
@@ -1069,7 +1069,7 @@ async fn a_snapshot_of_a_volume_in_use_restores_the_files_as_of_the_snapshot() {
         .volume
         .unwrap()
         .volume_id;
-    let restored = p.dir.path().join("restored");
+    let restored = p.kubelet.join("restored");
     std::fs::create_dir_all(&restored).unwrap();
     node.node_stage_volume(stage_req(&r, &restored, &cap))
         .await
@@ -1200,4 +1200,175 @@ async fn a_staged_volume_in_use_is_flattened_online() {
         .await
         .unwrap();
     assert!(leaks(p.dir.path()).is_empty(), "{:?}", leaks(p.dir.path()));
+}
+
+/// A caller of the socket names paths that are not its volume's: another volume's live
+/// staging mount, a foreign mount, places outside the kubelet directory. Nothing of theirs
+/// is unmounted, replaced or created.
+#[tokio::test]
+async fn a_hostile_caller_cannot_unmount_replace_or_escape() {
+    if !runnable() {
+        return;
+    }
+    let p = Plugin::start().await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4");
+    let a = create(&p, "a", 64 * MIB, cap.clone()).await;
+    let b = create(&p, "b", 64 * MIB, cap.clone()).await;
+    let mut node = p.node().await;
+    let staging = stage(&p, &mut node, &a, &cap).await;
+    std::fs::write(staging.join("a.txt"), "a's data").unwrap();
+    let foreign = p.kubelet.join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    assert!(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "tmpfs"])
+            .arg(&foreign)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let is_mounted = |p: &Path| {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some(&p.display().to_string()))
+    };
+    // Unstage of an unknown volume, of B at A's staging path, of A at the foreign mount.
+    let unknown = "vol-0123456789abcdef0123456789abcdef";
+    for (id, path) in [(unknown, &foreign), (&b, &staging), (unknown, &staging)] {
+        let r = node.node_unstage_volume(unstage_req(id, path)).await;
+        assert_eq!(code(r), Code::FailedPrecondition, "{id} {}", path.display());
+    }
+    // B staged over A's staging path.
+    let r = node.node_stage_volume(stage_req(&b, &staging, &cap)).await;
+    assert_eq!(code(r), Code::FailedPrecondition);
+    assert!(is_mounted(&foreign) && is_mounted(&staging));
+    assert_eq!(
+        std::fs::read_to_string(staging.join("a.txt")).unwrap(),
+        "a's data"
+    );
+    // Publish outside the kubelet directory, directly, through `..` and a symlink.
+    let outside = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(outside.path(), p.kubelet.join("escape")).unwrap();
+    for target in [
+        outside.path().join("t"),
+        p.kubelet.join("escape/t"),
+        p.kubelet
+            .join("../..")
+            .join(outside.path().strip_prefix("/").unwrap())
+            .join("t"),
+    ] {
+        let r = node
+            .node_publish_volume(publish_req(&a, &staging, &target, &cap))
+            .await;
+        assert_eq!(code(r), Code::InvalidArgument, "{}", target.display());
+    }
+    assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+    // A's publish target cannot be unpublished through B, nor A's staging path.
+    let (_, target) = {
+        let target = p.kubelet.join("pods/a");
+        node.node_publish_volume(publish_req(&a, &staging, &target, &cap))
+            .await
+            .unwrap();
+        (staging.clone(), target)
+    };
+    node.node_unpublish_volume(unpublish_req(&b, &target))
+        .await
+        .unwrap();
+    node.node_unpublish_volume(unpublish_req(&a, &staging))
+        .await
+        .unwrap();
+    assert!(is_mounted(&target) && is_mounted(&staging));
+    node.node_unpublish_volume(unpublish_req(&a, &target))
+        .await
+        .unwrap();
+    assert!(!target.exists());
+    node.node_unstage_volume(unstage_req(&a, &staging))
+        .await
+        .unwrap();
+    assert!(
+        Command::new("umount")
+            .arg(&foreign)
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(leaks(p.dir.path()).is_empty(), "{:?}", leaks(p.dir.path()));
+}
+
+/// A snapshot that completes while NodeStage or NodeExpandVolume waits for the volume's
+/// lock (a failpoint holds them just before it) changes the head: they must use the new
+/// one, never write to the frozen layer or record it as the head again.
+#[tokio::test]
+async fn node_operations_read_the_record_under_the_volume_lock() {
+    if !runnable() {
+        return;
+    }
+    let mut p = Plugin::start().await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "xfs");
+    let v = create(&p, "v", 320 * MIB, cap.clone()).await;
+    p.restart_with(&[("QCOW2_CSI_FAILPOINT", "node-before-lock:sleep=1500")])
+        .await;
+    let staging = p.kubelet.join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let snapshot = |name: &'static str| {
+        let p = &p;
+        let v = v.clone();
+        async move {
+            tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+            p.controller()
+                .await
+                .create_snapshot(CreateSnapshotRequest {
+                    source_volume_id: v,
+                    name: name.into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .snapshot
+                .unwrap()
+                .snapshot_id
+        }
+    };
+    let record = |kind: &str, id: &str| -> serde_json::Value {
+        serde_json::from_slice(
+            &std::fs::read(p.state.join(kind).join(format!("{id}.json"))).unwrap(),
+        )
+        .unwrap()
+    };
+    let mut node = p.node().await;
+    let mut n2 = node.clone();
+    let (staged, s1) = tokio::join!(
+        n2.node_stage_volume(stage_req(&v, &staging, &cap)),
+        snapshot("s1")
+    );
+    staged.unwrap();
+    let frozen = p
+        .state
+        .join("layers")
+        .join(record("snapshots", &s1)["layer"].as_str().unwrap());
+    let sum = |f: &Path| std::fs::read(f).unwrap();
+    let before = sum(&frozen);
+    std::fs::write(staging.join("after.txt"), vec![7u8; 1 << 20]).unwrap();
+    let (expanded, s2) = tokio::join!(
+        n2.node_expand_volume(expand_req(&v, &staging, 384 * MIB)),
+        snapshot("s2")
+    );
+    expanded.unwrap();
+    let s2_layer = record("snapshots", &s2)["layer"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let head = record("volumes", &v)["head"].as_str().unwrap().to_string();
+    assert_ne!(
+        head, s2_layer,
+        "the frozen layer was written back as the head"
+    );
+    assert_eq!(record("volumes", &v)["size"], 384 * MIB);
+    node.node_unstage_volume(unstage_req(&v, &staging))
+        .await
+        .unwrap();
+    assert!(before == sum(&frozen), "the first snapshot's layer changed");
+    qemu::check_clean(&p.state.join("layers").join(&head));
 }

@@ -126,7 +126,7 @@ async fn create(p: &Plugin, name: &str, size: i64, cap: &VolumeCapability) -> St
 
 /// Stages `id` at `DIR/staging-<id>` through the plugin; returns the path.
 async fn stage(p: &Plugin, id: &str, cap: &VolumeCapability) -> PathBuf {
-    let staging = p.dir.path().join(format!("staging-{id}"));
+    let staging = p.kubelet.join(format!("staging-{id}"));
     std::fs::create_dir_all(&staging).unwrap();
     p.node()
         .await
@@ -484,7 +484,7 @@ fn attach_cli(mode: &str) {
 }
 
 async fn publish(p: &Plugin, id: &str, staging: &Path, cap: &VolumeCapability) -> PathBuf {
-    let target = p.dir.path().join("pods").join(id);
+    let target = p.kubelet.join("pods").join(id);
     std::fs::create_dir_all(target.parent().unwrap()).unwrap();
     p.node()
         .await

@@ -37,6 +37,9 @@ pub struct Geometry {
     pub refcount_order: u32,
 }
 
+/// QEMU's limit on the active L1 table.
+pub const MAX_L1_BYTES: u64 = 32 << 20;
+
 /// Subclusters per cluster with extended L2 entries.
 pub const SUBCLUSTERS_PER_CLUSTER: u64 = 32;
 
@@ -92,6 +95,12 @@ impl Geometry {
     /// Refcount entries per refcount block (one cluster).
     pub fn refblock_entries(&self) -> u64 {
         self.cluster_size() * 8 / self.refcount_bits()
+    }
+
+    /// The largest virtual size this geometry can address: QEMU caps the L1 table at
+    /// 32 MiB (a multiple of 512, as sizes are). Create and resize refuse anything above.
+    pub fn max_virtual_size(&self) -> u64 {
+        (MAX_L1_BYTES / 8).saturating_mul(self.l2_coverage()) & !511
     }
 
     /// L1 entries needed for a guest size.

@@ -272,6 +272,29 @@ impl Attacher {
         .map(Attached::Kernel)
     }
 
+    /// Whether `device` (a mount's source) provably belongs to volume `volume_id`, whose
+    /// attachment work directory is `work`: an nbd device naming it as backend, or one no
+    /// process serves any more (what a dead attachment leaves: nothing else can be using
+    /// it); or a loop device over this volume's nbdfuse file. Leftovers are only cleared
+    /// when this holds, so a request cannot make the plugin unmount another's filesystem.
+    pub fn made_for(&self, device: &Path, volume_id: &str, work: &Path) -> bool {
+        let Some(name) = device.file_name().and_then(|n| n.to_str()) else {
+            return false;
+        };
+        let block = self.kernel.sysfs.join("block").join(name);
+        if let Some(index) = name.strip_prefix("nbd").and_then(|i| i.parse::<u32>().ok()) {
+            return kernel::devices_of(&self.kernel.sysfs, volume_id).contains(&index)
+                || (block.exists() && !block.join("pid").exists());
+        }
+        if name.starts_with("loop") {
+            // Not through `fuse/`: a dead FUSE mount fails path lookups.
+            let work = std::fs::canonicalize(work).unwrap_or_else(|_| work.to_path_buf());
+            return std::fs::read_to_string(block.join("loop/backing_file"))
+                .is_ok_and(|f| Path::new(f.trim_end_matches('\n')) == work.join("fuse/disk"));
+        }
+        false
+    }
+
     /// Disconnects the kernel devices that still name `volume_id` as their backend: what an
     /// interrupted attach or a lost process left. The kernel's own list in sysfs says which;
     /// none without the netlink family.

@@ -62,6 +62,7 @@ pub fn check(cap: &VolumeCapability) -> Result<Checked> {
                     "volume_mount_group is not supported (no VOLUME_MOUNT_GROUP capability)".into(),
                 ));
             }
+            super::options::check_mount_flags(mount_flags)?;
             Ok(Checked {
                 access: AccessType::Mount,
                 fs_type: FsType::parse(fs_type)?,

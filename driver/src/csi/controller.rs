@@ -7,7 +7,7 @@ use csi_proto::v1::controller_service_capability::{Rpc, Type as CapType, rpc};
 use csi_proto::v1::*;
 use tonic::{Request, Response, Status};
 
-use super::params::Params;
+use super::params::{FsType, Params};
 use super::snapshot::{freeze_head, make_layer};
 use super::state::{self, AccessType, Source, VolumeRecord};
 use super::{Plugin, capability};
@@ -56,7 +56,7 @@ pub fn size_for(range: Option<&CapacityRange>) -> Result<u64> {
 fn to_volume(plugin: &Plugin, rec: &VolumeRecord) -> Volume {
     use volume_content_source::{SnapshotSource, Type, VolumeSource};
     Volume {
-        capacity_bytes: rec.size as i64,
+        capacity_bytes: i64::try_from(rec.size).unwrap_or(i64::MAX),
         volume_id: rec.id.clone(),
         volume_context: Default::default(),
         content_source: rec.source.as_ref().map(|s| VolumeContentSource {
@@ -107,6 +107,40 @@ fn available(plugin: &Plugin, ratio: f64) -> Result<u64> {
     })?;
     let free = st.f_bavail.saturating_mul(st.f_frsize);
     Ok((free as f64 * ratio) as u64)
+}
+
+/// The largest volume the engine can address with `params` (within an i64, for CSI).
+pub fn max_size(params: &Params) -> u64 {
+    let geo = qcow2_engine::Geometry {
+        cluster_bits: params.cluster_size.trailing_zeros(),
+        extended_l2: params.subclusters,
+        refcount_order: 4,
+    };
+    geo.max_virtual_size()
+        .min(i64::MAX as u64 & !(SIZE_ALIGN - 1))
+}
+
+/// Checks that a volume may become `size` bytes, from `current` (0: a new one): OUT_OF_RANGE
+/// above what the engine can address with its parameters, RESOURCE_EXHAUSTED when the
+/// growth exceeds what the node can still provision (CreateVolume and NodeExpandVolume
+/// share this budget).
+pub(super) fn check_size(plugin: &Plugin, params: &Params, size: u64, current: u64) -> Result<()> {
+    let max = max_size(params);
+    if size > max {
+        return Err(Error::OutOfRange(format!(
+            "{size} bytes asked; volumes with {} byte clusters hold at most {max}",
+            params.cluster_size
+        )));
+    }
+    let growth = size.saturating_sub(current);
+    let room = available(plugin, params.overcommit_ratio)?;
+    if growth > room {
+        return Err(Error::ResourceExhausted(format!(
+            "{growth} more bytes asked, {room} can be provisioned on node {}",
+            plugin.config.node_id
+        )));
+    }
+    Ok(())
 }
 
 /// A List call's paging, checked: `max_entries` (0: all) and `starting_token`, the last id
@@ -179,6 +213,10 @@ impl ControllerService {
         check_name(&req.name)?;
         let caps = capability::check_all(&req.volume_capabilities)?;
         let params = Params::parse(&req.parameters)?;
+        for cap in caps.iter().filter(|c| c.access == AccessType::Mount) {
+            let fs = cap.fs_type.or(params.fs_type).unwrap_or(FsType::Ext4);
+            super::options::check_mkfs(fs, &params.mkfs_options)?;
+        }
         if !req.mutable_parameters.is_empty() {
             return Err(Error::InvalidArgument(
                 "mutable_parameters are not supported (no MODIFY_VOLUME)".into(),
@@ -260,13 +298,7 @@ impl ControllerService {
             }
             _ => requested,
         };
-        let room = available(plugin, params.overcommit_ratio)?;
-        if size > room {
-            return Err(Error::ResourceExhausted(format!(
-                "{size} bytes asked, {room} can be provisioned on node {}",
-                plugin.config.node_id
-            )));
-        }
+        check_size(plugin, &params, size, 0)?;
         let id = state::new_id("vol-");
         let head = plugin.pending_layer();
         match &source {

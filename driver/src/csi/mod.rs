@@ -12,7 +12,9 @@ pub mod live;
 pub mod locks;
 pub mod mounts;
 pub mod node;
+pub mod options;
 pub mod params;
+pub mod paths;
 pub mod serve;
 pub mod snapshot;
 pub mod staged;
@@ -48,6 +50,8 @@ pub struct Config {
     /// After SIGTERM, how long to keep serving kernel nbd devices while waiting for a new
     /// process to take them over ([`handoff`]); then exit and leave them waiting.
     pub handoff_wait: std::time::Duration,
+    /// kubelet's root directory: every staging and target path must lie under it.
+    pub kubelet_dir: PathBuf,
 }
 
 /// The plugin's shared state: every service holds an `Arc` of it.

@@ -36,10 +36,39 @@ pub fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The source (a device path, for the mounts the plugin makes) of the topmost mount at
+/// `mount_point` in a mountinfo text, if any: the field after the `-` separator and type.
+pub fn source_in(mountinfo: &str, mount_point: &Path) -> Option<PathBuf> {
+    mountinfo
+        .lines()
+        .filter(|l| {
+            l.split(' ')
+                .nth(4)
+                .map(|p| PathBuf::from(unescape(p)))
+                .as_deref()
+                == Some(mount_point)
+        })
+        .filter_map(|l| {
+            let (_, tail) = l.split_once(" - ")?;
+            tail.split(' ').nth(1).map(|s| PathBuf::from(unescape(s)))
+        })
+        .next_back()
+}
+
+fn mountinfo() -> Result<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::Internal(format!("reading /proc/self/mountinfo: {e}")))
+}
+
+/// What is mounted at `path` (topmost), if anything.
+pub fn mounted_source(path: &Path) -> Result<Option<PathBuf>> {
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    Ok(source_in(&mountinfo()?, &path))
+}
+
 /// Whether something is mounted at `path`.
 pub fn is_mount_point(path: &Path) -> Result<bool> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| Error::Internal(format!("reading /proc/self/mountinfo: {e}")))?;
+    let text = mountinfo()?;
     let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     Ok(mount_points(&text).contains(&path))
 }
@@ -93,10 +122,17 @@ pub fn unmount_if_mounted(path: &Path) -> Result<()> {
 /// its last writes, or fails them, in the background; for a device that no longer answers.
 /// Mounts stacked on `path` are all removed (bounded, should a mount refuse to go).
 pub fn unmount_lazily(path: &Path) -> Result<()> {
+    unmount_lazily_checked(path, |_| Ok(()))
+}
+
+/// [`unmount_lazily`], asking `check` about each mount's source first: an error from it
+/// stops there and leaves that mount alone.
+pub fn unmount_lazily_checked(path: &Path, check: impl Fn(&Path) -> Result<()>) -> Result<()> {
     for _ in 0..8 {
-        if !is_mount_point(path)? {
+        let Some(source) = mounted_source(path)? else {
             return Ok(());
-        }
+        };
+        check(&source)?;
         run(Command::new("umount").arg("-l").arg(path))?;
     }
     Err(Error::Internal(format!(
@@ -121,6 +157,12 @@ mod tests {
             ]
         );
         assert_eq!(unescape("a\\134b"), "a\\b");
+        let stacked =
+            format!("{text}41 40 7:3 / /var/lib/kubelet/pods/a\\040b/vol rw - xfs /dev/loop3 rw\n");
+        let vol = Path::new("/var/lib/kubelet/pods/a b/vol");
+        assert_eq!(source_in(text, vol), Some(PathBuf::from("/dev/nbd0")));
+        assert_eq!(source_in(&stacked, vol), Some(PathBuf::from("/dev/loop3")));
+        assert_eq!(source_in(text, Path::new("/var")), None);
         assert_eq!(unescape("trailing\\04"), "trailing\\04");
     }
 

@@ -14,10 +14,11 @@ use tonic::{Request, Response, Status};
 use super::capability;
 use super::mounts::{self, run};
 use super::params::{FsType, Params};
-use super::staged::{Staged, attach_dir, clear_leftovers, open_layer, serve_image};
+use super::staged::{Claim, Staged, attach_dir, clear_leftovers, open_layer, serve_image};
 use super::staging::{self, Attachment};
-use super::state::{AccessType, VolumeRecord};
+use super::state::AccessType;
 use super::{Plugin, failpoint};
+use super::{options, paths};
 use crate::attach::{self, Volume};
 use crate::error::{Error, Result};
 use crate::nbd::BlockDevice;
@@ -31,15 +32,6 @@ fn required(v: &str, what: &str) -> Result<()> {
         return Err(Error::InvalidArgument(format!("{what} is required")));
     }
     Ok(())
-}
-
-fn absolute(p: &str, what: &str) -> Result<PathBuf> {
-    required(p, what)?;
-    let path = PathBuf::from(p);
-    if !path.is_absolute() {
-        return Err(Error::InvalidArgument(format!("{what} must be absolute")));
-    }
-    Ok(path)
 }
 
 /// Whether the ext4 filesystem on `device` is smaller than the device (after an expansion).
@@ -110,17 +102,36 @@ impl NodeService {
         &self.0
     }
 
+    /// A staging or target path from a request, resolved and confined to the kubelet
+    /// directory ([`paths::confine`]).
+    fn confine(&self, raw: &str, what: &str) -> Result<PathBuf> {
+        paths::confine(raw, what, &self.0.config.kubelet_dir)
+    }
+
     fn stage(&self, req: NodeStageVolumeRequest) -> Result<()> {
         let plugin = self.plugin();
         required(&req.volume_id, "volume_id")?;
-        let staging = absolute(&req.staging_target_path, "staging_target_path")?;
+        let staging = self.confine(&req.staging_target_path, "staging_target_path")?;
         let cap = capability::check(
             req.volume_capability
                 .as_ref()
                 .ok_or_else(|| Error::InvalidArgument("volume_capability is required".into()))?,
         )?;
-        let rec = plugin.volume_record(&req.volume_id)?;
+        plugin.volume_record(&req.volume_id)?;
+        failpoint("node-before-lock");
         let _held = plugin.locks.try_lock(req.volume_id.clone())?;
+        // Read under the lock: a snapshot taken meanwhile changed the head.
+        let rec = plugin.volume_record(&req.volume_id)?;
+        if !rec.access.is_empty() && !rec.access.contains(&cap.access) {
+            // A block volume's bytes are the tenant's: the host kernel must not parse
+            // them as a filesystem.
+            tracing::warn!(volume = %rec.id, access = ?cap.access, "refused an access type the volume was not created for");
+            return Err(Error::InvalidArgument(format!(
+                "volume {} was created for {:?} access, not {:?}",
+                rec.id, rec.access, cap.access
+            )));
+        }
+        let _claim = plugin.node.claim(&staging, &rec.id)?;
         let work = attach_dir(&plugin.config.state_dir, &rec.id);
         if let Some(s) = plugin.node.get(&req.volume_id) {
             if let Some(why) = &s.lost {
@@ -155,7 +166,10 @@ impl NodeService {
         }
         let params = Params::from_canonical(&rec.parameters)?;
         let fs = cap.fs_type.or(params.fs_type).unwrap_or(FsType::Ext4);
-        clear_leftovers(&staging, &work, &plugin.attacher, &rec.id)?;
+        if cap.access == AccessType::Mount {
+            options::check_mkfs(fs, &params.mkfs_options)?;
+        }
+        clear_leftovers(&staging, &work, &plugin.attacher, &rec.id, Claim::Request)?;
         let (layers, head) = {
             let st = plugin.state()?;
             (st.layers_dir(), st.layer_path(&rec.head))
@@ -189,11 +203,21 @@ impl NodeService {
                         fs.as_str().to_string()
                     }
                     Some(t) if t == fs.as_str() || cap.fs_type.is_none() => {
+                        // Only the filesystems this plugin makes are handed to the kernel.
+                        let Ok(Some(found)) = FsType::parse(&t) else {
+                            return Err(Error::FailedPrecondition(format!(
+                                "the volume holds {t}, which this plugin does not mount \
+                                 (ext4 or xfs)"
+                            )));
+                        };
                         // After an expansion the device is larger than the filesystem.
-                        if t == "ext4" && !cap.read_only_mode && ext4_smaller_than_device(&dev)? {
+                        if found == FsType::Ext4
+                            && !cap.read_only_mode
+                            && ext4_smaller_than_device(&dev)?
+                        {
                             grow_ext4_offline(&dev)?;
                         }
-                        t
+                        found.as_str().to_string()
                     }
                     Some(t) => {
                         return Err(Error::FailedPrecondition(format!(
@@ -209,6 +233,7 @@ impl NodeService {
                     opts.push("ro".into());
                 }
                 let mut mount = Command::new("mount");
+                mount.arg("-t").arg(&on_disk);
                 if !opts.is_empty() {
                     mount.arg("-o").arg(opts.join(","));
                 }
@@ -259,7 +284,13 @@ impl NodeService {
     fn release(&self, s: &Staged, work: &Path) -> Result<()> {
         let plugin = self.plugin();
         if s.lost.is_some() {
-            clear_leftovers(&s.staging, work, &plugin.attacher, &s.volume_id)?;
+            clear_leftovers(
+                &s.staging,
+                work,
+                &plugin.attacher,
+                &s.volume_id,
+                Claim::Record,
+            )?;
         } else {
             if s.cap.access == AccessType::Mount {
                 mounts::unmount_if_mounted(&s.staging)?;
@@ -276,16 +307,33 @@ impl NodeService {
     fn unstage(&self, req: NodeUnstageVolumeRequest) -> Result<()> {
         let plugin = self.plugin();
         required(&req.volume_id, "volume_id")?;
-        let staging = absolute(&req.staging_target_path, "staging_target_path")?;
+        let staging = self.confine(&req.staging_target_path, "staging_target_path")?;
         let _held = plugin.locks.try_lock(req.volume_id.clone())?;
         let work = attach_dir(&plugin.config.state_dir, &req.volume_id);
         let Some(s) = plugin.node.get(&req.volume_id) else {
-            // Not staged by this process: clear what a previous one may have left.
+            // Not staged by this process: clear what a previous one may have left, if it
+            // is provably this volume's, and nothing another volume holds.
+            if let Some(other) = plugin.node.holder_of(&staging, &req.volume_id) {
+                tracing::warn!(volume = %req.volume_id, staging = %staging.display(), holder = %other, "refused to unstage another volume's path");
+                return Err(Error::FailedPrecondition(format!(
+                    "{} is in use by volume {other}",
+                    staging.display()
+                )));
+            }
             if crate::csi::state::is_volume_id(&req.volume_id) {
-                clear_leftovers(&staging, &work, &plugin.attacher, &req.volume_id)?;
+                clear_leftovers(
+                    &staging,
+                    &work,
+                    &plugin.attacher,
+                    &req.volume_id,
+                    Claim::Request,
+                )?;
             }
             return Ok(());
         };
+        if s.staging != staging {
+            tracing::warn!(volume = %req.volume_id, asked = %staging.display(), staged = %s.staging.display(), "unstage names another path: releasing the recorded one");
+        }
         if let Some(target) = s.in_use().first() {
             return Err(Error::FailedPrecondition(format!(
                 "volume {} is still published at {}",
@@ -300,8 +348,8 @@ impl NodeService {
 
     fn publish(&self, req: NodePublishVolumeRequest) -> Result<()> {
         required(&req.volume_id, "volume_id")?;
-        let staging = absolute(&req.staging_target_path, "staging_target_path")?;
-        let target = absolute(&req.target_path, "target_path")?;
+        let staging = self.confine(&req.staging_target_path, "staging_target_path")?;
+        let target = self.confine(&req.target_path, "target_path")?;
         let cap = capability::check(
             req.volume_capability
                 .as_ref()
@@ -323,6 +371,19 @@ impl NodeService {
             return Err(Error::FailedPrecondition(
                 "the publish access type differs from the staged one".into(),
             ));
+        }
+        if target == s.staging {
+            return Err(Error::InvalidArgument(format!(
+                "target_path {} is the volume's staging path",
+                target.display()
+            )));
+        }
+        if let Some(other) = self.0.node.holder_of(&target, &req.volume_id) {
+            tracing::warn!(volume = %req.volume_id, target = %target.display(), holder = %other, "refused a target another volume holds");
+            return Err(Error::FailedPrecondition(format!(
+                "{} is in use by volume {other}",
+                target.display()
+            )));
         }
         let repeat = s.published().contains(&target);
         if !repeat {
@@ -404,9 +465,16 @@ impl NodeService {
 
     fn unpublish(&self, req: NodeUnpublishVolumeRequest) -> Result<()> {
         required(&req.volume_id, "volume_id")?;
-        let target = absolute(&req.target_path, "target_path")?;
+        let target = self.confine(&req.target_path, "target_path")?;
         let _held = self.0.locks.try_lock(req.volume_id.clone())?;
         let staged = self.0.node.get(&req.volume_id);
+        // Only what this volume's record names is unmounted and removed: anything else at
+        // that path (another volume's mount, a file) is not ours to touch.
+        let Some(staged) = staged.filter(|s| s.published().contains(&target)) else {
+            tracing::info!(volume = %req.volume_id, target = %target.display(), "not published there: nothing to undo");
+            return Ok(());
+        };
+        let staged = Some(staged);
         if staged.as_ref().is_some_and(|s| s.lost.is_some()) {
             // Its device no longer answers: the last unmount must not wait for it.
             mounts::unmount_lazily(&target)?;
@@ -432,9 +500,12 @@ impl NodeService {
     /// that the device can grow before changing anything.
     fn expand(&self, req: NodeExpandVolumeRequest) -> Result<u64> {
         required(&req.volume_id, "volume_id")?;
-        let path = absolute(&req.volume_path, "volume_path")?;
-        let rec = self.0.volume_record(&req.volume_id)?;
+        self.0.volume_record(&req.volume_id)?;
+        let path = self.confine(&req.volume_path, "volume_path")?;
+        failpoint("node-before-lock");
         let _held = self.0.locks.try_lock(req.volume_id.clone())?;
+        // Read under the lock: a snapshot taken meanwhile changed the head.
+        let rec = self.0.volume_record(&req.volume_id)?;
         let s = self.0.node.get(&req.volume_id).ok_or_else(|| {
             Error::NotFound(format!("volume {} is not staged here", req.volume_id))
         })?;
@@ -452,11 +523,20 @@ impl NodeService {
             }
             _ => rec.size,
         };
-        // The volume record follows the size asked for (never down).
-        let record_size = |mut rec: VolumeRecord| -> Result<()> {
-            if size > rec.size {
-                rec.size = size;
-                self.0.state()?.put_volume(rec)?;
+        if size > rec.size {
+            let params = Params::from_canonical(&rec.parameters)?;
+            super::controller::check_size(&self.0, &params, size, rec.size)?;
+        }
+        // The volume record follows the size asked for (never down), written over the
+        // record as it is now (under the state lock), not as it was read.
+        let record_size = || -> Result<()> {
+            let mut st = self.0.state()?;
+            let Some(mut now) = st.volume(&req.volume_id).cloned() else {
+                return Err(Error::NotFound(format!("no volume {:?}", req.volume_id)));
+            };
+            if size > now.size {
+                now.size = size;
+                st.put_volume(now)?;
             }
             Ok(())
         };
@@ -489,7 +569,7 @@ impl NodeService {
             if let Some(why) = refusal {
                 // Nothing changes now; the record keeps the size for the next NodeStage,
                 // which grows image and filesystem before anything mounts them.
-                record_size(rec)?;
+                record_size()?;
                 return Err(Error::FailedPrecondition(why));
             }
             image.resize(size)?;
@@ -498,7 +578,7 @@ impl NodeService {
         if s.cap.access == AccessType::Mount {
             grow_fs(&s.device, &s.staging)?;
         }
-        record_size(rec)?;
+        record_size()?;
         tracing::info!(volume = %req.volume_id, size, "expanded on the node");
         Ok(size)
     }
@@ -543,7 +623,7 @@ impl NodeService {
         let usage = match s.cap.access {
             AccessType::Block => vec![VolumeUsage {
                 available: 0,
-                total: rec.size as i64,
+                total: i64::try_from(rec.size).unwrap_or(i64::MAX),
                 used: 0,
                 unit: volume_usage::Unit::Bytes as i32,
             }],
@@ -739,6 +819,7 @@ mod tests {
                 attach: attach::Mode::Nbd,
                 max_chain_depth: 0,
                 handoff_wait: std::time::Duration::ZERO,
+                kubelet_dir: self.dir.path().to_path_buf(),
             };
             let attacher = Attacher::with_kernel(self.kernel.clone(), FakeKernel::door(&self.sim));
             let plugin = Arc::new(Plugin::with_attacher(config, attacher));
@@ -840,9 +921,13 @@ mod tests {
     }
 
     fn create(plugin: &Arc<Plugin>) -> String {
+        create_named(plugin, "pvc-1")
+    }
+
+    fn create_named(plugin: &Arc<Plugin>, name: &str) -> String {
         ControllerService(plugin.clone())
             .create(CreateVolumeRequest {
-                name: "pvc-1".into(),
+                name: name.into(),
                 capacity_range: Some(CapacityRange {
                     required_bytes: 1 << 20,
                     limit_bytes: 0,
@@ -1049,5 +1134,238 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+    fn mount_cap() -> VolumeCapability {
+        VolumeCapability {
+            access_type: Some(volume_capability::AccessType::Mount(
+                volume_capability::MountVolume {
+                    fs_type: "ext4".into(),
+                    ..Default::default()
+                },
+            )),
+            access_mode: block_cap().access_mode,
+        }
+    }
+
+    fn expand(plugin: &Arc<Plugin>, host: &Host, id: &str, bytes: i64) -> Result<u64> {
+        NodeService(plugin.clone()).expand(NodeExpandVolumeRequest {
+            volume_id: id.into(),
+            volume_path: host.staging().to_string_lossy().into_owned(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: bytes,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn node_expand_refuses_sizes_past_the_engine_and_the_budget_and_records_nothing() {
+        let host = Host::new();
+        let (p, _) = host.start();
+        let id = create(&p);
+        host.stage(&p, &id).unwrap();
+        host.set_backend(&id);
+        for (bytes, out_of_range) in [(i64::MAX, true), (1 << 50, false)] {
+            let e = expand(&p, &host, &id, bytes).unwrap_err();
+            match (&e, out_of_range) {
+                (Error::OutOfRange(_), true) | (Error::ResourceExhausted(_), false) => {}
+                _ => panic!("{bytes}: {e:?}"),
+            }
+            assert_eq!(
+                p.volume_record(&id).unwrap().size,
+                1 << 20,
+                "nothing recorded"
+            );
+        }
+        assert_eq!(expand(&p, &host, &id, 2 << 20).unwrap(), 2 << 20);
+        assert_eq!(p.volume_record(&id).unwrap().size, 2 << 20);
+        // Unstaged and staged again: the image follows the record.
+        host.unstage(&p, &id).unwrap();
+        host.stage(&p, &id).unwrap();
+    }
+
+    #[test]
+    fn unpublish_removes_only_what_the_volumes_record_names() {
+        let host = Host::new();
+        let (p, _) = host.start();
+        let id = create(&p);
+        let other = create_named(&p, "pvc-2");
+        host.stage(&p, &id).unwrap();
+        let node = NodeService(p.clone());
+        // The state directory lies under the kubelet directory here: only the record rule
+        // keeps the volume record, a foreign file and another volume's record in place.
+        let foreign = host.dir.path().join("pods/foreign");
+        std::fs::create_dir_all(foreign.parent().unwrap()).unwrap();
+        std::fs::write(&foreign, "not the plugin's").unwrap();
+        let records = [
+            p.config.state_dir.join(format!("volumes/{id}.json")),
+            p.config.state_dir.join(format!("volumes/{other}.json")),
+        ];
+        for (vol, target) in [
+            (&id, &records[0]),
+            (&other, &records[1]),
+            (&id, &foreign),
+            (&other, &foreign),
+            (
+                &"vol-0123456789abcdef0123456789abcdef".to_string(),
+                &foreign,
+            ),
+        ] {
+            node.unpublish(NodeUnpublishVolumeRequest {
+                volume_id: vol.to_string(),
+                target_path: target.to_string_lossy().into_owned(),
+            })
+            .unwrap();
+            assert!(target.exists(), "{vol} {}", target.display());
+        }
+        assert!(p.volume_record(&other).is_ok());
+        // A reload still finds both volumes.
+        drop(node);
+        host.set_backend(&id);
+        host.unstage(&p, &id).unwrap();
+        host.kill(p);
+        let (p2, loaded) = host.start();
+        assert_eq!(loaded.cleanup.orphan_layers, 0);
+        assert!(p2.volume_record(&id).is_ok() && p2.volume_record(&other).is_ok());
+    }
+
+    #[test]
+    fn paths_outside_the_kubelet_directory_and_escapes_are_refused() {
+        let host = Host::new();
+        let (p, _) = host.start();
+        let id = create(&p);
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), host.dir.path().join("escape")).unwrap();
+        let node = NodeService(p.clone());
+        let bad = [
+            outside.path().join("staging"),
+            host.dir.path().join("escape/staging"),
+            host.dir
+                .path()
+                .join("staging/../../..")
+                .join(outside.path().strip_prefix("/").unwrap()),
+        ];
+        for staging in &bad {
+            let e = node
+                .stage(NodeStageVolumeRequest {
+                    volume_id: id.clone(),
+                    staging_target_path: staging.to_string_lossy().into_owned(),
+                    volume_capability: Some(block_cap()),
+                    ..Default::default()
+                })
+                .unwrap_err();
+            assert!(
+                matches!(e, Error::InvalidArgument(_)),
+                "{}: {e:?}",
+                staging.display()
+            );
+        }
+        assert!(
+            host.sent(crate::attach::netlink::nbd::CMD_CONNECT)
+                .is_empty()
+        );
+        host.stage(&p, &id).unwrap();
+        for target in &bad {
+            let e = node
+                .publish(NodePublishVolumeRequest {
+                    volume_id: id.clone(),
+                    staging_target_path: host.staging().to_string_lossy().into_owned(),
+                    target_path: target.join("t").to_string_lossy().into_owned(),
+                    volume_capability: Some(block_cap()),
+                    ..Default::default()
+                })
+                .unwrap_err();
+            assert!(
+                matches!(e, Error::InvalidArgument(_)),
+                "{}: {e:?}",
+                target.display()
+            );
+        }
+        assert_eq!(
+            std::fs::read_dir(outside.path()).unwrap().count(),
+            0,
+            "nothing made outside"
+        );
+        host.set_backend(&id);
+        host.unstage(&p, &id).unwrap();
+    }
+
+    #[test]
+    fn another_volumes_staging_path_is_refused_and_left_staged() {
+        let host = Host::new();
+        let (p, _) = host.start();
+        let a = create(&p);
+        let b = create_named(&p, "pvc-2");
+        host.stage(&p, &a).unwrap();
+        let e = host.stage(&p, &b).unwrap_err();
+        assert!(matches!(e, Error::FailedPrecondition(_)), "{e:?}");
+        assert!(e.to_string().contains(&a), "{e}");
+        // Nor may B's unstage touch it.
+        let e = host.unstage(&p, &b).unwrap_err();
+        assert!(matches!(e, Error::FailedPrecondition(_)), "{e:?}");
+        assert_eq!(host.sent(crate::attach::netlink::nbd::CMD_CONNECT).len(), 1);
+        assert!(
+            host.sent(crate::attach::netlink::nbd::CMD_DISCONNECT)
+                .is_empty()
+        );
+        assert!(p.node.is_staged(&a) && !p.node.is_staged(&b));
+        host.set_backend(&a);
+        host.unstage(&p, &a).unwrap();
+        host.stage(&p, &b).unwrap();
+    }
+
+    #[test]
+    fn a_block_volume_is_never_staged_as_a_filesystem() {
+        let host = Host::new();
+        let (p, _) = host.start();
+        let id = create(&p);
+        let e = NodeService(p.clone())
+            .stage(NodeStageVolumeRequest {
+                volume_id: id.clone(),
+                staging_target_path: host.staging().to_string_lossy().into_owned(),
+                volume_capability: Some(mount_cap()),
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+        assert!(
+            host.sent(crate::attach::netlink::nbd::CMD_CONNECT)
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn layers_records_and_directories_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let host = Host::new();
+        let (p, _) = host.start();
+        let id = create(&p);
+        host.stage(&p, &id).unwrap();
+        let state = &p.config.state_dir.clone();
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        for dir in ["", "layers", "volumes", "snapshots", "staged"] {
+            assert_eq!(mode(&state.join(dir)), 0o700, "{dir}");
+        }
+        let head = state
+            .join("layers")
+            .join(&p.volume_record(&id).unwrap().head);
+        for file in [
+            head,
+            state.join(format!("volumes/{id}.json")),
+            state.join(format!("staged/{id}.json")),
+        ] {
+            assert_eq!(mode(&file), 0o600, "{}", file.display());
+        }
+        // An older install's modes are tightened at load.
+        host.set_backend(&id);
+        host.unstage(&p, &id).unwrap();
+        let record = state.join(format!("volumes/{id}.json"));
+        std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o755)).unwrap();
+        host.kill(p);
+        let (_p2, _) = host.start();
+        assert_eq!(mode(&record), 0o600);
+        assert_eq!(mode(state), 0o700);
     }
 }

@@ -56,7 +56,8 @@ pub(super) fn make_layer(
             ..CreateOptions::default()
         },
     )
-    .map_err(|e| Error::Internal(format!("creating {}: {e}", path.display())))
+    .map_err(|e| Error::Internal(format!("creating {}: {e}", path.display())))?;
+    state::private_file(&path)
 }
 
 /// Freezes volume `id`'s head: returns the frozen layer's name and the volume's new record.

@@ -100,15 +100,78 @@ pub struct Recovered {
 #[derive(Debug)]
 pub struct NodeState {
     staged: Mutex<HashMap<String, Arc<Staged>>>,
+    /// Staging paths of stages in progress, and their volumes (locked after `staged`).
+    claims: Mutex<HashMap<PathBuf, String>>,
     pub(super) records: StageRecords,
+}
+
+/// A staging path held for one stage in progress ([`NodeState::claim`]); released when
+/// dropped (by then the staged volume, if any, holds it).
+#[derive(Debug)]
+pub struct PathClaim<'a> {
+    node: &'a NodeState,
+    path: PathBuf,
+}
+
+impl Drop for PathClaim<'_> {
+    fn drop(&mut self) {
+        self.node
+            .claims
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.path);
+    }
 }
 
 impl NodeState {
     pub fn new(state_dir: &Path) -> NodeState {
         NodeState {
             staged: Mutex::default(),
+            claims: Mutex::default(),
             records: StageRecords::new(state_dir),
         }
+    }
+
+    /// The volume other than `id` that holds `path`: its staging path, one of its publish
+    /// targets, or the staging path of a stage in progress.
+    pub(super) fn holder_of(&self, path: &Path, id: &str) -> Option<String> {
+        let map = self.map();
+        let claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        Self::holder_in(&map, &claims, path, id)
+    }
+
+    fn holder_in(
+        map: &HashMap<String, Arc<Staged>>,
+        claims: &HashMap<PathBuf, String>,
+        path: &Path,
+        id: &str,
+    ) -> Option<String> {
+        let staged = map
+            .values()
+            .find(|s| s.volume_id != id && (s.staging == path || s.published().contains(path)));
+        staged
+            .map(|s| s.volume_id.clone())
+            .or_else(|| claims.get(path).filter(|v| *v != id).cloned())
+    }
+
+    /// Holds `path` as volume `id`'s staging path while it is staged: FAILED_PRECONDITION
+    /// when another volume holds it (staging B there would unmount A's filesystem under A's
+    /// pods, and a later publish of A would show B).
+    pub(super) fn claim(&self, path: &Path, id: &str) -> Result<PathClaim<'_>> {
+        let map = self.map();
+        let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(other) = Self::holder_in(&map, &claims, path, id) {
+            tracing::warn!(volume = id, path = %path.display(), holder = %other, "refused a staging path another volume holds");
+            return Err(Error::FailedPrecondition(format!(
+                "{} is in use by volume {other}",
+                path.display()
+            )));
+        }
+        claims.insert(path.to_path_buf(), id.to_string());
+        Ok(PathClaim {
+            node: self,
+            path: path.to_path_buf(),
+        })
     }
 
     pub(super) fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Staged>>> {
@@ -224,7 +287,7 @@ impl NodeState {
             let work = attach_dir(state_dir, &id);
             let Some(volume) = state.volume(&id) else {
                 tracing::warn!(volume = %id, "stage record of a volume that no longer exists");
-                if let Err(e) = clear_leftovers(&rec.staging, &work, attacher, &id) {
+                if let Err(e) = clear_leftovers(&rec.staging, &work, attacher, &id, Claim::Record) {
                     tracing::warn!(volume = %id, error = %e, "clearing its leftovers");
                 }
                 self.records.remove(&id)?;
@@ -480,6 +543,16 @@ pub(super) fn serve_image(id: &str, image: Arc<LiveImage>) -> Arc<Server> {
     ))
 }
 
+/// Who names the staging path whose leftovers are cleared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Claim {
+    /// A stage record of this volume: whatever is mounted there was mounted by us.
+    Record,
+    /// A request: only a mount of a device provably this volume's is removed
+    /// ([`Attacher::made_for`]); anything else there is refused and left alone.
+    Request,
+}
+
 /// Unmounts what a previous run of the plugin may have left for this volume: the staging
 /// mount, kernel nbd devices still naming the volume, loop devices on its FUSE file, the
 /// FUSE mount itself (its nbdfuse lost its server with that run).
@@ -488,9 +561,25 @@ pub(super) fn clear_leftovers(
     work: &Path,
     attacher: &Attacher,
     id: &str,
+    claim: Claim,
 ) -> Result<()> {
     // Lazily: a filesystem on a device whose server is gone may block on I/O.
-    mounts::unmount_lazily(staging)?;
+    mounts::unmount_lazily_checked(staging, |source| {
+        if claim == Claim::Record || attacher.made_for(source, id, work) {
+            return Ok(());
+        }
+        tracing::warn!(
+            volume = id,
+            staging = %staging.display(),
+            source = %source.display(),
+            "refused to unmount a mount that is not this volume's"
+        );
+        Err(Error::FailedPrecondition(format!(
+            "{} has {} mounted, which is not volume {id}'s: left alone",
+            staging.display(),
+            source.display()
+        )))
+    })?;
     attacher.disconnect_stale(id)?;
     let disk = work.join("fuse/disk");
     if let Ok(list) = run(Command::new("losetup")

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::capability::Checked;
 use super::state::{Cleanup, RecordKind, is_volume_id, read_records, remove_durably, write_atomic};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// How the staged volume's block device is provided, which decides whether a restarted
 /// plugin can take it over.
@@ -79,8 +79,7 @@ impl StageRecords {
 
     /// Persists `rec` (replacing the volume's previous record).
     pub fn save(&self, rec: &StageRecord) -> Result<()> {
-        std::fs::create_dir_all(&self.dir)
-            .map_err(|e| Error::Internal(format!("creating {}: {e}", self.dir.display())))?;
+        super::state::private_dir(&self.dir)?;
         let bytes = serde_json::to_vec_pretty(rec).expect("records serialise");
         write_atomic(&self.path(&rec.volume_id), &bytes)
     }

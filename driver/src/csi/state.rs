@@ -21,6 +21,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -127,13 +128,38 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .expect("records have a name")
         .to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = File::create(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(PRIVATE_FILE)
+        .open(&tmp)
+        .map_err(io_err(format!("creating {}", tmp.display())))?;
     f.write_all(bytes)
         .and_then(|()| f.sync_all())
         .map_err(io_err(format!("writing {}", tmp.display())))?;
     drop(f);
     std::fs::rename(&tmp, path).map_err(io_err(format!("renaming to {}", path.display())))?;
     sync_dir(dir)
+}
+
+/// Mode of the files the plugin writes (layers hold tenants' data; records name them).
+pub const PRIVATE_FILE: u32 = 0o600;
+/// Mode of the directories it makes.
+pub const PRIVATE_DIR: u32 = 0o700;
+
+/// Creates `dir` (and its parents) and makes it [`PRIVATE_DIR`], even if it existed with
+/// another mode (an older install's).
+pub fn private_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(PRIVATE_DIR)))
+        .map_err(io_err(format!("creating {}", dir.display())))
+}
+
+/// Makes `file` [`PRIVATE_FILE`].
+pub fn private_file(file: &Path) -> Result<()> {
+    std::fs::set_permissions(file, std::fs::Permissions::from_mode(PRIVATE_FILE))
+        .map_err(io_err(format!("chmod {}", file.display())))
 }
 
 /// Removes `path` (if present) and syncs its directory.
@@ -165,9 +191,16 @@ impl State {
     /// Opens (creating if needed) the state directory, reads every record, and deletes what an
     /// interrupted operation left behind.
     pub fn load(root: &Path) -> Result<(State, Cleanup)> {
+        private_dir(root)?;
         for sub in ["layers", "volumes", "snapshots"] {
             let d = root.join(sub);
-            std::fs::create_dir_all(&d).map_err(io_err(format!("creating {}", d.display())))?;
+            private_dir(&d)?;
+            // What an older install wrote with the default mode.
+            for entry in read_dir(&d)? {
+                if entry.file_type().is_ok_and(|t| t.is_file()) {
+                    private_file(&entry.path())?;
+                }
+            }
         }
         let mut cleanup = Cleanup::default();
         let volumes = read_records(

@@ -23,6 +23,8 @@ pub struct Plugin {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub state: PathBuf,
+    /// The plugin's `--kubelet-dir`: staging and target paths go under it.
+    pub kubelet: PathBuf,
 }
 
 impl Plugin {
@@ -34,6 +36,8 @@ impl Plugin {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("csi.sock");
         let state = dir.path().join("state");
+        let kubelet = dir.path().join("kubelet");
+        std::fs::create_dir_all(&kubelet).unwrap();
         let mut p = Plugin {
             child: None,
             previous: Vec::new(),
@@ -41,6 +45,7 @@ impl Plugin {
             dir,
             socket,
             state,
+            kubelet,
         };
         p.restart_with(&[]).await;
         p
@@ -67,6 +72,8 @@ impl Plugin {
             .arg(format!("unix://{}", self.socket.display()))
             .args(["--node-id", NODE, "--state-dir"])
             .arg(&self.state)
+            .arg("--kubelet-dir")
+            .arg(&self.kubelet)
             .args(&self.args)
             .envs(env.iter().copied())
             .stderr(Stdio::from(log))

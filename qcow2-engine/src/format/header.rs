@@ -140,8 +140,8 @@ fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// QEMU's limits: the L1 table at most 32 MiB, the refcount table at most 8 MiB.
-const MAX_L1_BYTES: u64 = 32 << 20;
+use crate::types::MAX_L1_BYTES;
+/// QEMU's limit on the refcount table (the L1 table's is [`MAX_L1_BYTES`]).
 const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 const MAX_SNAPSHOTS: u32 = 65536;
 /// Largest host offset an L1/L2 entry can hold (bits 9..55).

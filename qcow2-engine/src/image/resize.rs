@@ -19,7 +19,7 @@ impl State {
         }
         let geo = self.meta.geo;
         let needed = geo.l1_entries_for(new_size);
-        if needed > (32 << 20) / 8 {
+        if new_size > geo.max_virtual_size() {
             return Err(Error::arg(format!(
                 "size {new_size} needs an L1 table above 32 MiB"
             )));

@@ -172,7 +172,7 @@ pub fn create_on(
         .checked_next_multiple_of(512)
         .ok_or_else(|| Error::arg("size overflows"))?;
     let l1_entries = geo.l1_entries_for(size);
-    if l1_entries * 8 > 32 << 20 {
+    if size > geo.max_virtual_size() {
         return Err(Error::arg(format!(
             "size {size} is too large for cluster size {cs}"
         )));
