@@ -389,9 +389,14 @@ async fn the_daemonsets_plugin_arguments_start_a_ready_plugin() {
     let args: Vec<String> = plugin_args()
         .into_iter()
         .filter(|a| {
-            !["--endpoint=", "--node-id=", "--state-dir="]
-                .iter()
-                .any(|p| a.starts_with(p))
+            ![
+                "--endpoint=",
+                "--node-id=",
+                "--state-dir=",
+                "--kubelet-dir=",
+            ]
+            .iter()
+            .any(|p| a.starts_with(p))
         })
         .collect();
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -605,18 +605,22 @@ impl Controller for ControllerService {
     ) -> Result<Response<ControllerGetVolumeResponse>, Status> {
         let id = req.into_inner().volume_id;
         let rec = self.0.volume_record(&id)?;
-        let head_present = self.0.state()?.layer_path(&rec.head).exists();
+        let problem = {
+            let st = self.0.state()?;
+            if !st.layer_path(&rec.head).exists() {
+                Some(format!("the head layer {} is missing", rec.head))
+            } else {
+                st.damage(&id)
+                    .map(|why| format!("the layer chain cannot be read: {why}"))
+            }
+        };
         Ok(Response::new(ControllerGetVolumeResponse {
             volume: Some(to_volume(&self.0, &rec)),
             status: Some(controller_get_volume_response::VolumeStatus {
                 published_node_ids: Vec::new(),
                 volume_condition: Some(VolumeCondition {
-                    abnormal: !head_present,
-                    message: if head_present {
-                        String::new()
-                    } else {
-                        format!("the head layer {} is missing", rec.head)
-                    },
+                    abnormal: problem.is_some(),
+                    message: problem.unwrap_or_default(),
                 }),
             }),
         }))

@@ -159,15 +159,29 @@ impl Plugin {
         PendingLayer { plugin: self, name }
     }
 
-    /// Deletes layers nothing reaches (after a delete); returns how many.
+    /// Deletes layers nothing reaches (after a delete); returns how many. The layer headers
+    /// are read without the state lock (Probe, List and GetCapacity need it); a record
+    /// written meanwhile means walking again.
     pub fn collect_garbage(&self) -> Result<usize> {
-        let st = self.state()?;
-        let pending = self
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        st.collect_garbage(&pending)
+        for _ in 0..3 {
+            let (layers, roots) = {
+                let st = self.state()?;
+                (st.layers_dir(), st.roots())
+            };
+            let reach = state::walk(&layers, &roots);
+            let mut st = self.state()?;
+            if st.generation() != roots.generation {
+                continue;
+            }
+            let pending = self
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            return st.collect(&reach, &pending);
+        }
+        tracing::info!("records keep changing: collection left to the next one");
+        Ok(0)
     }
 
     /// Loads the state directory, collects what interrupted operations left, and takes back

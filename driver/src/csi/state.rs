@@ -18,7 +18,7 @@
 //! images, unreachable layers). Images are opened with their backing files confined to
 //! `layers/`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -112,7 +112,96 @@ pub struct State {
     root: PathBuf,
     volumes: BTreeMap<String, VolumeRecord>,
     snapshots: BTreeMap<String, SnapshotRecord>,
+    /// Records written since load ([`State::generation`]).
+    generation: u64,
+    /// Volumes whose chain the last walk could not read, and why.
+    damaged: BTreeMap<String, String>,
 }
+
+/// The roots of the layer graph at one moment ([`State::roots`]).
+#[derive(Debug, Clone)]
+pub struct Roots {
+    /// Each volume's id and head layer.
+    pub volumes: Vec<(String, String)>,
+    /// Each snapshot's layer.
+    pub snapshots: Vec<String>,
+    /// [`State::generation`] when taken.
+    pub generation: u64,
+}
+
+/// What a [`walk`] of the layer graph found.
+#[derive(Debug, Default)]
+pub struct Reach {
+    /// Layers some root reaches.
+    pub live: BTreeSet<String>,
+    /// Layers whose header could not be read, and why.
+    pub unreadable: BTreeMap<String, String>,
+    /// Volumes whose chain holds an unreadable layer, and why.
+    pub damaged: BTreeMap<String, String>,
+}
+
+/// Follows every root's backing chain through the layer headers in `layers_dir` (only
+/// the first cluster of each is read). Needs no lock: run it on [`Roots`] taken under
+/// the state lock, and check [`State::generation`] before acting on it.
+pub fn walk(layers_dir: &Path, roots: &Roots) -> Reach {
+    let mut reach = Reach::default();
+    let mut parents: HashMap<String, std::result::Result<Option<String>, String>> = HashMap::new();
+    let starts = roots
+        .volumes
+        .iter()
+        .map(|(id, head)| (Some(id), head))
+        .chain(roots.snapshots.iter().map(|l| (None, l)));
+    for (volume, start) in starts {
+        let mut layer = start.clone();
+        // This chain's own layers: a cycle of backing names ends it.
+        let mut chain = HashSet::new();
+        while chain.insert(layer.clone()) {
+            reach.live.insert(layer.clone());
+            let parent = parents
+                .entry(layer.clone())
+                .or_insert_with(|| header_backing(layers_dir, &layer));
+            match parent {
+                Ok(Some(p)) => layer = p.clone(),
+                Ok(None) => break,
+                Err(why) => {
+                    let why = why.clone();
+                    if let Some(id) = volume {
+                        reach
+                            .damaged
+                            .insert(id.clone(), format!("layer {layer}: {why}"));
+                    }
+                    reach.unreadable.insert(layer, why);
+                    break;
+                }
+            }
+        }
+    }
+    reach
+}
+
+/// The backing layer named in `layer`'s header, read from its first cluster only.
+fn header_backing(layers_dir: &Path, layer: &str) -> std::result::Result<Option<String>, String> {
+    use std::io::Read;
+    let path = layers_dir.join(layer);
+    let mut buf = Vec::new();
+    File::open(&path)
+        .and_then(|f| f.take(MAX_CLUSTER).read_to_end(&mut buf))
+        .map_err(|e| format!("reading {}: {e}", path.display()))?;
+    buf.resize(MAX_CLUSTER as usize, 0);
+    let header = qcow2_engine::format::Header::parse(&buf)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    match header.backing_file {
+        None => Ok(None),
+        Some(name) if is_layer_name(&name) => Ok(Some(name)),
+        Some(name) => Err(format!(
+            "{} is backed by {name:?}, which is not a layer of this state directory",
+            path.display()
+        )),
+    }
+}
+
+/// The largest qcow2 cluster: the header lies within it.
+const MAX_CLUSTER: u64 = 2 << 20;
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let what = what.into();
@@ -223,10 +312,12 @@ impl State {
             },
             &mut cleanup,
         )?;
-        let state = State {
+        let mut state = State {
             root: root.to_path_buf(),
             volumes,
             snapshots,
+            generation: 0,
+            damaged: BTreeMap::new(),
         };
         for entry in read_dir(&state.layers_dir())? {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -235,63 +326,84 @@ impl State {
                 cleanup.partial_files += 1;
             }
         }
-        cleanup.orphan_layers = state.collect_garbage(&Default::default())?;
+        // Unreadable layers do not stop the load: their volumes are reported damaged and
+        // every other volume stays usable.
+        cleanup.orphan_layers = match state.collect_garbage(&HashSet::new()) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "collecting unreachable layers at load");
+                0
+            }
+        };
         Ok((state, cleanup))
     }
 
-    /// The layers some root (a volume's head, a snapshot's layer) reaches through backing
-    /// links, read from the qcow2 headers. A header that cannot be read is an error: nothing
-    /// may be collected without the whole graph.
-    pub fn reachable_layers(&self) -> Result<std::collections::BTreeSet<String>> {
-        let mut seen = std::collections::BTreeSet::new();
-        let mut todo: Vec<String> = self
-            .volumes
-            .values()
-            .map(|v| v.head.clone())
-            .chain(self.snapshots.values().map(|s| s.layer.clone()))
-            .collect();
-        while let Some(layer) = todo.pop() {
-            if !seen.insert(layer.clone()) {
-                continue;
-            }
-            if let Some(parent) = self.backing_of(&layer)? {
-                todo.push(parent);
-            }
+    /// The roots of the layer graph as of now: volumes' heads and snapshots' layers.
+    pub fn roots(&self) -> Roots {
+        Roots {
+            volumes: self
+                .volumes
+                .values()
+                .map(|v| (v.id.clone(), v.head.clone()))
+                .collect(),
+            snapshots: self.snapshots.values().map(|s| s.layer.clone()).collect(),
+            generation: self.generation,
         }
-        Ok(seen)
+    }
+
+    /// Bumped by every record written: a walk of older [`Roots`] may miss a new root.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The layers the roots reach ([`walk`] of [`State::roots`]).
+    pub fn reachable_layers(&self) -> Result<BTreeSet<String>> {
+        let reach = walk(&self.layers_dir(), &self.roots());
+        match reach.unreadable.iter().next() {
+            Some((layer, why)) => Err(Error::Internal(format!("layer {layer}: {why}"))),
+            None => Ok(reach.live),
+        }
     }
 
     /// The layer `layer` is backed by (its header's backing name, a file in `layers/`).
     pub fn backing_of(&self, layer: &str) -> Result<Option<String>> {
-        let path = self.layer_path(layer);
-        let img = qcow2_engine::Image::open(
-            &path,
-            &qcow2_engine::OpenOptions {
-                skip_backing: true,
-                force_share: true,
-                backing: qcow2_engine::BackingPolicy::ConfineTo(self.layers_dir()),
-                ..qcow2_engine::OpenOptions::default()
-            },
-        )
-        .map_err(|e| Error::Internal(format!("reading {}: {e}", path.display())))?;
-        match img.header().backing_file {
-            None => Ok(None),
-            Some(name) if is_layer_name(&name) => Ok(Some(name)),
-            Some(name) => Err(Error::Internal(format!(
-                "{} is backed by {name:?}, which is not a layer of this state directory",
-                path.display()
-            ))),
-        }
+        header_backing(&self.layers_dir(), layer).map_err(Error::Internal)
+    }
+
+    /// Why volume `id`'s chain cannot be read, if the last walk found it so.
+    pub fn damage(&self, id: &str) -> Option<&str> {
+        self.damaged.get(id).map(String::as_str)
     }
 
     /// Deletes the layers no root reaches, except `pending` ones (being made by an operation
     /// that has not written its record yet); returns how many.
-    pub fn collect_garbage(&self, pending: &std::collections::HashSet<String>) -> Result<usize> {
-        let live = self.reachable_layers()?;
+    pub fn collect_garbage(&mut self, pending: &HashSet<String>) -> Result<usize> {
+        let reach = walk(&self.layers_dir(), &self.roots());
+        self.collect(&reach, pending)
+    }
+
+    /// Deletes what `reach` (a walk of the current roots) proves unreachable, except
+    /// `pending` layers, and remembers which volumes it found damaged. A layer that could
+    /// not be read may be backed by any other: then nothing is provably unreachable and
+    /// nothing is deleted.
+    pub fn collect(&mut self, reach: &Reach, pending: &HashSet<String>) -> Result<usize> {
+        for (id, why) in &reach.damaged {
+            if self.damaged.get(id) != Some(why) {
+                tracing::error!(volume = %id, reason = %why, "the volume's layer chain cannot be read");
+            }
+        }
+        self.damaged = reach.damaged.clone();
+        if !reach.unreadable.is_empty() {
+            tracing::warn!(
+                unreadable = ?reach.unreadable.keys().collect::<Vec<_>>(),
+                "layers cannot be read: no layer is collected until they can"
+            );
+            return Ok(0);
+        }
         let mut removed = 0;
         for entry in read_dir(&self.layers_dir())? {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if is_layer_name(&name) && !live.contains(&name) && !pending.contains(&name) {
+            if is_layer_name(&name) && !reach.live.contains(&name) && !pending.contains(&name) {
                 remove_durably(&entry.path())?;
                 tracing::info!(layer = %name, "collected an unreachable layer");
                 removed += 1;
@@ -343,6 +455,7 @@ impl State {
         let bytes = serde_json::to_vec_pretty(&rec).expect("records serialise");
         let path = self.root.join("snapshots").join(format!("{}.json", rec.id));
         write_atomic(&path, &bytes)?;
+        self.generation += 1;
         self.snapshots.insert(rec.id.clone(), rec);
         Ok(())
     }
@@ -366,6 +479,7 @@ impl State {
     pub fn put_volume(&mut self, rec: VolumeRecord) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(&rec).expect("records serialise");
         write_atomic(&self.record_path(&rec.id), &bytes)?;
+        self.generation += 1;
         self.volumes.insert(rec.id.clone(), rec);
         Ok(())
     }
@@ -573,17 +687,53 @@ mod tests {
         )
         .unwrap();
         let head = layer(&st, Some("../base.qcow2"));
-        st.put_volume(record(&new_id("vol-"), &head)).unwrap();
+        let id = new_id("vol-");
+        st.put_volume(record(&id, &head)).unwrap();
         let other = layer(&st, None);
-        let e = st
-            .collect_garbage(&Default::default())
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("not a layer"), "{e}");
+        assert_eq!(st.collect_garbage(&Default::default()).unwrap(), 0);
         assert!(
             st.layer_path(&other).exists(),
             "nothing collected without the whole graph"
         );
+        let why = st.damage(&id).expect("the volume is reported damaged");
+        assert!(why.contains("not a layer"), "{why}");
+    }
+
+    #[test]
+    fn an_unreadable_layer_marks_its_volumes_damaged_and_the_rest_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut st, _) = State::load(dir.path()).unwrap();
+        let base = layer(&st, None);
+        let (a, b, c) = (new_id("vol-"), new_id("vol-"), new_id("vol-"));
+        let head_a = layer(&st, Some(&base));
+        st.put_volume(record(&a, &head_a)).unwrap();
+        st.put_volume(record(&b, &layer(&st, Some(&base)))).unwrap();
+        st.put_volume(record(&c, &layer(&st, None))).unwrap();
+        let orphan = layer(&st, None);
+        // A's head is overwritten with garbage; the base both share stays readable.
+        std::fs::write(st.layer_path(&head_a), vec![0xa5u8; 4096]).unwrap();
+        drop(st);
+        let (st, cleanup) = State::load(dir.path()).expect("one bad layer does not stop the load");
+        assert!(
+            st.damage(&a).is_some_and(|w| w.contains(&head_a)),
+            "{:?}",
+            st.damage(&a)
+        );
+        assert_eq!((st.damage(&b), st.damage(&c)), (None, None));
+        assert_eq!(cleanup.orphan_layers, 0);
+        assert!(
+            st.layer_path(&orphan).exists(),
+            "A's head may have been backed by it"
+        );
+        assert!(st.layer_path(&base).exists());
+        assert!(st.volume(&b).is_some() && st.volume(&c).is_some());
+        // Repaired (here: A deleted), collection resumes.
+        let mut st = st;
+        st.remove_volume(&a).unwrap();
+        std::fs::remove_file(st.layer_path(&head_a)).unwrap();
+        assert_eq!(st.collect_garbage(&Default::default()).unwrap(), 1);
+        assert!(!st.layer_path(&orphan).exists());
+        assert_eq!(st.damage(&a), None);
     }
 
     #[test]
