@@ -70,7 +70,8 @@ pub fn check(plugin: &Arc<Plugin>, id: &str) {
         return;
     }
     let (plugin, id) = (plugin.clone(), id.to_string());
-    std::thread::Builder::new()
+    let (for_error, id_for_error) = (plugin.clone(), id.clone());
+    let spawned = std::thread::Builder::new()
         .name("flatten".into())
         .spawn(move || {
             let mut failures = 0;
@@ -112,7 +113,12 @@ pub fn check(plugin: &Arc<Plugin>, id: &str) {
                 check(&plugin, &id);
             }
         })
-        .expect("spawning a flatten thread");
+;
+    if let Err(e) = spawned {
+        // Not left marked as flattening: the next snapshot or load tries again.
+        for_error.end_flatten(&id_for_error);
+        tracing::warn!(volume = %id_for_error, error = %e, "could not start a flatten thread");
+    }
 }
 
 /// Flattens the chain under volume `id`'s head; `Ok(false)` when the head changed during

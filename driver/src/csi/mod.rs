@@ -349,11 +349,17 @@ impl Plugin {
         self: &Arc<Self>,
         f: impl FnOnce() -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let plugin = self.clone();
+        /// Uncounts the operation when dropped, even when `f` panics.
+        struct Counted(Arc<Plugin>);
+        impl Drop for Counted {
+            fn drop(&mut self) {
+                self.0.operations.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let counted = Counted(self.clone());
         tokio::task::spawn_blocking(move || {
-            let r = f();
-            plugin.operations.fetch_sub(1, Ordering::SeqCst);
-            r
+            let _counted = counted;
+            f()
         })
         .await
         .map_err(|e| Error::Internal(format!("a worker thread failed: {e}")))?
@@ -399,5 +405,30 @@ pub(crate) fn failpoint(name: &str) {
             eprintln!("qcow2-csi: failpoint {name}: aborting");
             std::process::abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_operation_is_uncounted() {
+        let dir = tempfile::tempdir().unwrap();
+        let plugin = Arc::new(Plugin::new(Config {
+            driver_name: DRIVER_NAME.into(),
+            node_id: "n".into(),
+            state_dir: dir.path().join("state"),
+            max_volumes: 0,
+            attach: crate::attach::Mode::Nbdfuse,
+            max_chain_depth: 0,
+            handoff_wait: std::time::Duration::ZERO,
+            kubelet_dir: dir.path().to_path_buf(),
+        }));
+        let r: Result<()> = plugin.blocking(|| panic!("a bug in an RPC")).await;
+        assert!(matches!(r, Err(Error::Internal(_))), "{r:?}");
+        assert_eq!(plugin.operations(), 0, "shutdown would wait for it");
+        plugin.blocking(|| Ok(())).await.unwrap();
+        assert_eq!(plugin.operations(), 0);
     }
 }
