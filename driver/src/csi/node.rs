@@ -1186,6 +1186,23 @@ mod tests {
     }
 
     #[test]
+    fn node_expand_of_an_unknown_volume_is_not_found_whatever_its_path() {
+        // csi-sanity: "NodeExpandVolume should fail when volume is not found".
+        let host = Host::new();
+        let (p, _) = host.start();
+        for path in ["/elsewhere/mnt", "relative", ""] {
+            let e = NodeService(p.clone())
+                .expand(NodeExpandVolumeRequest {
+                    volume_id: "vol-0123456789abcdef0123456789abcdef".into(),
+                    volume_path: path.into(),
+                    ..Default::default()
+                })
+                .unwrap_err();
+            assert!(matches!(e, Error::NotFound(_)), "{path:?}: {e:?}");
+        }
+    }
+
+    #[test]
     fn unpublish_removes_only_what_the_volumes_record_names() {
         let host = Host::new();
         let (p, _) = host.start();
