@@ -208,7 +208,7 @@ fn wait_for(path: &Path, limit: Duration) -> Result<()> {
 }
 
 /// The backend identifier the kernel shows for `nbd{index}`, if any.
-fn backend_of(sysfs: &Path, index: u32) -> Option<String> {
+pub(crate) fn backend_of(sysfs: &Path, index: u32) -> Option<String> {
     let p = sysfs.join(format!("block/nbd{index}/backend"));
     std::fs::read_to_string(p)
         .ok()

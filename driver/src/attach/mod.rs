@@ -283,7 +283,7 @@ impl Attacher {
         };
         let block = self.kernel.sysfs.join("block").join(name);
         if let Some(index) = name.strip_prefix("nbd").and_then(|i| i.parse::<u32>().ok()) {
-            return kernel::devices_of(&self.kernel.sysfs, volume_id).contains(&index)
+            return kernel::backend_of(&self.kernel.sysfs, index).as_deref() == Some(volume_id)
                 || (block.exists() && !block.join("pid").exists());
         }
         if name.starts_with("loop") {

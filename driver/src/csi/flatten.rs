@@ -69,11 +69,11 @@ pub fn check(plugin: &Arc<Plugin>, id: &str) {
     if !still_deep(plugin, id) || !plugin.begin_flatten(id) {
         return;
     }
-    let (plugin, id) = (plugin.clone(), id.to_string());
-    let (for_error, id_for_error) = (plugin.clone(), id.clone());
+    let (worker, volume) = (plugin.clone(), id.to_string());
     let spawned = std::thread::Builder::new()
         .name("flatten".into())
         .spawn(move || {
+            let (plugin, id) = (worker, volume);
             let mut failures = 0;
             let ended_ok = loop {
                 let t = Instant::now();
@@ -112,12 +112,11 @@ pub fn check(plugin: &Arc<Plugin>, id: &str) {
             if ended_ok {
                 check(&plugin, &id);
             }
-        })
-;
+        });
     if let Err(e) = spawned {
         // Not left marked as flattening: the next snapshot or load tries again.
-        for_error.end_flatten(&id_for_error);
-        tracing::warn!(volume = %id_for_error, error = %e, "could not start a flatten thread");
+        plugin.end_flatten(id);
+        tracing::warn!(volume = %id, error = %e, "could not start a flatten thread");
     }
 }
 

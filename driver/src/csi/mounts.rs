@@ -27,13 +27,14 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The mount point of one mountinfo line (its fifth field), unescaped.
+fn mount_point_of(line: &str) -> Option<PathBuf> {
+    line.split(' ').nth(4).map(|p| PathBuf::from(unescape(p)))
+}
+
 /// Mount points listed in a mountinfo text.
 pub fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
-    mountinfo
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(unescape(p)))
-        .collect()
+    mountinfo.lines().filter_map(mount_point_of).collect()
 }
 
 /// The source (a device path, for the mounts the plugin makes) of the topmost mount at
@@ -41,13 +42,7 @@ pub fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
 pub fn source_in(mountinfo: &str, mount_point: &Path) -> Option<PathBuf> {
     mountinfo
         .lines()
-        .filter(|l| {
-            l.split(' ')
-                .nth(4)
-                .map(|p| PathBuf::from(unescape(p)))
-                .as_deref()
-                == Some(mount_point)
-        })
+        .filter(|l| mount_point_of(l).as_deref() == Some(mount_point))
         .filter_map(|l| {
             let (_, tail) = l.split_once(" - ")?;
             tail.split(' ').nth(1).map(|s| PathBuf::from(unescape(s)))
@@ -60,17 +55,19 @@ fn mountinfo() -> Result<String> {
         .map_err(|e| Error::Internal(format!("reading /proc/self/mountinfo: {e}")))
 }
 
+/// `path` as mountinfo lists it (symlinks resolved), or as given if it cannot be resolved.
+fn as_listed(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
 /// What is mounted at `path` (topmost), if anything.
 pub fn mounted_source(path: &Path) -> Result<Option<PathBuf>> {
-    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    Ok(source_in(&mountinfo()?, &path))
+    Ok(source_in(&mountinfo()?, &as_listed(path)))
 }
 
 /// Whether something is mounted at `path`.
 pub fn is_mount_point(path: &Path) -> Result<bool> {
-    let text = mountinfo()?;
-    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    Ok(mount_points(&text).contains(&path))
+    Ok(mount_points(&mountinfo()?).contains(&as_listed(path)))
 }
 
 /// Runs a system tool; its stderr becomes the error.

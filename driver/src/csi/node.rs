@@ -313,13 +313,7 @@ impl NodeService {
         let Some(s) = plugin.node.get(&req.volume_id) else {
             // Not staged by this process: clear what a previous one may have left, if it
             // is provably this volume's, and nothing another volume holds.
-            if let Some(other) = plugin.node.holder_of(&staging, &req.volume_id) {
-                tracing::warn!(volume = %req.volume_id, staging = %staging.display(), holder = %other, "refused to unstage another volume's path");
-                return Err(Error::FailedPrecondition(format!(
-                    "{} is in use by volume {other}",
-                    staging.display()
-                )));
-            }
+            plugin.node.check_free(&staging, &req.volume_id)?;
             if crate::csi::state::is_volume_id(&req.volume_id) {
                 clear_leftovers(
                     &staging,
@@ -378,13 +372,7 @@ impl NodeService {
                 target.display()
             )));
         }
-        if let Some(other) = self.0.node.holder_of(&target, &req.volume_id) {
-            tracing::warn!(volume = %req.volume_id, target = %target.display(), holder = %other, "refused a target another volume holds");
-            return Err(Error::FailedPrecondition(format!(
-                "{} is in use by volume {other}",
-                target.display()
-            )));
-        }
+        self.0.node.check_free(&target, &req.volume_id)?;
         let repeat = s.published().contains(&target);
         if !repeat {
             s.check_live()?;
@@ -467,15 +455,14 @@ impl NodeService {
         required(&req.volume_id, "volume_id")?;
         let target = self.confine(&req.target_path, "target_path")?;
         let _held = self.0.locks.try_lock(req.volume_id.clone())?;
-        let staged = self.0.node.get(&req.volume_id);
         // Only what this volume's record names is unmounted and removed: anything else at
         // that path (another volume's mount, a file) is not ours to touch.
-        let Some(staged) = staged.filter(|s| s.published().contains(&target)) else {
+        let Some(s) = (self.0.node.get(&req.volume_id)).filter(|s| s.published().contains(&target))
+        else {
             tracing::info!(volume = %req.volume_id, target = %target.display(), "not published there: nothing to undo");
             return Ok(());
         };
-        let staged = Some(staged);
-        if staged.as_ref().is_some_and(|s| s.lost.is_some()) {
+        if s.lost.is_some() {
             // Its device no longer answers: the last unmount must not wait for it.
             mounts::unmount_lazily(&target)?;
         } else {
@@ -488,12 +475,8 @@ impl NodeService {
             Err(_) => Ok(()),
         };
         removed.map_err(|e| Error::Internal(format!("removing {}: {e}", target.display())))?;
-        if let Some(s) = staged
-            && s.published().remove(&target)
-        {
-            self.0.node.persist(&s)?;
-        }
-        Ok(())
+        s.published().remove(&target);
+        self.0.node.persist(&s)
     }
 
     /// Grows a staged volume online: the image, the block device, the filesystem. Checks
@@ -877,10 +860,19 @@ mod tests {
         }
 
         fn stage(&self, plugin: &Arc<Plugin>, id: &str) -> Result<()> {
+            Self::stage_at(plugin, id, &self.staging(), block_cap())
+        }
+
+        fn stage_at(
+            plugin: &Arc<Plugin>,
+            id: &str,
+            staging: &Path,
+            cap: VolumeCapability,
+        ) -> Result<()> {
             NodeService(plugin.clone()).stage(NodeStageVolumeRequest {
                 volume_id: id.into(),
-                staging_target_path: self.staging().to_string_lossy().into_owned(),
-                volume_capability: Some(block_cap()),
+                staging_target_path: staging.to_string_lossy().into_owned(),
+                volume_capability: Some(cap),
                 ..Default::default()
             })
         }
@@ -1264,14 +1256,7 @@ mod tests {
                 .join(outside.path().strip_prefix("/").unwrap()),
         ];
         for staging in &bad {
-            let e = node
-                .stage(NodeStageVolumeRequest {
-                    volume_id: id.clone(),
-                    staging_target_path: staging.to_string_lossy().into_owned(),
-                    volume_capability: Some(block_cap()),
-                    ..Default::default()
-                })
-                .unwrap_err();
+            let e = Host::stage_at(&p, &id, staging, block_cap()).unwrap_err();
             assert!(
                 matches!(e, Error::InvalidArgument(_)),
                 "{}: {e:?}",
@@ -1337,14 +1322,7 @@ mod tests {
         let host = Host::new();
         let (p, _) = host.start();
         let id = create(&p);
-        let e = NodeService(p.clone())
-            .stage(NodeStageVolumeRequest {
-                volume_id: id.clone(),
-                staging_target_path: host.staging().to_string_lossy().into_owned(),
-                volume_capability: Some(mount_cap()),
-                ..Default::default()
-            })
-            .unwrap_err();
+        let e = Host::stage_at(&p, &id, &host.staging(), mount_cap()).unwrap_err();
         assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
         assert!(
             host.sent(crate::attach::netlink::nbd::CMD_CONNECT)

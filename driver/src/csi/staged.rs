@@ -132,26 +132,34 @@ impl NodeState {
         }
     }
 
-    /// The volume other than `id` that holds `path`: its staging path, one of its publish
-    /// targets, or the staging path of a stage in progress.
-    pub(super) fn holder_of(&self, path: &Path, id: &str) -> Option<String> {
+    /// FAILED_PRECONDITION (logged) when a volume other than `id` holds `path`: its
+    /// staging path, one of its publish targets, or the staging path of a stage in progress.
+    pub(super) fn check_free(&self, path: &Path, id: &str) -> Result<()> {
         let map = self.map();
         let claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
-        Self::holder_in(&map, &claims, path, id)
+        Self::free_in(&map, &claims, path, id)
     }
 
-    fn holder_in(
+    fn free_in(
         map: &HashMap<String, Arc<Staged>>,
         claims: &HashMap<PathBuf, String>,
         path: &Path,
         id: &str,
-    ) -> Option<String> {
+    ) -> Result<()> {
         let staged = map
             .values()
             .find(|s| s.volume_id != id && (s.staging == path || s.published().contains(path)));
-        staged
+        let holder = staged
             .map(|s| s.volume_id.clone())
-            .or_else(|| claims.get(path).filter(|v| *v != id).cloned())
+            .or_else(|| claims.get(path).filter(|v| *v != id).cloned());
+        let Some(other) = holder else {
+            return Ok(());
+        };
+        tracing::warn!(volume = id, path = %path.display(), holder = %other, "refused a path another volume holds");
+        Err(Error::FailedPrecondition(format!(
+            "{} is in use by volume {other}",
+            path.display()
+        )))
     }
 
     /// Holds `path` as volume `id`'s staging path while it is staged: FAILED_PRECONDITION
@@ -160,13 +168,7 @@ impl NodeState {
     pub(super) fn claim(&self, path: &Path, id: &str) -> Result<PathClaim<'_>> {
         let map = self.map();
         let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(other) = Self::holder_in(&map, &claims, path, id) {
-            tracing::warn!(volume = id, path = %path.display(), holder = %other, "refused a staging path another volume holds");
-            return Err(Error::FailedPrecondition(format!(
-                "{} is in use by volume {other}",
-                path.display()
-            )));
-        }
+        Self::free_in(&map, &claims, path, id)?;
         claims.insert(path.to_path_buf(), id.to_string());
         Ok(PathClaim {
             node: self,

@@ -179,17 +179,26 @@ pub fn walk(layers_dir: &Path, roots: &Roots) -> Reach {
     reach
 }
 
-/// The backing layer named in `layer`'s header, read from its first cluster only.
+/// The backing layer named in `layer`'s header, read from its first cluster only (the
+/// header says how large a cluster is; a short file reads as zeros past its end).
 fn header_backing(layers_dir: &Path, layer: &str) -> std::result::Result<Option<String>, String> {
+    use qcow2_engine::format::Header;
     use std::io::Read;
     let path = layers_dir.join(layer);
+    let read_err = |e: std::io::Error| format!("reading {}: {e}", path.display());
+    let bad = |e: qcow2_engine::Error| format!("{}: {e}", path.display());
+    let mut file = File::open(&path).map_err(read_err)?;
     let mut buf = Vec::new();
-    File::open(&path)
-        .and_then(|f| f.take(MAX_CLUSTER).read_to_end(&mut buf))
-        .map_err(|e| format!("reading {}: {e}", path.display()))?;
-    buf.resize(MAX_CLUSTER as usize, 0);
-    let header = qcow2_engine::format::Header::parse(&buf)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    (&mut file)
+        .take(HEADER_PEEK)
+        .read_to_end(&mut buf)
+        .map_err(read_err)?;
+    let cluster = 1u64 << Header::peek_cluster_bits(&buf).map_err(bad)?;
+    file.take(cluster.saturating_sub(buf.len() as u64))
+        .read_to_end(&mut buf)
+        .map_err(read_err)?;
+    buf.resize(cluster as usize, 0);
+    let header = Header::parse(&buf).map_err(bad)?;
     match header.backing_file {
         None => Ok(None),
         Some(name) if is_layer_name(&name) => Ok(Some(name)),
@@ -200,8 +209,8 @@ fn header_backing(layers_dir: &Path, layer: &str) -> std::result::Result<Option<
     }
 }
 
-/// The largest qcow2 cluster: the header lies within it.
-const MAX_CLUSTER: u64 = 2 << 20;
+/// Enough of a layer to learn its cluster size (a version 2 header is 72 bytes).
+const HEADER_PEEK: u64 = 512;
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let what = what.into();
@@ -354,15 +363,6 @@ impl State {
     /// Bumped by every record written: a walk of older [`Roots`] may miss a new root.
     pub fn generation(&self) -> u64 {
         self.generation
-    }
-
-    /// The layers the roots reach ([`walk`] of [`State::roots`]).
-    pub fn reachable_layers(&self) -> Result<BTreeSet<String>> {
-        let reach = walk(&self.layers_dir(), &self.roots());
-        match reach.unreadable.iter().next() {
-            Some((layer, why)) => Err(Error::Internal(format!("layer {layer}: {why}"))),
-            None => Ok(reach.live),
-        }
     }
 
     /// The layer `layer` is backed by (its header's backing name, a file in `layers/`).
@@ -663,10 +663,9 @@ mod tests {
         assert!(!st.layer_path(&head).exists());
         let (st2, _) = State::load(dir.path()).unwrap();
         assert_eq!(st2.snapshot(&sid).unwrap().layer, snap);
-        assert_eq!(
-            st2.reachable_layers().unwrap(),
-            [base.clone(), snap.clone()].into()
-        );
+        let reach = walk(&st2.layers_dir(), &st2.roots());
+        assert!(reach.unreadable.is_empty(), "{:?}", reach.unreadable);
+        assert_eq!(reach.live, [base.clone(), snap.clone()].into());
         // The snapshot goes too: everything is collected.
         let mut st = st2;
         st.remove_snapshot(&sid).unwrap();
