@@ -1316,19 +1316,7 @@ async fn node_operations_read_the_record_under_the_volume_lock() {
         let v = v.clone();
         async move {
             tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-            p.controller()
-                .await
-                .create_snapshot(CreateSnapshotRequest {
-                    source_volume_id: v,
-                    name: name.into(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .snapshot
-                .unwrap()
-                .snapshot_id
+            p.snapshot(&v, name).await.unwrap()
         }
     };
     let record = |kind: &str, id: &str| -> serde_json::Value {

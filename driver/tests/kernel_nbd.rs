@@ -646,18 +646,6 @@ fn block_volumes_stage_publish_and_grow_online_on_kernel_nbd() {
     rt().block_on(csi_flow(None));
 }
 
-async fn snapshot(p: &Plugin, id: &str, name: &str) -> Result<String, tonic::Status> {
-    p.controller()
-        .await
-        .create_snapshot(CreateSnapshotRequest {
-            source_volume_id: id.into(),
-            name: name.into(),
-            ..Default::default()
-        })
-        .await
-        .map(|r| r.into_inner().snapshot.unwrap().snapshot_id)
-}
-
 /// Snapshots of a staged ext4 volume under a running fio (fsfreeze, pivot), a flatten of
 /// its chain online, then a restore of the first snapshot staged beside it: fio verifies
 /// every block it wrote, and the restore holds the file written before the snapshot.
@@ -674,9 +662,9 @@ fn snapshots_and_an_online_flatten_under_fio_on_kernel_nbd() {
         std::fs::write(staging.join("before"), "before the snapshots").unwrap();
         let fio = Fio::start(&staging.join("fio.dat"), 64, &p.dir.path().join("fio.json"));
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let first = snapshot(&p, &id, "snap-1").await.unwrap();
+        let first = p.snapshot(&id, "snap-1").await.unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        snapshot(&p, &id, "snap-2").await.unwrap();
+        p.snapshot(&id, "snap-2").await.unwrap();
         let result = tokio::task::spawn_blocking(move || fio.finish())
             .await
             .unwrap();
@@ -740,7 +728,7 @@ fn a_crash_while_the_filesystem_is_frozen_is_thawed_by_the_next_process() {
         let staging = stage(&p, &id, &cap).await;
         let fio = Fio::start(&staging.join("fio.dat"), 48, &p.dir.path().join("fio.json"));
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert!(snapshot(&p, &id, "snap").await.is_err());
+        assert!(p.snapshot(&id, "snap").await.is_err());
         assert!(p.wait_crash(), "the failpoint did not end the plugin");
         // Frozen: a writer blocks (uninterruptibly), and nothing thaws it without the next
         // process.

@@ -120,6 +120,19 @@ impl Plugin {
         ControllerClient::new(connect(&self.socket).await.unwrap())
     }
 
+    /// CreateSnapshot of volume `source` named `name`; the snapshot's id.
+    pub async fn snapshot(&self, source: &str, name: &str) -> Result<String, tonic::Status> {
+        self.controller()
+            .await
+            .create_snapshot(csi_proto::v1::CreateSnapshotRequest {
+                source_volume_id: source.into(),
+                name: name.into(),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner().snapshot.unwrap().snapshot_id)
+    }
+
     /// Waits for the process to exit by itself (a failpoint); returns whether it did.
     pub fn wait_crash(&mut self) -> bool {
         let Some(child) = self.child.as_mut() else {
