@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -123,6 +124,14 @@ struct NbdArgs {
     /// Keep serving after the last client disconnects.
     #[arg(long)]
     persistent: bool,
+    /// Disconnect a client silent this many seconds with nothing in flight (or stalled inside
+    /// a request, or not reading its replies), freeing its `--shared` slot; 0 never does.
+    #[arg(long, default_value_t = 300)]
+    idle_timeout: u64,
+    /// At SIGTERM or SIGINT, seconds the connections get to answer what they have read
+    /// before they are cut off.
+    #[arg(long, default_value_t = 5)]
+    drain_timeout: u64,
     #[command(flatten)]
     image: ImageArgs,
 }
@@ -194,7 +203,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_volumes: i64::from(args.max_volumes),
         attach: mode_of(args.attach),
         max_chain_depth: args.max_chain_depth,
-        handoff_wait: std::time::Duration::from_secs(args.handoff_wait),
+        handoff_wait: Duration::from_secs(args.handoff_wait),
         kubelet_dir: args.kubelet_dir,
     }));
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -223,7 +232,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// A server of one export: the image opened as asked.
-fn open_server(args: &ImageArgs, name: String) -> anyhow::Result<Arc<Server>> {
+fn open_server(
+    args: &ImageArgs,
+    name: String,
+    idle_timeout: Option<Duration>,
+) -> anyhow::Result<Arc<Server>> {
     let ImageArgs {
         read_only,
         cache,
@@ -259,6 +272,7 @@ fn open_server(args: &ImageArgs, name: String) -> anyhow::Result<Arc<Server>> {
         vec![export],
         Limits {
             io_flusher: true,
+            idle_timeout,
             ..Limits::default()
         },
     )))
@@ -275,7 +289,8 @@ fn mode_of(m: AttachMode) -> Mode {
 
 fn attach(args: AttachArgs) -> anyhow::Result<()> {
     let image = &args.image.image;
-    let server = open_server(&args.image, String::new())?;
+    // The one client is this process's own nbdfuse or kernel connection: it may idle.
+    let server = open_server(&args.image, String::new(), None)?;
     let id = match args.id {
         Some(id) => id,
         None => image
@@ -317,7 +332,8 @@ fn attach(args: AttachArgs) -> anyhow::Result<()> {
 
 fn nbd(args: NbdArgs) -> anyhow::Result<()> {
     let image = &args.image.image;
-    let server = open_server(&args.image, args.name)?;
+    let idle = (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout));
+    let server = open_server(&args.image, args.name, idle)?;
     let endpoint = match (args.socket, args.bind) {
         (Some(path), _) => Endpoint::Unix(path),
         (None, Some(addr)) => Endpoint::Tcp(addr),
@@ -336,6 +352,7 @@ fn nbd(args: NbdArgs) -> anyhow::Result<()> {
         ServeOptions {
             shared: args.shared as usize,
             persistent: args.persistent,
+            drain: Duration::from_secs(args.drain_timeout),
         },
     );
     let stopper = serving.stopper();

@@ -346,14 +346,15 @@ impl BlockDevice for Headroom {
     fn zeroes_are_fast(&self, offset: u64, len: u64) -> bool {
         self.inside(offset, len) == len && self.volume.zeroes_are_fast(offset, len)
     }
-    fn block_status(&self, offset: u64, len: u64) -> DeviceResult<Vec<Extent>> {
+    fn block_status(&self, offset: u64, len: u64, most: usize) -> DeviceResult<Vec<Extent>> {
         let inside = self.inside(offset, len);
         let mut extents = if inside > 0 {
-            self.volume.block_status(offset, inside)?
+            self.volume.block_status(offset, inside, most)?
         } else {
             Vec::new()
         };
-        if inside < len {
+        let covered: u64 = extents.iter().map(|e| e.length).sum();
+        if covered == inside && inside < len && extents.len() < most.max(1) {
             extents.push(Extent {
                 length: len - inside,
                 hole: true,
@@ -415,6 +416,7 @@ impl FuseDevice {
             ServeOptions {
                 shared: 16,
                 persistent: true,
+                ..ServeOptions::default()
             },
         );
         let stopper = serving.stopper();
@@ -503,7 +505,7 @@ mod tests {
         );
         assert_eq!(mem.bytes.lock().unwrap()[8000..], [7; 192]);
         dev.trim(8192, 4096).unwrap();
-        let status = dev.block_status(4096, 8192).unwrap();
+        let status = dev.block_status(4096, 8192, 16).unwrap();
         assert_eq!(status.iter().map(|e| e.length).sum::<u64>(), 8192);
         assert!(status.last().unwrap().hole && status.last().unwrap().zero);
         // The volume grows: the same offsets are now inside it.

@@ -179,8 +179,8 @@ impl BlockDevice for LiveImage {
         self.image()
             .is_ok_and(|g| g.get().zeroes_are_fast(offset, len))
     }
-    fn block_status(&self, offset: u64, len: u64) -> DeviceResult<Vec<Extent>> {
-        self.image()?.get().block_status(offset, len)
+    fn block_status(&self, offset: u64, len: u64, most: usize) -> DeviceResult<Vec<Extent>> {
+        self.image()?.get().block_status(offset, len, most)
     }
 }
 

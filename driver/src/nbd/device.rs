@@ -70,9 +70,11 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     fn zeroes_are_fast(&self, _offset: u64, _len: u64) -> bool {
         false
     }
-    /// Allocation status of `[offset, offset + len)` (inside the device), in order, covering
-    /// the range. The default says "all data, in the top layer", which is always safe.
-    fn block_status(&self, _offset: u64, len: u64) -> DeviceResult<Vec<Extent>> {
+    /// Allocation status of `[offset, offset + len)` (inside the device), in order, from
+    /// `offset` on: at most `most` extents (at least one), covering the whole range unless
+    /// that would take more. The default says "all data, in the top layer", which is always
+    /// safe.
+    fn block_status(&self, _offset: u64, len: u64, _most: usize) -> DeviceResult<Vec<Extent>> {
         Ok(vec![Extent {
             length: len,
             hole: false,
@@ -143,19 +145,40 @@ impl BlockDevice for Image {
             && offset.is_multiple_of(unit)
             && (end.is_multiple_of(unit) || end == Image::size(self))
     }
-    fn block_status(&self, offset: u64, len: u64) -> DeviceResult<Vec<Extent>> {
-        let map = qcow2_engine::ops::map::map_range(self, offset, len).map_err(engine)?;
-        // The same reading of the chain as qemu-nbd: a hole is anything without data (zero
-        // clusters included), and the depth counts from 1 for layers that allocate.
-        Ok(map
-            .into_iter()
-            .map(|m| Extent {
-                length: m.length,
-                hole: !m.data,
-                zero: m.zero,
-                depth: if m.present { m.depth as u32 + 1 } else { 0 },
-            })
-            .collect())
+    fn block_status(&self, offset: u64, len: u64, most: usize) -> DeviceResult<Vec<Extent>> {
+        // Mapped a window at a time (at most 16 Ki clusters each, so the engine's list stays
+        // small too), until the range is covered or `most` extents are known.
+        let window = self.geometry().cluster_size() << 14;
+        let most = most.max(1);
+        let end = offset + len;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let n = window.min(end - at);
+            for m in qcow2_engine::ops::map::map_range(self, at, n).map_err(engine)? {
+                // The same reading of the chain as qemu-nbd: a hole is anything without data
+                // (zero clusters included), and the depth counts from 1 for layers that
+                // allocate.
+                let e = Extent {
+                    length: m.length,
+                    hole: !m.data,
+                    zero: m.zero,
+                    depth: if m.present { m.depth as u32 + 1 } else { 0 },
+                };
+                let full = out.len() == most;
+                match out.last_mut() {
+                    Some(last)
+                        if (last.hole, last.zero, last.depth) == (e.hole, e.zero, e.depth) =>
+                    {
+                        last.length += e.length;
+                    }
+                    _ if full => return Ok(out),
+                    _ => out.push(e),
+                }
+            }
+            at += n;
+        }
+        Ok(out)
     }
 }
 
@@ -180,6 +203,57 @@ mod tests {
         assert_eq!(
             errno_of(&qcow2_engine::Error::Corrupt("x".into())),
             errno::EIO
+        );
+    }
+
+    /// An image of 512-byte clusters, every other one written, over `clusters` clusters.
+    fn striped(dir: &std::path::Path, clusters: u64) -> Image {
+        let path = dir.join("striped.qcow2");
+        let opts = qcow2_engine::CreateOptions {
+            size: Some(clusters * 512),
+            cluster_size: 512,
+            ..qcow2_engine::CreateOptions::default()
+        };
+        qcow2_engine::create(&path, &opts).unwrap();
+        let open = qcow2_engine::OpenOptions {
+            writable: true,
+            ..qcow2_engine::OpenOptions::default()
+        };
+        let img = Image::open(&path, &open).unwrap();
+        for c in (0..clusters).step_by(2) {
+            BlockDevice::write_at(&img, &[1u8; 512], c * 512).unwrap();
+        }
+        img
+    }
+
+    #[test]
+    fn block_status_stops_at_the_extent_limit_and_otherwise_covers_the_range() {
+        let dir = tempfile::tempdir().unwrap();
+        // 40 000 clusters span three of the 16 Ki-cluster mapping windows.
+        let clusters = 40_000;
+        let img = striped(dir.path(), clusters);
+        let all = BlockDevice::block_status(&img, 0, clusters * 512, usize::MAX).unwrap();
+        assert_eq!(all.len() as u64, clusters, "one extent per cluster");
+        assert!(all.iter().all(|e| e.length == 512));
+        assert!(all.iter().step_by(2).all(|e| !e.hole && e.depth == 1));
+        assert!(
+            all.iter()
+                .skip(1)
+                .step_by(2)
+                .all(|e| e.hole && e.depth == 0)
+        );
+
+        let some = BlockDevice::block_status(&img, 512, clusters * 512 - 512, 10).unwrap();
+        assert_eq!(
+            some,
+            all[1..11],
+            "the first 10 extents from the offset, exactly"
+        );
+        let one = BlockDevice::block_status(&img, 0, clusters * 512, 0).unwrap();
+        assert_eq!(
+            one,
+            all[..1],
+            "at least one extent, even when asked for none"
         );
     }
 }

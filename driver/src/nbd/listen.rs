@@ -1,6 +1,8 @@
 //! Listening for NBD clients: a unix socket or a TCP address, a cap on clients connected at
 //! once, and an orderly stop (stop accepting, let every connection finish the request it is
 //! serving, return once all are gone so that dropping the server closes the image cleanly).
+//! A client that does not let its connection finish (it stops reading our replies) is cut
+//! off after [`ServeOptions::drain`].
 
 use std::collections::HashMap;
 use std::io;
@@ -10,7 +12,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::server::Server;
 use crate::error::{Error, Result};
@@ -41,6 +43,9 @@ pub struct ServeOptions {
     pub shared: usize,
     /// Keep serving after the last client leaves; otherwise stop then (qemu-nbd's default).
     pub persistent: bool,
+    /// At stop, how long connections get to answer what they have read before they are
+    /// shut both ways (a reply blocked on a client that no longer reads then fails).
+    pub drain: Duration,
 }
 
 impl Default for ServeOptions {
@@ -48,6 +53,7 @@ impl Default for ServeOptions {
         Self {
             shared: 16,
             persistent: true,
+            drain: Duration::from_secs(5),
         }
     }
 }
@@ -80,10 +86,10 @@ impl Conn {
         })
     }
 
-    fn shutdown_read(&self) {
+    fn shutdown(&self, how: Shutdown) {
         let _ = match self {
-            Conn::Unix(s) => s.shutdown(Shutdown::Read),
-            Conn::Tcp(s) => s.shutdown(Shutdown::Read),
+            Conn::Unix(s) => s.shutdown(how),
+            Conn::Tcp(s) => s.shutdown(how),
         };
     }
 }
@@ -230,8 +236,9 @@ impl Serving {
 
     /// Accepts and serves clients, one thread each, until stopped (or, without `persistent`,
     /// until the last client has left); then shuts the read side of every open connection,
-    /// waits for them to finish what they were serving, and returns the number of
-    /// connections served. The server is dropped here when nothing else holds it.
+    /// waits up to [`ServeOptions::drain`] for them to finish what they were serving, shuts
+    /// what is left both ways, and returns the number of connections served. The server is
+    /// dropped here when nothing else holds it.
     pub fn run(self) -> Result<u64> {
         let Serving {
             state,
@@ -298,26 +305,103 @@ impl Serving {
             }));
             threads.retain(|t| !t.is_finished());
         }
-        let draining: Vec<Conn> = state
-            .open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain()
-            .map(|(_, c)| c)
-            .collect();
-        if !draining.is_empty() {
-            eprintln!(
-                "qcow2-csi: stopping: draining {} connections",
-                draining.len()
-            );
+        let mut open = state.open.lock().unwrap_or_else(|e| e.into_inner());
+        if !open.is_empty() {
+            eprintln!("qcow2-csi: stopping: draining {} connections", open.len());
         }
-        for c in draining {
-            c.shutdown_read();
+        for c in open.values() {
+            c.shutdown(Shutdown::Read);
         }
+        let until = Instant::now() + options.drain;
+        while !open.is_empty() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                eprintln!(
+                    "qcow2-csi: stopping: {} connections did not drain in {:?}: cut off",
+                    open.len(),
+                    options.drain
+                );
+                for c in open.values() {
+                    c.shutdown(Shutdown::Both);
+                }
+                break;
+            }
+            open = state
+                .changed
+                .wait_timeout(open, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        drop(open);
         for t in threads {
             let _ = t.join();
         }
         drop(server);
         Ok(served)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::device::Memory;
+    use crate::nbd::proto::{IHAVEOPT, Request, cmd, handshake, opt};
+    use crate::nbd::server::{Export, Limits};
+    use std::io::{Read, Write};
+
+    #[test]
+    fn a_stop_cuts_off_a_client_that_no_longer_reads_after_the_drain_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let endpoint = Endpoint::Unix(dir.path().join("nbd.sock"));
+        let listener = Listener::bind(&endpoint).unwrap();
+        let server = Arc::new(Server::new(
+            vec![Export::new("", Arc::new(Memory::new(64 << 20)))],
+            Limits::default(), // no idle limit: only the drain can end this client
+        ));
+        let options = ServeOptions {
+            drain: Duration::from_millis(300),
+            ..ServeOptions::default()
+        };
+        let serving = Serving::new(listener, server, options);
+        let stopper = serving.stopper();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(serving.run());
+        });
+        let Endpoint::Unix(path) = &endpoint else {
+            unreachable!()
+        };
+        let mut client = UnixStream::connect(path).unwrap();
+        let mut hello = [0u8; 18];
+        client.read_exact(&mut hello).unwrap();
+        let mut m = u32::from(handshake::FIXED_NEWSTYLE | handshake::NO_ZEROES)
+            .to_be_bytes()
+            .to_vec();
+        m.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        m.extend_from_slice(&opt::EXPORT_NAME.to_be_bytes());
+        m.extend_from_slice(&0u32.to_be_bytes());
+        client.write_all(&m).unwrap();
+        let mut export = [0u8; 10];
+        client.read_exact(&mut export).unwrap();
+        // 64 reads of 1 MiB whose replies are never read: the workers block writing them.
+        for cookie in 0..64u64 {
+            let read = Request {
+                flags: 0,
+                kind: cmd::READ,
+                cookie,
+                offset: cookie << 20,
+                length: 1 << 20,
+            };
+            client.write_all(&read.encode()).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let t = Instant::now();
+        stopper.stop();
+        let served = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the stop waits forever on a client that does not read");
+        assert_eq!(served.unwrap(), 1);
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        drop(client);
     }
 }

@@ -213,8 +213,11 @@ pub fn simple_reply(cookie: u64, error: u32) -> [u8; 16] {
     b
 }
 
+/// Bytes of a structured reply chunk's header.
+pub const CHUNK_HEADER_LEN: usize = 20;
+
 /// A structured reply chunk header for `len` bytes of chunk payload.
-pub fn chunk_header(cookie: u64, flags: u16, kind: u16, len: u32) -> [u8; 20] {
+pub fn chunk_header(cookie: u64, flags: u16, kind: u16, len: u32) -> [u8; CHUNK_HEADER_LEN] {
     let mut b = [0u8; 20];
     b[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
     b[4..6].copy_from_slice(&flags.to_be_bytes());

@@ -2,7 +2,8 @@
 //! [`BlockDevice`].
 //!
 //! Bounded everywhere: option data (64 KiB), options per connection (256), request payloads
-//! (32 MiB), and the handshake's duration. A malformed request gets the spec's error and the
+//! (32 MiB), the handshake's whole duration, a client's silence ([`Limits::idle_timeout`]),
+//! and block-status replies ([`MAX_STATUS_EXTENTS`], counted in the byte budget). A malformed request gets the spec's error and the
 //! stream stays in sync (a WRITE's payload is always consumed); only what cannot be answered
 //! without losing sync (a bad magic, an oversized WRITE payload, an unknown export named by
 //! `EXPORT_NAME`) closes the connection.
@@ -18,7 +19,7 @@ use std::ops::Range;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::device::{BlockDevice, DeviceError};
 use super::proto::{
@@ -34,6 +35,10 @@ const SCRATCH_KEEP: usize = 256 << 10;
 const REQUEST_BUFFER: usize = 64 << 10;
 /// How often an idle kernel connection that may be paused looks at its stop flag.
 const STOP_POLL: Duration = Duration::from_millis(50);
+/// Most extents one BLOCK_STATUS reply describes, per metadata context. A reply may cover
+/// less than was asked (the client asks again from where it ends), so a fragmented image
+/// costs round trips, never an unbounded reply: at most 512 KiB per context.
+pub const MAX_STATUS_EXTENTS: usize = 64 << 10;
 
 /// Limits of one server.
 #[derive(Debug, Clone)]
@@ -44,8 +49,13 @@ pub struct Limits {
     pub max_option_len: u32,
     /// Options accepted before transmission.
     pub max_options: u32,
-    /// Time allowed for the whole handshake.
+    /// Time allowed for the whole handshake, however slowly the client trickles it.
     pub handshake_timeout: Duration,
+    /// After the handshake, a client is disconnected when it has sent nothing for this long
+    /// with none of its requests in flight, stalls this long inside a request, or leaves a
+    /// reply unread this long. `None` for connections that may rightly idle for hours (the
+    /// plugin's own nbdfuse and kernel connections).
+    pub idle_timeout: Option<Duration>,
     /// Requests of one connection executing at once.
     pub requests_in_flight: usize,
     /// Payload and read-buffer bytes of one connection in flight.
@@ -63,6 +73,7 @@ impl Default for Limits {
             max_option_len: 64 << 10,
             max_options: 256,
             handshake_timeout: Duration::from_secs(10),
+            idle_timeout: None,
             requests_in_flight: 32,
             bytes_in_flight: 64 << 20,
             io_flusher: false,
@@ -105,18 +116,28 @@ pub enum Discard {
 
 /// A connected stream the server can talk over.
 pub trait Socket: Read + Write + Send + Sized {
-    /// Bounds every read (the handshake timeout), or not.
+    /// Bounds every read, or not.
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+    /// Bounds every write, or not.
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()>;
     /// A second handle on the same connection (replies are written through it).
     fn try_clone(&self) -> io::Result<Self>;
+    /// Shuts both directions: every handle's blocked read or write returns at once.
+    fn shutdown(&self);
 }
 
 impl Socket for UnixStream {
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         UnixStream::set_read_timeout(self, t)
     }
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_write_timeout(self, t)
+    }
     fn try_clone(&self) -> io::Result<Self> {
         UnixStream::try_clone(self)
+    }
+    fn shutdown(&self) {
+        let _ = UnixStream::shutdown(self, std::net::Shutdown::Both);
     }
 }
 
@@ -124,8 +145,52 @@ impl Socket for std::net::TcpStream {
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         std::net::TcpStream::set_read_timeout(self, t)
     }
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        std::net::TcpStream::set_write_timeout(self, t)
+    }
     fn try_clone(&self) -> io::Result<Self> {
         std::net::TcpStream::try_clone(self)
+    }
+    fn shutdown(&self) {
+        let _ = std::net::TcpStream::shutdown(self, std::net::Shutdown::Both);
+    }
+}
+
+/// A socket whose reads and writes must all be done by one instant: the handshake's
+/// deadline holds for the whole exchange, not for each read.
+struct Deadlined<'a, S: Socket> {
+    s: &'a mut S,
+    until: Instant,
+}
+
+impl<S: Socket> Deadlined<'_, S> {
+    /// Time left, or `TimedOut` once there is none.
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the handshake ran out of time",
+            ));
+        }
+        Ok(left)
+    }
+}
+
+impl<S: Socket> Read for Deadlined<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.s.set_read_timeout(Some(self.left()?))?;
+        self.s.read(buf)
+    }
+}
+
+impl<S: Socket> Write for Deadlined<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.s.set_write_timeout(Some(self.left()?))?;
+        self.s.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.s.flush()
     }
 }
 
@@ -213,18 +278,23 @@ impl Server {
     /// Serves one connection to its end. `Ok` when the client disconnected (cleanly or not).
     pub fn serve<S: Socket>(&self, mut s: S) -> Result<(), Error> {
         self.io_flusher();
-        s.set_read_timeout(Some(self.limits.handshake_timeout))?;
-        let negotiated = self.handshake(&mut s)?;
-        s.set_read_timeout(None)?;
+        let until = Instant::now() + self.limits.handshake_timeout;
+        let negotiated = self.handshake(&mut Deadlined { s: &mut s, until })?;
+        // Reads wake up often enough to notice an idle client; a reply the client leaves
+        // unread fails its write after the idle limit.
+        s.set_read_timeout(self.limits.idle_timeout.map(idle_poll))?;
+        s.set_write_timeout(self.limits.idle_timeout)?;
         match negotiated {
             Negotiated::Closed => Ok(()),
             Negotiated::Transmission {
                 export,
                 structured,
                 contexts,
-            } => self
-                .transmission(&mut s, export, structured, &contexts, None)
-                .map(drop),
+            } => {
+                let idle = self.limits.idle_timeout;
+                self.transmission(&mut s, export, structured, &contexts, None, idle)
+                    .map(drop)
+            }
         }
     }
 
@@ -250,7 +320,8 @@ impl Server {
             // A reader idle between requests looks at `stop` this often.
             s.set_read_timeout(Some(STOP_POLL))?;
         }
-        self.transmission(s, export, false, &[], stop)
+        // The kernel may rightly send nothing for hours: no idle limit.
+        self.transmission(s, export, false, &[], stop, None)
     }
 
     /// The exports, in the order given.
@@ -262,7 +333,7 @@ impl Server {
         &self.limits
     }
 
-    fn handshake<S: Socket>(&self, s: &mut S) -> Result<Negotiated, Error> {
+    fn handshake<S: Read + Write>(&self, s: &mut S) -> Result<Negotiated, Error> {
         let mut hello = Vec::with_capacity(18);
         hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
         hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -408,7 +479,7 @@ impl Server {
         )))
     }
 
-    fn send_info<S: Socket>(
+    fn send_info<S: Write>(
         &self,
         s: &mut S,
         option: u32,
@@ -448,11 +519,16 @@ impl Server {
         structured: bool,
         contexts: &[u32],
         stop: Option<&AtomicBool>,
+        idle: Option<Duration>,
     ) -> Result<Ended, Error> {
         let exp = &self.exports[export];
         let dev = &*exp.device;
         let writer = Mutex::new(s.try_clone()?);
+        // Set once a reply could not be written: the connection is shut both ways, so the
+        // reader stops, and the workers drain what is queued without running it.
+        let broken = AtomicBool::new(false);
         let budget = Budget::new(self.limits.bytes_in_flight);
+        let charge = |r: &Request| charge(r, contexts.len());
         let workers = self.limits.requests_in_flight.max(1);
         // Requests run on a pool of workers and are answered as they complete (replies may
         // overtake each other, as the spec allows); a reply is written whole under the writer
@@ -468,6 +544,10 @@ impl Server {
                     loop {
                         let job = rx.recv();
                         let Ok((req, payload)) = job else { return };
+                        if broken.load(Ordering::Acquire) {
+                            budget.release(charge(&req));
+                            continue;
+                        }
                         if scratch.capacity() > SCRATCH_KEEP {
                             scratch = Vec::new();
                         }
@@ -488,21 +568,24 @@ impl Server {
                             Some(range) => &scratch[range],
                             None => &out[..],
                         };
-                        let sent = reply.and_then(|()| {
-                            writer
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .write_all(bytes)
-                        });
-                        budget.release(charge(&req));
+                        let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
+                        let sent = reply.and_then(|()| w.write_all(bytes));
                         if sent.is_err() {
-                            // The client is gone; the reader finds out on its next read.
-                            return;
+                            // The client is gone, or left the reply unread past the idle
+                            // limit: a reply cut short leaves the stream out of sync.
+                            broken.store(true, Ordering::Release);
+                            w.shutdown();
                         }
+                        drop(w);
+                        budget.release(charge(&req));
                     }
                 });
             }
-            let result = self.read_requests(&mut *s, &tx, &budget, stop);
+            let patience = Patience {
+                limit: idle,
+                budget: &budget,
+            };
+            let result = self.read_requests(&mut *s, &tx, &budget, charge, stop, patience);
             drop(tx); // the workers finish what is queued, reply, and stop
             result
         })
@@ -517,7 +600,9 @@ impl Server {
         mut s: R,
         jobs: &crossbeam_channel::Sender<(Request, Vec<u8>)>,
         budget: &Budget,
+        charge: impl Fn(&Request) -> u64,
         stop: Option<&AtomicBool>,
+        patience: Patience<'_>,
     ) -> Result<Ended, Error> {
         let stopping = || stop.is_some_and(|f| f.load(Ordering::Acquire));
         let mut buf = RequestBuffer::new(REQUEST_BUFFER);
@@ -525,7 +610,7 @@ impl Server {
             if buf.is_empty() && stopping() {
                 return Ok(Ended::Stopped);
             }
-            match buf.fill_to(&mut s, REQUEST_LEN, stopping) {
+            match buf.fill_to(&mut s, REQUEST_LEN, stopping, patience) {
                 Ok(Fill::Ready) => {}
                 Ok(Fill::Paused) => return Ok(Ended::Stopped),
                 // The client went away between requests (or within a header: nothing of
@@ -550,7 +635,7 @@ impl Server {
             budget.acquire(charge(&req));
             if req.kind == cmd::WRITE {
                 payload.resize(req.length as usize, 0);
-                if let Err(e) = buf.read_into(&mut s, &mut payload) {
+                if let Err(e) = buf.read_into(&mut s, &mut payload, patience) {
                     budget.release(charge(&req));
                     return Err(e.into());
                 }
@@ -730,6 +815,44 @@ pub enum Ended {
     Stopped,
 }
 
+/// The read timeout of a connection with an idle limit: often enough to notice the limit
+/// passing soon after it does.
+fn idle_poll(limit: Duration) -> Duration {
+    (limit / 4).max(Duration::from_millis(10))
+}
+
+/// How long a client may stay silent (see [`Limits::idle_timeout`]).
+#[derive(Debug, Clone, Copy)]
+struct Patience<'a> {
+    limit: Option<Duration>,
+    budget: &'a Budget,
+}
+
+impl Patience<'_> {
+    /// The error ending a connection whose client, last heard at `heard`, has been silent
+    /// too long: inside a request (`partial`: it owes us bytes) from `heard` on; between
+    /// requests only while none of its requests is in flight, and from the later of `heard`
+    /// and the last reply.
+    fn exhausted(&self, heard: Instant, partial: bool) -> Option<io::Error> {
+        let limit = self.limit?;
+        let since = if partial {
+            heard
+        } else {
+            heard.max(self.budget.quiet_since()?)
+        };
+        (since.elapsed() >= limit).then(|| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the client was silent for {} s{}",
+                    limit.as_secs_f64(),
+                    if partial { " inside a request" } else { "" }
+                ),
+            )
+        })
+    }
+}
+
 /// Whether a read failed only because nothing came within the socket's read timeout.
 fn idle(e: &io::Error) -> bool {
     matches!(
@@ -752,6 +875,8 @@ struct RequestBuffer {
     data: Vec<u8>,
     start: usize,
     end: usize,
+    /// When the client last sent anything.
+    heard: Instant,
 }
 
 impl RequestBuffer {
@@ -760,6 +885,7 @@ impl RequestBuffer {
             data: vec![0; capacity],
             start: 0,
             end: 0,
+            heard: Instant::now(),
         }
     }
 
@@ -773,12 +899,14 @@ impl RequestBuffer {
 
     /// Reads until at least `need` bytes are buffered: as much as the stream has (one read
     /// may bring several requests), or, once `exact()` says so, no more than `need`. An
-    /// idle read is retried, unless nothing is buffered and `exact()` says to stop.
+    /// idle read is retried, unless nothing is buffered and `exact()` says to stop, or the
+    /// client has tried `patience` too long.
     fn fill_to<R: Read>(
         &mut self,
         s: &mut R,
         need: usize,
         exact: impl Fn() -> bool,
+        patience: Patience<'_>,
     ) -> io::Result<Fill> {
         if self.data.len() - self.start < need {
             self.data.copy_within(self.start..self.end, 0);
@@ -793,10 +921,16 @@ impl RequestBuffer {
             };
             match s.read(&mut self.data[self.end..limit]) {
                 Ok(0) => return Ok(Fill::Eof),
-                Ok(n) => self.end += n,
+                Ok(n) => {
+                    self.end += n;
+                    self.heard = Instant::now();
+                }
                 Err(e) if idle(&e) => {
                     if self.is_empty() && exact() {
                         return Ok(Fill::Paused);
+                    }
+                    if let Some(e) = patience.exhausted(self.heard, !self.is_empty()) {
+                        return Err(e);
                     }
                 }
                 Err(e) => return Err(e),
@@ -817,15 +951,27 @@ impl RequestBuffer {
 
     /// Fills `out` with what is buffered, then straight from the stream (never reading
     /// past its end).
-    fn read_into<R: Read>(&mut self, s: &mut R, out: &mut [u8]) -> io::Result<()> {
+    fn read_into<R: Read>(
+        &mut self,
+        s: &mut R,
+        out: &mut [u8],
+        patience: Patience<'_>,
+    ) -> io::Result<()> {
         let have = self.len().min(out.len());
         out[..have].copy_from_slice(self.take(have));
         let mut got = have;
         while got < out.len() {
             match s.read(&mut out[got..]) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => got += n,
-                Err(e) if idle(&e) => {}
+                Ok(n) => {
+                    got += n;
+                    self.heard = Instant::now();
+                }
+                Err(e) if idle(&e) => {
+                    if let Some(e) = patience.exhausted(self.heard, true) {
+                        return Err(e);
+                    }
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -833,43 +979,71 @@ impl RequestBuffer {
     }
 }
 
-/// Bytes a request holds while in flight (its payload or its read buffer).
-fn charge(r: &Request) -> u64 {
+/// Bytes a request holds while in flight: its payload, its read buffer, or the largest
+/// block-status reply for `contexts` metadata contexts.
+fn charge(r: &Request, contexts: usize) -> u64 {
     match r.kind {
         cmd::READ | cmd::WRITE => u64::from(r.length),
+        cmd::BLOCK_STATUS => (contexts * (proto::CHUNK_HEADER_LEN + 4 + 8 * MAX_STATUS_EXTENTS))
+            .try_into()
+            .unwrap_or(u64::MAX),
         _ => 0,
     }
 }
 
 /// A byte budget for the requests of one connection in flight. A request larger than the
-/// whole budget still runs, alone.
+/// whole budget still runs, alone. It also knows when the connection last went quiet.
 #[derive(Debug)]
 struct Budget {
     limit: u64,
-    used: Mutex<u64>,
+    used: Mutex<Flight>,
     freed: Condvar,
+}
+
+/// What one connection has in flight.
+#[derive(Debug)]
+struct Flight {
+    bytes: u64,
+    requests: usize,
+    /// When the last request was answered (or the connection began).
+    last_done: Instant,
 }
 
 impl Budget {
     fn new(limit: u64) -> Self {
         Self {
             limit,
-            used: Mutex::new(0),
+            used: Mutex::new(Flight {
+                bytes: 0,
+                requests: 0,
+                last_done: Instant::now(),
+            }),
             freed: Condvar::new(),
         }
     }
 
     fn acquire(&self, n: u64) {
         let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        while *used > 0 && *used + n > self.limit {
+        while used.bytes > 0 && used.bytes + n > self.limit {
             used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
         }
-        *used += n;
+        used.bytes += n;
+        used.requests += 1;
     }
 
     fn release(&self, n: u64) {
-        *self.used.lock().unwrap_or_else(|e| e.into_inner()) -= n;
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        used.bytes -= n;
+        used.requests -= 1;
+        used.last_done = Instant::now();
+        drop(used);
         self.freed.notify_all();
+    }
+
+    /// When the last request was answered, if none is in flight now.
+    fn quiet_since(&self) -> Option<Instant> {
+        let used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        (used.requests == 0).then_some(used.last_done)
     }
 }
 
@@ -880,11 +1054,12 @@ fn block_status<W: Write>(
     r: &Request,
     contexts: &[u32],
 ) -> io::Result<()> {
-    let extents = match dev.block_status(r.offset, u64::from(r.length)) {
+    let one = r.flags & cmd_flag::REQ_ONE != 0;
+    let most = if one { 1 } else { MAX_STATUS_EXTENTS };
+    let extents = match dev.block_status(r.offset, u64::from(r.length), most) {
         Ok(e) => e,
         Err(e) => return reply_error(s, r, true, &e),
     };
-    let one = r.flags & cmd_flag::REQ_ONE != 0;
     let mut out = Vec::new();
     for (i, &id) in contexts.iter().enumerate() {
         // (length, flags) pairs, neighbours with equal flags merged; never longer than the
@@ -903,9 +1078,8 @@ fn block_status<W: Write>(
                 _ => pairs.push((e.length as u32, flags)),
             }
         }
-        if one {
-            pairs.truncate(1);
-        }
+        // A device that described more than asked: the reply still stays bounded.
+        pairs.truncate(most);
         let done = if i + 1 == contexts.len() {
             reply::FLAG_DONE
         } else {
@@ -961,7 +1135,7 @@ fn error_reply<S: Write>(s: &mut S, option: u32, kind: u32, message: &str) -> io
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nbd::device::DeviceResult;
+    use crate::nbd::device::{DeviceResult, Extent};
 
     /// A memory device whose read of block 0 waits until block 1 has been written: served in
     /// order, a READ of block 0 followed by a WRITE of block 1 would never finish.
@@ -1250,5 +1424,278 @@ mod tests {
             theirs.read_exact(&mut export).unwrap();
             assert_eq!(u64::from_be_bytes(export[..8].try_into().unwrap()), 1 << 20);
         });
+    }
+
+    /// Runs `serve` on a socket pair under `limits`; returns our end and the server's
+    /// outcome (with how long it took), or `None` if it had not ended in `within`.
+    fn serve_with(
+        limits: Limits,
+        dev: Arc<dyn BlockDevice>,
+        client: impl FnOnce(UnixStream) + Send,
+        within: Duration,
+    ) -> Option<(Result<(), Error>, Duration)> {
+        let server = Arc::new(Server::new(vec![Export::new("", dev)], limits));
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let started = Instant::now();
+        std::thread::spawn(move || {
+            let _ = tx.send(server.serve(ours));
+        });
+        std::thread::scope(|s| {
+            s.spawn(|| client(theirs));
+            let ended = rx.recv_timeout(within).ok();
+            ended.map(|r| (r, started.elapsed()))
+        })
+    }
+
+    fn timed_out(r: &Result<(), Error>) -> bool {
+        matches!(r, Err(Error::Io(e)) if e.kind() == io::ErrorKind::TimedOut)
+    }
+
+    #[test]
+    fn a_handshake_trickled_byte_by_byte_ends_at_the_whole_handshake_deadline() {
+        let limits = Limits {
+            handshake_timeout: Duration::from_millis(600),
+            ..Limits::default()
+        };
+        let dev = Arc::new(crate::nbd::device::Memory::new(1 << 20));
+        // Each byte comes well within the deadline; the handshake as a whole never ends.
+        let client = |mut theirs: UnixStream| {
+            let mut hello = [0u8; 18];
+            theirs.read_exact(&mut hello).unwrap();
+            let mut bytes = u32::from(handshake::FIXED_NEWSTYLE).to_be_bytes().to_vec();
+            bytes.extend_from_slice(&IHAVEOPT.to_be_bytes());
+            bytes.extend(std::iter::repeat_n(0u8, 64));
+            for b in bytes {
+                std::thread::sleep(Duration::from_millis(100));
+                if theirs.write_all(&[b]).is_err() {
+                    return;
+                }
+            }
+        };
+        let (result, took) = serve_with(limits, dev, client, Duration::from_secs(5))
+            .expect("the server still waits on a client trickling its handshake");
+        assert!(timed_out(&result), "{result:?}");
+        assert!(took < Duration::from_millis(1500), "{took:?}");
+    }
+
+    /// A device whose flush takes 800 ms.
+    #[derive(Debug)]
+    struct SlowFlush(crate::nbd::device::Memory);
+
+    impl BlockDevice for SlowFlush {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> DeviceResult {
+            self.0.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> DeviceResult {
+            self.0.write_at(buf, offset)
+        }
+        fn flush(&self) -> DeviceResult {
+            std::thread::sleep(Duration::from_millis(800));
+            Ok(())
+        }
+        fn trim(&self, _: u64, _: u64) -> DeviceResult {
+            Ok(())
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> DeviceResult {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_idle_client_is_let_go_but_not_while_its_request_runs() {
+        let limits = Limits {
+            idle_timeout: Some(Duration::from_millis(300)),
+            ..Limits::default()
+        };
+        let dev = Arc::new(SlowFlush(crate::nbd::device::Memory::new(1 << 20)));
+        let client = |mut theirs: UnixStream| {
+            quick_handshake(&mut theirs);
+            let flush = Request {
+                flags: 0,
+                kind: cmd::FLUSH,
+                cookie: 5,
+                offset: 0,
+                length: 0,
+            };
+            theirs.write_all(&flush.encode()).unwrap();
+            // The flush outlasts the idle limit: its reply still comes.
+            let mut r = [0u8; 16];
+            theirs.read_exact(&mut r).unwrap();
+            assert_eq!(r, proto::simple_reply(5, 0));
+            // Then silence: the server lets go.
+            let t = Instant::now();
+            theirs
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            assert_eq!(theirs.read(&mut r).unwrap(), 0, "closed by the server");
+            assert!(
+                t.elapsed() < Duration::from_millis(1000),
+                "{:?}",
+                t.elapsed()
+            );
+        };
+        let (result, _) = serve_with(limits, dev, client, Duration::from_secs(10))
+            .expect("an idle client is never let go");
+        assert!(timed_out(&result), "{result:?}");
+    }
+
+    #[test]
+    fn a_client_stalled_inside_a_write_payload_is_let_go() {
+        let limits = Limits {
+            idle_timeout: Some(Duration::from_millis(300)),
+            ..Limits::default()
+        };
+        let dev = Arc::new(crate::nbd::device::Memory::new(1 << 20));
+        let client = |mut theirs: UnixStream| {
+            quick_handshake(&mut theirs);
+            let write = Request {
+                flags: 0,
+                kind: cmd::WRITE,
+                cookie: 1,
+                offset: 0,
+                length: 4096,
+            };
+            theirs.write_all(&write.encode()).unwrap();
+            theirs.write_all(&[7u8; 100]).unwrap();
+            let mut r = [0u8; 1];
+            theirs
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            assert_eq!(theirs.read(&mut r).unwrap(), 0, "closed by the server");
+        };
+        let (result, took) = serve_with(limits, dev, client, Duration::from_secs(10))
+            .expect("a stalled client is never let go");
+        assert!(timed_out(&result), "{result:?}");
+        assert!(took < Duration::from_secs(2), "{took:?}");
+    }
+
+    #[test]
+    fn a_client_that_stops_reading_its_replies_is_cut_off() {
+        let limits = Limits {
+            idle_timeout: Some(Duration::from_millis(300)),
+            ..Limits::default()
+        };
+        let dev = Arc::new(crate::nbd::device::Memory::new(64 << 20));
+        // 64 reads of 1 MiB, none of whose replies is read: far more than a socket buffers.
+        let client = |mut theirs: UnixStream| {
+            quick_handshake(&mut theirs);
+            for cookie in 0..64u64 {
+                let read = Request {
+                    flags: 0,
+                    kind: cmd::READ,
+                    cookie,
+                    offset: cookie << 20,
+                    length: 1 << 20,
+                };
+                if theirs.write_all(&read.encode()).is_err() {
+                    break;
+                }
+            }
+            // Hold the socket open, never reading, well past when the server lets go.
+            std::thread::sleep(Duration::from_secs(4));
+        };
+        let (_, took) = serve_with(limits, dev, client, Duration::from_secs(10))
+            .expect("the server waits forever on a client that does not read");
+        assert!(took < Duration::from_secs(2), "{took:?}");
+    }
+
+    /// A device that records the extent limit it was asked for and describes more.
+    #[derive(Debug, Default)]
+    struct Fragmented {
+        asked: Mutex<Vec<usize>>,
+    }
+
+    impl BlockDevice for Fragmented {
+        fn size(&self) -> u64 {
+            1 << 30
+        }
+        fn read_only(&self) -> bool {
+            true
+        }
+        fn read_at(&self, buf: &mut [u8], _: u64) -> DeviceResult {
+            buf.fill(0);
+            Ok(())
+        }
+        fn write_at(&self, _: &[u8], _: u64) -> DeviceResult {
+            Ok(())
+        }
+        fn flush(&self) -> DeviceResult {
+            Ok(())
+        }
+        fn trim(&self, _: u64, _: u64) -> DeviceResult {
+            Ok(())
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> DeviceResult {
+            Ok(())
+        }
+        fn block_status(&self, _: u64, len: u64, most: usize) -> DeviceResult<Vec<Extent>> {
+            self.asked.lock().unwrap().push(most);
+            // One extent per 512 bytes, alternating, ignoring the limit.
+            Ok((0..len / 512)
+                .map(|i| Extent {
+                    length: 512,
+                    hole: i % 2 == 1,
+                    zero: i % 2 == 1,
+                    depth: 1,
+                })
+                .collect())
+        }
+    }
+
+    /// Negotiates structured replies and `base:allocation` on export "".
+    fn structured_handshake(theirs: &mut UnixStream) {
+        let mut hello = [0u8; 18];
+        theirs.read_exact(&mut hello).unwrap();
+        theirs
+            .write_all(&u32::from(handshake::FIXED_NEWSTYLE | handshake::NO_ZEROES).to_be_bytes())
+            .unwrap();
+        send_opt(theirs, opt::STRUCTURED_REPLY, &[]);
+        assert_eq!(option_reply(theirs).0, rep::ACK);
+        let mut q = 0u32.to_be_bytes().to_vec(); // export name ""
+        q.extend_from_slice(&1u32.to_be_bytes());
+        q.extend_from_slice(&(context::BASE_ALLOCATION.len() as u32).to_be_bytes());
+        q.extend_from_slice(context::BASE_ALLOCATION.as_bytes());
+        send_opt(theirs, opt::SET_META_CONTEXT, &q);
+        while option_reply(theirs).0 != rep::ACK {}
+        send_opt(theirs, opt::GO, &[0, 0, 0, 0, 0, 0]);
+        while option_reply(theirs).0 != rep::ACK {}
+    }
+
+    #[test]
+    fn a_block_status_reply_is_bounded_whatever_the_device_describes() {
+        let dev = Arc::new(Fragmented::default());
+        let server = Server::new(vec![Export::new("", dev.clone())], Limits::default());
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| server.serve(ours).unwrap());
+            structured_handshake(&mut theirs);
+            for (cookie, flags) in [(1u64, 0u16), (2, cmd_flag::REQ_ONE)] {
+                let status = Request {
+                    flags,
+                    kind: cmd::BLOCK_STATUS,
+                    cookie,
+                    offset: 0,
+                    length: 1 << 30, // 2 Mi extents of 512 bytes
+                };
+                theirs.write_all(&status.encode()).unwrap();
+                let mut h = [0u8; 20];
+                theirs.read_exact(&mut h).unwrap();
+                let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+                let mut body = vec![0u8; len];
+                theirs.read_exact(&mut body).unwrap();
+                let extents = (len - 4) / 8;
+                let want = if flags == 0 { MAX_STATUS_EXTENTS } else { 1 };
+                assert_eq!(extents, want, "cookie {cookie}");
+            }
+            drop(theirs);
+        });
+        assert_eq!(*dev.asked.lock().unwrap(), [MAX_STATUS_EXTENTS, 1]);
     }
 }
