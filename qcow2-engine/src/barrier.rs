@@ -10,6 +10,7 @@
 //! durability for data that is gone (QEMU refuses further flushes for the same reason). Every
 //! later sync fails; reopening the image (which repairs it) is the way back.
 
+use crate::sync::Recover;
 use std::io;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
@@ -34,7 +35,7 @@ pub(crate) struct Barrier {
 
 impl Barrier {
     fn lock(&self) -> MutexGuard<'_, Progress> {
-        self.progress.lock().unwrap_or_else(|e| e.into_inner())
+        self.progress.lock().recover()
     }
 
     /// Returns once a sync that started after this call has completed.
@@ -51,7 +52,7 @@ impl Barrier {
                 return Ok(());
             }
             if p.running {
-                p = self.finished.wait(p).unwrap_or_else(|e| e.into_inner());
+                p = self.finished.wait(p).recover();
                 continue;
             }
             p.running = true;

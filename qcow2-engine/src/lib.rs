@@ -13,6 +13,8 @@ pub mod ops;
 pub mod storage;
 pub mod types;
 
+pub mod sync;
+
 mod alloc;
 mod barrier;
 mod meta;

@@ -17,6 +17,7 @@
 //! `QCOW2_STRESS_SEED` (default 1). `for i in $(seq 20); do QCOW2_STRESS_SEED=$i cargo nextest
 //! run --test stress; done` is the long form.
 
+use qcow2_engine::sync::Recover;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 
@@ -51,9 +52,9 @@ struct RangeLock {
 
 impl RangeLock {
     fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = self.held.lock().recover();
         while held.iter().any(|&(s, e)| s < end && start < e) {
-            held = self.freed.wait(held).unwrap_or_else(|e| e.into_inner());
+            held = self.freed.wait(held).recover();
         }
         held.push((start, end));
         RangeGuard {
@@ -71,7 +72,7 @@ struct RangeGuard<'a> {
 
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
-        let mut held = self.lock.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = self.lock.held.lock().recover();
         let i = held.iter().position(|&r| r == self.range).unwrap();
         held.swap_remove(i);
         self.lock.freed.notify_all();

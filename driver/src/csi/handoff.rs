@@ -22,6 +22,7 @@
 //! A pod's I/O waits only for steps 3 and 4: the pause, the closes and the opens. Devices that
 //! cannot move (nbdfuse, ioctls) stay with the old process until it exits.
 
+use qcow2_engine::sync::Recover;
 use std::collections::HashMap;
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;
@@ -423,7 +424,7 @@ fn pause_all(plugin: &Plugin) -> Result<Vec<Paused>> {
     let staged: Vec<Arc<Staged>> = plugin.node.map().values().cloned().collect();
     let mut paused = Vec::new();
     for s in staged {
-        let mut attached = s.attached.lock().unwrap_or_else(|e| e.into_inner());
+        let mut attached = s.attached.lock().recover();
         let (Some(a), Some(image)) = (attached.as_mut(), &s.image) else {
             continue;
         };
@@ -471,12 +472,7 @@ fn resume_all(plugin: &Plugin, paused: Vec<Paused>) {
         if let Err(e) = &reopened {
             tracing::error!(volume = %s.volume_id, error = %e, "reopening the head after a failed handover: its I/O fails");
         }
-        if let Some(a) = s
-            .attached
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
+        if let Some(a) = s.attached.lock().recover().as_mut() {
             a.resume(p.sockets);
         }
     }

@@ -7,6 +7,7 @@
 //! The old head is flushed and closed before the new one opens it as its backing file (its
 //! write lock must be gone first).
 
+use qcow2_engine::sync::Recover;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
@@ -36,7 +37,7 @@ impl LiveImage {
     }
 
     fn image(&self) -> DeviceResult<ImageGuard<'_>> {
-        let guard = self.current.read().unwrap_or_else(|e| e.into_inner());
+        let guard = self.current.read().recover();
         if guard.is_none() {
             return Err(DeviceError::new(
                 errno::EIO,
@@ -62,7 +63,7 @@ impl LiveImage {
     /// Flushes and closes the image, so that another process can open it (a handover);
     /// requests fail with EIO until [`LiveImage::reopen_at`]. Nothing may be in flight.
     pub fn close(&self) -> Result<()> {
-        let mut g = self.current.write().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.current.write().recover();
         let Some(image) = g.take() else {
             return Ok(());
         };
@@ -77,7 +78,7 @@ impl LiveImage {
 
     /// Opens `path` again after [`LiveImage::close`] (a handover that did not happen).
     pub fn reopen_at(&self, path: &Path, opts: &OpenOptions) -> Result<()> {
-        let mut g = self.current.write().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.current.write().recover();
         if g.is_none() {
             let image = Image::open(path, opts)
                 .map_err(|e| Error::Internal(format!("reopening {}: {e}", path.display())))?;
@@ -105,7 +106,7 @@ impl LiveImage {
         opts: &OpenOptions,
         between: impl FnOnce() -> Result<()>,
     ) -> Result<()> {
-        let mut g = self.current.write().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.current.write().recover();
         let old = g
             .take()
             .ok_or_else(|| Error::Internal("the volume has no open head layer".into()))?;

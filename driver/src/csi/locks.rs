@@ -1,6 +1,7 @@
 //! Per-object operation locks: one operation at a time per volume (or volume name); a second
 //! one gets ABORTED, which tells the CO to retry later, as the CSI spec prescribes.
 
+use qcow2_engine::sync::Recover;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
@@ -21,11 +22,7 @@ pub struct Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.locks
-            .held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.key);
+        self.locks.held.lock().recover().remove(&self.key);
     }
 }
 
@@ -33,7 +30,7 @@ impl Locks {
     /// Takes `key`, or ABORTED if an operation holds it.
     pub fn try_lock(&self, key: impl Into<String>) -> Result<Held> {
         let key = key.into();
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = self.held.lock().recover();
         if !held.insert(key.clone()) {
             return Err(Error::Aborted(format!(
                 "an operation on {key} is in progress; retry"

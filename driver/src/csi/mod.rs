@@ -21,6 +21,7 @@ pub mod staged;
 pub mod staging;
 pub mod state;
 
+use qcow2_engine::sync::Recover;
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -86,11 +87,7 @@ pub struct PendingLayer<'a> {
 
 impl Drop for PendingLayer<'_> {
     fn drop(&mut self) {
-        self.plugin
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.name);
+        self.plugin.pending.lock().recover().remove(&self.name);
     }
 }
 
@@ -127,35 +124,23 @@ impl Plugin {
 
     /// Marks a flatten of `id` as running; false if one already is.
     pub(crate) fn begin_flatten(&self, id: &str) -> bool {
-        self.flattening
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.to_string())
+        self.flattening.lock().recover().insert(id.to_string())
     }
 
     /// Flattens running now.
     pub(crate) fn flattening(&self) -> usize {
-        self.flattening
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
+        self.flattening.lock().recover().len()
     }
 
     pub(crate) fn end_flatten(&self, id: &str) {
-        self.flattening
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
+        self.flattening.lock().recover().remove(id);
     }
 
     /// A fresh layer name, protected from collection until the guard drops (after the
     /// record that reaches it is written, or the operation failed).
     pub fn pending_layer(&self) -> PendingLayer<'_> {
         let name = format!("{}.qcow2", state::new_id("layer-"));
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.clone());
+        self.pending.lock().recover().insert(name.clone());
         PendingLayer { plugin: self, name }
     }
 
@@ -173,11 +158,7 @@ impl Plugin {
             if st.generation() != roots.generation {
                 continue;
             }
-            let pending = self
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
+            let pending = self.pending.lock().recover().clone();
             return st.collect(&reach, &pending);
         }
         tracing::info!("records keep changing: collection left to the next one");
@@ -239,11 +220,11 @@ impl Plugin {
         });
         match loaded {
             Ok((st, loaded)) => {
-                *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(st);
+                *self.state.lock().recover() = Some(st);
                 Ok(loaded)
             }
             Err(e) => {
-                *self.load_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                *self.load_error.lock().recover() = Some(e.to_string());
                 Err(e)
             }
         }
@@ -251,22 +232,16 @@ impl Plugin {
 
     /// Why the state directory could not be loaded, if it could not.
     pub fn load_error(&self) -> Option<String> {
-        self.load_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.load_error.lock().recover().clone()
     }
 
     pub fn ready(&self) -> bool {
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+        self.state.lock().recover().is_some()
     }
 
     /// The loaded state, or UNAVAILABLE while loading.
     pub fn state(&self) -> Result<StateGuard<'_>> {
-        let g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let g = self.state.lock().recover();
         if g.is_none() {
             return Err(Error::Unavailable(match self.load_error() {
                 Some(e) => format!("the state directory failed to load: {e}"),
@@ -375,7 +350,8 @@ impl Plugin {
 /// a `kill -9` at that instant would (the restart tests use it); `NAME:sleep=MS` pauses here
 /// instead (the shutdown tests use it to catch an operation in flight), and
 /// `NAME:sleep-once=MS` pauses only the first time (a slow storage request). The variable is
-/// read once per process.
+/// read once per process. Compiled in only with the `failpoints` feature (the tests').
+#[cfg(feature = "failpoints")]
 pub(crate) fn failpoint(name: &str) {
     static SET: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     static SLEPT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -407,6 +383,11 @@ pub(crate) fn failpoint(name: &str) {
         }
     }
 }
+
+/// Without the `failpoints` feature a failpoint is nothing at all.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub(crate) fn failpoint(_name: &str) {}
 
 #[cfg(test)]
 mod tests {

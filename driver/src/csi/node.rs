@@ -1,6 +1,7 @@
 //! The Node service: stage (open the head layer, export it, attach a block device, make and
 //! mount a filesystem), publish (bind mounts), and their inverses.
 
+use qcow2_engine::sync::Recover;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -273,7 +274,7 @@ impl NodeService {
                 return Err(e);
             }
         };
-        *staged.attached.lock().unwrap_or_else(|e| e.into_inner()) = Some(attached);
+        *staged.attached.lock().recover() = Some(attached);
         plugin.node.map().insert(rec.id.clone(), Arc::new(staged));
         tracing::info!(volume = %rec.id, "staged");
         Ok(())
@@ -295,7 +296,7 @@ impl NodeService {
             if s.cap.access == AccessType::Mount {
                 mounts::unmount_if_mounted(&s.staging)?;
             }
-            if let Some(a) = s.attached.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            if let Some(a) = s.attached.lock().recover().take() {
                 a.detach()?;
             }
         }
@@ -524,7 +525,7 @@ impl NodeService {
             Ok(())
         };
         s.check_live()?;
-        let mut attached = s.attached.lock().unwrap_or_else(|e| e.into_inner());
+        let mut attached = s.attached.lock().recover();
         let (Some(attached), Some(image)) = (attached.as_mut(), &s.image) else {
             return Err(Error::FailedPrecondition(
                 "the volume is being unstaged".into(),

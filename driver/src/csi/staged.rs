@@ -1,6 +1,7 @@
 //! Volumes staged on this node: what each holds (image, export, device, publish targets),
 //! their records, and taking them back after a restart ([`NodeState::recover`]).
 
+use qcow2_engine::sync::Recover;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -50,7 +51,7 @@ impl Staged {
     }
 
     pub(super) fn published(&self) -> std::sync::MutexGuard<'_, BTreeSet<PathBuf>> {
-        self.published.lock().unwrap_or_else(|e| e.into_inner())
+        self.published.lock().recover()
     }
 
     /// Publish targets still mounted (an unreadable mount table counts them all): what a
@@ -105,7 +106,7 @@ pub struct NodeState {
     pub(super) records: StageRecords,
 }
 
-/// A staging path held for one stage in progress ([`NodeState::claim`]); released when
+/// A staging path held for one stage in progress (`NodeState::claim`); released when
 /// dropped (by then the staged volume, if any, holds it).
 #[derive(Debug)]
 pub struct PathClaim<'a> {
@@ -115,11 +116,7 @@ pub struct PathClaim<'a> {
 
 impl Drop for PathClaim<'_> {
     fn drop(&mut self) {
-        self.node
-            .claims
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.path);
+        self.node.claims.lock().recover().remove(&self.path);
     }
 }
 
@@ -136,7 +133,7 @@ impl NodeState {
     /// staging path, one of its publish targets, or the staging path of a stage in progress.
     pub(super) fn check_free(&self, path: &Path, id: &str) -> Result<()> {
         let map = self.map();
-        let claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        let claims = self.claims.lock().recover();
         Self::free_in(&map, &claims, path, id)
     }
 
@@ -167,7 +164,7 @@ impl NodeState {
     /// pods, and a later publish of A would show B).
     pub(super) fn claim(&self, path: &Path, id: &str) -> Result<PathClaim<'_>> {
         let map = self.map();
-        let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        let mut claims = self.claims.lock().recover();
         Self::free_in(&map, &claims, path, id)?;
         claims.insert(path.to_path_buf(), id.to_string());
         Ok(PathClaim {
@@ -177,7 +174,7 @@ impl NodeState {
     }
 
     pub(super) fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Staged>>> {
-        self.staged.lock().unwrap_or_else(|e| e.into_inner())
+        self.staged.lock().recover()
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Staged>> {
@@ -222,7 +219,7 @@ impl NodeState {
             .filter(|s| {
                 s.attached
                     .lock()
-                    .unwrap_or_else(|e| e.into_inner())
+                    .recover()
                     .as_ref()
                     .is_some_and(|a| a.reattach_index().is_some())
             })
@@ -235,7 +232,7 @@ impl NodeState {
     /// attachment tears it down.)
     pub fn leave_attached(&self) {
         for s in self.map().values() {
-            if let Some(a) = s.attached.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            if let Some(a) = s.attached.lock().recover().take() {
                 tracing::info!(volume = %s.volume_id, device = %a.device().display(), "left attached");
                 std::mem::forget(a);
             }
@@ -249,7 +246,7 @@ impl NodeState {
             let Some(s) = self.map().remove(id) else {
                 continue;
             };
-            let attached = s.attached.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let attached = s.attached.lock().recover().take();
             if let Some(mut a) = attached
                 && let Err(e) = a.pause()
             {

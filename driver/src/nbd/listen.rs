@@ -4,6 +4,7 @@
 //! A client that does not let its connection finish (it stops reading our replies) is cut
 //! off after [`ServeOptions::drain`].
 
+use qcow2_engine::sync::Recover;
 use std::collections::HashMap;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -255,9 +256,9 @@ impl Serving {
         let mut served = 0u64;
         loop {
             {
-                let mut open = state.open.lock().unwrap_or_else(|e| e.into_inner());
+                let mut open = state.open.lock().recover();
                 while open.len() >= shared && !state.stop.load(Ordering::SeqCst) {
-                    open = state.changed.wait(open).unwrap_or_else(|e| e.into_inner());
+                    open = state.changed.wait(open).recover();
                 }
             }
             if state.stop.load(Ordering::SeqCst) {
@@ -279,11 +280,7 @@ impl Serving {
             let Ok(handle) = conn.try_clone() else {
                 continue; // out of descriptors: the client sees the connection close
             };
-            state
-                .open
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id, handle);
+            state.open.lock().recover().insert(id, handle);
             let (server, state, stopper) = (server.clone(), state.clone(), stopper.clone());
             let persistent = options.persistent;
             threads.push(std::thread::spawn(move || {
@@ -294,7 +291,7 @@ impl Serving {
                 if let Err(e) = result {
                     eprintln!("qcow2-csi: connection ended: {e}");
                 }
-                let mut open = state.open.lock().unwrap_or_else(|e| e.into_inner());
+                let mut open = state.open.lock().recover();
                 open.remove(&id);
                 let last = open.is_empty();
                 drop(open);
@@ -305,7 +302,7 @@ impl Serving {
             }));
             threads.retain(|t| !t.is_finished());
         }
-        let mut open = state.open.lock().unwrap_or_else(|e| e.into_inner());
+        let mut open = state.open.lock().recover();
         if !open.is_empty() {
             eprintln!("qcow2-csi: stopping: draining {} connections", open.len());
         }
@@ -326,11 +323,7 @@ impl Serving {
                 }
                 break;
             }
-            open = state
-                .changed
-                .wait_timeout(open, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            open = state.changed.wait_timeout(open, left).recover().0;
         }
         drop(open);
         for t in threads {

@@ -14,6 +14,7 @@
 //! device per export, so `CAN_MULTI_CONN` holds: a FLUSH on any connection is an
 //! `fdatasync` of the one image everybody writes to, covering every write already answered.
 
+use qcow2_engine::sync::Recover;
 use std::io::{self, Read, Write};
 use std::ops::Range;
 use std::os::unix::net::UnixStream;
@@ -568,7 +569,7 @@ impl Server {
                             Some(range) => &scratch[range],
                             None => &out[..],
                         };
-                        let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
+                        let mut w = writer.lock().recover();
                         let sent = reply.and_then(|()| w.write_all(bytes));
                         if sent.is_err() {
                             // The client is gone, or left the reply unread past the idle
@@ -1023,16 +1024,16 @@ impl Budget {
     }
 
     fn acquire(&self, n: u64) {
-        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        let mut used = self.used.lock().recover();
         while used.bytes > 0 && used.bytes + n > self.limit {
-            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+            used = self.freed.wait(used).recover();
         }
         used.bytes += n;
         used.requests += 1;
     }
 
     fn release(&self, n: u64) {
-        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        let mut used = self.used.lock().recover();
         used.bytes -= n;
         used.requests -= 1;
         used.last_done = Instant::now();
@@ -1042,7 +1043,7 @@ impl Budget {
 
     /// When the last request was answered, if none is in flight now.
     fn quiet_since(&self) -> Option<Instant> {
-        let used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        let used = self.used.lock().recover();
         (used.requests == 0).then_some(used.last_done)
     }
 }

@@ -26,6 +26,7 @@ mod status;
 mod write;
 mod zero;
 
+use crate::sync::Recover;
 use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -309,7 +310,7 @@ impl Image {
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().recover()
     }
 
     /// Waits until guest cluster `cluster` is not busy; returns the lock held again.
@@ -327,7 +328,7 @@ impl Image {
     /// Waits for [`Image::wake`]; returns the lock held again.
     fn sleep<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
         st.sleepers += 1;
-        let mut st = self.settled.wait(st).unwrap_or_else(|e| e.into_inner());
+        let mut st = self.settled.wait(st).recover();
         st.sleepers -= 1;
         st
     }
@@ -417,7 +418,7 @@ impl Image {
 
     /// Shared hold on the I/O gate for one request's data I/O.
     fn io_shared(&self) -> InFlight<'_> {
-        let gate = self.io_gate.read().unwrap_or_else(|e| e.into_inner());
+        let gate = self.io_gate.read().recover();
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight {
             _gate: gate,
@@ -427,7 +428,7 @@ impl Image {
 
     /// Releases pending clusters (refcount decrements, punches) once no data I/O is in flight.
     fn release_pending(&self) -> Result<()> {
-        let _exclusive = self.io_gate.write().unwrap_or_else(|e| e.into_inner());
+        let _exclusive = self.io_gate.write().recover();
         self.lock().meta.release_pending()
     }
 
@@ -591,7 +592,7 @@ impl Image {
     /// Grows the virtual size to `new_size` (rounded up to 512 bytes like qemu-img).
     pub fn resize(&self, new_size: u64) -> Result<()> {
         self.check_writable()?;
-        let _exclusive = self.io_gate.write().unwrap_or_else(|e| e.into_inner());
+        let _exclusive = self.io_gate.write().recover();
         let mut st = self.lock();
         st.resize(new_size)?;
         self.size.store(st.meta.header.size, Ordering::Release);
@@ -605,7 +606,7 @@ impl Image {
     /// name's bytes in place and nothing else moves.
     pub fn set_backing_file_unsafe(&self, name: &str, format: &str) -> Result<()> {
         self.check_writable()?;
-        let _exclusive = self.io_gate.write().unwrap_or_else(|e| e.into_inner());
+        let _exclusive = self.io_gate.write().recover();
         let mut st = self.lock();
         let old = st.meta.header.backing_file.clone().unwrap_or_default();
         if name.is_empty() || name.len() > old.len() {
@@ -644,7 +645,7 @@ impl Image {
             return Ok(());
         }
         self.writable = false;
-        let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        let st = self.state.get_mut().recover();
         st.meta.shutdown()
     }
 }

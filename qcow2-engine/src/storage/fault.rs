@@ -8,6 +8,7 @@
 //! [`FaultStorage::power_loss`] builds what a power loss leaves: the durable bytes plus any
 //! subset of the unflushed mutations (a disk may persist them in any order).
 
+use crate::sync::Recover;
 use std::io;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,10 +81,7 @@ impl FaultStorage {
 
     /// The mutations since the last successful flush, in order.
     pub fn unflushed(&self) -> Vec<Mutation> {
-        self.unflushed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.unflushed.lock().recover().clone()
     }
 
     /// What a power loss leaves when the disk persisted exactly the unflushed mutations for
@@ -105,15 +103,12 @@ impl FaultStorage {
     }
 
     fn log(&self, m: Mutation) {
-        self.unflushed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(m);
+        self.unflushed.lock().recover().push(m);
     }
 
     /// Replaces the plan; the mutation counter keeps counting.
     pub fn set_plan(&self, plan: FaultPlan) {
-        *self.plan.lock().unwrap_or_else(|e| e.into_inner()) = plan;
+        *self.plan.lock().recover() = plan;
     }
 
     /// How many mutations (writes, zeroes, punches, resizes) were attempted so far.
@@ -128,10 +123,7 @@ impl FaultStorage {
 
     /// What a power loss leaves: the contents as of the last successful flush.
     pub fn durable(&self) -> Vec<u8> {
-        self.durable
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.durable.lock().recover().clone()
     }
 
     fn crashed(&self) -> bool {
@@ -143,7 +135,7 @@ impl FaultStorage {
             return Err(injected("crashed"));
         }
         let index = self.mutations.fetch_add(1, Ordering::SeqCst);
-        match *self.plan.lock().unwrap_or_else(|e| e.into_inner()) {
+        match *self.plan.lock().recover() {
             FaultPlan::FailMutation(n) if n == index => Err(injected("write")),
             FaultPlan::CrashAtMutation(n) if index >= n => {
                 self.crashed.store(true, Ordering::SeqCst);
@@ -192,7 +184,7 @@ impl Storage for FaultStorage {
             return Err(injected("crashed"));
         }
         let index = self.flushes.fetch_add(1, Ordering::SeqCst);
-        match *self.plan.lock().unwrap_or_else(|e| e.into_inner()) {
+        match *self.plan.lock().recover() {
             FaultPlan::FailFlush => return Err(injected("flush")),
             FaultPlan::CrashAtFlush(n) if index >= n => {
                 self.crashed.store(true, Ordering::SeqCst);
@@ -200,11 +192,8 @@ impl Storage for FaultStorage {
             }
             _ => {}
         }
-        *self.durable.lock().unwrap_or_else(|e| e.into_inner()) = self.live.to_bytes();
-        self.unflushed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        *self.durable.lock().recover() = self.live.to_bytes();
+        self.unflushed.lock().recover().clear();
         Ok(())
     }
 

@@ -1,5 +1,6 @@
 //! Storage in memory: for tests and scratch images.
 
+use crate::sync::Recover;
 use std::io;
 use std::sync::RwLock;
 
@@ -26,7 +27,7 @@ impl MemoryStorage {
 
     /// A copy of the current contents.
     pub fn to_bytes(&self) -> Vec<u8> {
-        self.bytes.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.bytes.read().recover().clone()
     }
 
     fn range(offset: u64, len: usize) -> io::Result<(usize, usize)> {
@@ -40,7 +41,7 @@ impl MemoryStorage {
 
 impl Storage for MemoryStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let bytes = self.bytes.read().unwrap_or_else(|e| e.into_inner());
+        let bytes = self.bytes.read().recover();
         let (start, end) = Self::range(offset, buf.len())?;
         let avail = end.min(bytes.len()).saturating_sub(start);
         if avail > 0 {
@@ -51,7 +52,7 @@ impl Storage for MemoryStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let mut bytes = self.bytes.write().unwrap_or_else(|e| e.into_inner());
+        let mut bytes = self.bytes.write().recover();
         let (start, end) = Self::range(offset, buf.len())?;
         if bytes.len() < end {
             bytes.resize(end, 0);
@@ -61,7 +62,7 @@ impl Storage for MemoryStorage {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        let mut bytes = self.bytes.write().unwrap_or_else(|e| e.into_inner());
+        let mut bytes = self.bytes.write().recover();
         let len = usize::try_from(len).map_err(|_| io::Error::other("length too large"))?;
         let (start, end) = Self::range(offset, len)?;
         if bytes.len() < end {
@@ -72,7 +73,7 @@ impl Storage for MemoryStorage {
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        let mut bytes = self.bytes.write().unwrap_or_else(|e| e.into_inner());
+        let mut bytes = self.bytes.write().recover();
         let len = usize::try_from(len).map_err(|_| io::Error::other("length too large"))?;
         let (start, end) = Self::range(offset, len)?;
         let end = end.min(bytes.len());
@@ -87,15 +88,12 @@ impl Storage for MemoryStorage {
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.bytes.read().unwrap_or_else(|e| e.into_inner()).len() as u64)
+        Ok(self.bytes.read().recover().len() as u64)
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         let len = usize::try_from(len).map_err(|_| io::Error::other("length too large"))?;
-        self.bytes
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .resize(len, 0);
+        self.bytes.write().recover().resize(len, 0);
         Ok(())
     }
 }
