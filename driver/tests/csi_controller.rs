@@ -638,3 +638,94 @@ async fn a_crash_during_delete_leaves_the_volume_gone_and_its_layer_collected() 
     c.delete_volume(del).await.unwrap(); // the CO's retry: already gone, OK
     assert_eq!(create(&p, "keep", 4 * MIB).await, keep);
 }
+
+#[tokio::test]
+async fn every_rpc_is_logged_once_with_its_ids_and_code_and_secrets_never() {
+    const SECRET: &str = "s3cr3t-9f2c1e-never-log-me";
+    let mut p = Plugin::start().await;
+    // Debug shows the routine calls too, and whatever the libraries below log.
+    p.restart_with(&[("RUST_LOG", "debug")]).await;
+    let secrets = || HashMap::from([("password".to_string(), SECRET.to_string())]);
+    let mut c = p.controller().await;
+    let mut req = create_req("pvc-logged", 8 * MIB);
+    req.secrets = secrets();
+    let vol = c
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    // A failure: a mkfs option off the allowlist, with the secret beside it.
+    let mut bad = create_req("pvc-refused", 8 * MIB);
+    bad.secrets = secrets();
+    bad.parameters = HashMap::from([("mkfsOptions".into(), "-d /etc".into())]);
+    assert_eq!(code(c.create_volume(bad).await), Code::InvalidArgument);
+    let mut n = p.node().await;
+    let stage = NodeStageVolumeRequest {
+        volume_id: "vol-0123456789abcdef0123456789abcdef".into(),
+        staging_target_path: p.kubelet.join("stage").display().to_string(),
+        volume_capability: Some(mount_cap(Mode::SingleNodeWriter, "ext4")),
+        secrets: secrets(),
+        publish_context: HashMap::from([("k".into(), SECRET.into())]),
+        volume_context: HashMap::from([("k".into(), SECRET.into())]),
+    };
+    assert_eq!(code(n.node_stage_volume(stage).await), Code::NotFound);
+    c.delete_volume(DeleteVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        secrets: secrets(),
+    })
+    .await
+    .unwrap();
+    p.identity().await.probe(ProbeRequest {}).await.unwrap();
+    p.terminate();
+    let _ = p.exited_within(std::time::Duration::from_secs(10));
+
+    let log = p.log();
+    assert!(!log.contains(SECRET), "a secret reached the log:\n{log}");
+    let ends = |method: &str| -> Vec<&str> {
+        log.lines()
+            .filter(|l| l.contains(&format!("method={method}")) && l.contains(" took="))
+            .collect()
+    };
+    let created = ends("CreateVolume");
+    assert_eq!(created.len(), 2, "one line per call:\n{log}");
+    assert!(
+        created[0].contains("INFO") && created[0].contains("name=\"pvc-logged\""),
+        "{}",
+        created[0]
+    );
+    assert!(created[0].contains("code=Ok"), "{}", created[0]);
+    assert!(
+        created[1].contains("ERROR")
+            && created[1].contains("name=\"pvc-refused\"")
+            && created[1].contains("code=InvalidArgument")
+            && created[1].contains("mkfsOptions"),
+        "{}",
+        created[1]
+    );
+    let staged = ends("NodeStageVolume");
+    assert_eq!(staged.len(), 1, "{log}");
+    assert!(
+        staged[0].contains("ERROR")
+            && staged[0].contains("volume=\"vol-0123456789abcdef0123456789abcdef\"")
+            && staged[0].contains("code=NotFound"),
+        "{}",
+        staged[0]
+    );
+    let deleted = ends("DeleteVolume");
+    assert_eq!(deleted.len(), 1, "{log}");
+    assert!(
+        deleted[0].contains(&format!("volume=\"{}\"", vol.volume_id)),
+        "{}",
+        deleted[0]
+    );
+    // The handler's own line carries the call's span.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("method=DeleteVolume") && l.contains("deleted")),
+        "{log}"
+    );
+    // Routine calls are logged too, at debug.
+    assert!(ends("Probe").iter().any(|l| l.contains("DEBUG")), "{log}");
+}

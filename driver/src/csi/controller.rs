@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use super::params::{FsType, Params};
 use super::snapshot::{freeze_head, make_layer};
 use super::state::{self, AccessType, Source, VolumeRecord};
-use super::{Plugin, capability};
+use super::{Plugin, capability, rpclog};
 use crate::error::{Error, Result};
 
 /// Sizes are multiples of this: the kernel's nbd device uses 4 KiB blocks.
@@ -461,6 +461,7 @@ impl Controller for ControllerService {
         &self,
         req: Request<CreateVolumeRequest>,
     ) -> Result<Response<CreateVolumeResponse>, Status> {
+        rpclog::subject(&req);
         let this = self.clone();
         let volume = self
             .0
@@ -489,6 +490,7 @@ impl Controller for ControllerService {
         &self,
         req: Request<DeleteVolumeRequest>,
     ) -> Result<Response<DeleteVolumeResponse>, Status> {
+        rpclog::subject(&req);
         let this = self.clone();
         self.0
             .blocking(move || this.delete(req.into_inner()))
@@ -514,6 +516,7 @@ impl Controller for ControllerService {
         &self,
         req: Request<ValidateVolumeCapabilitiesRequest>,
     ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
+        rpclog::subject(&req);
         Ok(Response::new(self.validate(req.into_inner())?))
     }
 
@@ -548,6 +551,7 @@ impl Controller for ControllerService {
         &self,
         req: Request<CreateSnapshotRequest>,
     ) -> Result<Response<CreateSnapshotResponse>, Status> {
+        rpclog::subject(&req);
         let this = self.clone();
         let snapshot = self
             .0
@@ -566,6 +570,7 @@ impl Controller for ControllerService {
         &self,
         req: Request<DeleteSnapshotRequest>,
     ) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        rpclog::subject(&req);
         let this = self.clone();
         self.0
             .blocking(move || this.delete_snapshot(req.into_inner()))
@@ -584,6 +589,7 @@ impl Controller for ControllerService {
         &self,
         req: Request<GetSnapshotRequest>,
     ) -> Result<Response<GetSnapshotResponse>, Status> {
+        rpclog::subject(&req);
         Ok(Response::new(GetSnapshotResponse {
             snapshot: Some(self.get_snapshot(req.into_inner())?),
         }))
@@ -603,6 +609,7 @@ impl Controller for ControllerService {
         &self,
         req: Request<ControllerGetVolumeRequest>,
     ) -> Result<Response<ControllerGetVolumeResponse>, Status> {
+        rpclog::subject(&req);
         let id = req.into_inner().volume_id;
         let rec = self.0.volume_record(&id)?;
         let problem = {

@@ -15,6 +15,7 @@ pub mod node;
 pub mod options;
 pub mod params;
 pub mod paths;
+pub mod rpclog;
 pub mod serve;
 pub mod snapshot;
 pub mod staged;
@@ -332,8 +333,11 @@ impl Plugin {
             }
         }
         let counted = Counted(self.clone());
+        // The caller's span (the RPC's, see `rpclog`) goes with the work to its thread.
+        let span = tracing::Span::current();
         tokio::task::spawn_blocking(move || {
             let _counted = counted;
+            let _span = span.entered();
             f()
         })
         .await

@@ -19,7 +19,7 @@ use super::staged::{Claim, Staged, attach_dir, clear_leftovers, open_layer, serv
 use super::staging::{self, Attachment};
 use super::state::AccessType;
 use super::{Plugin, failpoint};
-use super::{options, paths};
+use super::{options, paths, rpclog};
 use crate::attach::{self, Volume};
 use crate::error::{Error, Result};
 use crate::nbd::BlockDevice;
@@ -644,6 +644,7 @@ impl Node for NodeService {
         &self,
         req: Request<NodeStageVolumeRequest>,
     ) -> Result<Response<NodeStageVolumeResponse>, Status> {
+        rpclog::subject(&req);
         let this = self.clone();
         self.0
             .blocking(move || this.stage(req.into_inner()))
@@ -655,6 +656,7 @@ impl Node for NodeService {
         &self,
         req: Request<NodeUnstageVolumeRequest>,
     ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
+        rpclog::subject(&req);
         let this = self.clone();
         self.0
             .blocking(move || this.unstage(req.into_inner()))
@@ -666,6 +668,7 @@ impl Node for NodeService {
         &self,
         req: Request<NodePublishVolumeRequest>,
     ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        rpclog::subject(&req);
         let this = self.clone();
         self.0
             .blocking(move || this.publish(req.into_inner()))
@@ -677,6 +680,7 @@ impl Node for NodeService {
         &self,
         req: Request<NodeUnpublishVolumeRequest>,
     ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        rpclog::subject(&req);
         let this = self.clone();
         self.0
             .blocking(move || this.unpublish(req.into_inner()))
@@ -688,6 +692,7 @@ impl Node for NodeService {
         &self,
         req: Request<NodeGetVolumeStatsRequest>,
     ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        rpclog::subject(&req);
         let this = self.clone();
         Ok(Response::new(
             self.0
@@ -700,6 +705,7 @@ impl Node for NodeService {
         &self,
         req: Request<NodeExpandVolumeRequest>,
     ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
+        rpclog::subject(&req);
         let this = self.clone();
         let size = self
             .0

@@ -160,6 +160,7 @@ pub async fn serve(
         }
     };
     let server = tonic::transport::Server::builder()
+        .layer(super::rpclog::RpcLogLayer)
         .add_service(IdentityServer::new(IdentityService(plugin.clone())))
         .add_service(ControllerServer::new(ControllerService(plugin.clone())))
         .add_service(NodeServer::new(NodeService(plugin.clone())))
