@@ -393,6 +393,17 @@ impl Meta {
         self.pending_free.extend(first..first + count);
     }
 
+    /// Takes back one pending release of each cluster of the range (see
+    /// `State::unrelease`).
+    pub fn unfree_range(&mut self, start: HostOffset, count: u64) {
+        let first = start.0 >> self.geo.cluster_bits;
+        for c in first..first + count {
+            if let Some(i) = self.pending_free.iter().rposition(|&p| p == c) {
+                self.pending_free.swap_remove(i);
+            }
+        }
+    }
+
     /// Enough releases are pending to run a batch without waiting for a flush.
     pub fn wants_release(&self) -> bool {
         self.pending_free.len() >= PENDING_LIMIT
@@ -408,30 +419,59 @@ impl Meta {
         let mut pending = std::mem::take(&mut self.pending_free);
         pending.sort_unstable();
         let mut changes = Vec::new();
+        let mut before = Vec::new();
         let mut freed = Vec::new();
         for run in pending.chunk_by(|a, b| a == b) {
             let c = run[0];
             let drop = run.len() as u64;
-            let rc = self.refcount(c)?;
+            let rc = match self.refcount(c) {
+                Ok(rc) => rc,
+                Err(e) => {
+                    self.pending_free = pending;
+                    return Err(e);
+                }
+            };
             if rc < drop {
                 return Err(self.signal_corruption(format!(
                     "releasing cluster {c} more often than its refcount {rc}"
                 )));
             }
             changes.push((c, rc - drop));
+            before.push(rc);
             if rc == drop {
                 freed.push(c);
             }
         }
-        self.update_refcounts(&changes)?;
+        if let Err(e) = self.update_refcounts(&changes) {
+            // A full disk, say, part way through. Storage decides, cluster by cluster: a
+            // refcount still as it was is pending again (the next batch retries it); one that
+            // reached its new value is released. Unknown ones are kept: a leak at worst.
+            freed.clear();
+            for (&(c, after), &rc) in changes.iter().zip(&before) {
+                match self.refcount(c) {
+                    Ok(now) if now == rc => self
+                        .pending_free
+                        .extend(std::iter::repeat_n(c, (rc - after) as usize)),
+                    Ok(now) if now == after && after == 0 => freed.push(c),
+                    _ => {}
+                }
+            }
+            self.forget_freed(&freed);
+            return Err(e);
+        }
+        self.forget_freed(&freed);
+        self.punch_runs(&freed)
+    }
+
+    /// Drops what memory knows of clusters whose refcount reached 0.
+    fn forget_freed(&mut self, freed: &[u64]) {
         let cs = self.geo.cluster_size();
-        for &c in &freed {
+        for &c in freed {
             self.map.remove(c);
             self.l2_cache
                 .forget(HostOffset(c << self.geo.cluster_bits), cs);
             self.free_hint = self.free_hint.min(c);
         }
-        self.punch_runs(&freed)
     }
 
     /// Punches sorted clusters out of the host file, one call per contiguous run.

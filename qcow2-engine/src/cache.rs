@@ -64,7 +64,41 @@ struct Dirty {
     running: bool,
     /// Tickets not yet redeemed.
     tickets: usize,
-    failed: Option<String>,
+    failed: Option<WriteFailure>,
+}
+
+/// Why a slice write failed: the OS error code when there was one (so a full disk stays
+/// `ENOSPC` for the caller), and the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteFailure {
+    pub os_error: Option<i32>,
+    pub message: String,
+}
+
+impl WriteFailure {
+    fn other(message: &str) -> Self {
+        Self {
+            os_error: None,
+            message: message.into(),
+        }
+    }
+
+    /// An I/O error equivalent to the one that failed the write.
+    pub fn to_io(&self) -> std::io::Error {
+        match self.os_error {
+            Some(code) => std::io::Error::from_raw_os_error(code),
+            None => std::io::Error::other(self.message.clone()),
+        }
+    }
+}
+
+impl From<&std::io::Error> for WriteFailure {
+    fn from(e: &std::io::Error) -> Self {
+        Self {
+            os_error: e.raw_os_error(),
+            message: e.to_string(),
+        }
+    }
 }
 
 /// A claim on a slice write: redeemed once a write that started after the patch completes.
@@ -81,7 +115,7 @@ pub enum Writeback {
     /// The patch is on storage (in the OS at least).
     Done,
     /// The write that carried the patch failed.
-    Failed(String),
+    Failed(WriteFailure),
     /// Another thread is writing the slice; wait and ask again.
     Wait,
     /// Write these bytes at the slice offset, then report with [`SliceCache::writeback_done`].
@@ -187,7 +221,7 @@ impl SliceCache {
             if let Some(d) = self.dirty.get_mut(&off) {
                 // Still being written or waited for: it leaves when its last ticket does.
                 d.failed
-                    .get_or_insert_with(|| "the cluster was freed".into());
+                    .get_or_insert_with(|| WriteFailure::other("the cluster was freed"));
             }
             off += self.slice;
         }
@@ -255,7 +289,12 @@ impl SliceCache {
     }
 
     /// Reports the end of a write that [`SliceCache::writeback`] asked for.
-    pub fn writeback_done(&mut self, slice: u64, generation: u64, result: Result<(), String>) {
+    pub fn writeback_done(
+        &mut self,
+        slice: u64,
+        generation: u64,
+        result: Result<(), WriteFailure>,
+    ) {
         let d = self
             .dirty
             .get_mut(&slice)
@@ -376,7 +415,7 @@ mod tests {
         let Writeback::Write { generation, .. } = c.writeback(late) else {
             panic!("the late patch needs its own write");
         };
-        c.writeback_done(4096, generation, Err("EIO".into()));
+        c.writeback_done(4096, generation, Err(WriteFailure::other("EIO")));
         assert!(matches!(c.writeback(late), Writeback::Failed(_)));
         assert!(c.dirty.is_empty(), "unpinned once every ticket is redeemed");
         // A failed slice is dropped, so the next lookup reads the disk again.

@@ -2,7 +2,7 @@
 
 use super::State;
 use crate::cache::Ticket;
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::format::entries::{COMPRESSED, L1Entry, L2Entry, Mapping};
 use crate::meta::MetaKind;
 use crate::types::{GuestOffset, HostOffset};
@@ -88,10 +88,43 @@ impl State {
         self.meta.l2_cache.insert_table(table, &zeros);
         let entry = L1Entry::new(table).0;
         let at = HostOffset(self.meta.header.l1_table_offset + l1_index * 8);
-        self.meta
-            .write_meta(MetaKind::L1, at, &entry.to_be_bytes())?;
+        if let Err(e) = self.meta.write_meta(MetaKind::L1, at, &entry.to_be_bytes()) {
+            // A full disk, say. What storage holds decides: an entry that landed anyway is
+            // kept (memory follows it); otherwise the table goes back, so a failed write
+            // leaks nothing.
+            match self.on_storage(at) {
+                Ok(now) if now == entry => self.meta.l1[l1_index as usize] = entry,
+                Ok(_) => {
+                    self.meta.l2_cache.forget(table, geo.cluster_size());
+                    self.meta.free_range(table, 1);
+                }
+                Err(_) => {} // unknown: kept, a leak at worst
+            }
+            return Err(e);
+        }
         self.meta.l1[l1_index as usize] = entry;
         self.slot(off)
+    }
+
+    /// The 8-byte big-endian word at `at` as storage holds it now (not the cache).
+    pub(crate) fn on_storage(&self, at: HostOffset) -> Result<u64> {
+        let mut word = [0u8; 8];
+        self.meta
+            .storage
+            .read_at(&mut word, at.0)
+            .ctx(|| format!("reading {at} back"))?;
+        Ok(u64::from_be_bytes(word))
+    }
+
+    /// An L2 slot (word and, with extended L2, bitmap) as storage holds it now.
+    pub(crate) fn slot_on_storage(&self, at: HostOffset) -> Result<(u64, u64)> {
+        let word = self.on_storage(at)?;
+        let bitmap = if self.meta.geo.extended_l2 {
+            self.on_storage(HostOffset(at.0 + 8))?
+        } else {
+            0
+        };
+        Ok((word, bitmap))
     }
 
     /// Gives an existing slot a new value (see [`State::set_slots`]).
@@ -110,7 +143,7 @@ impl State {
 
     /// Gives L2 slots new values in the cache, pinning their slices: the change reaches
     /// storage when the caller, after dropping the state lock, redeems the tickets pushed
-    /// onto `tickets` with [`super::Image::write_back`] (one write per slice, shared with
+    /// onto `tickets` with [`super::Image::write_back_locked`] (one write per slice, shared with
     /// concurrent requests). It must do so before its request returns, error or not.
     pub(crate) fn set_slots(
         &mut self,
@@ -149,21 +182,35 @@ impl State {
     /// Drops the host clusters a mapping owned, after the mapping was replaced. The release
     /// itself is deferred to a batch (see `alloc`).
     pub(crate) fn release(&mut self, old: Mapping) {
+        if let Some((start, count)) = self.owned_by(old) {
+            self.meta.free_range(start, count);
+        }
+    }
+
+    /// Takes back a [`State::release`] whose new mapping never reached storage: the old one
+    /// still references those clusters.
+    pub(crate) fn unrelease(&mut self, old: Mapping) {
+        if let Some((start, count)) = self.owned_by(old) {
+            self.meta.unfree_range(start, count);
+        }
+    }
+
+    /// The host clusters a mapping owns: the first and how many.
+    fn owned_by(&self, m: Mapping) -> Option<(HostOffset, u64)> {
         let cb = self.meta.geo.cluster_bits;
-        match old {
+        match m {
             Mapping::Data { host, .. }
             | Mapping::Zero {
                 prealloc: Some(host),
-            } => self.meta.free_range(host, 1),
+            } => Some((host, 1)),
             Mapping::Compressed { host, sectors } => {
                 let start = host.0 & !511;
                 let end = start + sectors * 512;
                 let first = start >> cb;
                 let last = (end - 1) >> cb;
-                self.meta
-                    .free_range(HostOffset(first << cb), last - first + 1);
+                Some((HostOffset(first << cb), last - first + 1))
             }
-            Mapping::Unallocated | Mapping::Zero { prealloc: None } => {}
+            Mapping::Unallocated | Mapping::Zero { prealloc: None } => None,
         }
     }
 }

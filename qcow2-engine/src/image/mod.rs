@@ -341,17 +341,9 @@ impl Image {
         }
     }
 
-    /// Writes back pinned L2 slices until every ticket is redeemed (see `cache`), without the
-    /// state lock held by the caller. Every ticket is redeemed even after an error; the first
-    /// error is returned.
-    pub(crate) fn write_back(&self, tickets: &[Ticket]) -> Result<()> {
-        if tickets.is_empty() {
-            return Ok(());
-        }
-        self.write_back_locked(self.lock(), tickets).1
-    }
-
-    /// [`Image::write_back`] entered and left with the state lock held.
+    /// Writes back pinned L2 slices until every ticket is redeemed (see `cache`), dropping
+    /// the state lock, held on entry and on return, around each write. Every ticket is
+    /// redeemed even after an error; the first error is returned.
     pub(crate) fn write_back_locked<'a>(
         &'a self,
         mut st: MutexGuard<'a, State>,
@@ -366,7 +358,7 @@ impl Image {
                         failure.get_or_insert_with(|| {
                             Error::io(
                                 format!("writing the L2 table slice at {:#x}", t.slice),
-                                std::io::Error::other(why),
+                                why.to_io(),
                             )
                         });
                         break;
@@ -388,7 +380,7 @@ impl Image {
                         st.meta.l2_cache.writeback_done(
                             t.slice,
                             generation,
-                            result.map_err(|e| e.to_string()),
+                            result.map_err(|e| (&e).into()),
                         );
                         self.wake(&st);
                     }

@@ -227,6 +227,25 @@ impl State {
         }
     }
 
+    /// After linking failed, or the slices holding the new entries could not be written (a
+    /// full disk, say): what storage holds decides, slot by slot. An entry still as it was
+    /// gives back its fresh cluster and takes back the release of what it pointed at (if
+    /// `released`); an entry that landed is kept. An entry that cannot be read back is kept
+    /// too: a leak at worst, never a cluster freed while something references it.
+    fn reconcile(&mut self, allocs: &[&Alloc], released: bool) {
+        for a in allocs {
+            if self.slot_on_storage(a.slot_at).ok() != Some(a.old) {
+                continue;
+            }
+            if a.fresh {
+                self.meta.free_range(a.host, 1);
+            }
+            if released && let Some(old) = a.release {
+                self.unrelease(old);
+            }
+        }
+    }
+
     fn clear_busy(&mut self, steps: &[Step]) {
         for a in allocs(steps) {
             self.busy.remove(&a.cluster);
@@ -317,8 +336,8 @@ impl Image {
     }
 
     /// Phases 2 and 3 for planned steps. If the I/O fails, the allocations are abandoned
-    /// (fresh clusters freed); if linking fails, they are left to leak (some entries may
-    /// already point at them; the dirty bit makes the next open reclaim the rest).
+    /// (fresh clusters freed); if linking fails, storage decides which were linked
+    /// ([`State::reconcile`]).
     fn run_steps(&self, buf: &[u8], steps: &[Step]) -> Result<()> {
         if steps.is_empty() {
             return Ok(());
@@ -346,6 +365,10 @@ impl Image {
         // The entries reach storage before anyone else may use these clusters (an in-place
         // write acknowledged before its mapping is written would not survive a crash).
         let (mut st, written_back) = self.write_back_locked(st, &tickets);
+        if linked.is_err() || written_back.is_err() {
+            let all: Vec<&Alloc> = allocs(steps).collect();
+            st.reconcile(&all, linked.is_ok());
+        }
         st.clear_busy(steps);
         self.wake(&st);
         self.note_pending(&st);
@@ -362,7 +385,11 @@ impl Image {
     /// the data, as after any failed write) and stay busy until their slices are written.
     fn give_up<'a>(&'a self, mut st: std::sync::MutexGuard<'a, State>, steps: &[Step]) {
         st.abandon_unlinked(steps);
-        let (mut st, _) = self.write_back_locked(st, &early_tickets(steps));
+        let (mut st, written_back) = self.write_back_locked(st, &early_tickets(steps));
+        if written_back.is_err() {
+            let early: Vec<&Alloc> = allocs(steps).filter(|a| a.early.is_some()).collect();
+            st.reconcile(&early, false);
+        }
         st.clear_busy(steps);
         self.wake(&st);
     }

@@ -6,7 +6,15 @@ use super::{Image, State};
 use crate::cache::Ticket;
 use crate::error::Result;
 use crate::format::entries::{COPIED, Mapping, SubclusterBitmap, SubclusterState, ZERO};
-use crate::types::GuestOffset;
+use crate::types::{GuestOffset, HostOffset};
+
+/// One L2 entry a zeroing changed, to undo its release if the change never reaches storage.
+#[derive(Debug)]
+pub(crate) struct Changed {
+    slot_at: HostOffset,
+    old: (u64, u64),
+    released: Option<Mapping>,
+}
 
 /// What [`Image::zero_range`] leaves behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,15 +43,28 @@ impl Image {
         let end = off.0 + len;
         let mut edges = Vec::new();
         let mut tickets = Vec::new();
+        let mut undo = Vec::new();
         let mut changed = Ok(());
         while pos < end && changed.is_ok() {
             let n = (cs - pos % cs).min(end - pos);
             let mut st = self.wait_idle(self.lock(), pos >> cb);
-            changed = st.zero_in_cluster(GuestOffset(pos), n, mode, &mut edges, &mut tickets);
+            let mut out = (&mut edges, &mut tickets, &mut undo);
+            changed = st.zero_in_cluster(GuestOffset(pos), n, mode, &mut out);
             self.note_pending(&st);
             pos += n;
         }
-        let written_back = self.write_back(&tickets);
+        let (mut st, written_back) = self.write_back_locked(self.lock(), &tickets);
+        if written_back.is_err() {
+            // A full disk, say: an entry still as it was on storage keeps its clusters.
+            for c in &undo {
+                if let Some(old) = c.released
+                    && st.slot_on_storage(c.slot_at).ok() == Some(c.old)
+                {
+                    st.unrelease(old);
+                }
+            }
+        }
+        drop(st);
         changed.and(written_back)?;
         let longest = edges.iter().map(|&(_, n)| n).max().unwrap_or(0);
         let zeros = vec![0u8; longest as usize];
@@ -54,17 +75,25 @@ impl Image {
     }
 }
 
+/// What zeroing one cluster produces: ranges needing real zeros, slice tickets, and the
+/// entries changed.
+type Out<'a> = (
+    &'a mut Vec<(u64, u64)>,
+    &'a mut Vec<Ticket>,
+    &'a mut Vec<Changed>,
+);
+
 impl State {
     /// Zeroes what the L2 entry can express; pushes the `(offset, len)` ranges that need real
-    /// zeros written onto `edges`.
+    /// zeros written onto the edges of `out`.
     fn zero_in_cluster(
         &mut self,
         off: GuestOffset,
         len: u64,
         mode: ZeroMode,
-        edges: &mut Vec<(u64, u64)>,
-        tickets: &mut Vec<Ticket>,
+        out: &mut Out<'_>,
     ) -> Result<()> {
+        let edges = &mut *out.0;
         let geo = self.meta.geo;
         let sc = geo.subcluster_size();
         let in_cluster = geo.offset_in_cluster(off.0);
@@ -82,19 +111,37 @@ impl State {
             self.zero_bytes(base_plus(base, full_end * sc), end - full_end * sc, edges)?;
         }
         if geo.extended_l2 {
-            self.zero_subclusters(base, first_full, full_end, mode, edges, tickets)
+            self.zero_subclusters(base, first_full, full_end, mode, out)
         } else {
-            self.zero_cluster(base, mode, edges, tickets)
+            self.zero_cluster(base, mode, out)
         }
     }
-    /// Zeroes a whole cluster of a standard-L2 image through its L2 entry.
-    fn zero_cluster(
+
+    /// Sets an entry for zeroing and releases what it owned when `release`, recording both.
+    fn zero_slot(
         &mut self,
-        base: GuestOffset,
-        mode: ZeroMode,
-        edges: &mut Vec<(u64, u64)>,
-        tickets: &mut Vec<Ticket>,
+        slot: super::mapping::Slot,
+        (word, bitmap): (u64, u64),
+        release: Option<Mapping>,
+        out: &mut Out<'_>,
     ) -> Result<()> {
+        let slot_at = slot
+            .at
+            .ok_or_else(|| crate::error::Error::corrupt("zeroing an L2 slot that has no table"))?;
+        let old = (slot.word, slot.bitmap);
+        self.set_slot(slot, word, bitmap, out.1)?;
+        if let Some(m) = release {
+            self.release(m);
+        }
+        out.2.push(Changed {
+            slot_at,
+            old,
+            released: release,
+        });
+        Ok(())
+    }
+    /// Zeroes a whole cluster of a standard-L2 image through its L2 entry.
+    fn zero_cluster(&mut self, base: GuestOffset, mode: ZeroMode, out: &mut Out<'_>) -> Result<()> {
         let has_backing = self.backing_covers(base);
         let slot = self.slot(base)?;
         let mapping = slot.mapping(self)?;
@@ -104,14 +151,12 @@ impl State {
             if slot.at.is_none() || mapping == Mapping::Unallocated {
                 return Ok(());
             }
-            self.set_slot(slot, 0, 0, tickets)?;
-            self.release(mapping);
-            return Ok(());
+            return self.zero_slot(slot, (0, 0), Some(mapping), out);
         }
         if !v3 {
             // No zero flag in v2: write zero data.
             let cs = self.meta.geo.cluster_size();
-            edges.push((base.0, cs));
+            out.0.push((base.0, cs));
             return Ok(());
         }
         let (word, keep) = match mapping {
@@ -124,11 +169,7 @@ impl State {
             _ => (ZERO, false),
         };
         let slot = self.slot_for_write(base)?;
-        self.set_slot(slot, word, 0, tickets)?;
-        if !keep {
-            self.release(mapping);
-        }
-        Ok(())
+        self.zero_slot(slot, (word, 0), (!keep).then_some(mapping), out)
     }
 
     /// Zeroes subclusters `[first, end)` of an extended-L2 cluster through its bitmap.
@@ -138,8 +179,7 @@ impl State {
         first: u64,
         end: u64,
         mode: ZeroMode,
-        edges: &mut Vec<(u64, u64)>,
-        tickets: &mut Vec<Ticket>,
+        out: &mut Out<'_>,
     ) -> Result<()> {
         let has_backing = self.backing_covers(base);
         let slot = self.slot(base)?;
@@ -149,7 +189,7 @@ impl State {
             // Compressed clusters have no subclusters: expand, then zero the part.
             if mask != SubclusterBitmap::range_mask(0, 32) {
                 let sc = self.meta.geo.subcluster_size();
-                edges.push((base.0 + first * sc, (end - first) * sc));
+                out.0.push((base.0 + first * sc, (end - first) * sc));
                 return Ok(());
             }
         }
@@ -184,11 +224,7 @@ impl State {
         } else {
             slot
         };
-        self.set_slot(slot, word, new.0, tickets)?;
-        if free_host {
-            self.release(mapping);
-        }
-        Ok(())
+        self.zero_slot(slot, (word, new.0), free_host.then_some(mapping), out)
     }
 
     /// A range inside one cluster needs real zeros unless it already reads as zeros.

@@ -30,6 +30,10 @@ pub enum FaultPlan {
     CrashAtFlush(u64),
     /// Every flush fails with `EIO` (the data stays in the "page cache").
     FailFlush,
+    /// A full disk from the mutation with this 0-based index on: every write and zero-write
+    /// fails with `ENOSPC` (nothing of it lands) until the plan changes; hole punching,
+    /// which frees space, and length changes still succeed.
+    FullFromMutation(u64),
 }
 
 /// One mutation not yet covered by a flush.
@@ -130,13 +134,17 @@ impl FaultStorage {
         self.has_crashed()
     }
 
-    fn check_mutation(&self) -> io::Result<()> {
+    /// Counts a mutation and fails it as the plan says; `fills` when it needs new space.
+    fn check_mutation(&self, fills: bool) -> io::Result<()> {
         if self.crashed() {
             return Err(injected("crashed"));
         }
         let index = self.mutations.fetch_add(1, Ordering::SeqCst);
         match *self.plan.lock().recover() {
             FaultPlan::FailMutation(n) if n == index => Err(injected("write")),
+            FaultPlan::FullFromMutation(n) if fills && index >= n => {
+                Err(io::Error::from_raw_os_error(libc::ENOSPC))
+            }
             FaultPlan::CrashAtMutation(n) if index >= n => {
                 self.crashed.store(true, Ordering::SeqCst);
                 Err(injected("crashed"))
@@ -159,21 +167,21 @@ impl Storage for FaultStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.check_mutation()?;
+        self.check_mutation(true)?;
         self.live.write_at(buf, offset)?;
         self.log(Mutation::Write(offset, buf.to_vec()));
         Ok(())
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.check_mutation()?;
+        self.check_mutation(true)?;
         self.live.write_zeroes(offset, len)?;
         self.log(Mutation::Zero(offset, len));
         Ok(())
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.check_mutation()?;
+        self.check_mutation(false)?;
         self.live.punch_hole(offset, len)?;
         self.log(Mutation::Zero(offset, len));
         Ok(())
@@ -202,7 +210,7 @@ impl Storage for FaultStorage {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.check_mutation()?;
+        self.check_mutation(false)?;
         self.live.set_len(len)?;
         self.log(Mutation::SetLen(len));
         Ok(())
