@@ -47,7 +47,7 @@ impl Op {
         match self {
             Op::Write(off, d) => m[*off as usize..*off as usize + d.len()].copy_from_slice(d),
             Op::Zero(off, len, _) | Op::Discard(off, len) => {
-                m[*off as usize..(*off + *len) as usize].fill(0)
+                m[*off as usize..(*off + *len) as usize].fill(0);
             }
             Op::Flush => {}
         }
