@@ -794,3 +794,153 @@ fn a_20_s_storage_request_gives_no_error_and_keeps_the_device() {
         finish(p, false);
     });
 }
+
+/// NodeGetVolumeStats' condition of a published volume.
+async fn condition(p: &Plugin, id: &str, path: &Path) -> VolumeCondition {
+    p.node()
+        .await
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: id.into(),
+            volume_path: path.display().to_string(),
+            staging_target_path: String::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("stats {id}: {e}\n{}", p.log()))
+        .into_inner()
+        .volume_condition
+        .unwrap()
+}
+
+/// The state directory on a 192 MiB ext4 (a loop device) filled to the brim while a pod
+/// writes 48 MiB with O_DIRECT: the write waits, the volume condition says why, and once the
+/// filler is deleted the write completes; the data reads back, every layer checks clean and
+/// the volume's ext4 passes e2fsck. Prints how long the write was held and how soon it went
+/// on after space was freed.
+#[test]
+fn a_full_node_pauses_writes_until_space_is_freed_on_kernel_nbd() {
+    if !uml::enter("a_full_node_pauses_writes_until_space_is_freed_on_kernel_nbd") {
+        return;
+    }
+    rt().block_on(async {
+        let scratch = tempfile::tempdir().unwrap();
+        let fs_image = scratch.path().join("state.ext4");
+        let mut p = Plugin::start_prepared(&["--attach", "nbd"], |state| {
+            std::fs::create_dir_all(state).unwrap();
+            sh(&format!(
+                "truncate -s 192M {img} && mkfs.ext4 -q -F {img} && mount -o loop {img} {st}",
+                img = fs_image.display(),
+                st = state.display()
+            ));
+        })
+        .await;
+        let cap = mount_cap(Mode::SingleNodeWriter, "ext4");
+        let id = p
+            .controller()
+            .await
+            .create_volume(CreateVolumeRequest {
+                name: "pvc-full".into(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: 256 * MIB,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![cap.clone()],
+                parameters: [("overcommitRatio".to_string(), "4".to_string())].into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("create: {e}\n{}", p.log()))
+            .into_inner()
+            .volume
+            .unwrap()
+            .volume_id;
+        let staging = stage(&p, &id, &cap).await;
+        let target = publish(&p, &id, &staging, &cap).await;
+        assert!(!condition(&p, &id, &target).await.abnormal);
+
+        // Fill the node's filesystem (as root: the reserved blocks too).
+        let filler = p.state.join("filler");
+        let _ = Command::new("dd")
+            .args(["if=/dev/zero", "bs=1M", "status=none"])
+            .arg(format!("of={}", filler.display()))
+            .stderr(Stdio::null()) // "No space left on device": the point
+            .status();
+        sh("sync");
+        let avail = sh(&format!(
+            "df -B1 --output=avail {} | tail -1",
+            p.state.display()
+        ));
+        assert_eq!(avail.trim(), "0", "the node's filesystem is not full");
+
+        let pattern = scratch.path().join("pattern.bin");
+        sh(&format!(
+            "head -c {} /dev/urandom > {}",
+            48 * MIB,
+            pattern.display()
+        ));
+        let data = target.join("data.bin");
+        let mut writer = Command::new("dd")
+            .args(["bs=1M", "oflag=direct", "conv=fsync", "status=none"])
+            .arg(format!("if={}", pattern.display()))
+            .arg(format!("of={}", data.display()))
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(
+            writer.try_wait().unwrap().is_none(),
+            "the write ended on a full disk instead of waiting:\n{}",
+            p.log()
+        );
+        let c = condition(&p, &id, &target).await;
+        assert!(c.abnormal, "{c:?}");
+        assert!(c.message.contains("filesystem is full"), "{}", c.message);
+        assert!(p.log().contains("writes to this volume are paused"));
+
+        // Space returns: the write goes on.
+        std::fs::remove_file(&filler).unwrap();
+        let freed = Instant::now();
+        let status = loop {
+            if let Some(s) = writer.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                freed.elapsed() < Duration::from_secs(60),
+                "the write never resumed:\n{}",
+                p.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let resumed = freed.elapsed();
+        assert!(status.success(), "the paused write failed");
+        eprintln!(
+            "full disk: write held {:.1} s; done {:.2} s after the filler was deleted",
+            (freed - started).as_secs_f64(),
+            resumed.as_secs_f64()
+        );
+        assert!(!condition(&p, &id, &target).await.abnormal);
+        assert!(p.log().contains("space is back: paused writes resumed"));
+        sh(&format!(
+            "echo 3 > /proc/sys/vm/drop_caches; cmp {} {}",
+            pattern.display(),
+            data.display()
+        ));
+
+        unpublish(&p, &id, &target).await;
+        unstage(&p, &id, &staging).await;
+        check_layers(&p, false);
+        let layers = p.layers();
+        assert_eq!(layers.len(), 1, "{layers:?}");
+        let raw = scratch.path().join("volume.raw");
+        qemu::img(&[
+            "convert",
+            "-O",
+            "raw",
+            &layers[0].display().to_string(),
+            &raw.display().to_string(),
+        ]);
+        sh(&format!("e2fsck -fn {}", raw.display()));
+        assert!(p.stop().success(), "{}", p.log());
+        sh(&format!("umount {}", p.state.display()));
+        assert!(leaks(p.dir.path()).is_empty(), "{:?}", leaks(p.dir.path()));
+    });
+}

@@ -432,6 +432,8 @@ fn pause_all(plugin: &Plugin) -> Result<Vec<Paused>> {
             tracing::warn!(volume = %s.volume_id, "its device cannot be handed over; it ends with this process");
             continue;
         };
+        // Writes held by a full disk fail now: the pause waits for every request read.
+        image.end_pauses();
         let sockets = match a.pause() {
             Ok(sockets) => sockets,
             Err(e) => {

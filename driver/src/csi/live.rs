@@ -6,17 +6,29 @@
 //! guard, so it waits for the requests in flight (the quiesce), and new ones wait for it.
 //! The old head is flushed and closed before the new one opens it as its backing file (its
 //! write lock must be gone first).
+//!
+//! **A full host filesystem pauses writes** (QEMU's `werror=enospc`): a write, zeroing,
+//! trim or flush that meets `ENOSPC` (or `EDQUOT`) is held, not failed, and tried again every
+//! [`RETRY`] until space returns; the guest sees a slow write, not an I/O error that would
+//! turn its filesystem read-only. The engine leaves the image consistent after each failed
+//! attempt (`tests/full_disk.rs`). While any write waits, the volume condition says so.
+//! Held writes fail after all (with `ENOSPC`) when the volume is unstaged or handed over to a
+//! new plugin process, whose requests must all be answered first.
 
 use qcow2_engine::sync::Recover;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{RwLock, RwLockReadGuard};
+use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
 
 use qcow2_engine::{Image, OpenOptions};
 
 use crate::error::{Error, Result};
 use crate::nbd::device::{BlockDevice, DeviceError, DeviceResult, Extent};
 use crate::nbd::proto::errno;
+
+/// How often a write held by a full disk is tried again.
+pub const RETRY: Duration = Duration::from_secs(1);
 
 /// The head layer a staged volume serves.
 #[derive(Debug)]
@@ -25,6 +37,69 @@ pub struct LiveImage {
     /// The image's size, readable without the lock (the server checks ranges with it).
     size: AtomicU64,
     writable: bool,
+    /// The volume, for the log.
+    name: String,
+    full: FullDisk,
+}
+
+/// Writes held by a full host filesystem (see the module docs).
+#[derive(Debug, Default)]
+struct FullDisk {
+    state: Mutex<Held>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    /// Requests waiting for space now.
+    waiting: usize,
+    /// Since when some request has waited, and the error it met.
+    since: Option<(Instant, String)>,
+    /// Pausing has ended (unstage, handover): full-disk errors fail at once.
+    ended: bool,
+}
+
+impl FullDisk {
+    /// Counts a request that met `error` as held, unless pausing has ended (false: it fails
+    /// now). A held request ends with [`FullDisk::release`].
+    fn enter(&self, name: &str, error: &DeviceError) -> bool {
+        let mut st = self.state.lock().recover();
+        if st.ended {
+            return false;
+        }
+        st.waiting += 1;
+        if st.since.is_none() {
+            tracing::warn!(volume = %name, error = %error.message, "the node's filesystem is full: writes to this volume are paused until space is freed");
+            st.since = Some((Instant::now(), error.message.clone()));
+        }
+        true
+    }
+
+    /// Waits [`RETRY`] (true: try again) or until pausing ends (false: fail now).
+    fn wait(&self) -> bool {
+        let st = self.state.lock().recover();
+        if st.ended {
+            return false;
+        }
+        let (st, _) = self.changed.wait_timeout(st, RETRY).recover();
+        !st.ended
+    }
+
+    /// A held request ends (`ok`: it went through).
+    fn release(&self, name: &str, ok: bool) {
+        let mut st = self.state.lock().recover();
+        st.waiting -= 1;
+        if st.waiting == 0
+            && let Some((since, _)) = st.since.take()
+        {
+            let paused = since.elapsed();
+            if ok {
+                tracing::info!(volume = %name, ?paused, "space is back: paused writes resumed");
+            } else {
+                tracing::warn!(volume = %name, ?paused, "paused writes failed (the volume is going away)");
+            }
+        }
+    }
 }
 
 impl LiveImage {
@@ -33,7 +108,56 @@ impl LiveImage {
             size: AtomicU64::new(image.size()),
             writable: image.is_writable(),
             current: RwLock::new(Some(image)),
+            name: String::new(),
+            full: FullDisk::default(),
         }
+    }
+
+    /// Names the volume in the log.
+    pub fn named(mut self, name: &str) -> LiveImage {
+        self.name = name.to_string();
+        self
+    }
+
+    /// Runs a write-like request; one that meets a full host filesystem is held and run again
+    /// until it goes through or pausing ends. The image guard is dropped while it waits, so
+    /// a snapshot's pivot is not held up (the retry then goes to the new head).
+    fn pausing(&self, op: impl Fn(&Image) -> DeviceResult) -> DeviceResult {
+        let mut held = false;
+        loop {
+            let result = self.image().and_then(|g| op(g.get()));
+            let full = matches!(&result, Err(e) if e.errno == errno::ENOSPC);
+            if full && !held {
+                let Err(e) = &result else { unreachable!() };
+                held = self.full.enter(&self.name, e);
+            }
+            if full && held && self.full.wait() {
+                continue;
+            }
+            if held {
+                self.full.release(&self.name, result.is_ok());
+            }
+            return result;
+        }
+    }
+
+    /// Why writes are paused, if they are: for the volume condition.
+    pub fn paused(&self) -> Option<String> {
+        let st = self.full.state.lock().recover();
+        st.since.as_ref().map(|(since, error)| {
+            format!(
+                "{} writes paused for {} s: the node's filesystem is full ({error}); they resume once space is freed",
+                st.waiting,
+                since.elapsed().as_secs()
+            )
+        })
+    }
+
+    /// Held writes fail now, and later ones fail at once on a full disk (the volume is being
+    /// unstaged or handed over). [`LiveImage::reopen_at`] pauses again.
+    pub fn end_pauses(&self) {
+        self.full.state.lock().recover().ended = true;
+        self.full.changed.notify_all();
     }
 
     fn image(&self) -> DeviceResult<ImageGuard<'_>> {
@@ -78,6 +202,7 @@ impl LiveImage {
 
     /// Opens `path` again after [`LiveImage::close`] (a handover that did not happen).
     pub fn reopen_at(&self, path: &Path, opts: &OpenOptions) -> Result<()> {
+        self.full.state.lock().recover().ended = false;
         let mut g = self.current.write().recover();
         if g.is_none() {
             let image = Image::open(path, opts)
@@ -165,16 +290,16 @@ impl BlockDevice for LiveImage {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> DeviceResult {
         super::failpoint("volume-write"); // a slow storage request, in tests
-        BlockDevice::write_at(self.image()?.get(), buf, offset)
+        self.pausing(|img| BlockDevice::write_at(img, buf, offset))
     }
     fn flush(&self) -> DeviceResult {
-        BlockDevice::flush(self.image()?.get())
+        self.pausing(BlockDevice::flush)
     }
     fn trim(&self, offset: u64, len: u64) -> DeviceResult {
-        self.image()?.get().trim(offset, len)
+        self.pausing(|img| img.trim(offset, len))
     }
     fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool) -> DeviceResult {
-        BlockDevice::write_zeroes(self.image()?.get(), offset, len, no_hole)
+        self.pausing(|img| BlockDevice::write_zeroes(img, offset, len, no_hole))
     }
     fn zeroes_are_fast(&self, offset: u64, len: u64) -> bool {
         self.image()
@@ -283,5 +408,72 @@ mod tests {
         live.read_at(&mut buf, 0).unwrap();
         assert_eq!(buf, [5; 512]);
         live.write_at(&[6; 512], 512).unwrap();
+    }
+
+    #[test]
+    fn a_write_on_a_full_disk_waits_for_space_and_then_lands() {
+        use qcow2_engine::storage::{FaultPlan, FaultStorage, MemoryStorage};
+        let mem = Arc::new(MemoryStorage::new());
+        let opts = CreateOptions {
+            size: Some(16 << 20),
+            ..CreateOptions::default()
+        };
+        qcow2_engine::create_on(mem.clone(), None, &opts).unwrap();
+        let fault = Arc::new(FaultStorage::new(mem.to_bytes(), FaultPlan::None));
+        let open = OpenOptions::writable();
+        let img = Image::open_storage(fault.clone(), None, &open).unwrap();
+        let live = Arc::new(LiveImage::new(img).named("vol-full"));
+        assert!(live.paused().is_none());
+
+        // Full: the write is held, and the condition says why.
+        fault.set_plan(FaultPlan::FullFromMutation(fault.mutations()));
+        let writer = {
+            let live = live.clone();
+            std::thread::spawn(move || BlockDevice::write_at(&*live, &[7u8; 65536], 1 << 20))
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !writer.is_finished(),
+            "a write on a full disk failed instead of waiting"
+        );
+        let why = live
+            .paused()
+            .expect("the volume says its writes are paused");
+        assert!(
+            why.contains("1 writes paused") && why.contains("full"),
+            "{why}"
+        );
+
+        // Space returns: the write lands within a retry.
+        let freed = Instant::now();
+        fault.set_plan(FaultPlan::None);
+        writer.join().unwrap().unwrap();
+        assert!(freed.elapsed() < RETRY + Duration::from_millis(500));
+        assert!(live.paused().is_none());
+        let mut back = vec![0u8; 65536];
+        BlockDevice::read_at(&*live, &mut back, 1 << 20).unwrap();
+        assert!(back.iter().all(|&b| b == 7));
+
+        // Full again, and the volume goes away: the held write fails at once.
+        fault.set_plan(FaultPlan::FullFromMutation(fault.mutations()));
+        let writer = {
+            let live = live.clone();
+            std::thread::spawn(move || BlockDevice::write_at(&*live, &[8u8; 65536], 4 << 20))
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!writer.is_finished());
+        let ended = Instant::now();
+        live.end_pauses();
+        let e = writer.join().unwrap().unwrap_err();
+        assert_eq!(e.errno, errno::ENOSPC);
+        assert!(
+            ended.elapsed() < Duration::from_millis(200),
+            "{:?}",
+            ended.elapsed()
+        );
+        assert!(live.paused().is_none());
+        // Later ones fail at once, until the volume is opened again.
+        let e = BlockDevice::write_at(&*live, &[9u8; 65536], 8 << 20).unwrap_err();
+        assert_eq!(e.errno, errno::ENOSPC);
     }
 }

@@ -175,7 +175,7 @@ impl NodeService {
             let st = plugin.state()?;
             (st.layers_dir(), st.layer_path(&rec.head))
         };
-        let image = open_layer(layers, &head, &cap)?;
+        let image = open_layer(&rec.id, layers, &head, &cap)?;
         // The record is authoritative for the size: an image behind it grows to it now.
         if image.size() < rec.size && !cap.read_only_mode {
             image.resize(rec.size)?;
@@ -293,6 +293,10 @@ impl NodeService {
                 Claim::Record,
             )?;
         } else {
+            // Writes held by a full disk fail now: the unmount would wait for them forever.
+            if let Some(image) = &s.image {
+                image.end_pauses();
+            }
             if s.cap.access == AccessType::Mount {
                 mounts::unmount_if_mounted(&s.staging)?;
             }
@@ -583,10 +587,15 @@ impl NodeService {
                 path.display()
             )));
         }
+        let paused = s.image.as_ref().and_then(|i| i.paused());
         let condition = match &s.lost {
             Some(why) => VolumeCondition {
                 abnormal: true,
                 message: why.clone(),
+            },
+            None if paused.is_some() => VolumeCondition {
+                abnormal: true,
+                message: paused.unwrap_or_default(),
             },
             None if !s.device.exists() => VolumeCondition {
                 abnormal: true,

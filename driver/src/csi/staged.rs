@@ -426,7 +426,7 @@ pub(super) fn heal(plugin: &super::Plugin) -> usize {
             let rec = st
                 .volume(id)
                 .ok_or_else(|| Error::NotFound(format!("no volume {id:?}")))?;
-            open_layer(st.layers_dir(), &st.layer_path(&rec.head), &s.cap)
+            open_layer(id, st.layers_dir(), &st.layer_path(&rec.head), &s.cap)
         })();
         // Still held by the process that serves it: not lost after all, not yet.
         let Ok(image) = opened else { continue };
@@ -512,7 +512,12 @@ pub(super) fn open_head(
     rec: &VolumeRecord,
     cap: &Checked,
 ) -> Result<Arc<LiveImage>> {
-    open_layer(state.layers_dir(), &state.layer_path(&rec.head), cap)
+    open_layer(
+        &rec.id,
+        state.layers_dir(),
+        &state.layer_path(&rec.head),
+        cap,
+    )
 }
 
 /// How a staged volume's layers are opened.
@@ -524,9 +529,15 @@ pub(super) fn head_options(layers: PathBuf, cap: &Checked) -> OpenOptions {
     }
 }
 
-pub(super) fn open_layer(layers: PathBuf, head: &Path, cap: &Checked) -> Result<Arc<LiveImage>> {
+/// Opens volume `id`'s head layer `head`.
+pub(super) fn open_layer(
+    id: &str,
+    layers: PathBuf,
+    head: &Path,
+    cap: &Checked,
+) -> Result<Arc<LiveImage>> {
     Image::open(head, &head_options(layers, cap))
-        .map(|img| Arc::new(LiveImage::new(img)))
+        .map(|img| Arc::new(LiveImage::new(img).named(id)))
         .map_err(|e| Error::Internal(format!("opening {}: {e}", head.display())))
 }
 

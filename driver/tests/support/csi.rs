@@ -33,11 +33,18 @@ impl Plugin {
     }
 
     pub async fn start_with_args(args: &[&str]) -> Plugin {
+        Plugin::start_prepared(args, |_| {}).await
+    }
+
+    /// Starts with `prepare` run first on the plugin's state directory path (to mount a
+    /// filesystem there, say); the path does not exist yet.
+    pub async fn start_prepared(args: &[&str], prepare: impl FnOnce(&Path)) -> Plugin {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("csi.sock");
         let state = dir.path().join("state");
         let kubelet = dir.path().join("kubelet");
         std::fs::create_dir_all(&kubelet).unwrap();
+        prepare(&state);
         let mut p = Plugin {
             child: None,
             previous: Vec::new(),
