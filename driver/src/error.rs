@@ -10,6 +10,20 @@ pub enum Error {
     /// I/O on a connection or a file.
     #[error("I/O: {0}")]
     Io(#[from] io::Error),
+    /// I/O on the host (a file, a directory, a device), with what was being done.
+    #[error("{context}: {source}")]
+    HostIo {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The engine refused or failed an operation on an image, with what was being done.
+    #[error("{context}: {source}")]
+    Engine {
+        context: String,
+        #[source]
+        source: qcow2_engine::Error,
+    },
     /// An NBD peer broke the protocol (the connection is closed).
     #[error("protocol violation: {0}")]
     Protocol(String),
@@ -54,6 +68,22 @@ pub enum Error {
 }
 
 impl Error {
+    /// Host I/O that failed while doing `context`; the error keeps its source.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::HostIo {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// An engine operation that failed while doing `context`; the error keeps its source.
+    pub fn engine(context: impl Into<String>, source: qcow2_engine::Error) -> Self {
+        Error::Engine {
+            context: context.into(),
+            source,
+        }
+    }
+
     pub(crate) fn attach(step: impl Into<String>, detail: impl Into<String>) -> Self {
         Error::Attach {
             step: step.into(),
@@ -62,10 +92,20 @@ impl Error {
     }
 }
 
-impl From<Error> for tonic::Status {
-    fn from(e: Error) -> Self {
+/// Out of space on the host: a full filesystem, a quota, a file at its size limit.
+fn out_of_space(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG)
+    )
+}
+
+impl Error {
+    /// The gRPC code a CO sees for this error: the one place where errors become codes.
+    pub fn code(&self) -> tonic::Code {
+        use qcow2_engine::Error as E;
         use tonic::Code;
-        let code = match &e {
+        match self {
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
             Error::AlreadyExists(_) => Code::AlreadyExists,
@@ -75,14 +115,69 @@ impl From<Error> for tonic::Status {
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Unavailable(_) => Code::Unavailable,
             Error::Unimplemented(_) => Code::Unimplemented,
-            Error::Io(io) if io.raw_os_error() == Some(libc::ENOSPC) => Code::ResourceExhausted,
-            Error::Io(_) | Error::Protocol(_) | Error::Attach { .. } | Error::Internal(_) => {
-                Code::Internal
+            Error::Io(io) | Error::HostIo { source: io, .. } if out_of_space(io) => {
+                Code::ResourceExhausted
             }
-        };
-        tonic::Status::new(code, e.to_string())
+            Error::Engine { source, .. } => match source {
+                E::Io { source, .. } if out_of_space(source) => Code::ResourceExhausted,
+                // The image or its chain is damaged or beyond this engine: retrying cannot
+                // help until someone repairs it.
+                E::InvalidImage(_) | E::Corrupt(_) | E::Backing { .. } | E::Unsupported(_) => {
+                    Code::FailedPrecondition
+                }
+                E::ReadOnly(_) => Code::FailedPrecondition,
+                E::InvalidArgument(_) => Code::InvalidArgument,
+                _ => Code::Internal,
+            },
+            Error::Io(_)
+            | Error::HostIo { .. }
+            | Error::Protocol(_)
+            | Error::Attach { .. }
+            | Error::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        tonic::Status::new(e.code(), e.to_string())
     }
 }
 
 /// Result alias of the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn errors_keep_their_source_and_map_to_the_codes_a_co_can_act_on() {
+        let full = || io::Error::from_raw_os_error(libc::ENOSPC);
+        for e in [
+            Error::io("creating x", full()),
+            Error::io("creating x", io::Error::from_raw_os_error(libc::EDQUOT)),
+            Error::Io(full()),
+            Error::engine("growing", qcow2_engine::Error::io("writing", full())),
+        ] {
+            assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+        }
+        let corrupt = Error::engine("opening a", qcow2_engine::Error::Corrupt("bad L2".into()));
+        assert_eq!(corrupt.code(), Code::FailedPrecondition);
+        assert_eq!(corrupt.to_string(), "opening a: image is corrupt: bad L2");
+        let eio = Error::io("reading y", io::Error::from_raw_os_error(libc::EIO));
+        assert_eq!(eio.code(), Code::Internal);
+        assert!(
+            std::error::Error::source(&eio).is_some(),
+            "the source is kept"
+        );
+        let status = tonic::Status::from(Error::io("creating /s", full()));
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(
+            status.message().starts_with("creating /s: No space left"),
+            "{}",
+            status.message()
+        );
+    }
+}

@@ -1360,3 +1360,83 @@ async fn node_operations_read_the_record_under_the_volume_lock() {
     assert!(before == sum(&frozen), "the first snapshot's layer changed");
     qemu::check_clean(&p.state.join("layers").join(&head));
 }
+
+/// Unmounts a test's filesystem when dropped, even when the test fails.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn sh(cmd: &str) {
+    let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// CreateVolume and CreateSnapshot on a state filesystem with one block free: the budget
+/// lets them through (ratio 100), the disk does not. The answer is RESOURCE_EXHAUSTED naming
+/// the full disk, nothing is recorded or left behind, and once space is freed the same
+/// requests succeed.
+#[tokio::test]
+async fn a_full_state_filesystem_is_resource_exhausted_and_leaves_nothing() {
+    if !runnable() {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let fs_image = scratch.path().join("state.ext4");
+    let mut mounted = None;
+    let mut p = Plugin::start_prepared(&[], |state| {
+        std::fs::create_dir_all(state).unwrap();
+        sh(&format!(
+            "truncate -s 16M {img} && mkfs.ext4 -q -F -m 0 {img} && mount -o loop {img} {st}",
+            img = fs_image.display(),
+            st = state.display()
+        ));
+        mounted = Some(Mounted(state.to_path_buf()));
+    })
+    .await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4");
+    let first = create(&p, "pvc-before", MIB, cap.clone()).await;
+    let before: Vec<PathBuf> = p.layers();
+
+    let filler = p.state.join("filler");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=4k", "status=none"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    sh(&format!("truncate -s -4K {} && sync", filler.display()));
+    let req = |name: &str| CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: 256 << 10,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![cap.clone()],
+        parameters: [("overcommitRatio".to_string(), "100".to_string())].into(),
+        ..Default::default()
+    };
+    let mut c = p.controller().await;
+    let e = c.create_volume(req("pvc-full")).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("No space left"), "{}", e.message());
+    let e = p.snapshot(&first, "snap-full").await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert_eq!(p.layers(), before, "a refused request left a layer");
+    assert_eq!(p.records().len(), 1, "a refused request left a record");
+
+    std::fs::remove_file(&filler).unwrap();
+    c.create_volume(req("pvc-full")).await.unwrap();
+    p.snapshot(&first, "snap-full").await.unwrap();
+    for layer in p.layers() {
+        qemu::check_clean(&layer);
+    }
+    p.stop();
+    drop(mounted);
+}

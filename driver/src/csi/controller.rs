@@ -100,10 +100,10 @@ fn topology_allows(plugin: &Plugin, req: Option<&TopologyRequirement>) -> bool {
 /// the overcommit ratio.
 fn available(plugin: &Plugin, ratio: f64) -> Result<u64> {
     let st = rustix::fs::statvfs(&plugin.config.state_dir).map_err(|e| {
-        Error::Internal(format!(
-            "statvfs {}: {e}",
-            plugin.config.state_dir.display()
-        ))
+        Error::io(
+            format!("statvfs {}", plugin.config.state_dir.display()),
+            e.into(),
+        )
     })?;
     let free = st.f_bavail.saturating_mul(st.f_frsize);
     Ok((free as f64 * ratio) as u64)

@@ -149,7 +149,7 @@ pub fn flatten(plugin: &Plugin, id: &str) -> Result<bool> {
         },
         |_, _| {},
     )
-    .map_err(|e| Error::Internal(format!("copying the chain under {}: {e}", rec.head)))?;
+    .map_err(|e| Error::engine(format!("copying the chain under {}", rec.head), e))?;
     failpoint("flatten-after-copy");
 
     let deadline = Instant::now() + LOCK_WAIT;
@@ -179,7 +179,7 @@ pub fn flatten(plugin: &Plugin, id: &str) -> Result<bool> {
             img.set_backing_file_unsafe(&copy.name, "qcow2")?;
             img.close()
         });
-        img.map_err(|e| Error::Internal(format!("pointing {} at the copy: {e}", rec.head)))
+        img.map_err(|e| Error::engine(format!("pointing {} at the copy", rec.head), e))
     };
     let staged = plugin.node.get(id);
     // On an error the copy is left to collection, which reads the head's header to decide

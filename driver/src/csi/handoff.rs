@@ -126,7 +126,7 @@ fn send(conn: &UnixStream, msg: &Msg, fds: &[OwnedFd]) -> Result<()> {
         &mut control,
         SendFlags::NOSIGNAL,
     )
-    .map_err(|e| Error::Internal(format!("handover: sending: {e}")))?;
+    .map_err(|e| Error::io("handover: sending", e.into()))?;
     // The descriptors went with the first bytes; the rest is plain data.
     let mut w = conn;
     w.write_all(&frame[sent..])?;
@@ -147,7 +147,7 @@ fn recv(conn: &UnixStream) -> Result<(Msg, Vec<OwnedFd>)> {
             &mut control,
             RecvFlags::CMSG_CLOEXEC,
         )
-        .map_err(|e| Error::Internal(format!("handover: receiving: {e}")))?;
+        .map_err(|e| Error::io("handover: receiving", e.into()))?;
         for m in control.drain() {
             if let RecvAncillaryMessage::ScmRights(passed) = m {
                 fds.extend(passed);
@@ -270,7 +270,7 @@ impl Taking {
 fn bind(path: &Path) -> Result<UnixListener> {
     super::serve::remove_stale_socket(path)?;
     let l = UnixListener::bind(path)
-        .map_err(|e| Error::Internal(format!("listening on {}: {e}", path.display())))?;
+        .map_err(|e| Error::io(format!("listening on {}", path.display()), e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(l)
 }
@@ -296,7 +296,7 @@ pub fn listen(plugin: Arc<Plugin>) -> Result<()> {
                 }
             }
         })
-        .map_err(|e| Error::Internal(format!("spawning the handover thread: {e}")))?;
+        .map_err(|e| Error::io("spawning the handover thread", e))?;
     Ok(())
 }
 

@@ -179,7 +179,7 @@ impl LiveImage {
         g.get()
             .resize(size)
             .and_then(|()| g.get().flush())
-            .map_err(|e| Error::Internal(format!("growing the image: {e}")))?;
+            .map_err(|e| Error::engine("growing the image", e))?;
         self.size.store(size, Ordering::SeqCst);
         Ok(())
     }
@@ -193,11 +193,11 @@ impl LiveImage {
         };
         if let Err(e) = image.flush() {
             *g = Some(image);
-            return Err(Error::Internal(format!("flushing before a handover: {e}")));
+            return Err(Error::engine("flushing before a handover", e));
         }
         image
             .close()
-            .map_err(|e| Error::Internal(format!("closing before a handover: {e}")))
+            .map_err(|e| Error::engine("closing before a handover", e))
     }
 
     /// Opens `path` again after [`LiveImage::close`] (a handover that did not happen).
@@ -206,7 +206,7 @@ impl LiveImage {
         let mut g = self.current.write().recover();
         if g.is_none() {
             let image = Image::open(path, opts)
-                .map_err(|e| Error::Internal(format!("reopening {}: {e}", path.display())))?;
+                .map_err(|e| Error::engine(format!("reopening {}", path.display()), e))?;
             self.size.store(image.size(), Ordering::SeqCst);
             *g = Some(image);
         }
@@ -237,7 +237,7 @@ impl LiveImage {
             .ok_or_else(|| Error::Internal("the volume has no open head layer".into()))?;
         if let Err(e) = old.flush() {
             *g = Some(old);
-            return Err(Error::Internal(format!("flushing before a reopen: {e}")));
+            return Err(Error::engine("flushing before a reopen", e));
         }
         if let Err(e) = old.close() {
             // Closing failed after a good flush: the data is safe; go on.
@@ -245,7 +245,7 @@ impl LiveImage {
         }
         let opened = between().and_then(|()| {
             Image::open(next, opts)
-                .map_err(|e| Error::Internal(format!("opening {}: {e}", next.display())))
+                .map_err(|e| Error::engine(format!("opening {}", next.display()), e))
         });
         match opened {
             Ok(new) => {
@@ -257,13 +257,11 @@ impl LiveImage {
                 let reopened = Image::open(current, opts);
                 let back = reopened.is_ok();
                 *g = reopened.ok();
+                if back {
+                    return Err(e);
+                }
                 Err(Error::Internal(format!(
-                    "{e}{}",
-                    if back {
-                        ""
-                    } else {
-                        "; the old head did not reopen either: the volume fails I/O"
-                    }
+                    "{e}; the old head did not reopen either: the volume fails I/O"
                 )))
             }
         }

@@ -52,7 +52,7 @@ pub fn source_in(mountinfo: &str, mount_point: &Path) -> Option<PathBuf> {
 
 fn mountinfo() -> Result<String> {
     std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| Error::Internal(format!("reading /proc/self/mountinfo: {e}")))
+        .map_err(|e| Error::io("reading /proc/self/mountinfo", e))
 }
 
 /// `path` as mountinfo lists it (symlinks resolved), or as given if it cannot be resolved.
@@ -73,9 +73,7 @@ pub fn is_mount_point(path: &Path) -> Result<bool> {
 /// Runs a system tool; its stderr becomes the error.
 pub fn run(cmd: &mut Command) -> Result<String> {
     let shown = format!("{cmd:?}");
-    let out = cmd
-        .output()
-        .map_err(|e| Error::Internal(format!("{shown}: {e}")))?;
+    let out = cmd.output().map_err(|e| Error::io(shown.clone(), e))?;
     if !out.status.success() {
         return Err(Error::Internal(format!(
             "{shown}: {}",
@@ -91,7 +89,7 @@ pub fn fs_on(device: &Path) -> Result<Option<String>> {
         .args(["-p", "-o", "value", "-s", "TYPE"])
         .arg(device)
         .output()
-        .map_err(|e| Error::Internal(format!("blkid: {e}")))?;
+        .map_err(|e| Error::io("running blkid", e))?;
     match out.status.code() {
         Some(0) => {
             let t = String::from_utf8_lossy(&out.stdout).trim().to_string();

@@ -63,7 +63,7 @@ fn grow_ext4_offline(device: &Path) -> Result<()> {
         .args(["-f", "-p"])
         .arg(device)
         .output()
-        .map_err(|e| Error::Internal(format!("e2fsck: {e}")))?;
+        .map_err(|e| Error::io("running e2fsck", e))?;
     // 0: clean, 1: errors corrected; anything else needs a human.
     if !matches!(fsck.status.code(), Some(0 | 1)) {
         return Err(Error::FailedPrecondition(format!(
@@ -228,7 +228,7 @@ impl NodeService {
                     }
                 };
                 std::fs::create_dir_all(&staging)
-                    .map_err(|e| Error::Internal(format!("creating {}: {e}", staging.display())))?;
+                    .map_err(|e| Error::io(format!("creating {}", staging.display()), e))?;
                 let mut opts = cap.mount_flags.clone();
                 if cap.read_only_mode {
                     opts.push("ro".into());
@@ -395,14 +395,13 @@ impl NodeService {
         let source = match cap.access {
             AccessType::Mount => {
                 std::fs::create_dir_all(&target)
-                    .map_err(|e| Error::Internal(format!("creating {}: {e}", target.display())))?;
+                    .map_err(|e| Error::io(format!("creating {}", target.display()), e))?;
                 s.staging.clone()
             }
             AccessType::Block => {
                 if !target.exists() {
-                    std::fs::File::create(&target).map_err(|e| {
-                        Error::Internal(format!("creating {}: {e}", target.display()))
-                    })?;
+                    std::fs::File::create(&target)
+                        .map_err(|e| Error::io(format!("creating {}", target.display()), e))?;
                 }
                 s.device.clone()
             }
@@ -479,7 +478,7 @@ impl NodeService {
             Ok(_) => std::fs::remove_file(&target),
             Err(_) => Ok(()),
         };
-        removed.map_err(|e| Error::Internal(format!("removing {}: {e}", target.display())))?;
+        removed.map_err(|e| Error::io(format!("removing {}", target.display()), e))?;
         s.published().remove(&target);
         self.0.node.persist(&s)
     }
@@ -622,7 +621,7 @@ impl NodeService {
             }],
             AccessType::Mount => {
                 let st = rustix::fs::statvfs(&path)
-                    .map_err(|e| Error::Internal(format!("statvfs {}: {e}", path.display())))?;
+                    .map_err(|e| Error::io(format!("statvfs {}", path.display()), e.into()))?;
                 let f = st.f_frsize;
                 vec![
                     VolumeUsage {

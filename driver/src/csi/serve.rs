@@ -43,13 +43,13 @@ pub fn socket_path(endpoint: &str) -> Result<PathBuf> {
 fn bind(path: &Path) -> Result<UnixListener> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
-            .map_err(|e| Error::Internal(format!("creating {}: {e}", parent.display())))?;
+            .map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
     }
     remove_stale_socket(path)?;
     let listener = UnixListener::bind(path)
-        .map_err(|e| Error::Internal(format!("listening on {}: {e}", path.display())))?;
+        .map_err(|e| Error::io(format!("listening on {}", path.display()), e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .map_err(|e| Error::Internal(format!("chmod {}: {e}", path.display())))?;
+        .map_err(|e| Error::io(format!("chmod {}", path.display()), e))?;
     Ok(listener)
 }
 
@@ -57,9 +57,8 @@ fn bind(path: &Path) -> Result<UnixListener> {
 /// that it can be bound again.
 pub(super) fn remove_stale_socket(path: &Path) -> Result<()> {
     match std::fs::symlink_metadata(path) {
-        Ok(md) if md.file_type().is_socket() => std::fs::remove_file(path).map_err(|e| {
-            Error::Internal(format!("removing the stale socket {}: {e}", path.display()))
-        }),
+        Ok(md) if md.file_type().is_socket() => std::fs::remove_file(path)
+            .map_err(|e| Error::io(format!("removing the stale socket {}", path.display()), e)),
         Ok(_) => Err(Error::InvalidArgument(format!(
             "{} exists and is not a socket",
             path.display()

@@ -56,7 +56,7 @@ pub(super) fn make_layer(
             ..CreateOptions::default()
         },
     )
-    .map_err(|e| Error::Internal(format!("creating {}: {e}", path.display())))?;
+    .map_err(|e| Error::engine(format!("creating {}", path.display()), e))?;
     state::private_file(&path)
 }
 

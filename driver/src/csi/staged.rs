@@ -538,7 +538,7 @@ pub(super) fn open_layer(
 ) -> Result<Arc<LiveImage>> {
     Image::open(head, &head_options(layers, cap))
         .map(|img| Arc::new(LiveImage::new(img).named(id)))
-        .map_err(|e| Error::Internal(format!("opening {}: {e}", head.display())))
+        .map_err(|e| Error::engine(format!("opening {}", head.display()), e))
 }
 
 /// An NBD server whose export 0 is `image`.

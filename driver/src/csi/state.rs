@@ -214,7 +214,7 @@ const HEADER_PEEK: u64 = 512;
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let what = what.into();
-    move |e| Error::Internal(format!("{what}: {e}"))
+    move |e| Error::io(what, e)
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync,
