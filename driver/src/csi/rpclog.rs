@@ -4,7 +4,7 @@
 //! the handler logs carries them too) and, when the call ends, logs its gRPC code, error
 //! message and duration (`took`): at error level for a failure; at info for a call that changes something;
 //! at debug for the reads the sidecars repeat every few seconds (Probe, capabilities,
-//! capacity, stats, lists). The ids come from the handler ([`subject`]): the layer sees only
+//! capacity, stats, lists). The ids come from the handler (`subject`): the layer sees only
 //! HTTP frames. Nothing else of a request is logged, so secrets, parameters and contexts never
 //! reach the log, and every id is quoted and clipped, so a hostile one cannot forge lines.
 
