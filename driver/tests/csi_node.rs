@@ -611,7 +611,8 @@ async fn ext4_expansion_online_or_at_the_next_stage_through_nbdfuse() {
     let before = bytes_total(&mut node, &id, &staging).await;
     assert!(before <= 64 * MIB);
     let node_expand = |size: i64| expand_req(&id, &staging, size);
-    if qcow2_csi::csi::node::has_cap_sys_resource() {
+    use qcow2_csi::csi::host::{HostTools, SystemTools};
+    if SystemTools.can_grow_mounted_ext4() {
         // Online: image, loop size limit, resize2fs.
         let r = node
             .node_expand_volume(node_expand(128 * MIB))

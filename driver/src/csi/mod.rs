@@ -7,6 +7,7 @@ pub mod client;
 pub mod controller;
 pub mod flatten;
 pub mod handoff;
+pub mod host;
 pub mod identity;
 pub mod live;
 pub mod locks;
@@ -71,6 +72,8 @@ pub struct Plugin {
     pub node: staged::NodeState,
     /// How staged volumes become block devices.
     pub attacher: Attacher,
+    /// The host tools the node service runs (mount, mkfs, ...).
+    pub host: Arc<dyn host::HostTools>,
     /// Layers being made whose record is not written yet: collection leaves them alone.
     pending: Mutex<HashSet<String>>,
     /// Volumes with a flatten running.
@@ -109,7 +112,13 @@ impl Plugin {
 
     /// A plugin attaching through `attacher` (tests: a simulated kernel).
     pub fn with_attacher(config: Config, attacher: Attacher) -> Self {
+        Self::with_host(config, attacher, Arc::new(host::SystemTools))
+    }
+
+    /// A plugin attaching through `attacher` and running `host`'s tools (tests: a model).
+    pub fn with_host(config: Config, attacher: Attacher, host: Arc<dyn host::HostTools>) -> Self {
         Self {
+            host,
             node: staged::NodeState::new(&config.state_dir),
             config,
             state: Mutex::new(None),

@@ -4,7 +4,6 @@
 use qcow2_engine::sync::Recover;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 use csi_proto::v1::node_server::Node;
@@ -13,7 +12,6 @@ use csi_proto::v1::*;
 use tonic::{Request, Response, Status};
 
 use super::capability;
-use super::mounts::{self, run};
 use super::params::{FsType, Params};
 use super::staged::{Claim, Staged, attach_dir, clear_leftovers, open_layer, serve_image};
 use super::staging::{self, Attachment};
@@ -33,69 +31,6 @@ fn required(v: &str, what: &str) -> Result<()> {
         return Err(Error::InvalidArgument(format!("{what} is required")));
     }
     Ok(())
-}
-
-/// Whether the ext4 filesystem on `device` is smaller than the device (after an expansion).
-fn ext4_smaller_than_device(device: &Path) -> Result<bool> {
-    let header = run(Command::new("dumpe2fs").arg("-h").arg(device))?;
-    let field = |name: &str| -> Option<u64> {
-        header
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().parse().ok())
-    };
-    let (Some(blocks), Some(block)) = (field("Block count:"), field("Block size:")) else {
-        return Err(Error::Internal(format!(
-            "dumpe2fs {}: no block count or size",
-            device.display()
-        )));
-    };
-    let dev_size: u64 = run(Command::new("blockdev").arg("--getsize64").arg(device))?
-        .parse()
-        .map_err(|e| Error::Internal(format!("blockdev --getsize64: {e}")))?;
-    Ok(blocks.saturating_mul(block) + block <= dev_size)
-}
-
-/// Grows an unmounted ext4 filesystem to its device (offline resize needs a clean check
-/// first; it also needs no CAP_SYS_RESOURCE, unlike an online one).
-fn grow_ext4_offline(device: &Path) -> Result<()> {
-    let fsck = Command::new("e2fsck")
-        .args(["-f", "-p"])
-        .arg(device)
-        .output()
-        .map_err(|e| Error::io("running e2fsck", e))?;
-    // 0: clean, 1: errors corrected; anything else needs a human.
-    if !matches!(fsck.status.code(), Some(0 | 1)) {
-        return Err(Error::FailedPrecondition(format!(
-            "e2fsck {} before growing it: {}",
-            device.display(),
-            String::from_utf8_lossy(&fsck.stdout).trim()
-        )));
-    }
-    run(Command::new("resize2fs").arg(device)).map(drop)
-}
-
-/// Whether this process may grow a mounted ext4 (the kernel checks CAP_SYS_RESOURCE).
-pub fn has_cap_sys_resource() -> bool {
-    const CAP_SYS_RESOURCE: u32 = 24;
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0)
-}
-
-/// Grows the filesystem mounted at `mountpoint` from `device` to the device's size (a no-op
-/// when it already fills it).
-fn grow_fs(device: &Path, mountpoint: &Path) -> Result<()> {
-    match mounts::fs_on(device)?.as_deref() {
-        Some("ext4") => run(Command::new("resize2fs").arg(device)).map(drop),
-        Some("xfs") => run(Command::new("xfs_growfs").arg(mountpoint)).map(drop),
-        _ => Ok(()),
-    }
 }
 
 impl NodeService {
@@ -190,16 +125,15 @@ impl NodeService {
         let finish = || -> Result<()> {
             if cap.access == AccessType::Mount {
                 // The filesystem on the device once this is done: found, or made.
-                let on_disk = match mounts::fs_on(&dev)? {
+                let host = &plugin.host;
+                let on_disk = match host.fs_on(&dev)? {
                     None if cap.read_only_mode => {
                         return Err(Error::FailedPrecondition(
                             "a blank volume cannot be formatted read-only".into(),
                         ));
                     }
                     None => {
-                        let mut mkfs = Command::new(format!("mkfs.{}", fs.as_str()));
-                        mkfs.arg("-q").args(&params.mkfs_options).arg(&dev);
-                        run(&mut mkfs)?;
+                        host.mkfs(fs, &params.mkfs_options, &dev)?;
                         failpoint("stage-after-mkfs");
                         fs.as_str().to_string()
                     }
@@ -214,9 +148,9 @@ impl NodeService {
                         // After an expansion the device is larger than the filesystem.
                         if found == FsType::Ext4
                             && !cap.read_only_mode
-                            && ext4_smaller_than_device(&dev)?
+                            && host.ext4_smaller_than_device(&dev)?
                         {
-                            grow_ext4_offline(&dev)?;
+                            host.grow_ext4_offline(&dev)?;
                         }
                         found.as_str().to_string()
                     }
@@ -233,16 +167,11 @@ impl NodeService {
                 if cap.read_only_mode {
                     opts.push("ro".into());
                 }
-                let mut mount = Command::new("mount");
-                mount.arg("-t").arg(&on_disk);
-                if !opts.is_empty() {
-                    mount.arg("-o").arg(opts.join(","));
-                }
-                run(mount.arg(&dev).arg(&staging))?;
+                host.mount(&dev, &staging, &on_disk, &opts)?;
                 failpoint("stage-after-mount");
                 if !cap.read_only_mode && on_disk == "xfs" {
                     // xfs grows only mounted (a no-op when it already fills the device).
-                    run(Command::new("xfs_growfs").arg(&staging))?;
+                    host.grow_mounted(&dev, &staging)?;
                 }
             }
             Ok(())
@@ -269,7 +198,7 @@ impl NodeService {
             Ok(s) => s,
             Err(e) => {
                 // Undo in reverse: a mount made before the failing step, then the device.
-                let _ = mounts::unmount_if_mounted(&staging);
+                let _ = plugin.host.unmount_if_mounted(&staging);
                 let _ = attached.detach();
                 return Err(e);
             }
@@ -298,7 +227,7 @@ impl NodeService {
                 image.end_pauses();
             }
             if s.cap.access == AccessType::Mount {
-                mounts::unmount_if_mounted(&s.staging)?;
+                plugin.host.unmount_if_mounted(&s.staging)?;
             }
             if let Some(a) = s.attached.lock().recover().take() {
                 a.detach()?;
@@ -414,22 +343,15 @@ impl NodeService {
                 return Err(e);
             }
         }
+        let host = &self.0.host;
         let mounted = (|| {
-            if !mounts::is_mount_point(&target)? {
-                run(Command::new("mount")
-                    .arg("--bind")
-                    .arg(&source)
-                    .arg(&target))?;
-                if req.readonly || cap.read_only_mode {
-                    run(Command::new("mount")
-                        .args(["-o", "remount,bind,ro"])
-                        .arg(&target))?;
-                }
+            if !host.is_mount_point(&target)? {
+                host.bind(&source, &target, req.readonly || cap.read_only_mode)?;
             }
             Ok(())
         })();
         if let Err(e) = mounted {
-            let _ = mounts::unmount_if_mounted(&target);
+            let _ = host.unmount_if_mounted(&target);
             if !repeat {
                 s.published().remove(&target);
                 let _ = self.0.node.persist(&s);
@@ -468,9 +390,9 @@ impl NodeService {
         };
         if s.lost.is_some() {
             // Its device no longer answers: the last unmount must not wait for it.
-            mounts::unmount_lazily(&target)?;
+            self.0.host.unmount_lazily(&target)?;
         } else {
-            mounts::unmount_if_mounted(&target)?;
+            self.0.host.unmount_if_mounted(&target)?;
         }
         // We created the target: a directory (mount) or a file (block).
         let removed = match std::fs::symlink_metadata(&target) {
@@ -542,8 +464,8 @@ impl NodeService {
                     s.device.display()
                 ))
             } else if s.cap.access == AccessType::Mount
-                && mounts::fs_on(&s.device)?.as_deref() == Some("ext4")
-                && !has_cap_sys_resource()
+                && self.0.host.fs_on(&s.device)?.as_deref() == Some("ext4")
+                && !self.0.host.can_grow_mounted_ext4()
             {
                 Some(
                     "growing a mounted ext4 needs CAP_SYS_RESOURCE, which this plugin lacks; \
@@ -563,7 +485,7 @@ impl NodeService {
             attached.resize(size)?;
         }
         if s.cap.access == AccessType::Mount {
-            grow_fs(&s.device, &s.staging)?;
+            self.0.host.grow_mounted(&s.device, &s.staging)?;
         }
         record_size()?;
         tracing::info!(volume = %req.volume_id, size, "expanded on the node");
@@ -809,6 +731,14 @@ mod tests {
 
         /// A plugin process on this host, loaded.
         fn start(&self) -> (Arc<Plugin>, super::super::Loaded) {
+            self.start_with(Arc::new(crate::csi::host::SystemTools))
+        }
+
+        /// A plugin process on this host running `tools`, loaded.
+        fn start_with(
+            &self,
+            tools: Arc<dyn crate::csi::host::HostTools>,
+        ) -> (Arc<Plugin>, super::super::Loaded) {
             let config = Config {
                 driver_name: crate::csi::DRIVER_NAME.into(),
                 node_id: "n1".into(),
@@ -820,7 +750,7 @@ mod tests {
                 kubelet_dir: self.dir.path().to_path_buf(),
             };
             let attacher = Attacher::with_kernel(self.kernel.clone(), FakeKernel::door(&self.sim));
-            let plugin = Arc::new(Plugin::with_attacher(config, attacher));
+            let plugin = Arc::new(Plugin::with_host(config, attacher, tools));
             let loaded = plugin.load().unwrap();
             (plugin, loaded)
         }
@@ -1377,5 +1307,202 @@ mod tests {
         let (_p2, _) = host.start();
         assert_eq!(mode(&record), 0o600);
         assert_eq!(mode(state), 0o700);
+    }
+
+    /// A mount capability for `fs`, read-only or not.
+    fn fs_cap(fs: &str, read_only: bool) -> VolumeCapability {
+        let mode = if read_only {
+            AccessMode::SingleNodeReaderOnly
+        } else {
+            AccessMode::SingleNodeWriter
+        };
+        VolumeCapability {
+            access_type: Some(volume_capability::AccessType::Mount(
+                volume_capability::MountVolume {
+                    fs_type: fs.into(),
+                    mount_flags: Vec::new(),
+                    volume_mount_group: String::new(),
+                },
+            )),
+            access_mode: Some(volume_capability::AccessMode { mode: mode as i32 }),
+        }
+    }
+
+    fn create_mount(plugin: &Arc<Plugin>, name: &str) -> String {
+        ControllerService(plugin.clone())
+            .create(CreateVolumeRequest {
+                name: name.into(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: 1 << 20,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![fs_cap("ext4", false), fs_cap("ext4", true)],
+                ..Default::default()
+            })
+            .unwrap()
+            .volume_id
+    }
+
+    fn publish_at(
+        plugin: &Arc<Plugin>,
+        id: &str,
+        staging: &Path,
+        target: &Path,
+        cap: VolumeCapability,
+        readonly: bool,
+    ) -> Result<()> {
+        NodeService(plugin.clone()).publish(NodePublishVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging.to_string_lossy().into_owned(),
+            target_path: target.to_string_lossy().into_owned(),
+            volume_capability: Some(cap),
+            readonly,
+            ..Default::default()
+        })
+    }
+
+    fn unpublish_at(plugin: &Arc<Plugin>, id: &str, target: &Path) -> Result<()> {
+        NodeService(plugin.clone()).unpublish(NodeUnpublishVolumeRequest {
+            volume_id: id.into(),
+            target_path: target.to_string_lossy().into_owned(),
+        })
+    }
+
+    #[test]
+    fn mount_volumes_stage_publish_and_undo_idempotently_with_the_host_tools_modelled() {
+        use crate::csi::host::FakeTools;
+        let host = Host::new();
+        let tools = Arc::new(FakeTools::default());
+        let (p, _) = host.start_with(tools.clone());
+        let id = create_mount(&p, "pvc-m");
+        host.set_backend(&id); // as the kernel does at CONNECT
+        let cap = fs_cap("ext4", false);
+        let staging = host.staging();
+        let dev = host.kernel.dev.join("nbd5");
+        Host::stage_at(&p, &id, &staging, cap.clone()).unwrap();
+        let made = [
+            format!("mkfs.ext4 [] {}", dev.display()),
+            format!("mount -t ext4 [] {} {}", dev.display(), staging.display()),
+        ];
+        assert_eq!(tools.calls(), made);
+        // A repeat changes nothing: no second mkfs, no second mount.
+        Host::stage_at(&p, &id, &staging, cap.clone()).unwrap();
+        assert_eq!(tools.calls(), made);
+
+        let rw = host.dir.path().join("pods/a/vol");
+        let ro = host.dir.path().join("pods/b/vol");
+        publish_at(&p, &id, &staging, &rw, cap.clone(), false).unwrap();
+        publish_at(&p, &id, &staging, &rw, cap.clone(), false).unwrap();
+        publish_at(&p, &id, &staging, &ro, cap.clone(), true).unwrap();
+        assert_eq!(tools.mounted(&rw), Some((staging.clone(), false)));
+        assert_eq!(tools.mounted(&ro), Some((staging.clone(), true)));
+        assert_eq!(
+            tools.calls().len(),
+            4,
+            "one bind per target: {:?}",
+            tools.calls()
+        );
+
+        for target in [&rw, &ro] {
+            unpublish_at(&p, &id, target).unwrap();
+            unpublish_at(&p, &id, target).unwrap();
+            assert_eq!(tools.mounted(target), None);
+            assert!(!target.exists(), "the target is removed");
+        }
+        host.unstage(&p, &id).unwrap();
+        host.unstage(&p, &id).unwrap();
+        let calls = tools.calls();
+        assert_eq!(
+            calls[4..],
+            [
+                format!("umount {}", rw.display()),
+                format!("umount {}", ro.display()),
+                format!("umount {}", staging.display()),
+            ],
+            "each mount undone once"
+        );
+
+        // Staged again: the filesystem is found, not made again.
+        Host::stage_at(&p, &id, &staging, cap).unwrap();
+        assert!(
+            !tools.calls()[7..].iter().any(|c| c.starts_with("mkfs")),
+            "{:?}",
+            tools.calls()
+        );
+        host.unstage(&p, &id).unwrap();
+        drop(p);
+    }
+
+    #[test]
+    fn stage_refuses_a_foreign_filesystem_and_formatting_read_only_and_undoes_a_failed_mount() {
+        use crate::csi::host::FakeTools;
+        let host = Host::new();
+        let tools = Arc::new(FakeTools::default());
+        let (p, _) = host.start_with(tools.clone());
+        let id = create_mount(&p, "pvc-r");
+        host.set_backend(&id);
+        let staging = host.staging();
+        let dev = host.kernel.dev.join("nbd5");
+
+        // A blank volume staged read-only: nothing to mount, and formatting would write.
+        let e = Host::stage_at(&p, &id, &staging, fs_cap("ext4", true)).unwrap_err();
+        assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
+        assert!(tools.calls().is_empty(), "{:?}", tools.calls());
+        assert!(p.node.get(&id).is_none());
+
+        // A filesystem this plugin does not mount is never handed to the kernel.
+        tools.format(&dev, "btrfs");
+        let e = Host::stage_at(&p, &id, &staging, fs_cap("ext4", false)).unwrap_err();
+        assert!(e.to_string().contains("holds btrfs"), "{e}");
+        assert!(tools.calls().is_empty(), "{:?}", tools.calls());
+
+        // A mount that fails leaves nothing staged, and the next stage works.
+        tools.format(&dev, "ext4");
+        tools.fail_next("mount");
+        Host::stage_at(&p, &id, &staging, fs_cap("ext4", false)).unwrap_err();
+        assert!(p.node.get(&id).is_none());
+        assert!(
+            StageRecords::new(&p.config.state_dir)
+                .load()
+                .unwrap()
+                .is_empty()
+        );
+        Host::stage_at(&p, &id, &staging, fs_cap("ext4", false)).unwrap();
+        assert_eq!(tools.mounted(&staging), Some((dev.clone(), false)));
+        assert!(!tools.calls().iter().any(|c| c.starts_with("mkfs")));
+        host.unstage(&p, &id).unwrap();
+        drop(p);
+    }
+
+    #[test]
+    fn growing_a_mounted_ext4_needs_cap_sys_resource_and_is_otherwise_left_to_the_next_stage() {
+        use crate::csi::host::FakeTools;
+        let host = Host::new();
+        let tools = Arc::new(FakeTools::default());
+        let (p, _) = host.start_with(tools.clone());
+        let id = create_mount(&p, "pvc-g");
+        host.set_backend(&id);
+        let staging = host.staging();
+        Host::stage_at(&p, &id, &staging, fs_cap("ext4", false)).unwrap();
+        let before = tools.calls().len();
+
+        let e = expand(&p, &host, &id, 2 << 20).unwrap_err();
+        assert!(e.to_string().contains("CAP_SYS_RESOURCE"), "{e}");
+        assert_eq!(tools.calls().len(), before, "nothing grown");
+        assert_eq!(
+            p.volume_record(&id).unwrap().size,
+            2 << 20,
+            "kept for the next stage"
+        );
+
+        tools.set_cap_sys_resource(true);
+        assert_eq!(expand(&p, &host, &id, 4 << 20).unwrap(), 4 << 20);
+        let dev = host.kernel.dev.join("nbd5");
+        assert_eq!(
+            tools.calls()[before..],
+            [format!("grow {} {}", dev.display(), staging.display())]
+        );
+        host.unstage(&p, &id).unwrap();
+        drop(p);
     }
 }

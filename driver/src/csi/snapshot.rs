@@ -10,8 +10,6 @@
 //! everything written so far (a reattached device serves it). The snapshot record comes last:
 //! a crash before it leaves a frozen layer that nothing lists, and the retry freezes again.
 
-use std::process::Command;
-
 use csi_proto::Timestamp;
 use csi_proto::v1::*;
 use qcow2_engine::ops::create::{BackingFormat, CreateOptions, create};
@@ -90,10 +88,10 @@ pub(super) fn freeze_head(plugin: &Plugin, id: &str) -> Result<(String, VolumeRe
         let fs_frozen = staged.cap.access == AccessType::Mount
             && !staged.cap.read_only_mode
             && super::staged::mark_frozen(&work).is_ok()
-            && fsfreeze(&staged.staging, true);
+            && plugin.host.freeze(&staged.staging, true);
         failpoint("snapshot-while-frozen");
         let pivoted = live.pivot(&old, &new, &opts);
-        if fs_frozen && !fsfreeze(&staged.staging, false) {
+        if fs_frozen && !plugin.host.freeze(&staged.staging, false) {
             tracing::error!(volume = %id, "fsfreeze -u failed: the filesystem stays frozen");
         }
         super::staged::unmark_frozen(&work);
@@ -106,28 +104,6 @@ pub(super) fn freeze_head(plugin: &Plugin, id: &str) -> Result<(String, VolumeRe
     }
     tracing::info!(volume = %id, frozen = %frozen, head = %next.head, "froze the head");
     Ok((frozen, next))
-}
-
-/// `fsfreeze -f` (or `-u`) on a mounted filesystem: writers block, and what the filesystem
-/// has is on the device, so the snapshot is consistent as a filesystem. Returns whether it
-/// worked; a filesystem that cannot freeze is snapshotted as a crash would leave it.
-fn fsfreeze(mountpoint: &std::path::Path, freeze: bool) -> bool {
-    let flag = if freeze { "-f" } else { "-u" };
-    match Command::new("fsfreeze").arg(flag).arg(mountpoint).output() {
-        Ok(out) if out.status.success() => true,
-        Ok(out) => {
-            tracing::warn!(
-                mountpoint = %mountpoint.display(),
-                "fsfreeze {flag}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            false
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "fsfreeze {flag}");
-            false
-        }
-    }
 }
 
 /// Snapshot parameters: only the keys the external snapshotter adds.
