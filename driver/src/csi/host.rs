@@ -1,6 +1,6 @@
 //! The host tools the node service runs (mount, umount, mkfs, blkid, e2fsck, resize2fs,
 //! xfs_growfs, fsfreeze), behind one trait held by the plugin like the attacher: the real
-//! ones ([`SystemTools`]) on a node, a model of them in tests ([`FakeTools`]), so the node's
+//! ones ([`SystemTools`]) on a node, a model of them in tests (`FakeTools`, in unit tests), so the node's
 //! idempotency and refusal rules are tested without root.
 
 use std::path::Path;
