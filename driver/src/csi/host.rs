@@ -1,7 +1,9 @@
 //! The host tools the node service runs (mount, umount, mkfs, blkid, e2fsck, resize2fs,
 //! xfs_growfs, fsfreeze), behind one trait held by the plugin like the attacher: the real
-//! ones ([`SystemTools`]) on a node, a model of them in tests (`FakeTools`, in unit tests), so the node's
-//! idempotency and refusal rules are tested without root.
+//! ones ([`SystemTools`]) on a node, a model of them (`FakeTools`) in unit tests, so the
+//! node's idempotency and refusal rules are tested without root. Recovery after a restart
+//! (`staged::clear_leftovers`, the thaw of a filesystem left frozen) reads the kernel's own
+//! mount table and stays on the real tools; the root tests cover it.
 
 use std::path::Path;
 use std::process::Command;
