@@ -204,8 +204,9 @@ impl NodeService {
             }
         };
         *staged.attached.lock().recover() = Some(attached);
+        let (device, attachment) = (staged.device.clone(), staged.attachment);
         plugin.node.map().insert(rec.id.clone(), Arc::new(staged));
-        tracing::info!(volume = %rec.id, "staged");
+        tracing::info!(volume = %rec.id, device = %device.display(), ?attachment, "staged");
         Ok(())
     }
 
