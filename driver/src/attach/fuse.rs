@@ -38,9 +38,7 @@ impl Drop for FuseLoop {
 
 fn run(cmd: &mut Command) -> Result<String> {
     let step = format!("{cmd:?}");
-    let out = cmd
-        .output()
-        .map_err(|e| Error::attach(&step, e.to_string()))?;
+    let out = cmd.output().map_err(|e| Error::io(step.clone(), e))?;
     if !out.status.success() {
         return Err(Error::attach(
             step,
@@ -61,7 +59,7 @@ impl FuseLoop {
         size_limit: Option<u64>,
     ) -> Result<FuseLoop> {
         std::fs::create_dir_all(work)
-            .map_err(|e| Error::attach(format!("creating {}", work.display()), e.to_string()))?;
+            .map_err(|e| Error::io(format!("creating {}", work.display()), e))?;
         let file = work.join("disk");
         let pidfile = work.with_extension("pid");
         let _ = std::fs::remove_file(&pidfile);
@@ -78,7 +76,7 @@ impl FuseLoop {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| Error::attach("starting nbdfuse", e.to_string()))?;
+            .map_err(|e| Error::io("starting nbdfuse", e))?;
         // nbdfuse writes its pid file once the file is being served.
         let deadline = Instant::now() + WAIT;
         while !std::fs::metadata(&pidfile).is_ok_and(|m| m.len() > 0) {
@@ -143,14 +141,14 @@ impl FuseLoop {
         let dev = std::fs::OpenOptions::new()
             .read(true)
             .open(&self.device)
-            .map_err(|e| Error::attach(step(), e.to_string()))?;
+            .map_err(|e| Error::io(step(), e))?;
         for attempt in 0.. {
             match loop_ioctl::set_size_limit(&dev, size) {
                 Ok(()) => return Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && attempt < 20 => {
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                Err(e) => return Err(Error::attach(step(), e.to_string())),
+                Err(e) => return Err(Error::io(step(), e)),
             }
         }
         unreachable!("the loop returns")
@@ -393,7 +391,7 @@ impl FuseDevice {
     /// it can grow while attached ([`FuseDevice::resize`]).
     pub fn attach(server: Arc<Server>, work: &Path) -> Result<FuseDevice> {
         std::fs::create_dir_all(work)
-            .map_err(|e| Error::attach(format!("creating {}", work.display()), e.to_string()))?;
+            .map_err(|e| Error::io(format!("creating {}", work.display()), e))?;
         let socket = work.join("nbd.sock");
         let listener = Listener::bind(&Endpoint::Unix(socket.clone()))?;
         let volume = server.exports()[0].clone();

@@ -82,7 +82,7 @@ pub struct Setup {
 
 fn step(dev: &dyn Ioctl, name: &str, request: u32, arg: u64) -> Result<()> {
     dev.ioctl(request, arg)
-        .map_err(|e| Error::attach(format!("ioctl {name}"), e.to_string()))
+        .map_err(|e| Error::io(format!("ioctl {name}"), e))
 }
 
 /// Configures the device and hands it the kernel's ends of the sockets; on failure the
@@ -120,7 +120,7 @@ pub fn disconnect(dev: &dyn Ioctl) -> Result<()> {
 pub fn free_device(sysfs: &Path, dev: &Path) -> Result<PathBuf> {
     let block = sysfs.join("block");
     let mut names: Vec<(u32, String)> = std::fs::read_dir(&block)
-        .map_err(|e| Error::attach(format!("listing {}", block.display()), e.to_string()))?
+        .map_err(|e| Error::io(format!("listing {}", block.display()), e))?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter_map(|n| Some((n.strip_prefix("nbd")?.parse().ok()?, n)))
         .collect();

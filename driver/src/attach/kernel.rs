@@ -343,7 +343,7 @@ impl KernelDevice {
     pub fn connect_ioctl(server: Arc<Server>, opts: &KernelOptions) -> Result<KernelDevice> {
         let path = ioctl::free_device(&opts.sysfs, &opts.dev)?;
         let node = DevNode::open(&path)
-            .map_err(|e| Error::attach(format!("opening {}", path.display()), e.to_string()))?;
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
         Self::start_ioctl(server, opts, Arc::new(node), path)
     }
 

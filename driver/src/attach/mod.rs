@@ -208,7 +208,7 @@ impl Attacher {
             Some(door) => door(),
             None => netlink::Socket::open()
                 .map(|s| Box::new(s) as BoxTransport)
-                .map_err(|e| Error::attach("opening a netlink socket", e.to_string())),
+                .map_err(|e| Error::io("opening a netlink socket", e)),
         }
     }
 

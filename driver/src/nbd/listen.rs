@@ -99,7 +99,7 @@ impl Listener {
     /// Binds `endpoint`. A unix socket path that holds a stale socket is replaced; any other
     /// file there is an error (never deleted).
     pub fn bind(endpoint: &Endpoint) -> Result<Listener> {
-        let ctx = |e: io::Error| Error::attach(format!("listening on {endpoint}"), e.to_string());
+        let ctx = |e: io::Error| Error::io(format!("listening on {endpoint}"), e);
         match endpoint {
             Endpoint::Unix(path) => {
                 remove_stale_socket(path)?;
@@ -167,12 +167,8 @@ impl Drop for Listener {
 
 fn remove_stale_socket(path: &Path) -> Result<()> {
     match std::fs::symlink_metadata(path) {
-        Ok(md) if md.file_type().is_socket() => std::fs::remove_file(path).map_err(|e| {
-            Error::attach(
-                format!("removing the stale socket {}", path.display()),
-                e.to_string(),
-            )
-        }),
+        Ok(md) if md.file_type().is_socket() => std::fs::remove_file(path)
+            .map_err(|e| Error::io(format!("removing the stale socket {}", path.display()), e)),
         Ok(_) => Err(Error::attach(
             format!("listening on {}", path.display()),
             "the path exists and is not a socket",
