@@ -334,9 +334,8 @@ impl Serving {
 mod tests {
     use super::*;
     use crate::nbd::device::Memory;
-    use crate::nbd::proto::{IHAVEOPT, Request, cmd, handshake, opt};
+    use crate::nbd::server::tests::{quick_handshake, send_unread_reads};
     use crate::nbd::server::{Export, Limits};
-    use std::io::{Read, Write};
 
     #[test]
     fn a_stop_cuts_off_a_client_that_no_longer_reads_after_the_drain_time() {
@@ -361,28 +360,8 @@ mod tests {
             unreachable!()
         };
         let mut client = UnixStream::connect(path).unwrap();
-        let mut hello = [0u8; 18];
-        client.read_exact(&mut hello).unwrap();
-        let mut m = u32::from(handshake::FIXED_NEWSTYLE | handshake::NO_ZEROES)
-            .to_be_bytes()
-            .to_vec();
-        m.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        m.extend_from_slice(&opt::EXPORT_NAME.to_be_bytes());
-        m.extend_from_slice(&0u32.to_be_bytes());
-        client.write_all(&m).unwrap();
-        let mut export = [0u8; 10];
-        client.read_exact(&mut export).unwrap();
-        // 64 reads of 1 MiB whose replies are never read: the workers block writing them.
-        for cookie in 0..64u64 {
-            let read = Request {
-                flags: 0,
-                kind: cmd::READ,
-                cookie,
-                offset: cookie << 20,
-                length: 1 << 20,
-            };
-            client.write_all(&read.encode()).unwrap();
-        }
+        quick_handshake(&mut client);
+        send_unread_reads(&mut client).unwrap();
         std::thread::sleep(Duration::from_millis(200));
         let t = Instant::now();
         stopper.stop();

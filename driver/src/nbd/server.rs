@@ -1134,7 +1134,7 @@ fn error_reply<S: Write>(s: &mut S, option: u32, kind: u32, message: &str) -> io
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::nbd::device::{DeviceResult, Extent};
 
@@ -1219,7 +1219,7 @@ mod tests {
     }
 
     /// Handshake with EXPORT_NAME "" over `theirs`; returns after the export reply.
-    fn quick_handshake(theirs: &mut UnixStream) {
+    pub(crate) fn quick_handshake(theirs: &mut UnixStream) {
         let mut hello = [0u8; 18];
         theirs.read_exact(&mut hello).unwrap();
         theirs
@@ -1480,6 +1480,22 @@ mod tests {
         assert!(took < Duration::from_millis(1500), "{took:?}");
     }
 
+    /// Sends 64 reads of 1 MiB whose replies the caller never reads: far more than a socket
+    /// buffers, so the server's workers block writing them.
+    pub(crate) fn send_unread_reads(s: &mut UnixStream) -> io::Result<()> {
+        for cookie in 0..64u64 {
+            let read = Request {
+                flags: 0,
+                kind: cmd::READ,
+                cookie,
+                offset: cookie << 20,
+                length: 1 << 20,
+            };
+            s.write_all(&read.encode())?;
+        }
+        Ok(())
+    }
+
     /// A device whose flush takes 800 ms.
     #[derive(Debug)]
     struct SlowFlush(crate::nbd::device::Memory);
@@ -1584,21 +1600,9 @@ mod tests {
             ..Limits::default()
         };
         let dev = Arc::new(crate::nbd::device::Memory::new(64 << 20));
-        // 64 reads of 1 MiB, none of whose replies is read: far more than a socket buffers.
         let client = |mut theirs: UnixStream| {
             quick_handshake(&mut theirs);
-            for cookie in 0..64u64 {
-                let read = Request {
-                    flags: 0,
-                    kind: cmd::READ,
-                    cookie,
-                    offset: cookie << 20,
-                    length: 1 << 20,
-                };
-                if theirs.write_all(&read.encode()).is_err() {
-                    break;
-                }
-            }
+            let _ = send_unread_reads(&mut theirs);
             // Hold the socket open, never reading, well past when the server lets go.
             std::thread::sleep(Duration::from_secs(4));
         };
