@@ -212,6 +212,16 @@ impl FakeTools {
         self.state.lock().unwrap().cap_sys_resource = has;
     }
 
+    /// Removes the mount at `path`, if any, logged as `command path`.
+    fn unmount(&self, path: &Path, command: &str) -> Result<()> {
+        if self.is_mount_point(path)? {
+            self.call(format!("{command} {}", path.display()))?
+                .mounts
+                .remove(path);
+        }
+        Ok(())
+    }
+
     fn call(&self, entry: String) -> Result<std::sync::MutexGuard<'_, Fake>> {
         let mut st = self.state.lock().unwrap();
         if st.fail.as_deref().is_some_and(|p| entry.starts_with(p)) {
@@ -292,21 +302,11 @@ impl HostTools for FakeTools {
     }
 
     fn unmount_if_mounted(&self, path: &Path) -> Result<()> {
-        if self.is_mount_point(path)? {
-            self.call(format!("umount {}", path.display()))?
-                .mounts
-                .remove(path);
-        }
-        Ok(())
+        self.unmount(path, "umount")
     }
 
     fn unmount_lazily(&self, path: &Path) -> Result<()> {
-        if self.is_mount_point(path)? {
-            self.call(format!("umount -l {}", path.display()))?
-                .mounts
-                .remove(path);
-        }
-        Ok(())
+        self.unmount(path, "umount -l")
     }
 
     fn freeze(&self, mountpoint: &Path, frozen: bool) -> bool {
