@@ -74,6 +74,10 @@ struct ServeArgs {
     /// lie under it once symlinks are resolved; anything else is refused.
     #[arg(long, default_value = "/var/lib/kubelet")]
     kubelet_dir: PathBuf,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (`:PORT`: every IPv4 address);
+    /// empty: no endpoint, and staged volumes do not count their I/O.
+    #[arg(long, default_value = "")]
+    metrics_address: String,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -132,6 +136,10 @@ struct NbdArgs {
     /// before they are cut off.
     #[arg(long, default_value_t = 5)]
     drain_timeout: u64,
+    /// Serve Prometheus metrics of the export's requests at http://ADDR:PORT/metrics
+    /// (`:PORT`: every IPv4 address); empty: none, and requests are not counted.
+    #[arg(long, default_value = "")]
+    metrics_address: String,
     #[command(flatten)]
     image: ImageArgs,
 }
@@ -193,6 +201,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         LogFormat::Json => logs.json().init(),
     }
     anyhow::ensure!(!args.node_id.is_empty(), "--node-id must not be empty");
+    let metrics_address = metrics_address(&args.metrics_address)?;
     // Layers, records and work files are the tenants' data: no one else on the host reads
     // them (the state directory itself is made 0700 too).
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
@@ -205,12 +214,26 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_chain_depth: args.max_chain_depth,
         handoff_wait: Duration::from_secs(args.handoff_wait),
         kubelet_dir: args.kubelet_dir,
+        metrics: metrics_address.is_some(),
     }));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
+        if let Some(address) = metrics_address {
+            let listener = qcow2_csi::metrics::http::bind(address)
+                .await
+                .with_context(|| format!("listening for metrics on {address}"))?;
+            tracing::info!(%address, "serving metrics at /metrics");
+            let registry = Arc::new(qcow2_csi::csi::observe::registry(&plugin));
+            // Served until the process exits.
+            tokio::spawn(qcow2_csi::metrics::http::serve(
+                listener,
+                registry,
+                std::future::pending(),
+            ));
+        }
         let shutdown = async {
             use tokio::signal::unix::{SignalKind, signal};
             let (Ok(mut term), Ok(mut int)) = (
@@ -236,6 +259,7 @@ fn open_server(
     args: &ImageArgs,
     name: String,
     idle_timeout: Option<Duration>,
+    stats: Option<Arc<qcow2_csi::metrics::io::IoStats>>,
 ) -> anyhow::Result<Arc<Server>> {
     let ImageArgs {
         read_only,
@@ -264,6 +288,7 @@ fn open_server(
     };
     let mut export = Export::new(name, device);
     export.description = Some(image.display().to_string());
+    export.stats = stats;
     export.discard = match discard {
         DiscardArg::Unmap => Discard::Unmap,
         DiscardArg::Ignore => Discard::Ignore,
@@ -278,6 +303,54 @@ fn open_server(
     )))
 }
 
+/// `--metrics-address`: `None` when empty.
+fn metrics_address(arg: &str) -> anyhow::Result<Option<SocketAddr>> {
+    if arg.is_empty() {
+        return Ok(None);
+    }
+    qcow2_csi::metrics::http::parse_address(arg)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("--metrics-address: {e}"))
+}
+
+/// Serves the metrics of one export's requests on `address`, on a thread of its own, until
+/// the process exits.
+fn serve_export_metrics(
+    address: SocketAddr,
+    volume: String,
+    stats: Arc<qcow2_csi::metrics::io::IoStats>,
+) -> anyhow::Result<()> {
+    use qcow2_csi::metrics::scrape::{Scrape, ViewCollector, VolumeLabels};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the metrics runtime")?;
+    let listener = runtime
+        .block_on(qcow2_csi::metrics::http::bind(address))
+        .with_context(|| format!("listening for metrics on {address}"))?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    qcow2_csi::metrics::register_build_info(&mut registry);
+    let labels = VolumeLabels {
+        volume,
+        ..VolumeLabels::default()
+    };
+    registry.register_collector(Box::new(ViewCollector::new(move || Scrape {
+        node: None,
+        io: vec![(labels.clone(), stats.clone())],
+    })));
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            runtime.block_on(qcow2_csi::metrics::http::serve(
+                listener,
+                Arc::new(registry),
+                std::future::pending(),
+            ));
+        })
+        .context("starting the metrics thread")?;
+    Ok(())
+}
+
 fn mode_of(m: AttachMode) -> Mode {
     match m {
         AttachMode::Auto => Mode::Auto,
@@ -290,7 +363,7 @@ fn mode_of(m: AttachMode) -> Mode {
 fn attach(args: AttachArgs) -> anyhow::Result<()> {
     let image = &args.image.image;
     // The one client is this process's own nbdfuse or kernel connection: it may idle.
-    let server = open_server(&args.image, String::new(), None)?;
+    let server = open_server(&args.image, String::new(), None, None)?;
     let id = match args.id {
         Some(id) => id,
         None => image
@@ -333,7 +406,19 @@ fn attach(args: AttachArgs) -> anyhow::Result<()> {
 fn nbd(args: NbdArgs) -> anyhow::Result<()> {
     let image = &args.image.image;
     let idle = (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout));
-    let server = open_server(&args.image, args.name, idle)?;
+    let metrics = metrics_address(&args.metrics_address)?;
+    let stats = metrics.map(|_| Arc::new(qcow2_csi::metrics::io::IoStats::default()));
+    let volume = match args.name.as_str() {
+        "" => image
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+        name => name.to_string(),
+    };
+    let server = open_server(&args.image, args.name, idle, stats.clone())?;
+    if let (Some(address), Some(stats)) = (metrics, stats) {
+        serve_export_metrics(address, volume, stats)?;
+        eprintln!("qcow2-csi: metrics at http://{address}/metrics");
+    }
     let endpoint = match (args.socket, args.bind) {
         (Some(path), _) => Endpoint::Unix(path),
         (None, Some(addr)) => Endpoint::Tcp(addr),

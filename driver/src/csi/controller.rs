@@ -323,6 +323,7 @@ impl ControllerService {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             source,
+            claim: state::ClaimRef::from_parameters(&req.parameters),
         };
         let volume = to_volume(plugin, &rec);
         // The commit point: before it, a crash leaves an orphan layer for the next load.
@@ -352,6 +353,7 @@ impl ControllerService {
             super::failpoint("delete-after-record");
             // After the commit point: its head, and frozen layers only it reached, go. A
             // crash here leaves them to the next load's collection.
+            plugin.metrics.forget_volume(&rec.id);
             let collected = plugin.collect_garbage()?;
             tracing::info!(volume = %rec.id, layers = collected, "deleted");
         }

@@ -78,6 +78,13 @@ pub fn check(plugin: &Arc<Plugin>, id: &str) {
             let ended_ok = loop {
                 let t = Instant::now();
                 let done = flatten(&plugin, &id);
+                let result = match &done {
+                    Ok(true) => "done",
+                    // The head changed, or the volume went.
+                    Ok(false) | Err(Error::NotFound(_)) => "abandoned",
+                    Err(_) => "failed",
+                };
+                plugin.metrics.flatten(result, t.elapsed());
                 match &done {
                     Ok(true) => tracing::info!(volume = %id, ms = t.elapsed().as_millis() as u64, "flattened"),
                     Ok(false) => tracing::info!(volume = %id, "flatten abandoned: the head changed"),

@@ -18,12 +18,13 @@
 use qcow2_engine::sync::Recover;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use qcow2_engine::{Image, OpenOptions};
 
 use crate::error::{Error, Result};
+use crate::metrics::plugin::{PluginMetrics, Reason};
 use crate::nbd::device::{BlockDevice, DeviceError, DeviceResult, Extent};
 use crate::nbd::proto::errno;
 
@@ -40,6 +41,8 @@ pub struct LiveImage {
     /// The volume, for the log.
     name: String,
     full: FullDisk,
+    /// Where full-disk pauses are counted and the volume's condition tracked.
+    metrics: Option<Arc<PluginMetrics>>,
 }
 
 /// Writes held by a full host filesystem (see the module docs).
@@ -62,7 +65,7 @@ struct Held {
 impl FullDisk {
     /// Counts a request that met `error` as held, unless pausing has ended (false: it fails
     /// now). A held request ends with [`FullDisk::release`].
-    fn enter(&self, name: &str, error: &DeviceError) -> bool {
+    fn enter(&self, name: &str, error: &DeviceError, metrics: Option<&PluginMetrics>) -> bool {
         let mut st = self.state.lock().recover();
         if st.ended {
             return false;
@@ -71,6 +74,10 @@ impl FullDisk {
         if st.since.is_none() {
             tracing::warn!(volume = %name, error = %error.message, "the node's filesystem is full: writes to this volume are paused until space is freed");
             st.since = Some((Instant::now(), error.message.clone()));
+            if let Some(m) = metrics {
+                m.full_disk_paused();
+                m.condition(name, Some(Reason::Full), &error.message);
+            }
         }
         true
     }
@@ -86,12 +93,15 @@ impl FullDisk {
     }
 
     /// A held request ends (`ok`: it went through).
-    fn release(&self, name: &str, ok: bool) {
+    fn release(&self, name: &str, ok: bool, metrics: Option<&PluginMetrics>) {
         let mut st = self.state.lock().recover();
         st.waiting -= 1;
         if st.waiting == 0
             && let Some((since, _)) = st.since.take()
         {
+            if let Some(m) = metrics {
+                m.clear_condition(name, Reason::Full);
+            }
             let paused = since.elapsed();
             if ok {
                 tracing::info!(volume = %name, ?paused, "space is back: paused writes resumed");
@@ -110,12 +120,19 @@ impl LiveImage {
             current: RwLock::new(Some(image)),
             name: String::new(),
             full: FullDisk::default(),
+            metrics: None,
         }
     }
 
     /// Names the volume in the log.
     pub fn named(mut self, name: &str) -> LiveImage {
         self.name = name.to_string();
+        self
+    }
+
+    /// Counts full-disk pauses in `metrics` and tracks the volume's condition there.
+    pub fn counted(mut self, metrics: Arc<PluginMetrics>) -> LiveImage {
+        self.metrics = Some(metrics);
         self
     }
 
@@ -129,16 +146,22 @@ impl LiveImage {
             let full = matches!(&result, Err(e) if e.errno == errno::ENOSPC);
             if full && !held {
                 let Err(e) = &result else { unreachable!() };
-                held = self.full.enter(&self.name, e);
+                held = self.full.enter(&self.name, e, self.metrics.as_deref());
             }
             if full && held && self.full.wait() {
                 continue;
             }
             if held {
-                self.full.release(&self.name, result.is_ok());
+                self.full
+                    .release(&self.name, result.is_ok(), self.metrics.as_deref());
             }
             return result;
         }
+    }
+
+    /// Writes held by a full disk now.
+    pub fn paused_writes(&self) -> usize {
+        self.full.state.lock().recover().waiting
     }
 
     /// Why writes are paused, if they are: for the volume condition.

@@ -13,6 +13,7 @@ pub mod live;
 pub mod locks;
 pub mod mounts;
 pub mod node;
+pub mod observe;
 pub mod options;
 pub mod params;
 pub mod paths;
@@ -31,6 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::attach::Attacher;
 use crate::error::{Error, Result};
+use crate::metrics::plugin::PluginMetrics;
 use state::State;
 
 /// The driver name (`GetPluginInfo`, the `CSIDriver` object).
@@ -55,6 +57,8 @@ pub struct Config {
     pub handoff_wait: std::time::Duration,
     /// kubelet's root directory: every staging and target path must lie under it.
     pub kubelet_dir: PathBuf,
+    /// Whether staged volumes count their I/O (the metrics endpoint is on).
+    pub metrics: bool,
 }
 
 /// The plugin's shared state: every service holds an `Arc` of it.
@@ -80,6 +84,8 @@ pub struct Plugin {
     flattening: Mutex<HashSet<String>>,
     /// Handing the volumes over to a new process ([`handoff`]).
     pub handoff: handoff::Handoff,
+    /// What the plugin counts for the metrics endpoint.
+    pub metrics: Arc<PluginMetrics>,
 }
 
 /// A layer being made ([`Plugin::pending_layer`]); no longer pending when dropped.
@@ -120,6 +126,7 @@ impl Plugin {
         Self {
             host,
             node: staged::NodeState::new(&config.state_dir),
+            metrics: Arc::new(PluginMetrics::new(config.metrics)),
             config,
             state: Mutex::new(None),
             load_error: Mutex::new(None),
@@ -158,6 +165,14 @@ impl Plugin {
     /// are read without the state lock (Probe, List and GetCapacity need it); a record
     /// written meanwhile means walking again.
     pub fn collect_garbage(&self) -> Result<usize> {
+        let started = std::time::Instant::now();
+        let collected = self.collect_unreached();
+        let n = collected.as_ref().ok().copied();
+        self.metrics.collection(n, started.elapsed());
+        collected
+    }
+
+    fn collect_unreached(&self) -> Result<usize> {
         for _ in 0..3 {
             let (layers, roots) = {
                 let st = self.state()?;
@@ -203,6 +218,7 @@ impl Plugin {
                 &self.attacher,
                 &self.config.state_dir,
                 taking.as_mut().map(|t| &mut t.volumes),
+                &self.metrics,
             );
             if let Some(t) = taking {
                 match &recovered {
@@ -418,6 +434,7 @@ mod tests {
             max_chain_depth: 0,
             handoff_wait: std::time::Duration::ZERO,
             kubelet_dir: dir.path().to_path_buf(),
+            metrics: false,
         }));
         let r: Result<()> = plugin.blocking(|| panic!("a bug in an RPC")).await;
         assert!(matches!(r, Err(Error::Internal(_))), "{r:?}");

@@ -110,14 +110,14 @@ impl NodeService {
             let st = plugin.state()?;
             (st.layers_dir(), st.layer_path(&rec.head))
         };
-        let image = open_layer(&rec.id, layers, &head, &cap)?;
+        let image = open_layer(&rec.id, layers, &head, &cap, &plugin.metrics)?;
         // The record is authoritative for the size: an image behind it grows to it now.
         if image.size() < rec.size && !cap.read_only_mode {
             image.resize(rec.size)?;
         }
         let attached = plugin.attacher.attach(Volume {
             id: &rec.id,
-            server: serve_image(&rec.id, image.clone()),
+            server: serve_image(&rec.id, image.clone(), &plugin.metrics),
             work_dir: &work,
         })?;
         failpoint("stage-after-attach");
@@ -236,6 +236,7 @@ impl NodeService {
         }
         plugin.node.records.remove(&s.volume_id)?;
         plugin.node.map().remove(&s.volume_id);
+        plugin.metrics.unstaged(&s.volume_id);
         Ok(())
     }
 
@@ -509,24 +510,14 @@ impl NodeService {
                 path.display()
             )));
         }
-        let paused = s.image.as_ref().and_then(|i| i.paused());
-        let condition = match &s.lost {
-            Some(why) => VolumeCondition {
-                abnormal: true,
-                message: why.clone(),
-            },
-            None if paused.is_some() => VolumeCondition {
-                abnormal: true,
-                message: paused.unwrap_or_default(),
-            },
-            None if !s.device.exists() => VolumeCondition {
-                abnormal: true,
-                message: format!("the block device {} is gone", s.device.display()),
-            },
-            None => VolumeCondition {
-                abnormal: false,
-                message: String::new(),
-            },
+        let (reason, message) = match s.condition() {
+            Some((reason, message)) => (Some(reason), message),
+            None => (None, String::new()),
+        };
+        self.0.metrics.condition(&req.volume_id, reason, &message);
+        let condition = VolumeCondition {
+            abnormal: reason.is_some(),
+            message,
         };
         if s.lost.is_some() {
             // statvfs of a filesystem whose device no longer answers may block.
@@ -749,6 +740,7 @@ mod tests {
                 max_chain_depth: 0,
                 handoff_wait: std::time::Duration::ZERO,
                 kubelet_dir: self.dir.path().to_path_buf(),
+                metrics: true,
             };
             let attacher = Attacher::with_kernel(self.kernel.clone(), FakeKernel::door(&self.sim));
             let plugin = Arc::new(Plugin::with_host(config, attacher, tools));

@@ -1,4 +1,5 @@
-//! One log line per gRPC call, written by one tower layer around every service.
+//! One log line per gRPC call, written by one tower layer around every service, which also
+//! counts the call in the metrics (by method and code, with its duration).
 //!
 //! The layer opens a span `rpc{method=… volume=… snapshot=…}` around the call (so whatever
 //! the handler logs carries them too) and, when the call ends, logs its gRPC code, error
@@ -10,6 +11,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -17,6 +19,8 @@ use csi_proto::v1::*;
 use tonic::codegen::http;
 use tracing::Instrument;
 use tracing::field::Empty;
+
+use crate::metrics::plugin::PluginMetrics;
 
 /// The RPCs that change nothing and that the sidecars call periodically: logged at debug
 /// when they succeed.
@@ -39,14 +43,25 @@ const ROUTINE: &[&str] = &[
 /// Longest id or name logged; longer ones are clipped.
 const CLIP: usize = 128;
 
-/// The layer: `Server::builder().layer(RpcLogLayer)`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RpcLogLayer;
+/// The layer: `Server::builder().layer(RpcLogLayer::new(metrics))`.
+#[derive(Debug, Clone)]
+pub struct RpcLogLayer {
+    metrics: Arc<PluginMetrics>,
+}
+
+impl RpcLogLayer {
+    pub fn new(metrics: Arc<PluginMetrics>) -> Self {
+        RpcLogLayer { metrics }
+    }
+}
 
 impl<S> tower::Layer<S> for RpcLogLayer {
     type Service = RpcLog<S>;
     fn layer(&self, inner: S) -> RpcLog<S> {
-        RpcLog { inner }
+        RpcLog {
+            inner,
+            metrics: self.metrics.clone(),
+        }
     }
 }
 
@@ -54,6 +69,7 @@ impl<S> tower::Layer<S> for RpcLogLayer {
 #[derive(Debug, Clone)]
 pub struct RpcLog<S> {
     inner: S,
+    metrics: Arc<PluginMetrics>,
 }
 
 impl<S, B, RB> tower::Service<http::Request<B>> for RpcLog<S>
@@ -82,14 +98,24 @@ where
         );
         let started = Instant::now();
         let call = self.inner.call(req);
+        let metrics = self.metrics.clone();
         Box::pin(
             async move {
                 let result = call.await;
                 let took = started.elapsed();
-                match &result {
-                    Ok(resp) => log_end(&method, status_of(resp.headers()), took),
-                    Err(_) => tracing::error!(?took, "the call failed below gRPC"),
-                }
+                let code = match &result {
+                    Ok(resp) => {
+                        let failed = status_of(resp.headers());
+                        let code = failed.as_ref().map_or(tonic::Code::Ok, |s| s.code());
+                        log_end(&method, failed, took);
+                        code
+                    }
+                    Err(_) => {
+                        tracing::error!(?took, "the call failed below gRPC");
+                        tonic::Code::Unknown
+                    }
+                };
+                metrics.rpc(&method, code, took);
                 result
             }
             .instrument(span),

@@ -159,7 +159,7 @@ pub async fn serve(
         }
     };
     let server = tonic::transport::Server::builder()
-        .layer(super::rpclog::RpcLogLayer)
+        .layer(super::rpclog::RpcLogLayer::new(plugin.metrics.clone()))
         .add_service(IdentityServer::new(IdentityService(plugin.clone())))
         .add_service(ControllerServer::new(ControllerService(plugin.clone())))
         .add_service(NodeServer::new(NodeService(plugin.clone())))

@@ -16,6 +16,7 @@ use super::staging::{self, Attachment, StageRecord, StageRecords};
 use super::state::{State, VolumeRecord};
 use crate::attach::{Attached, Attacher, Volume};
 use crate::error::{Error, Result};
+use crate::metrics::plugin::{PluginMetrics, Reason, Takeover};
 use crate::nbd::{BlockDevice, Export, Limits, Server};
 
 /// A staged volume: its export and device live as long as this does.
@@ -62,6 +63,22 @@ impl Staged {
             .filter(|t| mounts::is_mount_point(t).unwrap_or(true))
             .cloned()
             .collect()
+    }
+
+    /// Why the volume is not working now, if it is not: lost with a previous process,
+    /// writes held by a full disk, or its device node gone.
+    pub(super) fn condition(&self) -> Option<(Reason, String)> {
+        if let Some(why) = &self.lost {
+            return Some((Reason::Lost, why.clone()));
+        }
+        if let Some(paused) = self.image.as_ref().and_then(|i| i.paused()) {
+            return Some((Reason::Full, paused));
+        }
+        if !self.device.exists() {
+            let gone = format!("the block device {} is gone", self.device.display());
+            return Some((Reason::DeviceGone, gone));
+        }
+        None
     }
 
     /// `Err(FAILED_PRECONDITION)` with the reason when the volume is lost.
@@ -272,6 +289,7 @@ impl NodeState {
         attacher: &Attacher,
         state_dir: &Path,
         mut incoming: Option<&mut HashMap<String, super::handoff::Incoming>>,
+        metrics: &Arc<PluginMetrics>,
     ) -> Result<Recovered> {
         let mut found = Recovered::default();
         let boot = staging::boot_id();
@@ -298,9 +316,9 @@ impl NodeState {
             );
             let adopting = handed.is_some();
             let taken = match rec.attachment {
-                Attachment::Nbd { index } => open_head(state, volume, &rec.capability)
+                Attachment::Nbd { index } => open_head(state, volume, &rec.capability, metrics)
                     .and_then(|image| {
-                        let server = serve_image(&id, image.clone());
+                        let server = serve_image(&id, image.clone(), metrics);
                         let volume = Volume {
                             id: &id,
                             server,
@@ -331,9 +349,11 @@ impl NodeState {
                     if adopting {
                         tracing::info!(volume = %id, device = %rec.device.display(), "took over from the previous process");
                         found.adopted.push(id.clone());
+                        metrics.takeover(Takeover::Handover);
                     } else {
                         tracing::info!(volume = %id, device = %rec.device.display(), "reattached");
                         found.reattached += 1;
+                        metrics.takeover(Takeover::Reattach);
                     }
                     if thaw_if_frozen(&work, &rec.staging) {
                         found.thawed += 1;
@@ -348,6 +368,7 @@ impl NodeState {
                 Err(why) => {
                     tracing::error!(volume = %id, device = %rec.device.display(), "{why}");
                     found.lost += 1;
+                    metrics.condition(&id, Some(Reason::Lost), &why);
                     (None, None, Some(why))
                 }
             };
@@ -426,19 +447,27 @@ pub(super) fn heal(plugin: &super::Plugin) -> usize {
             let rec = st
                 .volume(id)
                 .ok_or_else(|| Error::NotFound(format!("no volume {id:?}")))?;
-            open_layer(id, st.layers_dir(), &st.layer_path(&rec.head), &s.cap)
+            open_layer(
+                id,
+                st.layers_dir(),
+                &st.layer_path(&rec.head),
+                &s.cap,
+                &plugin.metrics,
+            )
         })();
         // Still held by the process that serves it: not lost after all, not yet.
         let Ok(image) = opened else { continue };
         let work = attach_dir(&plugin.config.state_dir, id);
         let volume = Volume {
             id,
-            server: serve_image(id, image.clone()),
+            server: serve_image(id, image.clone(), &plugin.metrics),
             work_dir: &work,
         };
         match plugin.attacher.reattach(volume, index) {
             Ok(attached) => {
                 tracing::warn!(volume = %id, device = %s.device.display(), "took back a device whose server had gone");
+                plugin.metrics.takeover(Takeover::Heal);
+                plugin.metrics.clear_condition(id, Reason::Lost);
                 thaw_if_frozen(&work, &s.staging);
                 let healed_one = Staged {
                     volume_id: id.clone(),
@@ -473,6 +502,12 @@ pub(super) fn attach_dir(state_dir: &Path, id: &str) -> PathBuf {
 pub(super) fn mark_frozen(work: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(work)?;
     std::fs::write(work.join(FROZEN), b"")
+}
+
+/// Whether the filesystem of the volume whose attachment directory is `work` is frozen
+/// (for a snapshot) now.
+pub(super) fn is_frozen(work: &Path) -> bool {
+    work.join(FROZEN).exists()
 }
 
 pub(super) fn unmark_frozen(work: &Path) {
@@ -511,12 +546,14 @@ pub(super) fn open_head(
     state: &State,
     rec: &VolumeRecord,
     cap: &Checked,
+    metrics: &Arc<PluginMetrics>,
 ) -> Result<Arc<LiveImage>> {
     open_layer(
         &rec.id,
         state.layers_dir(),
         &state.layer_path(&rec.head),
         cap,
+        metrics,
     )
 }
 
@@ -535,17 +572,20 @@ pub(super) fn open_layer(
     layers: PathBuf,
     head: &Path,
     cap: &Checked,
+    metrics: &Arc<PluginMetrics>,
 ) -> Result<Arc<LiveImage>> {
     Image::open(head, &head_options(layers, cap))
-        .map(|img| Arc::new(LiveImage::new(img).named(id)))
+        .map(|img| Arc::new(LiveImage::new(img).named(id).counted(metrics.clone())))
         .map_err(|e| Error::engine(format!("opening {}", head.display()), e))
 }
 
-/// An NBD server whose export 0 is `image`.
-pub(super) fn serve_image(id: &str, image: Arc<LiveImage>) -> Arc<Server> {
+/// An NBD server whose export 0 is `image`, counting its requests when metrics are on.
+pub(super) fn serve_image(id: &str, image: Arc<LiveImage>, metrics: &PluginMetrics) -> Arc<Server> {
     let device: Arc<dyn BlockDevice> = image;
+    let mut export = Export::new(id.to_string(), device);
+    export.stats = metrics.io_of(id);
     Arc::new(Server::new(
-        vec![Export::new(id.to_string(), device)],
+        vec![export],
         Limits {
             io_flusher: true,
             ..Limits::default()

@@ -56,6 +56,41 @@ pub struct VolumeRecord {
     /// What it was made from (restores and clones); `None` for an empty volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<Source>,
+    /// The claim it was made for, when the provisioner said (`--extra-create-metadata`):
+    /// the metrics label the volume with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<ClaimRef>,
+}
+
+/// A PersistentVolumeClaim's namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ClaimRef {
+    /// The claim CreateVolume's parameters name (the keys the external provisioner adds
+    /// with `--extra-create-metadata`), if they name one that Kubernetes could have made.
+    pub fn from_parameters(p: &std::collections::HashMap<String, String>) -> Option<ClaimRef> {
+        let namespace = p.get("csi.storage.k8s.io/pvc/namespace")?;
+        let name = p.get("csi.storage.k8s.io/pvc/name")?;
+        // DNS-1123 names: at most 253 lower-case alphanumerics, '-' and '.'.
+        let valid = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 253
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
+        };
+        if !valid(namespace) || !valid(name) {
+            tracing::warn!("ignored a claim name or namespace that is not a Kubernetes name");
+            return None;
+        }
+        Some(ClaimRef {
+            namespace: namespace.clone(),
+            name: name.clone(),
+        })
+    }
 }
 
 /// A volume's content source.
@@ -177,6 +212,20 @@ pub fn walk(layers_dir: &Path, roots: &Roots) -> Reach {
         }
     }
     reach
+}
+
+/// The layers of the chain from `head` down, head first, read from their headers without
+/// a lock (like [`walk`]); ends at a layer without backing, an unreadable one (`Err` with
+/// why) or a cycle.
+pub fn chain(layers_dir: &Path, head: &str) -> std::result::Result<Vec<String>, String> {
+    let mut layers = vec![head.to_string()];
+    while let Some(parent) = header_backing(layers_dir, layers.last().expect("not empty"))? {
+        if layers.contains(&parent) {
+            break;
+        }
+        layers.push(parent);
+    }
+    Ok(layers)
 }
 
 /// The backing layer named in `layer`'s header, read from its first cluster only (the
@@ -574,6 +623,7 @@ mod tests {
             access: vec![AccessType::Mount],
             created: 1,
             source: None,
+            claim: None,
         }
     }
 

@@ -28,6 +28,7 @@ use super::proto::{
     context, errno, flag, handshake, info, opt, rep, reply,
 };
 use crate::error::Error;
+use crate::metrics::io::{IoStats, Op, Started};
 
 /// A worker's read scratch buffer above this is not kept for the next request (32 workers
 /// per connection: keeping large ones would pin memory per volume).
@@ -90,6 +91,8 @@ pub struct Export {
     pub device: Arc<dyn BlockDevice>,
     /// What TRIM and hole-punching zero writes do.
     pub discard: Discard,
+    /// Where its requests are counted (metrics), if anywhere.
+    pub stats: Option<Arc<IoStats>>,
 }
 
 impl Export {
@@ -100,6 +103,7 @@ impl Export {
             description: None,
             device,
             discard: Discard::Unmap,
+            stats: None,
         }
     }
 }
@@ -534,7 +538,8 @@ impl Server {
         // Requests run on a pool of workers and are answered as they complete (replies may
         // overtake each other, as the spec allows); a reply is written whole under the writer
         // lock. The channel and the byte budget bound what is in flight.
-        let (tx, rx) = crossbeam_channel::bounded::<(Request, Vec<u8>)>(workers);
+        let stats = exp.stats.as_deref();
+        let (tx, rx) = crossbeam_channel::bounded::<Job>(workers);
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 scope.spawn(|| {
@@ -544,8 +549,21 @@ impl Server {
                     let mut scratch = Vec::new();
                     loop {
                         let job = rx.recv();
-                        let Ok((req, payload)) = job else { return };
+                        let Ok(Job {
+                            req,
+                            payload,
+                            started,
+                        }) = job
+                        else {
+                            return;
+                        };
+                        let counted = |ok: bool| {
+                            if let (Some(stats), Some(t)) = (stats, started) {
+                                stats.finished(t, Op::of_command(req.kind), req.length, ok);
+                            }
+                        };
                         if broken.load(Ordering::Acquire) {
+                            counted(false);
                             budget.release(charge(&req));
                             continue;
                         }
@@ -554,16 +572,24 @@ impl Server {
                         }
                         let mut out = Vec::new();
                         let mut window = None;
+                        // Whether the device did what was asked (the reply is no error).
+                        let mut done = true;
                         let reply = match self.check(dev, &req, structured, contexts) {
-                            Err(e) => reply_error(&mut out, &req, structured, &e),
+                            Err(e) => {
+                                done = false;
+                                reply_error(&mut out, &req, structured, &e)
+                            }
                             Ok(()) if req.kind == cmd::READ => {
-                                window = Some(read_reply(dev, &req, structured, &mut scratch));
+                                let (range, ok) = read_reply(dev, &req, structured, &mut scratch);
+                                (window, done) = (Some(range), ok);
                                 Ok(())
                             }
                             Ok(()) if req.kind == cmd::BLOCK_STATUS => {
-                                block_status(&mut out, dev, &req, contexts)
+                                block_status(&mut out, dev, &req, contexts).map(|ok| done = ok)
                             }
-                            Ok(()) => self.execute(&mut out, exp, &req, &payload, structured),
+                            Ok(()) => self
+                                .execute(&mut out, exp, &req, &payload, structured)
+                                .map(|ok| done = ok),
                         };
                         let bytes = match window {
                             Some(range) => &scratch[range],
@@ -578,6 +604,7 @@ impl Server {
                             w.shutdown();
                         }
                         drop(w);
+                        counted(done && sent.is_ok());
                         budget.release(charge(&req));
                     }
                 });
@@ -586,7 +613,8 @@ impl Server {
                 limit: idle,
                 budget: &budget,
             };
-            let result = self.read_requests(&mut *s, &tx, &budget, charge, stop, patience);
+            let queue = Queue { jobs: &tx, stats };
+            let result = self.read_requests(&mut *s, &queue, &budget, charge, stop, patience);
             drop(tx); // the workers finish what is queued, reply, and stop
             result
         })
@@ -599,7 +627,7 @@ impl Server {
     fn read_requests<R: Read>(
         &self,
         mut s: R,
-        jobs: &crossbeam_channel::Sender<(Request, Vec<u8>)>,
+        jobs: &Queue<'_>,
         budget: &Budget,
         charge: impl Fn(&Request) -> u64,
         stop: Option<&AtomicBool>,
@@ -641,7 +669,7 @@ impl Server {
                     return Err(e.into());
                 }
             }
-            if jobs.send((req, payload)).is_err() {
+            if !jobs.send(req, payload) {
                 return Ok(Ended::Closed);
             }
         }
@@ -738,7 +766,7 @@ impl Server {
         r: &Request,
         payload: &[u8],
         structured: bool,
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         let (dev, discard) = (&*export.device, export.discard);
         let fua = r.flags & cmd_flag::FUA != 0;
         let len = u64::from(r.length);
@@ -763,8 +791,10 @@ impl Server {
             }
         });
         match done {
-            Ok(()) => s.write_all(&proto::simple_reply(r.cookie, 0)),
-            Err(e) => reply_error(s, r, structured, &e),
+            Ok(()) => s
+                .write_all(&proto::simple_reply(r.cookie, 0))
+                .map(|()| true),
+            Err(e) => reply_error(s, r, structured, &e).map(|()| false),
         }
     }
 }
@@ -772,13 +802,14 @@ impl Server {
 /// A READ's reply, built in `buf` so that the data lands on a 4 KiB boundary (an `O_DIRECT`
 /// read goes straight into it, without a bounce buffer) with the reply header just before
 /// it: returns the window of `buf` to send. `buf` is a worker's scratch space, reused from
-/// request to request (no allocation and no zero-filling once it is big enough).
+/// request to request (no allocation and no zero-filling once it is big enough). The flag
+/// says whether the read succeeded (the reply is data, not an error).
 fn read_reply(
     dev: &dyn BlockDevice,
     r: &Request,
     structured: bool,
     buf: &mut Vec<u8>,
-) -> Range<usize> {
+) -> (Range<usize>, bool) {
     const ALIGN: usize = qcow2_engine::storage::DIRECT_ALIGN;
     let len = r.length as usize;
     if buf.len() < len + 2 * ALIGN {
@@ -790,7 +821,7 @@ fn read_reply(
     if let Err(e) = dev.read_at(&mut buf[data..data + len], r.offset) {
         buf.clear();
         reply_error(buf, r, structured, &e).expect("writing to a Vec cannot fail");
-        return 0..buf.len();
+        return (0..buf.len(), false);
     }
     let mut header = [0u8; 28];
     let header: &[u8] = if structured {
@@ -803,7 +834,7 @@ fn read_reply(
     };
     let start = data - header.len();
     buf[start..data].copy_from_slice(header);
-    start..data + len
+    (start..data + len, true)
 }
 
 /// How a connection's serving ended.
@@ -982,6 +1013,41 @@ impl RequestBuffer {
 
 /// Bytes a request holds while in flight: its payload, its read buffer, or the largest
 /// block-status reply for `contexts` metadata contexts.
+/// The workers' queue of one connection.
+struct Queue<'a> {
+    jobs: &'a crossbeam_channel::Sender<Job>,
+    /// Where the export counts its requests: their clock starts when they are queued.
+    stats: Option<&'a IoStats>,
+}
+
+impl Queue<'_> {
+    /// Queues a request; false when the workers are gone.
+    fn send(&self, req: Request, payload: Vec<u8>) -> bool {
+        let started = self.stats.map(IoStats::started);
+        let job = Job {
+            req,
+            payload,
+            started,
+        };
+        if self.jobs.send(job).is_ok() {
+            return true;
+        }
+        if let (Some(stats), Some(t)) = (self.stats, started) {
+            stats.finished(t, Op::of_command(req.kind), req.length, false);
+        }
+        false
+    }
+}
+
+/// A request read off the socket, for a worker.
+struct Job {
+    req: Request,
+    /// A WRITE's data.
+    payload: Vec<u8>,
+    /// When it was read, if the export counts its requests.
+    started: Option<Started>,
+}
+
 fn charge(r: &Request, contexts: usize) -> u64 {
     match r.kind {
         cmd::READ | cmd::WRITE => u64::from(r.length),
@@ -1054,12 +1120,12 @@ fn block_status<W: Write>(
     dev: &dyn BlockDevice,
     r: &Request,
     contexts: &[u32],
-) -> io::Result<()> {
+) -> io::Result<bool> {
     let one = r.flags & cmd_flag::REQ_ONE != 0;
     let most = if one { 1 } else { MAX_STATUS_EXTENTS };
     let extents = match dev.block_status(r.offset, u64::from(r.length), most) {
         Ok(e) => e,
-        Err(e) => return reply_error(s, r, true, &e),
+        Err(e) => return reply_error(s, r, true, &e).map(|()| false),
     };
     let mut out = Vec::new();
     for (i, &id) in contexts.iter().enumerate() {
@@ -1099,7 +1165,7 @@ fn block_status<W: Write>(
             out.extend_from_slice(&flags.to_be_bytes());
         }
     }
-    s.write_all(&out)
+    s.write_all(&out).map(|()| true)
 }
 
 /// The error reply for a request: a structured error chunk when structured replies are on
