@@ -225,6 +225,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let listener = qcow2_csi::metrics::http::bind(address)
                 .await
                 .with_context(|| format!("listening for metrics on {address}"))?;
+            let address = listener.local_addr().unwrap_or(address);
             tracing::info!(%address, "serving metrics at /metrics");
             let registry = Arc::new(qcow2_csi::csi::observe::registry(&plugin));
             // Served until the process exits.
@@ -314,12 +315,12 @@ fn metrics_address(arg: &str) -> anyhow::Result<Option<SocketAddr>> {
 }
 
 /// Serves the metrics of one export's requests on `address`, on a thread of its own, until
-/// the process exits.
+/// the process exits; returns the address bound.
 fn serve_export_metrics(
     address: SocketAddr,
     volume: String,
     stats: Arc<qcow2_csi::metrics::io::IoStats>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<SocketAddr> {
     use qcow2_csi::metrics::scrape::{Scrape, ViewCollector, VolumeLabels};
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -328,6 +329,7 @@ fn serve_export_metrics(
     let listener = runtime
         .block_on(qcow2_csi::metrics::http::bind(address))
         .with_context(|| format!("listening for metrics on {address}"))?;
+    let bound = listener.local_addr().unwrap_or(address);
     let mut registry = prometheus_client::registry::Registry::default();
     qcow2_csi::metrics::register_build_info(&mut registry);
     let labels = VolumeLabels {
@@ -348,7 +350,7 @@ fn serve_export_metrics(
             ));
         })
         .context("starting the metrics thread")?;
-    Ok(())
+    Ok(bound)
 }
 
 fn mode_of(m: AttachMode) -> Mode {
@@ -415,10 +417,6 @@ fn nbd(args: NbdArgs) -> anyhow::Result<()> {
         name => name.to_string(),
     };
     let server = open_server(&args.image, args.name, idle, stats.clone())?;
-    if let (Some(address), Some(stats)) = (metrics, stats) {
-        serve_export_metrics(address, volume, stats)?;
-        eprintln!("qcow2-csi: metrics at http://{address}/metrics");
-    }
     let endpoint = match (args.socket, args.bind) {
         (Some(path), _) => Endpoint::Unix(path),
         (None, Some(addr)) => Endpoint::Tcp(addr),
@@ -430,6 +428,10 @@ fn nbd(args: NbdArgs) -> anyhow::Result<()> {
         image.display(),
         listener.local()
     );
+    if let (Some(address), Some(stats)) = (metrics, stats) {
+        let bound = serve_export_metrics(address, volume, stats)?;
+        eprintln!("qcow2-csi: metrics at http://{bound}/metrics");
+    }
     let image_held = Arc::downgrade(&server);
     let serving = Serving::new(
         listener,

@@ -155,3 +155,61 @@ fn socket_and_bind_are_exclusive_and_one_is_required() {
     let zero = run(&["--socket", "/tmp/x.sock", "--shared", "0"]);
     assert!(!zero.status.success());
 }
+
+/// `--metrics-address`: fio's nbd engine sends one request per I/O, and the export's
+/// counters show exactly what fio reports it did; the scrape passes `promtool check metrics`.
+#[test]
+fn metrics_count_every_request_fio_sends() {
+    if !qemu::require() || !support::require_tool("fio", "fio") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let served = Served::start(&img, &["--metrics-address", "127.0.0.1:0"]);
+    let address = served.metrics.clone().unwrap();
+    let before = support::scrape(&address);
+    let ops = |text: &str, op: &str| {
+        let labels = [("volume", "vol.qcow2"), ("op", op)];
+        support::sample(text, "qcow2_csi_volume_io_operations_total", &labels).unwrap()
+    };
+    assert_eq!(ops(&before, "write"), 0.0);
+    let json = dir.path().join("fio.json");
+    let out = Command::new("fio")
+        .arg(format!("--output={}", json.display()))
+        .args([
+            "--name=metrics",
+            "--ioengine=nbd",
+            "--rw=randrw",
+            "--rwmixread=40",
+            "--bs=4k",
+            "--iodepth=32",
+            "--size=64M",
+            "--io_size=24M",
+            "--output-format=json",
+        ])
+        .arg(format!("--uri={}", served.uri()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let fio: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let job = &fio["jobs"][0];
+    let after = support::scrape(&address);
+    for op in ["read", "write"] {
+        let ios = job[op]["total_ios"].as_f64().unwrap();
+        let bytes = job[op]["io_bytes"].as_f64().unwrap();
+        assert!(ios > 1000.0, "{op}: {ios}");
+        assert_eq!(ops(&after, op), ios, "{op} requests");
+        let labels = [("volume", "vol.qcow2"), ("op", op)];
+        let counted = support::sample(&after, "qcow2_csi_volume_io_bytes_total", &labels);
+        assert_eq!(counted, Some(bytes), "{op} bytes");
+        let count = "qcow2_csi_volume_io_duration_seconds_count";
+        assert_eq!(support::sample(&after, count, &labels), Some(ios));
+        let errors = support::sample(&after, "qcow2_csi_volume_io_errors_total", &labels);
+        assert_eq!(errors, Some(0.0));
+    }
+    let in_flight = support::sample(&after, "qcow2_csi_volume_io_in_flight", &[]);
+    assert_eq!(in_flight, Some(0.0));
+    support::promtool_check_metrics(&after);
+    served.stop();
+    qemu::check_clean(&img);
+}

@@ -1285,6 +1285,63 @@ pub(crate) mod tests {
     }
 
     /// Handshake with EXPORT_NAME "" over `theirs`; returns after the export reply.
+    #[test]
+    fn an_export_with_stats_counts_each_request_by_kind_and_outcome() {
+        use crate::metrics::io::{IoStats, Op};
+        let stats = Arc::new(IoStats::default());
+        let mut export = Export::new("", Arc::new(crate::nbd::device::Memory::new(1 << 20)));
+        export.stats = Some(stats.clone());
+        let server = Server::new(vec![export], Limits::default());
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        theirs
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let req = |kind, cookie, offset, length| Request {
+            flags: 0,
+            kind,
+            cookie,
+            offset,
+            length,
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| server.serve(ours).unwrap());
+            quick_handshake(&mut theirs);
+            let mut w = theirs.try_clone().unwrap();
+            let mut reply = |data: usize| {
+                let mut r = [0u8; 16];
+                theirs.read_exact(&mut r).unwrap();
+                let mut d = vec![0u8; data];
+                theirs.read_exact(&mut d).unwrap();
+                u32::from_be_bytes(r[4..8].try_into().unwrap())
+            };
+            // One at a time, so each reply is known before the next request.
+            let send = |theirs: &mut UnixStream, r: Request, payload: &[u8]| {
+                theirs.write_all(&r.encode()).unwrap();
+                theirs.write_all(payload).unwrap();
+            };
+            send(&mut w, req(cmd::WRITE, 1, 0, 8192), &[7; 8192]);
+            assert_eq!(reply(0), 0);
+            send(&mut w, req(cmd::READ, 2, 0, 4096), &[]);
+            assert_eq!(reply(4096), 0);
+            // Past the end: answered with an error, counted as one, no bytes.
+            send(&mut w, req(cmd::READ, 3, 1 << 20, 4096), &[]);
+            assert_ne!(reply(0), 0);
+            send(&mut w, req(cmd::TRIM, 4, 0, 4096), &[]);
+            assert_eq!(reply(0), 0);
+            send(&mut w, req(cmd::FLUSH, 5, 0, 0), &[]);
+            assert_eq!(reply(0), 0);
+            send(&mut w, req(cmd::DISC, 6, 0, 0), &[]);
+        });
+        let w = stats.of(Op::Write);
+        assert_eq!((w.done, w.errors, w.bytes), (1, 0, 8192));
+        let r = stats.of(Op::Read);
+        assert_eq!((r.done, r.errors, r.bytes), (2, 1, 4096));
+        assert_eq!(r.observed(), 2, "the failed read has a latency too");
+        assert_eq!(stats.of(Op::Trim).bytes, 4096);
+        assert_eq!(stats.of(Op::Flush).done, 1);
+        assert_eq!(stats.in_flight(), 0, "the disconnect is not a request");
+    }
+
     pub(crate) fn quick_handshake(theirs: &mut UnixStream) {
         let mut hello = [0u8; 18];
         theirs.read_exact(&mut hello).unwrap();

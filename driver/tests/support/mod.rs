@@ -11,6 +11,8 @@ pub struct Served {
     pub socket: PathBuf,
     /// Where the server says it listens (the socket path, or ADDR:PORT with `--bind`).
     pub endpoint: String,
+    /// Where it serves metrics (ADDR:PORT), with `--metrics-address`.
+    pub metrics: Option<String>,
 }
 
 impl Served {
@@ -42,6 +44,15 @@ impl Served {
             .rsplit_once(" on ")
             .map(|(_, e)| e.to_string())
             .unwrap_or_else(|| panic!("the server did not start: {first}"));
+        let metrics = args.contains(&"--metrics-address").then(|| {
+            let mut line = String::new();
+            stderr.read_line(&mut line).unwrap();
+            line.trim()
+                .strip_prefix("qcow2-csi: metrics at http://")
+                .and_then(|a| a.strip_suffix("/metrics"))
+                .unwrap_or_else(|| panic!("no metrics address: {line}"))
+                .to_string()
+        });
         std::thread::spawn(move || {
             for line in stderr.lines().map_while(Result::ok) {
                 eprintln!("[server] {line}");
@@ -51,6 +62,7 @@ impl Served {
             child,
             socket: PathBuf::from(&endpoint),
             endpoint,
+            metrics,
         }
     }
 
@@ -162,4 +174,65 @@ pub fn qemu_io_uri(uri: &str, cmds: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     text
+}
+
+/// GET http://ADDRESS/metrics: the body (Prometheus text); panics unless the answer is 200.
+pub fn scrape(address: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(address).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+/// The value of the sample of `name` whose labels include `labels` (the first one), in the
+/// Prometheus text `text`.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (n, rest) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            let has =
+                |(k, v): &(&str, &str)| rest.split(',').any(|kv| kv == format!("{k}=\"{v}\""));
+            (n == name && labels.iter().all(has)).then(|| value.parse().ok())?
+        })
+}
+
+/// `promtool check metrics` on a scrape: panics with its report unless it passes. Skips
+/// (false) where promtool is missing, unless `QCOW2_CSI_REQUIRE_ALL` is set.
+pub fn promtool_check_metrics(text: &str) -> bool {
+    use std::io::Write;
+    if !require_tool("promtool", "prometheus") {
+        return false;
+    }
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    true
 }
