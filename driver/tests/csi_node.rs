@@ -1441,3 +1441,116 @@ async fn a_full_state_filesystem_is_resource_exhausted_and_leaves_nothing() {
     p.stop();
     drop(mounted);
 }
+
+/// Disk size of `layer` and each layer under it, head first, as `qemu-img info` reports.
+fn qemu_actual_sizes(layer: &Path) -> Vec<f64> {
+    let out = qemu::img(&[
+        "info",
+        "-U",
+        "--backing-chain",
+        "--output=json",
+        layer.to_str().unwrap(),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["actual-size"].as_f64().unwrap())
+        .collect()
+}
+
+/// The plugin's allocation gauges on the host's own filesystem: a staged block volume written
+/// through nbdfuse shows the disk size `qemu-img info` reports for its head, and after a
+/// snapshot, for its two-layer chain; the node's layer bytes add up; a volume without a
+/// claim has empty claim labels.
+#[tokio::test]
+async fn metrics_allocation_gauges_equal_qemu_img_disk_sizes() {
+    if !runnable() {
+        return;
+    }
+    let p = Plugin::start_with_args(&["--metrics-address", "127.0.0.1:0"]).await;
+    let address = p.metrics_address().await;
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let id = create(&p, "pvc-alloc", 64 * MIB, cap.clone()).await;
+    let mut node = p.node().await;
+    let (staging, target) = stage_and_publish(&p, &mut node, &id, &cap, "blk").await;
+    let out = Command::new("dd")
+        .args([
+            "if=/dev/urandom",
+            "bs=1M",
+            "count=12",
+            "oflag=direct",
+            "conv=fsync,notrunc",
+        ])
+        .arg(format!("of={}", target.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vol = [
+        ("volume", id.as_str()),
+        ("pvc_namespace", ""),
+        ("pvc_name", ""),
+    ];
+    let a = address.clone();
+    let text = tokio::task::spawn_blocking(move || support::scrape(&a))
+        .await
+        .unwrap();
+    let head = head_layer(&p);
+    let sizes = qemu_actual_sizes(&head);
+    assert!(sizes[0] >= 12.0 * MIB as f64, "{sizes:?}");
+    assert_eq!(
+        support::sample(&text, "qcow2_csi_volume_head_allocated_bytes", &vol),
+        Some(sizes[0])
+    );
+    assert_eq!(
+        support::sample(&text, "qcow2_csi_volume_size_bytes", &vol),
+        Some(64.0 * MIB as f64)
+    );
+    let nbdfuse = [
+        ("volume", id.as_str()),
+        ("mode", "nbdfuse"),
+        ("state", "attached"),
+    ];
+    assert_eq!(
+        support::sample(&text, "qcow2_csi_volume_attachment", &nbdfuse),
+        Some(1.0),
+        "{text}"
+    );
+
+    p.snapshot(&id, "snap-alloc").await.unwrap();
+    let a = address.clone();
+    let text = tokio::task::spawn_blocking(move || support::scrape(&a))
+        .await
+        .unwrap();
+    let rec: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(p.state.join(format!("volumes/{id}.json"))).unwrap(),
+    )
+    .unwrap();
+    let new_head = p.state.join("layers").join(rec["head"].as_str().unwrap());
+    let chain = qemu_actual_sizes(&new_head);
+    assert_eq!(chain.len(), 2);
+    assert_eq!(
+        support::sample(&text, "qcow2_csi_volume_chain_depth", &vol),
+        Some(2.0)
+    );
+    assert_eq!(
+        support::sample(&text, "qcow2_csi_volume_chain_allocated_bytes", &vol),
+        Some(chain.iter().sum())
+    );
+    assert_eq!(
+        support::sample(&text, "qcow2_csi_node_layers_allocated_bytes", &[]),
+        Some(chain.iter().sum())
+    );
+    support::promtool_check_metrics(&text);
+    node.node_unpublish_volume(unpublish_req(&id, &target))
+        .await
+        .unwrap();
+    node.node_unstage_volume(unstage_req(&id, &staging))
+        .await
+        .unwrap();
+    assert!(leaks(p.dir.path()).is_empty(), "{:?}", leaks(p.dir.path()));
+}

@@ -190,7 +190,11 @@ fn metrics_count_every_request_fio_sends() {
         .arg(format!("--uri={}", served.uri()))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let fio: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let job = &fio["jobs"][0];
     let after = support::scrape(&address);

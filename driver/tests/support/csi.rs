@@ -91,6 +91,26 @@ impl Plugin {
         }
     }
 
+    /// Where the plugin serves metrics (started with `--metrics-address 127.0.0.1:0`), from
+    /// its log.
+    pub async fn metrics_address(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            let found = log
+                .lines()
+                .find(|l| l.contains("serving metrics"))
+                .and_then(|l| l.split("address=").nth(1))
+                .and_then(|a| a.split_whitespace().next())
+                .map(str::to_string);
+            if let Some(a) = found {
+                return a;
+            }
+            assert!(Instant::now() < deadline, "no metrics address:\n{log}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// What every process of this plugin wrote to stderr.
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("plugin.log")
