@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs when it is missing (Debian/Ubuntu): the qemu-img/qemu-io
 # oracle, the NBD clients (libnbd-bin, python3-libnbd, nbdfuse), fuse3, xfsprogs, fio,
+# promtool (Debian's prometheus package),
 # user-mode Linux with kmod (the kernel-nbd tests run inside it), cargo-nextest,
 # and the deploy-file checkers (kubernetes-validate, helm-python-sdk, hadolint) in a Python
 # venv at .venv-tools. Safe to run repeatedly; does nothing when all is present.
@@ -19,6 +20,8 @@ command -v mkfs.ext4 >/dev/null 2>&1 || need_pkgs+=(e2fsprogs)
 command -v losetup >/dev/null 2>&1 || need_pkgs+=(mount)
 command -v fio >/dev/null 2>&1 || need_pkgs+=(fio)
 command -v fsfreeze >/dev/null 2>&1 || need_pkgs+=(util-linux)
+# promtool: the chart's alerts and the plugin's live /metrics are checked with it.
+command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
 # A Linux 6.1 kernel run as a process, with nbd.ko: the kernel-nbd tests (hack/uml-run.sh).
 command -v linux.uml >/dev/null 2>&1 || need_pkgs+=(user-mode-linux)
 [ -x /usr/sbin/insmod ] || [ -x /sbin/insmod ] || need_pkgs+=(kmod)

@@ -24,11 +24,11 @@ use std::process::Command;
 use csi::Plugin;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{
-    Container, Namespace, PersistentVolumeClaim, Pod, ServiceAccount,
+    ConfigMap, Container, Namespace, PersistentVolumeClaim, Pod, Service, ServiceAccount,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use qcow2_csi::csi::{DRIVER_NAME, TOPOLOGY_KEY};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -129,6 +129,131 @@ enum DeletionPolicy {
     Retain,
 }
 
+/// monitoring.coreos.com/v1 (the Prometheus Operator's CRDs: not in k8s-openapi). The
+/// fields the chart uses, named as the CRDs' schemas name them; any other is an error.
+#[derive(Debug, serde::Deserialize)]
+enum MonitoringApi {
+    #[serde(rename = "monitoring.coreos.com/v1")]
+    V1,
+}
+
+/// A duration as the CRDs' schemas allow it (`30s`, `1m30s`, `500ms`).
+#[derive(Debug)]
+struct PromDuration(String);
+
+impl<'de> serde::Deserialize<'de> for PromDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let mut rest = s.as_str();
+        let mut parts = 0;
+        while !rest.is_empty() {
+            let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+            let unit = ["ms", "y", "w", "d", "h", "m", "s"]
+                .into_iter()
+                .find(|u| rest[digits..].starts_with(u));
+            match unit {
+                Some(u) if digits > 0 => rest = &rest[digits + u.len()..],
+                _ => return Err(serde::de::Error::custom(format!("{s:?} is not a duration"))),
+            }
+            parts += 1;
+        }
+        if parts == 0 {
+            return Err(serde::de::Error::custom("an empty duration"));
+        }
+        Ok(PromDuration(s))
+    }
+}
+
+#[allow(dead_code)]
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ServiceMonitor {
+    api_version: MonitoringApi,
+    kind: String,
+    metadata: ObjectMeta,
+    spec: ServiceMonitorSpec,
+}
+
+#[allow(dead_code)]
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ServiceMonitorSpec {
+    selector: LabelSelector,
+    namespace_selector: Option<NamespaceSelector>,
+    endpoints: Vec<ScrapeEndpoint>,
+    job_label: Option<String>,
+}
+
+#[allow(dead_code)]
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct NamespaceSelector {
+    any: Option<bool>,
+    match_names: Option<Vec<String>>,
+}
+
+#[allow(dead_code)]
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ScrapeEndpoint {
+    port: Option<String>,
+    path: Option<String>,
+    interval: Option<PromDuration>,
+    scrape_timeout: Option<PromDuration>,
+    relabelings: Option<Vec<Relabeling>>,
+}
+
+#[allow(dead_code)]
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Relabeling {
+    source_labels: Option<Vec<String>>,
+    target_label: Option<String>,
+    action: Option<String>,
+    regex: Option<String>,
+    replacement: Option<String>,
+    separator: Option<String>,
+}
+
+#[allow(dead_code)]
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PrometheusRule {
+    api_version: MonitoringApi,
+    kind: String,
+    metadata: ObjectMeta,
+    spec: PrometheusRuleSpec,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrometheusRuleSpec {
+    groups: Vec<RuleGroup>,
+}
+
+#[allow(dead_code)]
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleGroup {
+    name: String,
+    interval: Option<PromDuration>,
+    rules: Vec<Rule>,
+}
+
+#[allow(dead_code)]
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rule {
+    alert: Option<String>,
+    record: Option<String>,
+    expr: String,
+    #[serde(rename = "for")]
+    for_: Option<PromDuration>,
+    keep_firing_for: Option<PromDuration>,
+    labels: Option<BTreeMap<String, String>>,
+    annotations: Option<BTreeMap<String, String>>,
+}
+
 /// One typed manifest object.
 #[derive(Debug)]
 #[allow(dead_code)]
@@ -146,6 +271,10 @@ enum Object {
     PersistentVolumeClaim(Box<PersistentVolumeClaim>),
     Pod(Box<Pod>),
     VolumeSnapshot(Box<VolumeSnapshot>),
+    Service(Box<Service>),
+    ConfigMap(Box<ConfigMap>),
+    ServiceMonitor(Box<ServiceMonitor>),
+    PrometheusRule(Box<PrometheusRule>),
 }
 
 /// Dispatches on `kind` (the typed deserializers check `apiVersion` too).
@@ -165,6 +294,10 @@ fn typed(doc: &Value) -> Result<Object, String> {
         "PersistentVolumeClaim" => Object::PersistentVolumeClaim(strict(doc)?),
         "Pod" => Object::Pod(strict(doc)?),
         "VolumeSnapshot" => Object::VolumeSnapshot(strict(doc)?),
+        "Service" => Object::Service(strict(doc)?),
+        "ConfigMap" => Object::ConfigMap(strict(doc)?),
+        "ServiceMonitor" => Object::ServiceMonitor(strict(doc)?),
+        "PrometheusRule" => Object::PrometheusRule(strict(doc)?),
         other => {
             return Err(format!(
                 "kind {other} is not one the deploy files should hold"
@@ -382,8 +515,10 @@ fn plugin_flags_in_the_daemonset_exist_in_serve_help() {
     assert_eq!(flags_missing_from(&help, &broken), ["--max-volume"]);
 }
 
-/// The DaemonSet's own arguments (paths moved into a temporary directory) start a plugin
-/// that answers Probe: the values parse, not only the names.
+/// The DaemonSet's own arguments (paths moved into a temporary directory, the metrics port
+/// to any free one) start a plugin that answers Probe and serves metrics: the values parse,
+/// not only the names. Its live scrape passes `promtool check metrics`, and every metric the
+/// chart's alerts and dashboard name is one it serves.
 #[tokio::test]
 async fn the_daemonsets_plugin_arguments_start_a_ready_plugin() {
     let args: Vec<String> = plugin_args()
@@ -398,7 +533,15 @@ async fn the_daemonsets_plugin_arguments_start_a_ready_plugin() {
             .iter()
             .any(|p| a.starts_with(p))
         })
+        .map(|a| match a.strip_prefix("--metrics-address=:") {
+            Some(_) => "--metrics-address=:0".to_string(),
+            None => a,
+        })
         .collect();
+    assert!(
+        args.contains(&"--metrics-address=:0".to_string()),
+        "{args:?}"
+    );
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let p = Plugin::start_with_args(&refs).await;
     let info = p
@@ -409,6 +552,141 @@ async fn the_daemonsets_plugin_arguments_start_a_ready_plugin() {
         .unwrap()
         .into_inner();
     assert_eq!(info.name, DRIVER_NAME);
+    let address = p.metrics_address().await;
+    let port = address.rsplit_once(':').unwrap().1.to_string();
+    let text = tokio::task::spawn_blocking(move || support::scrape(&format!("127.0.0.1:{port}")))
+        .await
+        .unwrap();
+    support::promtool_check_metrics(&text);
+    let served = served_names(&text);
+    assert!(
+        served.contains("qcow2_csi_volume_io_operations_total"),
+        "{served:?}"
+    );
+    let chart = root().join("charts/qcow2-csi/files");
+    for file in ["prometheus-rules.yaml", "grafana-dashboard.json"] {
+        let used = std::fs::read_to_string(chart.join(file)).unwrap();
+        assert_eq!(
+            unknown_metrics(&used, &served),
+            Vec::<String>::new(),
+            "{file}"
+        );
+    }
+    // The check itself catches a name the plugin does not serve.
+    let typo = "rate(qcow2_csi_volume_io_operation_total[5m])";
+    assert_eq!(
+        unknown_metrics(typo, &served),
+        ["qcow2_csi_volume_io_operation_total"]
+    );
+}
+
+/// The series names a Prometheus text scrape can have: each family's name, and a
+/// histogram's `_bucket`, `_sum` and `_count`.
+fn served_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
+            (words.next(), words.next(), words.next(), words.next())
+        {
+            names.insert(name.to_string());
+            if kind == "histogram" {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    names.insert(format!("{name}{suffix}"));
+                }
+            }
+        }
+    }
+    names
+}
+
+/// The `qcow2_csi_*` names in `text` (a rules file, a dashboard) that `served` lacks.
+fn unknown_metrics(text: &str, served: &std::collections::BTreeSet<String>) -> Vec<String> {
+    let mut unknown = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("qcow2_csi_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        if !served.contains(&name) && !unknown.contains(&name) {
+            unknown.push(name);
+        }
+    }
+    unknown
+}
+
+/// The chart's alerts pass `promtool check rules` and their unit tests (each alert fires on
+/// the series that should raise it), and promtool rejects a broken rule.
+#[test]
+fn the_alerts_pass_promtool_and_their_unit_tests() {
+    if !support::require_tool("promtool", "prometheus") {
+        return;
+    }
+    let chart = root().join("charts/qcow2-csi");
+    let (ok, out) = run(Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(chart.join("files/prometheus-rules.yaml")));
+    assert!(ok && out.contains("SUCCESS: 9 rules found"), "{out}");
+    let (ok, out) = run(Command::new("promtool").current_dir(&chart).args([
+        "test",
+        "rules",
+        "ci/prometheus-rules-test.yaml",
+    ]));
+    assert!(ok, "{out}");
+    let dir = tempfile::tempdir().unwrap();
+    let rules = std::fs::read_to_string(chart.join("files/prometheus-rules.yaml")).unwrap();
+    let broken = dir.path().join("broken.yaml");
+    std::fs::write(&broken, rules.replacen("> 0", "> > 0", 1)).unwrap();
+    let (ok, out) = run(Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&broken));
+    assert!(!ok, "{out}");
+}
+
+/// The dashboard is JSON Grafana can load: a title and uid, template variables, and panels
+/// that each query something.
+#[test]
+fn the_dashboard_parses_and_every_panel_queries() {
+    let text =
+        std::fs::read_to_string(root().join("charts/qcow2-csi/files/grafana-dashboard.json"))
+            .unwrap();
+    let d: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(d["uid"], "qcow2-csi");
+    assert!(d["schemaVersion"].as_u64().unwrap() >= 36);
+    let vars: Vec<&str> = d["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(vars, ["datasource", "instance", "volume"]);
+    let panels = d["panels"].as_array().unwrap();
+    let mut queried = 0;
+    for p in panels {
+        let kind = p["type"].as_str().unwrap();
+        assert!(p["gridPos"]["w"].as_u64().unwrap() <= 24, "{p}");
+        if kind == "row" {
+            continue;
+        }
+        let targets = p["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{}", p["title"]);
+        for t in targets {
+            let expr = t["expr"].as_str().unwrap();
+            assert!(expr.contains("qcow2_csi_"), "{expr}");
+            assert_eq!(
+                expr.matches('(').count(),
+                expr.matches(')').count(),
+                "{expr}"
+            );
+        }
+        queried += 1;
+    }
+    assert!(queried >= 15, "{queried} panels");
+    let ids: std::collections::BTreeSet<u64> =
+        panels.iter().map(|p| p["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids.len(), panels.len(), "panel ids are unique");
 }
 
 /// What any rendering of the chart must hold, whatever the values: names, paths and
@@ -651,6 +929,7 @@ fn every_option_of_the_chart_renders_valid_objects() {
         }
     }
     assert_eq!(defaults, ["qcow2", "qcow2"], "the default classes");
+    check_metrics_objects(&objects, 9900);
     check_rendered(objects, &serve_help());
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("all-options.yaml");
@@ -659,6 +938,121 @@ fn every_option_of_the_chart_renders_valid_objects() {
         .args(["--strict", "-k", "1.30.0"])
         .arg(&file));
     assert!(ok, "{out}");
+}
+
+/// The metrics objects of a rendering with all of them on: the plugin listens on `port`,
+/// the Service reaches the plugin's pods on it, the ServiceMonitor selects that Service and
+/// scrapes its port, the PrometheusRule carries the rules file and the ConfigMap the
+/// dashboard, as they are.
+fn check_metrics_objects(objects: &[Object], port: i32) {
+    let ds = objects
+        .iter()
+        .find_map(|o| match o {
+            Object::DaemonSet(d) => Some(d),
+            _ => None,
+        })
+        .unwrap();
+    let plugin = container(ds, "qcow2-csi");
+    assert!(
+        plugin
+            .args
+            .as_ref()
+            .unwrap()
+            .contains(&format!("--metrics-address=:{port}"))
+    );
+    let named = plugin
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|p| p.name.as_deref() == Some("metrics"))
+        .expect("a metrics port");
+    assert_eq!(named.container_port, port);
+    let pod_labels = ds
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap();
+    let mut services = objects.iter().filter_map(|o| match o {
+        Object::Service(s) => Some(s),
+        _ => None,
+    });
+    let svc = services.next().expect("a metrics Service");
+    let spec = svc.spec.as_ref().unwrap();
+    assert_eq!(spec.cluster_ip.as_deref(), Some("None"), "headless");
+    for (k, v) in spec.selector.as_ref().unwrap() {
+        assert_eq!(
+            pod_labels.get(k),
+            Some(v),
+            "the Service selects the plugin pods"
+        );
+    }
+    let svc_port = &spec.ports.as_ref().unwrap()[0];
+    assert_eq!(svc_port.port, port);
+    assert_eq!(
+        svc_port.target_port,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("metrics".into()))
+    );
+    let monitor = objects
+        .iter()
+        .find_map(|o| match o {
+            Object::ServiceMonitor(m) => Some(m),
+            _ => None,
+        })
+        .expect("a ServiceMonitor");
+    let svc_labels = svc.metadata.labels.clone().unwrap();
+    for (k, v) in monitor.spec.selector.match_labels.as_ref().unwrap() {
+        assert_eq!(
+            svc_labels.get(k),
+            Some(v),
+            "the ServiceMonitor selects the Service"
+        );
+    }
+    assert_eq!(
+        monitor.spec.endpoints[0].port.as_deref(),
+        svc_port.name.as_deref()
+    );
+    let rule = objects
+        .iter()
+        .find_map(|o| match o {
+            Object::PrometheusRule(r) => Some(r),
+            _ => None,
+        })
+        .expect("a PrometheusRule");
+    let file: Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(root().join("charts/qcow2-csi/files/prometheus-rules.yaml"))
+            .unwrap(),
+    )
+    .unwrap();
+    let file_rules = file["groups"][0]["rules"].as_array().unwrap();
+    let rules = &rule.spec.groups[0].rules;
+    assert_eq!(rules.len(), file_rules.len());
+    for (r, f) in rules.iter().zip(file_rules) {
+        assert_eq!(r.alert.as_deref(), f["alert"].as_str());
+        assert_eq!(r.expr, f["expr"].as_str().unwrap());
+        assert_eq!(
+            r.annotations.as_ref().unwrap()["summary"],
+            f["annotations"]["summary"].as_str().unwrap()
+        );
+    }
+    let dashboard = objects
+        .iter()
+        .find_map(|o| match o {
+            Object::ConfigMap(c) => Some(c),
+            _ => None,
+        })
+        .expect("a dashboard ConfigMap");
+    let json = &dashboard.data.as_ref().unwrap()["qcow2-csi.json"];
+    let file =
+        std::fs::read_to_string(root().join("charts/qcow2-csi/files/grafana-dashboard.json"))
+            .unwrap();
+    assert_eq!(json.trim_end(), file.trim_end());
 }
 
 #[test]

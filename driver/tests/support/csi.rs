@@ -92,16 +92,21 @@ impl Plugin {
     }
 
     /// Where the plugin serves metrics (started with `--metrics-address 127.0.0.1:0`), from
-    /// its log.
+    /// its log (text or JSON).
     pub async fn metrics_address(&self) -> String {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let log = self.log();
+            // Text lines say `address=A`, JSON ones `"address":"A"`.
             let found = log
                 .lines()
                 .find(|l| l.contains("serving metrics"))
-                .and_then(|l| l.split("address=").nth(1))
-                .and_then(|a| a.split_whitespace().next())
+                .and_then(|l| {
+                    l.split("address=")
+                        .nth(1)
+                        .or_else(|| l.split("\"address\":\"").nth(1))
+                })
+                .and_then(|a| a.split(|c: char| c.is_whitespace() || c == '"').next())
                 .map(str::to_string);
             if let Some(a) = found {
                 return a;
