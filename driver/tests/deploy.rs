@@ -139,7 +139,7 @@ enum MonitoringApi {
 
 /// A duration as the CRDs' schemas allow it (`30s`, `1m30s`, `500ms`).
 #[derive(Debug)]
-struct PromDuration(String);
+struct PromDuration(#[allow(dead_code)] String);
 
 impl<'de> serde::Deserialize<'de> for PromDuration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
