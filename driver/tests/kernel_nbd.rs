@@ -919,6 +919,15 @@ fn a_full_node_pauses_writes_until_space_is_freed_on_kernel_nbd() {
         );
         assert!(!condition(&p, &id, &target).await.abnormal);
         assert!(p.log().contains("space is back: paused writes resumed"));
+        // The condition's changes are logged once each, with the reason.
+        let log = p.log();
+        let abnormal: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("volume condition: abnormal"))
+            .collect();
+        assert_eq!(abnormal.len(), 1, "{log}");
+        assert!(abnormal[0].contains("reason=\"full\"") || abnormal[0].contains("reason=full"));
+        assert!(log.contains("volume condition: normal again"), "{log}");
         sh(&format!(
             "echo 3 > /proc/sys/vm/drop_caches; cmp {} {}",
             pattern.display(),
