@@ -61,8 +61,8 @@ pub fn scrape(plugin: &Plugin) -> Scrape {
     node.ready = true;
     node.snapshots = snapshots;
     if let Ok(fs) = rustix::fs::statvfs(&plugin.config.state_dir) {
-        node.fs_size = fs.f_blocks * fs.f_frsize;
-        node.fs_free = fs.f_bavail * fs.f_frsize;
+        node.fs_size = Some(fs.f_blocks * fs.f_frsize);
+        node.fs_free = Some(fs.f_bavail * fs.f_frsize);
     }
     let mut sizes: HashMap<String, u64> = HashMap::new();
     if let Ok(dir) = std::fs::read_dir(&layers_dir) {

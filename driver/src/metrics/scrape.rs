@@ -65,9 +65,10 @@ pub struct StagedView {
 pub struct NodeView {
     /// Whether the state directory is loaded (the rest is empty until it is).
     pub ready: bool,
-    /// The state directory's filesystem: size and bytes free to unprivileged users.
-    pub fs_size: u64,
-    pub fs_free: u64,
+    /// The state directory's filesystem: size and bytes free to unprivileged users (`None`
+    /// when statvfs failed: no series then, rather than a 0 that would look full).
+    pub fs_size: Option<u64>,
+    pub fs_free: Option<u64>,
     /// Bytes all layer files occupy.
     pub layers_allocated: u64,
     pub layers: usize,
@@ -102,13 +103,21 @@ where
     Ok(())
 }
 
-/// Encodes one unlabelled gauge.
-fn gauge<V>(enc: &mut DescriptorEncoder<'_>, name: &str, help: &str, value: V) -> std::fmt::Result
+/// Encodes one unlabelled gauge: its description, and its sample when it has a value.
+fn gauge<V>(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: Option<V>,
+) -> std::fmt::Result
 where
     V: prometheus_client::encoding::EncodeGaugeValue,
 {
     let family = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    ConstGauge::new(value).encode(family)
+    match value {
+        Some(v) => ConstGauge::new(v).encode(family),
+        None => Ok(()),
+    }
 }
 
 /// The per-volume I/O families of `volumes` (operations, errors, bytes, latency, in flight).
@@ -189,7 +198,7 @@ pub fn encode_node(enc: &mut DescriptorEncoder<'_>, view: &NodeView) -> std::fmt
         enc,
         "qcow2_csi_node_ready",
         "1 once the state directory is loaded and the plugin answers",
-        i64::from(view.ready),
+        Some(i64::from(view.ready)),
     )?;
     if !view.ready {
         return Ok(());
@@ -210,20 +219,19 @@ pub fn encode_node(enc: &mut DescriptorEncoder<'_>, view: &NodeView) -> std::fmt
         enc,
         "qcow2_csi_node_layers_allocated_bytes",
         "Bytes the node's qcow2 layer files occupy",
-        view.layers_allocated,
+        Some(view.layers_allocated),
     )?;
     let promised = view.promised();
     gauge(
         enc,
         "qcow2_csi_node_promised_bytes",
         "Sum of the node's volumes' virtual sizes",
-        promised,
+        Some(promised),
     )?;
-    let ratio = if view.fs_size == 0 {
-        0.0
-    } else {
-        promised as f64 / view.fs_size as f64
-    };
+    let ratio = view
+        .fs_size
+        .filter(|&size| size > 0)
+        .map(|size| promised as f64 / size as f64);
     gauge(
         enc,
         "qcow2_csi_node_overcommit_ratio",
@@ -234,31 +242,31 @@ pub fn encode_node(enc: &mut DescriptorEncoder<'_>, view: &NodeView) -> std::fmt
         enc,
         "qcow2_csi_node_volumes",
         "Volumes on the node",
-        view.volumes.len() as i64,
+        Some(view.volumes.len() as i64),
     )?;
     gauge(
         enc,
         "qcow2_csi_node_staged_volumes",
         "Volumes staged on the node",
-        view.volumes.iter().filter(|v| v.staged.is_some()).count() as i64,
+        Some(view.volumes.iter().filter(|v| v.staged.is_some()).count() as i64),
     )?;
     gauge(
         enc,
         "qcow2_csi_node_snapshots",
         "Snapshots on the node",
-        view.snapshots as i64,
+        Some(view.snapshots as i64),
     )?;
     gauge(
         enc,
         "qcow2_csi_node_layers",
         "qcow2 layer files on the node (heads, snapshots and the layers under them)",
-        view.layers as i64,
+        Some(view.layers as i64),
     )?;
     gauge(
         enc,
         "qcow2_csi_node_max_chain_depth",
         "Layers in a chain past which the plugin flattens it (0: never)",
-        view.max_chain_depth as i64,
+        Some(view.max_chain_depth as i64),
     )?;
     let vols = &view.volumes;
     gauges(
@@ -372,8 +380,8 @@ mod tests {
         let _held = io.started();
         let view = NodeView {
             ready: true,
-            fs_size: 1000,
-            fs_free: 400,
+            fs_size: Some(1000),
+            fs_free: Some(400),
             layers_allocated: 600,
             layers: 3,
             snapshots: 1,
@@ -452,5 +460,27 @@ mod tests {
         let text = encode(&registry, Format::Prometheus).unwrap();
         assert_eq!(sample(&text, "qcow2_csi_node_ready"), 0.0);
         assert!(!text.contains("qcow2_csi_node_volumes"), "{text}");
+    }
+
+    #[test]
+    fn an_unreadable_filesystem_shows_no_size_rather_than_a_full_disk() {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(ViewCollector::new(|| Scrape {
+            node: Some(NodeView {
+                ready: true,
+                ..NodeView::default()
+            }),
+            io: Vec::new(),
+        })));
+        let text = encode(&registry, Format::Prometheus).unwrap();
+        assert_eq!(sample(&text, "qcow2_csi_node_volumes"), 0.0);
+        let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        for absent in [
+            "qcow2_csi_node_filesystem_free_bytes",
+            "qcow2_csi_node_filesystem_size_bytes",
+            "qcow2_csi_node_overcommit_ratio",
+        ] {
+            assert!(!samples.iter().any(|l| l.starts_with(absent)), "{text}");
+        }
     }
 }
