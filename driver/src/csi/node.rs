@@ -514,7 +514,7 @@ impl NodeService {
             Some((reason, message)) => (Some(reason), message),
             None => (None, String::new()),
         };
-        self.0.metrics.condition(&req.volume_id, reason, &message);
+        self.0.metrics.polled(&req.volume_id, reason, &message);
         let condition = VolumeCondition {
             abnormal: reason.is_some(),
             message,

@@ -92,7 +92,7 @@ pub fn scrape(plugin: &Plugin) -> Scrape {
                 Some((r, m)) => (Some(*r), m.as_str()),
                 None => (None, ""),
             };
-            plugin.metrics.condition(&id, reason, message);
+            plugin.metrics.polled(&id, reason, message);
             let state = if s.lost.is_some() {
                 "lost"
             } else if is_frozen(&attach_dir(&plugin.config.state_dir, &id)) {

@@ -269,6 +269,15 @@ impl PluginMetrics {
         }
     }
 
+    /// Records a condition seen by asking (NodeGetVolumeStats, a scrape). A full disk is
+    /// the pause's own to report, when it starts and ends ([`PluginMetrics::condition`]
+    /// from the image): a poll that saw it just before it ended would count it again.
+    pub fn polled(&self, volume: &str, now: Option<Reason>, message: &str) {
+        if now != Some(Reason::Full) {
+            self.condition(volume, now, message);
+        }
+    }
+
     /// Clears `volume`'s condition if it is `reason` (the cause ended).
     pub fn clear_condition(&self, volume: &str, reason: Reason) {
         let current = self.conditions.lock().recover().get(volume).copied();
@@ -311,6 +320,12 @@ mod tests {
         m.unstaged("v");
         m.condition("v", Some(Reason::Full), "staged again and full");
         assert_eq!(transitions(&m, Reason::Full), 3);
+        // A poll that saw the pause just before it ended does not count it again.
+        m.clear_condition("v", Reason::Full);
+        m.polled("v", Some(Reason::Full), "seen before the end");
+        assert_eq!(transitions(&m, Reason::Full), 3);
+        m.polled("v", Some(Reason::Lost), "lost");
+        assert_eq!(transitions(&m, Reason::Lost), 1);
     }
 
     #[test]
