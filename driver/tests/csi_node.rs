@@ -1132,10 +1132,7 @@ async fn a_snapshot_of_a_volume_in_use_restores_the_files_as_of_the_snapshot() {
 /// Layers in the chain under volume `id`'s head, head included (the head may be open in
 /// the plugin).
 fn chain_len(p: &Plugin, id: &str) -> usize {
-    let rec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(p.state.join(format!("volumes/{id}.json"))).unwrap())
-            .unwrap();
-    qemu::backing_chain(&p.state.join("layers").join(rec["head"].as_str().unwrap())).len()
+    qemu::backing_chain(&p.head_of(id)).len()
 }
 
 /// A staged volume in use is flattened online: snapshots under a running writer deepen its
@@ -1442,23 +1439,6 @@ async fn a_full_state_filesystem_is_resource_exhausted_and_leaves_nothing() {
     drop(mounted);
 }
 
-/// Disk size of `layer` and each layer under it, head first, as `qemu-img info` reports.
-fn qemu_actual_sizes(layer: &Path) -> Vec<f64> {
-    let out = qemu::img(&[
-        "info",
-        "-U",
-        "--backing-chain",
-        "--output=json",
-        layer.to_str().unwrap(),
-    ]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["actual-size"].as_f64().unwrap())
-        .collect()
-}
-
 /// The plugin's allocation gauges on the host's own filesystem: a staged block volume written
 /// through nbdfuse shows the disk size `qemu-img info` reports for its head, and after a
 /// snapshot, for its two-layer chain; the node's layer bytes add up; a volume without a
@@ -1500,7 +1480,7 @@ async fn metrics_allocation_gauges_equal_qemu_img_disk_sizes() {
         .await
         .unwrap();
     let head = head_layer(&p);
-    let sizes = qemu_actual_sizes(&head);
+    let sizes = qemu::chain_disk_sizes(&head);
     assert!(sizes[0] >= 12.0 * MIB as f64, "{sizes:?}");
     assert_eq!(
         support::sample(&text, "qcow2_csi_volume_head_allocated_bytes", &vol),
@@ -1526,12 +1506,7 @@ async fn metrics_allocation_gauges_equal_qemu_img_disk_sizes() {
     let text = tokio::task::spawn_blocking(move || support::scrape(&a))
         .await
         .unwrap();
-    let rec: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(p.state.join(format!("volumes/{id}.json"))).unwrap(),
-    )
-    .unwrap();
-    let new_head = p.state.join("layers").join(rec["head"].as_str().unwrap());
-    let chain = qemu_actual_sizes(&new_head);
+    let chain = qemu::chain_disk_sizes(&p.head_of(&id));
     assert_eq!(chain.len(), 2);
     assert_eq!(
         support::sample(&text, "qcow2_csi_volume_chain_depth", &vol),

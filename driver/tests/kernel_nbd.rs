@@ -954,28 +954,6 @@ fn a_full_node_pauses_writes_until_space_is_freed_on_kernel_nbd() {
     });
 }
 
-/// `qemu-img info` of a staged (locked) layer and the layers under it: each one's disk
-/// size (`actual-size`), head first.
-fn qemu_actual_sizes(layer: &Path) -> Vec<f64> {
-    let out = sh(&format!(
-        "qemu-img info -U --backing-chain --output=json {}",
-        layer.display()
-    ));
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["actual-size"].as_f64().unwrap())
-        .collect()
-}
-
-/// The head layer of volume `id` now, from its record.
-fn head_of(p: &Plugin, id: &str) -> PathBuf {
-    let rec = std::fs::read_to_string(p.state.join(format!("volumes/{id}.json"))).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&rec).unwrap();
-    p.state.join("layers").join(v["head"].as_str().unwrap())
-}
-
 /// A plugin serving `/metrics`, scraped while fio writes 4 KiB blocks at random through a
 /// staged block volume on /dev/nbdN: every scrape answers during the run, the write
 /// counters match fio's own totals within 1%, the allocation gauges equal `qemu-img info`'s
@@ -1116,8 +1094,8 @@ fn metrics_follow_fio_and_snapshots_on_kernel_nbd() {
         );
         assert_eq!(errors, Some(0.0));
 
-        let head = head_of(&p, &id);
-        let qemu = qemu_actual_sizes(&head);
+        let head = p.head_of(&id);
+        let qemu = qemu::chain_disk_sizes(&head);
         after = support::scrape(&address);
         assert_eq!(
             support::sample(&after, "qcow2_csi_volume_head_allocated_bytes", &vol),
@@ -1141,7 +1119,7 @@ fn metrics_follow_fio_and_snapshots_on_kernel_nbd() {
             support::sample(&snapped, "qcow2_csi_node_layers", &[]),
             Some(2.0)
         );
-        let chain = qemu_actual_sizes(&head_of(&p, &id));
+        let chain = qemu::chain_disk_sizes(&p.head_of(&id));
         assert_eq!(chain.len(), 2);
         assert_eq!(
             support::sample(&snapped, "qcow2_csi_volume_chain_allocated_bytes", &vol),

@@ -191,9 +191,9 @@ pub fn info_shared(path: &Path) -> serde_json::Value {
     serde_json::from_str(&text).expect("info json")
 }
 
-/// The files of `path`'s backing chain, top first (`qemu-img info -U --backing-chain`; the
-/// image may be open elsewhere).
-pub fn backing_chain(path: &Path) -> Vec<PathBuf> {
+/// `qemu-img info -U --backing-chain --output=json` of `path`: one entry per layer, top
+/// first (the image may be open elsewhere).
+fn chain_info(path: &Path) -> Vec<serde_json::Value> {
     let text = img(&[
         "info",
         "-U",
@@ -202,9 +202,24 @@ pub fn backing_chain(path: &Path) -> Vec<PathBuf> {
         path.to_str().expect("utf-8"),
     ]);
     let v: serde_json::Value = serde_json::from_str(&text).expect("info json");
-    v.as_array()
-        .expect("one entry per layer")
+    match v {
+        serde_json::Value::Array(layers) => layers,
+        other => panic!("one entry per layer, got {other}"),
+    }
+}
+
+/// The files of `path`'s backing chain, top first (the image may be open elsewhere).
+pub fn backing_chain(path: &Path) -> Vec<PathBuf> {
+    chain_info(path)
         .iter()
         .map(|l| PathBuf::from(l["filename"].as_str().expect("a filename")))
+        .collect()
+}
+
+/// The disk size (`actual-size`) of each layer of `path`'s backing chain, top first.
+pub fn chain_disk_sizes(path: &Path) -> Vec<f64> {
+    chain_info(path)
+        .iter()
+        .map(|l| l["actual-size"].as_f64().expect("an actual-size"))
         .collect()
 }

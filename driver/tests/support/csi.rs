@@ -116,6 +116,14 @@ impl Plugin {
         }
     }
 
+    /// The head layer of volume `id` now, from its record.
+    pub fn head_of(&self, id: &str) -> PathBuf {
+        let rec = std::fs::read_to_string(self.state.join(format!("volumes/{id}.json")))
+            .unwrap_or_else(|e| panic!("record of {id}: {e}"));
+        let v: serde_json::Value = serde_json::from_str(&rec).unwrap();
+        self.state.join("layers").join(v["head"].as_str().unwrap())
+    }
+
     /// What every process of this plugin wrote to stderr.
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("plugin.log")
