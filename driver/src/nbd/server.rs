@@ -23,6 +23,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::device::{BlockDevice, DeviceError};
+use super::queue::JobQueue;
 use super::proto::{
     self, IHAVEOPT, InfoRequest, MetaContextRequest, NBDMAGIC, REQUEST_LEN, Request, cmd, cmd_flag,
     context, errno, flag, handshake, info, opt, rep, reply,
@@ -35,6 +36,9 @@ use crate::metrics::io::{IoStats, Op, Started};
 const SCRATCH_KEEP: usize = 256 << 10;
 /// Read buffer for incoming requests.
 const REQUEST_BUFFER: usize = 64 << 10;
+/// Largest READ the connection's reader answers itself when it is the only request in
+/// flight (see [`Server::read_requests`]).
+const INLINE_READ: u32 = 256 << 10;
 /// How often an idle kernel connection that may be paused looks at its stop flag.
 const STOP_POLL: Duration = Duration::from_millis(50);
 /// Most extents one BLOCK_STATUS reply describes, per metadata context. A reply may cover
@@ -527,19 +531,20 @@ impl Server {
         idle: Option<Duration>,
     ) -> Result<Ended, Error> {
         let exp = &self.exports[export];
-        let dev = &*exp.device;
-        let writer = Mutex::new(s.try_clone()?);
-        // Set once a reply could not be written: the connection is shut both ways, so the
-        // reader stops, and the workers drain what is queued without running it.
-        let broken = AtomicBool::new(false);
-        let budget = Budget::new(self.limits.bytes_in_flight);
-        let charge = |r: &Request| charge(r, contexts.len());
+        let conn = Conn {
+            export: exp,
+            structured,
+            contexts,
+            writer: Mutex::new(s.try_clone()?),
+            broken: AtomicBool::new(false),
+            budget: Budget::new(self.limits.bytes_in_flight),
+            stats: exp.stats.as_deref(),
+        };
         let workers = self.limits.requests_in_flight.max(1);
         // Requests run on a pool of workers and are answered as they complete (replies may
         // overtake each other, as the spec allows); a reply is written whole under the writer
-        // lock. The channel and the byte budget bound what is in flight.
-        let stats = exp.stats.as_deref();
-        let (tx, rx) = crossbeam_channel::bounded::<Job>(workers);
+        // lock. The queue and the byte budget bound what is in flight.
+        let jobs = JobQueue::new(workers);
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 scope.spawn(|| {
@@ -547,94 +552,99 @@ impl Server {
                     // A READ's reply is built in place here; kept between requests unless a
                     // large read grew it.
                     let mut scratch = Vec::new();
-                    loop {
-                        let job = rx.recv();
-                        let Ok(Job {
-                            req,
-                            payload,
-                            started,
-                        }) = job
-                        else {
-                            return;
-                        };
-                        let counted = |ok: bool| {
-                            if let (Some(stats), Some(t)) = (stats, started) {
-                                stats.finished(t, Op::of_command(req.kind), req.length, ok);
-                            }
-                        };
-                        if broken.load(Ordering::Acquire) {
-                            counted(false);
-                            budget.release(charge(&req));
-                            continue;
-                        }
-                        if scratch.capacity() > SCRATCH_KEEP {
-                            scratch = Vec::new();
-                        }
-                        let mut out = Vec::new();
-                        let mut window = None;
-                        // Whether the device did what was asked (the reply is no error).
-                        let mut done = true;
-                        let reply = match self.check(dev, &req, structured, contexts) {
-                            Err(e) => {
-                                done = false;
-                                reply_error(&mut out, &req, structured, &e)
-                            }
-                            Ok(()) if req.kind == cmd::READ => {
-                                let (range, ok) = read_reply(dev, &req, structured, &mut scratch);
-                                (window, done) = (Some(range), ok);
-                                Ok(())
-                            }
-                            Ok(()) if req.kind == cmd::BLOCK_STATUS => {
-                                block_status(&mut out, dev, &req, contexts).map(|ok| done = ok)
-                            }
-                            Ok(()) => self
-                                .execute(&mut out, exp, &req, &payload, structured)
-                                .map(|ok| done = ok),
-                        };
-                        let bytes = match window {
-                            Some(range) => &scratch[range],
-                            None => &out[..],
-                        };
-                        let mut w = writer.lock().recover();
-                        let sent = reply.and_then(|()| w.write_all(bytes));
-                        if sent.is_err() {
-                            // The client is gone, or left the reply unread past the idle
-                            // limit: a reply cut short leaves the stream out of sync.
-                            broken.store(true, Ordering::Release);
-                            w.shutdown();
-                        }
-                        drop(w);
-                        counted(done && sent.is_ok());
-                        budget.release(charge(&req));
+                    while let Some(job) = jobs.recv() {
+                        self.answer(&conn, job, &mut scratch);
                     }
                 });
             }
             let patience = Patience {
                 limit: idle,
-                budget: &budget,
+                budget: &conn.budget,
             };
-            let queue = Queue { jobs: &tx, stats };
-            let result = self.read_requests(&mut *s, &queue, &budget, charge, stop, patience);
-            drop(tx); // the workers finish what is queued, reply, and stop
+            let result = self.read_requests(&mut *s, &conn, &jobs, stop, patience);
+            jobs.close(); // the workers finish what is queued, reply, and stop
             result
         })
+    }
+
+    /// Runs one request and writes its reply (on the connection's writer, whole). `scratch`
+    /// is the calling thread's buffer for READ replies.
+    fn answer<S: Socket>(&self, conn: &Conn<'_, S>, job: Job, scratch: &mut Vec<u8>) {
+        let Job {
+            req,
+            payload,
+            started,
+        } = job;
+        let (exp, structured) = (conn.export, conn.structured);
+        let dev = &*exp.device;
+        let counted = |ok: bool| {
+            if let (Some(stats), Some(t)) = (conn.stats, started) {
+                stats.finished(t, Op::of_command(req.kind), req.length, ok);
+            }
+        };
+        let charge = conn.charge(&req);
+        if conn.broken.load(Ordering::Acquire) {
+            counted(false);
+            conn.budget.release(charge);
+            return;
+        }
+        if scratch.capacity() > SCRATCH_KEEP {
+            *scratch = Vec::new();
+        }
+        let mut out = Vec::new();
+        let mut window = None;
+        // Whether the device did what was asked (the reply is no error).
+        let mut done = true;
+        let reply = match self.check(dev, &req, structured, conn.contexts) {
+            Err(e) => {
+                done = false;
+                reply_error(&mut out, &req, structured, &e)
+            }
+            Ok(()) if req.kind == cmd::READ => {
+                let (range, ok) = read_reply(dev, &req, structured, scratch);
+                (window, done) = (Some(range), ok);
+                Ok(())
+            }
+            Ok(()) if req.kind == cmd::BLOCK_STATUS => {
+                block_status(&mut out, dev, &req, conn.contexts).map(|ok| done = ok)
+            }
+            Ok(()) => self
+                .execute(&mut out, exp, &req, &payload, structured)
+                .map(|ok| done = ok),
+        };
+        let bytes = match window {
+            Some(range) => &scratch[range],
+            None => &out[..],
+        };
+        let mut w = conn.writer.lock().recover();
+        let sent = reply.and_then(|()| w.write_all(bytes));
+        if sent.is_err() {
+            // The client is gone, or left the reply unread past the idle limit: a reply cut
+            // short leaves the stream out of sync.
+            conn.broken.store(true, Ordering::Release);
+            w.shutdown();
+        }
+        drop(w);
+        counted(done && sent.is_ok());
+        conn.budget.release(charge);
     }
 
     /// The reading half of a connection: requests (and WRITE payloads) in, jobs out.
     /// Several requests pipelined by the client come in with one read; a large WRITE
     /// payload bypasses the buffer. Once `stop` is set, only what completes the request
     /// under way is read, so the stream is left at a request boundary.
-    fn read_requests<R: Read>(
+    fn read_requests<R: Read, S: Socket>(
         &self,
         mut s: R,
-        jobs: &Queue<'_>,
-        budget: &Budget,
-        charge: impl Fn(&Request) -> u64,
+        conn: &Conn<'_, S>,
+        jobs: &JobQueue<Job>,
         stop: Option<&AtomicBool>,
         patience: Patience<'_>,
     ) -> Result<Ended, Error> {
         let stopping = || stop.is_some_and(|f| f.load(Ordering::Acquire));
         let mut buf = RequestBuffer::new(REQUEST_BUFFER);
+        // The reader's own buffer for the READs it answers itself.
+        let mut scratch = Vec::new();
         loop {
             if buf.is_empty() && stopping() {
                 return Ok(Ended::Stopped);
@@ -661,16 +671,36 @@ impl Server {
                     req.length, self.limits.max_payload
                 )));
             }
-            budget.acquire(charge(&req));
+            let charge = conn.charge(&req);
+            // A small READ that arrives alone, with nothing in flight and nothing behind it
+            // in the buffer, is answered here: at queue depth 1 the hand-off to a worker and
+            // back (two wake-ups) is most of a request's cost. Anything that may wait long
+            // (writes can be paused by a full disk, flushes sync) still goes to a worker, so
+            // the reader keeps reading.
+            let inline = req.kind == cmd::READ
+                && req.length <= INLINE_READ
+                && buf.len() < REQUEST_LEN
+                && conn.budget.is_idle();
+            conn.budget.acquire(charge);
             if req.kind == cmd::WRITE {
-                payload.resize(req.length as usize, 0);
+                payload = vec![0; req.length as usize];
                 if let Err(e) = buf.read_into(&mut s, &mut payload, patience) {
-                    budget.release(charge(&req));
+                    conn.budget.release(charge);
                     return Err(e.into());
                 }
             }
-            if !jobs.send(req, payload) {
-                return Ok(Ended::Closed);
+            let job = Job {
+                req,
+                payload,
+                started: conn.stats.map(IoStats::started),
+            };
+            if inline {
+                self.answer(conn, job, &mut scratch);
+                if conn.broken.load(Ordering::Acquire) {
+                    return Err(Error::Protocol("the reply could not be sent".into()));
+                }
+            } else {
+                jobs.send(job);
             }
         }
     }
@@ -1011,35 +1041,31 @@ impl RequestBuffer {
     }
 }
 
-/// Bytes a request holds while in flight: its payload, its read buffer, or the largest
-/// block-status reply for `contexts` metadata contexts.
-/// The workers' queue of one connection.
-struct Queue<'a> {
-    jobs: &'a crossbeam_channel::Sender<Job>,
-    /// Where the export counts its requests: their clock starts when they are queued.
+/// What the reader and the workers of one connection share.
+struct Conn<'a, S> {
+    export: &'a Export,
+    structured: bool,
+    /// Selected metadata context ids.
+    contexts: &'a [u32],
+    /// Replies are written whole under this lock.
+    writer: Mutex<S>,
+    /// Set once a reply could not be written: the connection is shut both ways, so the
+    /// reader stops, and the workers drain what is queued without running it.
+    broken: AtomicBool,
+    budget: Budget,
+    /// Where the export counts its requests: their clock starts when they are read.
     stats: Option<&'a IoStats>,
 }
 
-impl Queue<'_> {
-    /// Queues a request; false when the workers are gone.
-    fn send(&self, req: Request, payload: Vec<u8>) -> bool {
-        let started = self.stats.map(IoStats::started);
-        let job = Job {
-            req,
-            payload,
-            started,
-        };
-        if self.jobs.send(job).is_ok() {
-            return true;
-        }
-        if let (Some(stats), Some(t)) = (self.stats, started) {
-            stats.finished(t, Op::of_command(req.kind), req.length, false);
-        }
-        false
+impl<S> Conn<'_, S> {
+    /// Bytes a request holds while in flight: its payload, its read buffer, or the largest
+    /// block-status reply for the selected metadata contexts.
+    fn charge(&self, r: &Request) -> u64 {
+        charge(r, self.contexts.len())
     }
 }
 
-/// A request read off the socket, for a worker.
+/// A request read off the socket, for a worker (or the reader itself).
 struct Job {
     req: Request,
     /// A WRITE's data.
@@ -1048,6 +1074,7 @@ struct Job {
     started: Option<Started>,
 }
 
+/// See [`Conn::charge`].
 fn charge(r: &Request, contexts: usize) -> u64 {
     match r.kind {
         cmd::READ | cmd::WRITE => u64::from(r.length),
@@ -1074,6 +1101,9 @@ struct Flight {
     requests: usize,
     /// When the last request was answered (or the connection began).
     last_done: Instant,
+    /// The reader is waiting for bytes to be released (only then is a release signalled:
+    /// a futex wake per request costs as much as the request's own `pread` at QD1).
+    waiting: bool,
 }
 
 impl Budget {
@@ -1084,6 +1114,7 @@ impl Budget {
                 bytes: 0,
                 requests: 0,
                 last_done: Instant::now(),
+                waiting: false,
             }),
             freed: Condvar::new(),
         }
@@ -1092,6 +1123,7 @@ impl Budget {
     fn acquire(&self, n: u64) {
         let mut used = self.used.lock().recover();
         while used.bytes > 0 && used.bytes + n > self.limit {
+            used.waiting = true;
             used = self.freed.wait(used).recover();
         }
         used.bytes += n;
@@ -1103,8 +1135,16 @@ impl Budget {
         used.bytes -= n;
         used.requests -= 1;
         used.last_done = Instant::now();
+        let wake = std::mem::take(&mut used.waiting);
         drop(used);
-        self.freed.notify_all();
+        if wake {
+            self.freed.notify_all();
+        }
+    }
+
+    /// Whether no request is in flight.
+    fn is_idle(&self) -> bool {
+        self.used.lock().recover().requests == 0
     }
 
     /// When the last request was answered, if none is in flight now.
@@ -1392,6 +1432,87 @@ pub(crate) mod tests {
         }
     }
 
+    /// Records which thread ran each read.
+    #[derive(Debug, Default)]
+    struct WhoReads(Mutex<Vec<std::thread::ThreadId>>);
+
+    impl BlockDevice for WhoReads {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn read_at(&self, buf: &mut [u8], _: u64) -> DeviceResult {
+            self.0.lock().unwrap().push(std::thread::current().id());
+            buf.fill(7);
+            Ok(())
+        }
+        fn write_at(&self, _: &[u8], _: u64) -> DeviceResult {
+            Ok(())
+        }
+        fn flush(&self) -> DeviceResult {
+            Ok(())
+        }
+        fn trim(&self, _: u64, _: u64) -> DeviceResult {
+            Ok(())
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> DeviceResult {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_lone_small_read_is_answered_by_the_reader_and_pipelined_ones_by_workers() {
+        let dev = Arc::new(WhoReads::default());
+        let server = Server::new(vec![Export::new("", dev.clone())], Limits::default());
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let read = |cookie, length| Request {
+            flags: 0,
+            kind: cmd::READ,
+            cookie,
+            offset: 0,
+            length,
+        };
+        let reader = std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let id = std::thread::current().id();
+                server.serve(ours).unwrap();
+                id
+            });
+            quick_handshake(&mut theirs);
+            // One at a time (QD1): each is alone when read.
+            for cookie in 1..=3 {
+                theirs.write_all(&read(cookie, 4096).encode()).unwrap();
+                let mut r = vec![0u8; 16 + 4096];
+                theirs.read_exact(&mut r).unwrap();
+                assert_eq!(r[..16], proto::simple_reply(cookie, 0));
+                assert!(r[16..].iter().all(|&b| b == 7));
+            }
+            // Two in one send: the first has the second behind it.
+            let mut two = read(4, 4096).encode().to_vec();
+            two.extend_from_slice(&read(5, 4096).encode());
+            theirs.write_all(&two).unwrap();
+            for _ in 0..2 {
+                let mut r = vec![0u8; 16 + 4096];
+                theirs.read_exact(&mut r).unwrap();
+            }
+            // Larger than the reader answers itself.
+            theirs
+                .write_all(&read(6, INLINE_READ + 4096).encode())
+                .unwrap();
+            let mut r = vec![0u8; 16 + INLINE_READ as usize + 4096];
+            theirs.read_exact(&mut r).unwrap();
+            drop(theirs);
+            reader.join().unwrap()
+        });
+        let ran = dev.0.lock().unwrap().clone();
+        assert_eq!(ran.len(), 6);
+        assert!(ran[..3].iter().all(|&t| t == reader), "QD1 reads went to workers");
+        assert_ne!(ran[3], reader, "a read with another behind it ran on the reader");
+        assert_ne!(ran[5], reader, "a large read ran on the reader");
+    }
+
     #[test]
     fn requests_of_one_connection_run_concurrently_and_replies_overtake() {
         let dev = Rendezvous {
@@ -1423,9 +1544,12 @@ pub(crate) mod tests {
                 offset: 4096,
                 length: 4,
             };
-            theirs.write_all(&read.encode()).unwrap();
-            theirs.write_all(&write.encode()).unwrap();
-            theirs.write_all(&[9; 4]).unwrap();
+            // Sent at once: the reader sees the WRITE behind the READ, so it hands the READ
+            // to a worker instead of answering it itself.
+            let mut both = read.encode().to_vec();
+            both.extend_from_slice(&write.encode());
+            both.extend_from_slice(&[9; 4]);
+            theirs.write_all(&both).unwrap();
             // The READ completes only once the later WRITE has run beside it (the device
             // fails it with EIO after 5 s otherwise). Once the WRITE is done, the two replies
             // race for the socket: either may come first.
