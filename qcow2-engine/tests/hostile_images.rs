@@ -166,6 +166,7 @@ fn refused_with(c: &Crafted, stage: Stage, needle: &str, opts: &OpenOptions) {
         "dd error is one line: {err}"
     );
     assert_mentions("dd", &err, needle);
+    assert!(!out.exists(), "a failed dd left its output behind");
     let (code, err) = util(&["info", "-f", s(p)]);
     if stage == Stage::Open {
         assert_eq!(code, 1, "info: {err}");
