@@ -5,6 +5,7 @@ use std::io;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use qcow2_engine::image::ReadRequest;
 use qcow2_engine::storage::{MemoryStorage, Storage};
 use qcow2_engine::{CreateOptions, Image, LayerStatus, OpenOptions, create_on};
 
@@ -138,6 +139,17 @@ fn image_is_send_and_sync() {
 
 #[test]
 fn a_cluster_freed_under_a_read_in_flight_is_not_reused_until_the_read_ends() {
+    freed_under_a_read(false);
+}
+
+#[test]
+fn a_cluster_freed_under_a_batch_read_in_flight_is_not_reused_until_the_batch_ends() {
+    freed_under_a_read(true);
+}
+
+/// A read of guest cluster 0 parks while its cluster is discarded and released; `batch`
+/// reads it in a batch with another cluster ([`Image::read_batch`]), else with `read_at`.
+fn freed_under_a_read(batch: bool) {
     let (storage, img) = fresh_image();
     img.write_at(&vec![0xaa; CS as usize], 0).unwrap();
     let victim = host_of(&img, 0);
@@ -145,7 +157,19 @@ fn a_cluster_freed_under_a_read_in_flight_is_not_reused_until_the_read_ends() {
     std::thread::scope(|s| {
         let reader = s.spawn(|| {
             let mut buf = vec![0u8; CS as usize];
-            img.read_at(&mut buf, 0).unwrap();
+            if batch {
+                let mut other = vec![0u8; 4096];
+                let mut reqs = [
+                    ReadRequest::new(&mut other, 7 * CS),
+                    ReadRequest::new(&mut buf, 0),
+                ];
+                img.read_batch(&mut reqs);
+                for r in reqs {
+                    r.result.unwrap();
+                }
+            } else {
+                img.read_at(&mut buf, 0).unwrap();
+            }
             buf
         });
         storage.wait_parked();

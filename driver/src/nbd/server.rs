@@ -23,11 +23,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::device::{BlockDevice, DeviceError};
-use super::queue::JobQueue;
 use super::proto::{
     self, IHAVEOPT, InfoRequest, MetaContextRequest, NBDMAGIC, REQUEST_LEN, Request, cmd, cmd_flag,
     context, errno, flag, handshake, info, opt, rep, reply,
 };
+use super::queue::JobQueue;
 use crate::error::Error;
 use crate::metrics::io::{IoStats, Op, Started};
 
@@ -1508,8 +1508,14 @@ pub(crate) mod tests {
         });
         let ran = dev.0.lock().unwrap().clone();
         assert_eq!(ran.len(), 6);
-        assert!(ran[..3].iter().all(|&t| t == reader), "QD1 reads went to workers");
-        assert_ne!(ran[3], reader, "a read with another behind it ran on the reader");
+        assert!(
+            ran[..3].iter().all(|&t| t == reader),
+            "QD1 reads went to workers"
+        );
+        assert_ne!(
+            ran[3], reader,
+            "a read with another behind it ran on the reader"
+        );
         assert_ne!(ran[5], reader, "a large read ran on the reader");
     }
 

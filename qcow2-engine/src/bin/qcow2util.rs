@@ -124,9 +124,14 @@ enum Command {
         /// Step between sequential requests (default: the request size).
         #[arg(short = 'S', long = "step", value_parser = parse_size)]
         step: Option<u64>,
-        /// Queue depth: requests in flight, one thread each.
+        /// Queue depth: requests in flight (writes: one thread each).
         #[arg(short = 'd', long = "depth", default_value_t = 1)]
         depth: usize,
+        /// Reads: threads sharing the depth, each submitting its share as one batch
+        /// (io_uring where available); default: up to 4. 0: one thread per request, each a
+        /// plain pread.
+        #[arg(long = "threads")]
+        threads: Option<usize>,
         /// Number of requests (default 75000 without --time, as qemu-img bench).
         #[arg(short = 'c', long = "count", conflicts_with = "time")]
         count: Option<u64>,
@@ -301,6 +306,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             block,
             step,
             depth,
+            threads,
             count,
             time,
             direct,
@@ -324,6 +330,11 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 block,
                 step,
                 depth,
+                threads: match threads {
+                    None => Some(depth.clamp(1, 4)),
+                    Some(0) => None,
+                    Some(t) => Some(t),
+                },
                 count: count.or(if time.is_none() { Some(75_000) } else { None }),
                 time,
                 direct,

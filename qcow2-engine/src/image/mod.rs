@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 pub use backing::{Backing, BackingPolicy, RawBacking, resolve_backing_name};
+pub use read::ReadRequest;
 pub use status::LayerStatus;
 
 use crate::alloc;

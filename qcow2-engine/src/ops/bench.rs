@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::image::{Image, OpenOptions};
+use crate::image::{Image, OpenOptions, ReadRequest};
 use crate::storage::{AlignedBuf, CacheMode};
 
 /// Where requests go.
@@ -37,8 +37,12 @@ pub struct BenchOptions {
     pub block: u64,
     /// Distance between sequential requests (default: the block size; `qemu-img bench -S`).
     pub step: Option<u64>,
-    /// Requests in flight (threads).
+    /// Requests in flight.
     pub depth: usize,
+    /// Threads sharing the depth, for reads: each submits its share of the requests as one
+    /// batch ([`Image::read_batch`]: io_uring) and waits for it. `None`: one thread per
+    /// request, each a plain `read_at`. Writes always run a thread per request.
+    pub threads: Option<usize>,
     /// Stop after this many requests...
     pub count: Option<u64>,
     /// ...or after this long (whichever comes first; one of the two is required).
@@ -65,6 +69,7 @@ impl Default for BenchOptions {
             block: 4096,
             step: None,
             depth: 1,
+            threads: None,
             count: None,
             time: None,
             direct: false,
@@ -221,32 +226,58 @@ pub fn bench(image: &Image, opts: &BenchOptions) -> Result<BenchReport> {
     let stop = AtomicBool::new(false);
     let start = Instant::now();
     let deadline = opts.time.map(|t| start + t);
+    let batched = opts.threads.filter(|_| !opts.write);
+    if batched.is_some_and(|t| t == 0 || t > opts.depth) {
+        return Err(Error::arg("threads must be between 1 and the depth"));
+    }
+    let threads = batched.unwrap_or(opts.depth);
+    // The requests thread `t` keeps in flight.
+    let share = |t: usize| opts.depth / threads + usize::from(t < opts.depth % threads);
     let failure = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..opts.depth)
-            .map(|_| {
-                s.spawn(|| -> Result<()> {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let (next, completed, stop, offsets) = (&next, &completed, &stop, &offsets);
+                s.spawn(move || -> Result<()> {
+                    let n = share(t);
                     // Aligned, so O_DIRECT requests need no bounce copy.
-                    let mut buf = AlignedBuf::new(opts.block as usize);
-                    buf.bytes_mut().fill(opts.fill);
+                    let mut bufs: Vec<AlignedBuf> = (0..n)
+                        .map(|_| {
+                            let mut buf = AlignedBuf::new(opts.block as usize);
+                            buf.bytes_mut().fill(opts.fill);
+                            buf
+                        })
+                        .collect();
                     loop {
-                        if stop.load(Ordering::Relaxed) {
+                        if stop.load(Ordering::Relaxed)
+                            || deadline.is_some_and(|d| Instant::now() >= d)
+                        {
                             return Ok(());
                         }
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= count || deadline.is_some_and(|d| Instant::now() >= d) {
+                        let first = next.fetch_add(n as u64, Ordering::Relaxed);
+                        if first >= count {
                             return Ok(());
                         }
-                        let at = offsets.at(i);
+                        let took = (count - first).min(n as u64) as usize;
                         let done = if opts.write {
-                            image.write_at(buf.bytes(), at)
+                            image.write_at(bufs[0].bytes(), offsets.at(first))
+                        } else if batched.is_none() {
+                            image.read_at(bufs[0].bytes_mut(), offsets.at(first))
                         } else {
-                            image.read_at(buf.bytes_mut(), at)
+                            let mut reqs: Vec<ReadRequest<'_>> = bufs[..took]
+                                .iter_mut()
+                                .enumerate()
+                                .map(|(k, b)| {
+                                    ReadRequest::new(b.bytes_mut(), offsets.at(first + k as u64))
+                                })
+                                .collect();
+                            image.read_batch(&mut reqs);
+                            reqs.into_iter().try_for_each(|r| r.result)
                         };
                         if let Err(e) = done {
                             stop.store(true, Ordering::Relaxed);
                             return Err(e);
                         }
-                        completed.fetch_add(1, Ordering::Relaxed);
+                        completed.fetch_add(took as u64, Ordering::Relaxed);
                     }
                 })
             })

@@ -194,14 +194,19 @@ fn copy(
     let (full_tx, full_rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(AHEAD);
     let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
     for _ in 0..WRITERS + AHEAD + 1 {
-        empty_tx.send(vec![0u8; CHUNK]).expect("the receiver is here");
+        empty_tx
+            .send(vec![0u8; CHUNK])
+            .expect("the receiver is here");
     }
     let full_rx = Mutex::new(full_rx);
     let failed: Mutex<Option<crate::error::Error>> = Mutex::new(None);
     let stop = AtomicBool::new(false);
     let fail = |e| {
         stop.store(true, Ordering::Release);
-        failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+        failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(e);
     };
     std::thread::scope(|scope| {
         for _ in 0..WRITERS {

@@ -3,13 +3,14 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
 use rustix::fs::FallocateFlags;
 
-use super::{AlignedBuf, Storage, write_zeroes_by_writing};
+use super::uring::{self, ReadOp};
+use super::{AlignedBuf, DataRead, Storage, write_zeroes_by_writing};
 
 /// How guest data reaches the file.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -195,6 +196,59 @@ impl Storage for FileStorage {
         match &self.direct {
             Some(direct) if aligned(offset, buf.len()) => self.read_direct(direct, buf, offset),
             _ => self.read_at(buf, offset),
+        }
+    }
+
+    fn read_data_batch(&self, reads: &mut [DataRead<'_>]) {
+        // Which reads the ring can do: all of them through the page cache; with O_DIRECT,
+        // the aligned ones (the others take read_data's bounce or page-cache path).
+        let fd = match &self.direct {
+            Some(direct) => direct.as_fd(),
+            None => self.file.as_fd(),
+        };
+        let ringable = |r: &DataRead<'_>| {
+            self.direct.is_none()
+                || (aligned(r.offset, r.buf.len()) && is_aligned_ptr(r.buf.as_ptr()))
+        };
+        if reads.iter().filter(|r| ringable(r)).count() < 2 || !uring::available() {
+            for r in reads {
+                r.result = self.read_data(r.buf, r.offset);
+            }
+            return;
+        }
+        let mut which = Vec::with_capacity(reads.len());
+        let mut outcome = Vec::with_capacity(reads.len());
+        {
+            let mut ops: Vec<ReadOp<'_>> = Vec::with_capacity(reads.len());
+            for (i, r) in reads.iter_mut().enumerate() {
+                if ringable(r) {
+                    which.push(i);
+                    ops.push(ReadOp::new(r.buf, r.offset));
+                }
+            }
+            if !uring::read_batch(fd, &mut ops) {
+                ops.clear(); // no ring after all: every read goes the plain way below
+                which.clear();
+            }
+            outcome.extend(ops.into_iter().map(|op| (op.done, op.error)));
+        }
+        let mut ring = which.into_iter().zip(outcome).peekable();
+        for (i, r) in reads.iter_mut().enumerate() {
+            let done = match ring.next_if(|(j, _)| *j == i) {
+                Some((_, (_, Some(e)))) => {
+                    r.result = Err(e);
+                    continue;
+                }
+                Some((_, (done, None))) => done,
+                None => 0,
+            };
+            // The rest of a short read (end of file, or interrupted), or a read the ring
+            // did not take.
+            r.result = if done < r.buf.len() {
+                self.read_data(&mut r.buf[done..], r.offset + done as u64)
+            } else {
+                Ok(())
+            };
         }
     }
 
