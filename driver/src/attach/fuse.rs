@@ -323,6 +323,25 @@ impl BlockDevice for Headroom {
         }
         self.volume.read_at(head, offset)
     }
+    fn read_batch(&self, reads: &mut [(&mut [u8], u64)]) -> Vec<DeviceResult> {
+        // The parts inside the volume go to it as one batch; past its end reads as zeros.
+        let mut results = vec![Ok(()); reads.len()];
+        let mut inside: Vec<(&mut [u8], u64)> = Vec::with_capacity(reads.len());
+        let mut which = Vec::with_capacity(reads.len());
+        for (i, (buf, offset)) in reads.iter_mut().enumerate() {
+            let n = self.inside(*offset, buf.len() as u64) as usize;
+            let (head, tail) = buf.split_at_mut(n);
+            tail.fill(0);
+            if !head.is_empty() {
+                inside.push((head, *offset));
+                which.push(i);
+            }
+        }
+        for (i, r) in which.into_iter().zip(self.volume.read_batch(&mut inside)) {
+            results[i] = r;
+        }
+        results
+    }
     fn write_at(&self, buf: &[u8], offset: u64) -> DeviceResult {
         self.past_end(offset, buf.len() as u64)?;
         self.volume.write_at(buf, offset)
@@ -494,6 +513,15 @@ mod tests {
         dev.read_at(&mut buf, 4096).unwrap();
         assert_eq!(&buf[..4096], &[7; 4096][..]);
         assert_eq!(&buf[4096..], &[0; 4096][..]);
+        // The same in a batch, with a read wholly past the end between two inside it.
+        let (mut a, mut b, mut c) = (vec![1u8; 8192], vec![1u8; 512], vec![1u8; 512]);
+        let mut batch = [(&mut a[..], 4096), (&mut b[..], 1 << 30), (&mut c[..], 0)];
+        let results = dev.read_batch(&mut batch);
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        assert_eq!(&a[..4096], &[7; 4096][..]);
+        assert_eq!(&a[4096..], &[0; 4096][..]);
+        assert_eq!(b, [0; 512]);
+        assert_eq!(c, [7; 512]);
         // Writes and zeroing past the end fail with ENOSPC and change nothing.
         let e = dev.write_at(&[9; 512], 8000).unwrap_err();
         assert_eq!(e.errno, errno::ENOSPC);

@@ -309,6 +309,12 @@ impl BlockDevice for LiveImage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> DeviceResult {
         BlockDevice::read_at(self.image()?.get(), buf, offset)
     }
+    fn read_batch(&self, reads: &mut [(&mut [u8], u64)]) -> Vec<DeviceResult> {
+        match self.image() {
+            Ok(g) => BlockDevice::read_batch(g.get(), reads),
+            Err(e) => reads.iter().map(|_| Err(e.clone())).collect(),
+        }
+    }
     fn write_at(&self, buf: &[u8], offset: u64) -> DeviceResult {
         super::failpoint("volume-write"); // a slow storage request, in tests
         self.pausing(|img| BlockDevice::write_at(img, buf, offset))

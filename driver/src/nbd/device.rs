@@ -3,6 +3,7 @@
 
 use std::io;
 
+use qcow2_engine::image::ReadRequest;
 use qcow2_engine::{Image, ZeroFlags};
 
 use super::proto::errno;
@@ -56,6 +57,15 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     fn read_only(&self) -> bool;
     /// Reads `buf.len()` bytes at `offset` (inside the device).
     fn read_at(&self, buf: &mut [u8], offset: u64) -> DeviceResult;
+    /// Reads several ranges (each inside the device), one result per range, in order. The
+    /// default reads them one after another; the engine plans them together and submits
+    /// their I/O at once.
+    fn read_batch(&self, reads: &mut [(&mut [u8], u64)]) -> Vec<DeviceResult> {
+        reads
+            .iter_mut()
+            .map(|(buf, offset)| self.read_at(buf, *offset))
+            .collect()
+    }
     /// Writes at `offset`; on return the data survives a crash of this process.
     fn write_at(&self, buf: &[u8], offset: u64) -> DeviceResult;
     /// Makes every completed write durable.
@@ -118,6 +128,14 @@ impl BlockDevice for Image {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> DeviceResult {
         Image::read_at(self, buf, offset).map_err(engine)
+    }
+    fn read_batch(&self, reads: &mut [(&mut [u8], u64)]) -> Vec<DeviceResult> {
+        let mut reqs: Vec<ReadRequest<'_>> = reads
+            .iter_mut()
+            .map(|(buf, offset)| ReadRequest::new(buf, *offset))
+            .collect();
+        Image::read_batch(self, &mut reqs);
+        reqs.into_iter().map(|r| r.result.map_err(engine)).collect()
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> DeviceResult {
         Image::write_at(self, buf, offset).map_err(engine)

@@ -4,7 +4,6 @@
 pub mod device;
 pub mod listen;
 pub mod proto;
-mod queue;
 pub mod server;
 
 pub use device::{BlockDevice, DeviceError, Extent};

@@ -27,7 +27,6 @@ use super::proto::{
     self, IHAVEOPT, InfoRequest, MetaContextRequest, NBDMAGIC, REQUEST_LEN, Request, cmd, cmd_flag,
     context, errno, flag, handshake, info, opt, rep, reply,
 };
-use super::queue::JobQueue;
 use crate::error::Error;
 use crate::metrics::io::{IoStats, Op, Started};
 
@@ -39,6 +38,8 @@ const REQUEST_BUFFER: usize = 64 << 10;
 /// Largest READ the connection's reader answers itself when it is the only request in
 /// flight (see [`Server::read_requests`]).
 const INLINE_READ: u32 = 256 << 10;
+/// Most READs handed to one worker as one batch.
+const MAX_READ_BATCH: usize = 32;
 /// How often an idle kernel connection that may be paused looks at its stop flag.
 const STOP_POLL: Duration = Duration::from_millis(50);
 /// Most extents one BLOCK_STATUS reply describes, per metadata context. A reply may cover
@@ -544,7 +545,7 @@ impl Server {
         // Requests run on a pool of workers and are answered as they complete (replies may
         // overtake each other, as the spec allows); a reply is written whole under the writer
         // lock. The queue and the byte budget bound what is in flight.
-        let jobs = JobQueue::new(workers);
+        let (jobs, work) = crossbeam_channel::bounded::<Work>(workers);
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 scope.spawn(|| {
@@ -552,8 +553,11 @@ impl Server {
                     // A READ's reply is built in place here; kept between requests unless a
                     // large read grew it.
                     let mut scratch = Vec::new();
-                    while let Some(job) = jobs.recv() {
-                        self.answer(&conn, job, &mut scratch);
+                    while let Ok(work) = work.recv() {
+                        match work {
+                            Work::One(job) => self.answer(&conn, job, &mut scratch),
+                            Work::Reads(batch) => self.answer_reads(&conn, batch, &mut scratch),
+                        }
                     }
                 });
             }
@@ -562,7 +566,7 @@ impl Server {
                 budget: &conn.budget,
             };
             let result = self.read_requests(&mut *s, &conn, &jobs, stop, patience);
-            jobs.close(); // the workers finish what is queued, reply, and stop
+            drop(jobs); // the workers finish what is queued, reply, and stop
             result
         })
     }
@@ -629,6 +633,105 @@ impl Server {
         conn.budget.release(charge);
     }
 
+    /// Runs READs that arrived together as one batch (their host reads submitted at once,
+    /// see [`BlockDevice::read_batch`]) and writes all their replies with one vectored write.
+    /// Each reply is still whole and in the order read; a failed read gets its own error.
+    fn answer_reads<S: Socket>(&self, conn: &Conn<'_, S>, batch: Vec<Job>, scratch: &mut Vec<u8>) {
+        const ALIGN: usize = qcow2_engine::storage::DIRECT_ALIGN;
+        let count = |job: &Job, ok: bool| {
+            if let (Some(stats), Some(t)) = (conn.stats, job.started) {
+                stats.finished(t, Op::Read, job.req.length, ok);
+            }
+            conn.budget.release(conn.charge(&job.req));
+        };
+        if conn.broken.load(Ordering::Acquire) {
+            batch.iter().for_each(|job| count(job, false));
+            return;
+        }
+        let (dev, structured) = (&*conn.export.device, conn.structured);
+        // Each valid read's data goes to a 4 KiB-aligned slot of the scratch buffer (no
+        // bounce copy under O_DIRECT); `slot` is where, `failed` what went wrong instead.
+        let mut failed: Vec<Option<DeviceError>> = batch
+            .iter()
+            .map(|job| self.check(dev, &job.req, structured, conn.contexts).err())
+            .collect();
+        let mut slot = Vec::with_capacity(batch.len());
+        let mut end = 0;
+        for (job, failed) in batch.iter().zip(&failed) {
+            slot.push(end);
+            if failed.is_none() {
+                end += (job.req.length as usize).next_multiple_of(ALIGN);
+            }
+        }
+        if scratch.capacity() > SCRATCH_KEEP.max(end + ALIGN) {
+            *scratch = Vec::new();
+        }
+        if scratch.len() < end + ALIGN {
+            *scratch = vec![0u8; end + ALIGN];
+        }
+        let base = scratch.as_ptr().align_offset(ALIGN);
+        {
+            let mut reads = Vec::with_capacity(batch.len());
+            let mut which = Vec::with_capacity(batch.len());
+            let mut rest: &mut [u8] = &mut scratch[base..base + end];
+            for (i, job) in batch.iter().enumerate() {
+                if failed[i].is_some() {
+                    continue;
+                }
+                let len = job.req.length as usize;
+                let (data, tail) =
+                    std::mem::take(&mut rest).split_at_mut(len.next_multiple_of(ALIGN));
+                rest = tail;
+                reads.push((&mut data[..len], job.req.offset));
+                which.push(i);
+            }
+            for (i, result) in which.into_iter().zip(dev.read_batch(&mut reads)) {
+                failed[i] = result.err();
+            }
+        }
+        // Reply heads (and whole error replies) in one buffer, then the iovecs.
+        let mut heads = Vec::with_capacity(batch.len() * 28);
+        let mut parts = Vec::with_capacity(batch.len());
+        for (job, failed) in batch.iter().zip(&failed) {
+            let start = heads.len();
+            let r = &job.req;
+            match failed {
+                Some(e) => {
+                    reply_error(&mut heads, r, structured, e).expect("writing to a Vec cannot fail")
+                }
+                None if structured => {
+                    heads.extend_from_slice(&proto::chunk_header(
+                        r.cookie,
+                        reply::FLAG_DONE,
+                        reply::OFFSET_DATA,
+                        8 + r.length,
+                    ));
+                    heads.extend_from_slice(&r.offset.to_be_bytes());
+                }
+                None => heads.extend_from_slice(&proto::simple_reply(r.cookie, 0)),
+            }
+            parts.push(start..heads.len());
+        }
+        let mut iov = Vec::with_capacity(2 * batch.len());
+        for (i, (job, failed)) in batch.iter().zip(&failed).enumerate() {
+            iov.push(io::IoSlice::new(&heads[parts[i].clone()]));
+            if failed.is_none() {
+                let at = base + slot[i];
+                iov.push(io::IoSlice::new(&scratch[at..at + job.req.length as usize]));
+            }
+        }
+        let mut w = conn.writer.lock().recover();
+        let sent = write_all_vectored(&mut *w, &mut iov);
+        if sent.is_err() {
+            conn.broken.store(true, Ordering::Release);
+            w.shutdown();
+        }
+        drop(w);
+        for (job, failed) in batch.iter().zip(&failed) {
+            count(job, failed.is_none() && sent.is_ok());
+        }
+    }
+
     /// The reading half of a connection: requests (and WRITE payloads) in, jobs out.
     /// Several requests pipelined by the client come in with one read; a large WRITE
     /// payload bypasses the buffer. Once `stop` is set, only what completes the request
@@ -637,7 +740,7 @@ impl Server {
         &self,
         mut s: R,
         conn: &Conn<'_, S>,
-        jobs: &JobQueue<Job>,
+        jobs: &crossbeam_channel::Sender<Work>,
         stop: Option<&AtomicBool>,
         patience: Patience<'_>,
     ) -> Result<Ended, Error> {
@@ -699,8 +802,36 @@ impl Server {
                 if conn.broken.load(Ordering::Acquire) {
                     return Err(Error::Protocol("the reply could not be sent".into()));
                 }
-            } else {
-                jobs.send(job);
+            } else if req.kind == cmd::READ && req.length <= INLINE_READ {
+                // Small READs that came in together go to one worker as one batch.
+                let mut batch = vec![job];
+                while batch.len() < MAX_READ_BATCH && buf.len() >= REQUEST_LEN {
+                    let Some(next) = Request::decode(buf.peek(REQUEST_LEN)) else {
+                        break; // a bad magic: the next turn of the loop says so
+                    };
+                    if next.kind != cmd::READ
+                        || next.length > INLINE_READ
+                        || !conn.budget.try_acquire(conn.charge(&next))
+                    {
+                        break;
+                    }
+                    buf.take(REQUEST_LEN);
+                    batch.push(Job {
+                        req: next,
+                        payload: Vec::new(),
+                        started: conn.stats.map(IoStats::started),
+                    });
+                }
+                let work = if batch.len() == 1 {
+                    Work::One(batch.pop().expect("one job"))
+                } else {
+                    Work::Reads(batch)
+                };
+                if jobs.send(work).is_err() {
+                    return Ok(Ended::Closed);
+                }
+            } else if jobs.send(Work::One(job)).is_err() {
+                return Ok(Ended::Closed);
             }
         }
     }
@@ -1001,6 +1132,14 @@ impl RequestBuffer {
         Ok(Fill::Ready)
     }
 
+    /// The next `n` buffered bytes, left in the buffer (there must be that many).
+    fn peek(&self, n: usize) -> &[u8; REQUEST_LEN] {
+        debug_assert_eq!(n, REQUEST_LEN);
+        self.data[self.start..self.start + n]
+            .try_into()
+            .expect("a request header")
+    }
+
     /// The next `n` buffered bytes (there must be that many).
     fn take(&mut self, n: usize) -> &[u8] {
         let r = &self.data[self.start..self.start + n];
@@ -1063,6 +1202,13 @@ impl<S> Conn<'_, S> {
     fn charge(&self, r: &Request) -> u64 {
         charge(r, self.contexts.len())
     }
+}
+
+/// What a worker is handed.
+enum Work {
+    One(Job),
+    /// Small READs read off the socket together.
+    Reads(Vec<Job>),
 }
 
 /// A request read off the socket, for a worker (or the reader itself).
@@ -1130,6 +1276,17 @@ impl Budget {
         used.requests += 1;
     }
 
+    /// Takes `n` bytes if they fit now (never waits).
+    fn try_acquire(&self, n: u64) -> bool {
+        let mut used = self.used.lock().recover();
+        if used.bytes > 0 && used.bytes + n > self.limit {
+            return false;
+        }
+        used.bytes += n;
+        used.requests += 1;
+        true
+    }
+
     fn release(&self, n: u64) {
         let mut used = self.used.lock().recover();
         used.bytes -= n;
@@ -1152,6 +1309,19 @@ impl Budget {
         let used = self.used.lock().recover();
         (used.requests == 0).then_some(used.last_done)
     }
+}
+
+/// Writes every byte of `bufs` (writev), however the socket splits it.
+fn write_all_vectored<W: Write>(w: &mut W, mut bufs: &mut [io::IoSlice<'_>]) -> io::Result<()> {
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Answers BLOCK_STATUS: one chunk per selected context, the last one marked done.
@@ -1517,6 +1687,96 @@ pub(crate) mod tests {
             "a read with another behind it ran on the reader"
         );
         assert_ne!(ran[5], reader, "a large read ran on the reader");
+    }
+
+    #[test]
+    fn reads_sent_together_are_answered_as_a_batch_each_with_its_own_reply() {
+        for structured in [false, true] {
+            let mem = crate::nbd::device::Memory::new(1 << 20);
+            let pattern: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
+            mem.write_at(&pattern, 0).unwrap();
+            let server = Server::new(vec![Export::new("", Arc::new(mem))], Limits::default());
+            let (ours, mut theirs) = UnixStream::pair().unwrap();
+            std::thread::scope(|s| {
+                s.spawn(|| server.serve(ours).unwrap());
+                if structured {
+                    structured_handshake(&mut theirs);
+                } else {
+                    quick_handshake(&mut theirs);
+                }
+                // 40 READs in one send (more than one batch holds); #7 is past the end.
+                let reads: Vec<Request> = (0..40u64)
+                    .map(|i| Request {
+                        flags: 0,
+                        kind: cmd::READ,
+                        cookie: 100 + i,
+                        offset: if i == 7 {
+                            1 << 20
+                        } else {
+                            (i * 24_593) % (1 << 19)
+                        },
+                        length: 512 + (i as u32 * 1000) % 9000,
+                    })
+                    .collect();
+                let bytes: Vec<u8> = reads.iter().flat_map(|r| r.encode()).collect();
+                theirs.write_all(&bytes).unwrap();
+                let mut seen = std::collections::BTreeSet::new();
+                for _ in 0..reads.len() {
+                    let (cookie, data) = read_one_reply(&mut theirs, structured);
+                    let r = reads[(cookie - 100) as usize];
+                    match data {
+                        Ok(data) => {
+                            let at = r.offset as usize;
+                            assert!(data == pattern[at..at + r.length as usize], "#{cookie}");
+                        }
+                        Err(errno) => {
+                            assert_eq!(cookie, 107, "only the read past the end fails");
+                            assert_eq!(errno, errno::EINVAL);
+                        }
+                    }
+                    assert!(seen.insert(cookie), "two replies to {cookie}");
+                }
+                drop(theirs);
+            });
+        }
+    }
+
+    /// One reply to a READ: its cookie, and its data or errno.
+    fn read_one_reply(s: &mut UnixStream, structured: bool) -> (u64, Result<Vec<u8>, u32>) {
+        if !structured {
+            let mut h = [0u8; 16];
+            s.read_exact(&mut h).unwrap();
+            let errno = u32::from_be_bytes(h[4..8].try_into().unwrap());
+            let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+            if errno != 0 {
+                return (cookie, Err(errno));
+            }
+            // The length is the test's to know: callers ask for what they sent.
+            return (cookie, Ok(read_simple_data(s, cookie)));
+        }
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).unwrap();
+        let kind = u16::from_be_bytes(h[6..8].try_into().unwrap());
+        let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).unwrap();
+        if kind == reply::OFFSET_DATA {
+            (cookie, Ok(payload[8..].to_vec()))
+        } else {
+            (
+                cookie,
+                Err(u32::from_be_bytes(payload[..4].try_into().unwrap())),
+            )
+        }
+    }
+
+    /// The data of a simple reply to the READ with `cookie` of the batch test above.
+    fn read_simple_data(s: &mut UnixStream, cookie: u64) -> Vec<u8> {
+        let i = cookie - 100;
+        let mut data = vec![0u8; 512 + (i as usize * 1000) % 9000];
+        s.read_exact(&mut data).unwrap();
+        data
     }
 
     #[test]
