@@ -697,7 +697,8 @@ impl Server {
             let r = &job.req;
             match failed {
                 Some(e) => {
-                    reply_error(&mut heads, r, structured, e).expect("writing to a Vec cannot fail")
+                    reply_error(&mut heads, r, structured, e)
+                        .expect("writing to a Vec cannot fail");
                 }
                 None if structured => {
                     heads.extend_from_slice(&proto::chunk_header(
