@@ -2,8 +2,9 @@
 """Side-by-side benchmark: our engine vs QEMU's qcow2 vs the raw file, in one run.
 
 Every cell runs the same pattern on a fresh image (writes) or the same filled image (reads)
-on the same filesystem: our engine through `qcow2util bench` (threads stand in for queue
-depth), QEMU through `qemu-img bench` (sequential and strided patterns) or `qemu-io` command
+on the same filesystem: our engine through `qcow2util bench` (writes: a thread per request in
+flight; reads: up to 4 threads, each submitting its share of the queue depth as one io_uring
+batch), QEMU through `qemu-img bench` (sequential and strided patterns) or `qemu-io` command
 scripts (random patterns; QD32 as batches of 32 aio requests), and the raw file through fio
 (io_uring). Caches are dropped before every cell. Prints a Markdown table with ratios.
 
@@ -12,7 +13,11 @@ cells time the requests only, for all three. qemu-io is timed from outside, open
 flush included, so random-write cells include a final flush for all three (`--flush`,
 fio's `end_fsync`).
 
-Usage: hack/bench.py [--dir DIR] [--repeat N] [--quick] [--qcow2util PATH]
+`--dd` times the conversion instead: `qcow2util dd` against `qemu-img convert -t writeback`,
+1 GiB of random bytes from a raw file into a new qcow2 image, both ending durable.
+
+Usage: hack/bench.py [--dir DIR] [--repeat N] [--quick] [--qcow2util PATH] [--only TEXT]
+                     [--no-memory] [--dd]
 """
 
 import argparse
@@ -158,6 +163,30 @@ class Bench:
         filled["raw"] = raw
         return filled
 
+    def convert(self):
+        """Median seconds of `qcow2util dd` and `qemu-img convert -t writeback` of a 1 GiB
+        raw file of random bytes into a new qcow2 image, interleaved, caches dropped. Both
+        end durable: dd ends with an fdatasync, qemu-img flushes the image as it closes it."""
+        src = self.path("src.raw")
+        if not os.path.exists(src):
+            with open(src, "wb") as f:
+                for _ in range(1024):
+                    f.write(os.urandom(1 << 20))
+        out = self.path("out.qcow2")
+        times = {"ours": [], "qemu": []}
+        cmds = {"ours": [self.util, "dd", "-i", src, "-o", out, "-O", "qcow2"],
+                "qemu": ["qemu-img", "convert", "-t", "writeback", "-O", "qcow2", src, out]}
+        for _ in range(self.repeat):
+            for k in times:
+                if os.path.exists(out):
+                    os.unlink(out)
+                drop_caches()
+                t0 = time.monotonic()
+                sh(cmds[k])
+                times[k].append(time.monotonic() - t0)
+        os.unlink(out)
+        return statistics.median(times["ours"]), statistics.median(times["qemu"])
+
     def memory(self):
         """Peak RSS of our engine on a 4 TiB image worked over a 1 GiB region."""
         img = self.path("big.qcow2")
@@ -174,7 +203,7 @@ class Bench:
         return out["max_rss_kib"], reread["max_rss_kib"]
 
 
-def cells(quick):
+def cells(quick, only=""):
     def c(name, bs, qd, pattern="seq", step=None, write=True, count=16384):
         return dict(name=name, bs=bs, qd=qd, pattern=pattern, step=step, write=write, count=count)
     out = [
@@ -187,10 +216,11 @@ def cells(quick):
         c("1M seq write", 1 << 20, 32, count=1024),
         c("4K random read, allocated", 4096, 1, "rand", write=False),
         c("4K random read, allocated", 4096, 32, "rand", write=False),
+        c("4K seq read, allocated", 4096, 32, write=False, count=65536),
     ]
     if quick:
         out = [x for x in out if x["qd"] == 32 or x["name"].startswith("4K random write")]
-    return out
+    return [x for x in out if only in f"{x['name']} QD{x['qd']}"]
 
 
 def machine():
@@ -212,6 +242,10 @@ def main():
     ap.add_argument("--repeat", type=int, default=3, help="runs per cell (median)")
     ap.add_argument("--quick", action="store_true", help="QD32 cells and random writes only")
     ap.add_argument("--qcow2util", default="target/release/qcow2util")
+    ap.add_argument("--only", default="", help="only the cells whose 'name QDn' contains this")
+    ap.add_argument("--no-memory", action="store_true", help="skip the 4 TiB memory check")
+    ap.add_argument("--dd", action="store_true",
+                    help="only the conversion row: qcow2util dd vs qemu-img convert")
     args = ap.parse_args()
     for tool in ("qemu-img", "qemu-io", "fio"):
         if not shutil.which(tool):
@@ -224,11 +258,18 @@ def main():
     print(f"Images: 1 GiB, 64 KiB clusters, in {args.dir}; median of {args.repeat}; "
           f"caches dropped before each run{'' if os.geteuid() == 0 else ' (NOT: not root)'}.")
     print()
+    if args.dd:
+        ours, qemu = b.convert()
+        print("| 1 GiB raw (random bytes) → qcow2, ending durable | ours (s) | qemu-img convert "
+              "-t writeback (s) | ours / QEMU (speed) |")
+        print("|---|---|---|---|")
+        print(f"| qcow2util dd vs qemu-img convert | {ours:.2f} | {qemu:.2f} | {qemu / ours:.2f} |")
+        return
     filled = b.fill()
     rows = []
     print("| pattern | QD | cache | ext L2 | ours IOPS | QEMU IOPS | raw IOPS | ours/QEMU | ours/raw |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for cell in cells(args.quick):
+    for cell in cells(args.quick, args.only):
         for direct in (True, False):
             cell = dict(cell, direct=direct)
             r = b.run_cell(cell, filled)
@@ -239,6 +280,8 @@ def main():
                        f"{ours / qemu:.2f} | {ours / raw:.2f} |")
                 print(row, flush=True)
                 rows.append(row)
+    if args.no_memory:
+        return
     rss_write, rss_read = b.memory()
     print()
     print(f"Memory: 4 TiB image, 4K random writes then reads over a 1 GiB region at QD32: "
