@@ -23,7 +23,7 @@ bench: ## Engine vs QEMU qcow2 vs raw file, side by side (needs qemu-utils and f
 	$(CARGO) build --release -p qcow2-engine
 	./hack/bench.py $(BENCH_ARGS)
 
-bench-nbd: ## qcow2-csi nbd vs qemu-nbd (fio's nbd engine, nbdcopy), then kernel nbd vs qemu-nbd -c in user-mode Linux (needs qemu-utils, fio, libnbd-bin, user-mode-linux)
+bench-nbd: ## qcow2-csi nbd vs qemu-nbd, qemu-storage-daemon and nbdkit on raw (fio's nbd engine, qemu-img bench, nbdcopy), then kernel nbd vs qemu-nbd -c in user-mode Linux (needs qemu-utils, fio, libnbd-bin, nbdkit, user-mode-linux)
 	$(CARGO) build --release -p qcow2-csi
 	./hack/bench_nbd.py $(BENCH_ARGS)
 	./hack/bench_kernel.py $(BENCH_ARGS)

@@ -152,7 +152,8 @@ def main():
     for tool in ("qemu-img", "qemu-nbd", "qemu-storage-daemon", "nbdkit", "fio", "nbdcopy"):
         if not shutil.which(tool):
             sys.exit(f"bench_nbd: {tool} is missing "
-                     "(apt-get install qemu-utils qemu-system-common nbdkit fio libnbd-bin)")
+                     "(apt-get install qemu-utils nbdkit fio libnbd-bin; qemu-storage-daemon "
+                     "comes with qemu-utils, or qemu-system-common before Debian 13)")
     servers = [k for k in args.servers.split(",") if k]
     for k in servers:
         if k not in SERVERS:
@@ -206,9 +207,9 @@ def main():
         ("nbdcopy 1 GiB into a fresh volume (MiB/s)", fresh, lambda u: nbdcopy("src.raw", u)),
         ("nbdcopy out to null (MiB/s)", filled, lambda u: nbdcopy(u, "null:")),
     ]
-    print(f"1 GiB images (qcow2: 64 KiB clusters), page cache everywhere; median of "
-          f"{args.repeat} interleaved runs; caches dropped before each run.")
     if not args.metrics_only:
+        print(f"1 GiB images (qcow2: 64 KiB clusters), page cache everywhere; median of "
+              f"{args.repeat} interleaved runs; caches dropped before each run.")
         print()
         head = [TITLES[k] for k in servers]
         ratios = "ours" in servers and any(k in servers for k in ("qemu-nbd", "qsd"))
@@ -242,6 +243,9 @@ def main():
         ("4K random write, fresh (fio nbd)", "32", fresh,
          lambda u: fio(u, "randwrite", 32, many // 2)),
     ]
+    print()
+    print(f"qcow2-csi nbd --cache none with and without --metrics-address (scraped every "
+          f"second), 1 GiB qcow2 image; median of {args.repeat} interleaved runs.")
     print()
     print("| pattern | QD | metrics on (IOPS) | metrics off (IOPS) | on / off |")
     print("|---|---|---|---|---|")
