@@ -35,7 +35,7 @@ WORKLOADS = {
 def watch(tool, pid, out):
     if tool == "perf":
         cmd = ["perf", "stat", "-x", ",", "-e", "task-clock,context-switches,cpu-migrations",
-               "--per-thread" if False else "-p", str(pid), "-o", out]
+               "-p", str(pid), "-o", out]
     else:
         cmd = ["strace", "-c", "-f", "-p", str(pid), "-o", out]
     p = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)

@@ -38,8 +38,9 @@ const REQUEST_BUFFER: usize = 64 << 10;
 /// Largest READ the connection's reader answers itself when it is the only request in
 /// flight (see [`Server::read_requests`]).
 const INLINE_READ: u32 = 256 << 10;
-/// Largest WRITE handed to a worker with others, and most WRITEs in one batch.
+/// Largest WRITE handed to a worker together with others.
 const BATCH_WRITE: u32 = 64 << 10;
+/// Most WRITEs handed to one worker as one batch.
 const MAX_WRITE_BATCH: usize = 16;
 /// Most READs handed to one worker as one batch.
 const MAX_READ_BATCH: usize = 32;
@@ -813,70 +814,27 @@ impl Server {
                 if conn.broken.load(Ordering::Acquire) {
                     return Err(Error::Protocol("the reply could not be sent".into()));
                 }
-            } else if req.kind == cmd::READ && req.length <= INLINE_READ {
-                // Small READs that came in together go to one worker as one batch.
-                let mut batch = vec![job];
-                while batch.len() < MAX_READ_BATCH && buf.len() >= REQUEST_LEN {
-                    let Some(next) = Request::decode(buf.peek(REQUEST_LEN)) else {
-                        break; // a bad magic: the next turn of the loop says so
-                    };
-                    if next.kind != cmd::READ
-                        || next.length > INLINE_READ
-                        || !conn.budget.try_acquire(conn.charge(&next))
-                    {
-                        break;
+            } else {
+                // Small READs, or small WRITEs, that came in together go to one worker.
+                let work = match req.kind {
+                    cmd::READ if req.length <= INLINE_READ => {
+                        gather(conn, &mut buf, job, MAX_READ_BATCH, |next, _| {
+                            next.kind == cmd::READ && next.length <= INLINE_READ
+                        })
                     }
-                    buf.take(REQUEST_LEN);
-                    batch.push(Job {
-                        req: next,
-                        payload: Payload::default(),
-                        started: conn.stats.map(IoStats::started),
-                    });
-                }
-                let work = if batch.len() == 1 {
-                    Work::One(batch.pop().expect("one job"))
-                } else {
-                    Work::Reads(batch)
+                    cmd::WRITE if req.length <= BATCH_WRITE => {
+                        gather(conn, &mut buf, job, MAX_WRITE_BATCH, |next, buffered| {
+                            // Only whole requests: the reader never waits for a batch.
+                            next.kind == cmd::WRITE
+                                && next.length <= BATCH_WRITE
+                                && buffered >= next.length as usize
+                        })
+                    }
+                    _ => Work::One(job),
                 };
                 if jobs.send(work).is_err() {
                     return Ok(Ended::Closed);
                 }
-            } else if req.kind == cmd::WRITE && req.length <= BATCH_WRITE {
-                // Small WRITEs whose whole request is already buffered behind this one go to
-                // the same worker, which runs them in order: one wake-up for all of them.
-                let mut batch = vec![job];
-                while batch.len() < MAX_WRITE_BATCH && buf.len() >= REQUEST_LEN {
-                    let Some(next) = Request::decode(buf.peek(REQUEST_LEN)) else {
-                        break;
-                    };
-                    if next.kind != cmd::WRITE
-                        || next.length > BATCH_WRITE
-                        || buf.len() < REQUEST_LEN + next.length as usize
-                        || !conn.budget.try_acquire(conn.charge(&next))
-                    {
-                        break;
-                    }
-                    buf.take(REQUEST_LEN);
-                    let mut payload = conn.spare.take(next.length as usize);
-                    payload
-                        .bytes_mut()
-                        .copy_from_slice(buf.take(next.length as usize));
-                    batch.push(Job {
-                        req: next,
-                        payload,
-                        started: conn.stats.map(IoStats::started),
-                    });
-                }
-                let work = if batch.len() == 1 {
-                    Work::One(batch.pop().expect("one job"))
-                } else {
-                    Work::Writes(batch)
-                };
-                if jobs.send(work).is_err() {
-                    return Ok(Ended::Closed);
-                }
-            } else if jobs.send(Work::One(job)).is_err() {
-                return Ok(Ended::Closed);
             }
         }
     }
@@ -1411,6 +1369,47 @@ impl Budget {
     fn quiet_since(&self) -> Option<Instant> {
         let used = self.used.lock().recover();
         (used.requests == 0).then_some(used.last_done)
+    }
+}
+
+/// `first` and the requests buffered behind it that `joins` accepts (given the bytes buffered
+/// after the next header), while the byte budget has room now, up to `most` in all: work for
+/// one worker. READs become [`Work::Reads`] (one batch for the engine), WRITEs (with their
+/// payloads, copied out of the buffer) [`Work::Writes`], run in order.
+fn gather<S>(
+    conn: &Conn<'_, S>,
+    buf: &mut RequestBuffer,
+    first: Job,
+    most: usize,
+    joins: impl Fn(&Request, usize) -> bool,
+) -> Work {
+    let kind = first.req.kind;
+    let mut batch = vec![first];
+    while batch.len() < most && buf.len() >= REQUEST_LEN {
+        let Some(next) = Request::decode(buf.peek(REQUEST_LEN)) else {
+            break; // a bad magic: the reader's next turn says so
+        };
+        if !joins(&next, buf.len() - REQUEST_LEN) || !conn.budget.try_acquire(conn.charge(&next)) {
+            break;
+        }
+        buf.take(REQUEST_LEN);
+        let mut payload = Payload::default();
+        if next.kind == cmd::WRITE {
+            payload = conn.spare.take(next.length as usize);
+            payload
+                .bytes_mut()
+                .copy_from_slice(buf.take(next.length as usize));
+        }
+        batch.push(Job {
+            req: next,
+            payload,
+            started: conn.stats.map(IoStats::started),
+        });
+    }
+    match (batch.len(), kind) {
+        (1, _) => Work::One(batch.pop().expect("one job")),
+        (_, cmd::READ) => Work::Reads(batch),
+        _ => Work::Writes(batch),
     }
 }
 
