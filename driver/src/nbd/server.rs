@@ -192,16 +192,28 @@ impl<S: Socket> Deadlined<'_, S> {
 }
 
 impl<S: Socket> Read for Deadlined<'_, S> {
+    /// A socket timeout (`EAGAIN`) is retried with what is left, so the deadline's own
+    /// `TimedOut` is what ends the handshake, however the timer and the clock fall.
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.s.set_read_timeout(Some(self.left()?))?;
-        self.s.read(buf)
+        loop {
+            self.s.set_read_timeout(Some(self.left()?))?;
+            match self.s.read(buf) {
+                Err(e) if idle(&e) => {}
+                r => return r,
+            }
+        }
     }
 }
 
 impl<S: Socket> Write for Deadlined<'_, S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.s.set_write_timeout(Some(self.left()?))?;
-        self.s.write(buf)
+        loop {
+            self.s.set_write_timeout(Some(self.left()?))?;
+            match self.s.write(buf) {
+                Err(e) if idle(&e) => {}
+                r => return r,
+            }
+        }
     }
     fn flush(&mut self) -> io::Result<()> {
         self.s.flush()
