@@ -112,6 +112,20 @@ class Server:
         self.proc.wait()
 
 
+def make_images(img, raw, written):
+    """A fresh 1 GiB qcow2 image (64 KiB clusters) and raw file; `written`: filled with 1 MiB
+    sequential writes (O_DIRECT, so nothing of them stays in the page cache)."""
+    for f in (img, raw):
+        if os.path.exists(f):
+            os.unlink(f)
+    sh(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=64k", img, str(GIB)])
+    sh(["qemu-img", "create", "-q", "-f", "raw", raw, str(GIB)])
+    if written:
+        for f, fmt in ((img, "qcow2"), (raw, "raw")):
+            sh(["qemu-img", "bench", "-f", fmt, "-t", "none", "-i", "io_uring", "-d", "16",
+                "-w", "-s", "1M", "-c", "1024", "--pattern=0xcd", f])
+
+
 def fio(uri, rw, qd, count=16384, bs="4k"):
     """IOPS of one fio run through the nbd engine, or MiB/s when `bs` is not 4k."""
     out = "fio-out.json"
@@ -164,18 +178,10 @@ def main():
     img, raw, sock = (os.path.abspath(n) for n in ("img.qcow2", "img.raw", "nbd.sock"))
 
     def fresh():
-        for f in (img, raw):
-            if os.path.exists(f):
-                os.unlink(f)
-        sh(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=64k", img, str(GIB)])
-        sh(["qemu-img", "create", "-q", "-f", "raw", raw, str(GIB)])
+        make_images(img, raw, written=False)
 
     def filled():
-        fresh()
-        sh(["qemu-img", "bench", "-f", "qcow2", "-t", "none", "-i", "io_uring", "-d", "16", "-w",
-            "-s", "1M", "-c", "1024", "--pattern=0xcd", img])
-        sh(["qemu-img", "bench", "-f", "raw", "-t", "none", "-i", "io_uring", "-d", "16", "-w",
-            "-s", "1M", "-c", "1024", "--pattern=0xcd", raw])
+        make_images(img, raw, written=True)
 
     if not os.path.exists("src.raw"):
         with open("src.raw", "wb") as f:  # 1 GiB without zero blocks: nothing to skip

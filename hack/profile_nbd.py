@@ -20,7 +20,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_nbd import GIB, SERVERS, Server, sh  # noqa: E402
+from bench_nbd import GIB, SERVERS, Server, make_images, sh  # noqa: E402
 
 WORKLOADS = {
     # name: (fio rw, bs, iodepth, needs written data)
@@ -62,15 +62,7 @@ def main():
     img, raw, sock = (os.path.abspath(n) for n in ("img.qcow2", "img.raw", "nbd.sock"))
 
     def prepare():
-        for f in (img, raw):
-            if os.path.exists(f):
-                os.unlink(f)
-        sh(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=64k", img, str(GIB)])
-        sh(["qemu-img", "create", "-q", "-f", "raw", raw, str(GIB)])
-        if written:
-            for f, fmt in ((img, "qcow2"), (raw, "raw")):
-                sh(["qemu-img", "bench", "-f", fmt, "-t", "none", "-i", "io_uring", "-d", "16",
-                    "-w", "-s", "1M", "-c", "1024", "--pattern=0xcd", f])
+        make_images(img, raw, written)
 
     def run(uri):
         t0 = time.monotonic()

@@ -643,15 +643,7 @@ impl Server {
             Some(range) => &scratch[range],
             None => &out[..],
         };
-        let mut w = conn.writer.lock().recover();
-        let sent = reply.and_then(|()| w.write_all(bytes));
-        if sent.is_err() {
-            // The client is gone, or left the reply unread past the idle limit: a reply cut
-            // short leaves the stream out of sync.
-            conn.broken.store(true, Ordering::Release);
-            w.shutdown();
-        }
-        drop(w);
+        let sent = conn.send(|w| reply.and_then(|()| w.write_all(bytes)));
         counted(done && sent.is_ok());
         conn.budget.release(charge);
     }
@@ -713,26 +705,20 @@ impl Server {
             }
         }
         // Reply heads (and whole error replies) in one buffer, then the iovecs.
-        let mut heads = Vec::with_capacity(batch.len() * 28);
+        let mut heads = Vec::with_capacity(batch.len() * READ_HEAD_MAX);
         let mut parts = Vec::with_capacity(batch.len());
         for (job, failed) in batch.iter().zip(&failed) {
             let start = heads.len();
-            let r = &job.req;
             match failed {
                 Some(e) => {
-                    reply_error(&mut heads, r, structured, e)
+                    reply_error(&mut heads, &job.req, structured, e)
                         .expect("writing to a Vec cannot fail");
                 }
-                None if structured => {
-                    heads.extend_from_slice(&proto::chunk_header(
-                        r.cookie,
-                        reply::FLAG_DONE,
-                        reply::OFFSET_DATA,
-                        8 + r.length,
-                    ));
-                    heads.extend_from_slice(&r.offset.to_be_bytes());
+                None => {
+                    let mut head = [0u8; READ_HEAD_MAX];
+                    let n = read_head(&job.req, structured, &mut head);
+                    heads.extend_from_slice(&head[..n]);
                 }
-                None => heads.extend_from_slice(&proto::simple_reply(r.cookie, 0)),
             }
             parts.push(start..heads.len());
         }
@@ -744,13 +730,7 @@ impl Server {
                 iov.push(io::IoSlice::new(&scratch[at..at + job.req.length as usize]));
             }
         }
-        let mut w = conn.writer.lock().recover();
-        let sent = write_all_vectored(&mut *w, &mut iov);
-        if sent.is_err() {
-            conn.broken.store(true, Ordering::Release);
-            w.shutdown();
-        }
-        drop(w);
+        let sent = conn.send(|w| write_all_vectored(w, &mut iov));
         for (job, failed) in batch.iter().zip(&failed) {
             count(job, failed.is_none() && sent.is_ok());
         }
@@ -999,18 +979,29 @@ fn read_reply(
         reply_error(buf, r, structured, &e).expect("writing to a Vec cannot fail");
         return (0..buf.len(), false);
     }
-    let mut header = [0u8; 28];
-    let header: &[u8] = if structured {
-        let h = proto::chunk_header(r.cookie, reply::FLAG_DONE, reply::OFFSET_DATA, 8 + r.length);
-        header[..20].copy_from_slice(&h);
-        header[20..].copy_from_slice(&r.offset.to_be_bytes());
-        &header
-    } else {
-        &proto::simple_reply(r.cookie, 0)
-    };
-    let start = data - header.len();
-    buf[start..data].copy_from_slice(header);
+    let mut head = [0u8; READ_HEAD_MAX];
+    let n = read_head(r, structured, &mut head);
+    let start = data - n;
+    buf[start..data].copy_from_slice(&head[..n]);
     (start..data + len, true)
+}
+
+/// Longest head of a READ's data reply (a structured chunk header and the offset).
+const READ_HEAD_MAX: usize = proto::CHUNK_HEADER_LEN + 8;
+
+/// Writes into `out` what precedes a successful READ's data on the wire: a simple reply, or
+/// an `OFFSET_DATA` chunk header with the offset. Returns its length.
+fn read_head(r: &Request, structured: bool, out: &mut [u8; READ_HEAD_MAX]) -> usize {
+    if structured {
+        let h = proto::chunk_header(r.cookie, reply::FLAG_DONE, reply::OFFSET_DATA, 8 + r.length);
+        out[..proto::CHUNK_HEADER_LEN].copy_from_slice(&h);
+        out[proto::CHUNK_HEADER_LEN..].copy_from_slice(&r.offset.to_be_bytes());
+        READ_HEAD_MAX
+    } else {
+        let h = proto::simple_reply(r.cookie, 0);
+        out[..h.len()].copy_from_slice(&h);
+        h.len()
+    }
 }
 
 /// How a connection's serving ended.
@@ -1147,10 +1138,9 @@ impl RequestBuffer {
         Ok(Fill::Ready)
     }
 
-    /// The next `n` buffered bytes, left in the buffer (there must be that many).
-    fn peek(&self, n: usize) -> &[u8; REQUEST_LEN] {
-        debug_assert_eq!(n, REQUEST_LEN);
-        self.data[self.start..self.start + n]
+    /// The next request header, left in the buffer (a whole one must be buffered).
+    fn peek_request(&self) -> &[u8; REQUEST_LEN] {
+        self.data[self.start..self.start + REQUEST_LEN]
             .try_into()
             .expect("a request header")
     }
@@ -1275,6 +1265,21 @@ impl<S> Conn<'_, S> {
     }
 }
 
+impl<S: Socket> Conn<'_, S> {
+    /// Writes a reply, whole, under the writer lock. If that fails, the client is gone or
+    /// left the reply unread past the idle limit, and a reply cut short leaves the stream out
+    /// of sync: the connection is marked broken and shut both ways.
+    fn send(&self, write: impl FnOnce(&mut S) -> io::Result<()>) -> io::Result<()> {
+        let mut w = self.writer.lock().recover();
+        let sent = write(&mut w);
+        if sent.is_err() {
+            self.broken.store(true, Ordering::Release);
+            w.shutdown();
+        }
+        sent
+    }
+}
+
 /// What a worker is handed.
 enum Work {
     One(Job),
@@ -1325,6 +1330,14 @@ struct Flight {
     waiting: bool,
 }
 
+impl Flight {
+    /// Whether `n` more bytes fit under `limit`. A request larger than the whole budget
+    /// still fits when nothing else is in flight, so it runs alone.
+    fn fits(&self, n: u64, limit: u64) -> bool {
+        self.bytes == 0 || self.bytes + n <= limit
+    }
+}
+
 impl Budget {
     fn new(limit: u64) -> Self {
         Self {
@@ -1341,7 +1354,7 @@ impl Budget {
 
     fn acquire(&self, n: u64) {
         let mut used = self.used.lock().recover();
-        while used.bytes > 0 && used.bytes + n > self.limit {
+        while !used.fits(n, self.limit) {
             used.waiting = true;
             used = self.freed.wait(used).recover();
         }
@@ -1352,7 +1365,7 @@ impl Budget {
     /// Takes `n` bytes if they fit now (never waits).
     fn try_acquire(&self, n: u64) -> bool {
         let mut used = self.used.lock().recover();
-        if used.bytes > 0 && used.bytes + n > self.limit {
+        if !used.fits(n, self.limit) {
             return false;
         }
         used.bytes += n;
@@ -1398,7 +1411,7 @@ fn gather<S>(
     let kind = first.req.kind;
     let mut batch = vec![first];
     while batch.len() < most && buf.len() >= REQUEST_LEN {
-        let Some(next) = Request::decode(buf.peek(REQUEST_LEN)) else {
+        let Some(next) = Request::decode(buf.peek_request()) else {
             break; // a bad magic: the reader's next turn says so
         };
         if !joins(&next, buf.len() - REQUEST_LEN) || !conn.budget.try_acquire(conn.charge(&next)) {

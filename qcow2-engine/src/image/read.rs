@@ -210,22 +210,27 @@ impl Image {
     pub(crate) fn fill(&self, pieces: &[Piece], buf: &mut [u8]) -> Result<()> {
         let mut done = 0;
         for piece in pieces {
-            let part = &mut buf[done..done + piece.len()];
-            match piece {
-                Piece::Host { at, .. } => self
-                    .storage
-                    .read_data(part, *at)
-                    .ctx(|| format!("reading data at {at:#x}"))?,
-                Piece::Zero(_) => part.fill(0),
-                Piece::Backing { off, .. } => match &self.backing {
-                    Some(b) => b.read_at(part, *off)?,
-                    None => part.fill(0),
-                },
-                Piece::Bytes(bytes) => part.copy_from_slice(bytes),
-            }
+            self.fill_piece(piece, &mut buf[done..done + piece.len()])?;
             done += piece.len();
         }
         debug_assert_eq!(done, buf.len());
+        Ok(())
+    }
+
+    /// Fills `part` (as long as the piece) with one planned piece's bytes.
+    fn fill_piece(&self, piece: &Piece, part: &mut [u8]) -> Result<()> {
+        match piece {
+            Piece::Host { at, .. } => self
+                .storage
+                .read_data(part, *at)
+                .ctx(|| format!("reading data at {at:#x}"))?,
+            Piece::Zero(_) => part.fill(0),
+            Piece::Backing { off, .. } => match &self.backing {
+                Some(b) => b.read_at(part, *off)?,
+                None => part.fill(0),
+            },
+            Piece::Bytes(bytes) => part.copy_from_slice(bytes),
+        }
         Ok(())
     }
 }
@@ -291,29 +296,11 @@ impl Image {
                 for piece in pieces {
                     let (part, tail) = std::mem::take(&mut rest).split_at_mut(piece.len());
                     rest = tail;
-                    let done = match piece {
-                        Piece::Host { at, .. } => {
-                            host.push(DataRead::new(part, *at));
-                            owner.push(i);
-                            Ok(())
-                        }
-                        Piece::Zero(_) => {
-                            part.fill(0);
-                            Ok(())
-                        }
-                        Piece::Backing { off, .. } => match &self.backing {
-                            Some(b) => b.read_at(part, *off),
-                            None => {
-                                part.fill(0);
-                                Ok(())
-                            }
-                        },
-                        Piece::Bytes(bytes) => {
-                            part.copy_from_slice(bytes);
-                            Ok(())
-                        }
-                    };
-                    if let Err(e) = done {
+                    // Image-file bytes are read together below; the rest is filled now.
+                    if let Piece::Host { at, .. } = piece {
+                        host.push(DataRead::new(part, *at));
+                        owner.push(i);
+                    } else if let Err(e) = self.fill_piece(piece, part) {
                         failed[i].get_or_insert(e);
                     }
                 }

@@ -8,6 +8,7 @@ use crate::image::{Image, OpenOptions};
 use crate::ops::create::{self, CreateOptions};
 use crate::ops::map;
 use crate::storage::{FileStorage, Storage};
+use crate::sync::Recover;
 
 /// Image formats `convert` reads and writes.
 pub use crate::ops::create::BackingFormat as Format;
@@ -114,7 +115,8 @@ const CHUNK: usize = 2 << 20;
 /// overlap, and an allocating write of one chunk overlaps another's (qemu-img convert keeps
 /// 8 requests in flight for the same reason).
 const WRITERS: usize = 2;
-/// Chunks read ahead of the writers (the memory of a copy: `(WRITERS + AHEAD) * CHUNK`).
+/// Chunks read ahead of the writers (the memory of a copy: `(WRITERS + AHEAD + 1) * CHUNK`,
+/// the one more being read).
 const AHEAD: usize = 4;
 
 /// Converts `input` to a new file `output`, calling `progress(done, total)` as it goes.
@@ -203,10 +205,7 @@ fn copy(
     let stop = AtomicBool::new(false);
     let fail = |e| {
         stop.store(true, Ordering::Release);
-        failed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert(e);
+        failed.lock().recover().get_or_insert(e);
     };
     std::thread::scope(|scope| {
         for _ in 0..WRITERS {
@@ -214,7 +213,7 @@ fn copy(
             let (full_rx, fail, stop) = (&full_rx, &fail, &stop);
             scope.spawn(move || {
                 loop {
-                    let next = full_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let next = full_rx.lock().recover().recv();
                     let Ok((off, buf)) = next else { return };
                     if !stop.load(Ordering::Acquire)
                         && let Err(e) = write_nonzero(sink, &buf, off)
@@ -251,7 +250,7 @@ fn copy(
         }
         drop(full_tx); // the writers finish what is queued and stop
     });
-    match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+    match failed.into_inner().recover() {
         Some(e) => Err(e),
         None => Ok(()),
     }
