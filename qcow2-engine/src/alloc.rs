@@ -5,7 +5,10 @@
 //!   so free clusters are never metadata (and the overlap map double-checks it);
 //! - **refcount before use, amortised**: clusters are taken from a *reserve*. A refill sets the
 //!   refcounts of a batch of clusters to 1, zeroes reused ones (punch), extends the file over
-//!   new ones, then syncs once. Every cluster handed out afterwards already has a durable
+//!   new ones, then syncs what it changed (a range sync: the refcount slices, the punched
+//!   clusters and the file length, not the guest data dirty in the page cache, which under
+//!   buffered writes made each refill write back everything written since the last one).
+//!   Every cluster handed out afterwards already has a durable
 //!   refcount and durably reads as zeros, so a new L2 table needs no write and no barrier
 //!   before the L1 entry, and a write into a new cluster needs no zero padding. A crash leaks
 //!   at most the unused reserve; the dirty bit makes the next read-write open reclaim it;
@@ -16,6 +19,8 @@
 //!   durable before the refcount table points at it;
 //! - the refcount table grows by writing a bigger copy (with the blocks describing the new area)
 //!   at the end of the image, syncing, switching the header, then releasing the old table.
+
+use std::ops::Range;
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::entries::refblock_offset;
@@ -122,8 +127,8 @@ impl Meta {
         if self.reserve.is_empty() {
             // The slow path: a barrier under the state lock. Normally a top-up (below) keeps
             // the reserve from running dry.
-            let batch = self.prepare_batch()?;
-            self.sync()?;
+            let (batch, changed) = self.recording(Self::prepare_batch)?;
+            self.sync_ranges(&changed)?;
             self.reserve.extend(batch);
         }
         let c = self
@@ -139,12 +144,13 @@ impl Meta {
         !self.topping_up && (self.reserve.len() as u64) < self.reserve_batch / 4
     }
 
-    /// Starts a top-up: the next batch, refcounts written but not yet durable. The caller
-    /// drops the state lock, syncs, and hands the batch to [`Meta::finish_top_up`], so
-    /// requests keep allocating from what is left of the reserve during the barrier.
-    pub fn start_top_up(&mut self) -> Result<Vec<u64>> {
+    /// Starts a top-up: the next batch, refcounts written but not yet durable, and the ranges
+    /// of storage it changed. The caller drops the state lock, syncs those ranges, and hands
+    /// the batch to [`Meta::finish_top_up`], so requests keep allocating from what is left
+    /// of the reserve during the barrier.
+    pub fn start_top_up(&mut self) -> Result<(Vec<u64>, Vec<Range<u64>>)> {
         self.topping_up = true;
-        let batch = self.prepare_batch();
+        let batch = self.recording(Self::prepare_batch);
         if batch.is_err() {
             self.topping_up = false;
         }
@@ -193,6 +199,9 @@ impl Meta {
         self.free_hint = c;
         // A reused cluster may still hold old bytes: it must read as zeros before it is used.
         self.punch_runs(&got)?;
+        for (off, len) in byte_runs(&got, self.geo.cluster_bits) {
+            self.note_changed(off, len);
+        }
         let changes: Vec<(u64, u64)> = got.iter().map(|&c| (c, 1)).collect();
         self.update_refcounts(&changes)?;
         let rest = want - got.len() as u64;

@@ -12,6 +12,7 @@
 
 use crate::sync::Recover;
 use std::io;
+use std::ops::Range;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use crate::storage::Storage;
@@ -33,6 +34,15 @@ pub(crate) struct Barrier {
     finished: Condvar,
 }
 
+fn check_poison(p: &Progress) -> io::Result<()> {
+    match &p.poisoned {
+        Some(why) => Err(io::Error::other(format!(
+            "an earlier flush failed ({why}); written data may be lost, reopen the image"
+        ))),
+        None => Ok(()),
+    }
+}
+
 impl Barrier {
     fn lock(&self) -> MutexGuard<'_, Progress> {
         self.progress.lock().recover()
@@ -43,11 +53,7 @@ impl Barrier {
         let mut p = self.lock();
         let need = p.started + 1;
         loop {
-            if let Some(why) = &p.poisoned {
-                return Err(io::Error::other(format!(
-                    "an earlier flush failed ({why}); written data may be lost, reopen the image"
-                )));
-            }
+            check_poison(&p)?;
             if p.completed >= need {
                 return Ok(());
             }
@@ -69,6 +75,19 @@ impl Barrier {
             self.finished.notify_all();
             result?;
         }
+    }
+
+    /// Makes `ranges` durable ([`Storage::sync_ranges`]). Not shared with other callers: a
+    /// range sync covers its own caller's ranges and nothing else. A failure poisons the
+    /// barrier like a failed sync (the kernel hands a writeback error of any part of the file
+    /// to whichever sync comes next, range or not).
+    pub fn sync_ranges(&self, storage: &dyn Storage, ranges: &[Range<u64>]) -> io::Result<()> {
+        check_poison(&self.lock())?;
+        let result = storage.sync_ranges(ranges);
+        if let Err(e) = &result {
+            self.lock().poisoned.get_or_insert_with(|| e.to_string());
+        }
+        result
     }
 
     /// Syncs started so far (for tests and statistics).

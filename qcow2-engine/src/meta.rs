@@ -8,6 +8,7 @@
 //! on metadata of another kind marks the image corrupt and fails instead of damaging it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::ops::Range;
 use std::sync::Arc;
 
 use crate::barrier::Barrier;
@@ -298,6 +299,8 @@ pub(crate) struct Meta {
     pub dirty: bool,
     /// A corruption was detected: every later write fails.
     pub corrupt: Option<String>,
+    /// Ranges of storage changed while [`Meta::recording`] runs (only it sets this).
+    pub recorded: Option<Vec<Range<u64>>>,
 }
 
 impl Meta {
@@ -305,9 +308,36 @@ impl Meta {
     /// for L2 slices written back with group commit, through [`Meta::prepare_meta_write`]).
     pub fn write_meta(&mut self, kind: MetaKind, offset: HostOffset, bytes: &[u8]) -> Result<()> {
         self.prepare_meta_write(kind, offset, bytes.len() as u64)?;
+        self.note_changed(offset.0, bytes.len() as u64);
         self.storage
             .write_at(bytes, offset.0)
             .ctx(|| format!("writing {} at {offset}", kind.name()))
+    }
+
+    /// Runs `f` and returns, with its result, the ranges of storage it wrote, zeroed or
+    /// punched through [`Meta::write_meta`] or [`Meta::note_changed`]: what a range sync
+    /// must cover to make `f`'s changes durable.
+    pub fn recording<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T>,
+    ) -> Result<(T, Vec<Range<u64>>)> {
+        let outer = self.recorded.replace(Vec::new());
+        let result = f(self);
+        let mut ranges = std::mem::replace(&mut self.recorded, outer).unwrap_or_default();
+        if let Some(outer) = &mut self.recorded {
+            outer.extend(ranges.iter().cloned());
+        }
+        ranges.sort_unstable_by_key(|r| r.start);
+        Ok((result?, ranges))
+    }
+
+    /// Records a change of storage made other than through [`Meta::write_meta`] (a punch).
+    pub fn note_changed(&mut self, offset: u64, len: u64) {
+        if let Some(r) = &mut self.recorded
+            && len > 0
+        {
+            r.push(offset..offset + len);
+        }
     }
 
     /// Everything that must hold before metadata bytes change: the image is usable, the
@@ -473,5 +503,12 @@ impl Meta {
         self.barrier
             .sync(&*self.storage)
             .ctx(|| "flushing the image file".to_string())
+    }
+
+    /// A barrier for `ranges` only (see [`Meta::recording`]).
+    pub fn sync_ranges(&self, ranges: &[Range<u64>]) -> Result<()> {
+        self.barrier
+            .sync_ranges(&*self.storage, ranges)
+            .ctx(|| "flushing metadata of the image file".to_string())
     }
 }

@@ -262,6 +262,7 @@ impl Image {
             pending_free: Vec::new(),
             dirty: false,
             corrupt: None,
+            recorded: None,
             header: header.clone(),
         };
         if opts.writable {
@@ -395,7 +396,7 @@ impl Image {
     /// allocating requests rarely wait for a refill. Failures are left to the next
     /// allocation, which refills synchronously and reports them.
     pub(crate) fn top_up_reserve(&self) {
-        let batch = {
+        let (batch, ranges) = {
             let mut st = self.lock();
             if !st.meta.wants_top_up() {
                 return;
@@ -405,7 +406,7 @@ impl Image {
                 Err(_) => return,
             }
         };
-        let synced = self.barrier.sync(&*self.storage).is_ok();
+        let synced = self.barrier.sync_ranges(&*self.storage, &ranges).is_ok();
         self.lock().meta.finish_top_up(batch, synced);
     }
 

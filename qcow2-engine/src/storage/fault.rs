@@ -7,9 +7,15 @@
 //! process had died there. After a crash, [`FaultStorage::live`] is what a process crash leaves;
 //! [`FaultStorage::power_loss`] builds what a power loss leaves: the durable bytes plus any
 //! subset of the unflushed mutations (a disk may persist them in any order).
+//!
+//! A range sync ([`Storage::sync_ranges`]) makes durable exactly what it promises and no more:
+//! the parts of unflushed writes and zeroings inside its ranges, and every length change. The
+//! parts outside stay unflushed, so a barrier that forgets a range shows up as a power loss
+//! that keeps the metadata but not what it depends on.
 
 use crate::sync::Recover;
 use std::io;
+use std::ops::Range;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -134,6 +140,22 @@ impl FaultStorage {
         self.has_crashed()
     }
 
+    /// Counts a flush or range sync and fails it as the plan says.
+    fn check_flush(&self) -> io::Result<()> {
+        if self.crashed() {
+            return Err(injected("crashed"));
+        }
+        let index = self.flushes.fetch_add(1, Ordering::SeqCst);
+        match *self.plan.lock().recover() {
+            FaultPlan::FailFlush => Err(injected("flush")),
+            FaultPlan::CrashAtFlush(n) if index >= n => {
+                self.crashed.store(true, Ordering::SeqCst);
+                Err(injected("crashed"))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Counts a mutation and fails it as the plan says; `fills` when it needs new space.
     fn check_mutation(&self, fills: bool) -> io::Result<()> {
         if self.crashed() {
@@ -152,6 +174,39 @@ impl FaultStorage {
             _ => Ok(()),
         }
     }
+}
+
+/// `r` cut at the edges of `ranges`: each part, and whether it lies inside one of them.
+fn split(r: Range<u64>, ranges: &[Range<u64>]) -> Vec<(Range<u64>, bool)> {
+    let mut cuts: Vec<u64> = ranges
+        .iter()
+        .flat_map(|x| [x.start, x.end])
+        .filter(|&c| c > r.start && c < r.end)
+        .chain([r.start, r.end])
+        .collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    cuts.windows(2)
+        .map(|w| {
+            let inside = ranges.iter().any(|x| x.start <= w[0] && w[1] <= x.end);
+            (w[0]..w[1], inside)
+        })
+        .collect()
+}
+
+/// Drops the parts of unflushed writes and zeroings at or past `len`.
+fn clip(rest: &mut Vec<Mutation>, len: u64) {
+    rest.retain_mut(|m| match m {
+        Mutation::Write(off, data) => {
+            data.truncate(len.saturating_sub(*off) as usize);
+            !data.is_empty()
+        }
+        Mutation::Zero(off, n) => {
+            *n = (*n).min(len.saturating_sub(*off));
+            *n > 0
+        }
+        Mutation::SetLen(_) => true,
+    });
 }
 
 fn injected(what: &str) -> io::Error {
@@ -188,20 +243,52 @@ impl Storage for FaultStorage {
     }
 
     fn flush(&self) -> io::Result<()> {
-        if self.crashed() {
-            return Err(injected("crashed"));
-        }
-        let index = self.flushes.fetch_add(1, Ordering::SeqCst);
-        match *self.plan.lock().recover() {
-            FaultPlan::FailFlush => return Err(injected("flush")),
-            FaultPlan::CrashAtFlush(n) if index >= n => {
-                self.crashed.store(true, Ordering::SeqCst);
-                return Err(injected("crashed"));
-            }
-            _ => {}
-        }
+        self.check_flush()?;
         *self.durable.lock().recover() = self.live.to_bytes();
         self.unflushed.lock().recover().clear();
+        Ok(())
+    }
+
+    fn sync_ranges(&self, ranges: &[Range<u64>]) -> io::Result<()> {
+        self.check_flush()?;
+        let mut unflushed = self.unflushed.lock().recover();
+        let mut durable = self.durable.lock().recover();
+        let img = MemoryStorage::from_bytes(std::mem::take(&mut *durable));
+        let mut rest = Vec::new();
+        for m in unflushed.drain(..) {
+            let applied = match m {
+                Mutation::Write(off, data) => {
+                    for (part, inside) in split(off..off + data.len() as u64, ranges) {
+                        let bytes =
+                            data[(part.start - off) as usize..(part.end - off) as usize].to_vec();
+                        if inside {
+                            img.write_at(&bytes, part.start)?;
+                        } else {
+                            rest.push(Mutation::Write(part.start, bytes));
+                        }
+                    }
+                    Ok(())
+                }
+                Mutation::Zero(off, len) => {
+                    for (part, inside) in split(off..off + len, ranges) {
+                        if inside {
+                            img.write_zeroes(part.start, part.end - part.start)?;
+                        } else {
+                            rest.push(Mutation::Zero(part.start, part.end - part.start));
+                        }
+                    }
+                    Ok(())
+                }
+                Mutation::SetLen(len) => {
+                    // What a shorter file cut off cannot come back.
+                    clip(&mut rest, len);
+                    img.set_len(len)
+                }
+            };
+            applied.expect("memory storage accepts replayed mutations");
+        }
+        *durable = img.to_bytes();
+        *unflushed = rest;
         Ok(())
     }
 
@@ -243,6 +330,43 @@ mod tests {
         assert_eq!(s.durable(), vec![1, 0, 0, 0]);
         assert_eq!(s.power_loss(|_| true), vec![1, 2, 0, 0]);
         assert_eq!(s.power_loss(|_| false), vec![1, 0, 0, 0]);
+    }
+
+    #[test]
+    fn a_range_sync_makes_durable_only_what_lies_in_its_ranges() {
+        let s = FaultStorage::new(vec![0; 8], FaultPlan::None);
+        s.write_at(&[1, 1, 1, 1], 0).unwrap();
+        s.punch_hole(6, 2).unwrap();
+        s.write_at(&[2, 2], 5).unwrap();
+        s.sync_ranges(&[1..3, 6..7]).unwrap();
+        assert_eq!(s.durable(), vec![0, 1, 1, 0, 0, 0, 2, 0]);
+        // What is left unflushed: the parts outside the ranges, in their order.
+        assert_eq!(
+            s.unflushed(),
+            vec![
+                Mutation::Write(0, vec![1]),
+                Mutation::Write(3, vec![1]),
+                Mutation::Zero(7, 1),
+                Mutation::Write(5, vec![2]),
+            ]
+        );
+        assert_eq!(s.power_loss(|_| true), s.live());
+        // A shorter length is durable at once, and what it cut off cannot come back.
+        s.write_at(&[3], 7).unwrap();
+        s.set_len(6).unwrap();
+        s.sync_ranges(std::slice::from_ref(&(0..1))).unwrap();
+        assert_eq!(s.durable(), vec![1, 1, 1, 0, 0, 0]);
+        assert_eq!(s.power_loss(|_| true), s.live());
+        assert_eq!(s.flushes(), 2);
+    }
+
+    #[test]
+    fn a_range_sync_is_a_flush_for_the_plan() {
+        let s = FaultStorage::new(vec![0; 4], FaultPlan::CrashAtFlush(0));
+        s.write_at(&[1], 0).unwrap();
+        assert!(s.sync_ranges(std::slice::from_ref(&(0..1))).is_err());
+        assert!(s.has_crashed());
+        assert_eq!(s.durable(), vec![0; 4]);
     }
 
     #[test]

@@ -3,9 +3,10 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::OnceLock;
 
 use rustix::fs::FallocateFlags;
 
@@ -35,6 +36,12 @@ pub struct FileStorage {
     writable: bool,
     /// A second descriptor of the same file opened with `O_DIRECT` ([`CacheMode::Direct`]).
     direct: Option<File>,
+    /// A read-only description of the same file for io_uring, opened on first use (`None`
+    /// if it could not be). The ring must never hold the description that carries the
+    /// image's locks: a process killed with requests in flight has its ring torn down
+    /// after it has exited, and a reference held there would keep the image locked
+    /// against `qemu-img` or our own restart for a while after the kill.
+    ring_file: OnceLock<Option<File>>,
 }
 
 impl FileStorage {
@@ -83,7 +90,20 @@ impl FileStorage {
             file,
             writable,
             direct: None,
+            ring_file: OnceLock::new(),
         }
+    }
+
+    /// The description io_uring may use for buffered reads and range syncs (see
+    /// `ring_file`), reopened through `/proc/self/fd` like the `O_DIRECT` one.
+    fn ring_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.ring_file
+            .get_or_init(|| {
+                let proc_path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+                OpenOptions::new().read(true).open(proc_path).ok()
+            })
+            .as_ref()
+            .map(AsFd::as_fd)
     }
 
     /// Switches how guest data is read and written. [`CacheMode::Direct`] reopens the same
@@ -203,19 +223,24 @@ impl Storage for FileStorage {
         // Which reads the ring can do: all of them through the page cache; with O_DIRECT,
         // the aligned ones (the others take read_data's bounce or page-cache path).
         let fd = match &self.direct {
-            Some(direct) => direct.as_fd(),
-            None => self.file.as_fd(),
+            Some(direct) => Some(direct.as_fd()),
+            None => self.ring_fd(),
         };
         let ringable = |r: &DataRead<'_>| {
             self.direct.is_none()
                 || (aligned(r.offset, r.buf.len()) && is_aligned_ptr(r.buf.as_ptr()))
         };
-        if reads.iter().filter(|r| ringable(r)).count() < 2 || !uring::available() {
-            for r in reads {
-                r.result = self.read_data(r.buf, r.offset);
+        let fd = match fd {
+            Some(fd) if reads.iter().filter(|r| ringable(r)).count() >= 2 && uring::available() => {
+                fd
             }
-            return;
-        }
+            _ => {
+                for r in reads {
+                    r.result = self.read_data(r.buf, r.offset);
+                }
+                return;
+            }
+        };
         let mut which = Vec::with_capacity(reads.len());
         let mut outcome = Vec::with_capacity(reads.len());
         {
@@ -321,6 +346,23 @@ impl Storage for FileStorage {
 
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    /// Range syncs through io_uring (see [`uring::sync_ranges`]); `fdatasync` where the
+    /// thread has no ring. Either way a failure is reported like a failed `fdatasync`: the
+    /// kernel reports a writeback error of any part of the file to the next sync of any range.
+    fn sync_ranges(&self, ranges: &[std::ops::Range<u64>]) -> io::Result<()> {
+        // With no range, one byte: the length still has to become durable.
+        let first_byte = 0..1;
+        let ranges = if ranges.is_empty() {
+            std::slice::from_ref(&first_byte)
+        } else {
+            ranges
+        };
+        match self.ring_fd().and_then(|fd| uring::sync_ranges(fd, ranges)) {
+            Some(result) => result,
+            None => self.flush(),
+        }
     }
 
     fn len(&self) -> io::Result<u64> {

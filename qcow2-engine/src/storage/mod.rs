@@ -12,6 +12,7 @@ mod memory;
 mod uring;
 
 use std::io;
+use std::ops::Range;
 use std::sync::Arc;
 
 pub use fault::{FaultPlan, FaultStorage, Mutation};
@@ -65,6 +66,15 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Makes everything written so far durable (`fdatasync` for files).
     fn flush(&self) -> io::Result<()>;
 
+    /// Makes durable what was written, zeroed or punched inside `ranges`, and the storage's
+    /// length; other unflushed changes may stay volatile. A barrier that only needs a few
+    /// metadata bytes durable need not write back every dirty page of the file (under
+    /// buffered guest writes, that is most of what `fdatasync` costs). The default
+    /// [`Storage::flush`]es everything.
+    fn sync_ranges(&self, _ranges: &[Range<u64>]) -> io::Result<()> {
+        self.flush()
+    }
+
     /// Current length in bytes.
     fn len(&self) -> io::Result<u64>;
 
@@ -109,6 +119,9 @@ impl<S: Storage + ?Sized> Storage for Arc<S> {
     }
     fn flush(&self) -> io::Result<()> {
         (**self).flush()
+    }
+    fn sync_ranges(&self, ranges: &[Range<u64>]) -> io::Result<()> {
+        (**self).sync_ranges(ranges)
     }
     fn len(&self) -> io::Result<u64> {
         (**self).len()
