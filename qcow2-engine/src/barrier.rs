@@ -1,4 +1,5 @@
-//! Group commit: threads that each need "everything I wrote is durable" share one `fdatasync`.
+//! Group commit: threads that each need "everything I wrote is durable" share one `fdatasync`,
+//! and threads that each need "these ranges are durable" share one range sync.
 //!
 //! A caller needs a sync that *starts* after its writes completed. If one is already running it
 //! may have started too early, so the caller waits for the next one; every thread waiting at
@@ -25,6 +26,23 @@ struct Progress {
     completed: u64,
     running: bool,
     poisoned: Option<String>,
+    /// What the next sync must cover: everything (a caller of [`Barrier::sync`] is waiting),
+    /// or the ranges of the [`Barrier::sync_ranges`] callers waiting for it.
+    whole: bool,
+    ranges: Vec<Range<u64>>,
+}
+
+/// Sorted ranges with overlapping and touching ones merged: one range sync each.
+fn coalesce(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    ranges.sort_unstable_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
 }
 
 /// See the module docs.
@@ -50,7 +68,26 @@ impl Barrier {
 
     /// Returns once a sync that started after this call has completed.
     pub fn sync(&self, storage: &dyn Storage) -> io::Result<()> {
+        self.wait_for(storage, None)
+    }
+
+    /// Returns once `ranges` are durable ([`Storage::sync_ranges`]). Callers group-commit
+    /// like [`Barrier::sync`]: one sync covers the ranges of every caller waiting when it
+    /// starts (a whole-file sync, if one of them asked for that). A failure poisons the
+    /// barrier like a failed sync: the kernel hands a writeback error of any part of the
+    /// file to whichever sync comes next, range or not.
+    pub fn sync_ranges(&self, storage: &dyn Storage, ranges: &[Range<u64>]) -> io::Result<()> {
+        self.wait_for(storage, Some(ranges))
+    }
+
+    fn wait_for(&self, storage: &dyn Storage, ranges: Option<&[Range<u64>]>) -> io::Result<()> {
         let mut p = self.lock();
+        check_poison(&p)?;
+        // Registered for the next sync to start: it takes what is pending when it starts.
+        match ranges {
+            None => p.whole = true,
+            Some(r) => p.ranges.extend_from_slice(r),
+        }
         let need = p.started + 1;
         loop {
             check_poison(&p)?;
@@ -64,8 +101,14 @@ impl Barrier {
             p.running = true;
             p.started += 1;
             let generation = p.started;
+            let whole = std::mem::take(&mut p.whole);
+            let ranges = coalesce(std::mem::take(&mut p.ranges));
             drop(p);
-            let result = storage.flush();
+            let result = if whole {
+                storage.flush()
+            } else {
+                storage.sync_ranges(&ranges)
+            };
             p = self.lock();
             p.running = false;
             match &result {
@@ -75,19 +118,6 @@ impl Barrier {
             self.finished.notify_all();
             result?;
         }
-    }
-
-    /// Makes `ranges` durable ([`Storage::sync_ranges`]). Not shared with other callers: a
-    /// range sync covers its own caller's ranges and nothing else. A failure poisons the
-    /// barrier like a failed sync (the kernel hands a writeback error of any part of the file
-    /// to whichever sync comes next, range or not).
-    pub fn sync_ranges(&self, storage: &dyn Storage, ranges: &[Range<u64>]) -> io::Result<()> {
-        check_poison(&self.lock())?;
-        let result = storage.sync_ranges(ranges);
-        if let Err(e) = &result {
-            self.lock().poisoned.get_or_insert_with(|| e.to_string());
-        }
-        result
     }
 
     /// Syncs started so far (for tests and statistics).
@@ -111,6 +141,7 @@ mod tests {
     struct SlowFlush {
         inner: MemoryStorage,
         flushes: AtomicU64,
+        range_syncs: Mutex<Vec<Vec<Range<u64>>>>,
     }
 
     impl Storage for SlowFlush {
@@ -129,6 +160,11 @@ mod tests {
         fn flush(&self) -> io::Result<()> {
             std::thread::sleep(Duration::from_millis(20));
             self.flushes.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn sync_ranges(&self, ranges: &[Range<u64>]) -> io::Result<()> {
+            std::thread::sleep(Duration::from_millis(20));
+            self.range_syncs.lock().unwrap().push(ranges.to_vec());
             Ok(())
         }
         fn len(&self) -> io::Result<u64> {
@@ -156,6 +192,69 @@ mod tests {
         assert!(n >= 1, "at least one sync ran");
         assert!(n <= 8, "16 callers needed {n} syncs: they did not share");
         assert_eq!(barrier.started(), n);
+    }
+
+    /// 16 callers at once, caller `whole` (if any) asking for a whole-file sync, the others
+    /// for overlapping ranges (`i * 100..i * 100 + 150`).
+    fn pile_up(whole: Option<u64>) -> (Arc<SlowFlush>, Arc<Barrier>) {
+        let storage = Arc::new(SlowFlush::default());
+        let barrier = Arc::new(Barrier::default());
+        let threads: Vec<_> = (0..16u64)
+            .map(|i| {
+                let (s, b) = (storage.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    if Some(i) == whole {
+                        b.sync(&*s).unwrap();
+                    } else {
+                        b.sync_ranges(&*s, std::slice::from_ref(&(i * 100..i * 100 + 150)))
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        (storage, barrier)
+    }
+
+    #[test]
+    fn range_syncs_are_shared_merged_and_cover_every_caller() {
+        let (storage, barrier) = pile_up(None);
+        let syncs = storage.range_syncs.lock().unwrap().clone();
+        assert_eq!(storage.flushes.load(Ordering::SeqCst), 0);
+        assert!(syncs.len() <= 8, "16 callers needed {} syncs", syncs.len());
+        assert_eq!(barrier.started(), syncs.len() as u64);
+        for ranges in &syncs {
+            assert!(
+                ranges.windows(2).all(|w| w[0].end < w[1].start),
+                "{ranges:?}"
+            );
+        }
+        for i in 0..16 {
+            let want = i * 100..i * 100 + 150;
+            assert!(
+                syncs
+                    .iter()
+                    .flatten()
+                    .any(|r| r.start <= want.start && want.end <= r.end),
+                "caller {i} was never synced: {syncs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_whole_file_caller_among_range_callers_gets_a_whole_file_sync() {
+        let (storage, barrier) = pile_up(Some(7));
+        let flushes = storage.flushes.load(Ordering::SeqCst);
+        let syncs = storage.range_syncs.lock().unwrap().len() as u64;
+        assert_eq!(flushes, 1);
+        assert!(
+            flushes + syncs <= 8,
+            "16 callers needed {} syncs",
+            flushes + syncs
+        );
+        assert_eq!(barrier.started(), flushes + syncs);
     }
 
     #[test]

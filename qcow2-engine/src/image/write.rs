@@ -5,8 +5,8 @@
 //! 1. **plan**, under the state lock: every cluster becomes an in-place write or an
 //!    allocation; allocated clusters come from the reserve and are marked busy;
 //! 2. **I/O**, without the lock: copy-on-write bytes and guest data, merged into as few
-//!    `pwrite`s as the host layout allows; then one (group-committed) barrier if bytes were
-//!    copied;
+//!    `pwrite`s as the host layout allows; then, if bytes were copied, a range sync of those
+//!    bytes (not of the whole file);
 //! 3. **link**, under the lock: the L2 entries (adjacent ones in one write), then the release
 //!    of what they pointed at before, and the busy marks are cleared.
 //!
@@ -342,14 +342,13 @@ impl Image {
         if steps.is_empty() {
             return Ok(());
         }
-        let written = self.write_steps(buf, steps).and_then(|needs_barrier| {
-            if needs_barrier {
-                self.barrier
-                    .sync(&*self.storage)
-                    .ctx(|| "syncing copied data".to_string())
-            } else {
-                Ok(())
+        let written = self.write_steps(buf, steps).and_then(|copied| {
+            if copied.is_empty() {
+                return Ok(());
             }
+            self.barrier
+                .sync_ranges(&*self.storage, &copied)
+                .ctx(|| "syncing copied data".to_string())
         });
         if allocs(steps).next().is_none() {
             return written;
@@ -394,17 +393,19 @@ impl Image {
         self.wake(&st);
     }
 
-    /// Writes the data and copy-on-write bytes of planned steps. Returns whether bytes were
-    /// copied (or zeroed) that must be durable before the L2 entries point at them: otherwise
-    /// a power loss could keep a new entry but not the bytes it needs, and lose data that was
-    /// flushed before this write.
-    fn write_steps(&self, buf: &[u8], steps: &[Step]) -> Result<bool> {
+    /// Writes the data and copy-on-write bytes of planned steps. Returns the host ranges of
+    /// bytes copied (or zeroed) that must be durable before the L2 entries point at them:
+    /// otherwise a power loss could keep a new entry but not the bytes it needs, and lose
+    /// data that was flushed before this write. A range sync of just those: a full sync
+    /// would also write back every dirty page of the file (all the guest's buffered writes
+    /// since the last flush) before each first write to a cluster of a fresh overlay.
+    fn write_steps(&self, buf: &[u8], steps: &[Step]) -> Result<Vec<Range<u64>>> {
         let mut merged = Merger {
             image: self,
             buf,
             run: None,
         };
-        let mut needs_barrier = false;
+        let mut copied = Vec::new();
         for step in steps {
             match step {
                 Step::InPlace { at, src } => merged.push(*at, src.clone())?,
@@ -422,22 +423,29 @@ impl Image {
                         self.fill(&a.head, h)?;
                         d.copy_from_slice(&buf[a.src.clone()]);
                         self.fill(&a.tail, t)?;
-                        self.write_host(&unit, data_at - head_len as u64)?;
-                        needs_barrier = true;
+                        let at = data_at - head_len as u64;
+                        self.write_host(&unit, at)?;
+                        copied.push(at..at + unit.len() as u64);
                         continue;
                     }
                     if !a.fresh && head_len + tail_len > 0 {
                         // Zeros around the data in space that may hold old bytes.
-                        self.zero_host(data_at - head_len as u64, head_len as u64)?;
-                        self.zero_host(data_at + a.src.len() as u64, tail_len as u64)?;
-                        needs_barrier = true;
+                        let head_at = data_at - head_len as u64;
+                        let tail_at = data_at + a.src.len() as u64;
+                        self.zero_host(head_at, head_len as u64)?;
+                        self.zero_host(tail_at, tail_len as u64)?;
+                        copied.extend([
+                            head_at..head_at + head_len as u64,
+                            tail_at..tail_at + tail_len as u64,
+                        ]);
                     }
                     merged.push(data_at, a.src.clone())?;
                 }
             }
         }
         merged.finish()?;
-        Ok(needs_barrier)
+        copied.retain(|r| !r.is_empty());
+        Ok(copied)
     }
 
     fn write_host(&self, bytes: &[u8], at: u64) -> Result<()> {
