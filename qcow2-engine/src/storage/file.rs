@@ -348,8 +348,8 @@ impl Storage for FileStorage {
         self.file.sync_data()
     }
 
-    /// Range syncs through io_uring (see [`uring::sync_ranges`]); `fdatasync` where the
-    /// thread has no ring. Either way a failure is reported like a failed `fdatasync`: the
+    /// Range syncs through io_uring (`storage::uring`: ranged `IORING_OP_FSYNC`);
+    /// `fdatasync` where the thread has no ring. Either way a failure is reported like a failed `fdatasync`: the
     /// kernel reports a writeback error of any part of the file to the next sync of any range.
     fn sync_ranges(&self, ranges: &[std::ops::Range<u64>]) -> io::Result<()> {
         // With no range, one byte: the length still has to become durable.
