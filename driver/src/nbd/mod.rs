@@ -4,6 +4,7 @@
 pub mod device;
 pub mod listen;
 pub mod proto;
+pub mod qos;
 pub mod server;
 
 pub use device::{BlockDevice, DeviceError, Extent};

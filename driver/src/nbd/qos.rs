@@ -1,0 +1,378 @@
+//! Per-volume QoS: token buckets for read and write IOPS and bytes per second (issue 20).
+//!
+//! Every request of a volume passes through our NBD server, so the server can hold a volume
+//! to exact limits, and change them while the volume is in use. This module is the
+//! arithmetic: how long a request must wait before it runs. It is not wired into the
+//! request path yet.
+//!
+//! Each limit is a bucket of `rate × burst` tokens, refilled at `rate` per second. A request
+//! takes its tokens (1 for an IOPS bucket, its length for a bytes bucket) at once, even into
+//! debt, and waits until the debt is paid back: a request larger than the bucket still runs,
+//! and the long-run rate is exact whatever the request sizes. With no limit set, a request
+//! costs one atomic load.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use qcow2_engine::sync::Recover;
+
+use crate::error::{Error, Result};
+
+/// The parameter names (StorageClass and VolumeAttributesClass), in the order they are
+/// documented.
+pub const KEYS: [&str; 5] = [
+    "readIOPS",
+    "writeIOPS",
+    "readBytesPerSecond",
+    "writeBytesPerSecond",
+    "burstSeconds",
+];
+
+/// Highest IOPS limit accepted: far above what one volume does, low enough to catch a typo.
+const MAX_IOPS: u64 = 10_000_000;
+/// Highest bandwidth limit accepted (1 TiB/s).
+const MAX_BYTES_PER_SECOND: u64 = 1 << 40;
+/// Longest burst accepted.
+const MAX_BURST_SECONDS: u64 = 60;
+
+/// Limits of one volume; `None` is unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub read_iops: Option<u64>,
+    pub write_iops: Option<u64>,
+    pub read_bytes_per_second: Option<u64>,
+    pub write_bytes_per_second: Option<u64>,
+    /// How many seconds of each rate an idle volume may spend at once.
+    pub burst_seconds: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            read_iops: None,
+            write_iops: None,
+            read_bytes_per_second: None,
+            write_bytes_per_second: None,
+            burst_seconds: 1,
+        }
+    }
+}
+
+impl Limits {
+    /// Whether any limit is set.
+    pub fn is_limited(&self) -> bool {
+        self.rates().iter().any(Option::is_some)
+    }
+
+    fn rates(&self) -> [Option<u64>; 4] {
+        [
+            self.read_iops,
+            self.write_iops,
+            self.read_bytes_per_second,
+            self.write_bytes_per_second,
+        ]
+    }
+
+    /// The QoS keys of a parameter map, typed; other keys are left to the caller. `0` or an
+    /// empty value is "no limit". Sizes take the suffixes K, M and G (powers of 1024).
+    pub fn parse(raw: &HashMap<String, String>) -> Result<Limits> {
+        let mut l = Limits::default();
+        for key in KEYS {
+            let Some(v) = raw.get(key).map(|v| v.trim()) else {
+                continue;
+            };
+            match key {
+                "readIOPS" => l.read_iops = parse_rate(key, v, MAX_IOPS, false)?,
+                "writeIOPS" => l.write_iops = parse_rate(key, v, MAX_IOPS, false)?,
+                "readBytesPerSecond" => {
+                    l.read_bytes_per_second = parse_rate(key, v, MAX_BYTES_PER_SECOND, true)?;
+                }
+                "writeBytesPerSecond" => {
+                    l.write_bytes_per_second = parse_rate(key, v, MAX_BYTES_PER_SECOND, true)?;
+                }
+                "burstSeconds" => {
+                    l.burst_seconds = v
+                        .parse::<u64>()
+                        .ok()
+                        .filter(|n| (1..=MAX_BURST_SECONDS).contains(n))
+                        .ok_or_else(|| {
+                            Error::InvalidArgument(format!(
+                                "burstSeconds: {v:?} is not a whole number of seconds from 1 \
+                                 to {MAX_BURST_SECONDS}"
+                            ))
+                        })?;
+                }
+                _ => unreachable!("every key of KEYS is handled"),
+            }
+        }
+        Ok(l)
+    }
+}
+
+fn parse_rate(key: &str, v: &str, max: u64, size: bool) -> Result<Option<u64>> {
+    let bad = || {
+        Error::InvalidArgument(format!(
+            "{key}: {v:?} is not a {} from 0 (no limit) to {max}",
+            if size {
+                "byte rate (e.g. 20M)"
+            } else {
+                "whole number"
+            }
+        ))
+    };
+    if v.is_empty() {
+        return Ok(None);
+    }
+    let (num, mult) = match v.find(|c: char| !c.is_ascii_digit()) {
+        None => (v, 1u64),
+        Some(i) if size => {
+            let mult = match &v[i..] {
+                "K" | "Ki" => 1 << 10,
+                "M" | "Mi" => 1 << 20,
+                "G" | "Gi" => 1 << 30,
+                _ => return Err(bad()),
+            };
+            (&v[..i], mult)
+        }
+        Some(_) => return Err(bad()),
+    };
+    let n = num
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|&n| n <= max)
+        .ok_or_else(bad)?;
+    Ok((n > 0).then_some(n))
+}
+
+/// Which way a request moves data. Only READ counts as a read; WRITE, WRITE_ZEROES and TRIM
+/// count as writes (a zeroing of a large range costs one operation and no bytes: it moves
+/// none through the socket).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Read,
+    Write,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    /// Tokens per second.
+    rate: f64,
+    capacity: f64,
+    /// May go below zero: the debt of the last requests.
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(rate: u64, burst_seconds: u64, now: Instant) -> Self {
+        let capacity = rate as f64 * burst_seconds as f64;
+        Self {
+            rate: rate as f64,
+            capacity,
+            tokens: capacity,
+            last: now,
+        }
+    }
+
+    /// Takes `n` tokens; returns how long until the bucket is out of debt.
+    fn take(&mut self, n: f64, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = self.last.max(now);
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity);
+        self.tokens -= n;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
+
+/// The buckets of one volume, shared by all its connections; limits can change at any time.
+#[derive(Debug, Default)]
+pub struct Qos {
+    limited: AtomicBool,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    limits: Limits,
+    /// read IOPS, write IOPS, read bytes, write bytes.
+    buckets: [Option<Bucket>; 4],
+}
+
+impl Qos {
+    pub fn new(limits: Limits) -> Self {
+        let qos = Qos::default();
+        qos.set(limits, Instant::now());
+        qos
+    }
+
+    /// Replaces the limits, effective for the next request. A bucket whose rate is unchanged
+    /// keeps its state (debt included), so re-applying the same limits changes nothing.
+    pub fn set(&self, limits: Limits, now: Instant) {
+        let mut st = self.state.lock().recover();
+        let old = st.limits;
+        for (i, (new, was)) in limits.rates().into_iter().zip(old.rates()).enumerate() {
+            let same = new == was && limits.burst_seconds == old.burst_seconds;
+            if !same || st.buckets[i].is_none() {
+                st.buckets[i] = new.map(|rate| Bucket::new(rate, limits.burst_seconds, now));
+            }
+        }
+        st.limits = limits;
+        self.limited.store(limits.is_limited(), Ordering::Release);
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.state.lock().recover().limits
+    }
+
+    /// Charges one request of `bytes` and returns how long it must wait before it runs.
+    pub fn delay(&self, dir: Direction, bytes: u64, now: Instant) -> Duration {
+        if !self.limited.load(Ordering::Acquire) {
+            return Duration::ZERO;
+        }
+        let (ops, data) = match dir {
+            Direction::Read => (0, 2),
+            Direction::Write => (1, 3),
+        };
+        let mut st = self.state.lock().recover();
+        let mut wait = Duration::ZERO;
+        if let Some(b) = &mut st.buckets[ops] {
+            wait = wait.max(b.take(1.0, now));
+        }
+        if let Some(b) = &mut st.buckets[data] {
+            wait = wait.max(b.take(bytes as f64, now));
+        }
+        wait
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(kv: &[(&str, &str)]) -> HashMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// Runs `n` requests back to back, each starting when the previous one's wait ends, and
+    /// returns the simulated time they took.
+    fn drive(qos: &Qos, start: Instant, n: u64, dir: Direction, bytes: u64) -> Duration {
+        let mut now = start;
+        for _ in 0..n {
+            now += qos.delay(dir, bytes, now);
+        }
+        now - start
+    }
+
+    #[test]
+    fn parameters_are_typed_and_bad_ones_refused_by_name() {
+        let l = Limits::parse(&map(&[
+            ("readIOPS", "1000"),
+            ("writeIOPS", "0"),
+            ("writeBytesPerSecond", "20M"),
+            ("readBytesPerSecond", ""),
+            ("burstSeconds", "5"),
+            ("clusterSize", "64K"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            l,
+            Limits {
+                read_iops: Some(1000),
+                write_iops: None,
+                read_bytes_per_second: None,
+                write_bytes_per_second: Some(20 << 20),
+                burst_seconds: 5,
+            }
+        );
+        assert!(!Limits::parse(&HashMap::new()).unwrap().is_limited());
+        for (k, v, says) in [
+            ("readIOPS", "1k", "whole number"),
+            ("readIOPS", "-5", "whole number"),
+            ("writeIOPS", "20000000", "whole number"),
+            ("readBytesPerSecond", "20X", "byte rate"),
+            ("writeBytesPerSecond", "2048G", "byte rate"),
+            ("burstSeconds", "0", "burstSeconds"),
+            ("burstSeconds", "61", "burstSeconds"),
+        ] {
+            let err = Limits::parse(&map(&[(k, v)])).unwrap_err().to_string();
+            assert!(err.contains(k) && err.contains(says), "{k}={v}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_iops_limit_holds_the_long_run_rate_after_the_burst() {
+        let t0 = Instant::now();
+        let qos = Qos::default();
+        qos.set(
+            Limits {
+                read_iops: Some(1000),
+                ..Limits::default()
+            },
+            t0,
+        );
+        // The first second's worth passes at once (the burst), then 1000 per second.
+        assert_eq!(drive(&qos, t0, 1000, Direction::Read, 4096), Duration::ZERO);
+        let took = drive(&qos, t0, 10_000, Direction::Read, 4096);
+        assert!((9.99..=10.01).contains(&took.as_secs_f64()), "{took:?}");
+        // Writes are not limited by a read limit.
+        assert_eq!(
+            drive(&qos, t0, 100_000, Direction::Write, 4096),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn a_bandwidth_limit_counts_bytes_and_lets_a_request_larger_than_the_bucket_run() {
+        let t0 = Instant::now();
+        let qos = Qos::default();
+        qos.set(
+            Limits {
+                write_bytes_per_second: Some(20 << 20),
+                ..Limits::default()
+            },
+            t0,
+        );
+        // 1 GiB in 1 MiB writes: 51.2 s at 20 MiB/s, less the 1 s burst.
+        let took = drive(&qos, t0, 1024, Direction::Write, 1 << 20).as_secs_f64();
+        assert!((50.1..=50.3).contains(&took), "{took}");
+        // One 64 MiB write on a 20 MiB bucket runs, then the next one waits it off.
+        let t1 = t0 + Duration::from_secs(100);
+        let wait = qos.delay(Direction::Write, 64 << 20, t1).as_secs_f64();
+        assert!((wait - 44.0 / 20.0).abs() < 1e-6, "{wait}");
+    }
+
+    #[test]
+    fn changed_limits_apply_to_the_next_request_and_the_same_ones_change_nothing() {
+        let t0 = Instant::now();
+        let limit = |iops| Limits {
+            write_iops: Some(iops),
+            ..Limits::default()
+        };
+        let qos = Qos::new(limit(100));
+        qos.set(limit(100), t0);
+        drive(&qos, t0, 100, Direction::Write, 512); // the burst is spent
+        let before = qos.delay(Direction::Write, 512, t0);
+        assert!(before > Duration::ZERO);
+        qos.set(limit(100), t0); // re-applied: the debt stays
+        assert!(qos.delay(Direction::Write, 512, t0) > before);
+        // Raised to 10 000: a fresh bucket, the next requests pass at once.
+        qos.set(limit(10_000), t0);
+        assert_eq!(drive(&qos, t0, 5000, Direction::Write, 512), Duration::ZERO);
+        // Lifted: nothing waits any more.
+        qos.set(Limits::default(), t0);
+        assert!(!qos.limits().is_limited());
+        assert_eq!(
+            drive(&qos, t0, 1_000_000, Direction::Write, 512),
+            Duration::ZERO
+        );
+    }
+}
