@@ -140,6 +140,21 @@ struct NbdArgs {
     /// (`:PORT`: every IPv4 address); empty: none, and requests are not counted.
     #[arg(long, default_value = "")]
     metrics_address: String,
+    /// QoS: READs per second (0: no limit).
+    #[arg(long, default_value = "")]
+    read_iops: String,
+    /// QoS: WRITEs (and zeroings, trims) per second (0: no limit).
+    #[arg(long, default_value = "")]
+    write_iops: String,
+    /// QoS: bytes read per second, with K, M or G (0: no limit).
+    #[arg(long, default_value = "")]
+    read_bytes_per_second: String,
+    /// QoS: bytes written per second, with K, M or G (0: no limit).
+    #[arg(long, default_value = "")]
+    write_bytes_per_second: String,
+    /// QoS: seconds of each rate an idle export may spend at once.
+    #[arg(long, default_value = "1")]
+    burst_seconds: String,
     #[command(flatten)]
     image: ImageArgs,
 }
@@ -261,6 +276,7 @@ fn open_server(
     name: String,
     idle_timeout: Option<Duration>,
     stats: Option<Arc<qcow2_csi::metrics::io::IoStats>>,
+    qos: Option<qcow2_csi::nbd::qos::Limits>,
 ) -> anyhow::Result<Arc<Server>> {
     let ImageArgs {
         read_only,
@@ -290,6 +306,9 @@ fn open_server(
     let mut export = Export::new(name, device);
     export.description = Some(image.display().to_string());
     export.stats = stats;
+    export.qos = qos
+        .filter(qcow2_csi::nbd::qos::Limits::is_limited)
+        .map(|l| Arc::new(qcow2_csi::nbd::qos::Qos::new(l)));
     export.discard = match discard {
         DiscardArg::Unmap => Discard::Unmap,
         DiscardArg::Ignore => Discard::Ignore,
@@ -365,7 +384,7 @@ fn mode_of(m: AttachMode) -> Mode {
 fn attach(args: AttachArgs) -> anyhow::Result<()> {
     let image = &args.image.image;
     // The one client is this process's own nbdfuse or kernel connection: it may idle.
-    let server = open_server(&args.image, String::new(), None, None)?;
+    let server = open_server(&args.image, String::new(), None, None, None)?;
     let id = match args.id {
         Some(id) => id,
         None => image
@@ -416,7 +435,20 @@ fn nbd(args: NbdArgs) -> anyhow::Result<()> {
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
         name => name.to_string(),
     };
-    let server = open_server(&args.image, args.name, idle, stats.clone())?;
+    // The same names, checks and messages as the StorageClass parameters.
+    let qos = qcow2_csi::nbd::qos::Limits::parse(
+        &[
+            ("readIOPS", &args.read_iops),
+            ("writeIOPS", &args.write_iops),
+            ("readBytesPerSecond", &args.read_bytes_per_second),
+            ("writeBytesPerSecond", &args.write_bytes_per_second),
+            ("burstSeconds", &args.burst_seconds),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect(),
+    )?;
+    let server = open_server(&args.image, args.name, idle, stats.clone(), Some(qos))?;
     let endpoint = match (args.socket, args.bind) {
         (Some(path), _) => Endpoint::Unix(path),
         (None, Some(addr)) => Endpoint::Tcp(addr),

@@ -217,3 +217,65 @@ fn metrics_count_every_request_fio_sends() {
     served.stop();
     qemu::check_clean(&img);
 }
+
+/// QoS flags: fio's measured rate through the export is the limit, within 5 % (fio's ramp
+/// time excludes the one-second burst), for an IOPS limit on reads and a byte limit on
+/// writes; a refused value is named.
+#[test]
+fn qos_limits_hold_fio_to_the_limit() {
+    if !qemu::require() || !support::require_tool("fio", "fio") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let json = dir.path().join("fio.json");
+    let measure = |flags: &[&str], rw: &str, bs: &str| -> f64 {
+        let served = Served::start(&img, flags);
+        let out = Command::new("fio")
+            .arg(format!("--output={}", json.display()))
+            .args([
+                "--name=qos",
+                "--ioengine=nbd",
+                &format!("--rw={rw}"),
+                &format!("--bs={bs}"),
+                "--iodepth=32",
+                "--size=64M",
+                "--time_based",
+                "--ramp_time=2",
+                "--runtime=5",
+                "--output-format=json",
+            ])
+            .arg(format!("--uri={}", served.uri()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        served.stop();
+        let fio: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        let side = &fio["jobs"][0][if rw.contains("read") { "read" } else { "write" }];
+        if bs == "4k" {
+            side["iops"].as_f64().unwrap()
+        } else {
+            side["bw_bytes"].as_f64().unwrap() / f64::from(1 << 20)
+        }
+    };
+    let iops = measure(&["--read-iops", "1000"], "randread", "4k");
+    assert!((950.0..=1050.0).contains(&iops), "1000 IOPS limit: {iops}");
+    let mib = measure(&["--write-bytes-per-second", "20M"], "write", "64k");
+    assert!((19.0..=21.0).contains(&mib), "20 MiB/s limit: {mib}");
+    let out = Command::new(env!("CARGO_BIN_EXE_qcow2-csi"))
+        .args(["nbd", "--socket"])
+        .arg(dir.path().join("x.sock"))
+        .args(["--read-iops", "1k"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("readIOPS") && err.contains("1k"), "{err}");
+    qemu::check_clean(&img);
+}

@@ -2,8 +2,9 @@
 //!
 //! Every request of a volume passes through our NBD server, so the server can hold a volume
 //! to exact limits, and change them while the volume is in use. This module is the
-//! arithmetic: how long a request must wait before it runs. It is not wired into the
-//! request path yet.
+//! arithmetic: how long a request must wait before it runs. The connection's reader waits
+//! that long before it takes the request (`server.rs`); `qcow2-csi nbd --read-iops ...`
+//! sets limits on a standalone export. CSI parameters and ModifyVolume do not reach it yet.
 //!
 //! Each limit is a bucket of `rate × burst` tokens, refilled at `rate` per second. A request
 //! takes its tokens (1 for an IOPS bucket, its length for a bytes bucket) at once, even into
@@ -225,6 +226,11 @@ impl Qos {
         }
         st.limits = limits;
         self.limited.store(limits.is_limited(), Ordering::Release);
+    }
+
+    /// Whether any limit is set (one atomic load).
+    pub fn is_limited(&self) -> bool {
+        self.limited.load(Ordering::Acquire)
     }
 
     pub fn limits(&self) -> Limits {

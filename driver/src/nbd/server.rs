@@ -27,6 +27,7 @@ use super::proto::{
     self, IHAVEOPT, InfoRequest, MetaContextRequest, NBDMAGIC, REQUEST_LEN, Request, cmd, cmd_flag,
     context, errno, flag, handshake, info, opt, rep, reply,
 };
+use super::qos::{Direction, Qos};
 use crate::error::Error;
 use crate::metrics::io::{IoStats, Op, Started};
 
@@ -102,6 +103,8 @@ pub struct Export {
     pub discard: Discard,
     /// Where its requests are counted (metrics), if anywhere.
     pub stats: Option<Arc<IoStats>>,
+    /// Its QoS limits, shared by every connection to it and changeable while it is served.
+    pub qos: Option<Arc<Qos>>,
 }
 
 impl Export {
@@ -113,6 +116,7 @@ impl Export {
             device,
             discard: Discard::Unmap,
             stats: None,
+            qos: None,
         }
     }
 }
@@ -778,6 +782,20 @@ impl Server {
                     req.length, self.limits.max_payload
                 )));
             }
+            // QoS: the reader waits out the request's turn before it takes it, so the
+            // requests behind it wait in the socket, where the client sees the limit.
+            let limited = conn.export.qos.as_deref().filter(|q| q.is_limited());
+            if let Some(qos) = limited {
+                let wait = match req.kind {
+                    cmd::READ => qos.delay(Direction::Read, req.length.into(), Instant::now()),
+                    cmd::WRITE => qos.delay(Direction::Write, req.length.into(), Instant::now()),
+                    cmd::WRITE_ZEROES | cmd::TRIM => qos.delay(Direction::Write, 0, Instant::now()),
+                    _ => Duration::ZERO,
+                };
+                if !wait.is_zero() {
+                    std::thread::sleep(wait);
+                }
+            }
             let charge = conn.charge(&req);
             // A small READ that arrives alone, with nothing in flight and nothing behind it
             // in the buffer, is answered here: at queue depth 1 the hand-off to a worker and
@@ -807,8 +825,10 @@ impl Server {
                     return Err(Error::Protocol("the reply could not be sent".into()));
                 }
             } else {
-                // Small READs, or small WRITEs, that came in together go to one worker.
+                // Small READs, or small WRITEs, that came in together go to one worker
+                // (not under QoS: each request takes its turn above).
                 let work = match req.kind {
+                    _ if limited.is_some() => Work::One(job),
                     cmd::READ if req.length <= INLINE_READ => {
                         gather(conn, &mut buf, job, MAX_READ_BATCH, |next, _| {
                             next.kind == cmd::READ && next.length <= INLINE_READ
@@ -1677,6 +1697,70 @@ pub(crate) mod tests {
         assert_eq!(stats.of(Op::Trim).bytes, 4096);
         assert_eq!(stats.of(Op::Flush).done, 1);
         assert_eq!(stats.in_flight(), 0, "the disconnect is not a request");
+    }
+
+    #[test]
+    fn a_qos_limit_paces_requests_and_a_lifted_one_stops_at_once() {
+        use crate::nbd::qos::Limits as QosLimits;
+        let qos = Arc::new(Qos::new(QosLimits {
+            read_iops: Some(200),
+            ..QosLimits::default()
+        }));
+        let mut export = Export::new("", Arc::new(crate::nbd::device::Memory::new(1 << 20)));
+        export.qos = Some(qos.clone());
+        let server = Server::new(vec![export], Limits::default());
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        theirs
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        // `n` READs sent at once; returns how long until every reply was in.
+        let reads = |theirs: &mut UnixStream, n: u64| {
+            let start = Instant::now();
+            let mut all = Vec::new();
+            for cookie in 0..n {
+                let r = Request {
+                    flags: 0,
+                    kind: cmd::READ,
+                    cookie,
+                    offset: (cookie % 256) * 4096,
+                    length: 4096,
+                };
+                all.extend_from_slice(&r.encode());
+            }
+            theirs.write_all(&all).unwrap();
+            let mut reply = vec![0u8; 16 + 4096];
+            for _ in 0..n {
+                theirs.read_exact(&mut reply).unwrap();
+                assert_eq!(&reply[4..8], &[0; 4], "an error reply");
+            }
+            start.elapsed()
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| server.serve(ours).unwrap());
+            quick_handshake(&mut theirs);
+            // The burst (200: one second's worth) passes at once, the next 200 take 1 s.
+            let took = reads(&mut theirs, 400);
+            assert!(
+                (0.95..2.0).contains(&took.as_secs_f64()),
+                "400 reads at 200 IOPS with a 200 burst took {took:?}"
+            );
+            // Lifted while the connection is open: the next requests no longer wait.
+            qos.set(QosLimits::default(), Instant::now());
+            let took = reads(&mut theirs, 400);
+            assert!(took < Duration::from_millis(500), "unlimited took {took:?}");
+            theirs
+                .write_all(
+                    &Request {
+                        flags: 0,
+                        kind: cmd::DISC,
+                        cookie: 0,
+                        offset: 0,
+                        length: 0,
+                    }
+                    .encode(),
+                )
+                .unwrap();
+        });
     }
 
     pub(crate) fn quick_handshake(theirs: &mut UnixStream) {
