@@ -45,6 +45,8 @@ const BATCH_WRITE: u32 = 64 << 10;
 const MAX_WRITE_BATCH: usize = 16;
 /// Most READs handed to one worker as one batch.
 const MAX_READ_BATCH: usize = 32;
+/// Longest sleep of a reader waiting for its QoS turn before it checks for a stop.
+const QOS_SLICE: Duration = Duration::from_millis(50);
 /// How often an idle kernel connection that may be paused looks at its stop flag.
 const STOP_POLL: Duration = Duration::from_millis(50);
 /// Most extents one BLOCK_STATUS reply describes, per metadata context. A reply may cover
@@ -792,8 +794,15 @@ impl Server {
                     cmd::WRITE_ZEROES | cmd::TRIM => qos.delay(Direction::Write, 0, Instant::now()),
                     _ => Duration::ZERO,
                 };
-                if !wait.is_zero() {
-                    std::thread::sleep(wait);
+                // In slices: a stop (drain, hand-over) must not wait out a long debt. Then
+                // the request runs at once, like every request already read.
+                let until = Instant::now() + wait;
+                while !stopping() {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    std::thread::sleep(left.min(QOS_SLICE));
                 }
             }
             let charge = conn.charge(&req);
@@ -1760,6 +1769,44 @@ pub(crate) mod tests {
                     .encode(),
                 )
                 .unwrap();
+        });
+    }
+
+    #[test]
+    fn a_stop_does_not_wait_out_a_qos_debt_the_request_read_runs_and_is_answered() {
+        use crate::nbd::qos::Limits as QosLimits;
+        let mut export = Export::new("", Arc::new(crate::nbd::device::Memory::new(1 << 20)));
+        // 1 KiB/s: a 64 KiB write owes 63 s.
+        export.qos = Some(Arc::new(Qos::new(QosLimits {
+            write_bytes_per_second: Some(1024),
+            ..QosLimits::default()
+        })));
+        let server = Server::new(vec![export], Limits::default());
+        let (mut ours, mut theirs) = UnixStream::pair().unwrap();
+        theirs
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let served = s.spawn(|| server.serve_kernel(&mut ours, 0, Some(&stop)));
+            let w = Request {
+                flags: 0,
+                kind: cmd::WRITE,
+                cookie: 9,
+                offset: 0,
+                length: 64 << 10,
+            };
+            theirs.write_all(&w.encode()).unwrap();
+            theirs.write_all(&[5; 64 << 10]).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            let stopped_at = Instant::now();
+            stop.store(true, Ordering::Release);
+            let mut reply = [0u8; 16];
+            theirs.read_exact(&mut reply).unwrap();
+            assert_eq!(&reply[4..8], &[0; 4], "the write succeeded");
+            assert_eq!(u64::from_be_bytes(reply[8..16].try_into().unwrap()), 9);
+            assert!(matches!(served.join().unwrap(), Ok(Ended::Stopped)));
+            assert!(stopped_at.elapsed() < Duration::from_secs(2));
         });
     }
 
