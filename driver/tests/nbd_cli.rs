@@ -156,6 +156,25 @@ fn socket_and_bind_are_exclusive_and_one_is_required() {
     assert!(!zero.status.success());
 }
 
+/// Runs fio's nbd engine against `uri` with `args` and returns its job's JSON report.
+fn fio_nbd(uri: &str, dir: &Path, args: &[&str]) -> serde_json::Value {
+    let json = dir.join("fio.json");
+    let out = Command::new("fio")
+        .arg(format!("--output={}", json.display()))
+        .args(["--ioengine=nbd", "--output-format=json"])
+        .args(args)
+        .arg(format!("--uri={uri}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fio: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    fio["jobs"][0].clone()
+}
+
 /// `--metrics-address`: fio's nbd engine sends one request per I/O, and the export's
 /// counters show exactly what fio reports it did; the scrape passes `promtool check metrics`.
 #[test]
@@ -173,30 +192,19 @@ fn metrics_count_every_request_fio_sends() {
         support::sample(text, "qcow2_csi_volume_io_operations_total", &labels).unwrap()
     };
     assert_eq!(ops(&before, "write"), 0.0);
-    let json = dir.path().join("fio.json");
-    let out = Command::new("fio")
-        .arg(format!("--output={}", json.display()))
-        .args([
+    let job = &fio_nbd(
+        &served.uri(),
+        dir.path(),
+        &[
             "--name=metrics",
-            "--ioengine=nbd",
             "--rw=randrw",
             "--rwmixread=40",
             "--bs=4k",
             "--iodepth=32",
             "--size=64M",
             "--io_size=24M",
-            "--output-format=json",
-        ])
-        .arg(format!("--uri={}", served.uri()))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
-    let fio: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    let job = &fio["jobs"][0];
     let after = support::scrape(&address);
     for op in ["read", "write"] {
         let ios = job[op]["total_ios"].as_f64().unwrap();
@@ -228,14 +236,13 @@ fn qos_limits_hold_fio_to_the_limit() {
     }
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
-    let json = dir.path().join("fio.json");
     let measure = |flags: &[&str], rw: &str, bs: &str| -> f64 {
         let served = Served::start(&img, flags);
-        let out = Command::new("fio")
-            .arg(format!("--output={}", json.display()))
-            .args([
+        let job = fio_nbd(
+            &served.uri(),
+            dir.path(),
+            &[
                 "--name=qos",
-                "--ioengine=nbd",
                 &format!("--rw={rw}"),
                 &format!("--bs={bs}"),
                 "--iodepth=32",
@@ -243,20 +250,10 @@ fn qos_limits_hold_fio_to_the_limit() {
                 "--time_based",
                 "--ramp_time=2",
                 "--runtime=5",
-                "--output-format=json",
-            ])
-            .arg(format!("--uri={}", served.uri()))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+            ],
         );
         served.stop();
-        let fio: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-        let side = &fio["jobs"][0][if rw.contains("read") { "read" } else { "write" }];
+        let side = &job[if rw.contains("read") { "read" } else { "write" }];
         if bs == "4k" {
             side["iops"].as_f64().unwrap()
         } else {

@@ -315,19 +315,19 @@ impl Meta {
     }
 
     /// Runs `f` and returns, with its result, the ranges of storage it wrote, zeroed or
-    /// punched through [`Meta::write_meta`] or [`Meta::note_changed`]: what a range sync
-    /// must cover to make `f`'s changes durable.
+    /// punched through [`Meta::write_meta`] or [`Meta::note_changed`] (in no order; the
+    /// barrier sorts and merges them): what a range sync must cover to make `f`'s changes
+    /// durable.
     pub fn recording<T>(
         &mut self,
         f: impl FnOnce(&mut Self) -> Result<T>,
     ) -> Result<(T, Vec<Range<u64>>)> {
         let outer = self.recorded.replace(Vec::new());
         let result = f(self);
-        let mut ranges = std::mem::replace(&mut self.recorded, outer).unwrap_or_default();
+        let ranges = std::mem::replace(&mut self.recorded, outer).unwrap_or_default();
         if let Some(outer) = &mut self.recorded {
             outer.extend(ranges.iter().cloned());
         }
-        ranges.sort_unstable_by_key(|r| r.start);
         Ok((result?, ranges))
     }
 

@@ -66,22 +66,29 @@ impl Default for Params {
 const PROVISIONER_PREFIX: &str = "csi.storage.k8s.io/";
 
 fn parse_size(key: &str, v: &str) -> Result<u64> {
-    let bad = || Error::InvalidArgument(format!("{key}: {v:?} is not a size (e.g. 64K, 1M)"));
-    let (num, mult) = match v.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        None => (v, 1u64),
-        Some((i, _)) => {
-            let mult = match &v[i..] {
-                "K" | "k" | "Ki" => 1 << 10,
-                "M" | "m" | "Mi" => 1 << 20,
-                _ => return Err(bad()),
-            };
+    const SUFFIXES: &[(&str, u64)] = &[
+        ("K", 1 << 10),
+        ("k", 1 << 10),
+        ("Ki", 1 << 10),
+        ("M", 1 << 20),
+        ("m", 1 << 20),
+        ("Mi", 1 << 20),
+    ];
+    number_with_suffix(v, SUFFIXES)
+        .ok_or_else(|| Error::InvalidArgument(format!("{key}: {v:?} is not a size (e.g. 64K, 1M)")))
+}
+
+/// Digits, then optionally one of `suffixes` (each with its multiplier); `None` for anything
+/// else, or on overflow. Each caller names its own suffixes and words its own error.
+pub(crate) fn number_with_suffix(v: &str, suffixes: &[(&str, u64)]) -> Option<u64> {
+    let (num, mult) = match v.find(|c: char| !c.is_ascii_digit()) {
+        None => (v, 1),
+        Some(i) => {
+            let &(_, mult) = suffixes.iter().find(|(s, _)| *s == &v[i..])?;
             (&v[..i], mult)
         }
     };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(bad)
+    num.parse::<u64>().ok()?.checked_mul(mult)
 }
 
 impl Params {

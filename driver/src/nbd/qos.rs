@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use qcow2_engine::sync::Recover;
 
+use crate::csi::params::number_with_suffix;
 use crate::error::{Error, Result};
 
 /// The parameter names (StorageClass and VolumeAttributesClass), in the order they are
@@ -126,23 +127,15 @@ fn parse_rate(key: &str, v: &str, max: u64, size: bool) -> Result<Option<u64>> {
     if v.is_empty() {
         return Ok(None);
     }
-    let (num, mult) = match v.find(|c: char| !c.is_ascii_digit()) {
-        None => (v, 1u64),
-        Some(i) if size => {
-            let mult = match &v[i..] {
-                "K" | "Ki" => 1 << 10,
-                "M" | "Mi" => 1 << 20,
-                "G" | "Gi" => 1 << 30,
-                _ => return Err(bad()),
-            };
-            (&v[..i], mult)
-        }
-        Some(_) => return Err(bad()),
-    };
-    let n = num
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
+    const SIZES: &[(&str, u64)] = &[
+        ("K", 1 << 10),
+        ("Ki", 1 << 10),
+        ("M", 1 << 20),
+        ("Mi", 1 << 20),
+        ("G", 1 << 30),
+        ("Gi", 1 << 30),
+    ];
+    let n = number_with_suffix(v, if size { SIZES } else { &[] })
         .filter(|&n| n <= max)
         .ok_or_else(bad)?;
     Ok((n > 0).then_some(n))
@@ -239,7 +232,7 @@ impl Qos {
 
     /// Charges one request of `bytes` and returns how long it must wait before it runs.
     pub fn delay(&self, dir: Direction, bytes: u64, now: Instant) -> Duration {
-        if !self.limited.load(Ordering::Acquire) {
+        if !self.is_limited() {
             return Duration::ZERO;
         }
         let (ops, data) = match dir {

@@ -788,12 +788,15 @@ impl Server {
             // requests behind it wait in the socket, where the client sees the limit.
             let limited = conn.export.qos.as_deref().filter(|q| q.is_limited());
             if let Some(qos) = limited {
-                let wait = match req.kind {
-                    cmd::READ => qos.delay(Direction::Read, req.length.into(), Instant::now()),
-                    cmd::WRITE => qos.delay(Direction::Write, req.length.into(), Instant::now()),
-                    cmd::WRITE_ZEROES | cmd::TRIM => qos.delay(Direction::Write, 0, Instant::now()),
-                    _ => Duration::ZERO,
+                let charged = match req.kind {
+                    cmd::READ => Some((Direction::Read, req.length.into())),
+                    cmd::WRITE => Some((Direction::Write, req.length.into())),
+                    cmd::WRITE_ZEROES | cmd::TRIM => Some((Direction::Write, 0)),
+                    _ => None,
                 };
+                let wait = charged.map_or(Duration::ZERO, |(dir, bytes)| {
+                    qos.delay(dir, bytes, Instant::now())
+                });
                 // In slices: a stop (drain, hand-over) must not wait out a long debt. Then
                 // the request runs at once, like every request already read.
                 let until = Instant::now() + wait;

@@ -94,14 +94,17 @@ impl FileStorage {
         }
     }
 
+    /// Another description of this same file, through `/proc/self/fd` (so a renamed or
+    /// replaced path cannot swap it).
+    fn reopen(&self, opts: &OpenOptions) -> io::Result<File> {
+        opts.open(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
+
     /// The description io_uring may use for buffered reads and range syncs (see
     /// `ring_file`), reopened through `/proc/self/fd` like the `O_DIRECT` one.
     fn ring_fd(&self) -> Option<BorrowedFd<'_>> {
         self.ring_file
-            .get_or_init(|| {
-                let proc_path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
-                OpenOptions::new().read(true).open(proc_path).ok()
-            })
+            .get_or_init(|| self.reopen(OpenOptions::new().read(true)).ok())
             .as_ref()
             .map(AsFd::as_fd)
     }
@@ -113,12 +116,13 @@ impl FileStorage {
         self.direct = match mode {
             CacheMode::Buffered => None,
             CacheMode::Direct => {
-                let proc_path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(self.writable)
-                    .custom_flags(libc::O_DIRECT)
-                    .open(&proc_path)
+                let file = self
+                    .reopen(
+                        OpenOptions::new()
+                            .read(true)
+                            .write(self.writable)
+                            .custom_flags(libc::O_DIRECT),
+                    )
                     .map_err(|e| {
                         io::Error::new(
                             e.kind(),
