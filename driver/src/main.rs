@@ -78,6 +78,11 @@ struct ServeArgs {
     /// empty: no endpoint, and staged volumes do not count their I/O.
     #[arg(long, default_value = "")]
     metrics_address: String,
+    /// Apply the VolumeAttributesClass of this node's volumes from the Kubernetes API (the
+    /// in-cluster service account): the csi-resizer's ControllerModifyVolume reaches one
+    /// leader, which validates the class; each volume's own node applies it, live.
+    #[arg(long)]
+    watch_volume_attributes: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -230,6 +235,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         handoff_wait: Duration::from_secs(args.handoff_wait),
         kubelet_dir: args.kubelet_dir,
         metrics: metrics_address.is_some(),
+        watch_volume_attributes: args.watch_volume_attributes,
     }));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -118,6 +118,7 @@ async fn controller_capabilities_are_what_is_implemented() {
             Rpc::ListSnapshots,
             Rpc::CloneVolume,
             Rpc::GetSnapshot,
+            Rpc::ModifyVolume,
         ]
     );
 }
@@ -494,6 +495,145 @@ async fn controller_expand_volume_is_not_offered_and_changes_nothing() {
     assert_eq!(s.code(), Code::Unimplemented, "{s:?}");
     assert!(s.message().contains("NodeExpandVolume"), "{s:?}");
     assert_eq!(qemu::info(&p.layers()[0])["virtual-size"], 8 * MIB);
+}
+
+fn params(kv: &[(&str, &str)]) -> HashMap<String, String> {
+    kv.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The `qos` map of a volume's record on disk.
+fn recorded_qos(p: &Plugin, id: &str) -> serde_json::Value {
+    let path = p.state.join("volumes").join(format!("{id}.json"));
+    let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    rec.get("qos").cloned().unwrap_or(serde_json::json!({}))
+}
+
+#[tokio::test]
+async fn qos_parameters_start_a_volume_and_modify_volume_changes_only_what_it_names() {
+    let p = Plugin::start().await;
+    let mut c = p.controller().await;
+    // StorageClass limits, with the VolumeAttributesClass's over them.
+    let mut req = create_req("qos", 8 * MIB);
+    req.parameters = params(&[("readIOPS", "1000"), ("writeBytesPerSecond", "20M")]);
+    req.mutable_parameters = params(&[("readIOPS", "2000"), ("burstSeconds", "2")]);
+    let v = c
+        .create_volume(req.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let id = v.volume_id.clone();
+    assert_eq!(
+        recorded_qos(&p, &id),
+        serde_json::json!({"readIOPS": "2000", "writeBytesPerSecond": "20971520", "burstSeconds": "2"})
+    );
+    // A repeat of the same create is the same volume.
+    let again = c.create_volume(req).await.unwrap().into_inner().volume;
+    assert_eq!(again.unwrap().volume_id, id);
+
+    // Only the keys named change; 0 lifts a limit.
+    c.controller_modify_volume(ControllerModifyVolumeRequest {
+        volume_id: id.clone(),
+        mutable_parameters: params(&[("writeBytesPerSecond", "0"), ("writeIOPS", "300")]),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        recorded_qos(&p, &id),
+        serde_json::json!({"readIOPS": "2000", "writeIOPS": "300", "burstSeconds": "2"})
+    );
+
+    // Bad requests: the spec's codes, and nothing changed.
+    for (vol, raw, want, says) in [
+        (
+            "",
+            params(&[("readIOPS", "1")]),
+            Code::InvalidArgument,
+            "volume_id",
+        ),
+        (
+            id.as_str(),
+            params(&[("clusterSize", "64K")]),
+            Code::InvalidArgument,
+            "clusterSize",
+        ),
+        (
+            id.as_str(),
+            params(&[("readIOPS", "lots")]),
+            Code::InvalidArgument,
+            "readIOPS",
+        ),
+        (
+            "non-existing-volume-id",
+            params(&[("readIOPS", "1")]),
+            Code::NotFound,
+            "no volume",
+        ),
+        (
+            &format!("vol-{}", "b".repeat(32)),
+            params(&[("readIOPS", "1")]),
+            Code::NotFound,
+            "no volume",
+        ),
+    ] {
+        let s = c
+            .controller_modify_volume(ControllerModifyVolumeRequest {
+                volume_id: vol.into(),
+                mutable_parameters: raw,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), want, "{vol}: {s:?}");
+        assert!(s.message().contains(says), "{vol}: {s:?}");
+    }
+    assert_eq!(recorded_qos(&p, &id)["writeIOPS"], "300");
+
+    // A class with keys the plugin does not know is refused at creation too.
+    let mut bad = create_req("qos-bad", 8 * MIB);
+    bad.mutable_parameters = params(&[("XXX_FakeKey", "XXX_FakeValue")]);
+    assert_eq!(code(c.create_volume(bad).await), Code::InvalidArgument);
+    let mut bad = create_req("qos-bad", 8 * MIB);
+    bad.parameters = params(&[("writeIOPS", "-1")]);
+    assert_eq!(code(c.create_volume(bad).await), Code::InvalidArgument);
+    assert_eq!(p.records().len(), 1);
+}
+
+#[tokio::test]
+async fn with_volume_attributes_from_the_api_another_nodes_volume_is_validated_and_accepted() {
+    let p = Plugin::start_with_args(&["--watch-volume-attributes"]).await;
+    let mut c = p.controller().await;
+    let elsewhere = format!("vol-{}", "c".repeat(32));
+    c.controller_modify_volume(ControllerModifyVolumeRequest {
+        volume_id: elsewhere.clone(),
+        mutable_parameters: params(&[("readIOPS", "100")]),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let s = c
+        .controller_modify_volume(ControllerModifyVolumeRequest {
+            volume_id: elsewhere,
+            mutable_parameters: params(&[("readIOPS", "many")]),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    // A malformed id names no volume anywhere.
+    let s = c
+        .controller_modify_volume(ControllerModifyVolumeRequest {
+            volume_id: "non-existing-volume-id".into(),
+            mutable_parameters: params(&[("readIOPS", "100")]),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::NotFound, "{s:?}");
 }
 
 #[tokio::test]

@@ -217,11 +217,8 @@ impl ControllerService {
             let fs = cap.fs_type.or(params.fs_type).unwrap_or(FsType::Ext4);
             super::options::check_mkfs(fs, &params.mkfs_options)?;
         }
-        if !req.mutable_parameters.is_empty() {
-            return Err(Error::InvalidArgument(
-                "mutable_parameters are not supported (no MODIFY_VOLUME)".into(),
-            ));
-        }
+        // The VolumeAttributesClass's parameters, over the StorageClass's limits.
+        let limits = params.qos.modified(&req.mutable_parameters)?;
         let source = match req
             .volume_content_source
             .as_ref()
@@ -318,6 +315,7 @@ impl ControllerService {
             size,
             head: head.name.clone(),
             parameters: params.canonical(),
+            qos: limits.canonical(),
             access,
             created: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -445,6 +443,7 @@ fn caps() -> Vec<ControllerServiceCapability> {
         rpc::Type::ListSnapshots,
         rpc::Type::CloneVolume,
         rpc::Type::GetSnapshot,
+        rpc::Type::ModifyVolume,
     ]
     .into_iter()
     .map(|t| ControllerServiceCapability {
@@ -637,9 +636,17 @@ impl Controller for ControllerService {
 
     async fn controller_modify_volume(
         &self,
-        _: Request<ControllerModifyVolumeRequest>,
+        req: Request<ControllerModifyVolumeRequest>,
     ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
-        unimplemented("ControllerModifyVolume")
+        rpclog::subject(&req);
+        let req = req.into_inner();
+        let plugin = self.0.clone();
+        self.0
+            .blocking(move || {
+                super::modify::controller_modify(&plugin, &req.volume_id, &req.mutable_parameters)
+            })
+            .await?;
+        Ok(Response::new(ControllerModifyVolumeResponse {}))
     }
 }
 

@@ -11,6 +11,7 @@ pub mod host;
 pub mod identity;
 pub mod live;
 pub mod locks;
+pub mod modify;
 pub mod mounts;
 pub mod node;
 pub mod observe;
@@ -59,6 +60,10 @@ pub struct Config {
     pub kubelet_dir: PathBuf,
     /// Whether staged volumes count their I/O (the metrics endpoint is on).
     pub metrics: bool,
+    /// This node applies the VolumeAttributesClass of its volumes' PersistentVolumes from
+    /// the Kubernetes API, so ControllerModifyVolume accepts (validated) volumes it does not
+    /// have: they are other nodes' ([`modify::controller_modify`]).
+    pub watch_volume_attributes: bool,
 }
 
 /// The plugin's shared state: every service holds an `Arc` of it.
@@ -434,6 +439,7 @@ mod tests {
             max_chain_depth: 0,
             handoff_wait: std::time::Duration::ZERO,
             kubelet_dir: dir.path().to_path_buf(),
+            watch_volume_attributes: false,
             metrics: false,
         }));
         let r: Result<()> = plugin.blocking(|| panic!("a bug in an RPC")).await;

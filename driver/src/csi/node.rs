@@ -21,6 +21,7 @@ use super::{options, paths, rpclog};
 use crate::attach::{self, Volume};
 use crate::error::{Error, Result};
 use crate::nbd::BlockDevice;
+use crate::nbd::qos::Qos;
 
 /// Node: stage, publish, stats, info.
 #[derive(Debug, Clone)]
@@ -115,9 +116,10 @@ impl NodeService {
         if image.size() < rec.size && !cap.read_only_mode {
             image.resize(rec.size)?;
         }
+        let qos = Arc::new(Qos::new(rec.limits()));
         let attached = plugin.attacher.attach(Volume {
             id: &rec.id,
-            server: serve_image(&rec.id, image.clone(), &plugin.metrics),
+            server: serve_image(&rec.id, image.clone(), qos.clone(), &plugin.metrics),
             work_dir: &work,
         })?;
         failpoint("stage-after-attach");
@@ -191,6 +193,7 @@ impl NodeService {
             lost: None,
             published: Mutex::new(BTreeSet::new()),
             boot_id: staging::boot_id(),
+            qos,
         });
         // The record is the commit point: without it, a restart would not know the volume.
         let staged = staged.and_then(|s| plugin.node.persist(&s).map(|()| s));
@@ -740,6 +743,7 @@ mod tests {
                 max_chain_depth: 0,
                 handoff_wait: std::time::Duration::ZERO,
                 kubelet_dir: self.dir.path().to_path_buf(),
+                watch_volume_attributes: false,
                 metrics: true,
             };
             let attacher = Attacher::with_kernel(self.kernel.clone(), FakeKernel::door(&self.sim));

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::error::{Error, Result};
+use crate::nbd::qos::{self, Limits};
 
 /// A filesystem the node can make and mount.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -47,6 +48,8 @@ pub struct Params {
     pub mkfs_options: Vec<String>,
     /// GetCapacity reports free space times this (thin volumes rarely fill up).
     pub overcommit_ratio: f64,
+    /// QoS limits the volume starts with (a VolumeAttributesClass may change them later).
+    pub qos: Limits,
 }
 
 impl Default for Params {
@@ -57,6 +60,7 @@ impl Default for Params {
             fs_type: None,
             mkfs_options: Vec::new(),
             overcommit_ratio: 1.0,
+            qos: Limits::default(),
         }
     }
 }
@@ -134,14 +138,17 @@ impl Params {
                         })?;
                 }
                 k if k.starts_with(PROVISIONER_PREFIX) => {}
+                k if qos::KEYS.contains(&k) => {}
                 k => {
                     return Err(Error::InvalidArgument(format!(
                         "unknown parameter {k:?} (known: clusterSize, subclusters, fsType, \
-                         mkfsOptions, overcommitRatio)"
+                         mkfsOptions, overcommitRatio, {})",
+                        qos::KEYS.join(", ")
                     )));
                 }
             }
         }
+        p.qos = Limits::parse(raw)?;
         if p.subclusters && p.cluster_size < 16 << 10 {
             return Err(Error::InvalidArgument(
                 "subclusters need a clusterSize of at least 16K".into(),
@@ -161,6 +168,7 @@ impl Params {
         if !self.mkfs_options.is_empty() {
             m.insert("mkfsOptions".into(), self.mkfs_options.join(" "));
         }
+        m.extend(self.qos.canonical());
         m
     }
 
@@ -189,8 +197,12 @@ mod tests {
             ("fsType", "xfs"),
             ("mkfsOptions", " -m  reflink=0 "),
             ("csi.storage.k8s.io/pvc/name", "data"),
+            ("writeIOPS", "500"),
+            ("burstSeconds", "3"),
         ]))
         .unwrap();
+        assert_eq!(p.qos.write_iops, Some(500));
+        assert_eq!(p.qos.burst_seconds, 3);
         assert_eq!(p.cluster_size, 128 << 10);
         assert!(p.subclusters);
         assert_eq!(p.fs_type, Some(FsType::Xfs));
@@ -208,6 +220,7 @@ mod tests {
             ("subclusters", "yes", "true or false"),
             ("fsType", "btrfs", "not supported"),
             ("overcommitRatio", "0.5", "from 1 to 100"),
+            ("readIOPS", "fast", "whole number"),
             ("clustersize", "64K", "unknown parameter"),
         ] {
             let e = Params::parse(&map(&[(k, v)])).unwrap_err();

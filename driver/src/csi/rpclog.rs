@@ -210,6 +210,7 @@ by_volume_id!(
     DeleteVolumeRequest,
     ValidateVolumeCapabilitiesRequest,
     ControllerGetVolumeRequest,
+    ControllerModifyVolumeRequest,
     NodeStageVolumeRequest,
     NodeUnstageVolumeRequest,
     NodePublishVolumeRequest,

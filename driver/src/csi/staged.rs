@@ -17,6 +17,7 @@ use super::state::{State, VolumeRecord};
 use crate::attach::{Attached, Attacher, Volume};
 use crate::error::{Error, Result};
 use crate::metrics::plugin::{PluginMetrics, Reason, Takeover};
+use crate::nbd::qos::Qos;
 use crate::nbd::{BlockDevice, Export, Limits, Server};
 
 /// A staged volume: its export and device live as long as this does.
@@ -36,6 +37,8 @@ pub struct Staged {
     pub(super) published: Mutex<BTreeSet<PathBuf>>,
     /// The boot it was staged in.
     pub(super) boot_id: String,
+    /// Its export's QoS limits: ModifyVolume changes them here, live.
+    pub(super) qos: Arc<Qos>,
 }
 
 impl Staged {
@@ -315,10 +318,11 @@ impl NodeState {
                 |h| matches!(rec.attachment, Attachment::Nbd { index } if index == h.index),
             );
             let adopting = handed.is_some();
+            let qos = Arc::new(Qos::new(volume.limits()));
             let taken = match rec.attachment {
                 Attachment::Nbd { index } => open_head(state, volume, &rec.capability, metrics)
                     .and_then(|image| {
-                        let server = serve_image(&id, image.clone(), metrics);
+                        let server = serve_image(&id, image.clone(), qos.clone(), metrics);
                         let volume = Volume {
                             id: &id,
                             server,
@@ -385,6 +389,7 @@ impl NodeState {
                     lost,
                     published: Mutex::new(rec.published),
                     boot_id: rec.boot_id,
+                    qos,
                 }),
             );
         }
@@ -447,20 +452,21 @@ pub(super) fn heal(plugin: &super::Plugin) -> usize {
             let rec = st
                 .volume(id)
                 .ok_or_else(|| Error::NotFound(format!("no volume {id:?}")))?;
-            open_layer(
+            let image = open_layer(
                 id,
                 st.layers_dir(),
                 &st.layer_path(&rec.head),
                 &s.cap,
                 &plugin.metrics,
-            )
+            )?;
+            Ok::<_, Error>((image, Arc::new(Qos::new(rec.limits()))))
         })();
         // Still held by the process that serves it: not lost after all, not yet.
-        let Ok(image) = opened else { continue };
+        let Ok((image, qos)) = opened else { continue };
         let work = attach_dir(&plugin.config.state_dir, id);
         let volume = Volume {
             id,
-            server: serve_image(id, image.clone(), &plugin.metrics),
+            server: serve_image(id, image.clone(), qos.clone(), &plugin.metrics),
             work_dir: &work,
         };
         match plugin.attacher.reattach(volume, index) {
@@ -480,6 +486,7 @@ pub(super) fn heal(plugin: &super::Plugin) -> usize {
                     lost: None,
                     published: Mutex::new(s.published().clone()),
                     boot_id: s.boot_id.clone(),
+                    qos,
                 };
                 plugin.node.map().insert(id.clone(), Arc::new(healed_one));
                 healed += 1;
@@ -579,11 +586,18 @@ pub(super) fn open_layer(
         .map_err(|e| Error::engine(format!("opening {}", head.display()), e))
 }
 
-/// An NBD server whose export 0 is `image`, counting its requests when metrics are on.
-pub(super) fn serve_image(id: &str, image: Arc<LiveImage>, metrics: &PluginMetrics) -> Arc<Server> {
+/// An NBD server whose export 0 is `image`, held to `qos`, counting its requests when
+/// metrics are on.
+pub(super) fn serve_image(
+    id: &str,
+    image: Arc<LiveImage>,
+    qos: Arc<Qos>,
+    metrics: &PluginMetrics,
+) -> Arc<Server> {
     let device: Arc<dyn BlockDevice> = image;
     let mut export = Export::new(id.to_string(), device);
     export.stats = metrics.io_of(id);
+    export.qos = Some(qos);
     Arc::new(Server::new(
         vec![export],
         Limits {

@@ -49,6 +49,10 @@ pub struct VolumeRecord {
     pub head: String,
     /// The StorageClass parameters as validated (canonical key order).
     pub parameters: BTreeMap<String, String>,
+    /// The QoS limits in force (canonical form): the StorageClass's, changed by the
+    /// VolumeAttributesClass at creation and by every ModifyVolume since. Empty: no limit.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub qos: BTreeMap<String, String>,
     /// Access types the volume was created for.
     pub access: Vec<AccessType>,
     /// Seconds since the epoch.
@@ -67,6 +71,17 @@ pub struct VolumeRecord {
 pub struct ClaimRef {
     pub namespace: String,
     pub name: String,
+}
+
+impl VolumeRecord {
+    /// The QoS limits in force. A record this plugin wrote always parses; one that does not
+    /// (edited by hand) is logged and leaves the volume unlimited rather than unusable.
+    pub fn limits(&self) -> crate::nbd::qos::Limits {
+        crate::nbd::qos::Limits::from_canonical(&self.qos).unwrap_or_else(|e| {
+            tracing::warn!(volume = %self.id, error = %e, "QoS limits in the record ignored");
+            Default::default()
+        })
+    }
 }
 
 impl ClaimRef {
@@ -620,6 +635,7 @@ mod tests {
             size: 1 << 30,
             head: head.into(),
             parameters: BTreeMap::new(),
+            qos: BTreeMap::new(),
             access: vec![AccessType::Mount],
             created: 1,
             source: None,

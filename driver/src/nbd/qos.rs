@@ -3,8 +3,9 @@
 //! Every request of a volume passes through our NBD server, so the server can hold a volume
 //! to exact limits, and change them while the volume is in use. This module is the
 //! arithmetic: how long a request must wait before it runs. The connection's reader waits
-//! that long before it takes the request (`server.rs`); `qcow2-csi nbd --read-iops ...`
-//! sets limits on a standalone export. CSI parameters and ModifyVolume do not reach it yet.
+//! that long before it takes the request (`server.rs`). The limits come from the StorageClass
+//! and VolumeAttributesClass parameters of a CSI volume (kept in its record, changed live by
+//! ModifyVolume) or from `qcow2-csi nbd --read-iops ...` on a standalone export.
 //!
 //! Each limit is a bucket of `rate × burst` tokens, refilled at `rate` per second. A request
 //! takes its tokens (1 for an IOPS bucket, its length for a bytes bucket) at once, even into
@@ -12,7 +13,7 @@
 //! and the long-run rate is exact whatever the request sizes. With no limit set, a request
 //! costs one atomic load.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -80,7 +81,14 @@ impl Limits {
     /// The QoS keys of a parameter map, typed; other keys are left to the caller. `0` or an
     /// empty value is "no limit". Sizes take the suffixes K, M and G (powers of 1024).
     pub fn parse(raw: &HashMap<String, String>) -> Result<Limits> {
-        let mut l = Limits::default();
+        Limits::default().overlay(raw)
+    }
+
+    /// These limits with the QoS keys `raw` names changed, and the others kept: a
+    /// VolumeAttributesClass changes what it names (CSI: no change "based on the absence of
+    /// keys"). Other keys are left to the caller.
+    pub fn overlay(self, raw: &HashMap<String, String>) -> Result<Limits> {
+        let mut l = self;
         for key in KEYS {
             let Some(v) = raw.get(key).map(|v| v.trim()) else {
                 continue;
@@ -110,6 +118,44 @@ impl Limits {
             }
         }
         Ok(l)
+    }
+
+    /// Mutable parameters (VolumeAttributesClass, ModifyVolume) applied over these limits:
+    /// only the QoS keys may change after creation, anything else is refused by name.
+    pub fn modified(self, raw: &HashMap<String, String>) -> Result<Limits> {
+        let mut unknown: Vec<&str> = raw
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !KEYS.contains(k))
+            .collect();
+        if !unknown.is_empty() {
+            unknown.sort_unstable();
+            return Err(Error::InvalidArgument(format!(
+                "mutable parameters {unknown:?} are not supported (known: {})",
+                KEYS.join(", ")
+            )));
+        }
+        self.overlay(raw)
+    }
+
+    /// The canonical form kept in a volume record: the limits set, and `burstSeconds` when
+    /// it is not the default. [`Limits::parse`] reads it back.
+    pub fn canonical(&self) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        for (key, rate) in KEYS.iter().zip(self.rates()) {
+            if let Some(rate) = rate {
+                m.insert(key.to_string(), rate.to_string());
+            }
+        }
+        if self.burst_seconds != Limits::default().burst_seconds {
+            m.insert("burstSeconds".into(), self.burst_seconds.to_string());
+        }
+        m
+    }
+
+    /// Back from [`Limits::canonical`].
+    pub fn from_canonical(m: &BTreeMap<String, String>) -> Result<Limits> {
+        Limits::parse(&m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
     }
 }
 
@@ -305,6 +351,30 @@ mod tests {
             let err = Limits::parse(&map(&[(k, v)])).unwrap_err().to_string();
             assert!(err.contains(k) && err.contains(says), "{k}={v}: {err}");
         }
+    }
+
+    #[test]
+    fn mutable_parameters_change_what_they_name_and_refuse_other_keys() {
+        let base = Limits::parse(&map(&[("readIOPS", "1000"), ("writeIOPS", "500")])).unwrap();
+        let l = base
+            .modified(&map(&[("writeIOPS", "0"), ("readBytesPerSecond", "1M")]))
+            .unwrap();
+        assert_eq!(l.read_iops, Some(1000), "an absent key is kept");
+        assert_eq!(l.write_iops, None, "0 lifts the limit");
+        assert_eq!(l.read_bytes_per_second, Some(1 << 20));
+        let err = base
+            .modified(&map(&[("readIOPS", "5"), ("clusterSize", "64K")]))
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)));
+        assert!(err.to_string().contains("\"clusterSize\""), "{err}");
+        let canon = l.canonical();
+        assert_eq!(
+            canon.keys().collect::<Vec<_>>(),
+            ["readBytesPerSecond", "readIOPS"]
+        );
+        assert_eq!(Limits::from_canonical(&canon).unwrap(), l);
+        let bursty = l.modified(&map(&[("burstSeconds", "7")])).unwrap();
+        assert_eq!(Limits::from_canonical(&bursty.canonical()).unwrap(), bursty);
     }
 
     #[test]
