@@ -256,6 +256,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 std::future::pending(),
             ));
         }
+        if plugin.config.watch_volume_attributes {
+            tokio::spawn(qcow2_csi::csi::attributes::watch(plugin.clone()));
+        }
         let shutdown = async {
             use tokio::signal::unix::{SignalKind, signal};
             let (Ok(mut term), Ok(mut int)) = (

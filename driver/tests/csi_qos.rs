@@ -273,3 +273,217 @@ async fn modify_volume_changes_the_limit_of_a_volume_in_use_within_a_second() {
     assert_eq!(stages, 1, "the volume was staged once:\n{log}");
     unstage(&p, &id, &staging, &target).await;
 }
+
+/// The stand-in API server (`fake_apiserver.py`) on a data directory; killed when dropped.
+struct FakeApi {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    kubeconfig: std::path::PathBuf,
+}
+
+impl FakeApi {
+    fn start(dir: &Path) -> FakeApi {
+        let dir = dir.join("api");
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fake_apiserver.py"
+            ))
+            .arg(&dir)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let port = loop {
+            if let Ok(p) = std::fs::read_to_string(dir.join("port")) {
+                break p;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the fake API server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
+                 clusters: [{{name: fake, cluster: {{server: \"http://127.0.0.1:{port}\"}}}}]\n\
+                 users: [{{name: u, user: {{token: test}}}}]\n\
+                 contexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\n"
+            ),
+        )
+        .unwrap();
+        FakeApi {
+            child,
+            dir,
+            kubeconfig,
+        }
+    }
+
+    /// Writes (atomically) the PersistentVolume of CSI volume `handle` of `driver`, naming
+    /// `class`.
+    fn put_pv(&self, name: &str, driver: &str, handle: &str, class: &str) {
+        let pv = serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {
+                "csi": {"driver": driver, "volumeHandle": handle},
+                "volumeAttributesClassName": class,
+            },
+        });
+        let tmp = self.dir.join("pv.tmp");
+        std::fs::write(&tmp, pv.to_string()).unwrap();
+        std::fs::rename(tmp, self.dir.join("pvs").join(format!("{name}.json"))).unwrap();
+    }
+
+    fn put_class(&self, name: &str, driver: &str, parameters: serde_json::Value) {
+        let vac = serde_json::json!({"driverName": driver, "parameters": parameters});
+        std::fs::write(
+            self.dir.join("vacs").join(format!("{name}.json")),
+            vac.to_string(),
+        )
+        .unwrap();
+    }
+
+    fn requests(&self) -> String {
+        std::fs::read_to_string(self.dir.join("requests.log")).unwrap_or_default()
+    }
+
+    /// Waits until a watch of PersistentVolumes is open.
+    fn wait_watching(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.requests().contains("watch=true") {
+            assert!(Instant::now() < deadline, "no watch: {}", self.requests());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `qos` map of a volume's record on disk.
+fn recorded_qos(p: &Plugin, id: &str) -> serde_json::Value {
+    let path = p.state.join("volumes").join(format!("{id}.json"));
+    let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    rec.get("qos").cloned().unwrap_or(serde_json::json!({}))
+}
+
+/// Waits up to `limit` for the record's `readIOPS` to read `want`; how long it took.
+fn wait_read_iops(p: &Plugin, id: &str, want: &str, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if recorded_qos(p, id)["readIOPS"] == want {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+/// The routing of ModifyVolume across nodes: the node that holds a volume applies the class
+/// its PersistentVolume names, read from the API (a stand-in server here), within a second;
+/// a class of another driver is refused; PersistentVolumes of other drivers and other
+/// nodes' volumes are left alone; a class named while the plugin was down is applied when
+/// it starts; nothing is ever written to the API.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_owning_node_applies_the_class_its_persistent_volume_names() {
+    if !support::require_tool("python3", "python3") {
+        return;
+    }
+    let mut p = Plugin::start_with_args(&["--watch-volume-attributes"]).await;
+    let api = FakeApi::start(p.dir.path());
+    let kubeconfig = api.kubeconfig.display().to_string();
+    p.restart_with(&[("KUBECONFIG", &kubeconfig)]).await;
+    let id = p
+        .controller()
+        .await
+        .create_volume(CreateVolumeRequest {
+            name: "vac".into(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 8 * MIB,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![block_cap(Mode::SingleNodeWriter)],
+            parameters: params(&[("readIOPS", "100"), ("writeIOPS", "50")]),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    api.put_class(
+        "fast",
+        "qcow2.csi.dev",
+        serde_json::json!({"readIOPS": "3000"}),
+    );
+    api.put_class(
+        "alien",
+        "other.csi.dev",
+        serde_json::json!({"readIOPS": "7"}),
+    );
+    api.put_class(
+        "slow",
+        "qcow2.csi.dev",
+        serde_json::json!({"readIOPS": "50"}),
+    );
+    // Not ours: another driver's PersistentVolume, another node's volume.
+    api.put_pv("pv-other-driver", "other.csi.dev", &id, "slow");
+    let elsewhere = format!("vol-{}", "d".repeat(32));
+    api.put_pv("pv-elsewhere", "qcow2.csi.dev", &elsewhere, "fast");
+    tokio::task::block_in_place(|| {
+        api.wait_watching();
+        std::thread::sleep(Duration::from_millis(300));
+    });
+    assert_eq!(
+        recorded_qos(&p, &id)["readIOPS"],
+        "100",
+        "another driver's PersistentVolume changed nothing"
+    );
+
+    api.put_pv("pv-vac", "qcow2.csi.dev", &id, "fast");
+    let took =
+        tokio::task::block_in_place(|| wait_read_iops(&p, &id, "3000", Duration::from_secs(5)));
+    eprintln!("class applied {took:?} after the PersistentVolume named it");
+    assert!(took.is_some_and(|t| t < Duration::from_secs(1)), "{took:?}");
+    // Only what the class names changed.
+    assert_eq!(recorded_qos(&p, &id)["writeIOPS"], "50");
+
+    api.put_pv("pv-vac", "qcow2.csi.dev", &id, "alien");
+    let refused = tokio::task::block_in_place(|| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !p.log().contains("another driver's") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p.log().contains("another driver's")
+    });
+    assert!(refused, "{}", p.log());
+    assert_eq!(recorded_qos(&p, &id)["readIOPS"], "3000");
+
+    // Named while the plugin is down: applied from the watch's first listing.
+    assert!(p.stop().success());
+    api.put_pv("pv-vac", "qcow2.csi.dev", &id, "slow");
+    p.restart_with(&[("KUBECONFIG", &kubeconfig)]).await;
+    let took =
+        tokio::task::block_in_place(|| wait_read_iops(&p, &id, "50", Duration::from_secs(10)));
+    assert!(took.is_some(), "{}", p.log());
+
+    let requests = api.requests();
+    assert!(
+        requests.lines().all(|l| l.starts_with("GET ")),
+        "only reads: {requests}"
+    );
+    // "fast" was read for this volume only (once), never for the other node's.
+    assert_eq!(
+        requests.matches("volumeattributesclasses/fast").count(),
+        1,
+        "{requests}"
+    );
+}

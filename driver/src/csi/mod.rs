@@ -2,6 +2,7 @@
 //! ([`state`]).
 //! `qcow2-csi serve` ([`serve`]) runs them on a unix socket.
 
+pub mod attributes;
 pub mod capability;
 pub mod client;
 pub mod controller;

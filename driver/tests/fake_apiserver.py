@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""A stand-in for the Kubernetes API server, for the `--watch-volume-attributes` tests.
+
+Serves, over plain HTTP on 127.0.0.1, what the node plugin reads:
+  GET /api/v1/persistentvolumes                    a list of DIR/pvs/*.json
+  GET /api/v1/persistentvolumes?watch=...          watch events: every file of DIR/pvs that
+                                                   appears or changes (polled every 50 ms)
+  GET /apis/storage.k8s.io/v1/volumeattributesclasses/NAME   DIR/vacs/NAME.json, or 404
+Anything else is 405. Every request line is appended to DIR/requests.log. The port it
+listens on is written to DIR/port once it listens.
+
+usage: fake_apiserver.py DIR
+"""
+
+import json
+import os
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+ROOT = sys.argv[1]
+LOCK = threading.Lock()
+VERSION = [1]
+
+
+def log(line):
+    with LOCK, open(os.path.join(ROOT, "requests.log"), "a") as f:
+        f.write(line + "\n")
+
+
+def pvs():
+    """{file name: (mtime_ns, object)} of DIR/pvs."""
+    out = {}
+    d = os.path.join(ROOT, "pvs")
+    for name in sorted(os.listdir(d)):
+        if not name.endswith(".json"):
+            continue
+        path = os.path.join(d, name)
+        try:
+            with open(path) as f:
+                obj = json.load(f)
+            out[name] = (os.stat(path).st_mtime_ns, obj)
+        except (OSError, ValueError):
+            pass  # being written: the next poll sees it whole
+    return out
+
+
+def versioned(obj):
+    with LOCK:
+        VERSION[0] += 1
+        obj.setdefault("metadata", {})["resourceVersion"] = str(VERSION[0])
+    obj["apiVersion"] = "v1"
+    obj["kind"] = "PersistentVolume"
+    return obj
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, code, body):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def chunk(self, obj):
+        data = (json.dumps(obj) + "\n").encode()
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def do_GET(self):
+        log(f"GET {self.path}")
+        url = urlparse(self.path)
+        query = parse_qs(url.query)
+        if url.path == "/api/v1/persistentvolumes":
+            if query.get("watch", ["false"])[0] in ("true", "1"):
+                return self.watch(float(query.get("timeoutSeconds", ["30"])[0]))
+            items = [versioned(obj) for _, obj in pvs().values()]
+            with LOCK:
+                version = str(VERSION[0])
+            return self.reply(200, {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeList",
+                "metadata": {"resourceVersion": version},
+                "items": items,
+            })
+        prefix = "/apis/storage.k8s.io/v1/volumeattributesclasses/"
+        if url.path.startswith(prefix):
+            name = url.path[len(prefix):]
+            path = os.path.join(ROOT, "vacs", name + ".json")
+            if "/" not in name and os.path.exists(path):
+                with open(path) as f:
+                    vac = json.load(f)
+                vac.update(apiVersion="storage.k8s.io/v1", kind="VolumeAttributesClass")
+                vac.setdefault("metadata", {})["name"] = name
+                return self.reply(200, vac)
+            return self.reply(404, {
+                "apiVersion": "v1", "kind": "Status", "status": "Failure",
+                "reason": "NotFound", "code": 404,
+                "message": f'volumeattributesclasses.storage.k8s.io "{name}" not found',
+            })
+        self.reply(405, {"kind": "Status", "code": 405, "message": "not served here"})
+
+    def do_POST(self):
+        log(f"POST {self.path}")
+        self.reply(405, {"kind": "Status", "code": 405, "message": "read only"})
+
+    do_PUT = do_PATCH = do_DELETE = do_POST
+
+    def watch(self, timeout):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        seen = {name: mtime for name, (mtime, _) in pvs().items()}
+        end = time.monotonic() + min(timeout, 30)
+        try:
+            while time.monotonic() < end:
+                time.sleep(0.05)
+                for name, (mtime, obj) in pvs().items():
+                    if seen.get(name) != mtime:
+                        kind = "ADDED" if name not in seen else "MODIFIED"
+                        seen[name] = mtime
+                        self.chunk({"type": kind, "object": versioned(obj)})
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+def main():
+    os.makedirs(os.path.join(ROOT, "pvs"), exist_ok=True)
+    os.makedirs(os.path.join(ROOT, "vacs"), exist_ok=True)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    with open(os.path.join(ROOT, "port.tmp"), "w") as f:
+        f.write(str(server.server_address[1]))
+    os.rename(os.path.join(ROOT, "port.tmp"), os.path.join(ROOT, "port"))
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
