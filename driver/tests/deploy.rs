@@ -27,7 +27,7 @@ use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, PersistentVolumeClaim, Pod, Service, ServiceAccount,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
-use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
+use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass, VolumeAttributesClass};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use qcow2_csi::csi::{DRIVER_NAME, TOPOLOGY_KEY};
 use serde::de::DeserializeOwned;
@@ -267,6 +267,7 @@ enum Object {
     Role(Box<Role>),
     RoleBinding(Box<RoleBinding>),
     StorageClass(Box<StorageClass>),
+    VolumeAttributesClass(Box<VolumeAttributesClass>),
     VolumeSnapshotClass(Box<VolumeSnapshotClass>),
     PersistentVolumeClaim(Box<PersistentVolumeClaim>),
     Pod(Box<Pod>),
@@ -290,6 +291,7 @@ fn typed(doc: &Value) -> Result<Object, String> {
         "Role" => Object::Role(strict(doc)?),
         "RoleBinding" => Object::RoleBinding(strict(doc)?),
         "StorageClass" => Object::StorageClass(strict(doc)?),
+        "VolumeAttributesClass" => Object::VolumeAttributesClass(strict(doc)?),
         "VolumeSnapshotClass" => Object::VolumeSnapshotClass(strict(doc)?),
         "PersistentVolumeClaim" => Object::PersistentVolumeClaim(strict(doc)?),
         "Pod" => Object::Pod(strict(doc)?),
@@ -397,6 +399,7 @@ fn every_manifest_parses_into_typed_objects_without_unknown_fields() {
             Object::CSIDriver(_) => "CSIDriver",
             Object::DaemonSet(_) => "DaemonSet",
             Object::StorageClass(_) => "StorageClass",
+            Object::VolumeAttributesClass(_) => "VolumeAttributesClass",
             Object::VolumeSnapshotClass(_) => "VolumeSnapshotClass",
             Object::VolumeSnapshot(_) => "VolumeSnapshot",
             Object::PersistentVolumeClaim(_) => "PersistentVolumeClaim",
@@ -408,6 +411,7 @@ fn every_manifest_parses_into_typed_objects_without_unknown_fields() {
         "CSIDriver",
         "DaemonSet",
         "StorageClass",
+        "VolumeAttributesClass",
         "VolumeSnapshotClass",
         "VolumeSnapshot",
         "PersistentVolumeClaim",
@@ -454,12 +458,13 @@ fn a_misspelt_mistyped_or_misversioned_field_is_an_error() {
 /// as written.
 #[test]
 fn the_examples_refer_to_what_exists() {
-    let (mut storage, mut snapshot, mut claims, mut snapshots) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut storage, mut snapshot, mut claims, mut snapshots, mut attributes) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let objects = all_objects();
     for (_, obj) in &objects {
         match obj {
             Object::StorageClass(c) => storage.push(c.metadata.name.clone().unwrap()),
+            Object::VolumeAttributesClass(c) => attributes.push(c.metadata.name.clone().unwrap()),
             Object::VolumeSnapshotClass(c) => snapshot.push(c.metadata.name.clone().unwrap()),
             Object::PersistentVolumeClaim(c) => claims.push(c.metadata.name.clone().unwrap()),
             Object::VolumeSnapshot(s) => snapshots.push(s.metadata.name.clone().unwrap()),
@@ -474,6 +479,9 @@ fn the_examples_refer_to_what_exists() {
                 let spec = c.spec.as_ref().unwrap();
                 let class = spec.storage_class_name.as_ref().unwrap();
                 assert!(storage.contains(class), "{at}: class {class}");
+                if let Some(class) = &spec.volume_attributes_class_name {
+                    assert!(attributes.contains(class), "{at}: attributes {class}");
+                }
                 if let Some(src) = &spec.data_source {
                     sources += 1;
                     let names = match src.kind.as_str() {
@@ -501,6 +509,14 @@ fn the_examples_refer_to_what_exists() {
         }
     }
     assert_eq!(sources, 2, "a restore and a clone");
+    let mut classes = 0;
+    for (_, obj) in &objects {
+        if let Object::VolumeAttributesClass(c) = obj {
+            check_attributes_class(c);
+            classes += 1;
+        }
+    }
+    assert_eq!(classes, 2, "a claim moved between two attribute classes");
 }
 
 #[test]
@@ -695,8 +711,18 @@ fn the_dashboard_parses_and_every_panel_queries() {
 fn check_rendered(objects: Vec<Object>, help: &str) {
     let mut classes = 0;
     let mut daemonsets = Vec::new();
+    let mut grants = Vec::new();
     for obj in objects {
         match obj {
+            Object::ClusterRole(r) => {
+                for rule in r.rules.iter().flatten() {
+                    for res in rule.resources.iter().flatten() {
+                        for verb in &rule.verbs {
+                            grants.push(format!("{verb} {res}"));
+                        }
+                    }
+                }
+            }
             Object::CSIDriver(d) => {
                 assert_eq!(d.metadata.name.as_deref(), Some(DRIVER_NAME));
                 let spec = d.spec;
@@ -727,6 +753,7 @@ fn check_rendered(objects: Vec<Object>, help: &str) {
                 assert_eq!(c.driver, DRIVER_NAME);
                 assert!(c.parameters.is_empty(), "{:?}", c.metadata.name);
             }
+            Object::VolumeAttributesClass(c) => check_attributes_class(&c),
             Object::DaemonSet(d) => daemonsets.push(*d),
             _ => {}
         }
@@ -739,6 +766,16 @@ fn check_rendered(objects: Vec<Object>, help: &str) {
     let args = plugin.args.clone().unwrap();
     assert_eq!(args[0], "serve", "{args:?}");
     assert_eq!(flags_missing_from(help, &args[1..]), Vec::<String>::new());
+    // What the plugin reads with --watch-volume-attributes is granted.
+    if args.contains(&"--watch-volume-attributes".to_string()) {
+        for needed in [
+            "list persistentvolumes",
+            "watch persistentvolumes",
+            "get volumeattributesclasses",
+        ] {
+            assert!(grants.iter().any(|g| g == needed), "{needed}: {grants:?}");
+        }
+    }
     assert!(args.contains(&"--endpoint=unix:///csi/csi.sock".to_string()));
     // kubelet reaches the socket through the registrar's path, on the host directory that
     // is mounted at /csi, where the plugin listens.
@@ -810,6 +847,20 @@ fn check_rendered(objects: Vec<Object>, help: &str) {
         "{:?}",
         probe.args
     );
+}
+
+/// A VolumeAttributesClass is this driver's, and ModifyVolume accepts its parameters.
+fn check_attributes_class(c: &VolumeAttributesClass) {
+    assert_eq!(c.driver_name, DRIVER_NAME, "{:?}", c.metadata.name);
+    let params: HashMap<String, String> = c
+        .parameters
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    qcow2_csi::nbd::qos::Limits::default()
+        .modified(&params)
+        .unwrap_or_else(|e| panic!("VolumeAttributesClass parameters {params:?}: {e}"));
 }
 
 #[test]
@@ -934,8 +985,9 @@ fn every_option_of_the_chart_renders_valid_objects() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("all-options.yaml");
     std::fs::write(&file, &rendered).unwrap();
+    // The VolumeAttributesClasses need 1.34 (storage.k8s.io/v1).
     let (ok, out) = run(Command::new(bin.join("kubernetes-validate"))
-        .args(["--strict", "-k", "1.30.0"])
+        .args(["--strict", "-k", "1.34.0"])
         .arg(&file));
     assert!(ok, "{out}");
 }
@@ -1059,9 +1111,16 @@ fn check_metrics_objects(objects: &[Object], port: i32) {
 fn kubernetes_validate_strict_accepts_the_manifests_and_rejects_a_typo() {
     let Some(bin) = tools() else { return };
     for version in ["1.30.0", "1.34.0"] {
+        // VolumeAttributesClass is storage.k8s.io/v1 from Kubernetes 1.34 on.
+        let files = manifest_files().into_iter().filter(|f| {
+            version != "1.30.0"
+                || !std::fs::read_to_string(f)
+                    .unwrap()
+                    .contains("kind: VolumeAttributesClass")
+        });
         let (ok, out) = run(Command::new(bin.join("kubernetes-validate"))
             .args(["--strict", "-k", version])
-            .args(manifest_files()));
+            .args(files));
         assert!(ok, "kubernetes {version}: {out}");
         assert!(out.contains("passed for resource daemonset/"), "{out}");
     }

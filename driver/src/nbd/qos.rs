@@ -121,12 +121,14 @@ impl Limits {
     }
 
     /// Mutable parameters (VolumeAttributesClass, ModifyVolume) applied over these limits:
-    /// only the QoS keys may change after creation, anything else is refused by name.
+    /// only the QoS keys may change after creation, anything else is refused by name. The
+    /// `csi.storage.k8s.io/` keys the csi-resizer adds (`--extra-modify-metadata`) are
+    /// ignored.
     pub fn modified(self, raw: &HashMap<String, String>) -> Result<Limits> {
         let mut unknown: Vec<&str> = raw
             .keys()
             .map(String::as_str)
-            .filter(|k| !KEYS.contains(k))
+            .filter(|k| !KEYS.contains(k) && !k.starts_with("csi.storage.k8s.io/"))
             .collect();
         if !unknown.is_empty() {
             unknown.sort_unstable();
@@ -362,6 +364,12 @@ mod tests {
         assert_eq!(l.read_iops, Some(1000), "an absent key is kept");
         assert_eq!(l.write_iops, None, "0 lifts the limit");
         assert_eq!(l.read_bytes_per_second, Some(1 << 20));
+        let with_metadata = base.modified(&map(&[
+            ("readIOPS", "5"),
+            ("csi.storage.k8s.io/pvc/name", "data"),
+            ("csi.storage.k8s.io/pv/name", "pvc-1234"),
+        ]));
+        assert_eq!(with_metadata.unwrap().read_iops, Some(5));
         let err = base
             .modified(&map(&[("readIOPS", "5"), ("clusterSize", "64K")]))
             .unwrap_err();
