@@ -16,8 +16,16 @@ A second table prices the metrics: `qcow2-csi nbd` with `--metrics-address` (eve
 counted, and scraped every second meanwhile) against the same server without, 4 KiB random
 reads and writes, interleaved the same way (both `--cache none`).
 
+With `--qos-baseline BIN`, a third table prices QoS with no limit set: `qcow2-csi nbd`
+(which, like every CSI volume, carries a QoS state with no limit) against BIN, a build from
+before QoS existed, 4 KiB random reads and writes, interleaved the same way. To build one:
+  git worktree add /var/tmp/pre-qos 387a77b~1
+  cargo build --release -p qcow2-csi --manifest-path /var/tmp/pre-qos/Cargo.toml \
+      --target-dir /var/tmp/pre-qos-target
+
 Usage: hack/bench_nbd.py [--dir DIR] [--repeat N] [--qcow2-csi PATH] [--metrics-only]
                          [--only SUBSTRING] [--servers ours,qemu-nbd,qsd,nbdkit]
+                         [--qos-baseline BIN [--qos-only]]
 """
 
 import argparse
@@ -51,13 +59,14 @@ class Server:
     """One server process on a unix socket, stopped on exit. `ours-direct` and `metrics`
     (ours with `--cache none`, without and with metrics) are the metrics table's pair."""
 
-    def __init__(self, kind, image, raw, sock, ours_bin):
+    def __init__(self, kind, image, raw, sock, ours_bin, baseline_bin=None):
         if os.path.exists(sock):
             os.unlink(sock)
         self.scraper = None
         name = ""
-        if kind == "ours":
-            cmd = [ours_bin, "nbd", "--socket", sock, "--persistent", image]
+        if kind in ("ours", "baseline"):
+            binary = baseline_bin if kind == "baseline" else ours_bin
+            cmd = [binary, "nbd", "--socket", sock, "--persistent", image]
         elif kind in ("ours-direct", "metrics"):
             cmd = [ours_bin, "nbd", "--socket", sock, "--persistent", "--cache", "none", image]
             if kind == "metrics":
@@ -159,6 +168,9 @@ def main():
     ap.add_argument("--metrics-only", action="store_true",
                     help="only the metrics on/off table")
     ap.add_argument("--no-metrics", action="store_true", help="skip the metrics table")
+    ap.add_argument("--qos-baseline", default="",
+                    help="a qcow2-csi built before QoS: adds the no-limit QoS table")
+    ap.add_argument("--qos-only", action="store_true", help="only the QoS table")
     ap.add_argument("--only", default="", help="only the rows whose name contains this")
     ap.add_argument("--servers", default=",".join(SERVERS),
                     help="comma-separated subset of " + ",".join(SERVERS))
@@ -173,6 +185,7 @@ def main():
         if k not in SERVERS:
             sys.exit(f"bench_nbd: unknown server {k!r}")
     ours_bin = os.path.abspath(args.ours)
+    baseline_bin = os.path.abspath(args.qos_baseline) if args.qos_baseline else None
     os.makedirs(args.dir, exist_ok=True)
     os.chdir(args.dir)
     img, raw, sock = (os.path.abspath(n) for n in ("img.qcow2", "img.raw", "nbd.sock"))
@@ -196,7 +209,7 @@ def main():
             for kind in runs:
                 prepare()
                 drop_caches()
-                srv = Server(kind, img, raw, sock, ours_bin)
+                srv = Server(kind, img, raw, sock, ours_bin, baseline_bin)
                 try:
                     runs[kind].append(measure(srv.uri))
                 finally:
@@ -213,7 +226,7 @@ def main():
         ("nbdcopy 1 GiB into a fresh volume (MiB/s)", fresh, lambda u: nbdcopy("src.raw", u)),
         ("nbdcopy out to null (MiB/s)", filled, lambda u: nbdcopy(u, "null:")),
     ]
-    if not args.metrics_only:
+    if not (args.metrics_only or args.qos_only):
         print(f"1 GiB images (qcow2: 64 KiB clusters), page cache everywhere; median of "
               f"{args.repeat} interleaved runs; caches dropped before each run.")
         print()
@@ -236,11 +249,31 @@ def main():
             if "ours" in servers and "nbdkit" in servers:
                 cols.append(f"{r['ours'] / r['nbdkit']:.2f}")
             print(f"| {name} | " + " | ".join(cols) + " |", flush=True)
-    if args.no_metrics:
+    many = 65536
+    if baseline_bin:
+        # QoS with no limit: this build against one from before QoS.
+        print()
+        print(f"qcow2-csi nbd with no QoS limit against a build without QoS "
+              f"({baseline_bin}), 1 GiB qcow2 image; median of {args.repeat} interleaved "
+              f"runs.")
+        print()
+        print("| pattern | QD | with QoS, no limit (IOPS) | without QoS (IOPS) | with / without |")
+        print("|---|---|---|---|---|")
+        for name, qd, prepare, measure in [
+            ("4K random read, allocated (fio nbd)", "32", filled,
+             lambda u: fio(u, "randread", 32, many)),
+            ("4K random write, fresh (fio nbd)", "32", fresh,
+             lambda u: fio(u, "randwrite", 32, many // 2)),
+        ]:
+            if args.only not in name:
+                continue
+            r = cell(prepare, measure, kinds=("ours", "baseline"))
+            print(f"| {name} | {qd} | {r['ours']:.0f} | {r['baseline']:.0f} | "
+                  f"{r['ours'] / r['baseline']:.3f} |", flush=True)
+    if args.no_metrics or args.qos_only:
         return
 
     # The metrics' price: the same server with and without counting (and scrapes).
-    many = 65536
     priced = [
         ("4K random read, allocated (fio nbd)", "32", filled,
          lambda u: fio(u, "randread", 32, many)),

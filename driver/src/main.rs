@@ -315,9 +315,8 @@ fn open_server(
     let mut export = Export::new(name, device);
     export.description = Some(image.display().to_string());
     export.stats = stats;
-    export.qos = qos
-        .filter(qcow2_csi::nbd::qos::Limits::is_limited)
-        .map(|l| Arc::new(qcow2_csi::nbd::qos::Qos::new(l)));
+    // Attached even with no limit, as on a CSI volume: one atomic load per request.
+    export.qos = qos.map(|l| Arc::new(qcow2_csi::nbd::qos::Qos::new(l)));
     export.discard = match discard {
         DiscardArg::Unmap => Discard::Unmap,
         DiscardArg::Ignore => Discard::Ignore,

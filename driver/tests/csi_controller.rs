@@ -83,7 +83,11 @@ async fn identity_names_the_driver_and_its_capabilities() {
     use plugin_capability::service::Type as S;
     assert_eq!(
         services,
-        [S::ControllerService, S::VolumeAccessibilityConstraints]
+        [
+            S::ControllerService,
+            S::VolumeAccessibilityConstraints,
+            S::GroupControllerService
+        ]
     );
     assert!(online);
     let probe = id.probe(ProbeRequest {}).await.unwrap().into_inner();

@@ -265,6 +265,21 @@ async fn modify_volume_changes_the_limit_of_a_volume_in_use_within_a_second() {
     );
     let job = tokio::task::block_in_place(|| runner.join().unwrap());
     assert!(job["read"]["io_bytes"].as_u64().unwrap() > 0);
+    // The throttling shows in the metrics: reads held back, for a while; no write.
+    let text = support::scrape(&metrics);
+    let throttled = |name: &str, op: &str| {
+        support::sample(&text, name, &[("volume", id.as_str()), ("op", op)]).unwrap()
+    };
+    let held = throttled("qcow2_csi_volume_qos_throttled_requests_total", "read");
+    let waited = throttled("qcow2_csi_volume_qos_throttled_seconds_total", "read");
+    assert!(
+        held > 1000.0 && waited > 1.0,
+        "{held} reads held, {waited} s"
+    );
+    assert_eq!(
+        throttled("qcow2_csi_volume_qos_throttled_requests_total", "write"),
+        0.0
+    );
     let log = p.log();
     let stages = log
         .lines()

@@ -800,3 +800,304 @@ async fn clones_of_clones_are_flattened_and_keep_their_content() {
     }
     wait_until("all collected", || p.layers().is_empty()).await;
 }
+
+fn group_req(name: &str, volumes: &[&str]) -> CreateVolumeGroupSnapshotRequest {
+    CreateVolumeGroupSnapshotRequest {
+        name: name.into(),
+        source_volume_ids: volumes.iter().map(|v| v.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+async fn group_snapshot(p: &Plugin, name: &str, volumes: &[&str]) -> VolumeGroupSnapshot {
+    let g = p.group().await;
+    retried("CreateVolumeGroupSnapshot", || {
+        let mut g = g.clone();
+        let req = group_req(name, volumes);
+        async move { g.create_volume_group_snapshot(req).await }
+    })
+    .await
+    .into_inner()
+    .group_snapshot
+    .unwrap()
+}
+
+/// The member of `g` taken of volume `v`.
+fn member<'a>(g: &'a VolumeGroupSnapshot, v: &str) -> &'a Snapshot {
+    g.snapshots
+        .iter()
+        .find(|s| s.source_volume_id == v)
+        .unwrap_or_else(|| panic!("no member of {v} in {g:?}"))
+}
+
+/// The GroupController contract: capabilities, the spec's codes for bad requests, one
+/// instant of every member kept while the volumes move on, members that are ordinary
+/// snapshots (listed with their group id, restorable, deletable on their own), idempotent
+/// creates and deletes, and nothing left behind.
+#[tokio::test]
+async fn group_snapshots_follow_the_contract_and_keep_one_instant_of_every_member() {
+    if !qemu::require() {
+        return;
+    }
+    let p = Plugin::start().await;
+    let mut g = p.group().await;
+    let caps = g
+        .group_controller_get_capabilities(GroupControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities;
+    assert_eq!(caps.len(), 1);
+    let a = volume(&p, volume_req("a", 8 * MIB, None)).await;
+    let b = volume(&p, volume_req("b", 4 * MIB, None)).await;
+    write(&p, &a, 0x11, 0, MIB);
+    write(&p, &b, 0x22, 0, MIB);
+
+    // Bad requests.
+    let elsewhere = format!("vol-{}", "e".repeat(32));
+    for (req, want) in [
+        (group_req("", &[&a]), Code::InvalidArgument),
+        (group_req("g", &[]), Code::InvalidArgument),
+        (group_req("g", &[&a, &a]), Code::InvalidArgument),
+        (group_req("g", &[&a, "no-such-volume"]), Code::NotFound),
+        (group_req("g", &[&a, &elsewhere]), Code::FailedPrecondition),
+    ] {
+        assert_eq!(code(g.create_volume_group_snapshot(req).await), want);
+    }
+    let mut bad = group_req("g", &[&a, &b]);
+    bad.parameters = HashMap::from([("frozen".to_string(), "yes".to_string())]);
+    assert_eq!(
+        code(g.create_volume_group_snapshot(bad).await),
+        Code::InvalidArgument
+    );
+    let s = g
+        .create_volume_group_snapshot(group_req("g", &[&a, &elsewhere]))
+        .await
+        .unwrap_err();
+    assert!(s.message().contains("one node"), "{s:?}");
+    assert!(
+        p.state
+            .join("snapshots")
+            .read_dir()
+            .unwrap()
+            .next()
+            .is_none()
+    );
+
+    let taken = group_snapshot(&p, "g", &[&b, &a]).await;
+    assert!(taken.group_snapshot_id.starts_with("group-"));
+    assert_eq!(taken.snapshots.len(), 2);
+    assert!(taken.ready_to_use);
+    for s in &taken.snapshots {
+        assert_eq!(s.group_snapshot_id, taken.group_snapshot_id);
+        assert!(s.ready_to_use);
+    }
+    assert_eq!(member(&taken, &a).size_bytes, 8 * MIB);
+    // Idempotent by name and members (in any order); other members under the name are not.
+    assert_eq!(group_snapshot(&p, "g", &[&a, &b]).await, taken);
+    assert_eq!(
+        code(g.create_volume_group_snapshot(group_req("g", &[&a])).await),
+        Code::AlreadyExists
+    );
+    // The volumes move on; the members keep the instant.
+    write(&p, &a, 0x33, 0, MIB);
+    write(&p, &b, 0x44, 0, MIB);
+    let ra = volume(
+        &p,
+        volume_req("ra", 0, from_snapshot(&member(&taken, &a).snapshot_id)),
+    )
+    .await;
+    let rb = volume(
+        &p,
+        volume_req("rb", 0, from_snapshot(&member(&taken, &b).snapshot_id)),
+    )
+    .await;
+    expect(&p, &ra, 0x11, 0, MIB);
+    expect(&p, &rb, 0x22, 0, MIB);
+    expect(&p, &a, 0x33, 0, MIB);
+
+    // Listed as ordinary snapshots, with their group.
+    let listed = p
+        .controller()
+        .await
+        .list_snapshots(ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(listed.len(), 2);
+    assert!(
+        listed
+            .iter()
+            .all(|e| e.snapshot.as_ref().unwrap().group_snapshot_id == taken.group_snapshot_id)
+    );
+
+    // Get: the codes, and the members.
+    let get = |id: &str, members: Vec<String>| GetVolumeGroupSnapshotRequest {
+        group_snapshot_id: id.into(),
+        snapshot_ids: members,
+        ..Default::default()
+    };
+    assert_eq!(
+        code(g.get_volume_group_snapshot(get("", vec![])).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(g.get_volume_group_snapshot(get("group-nope", vec![])).await),
+        Code::NotFound
+    );
+    let stray = vec![member(&taken, &a).snapshot_id.clone(), "snap-x".into()];
+    assert_eq!(
+        code(
+            g.get_volume_group_snapshot(get(&taken.group_snapshot_id, stray))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    let got = g
+        .get_volume_group_snapshot(get(&taken.group_snapshot_id, vec![]))
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert_eq!(got, taken);
+
+    // A member deleted on its own leaves the other; the group lists what is left.
+    delete_snapshot(&p, &member(&taken, &b).snapshot_id).await;
+    let got = g
+        .get_volume_group_snapshot(get(&taken.group_snapshot_id, vec![]))
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert_eq!(got.snapshots, vec![member(&taken, &a).clone()]);
+
+    // Delete: the codes, a mismatch refused, then gone (twice is fine).
+    let del = |id: &str, members: Vec<String>| DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: id.into(),
+        snapshot_ids: members,
+        ..Default::default()
+    };
+    assert_eq!(
+        code(g.delete_volume_group_snapshot(del("", vec![])).await),
+        Code::InvalidArgument
+    );
+    g.delete_volume_group_snapshot(del("group-nope", vec![]))
+        .await
+        .unwrap();
+    assert_eq!(
+        code(
+            g.delete_volume_group_snapshot(del(&taken.group_snapshot_id, vec!["snap-x".into()]))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    for _ in 0..2 {
+        g.delete_volume_group_snapshot(del(&taken.group_snapshot_id, vec![]))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        code(
+            g.get_volume_group_snapshot(get(&taken.group_snapshot_id, vec![]))
+                .await
+        ),
+        Code::NotFound
+    );
+    // The restores outlive the group.
+    expect(&p, &ra, 0x11, 0, MIB);
+    expect(&p, &rb, 0x22, 0, MIB);
+    assert_layer_graph_sound(&p);
+}
+
+/// Kills the plugin at `point` during a CreateVolumeGroupSnapshot of two volumes (and of a
+/// delete, for `delete-group-after-record`). After the restart: every volume reads what was
+/// written, no member snapshot exists without its group, the layer graph is sound (nothing
+/// orphaned, every layer `qemu-img check` clean), and the retry makes the group.
+async fn crash_during_group_snapshot(point: &str) {
+    let mut p = Plugin::start().await;
+    let a = volume(&p, volume_req("a", 8 * MIB, None)).await;
+    let b = volume(&p, volume_req("b", 8 * MIB, None)).await;
+    write(&p, &a, 0x61, 0, MIB);
+    write(&p, &b, 0x62, 0, MIB);
+    let deleting = point.starts_with("delete-");
+    let earlier = if deleting {
+        Some(group_snapshot(&p, "g0", &[&a, &b]).await)
+    } else {
+        None
+    };
+    p.restart_with(&[("QCOW2_CSI_FAILPOINT", point)]).await;
+    let mut g = p.group().await;
+    let failed = match &earlier {
+        Some(e) => g
+            .delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest {
+                group_snapshot_id: e.group_snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .is_err(),
+        None => g
+            .create_volume_group_snapshot(group_req("g", &[&a, &b]))
+            .await
+            .is_err(),
+    };
+    assert!(failed, "{point}");
+    assert!(p.wait_crash(), "the failpoint {point} fired");
+    p.restart_with(&[]).await;
+    assert_layer_graph_sound(&p);
+    expect(&p, &a, 0x61, 0, MIB);
+    expect(&p, &b, 0x62, 0, MIB);
+    // No member without its group.
+    let groups: BTreeSet<String> = std::fs::read_dir(p.state.join("groups"))
+        .unwrap()
+        .map(|e| {
+            e.unwrap()
+                .path()
+                .file_stem()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    for e in std::fs::read_dir(p.state.join("snapshots")).unwrap() {
+        let rec: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap();
+        let group = rec["group"].as_str().unwrap();
+        assert!(
+            groups.contains(group),
+            "{point}: member of a missing group: {rec}"
+        );
+    }
+    if deleting {
+        assert!(
+            groups.is_empty(),
+            "{point}: the delete's commit point passed"
+        );
+    }
+    let taken = group_snapshot(&p, "g", &[&a, &b]).await;
+    write(&p, &a, 0x71, 0, MIB);
+    let r = volume(
+        &p,
+        volume_req("r", 0, from_snapshot(&member(&taken, &a).snapshot_id)),
+    )
+    .await;
+    expect(&p, &r, 0x61, 0, MIB);
+    assert_layer_graph_sound(&p);
+}
+
+#[tokio::test]
+async fn a_crash_at_every_step_of_a_group_snapshot_leaves_nothing_half_done() {
+    if !qemu::require() {
+        return;
+    }
+    for point in [
+        "group-after-layers",
+        "group-after-record",
+        "group-after-member",
+        "delete-group-after-record",
+    ] {
+        crash_during_group_snapshot(point).await;
+    }
+}

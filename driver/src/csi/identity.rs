@@ -42,6 +42,7 @@ impl Identity for IdentityService {
             capabilities: vec![
                 service(service::Type::ControllerService),
                 service(service::Type::VolumeAccessibilityConstraints),
+                service(service::Type::GroupControllerService),
                 PluginCapability {
                     r#type: Some(CapType::VolumeExpansion(VolumeExpansion {
                         r#type: volume_expansion::Type::Online as i32,

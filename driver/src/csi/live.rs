@@ -18,7 +18,7 @@
 use qcow2_engine::sync::Recover;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use qcow2_engine::{Image, OpenOptions};
@@ -254,12 +254,46 @@ impl LiveImage {
         opts: &OpenOptions,
         between: impl FnOnce() -> Result<()>,
     ) -> Result<()> {
-        let mut g = self.current.write().recover();
+        self.quiesce().reopen(current, next, opts, between)
+    }
+
+    /// Waits for the requests in flight and holds every new one until the [`Quiesced`] is
+    /// dropped: a group snapshot quiesces all its members before it pivots any.
+    pub fn quiesce(&self) -> Quiesced<'_> {
+        Quiesced {
+            live: self,
+            image: self.current.write().recover(),
+        }
+    }
+}
+
+/// A [`LiveImage`] with no request running and new ones held ([`LiveImage::quiesce`]).
+#[derive(Debug)]
+pub struct Quiesced<'a> {
+    live: &'a LiveImage,
+    image: RwLockWriteGuard<'a, Option<Image>>,
+}
+
+impl Quiesced<'_> {
+    /// [`LiveImage::pivot`], quiesced already.
+    pub fn pivot(&mut self, old_head: &Path, new_head: &Path, opts: &OpenOptions) -> Result<()> {
+        self.reopen(old_head, new_head, opts, || Ok(()))
+    }
+
+    /// [`LiveImage::reopen`], quiesced already.
+    pub fn reopen(
+        &mut self,
+        current: &Path,
+        next: &Path,
+        opts: &OpenOptions,
+        between: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        let g = &mut self.image;
         let old = g
             .take()
             .ok_or_else(|| Error::Internal("the volume has no open head layer".into()))?;
         if let Err(e) = old.flush() {
-            *g = Some(old);
+            **g = Some(old);
             return Err(Error::engine("flushing before a reopen", e));
         }
         if let Err(e) = old.close() {
@@ -272,14 +306,14 @@ impl LiveImage {
         });
         match opened {
             Ok(new) => {
-                self.size.store(new.size(), Ordering::SeqCst);
-                *g = Some(new);
+                self.live.size.store(new.size(), Ordering::SeqCst);
+                **g = Some(new);
                 Ok(())
             }
             Err(e) => {
                 let reopened = Image::open(current, opts);
                 let back = reopened.is_ok();
-                *g = reopened.ok();
+                **g = reopened.ok();
                 if back {
                     return Err(e);
                 }

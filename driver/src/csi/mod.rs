@@ -7,6 +7,7 @@ pub mod capability;
 pub mod client;
 pub mod controller;
 pub mod flatten;
+pub mod group;
 pub mod handoff;
 pub mod host;
 pub mod identity;

@@ -248,6 +248,25 @@ impl Subject for CreateSnapshotRequest {
     }
 }
 
+impl Subject for CreateVolumeGroupSnapshotRequest {
+    fn name(&self) -> Option<&str> {
+        Some(&self.name)
+    }
+}
+
+/// A group snapshot's id is logged as its snapshot.
+impl Subject for DeleteVolumeGroupSnapshotRequest {
+    fn snapshot(&self) -> Option<&str> {
+        Some(&self.group_snapshot_id)
+    }
+}
+
+impl Subject for GetVolumeGroupSnapshotRequest {
+    fn snapshot(&self) -> Option<&str> {
+        Some(&self.group_snapshot_id)
+    }
+}
+
 impl Subject for DeleteSnapshotRequest {
     fn snapshot(&self) -> Option<&str> {
         Some(&self.snapshot_id)

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use csi_proto::v1::controller_server::ControllerServer;
+use csi_proto::v1::group_controller_server::GroupControllerServer;
 use csi_proto::v1::identity_server::IdentityServer;
 use csi_proto::v1::node_server::NodeServer;
 use tokio::net::UnixListener;
@@ -14,6 +15,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 
 use super::Plugin;
 use super::controller::ControllerService;
+use super::group::GroupControllerService;
 use super::identity::IdentityService;
 use super::node::NodeService;
 use crate::error::{Error, Result};
@@ -162,6 +164,9 @@ pub async fn serve(
         .layer(super::rpclog::RpcLogLayer::new(plugin.metrics.clone()))
         .add_service(IdentityServer::new(IdentityService(plugin.clone())))
         .add_service(ControllerServer::new(ControllerService(plugin.clone())))
+        .add_service(GroupControllerServer::new(GroupControllerService(
+            plugin.clone(),
+        )))
         .add_service(NodeServer::new(NodeService(plugin.clone())))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop_serving);
     let notified = stopping.notified();

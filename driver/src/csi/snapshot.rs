@@ -30,7 +30,7 @@ pub(super) fn to_snapshot(rec: &SnapshotRecord) -> Snapshot {
             nanos: rec.created.1 as i32,
         }),
         ready_to_use: true,
-        group_snapshot_id: String::new(),
+        group_snapshot_id: rec.group.clone().unwrap_or_default(),
     }
 }
 
@@ -107,7 +107,7 @@ pub(super) fn freeze_head(plugin: &Plugin, id: &str) -> Result<(String, VolumeRe
 }
 
 /// Snapshot parameters: only the keys the external snapshotter adds.
-fn check_parameters(params: &std::collections::HashMap<String, String>) -> Result<()> {
+pub(super) fn check_parameters(params: &std::collections::HashMap<String, String>) -> Result<()> {
     match params
         .keys()
         .find(|k| !k.starts_with("csi.storage.k8s.io/"))
@@ -154,6 +154,7 @@ impl ControllerService {
             layer: frozen,
             size: volume.size,
             created: (now.as_secs(), now.subsec_nanos()),
+            group: None,
         };
         plugin.state()?.put_snapshot(rec.clone())?;
         failpoint("snapshot-after-record");

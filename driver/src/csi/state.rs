@@ -5,6 +5,7 @@
 //!   layers/<layer>.qcow2         qcow2 files: a volume's writable head, or a frozen layer
 //!   volumes/<volume id>.json     one record per volume (its head layer), written atomically
 //!   snapshots/<snapshot id>.json one record per snapshot (its frozen layer)
+//!   groups/<group id>.json       one record per group snapshot (its member snapshots)
 //! ```
 //!
 //! The layer graph: a volume's head and a snapshot's layer are roots; each layer's qcow2
@@ -131,6 +132,26 @@ pub struct SnapshotRecord {
     pub size: u64,
     /// Seconds and nanoseconds since the epoch.
     pub created: (u64, u32),
+    /// The group snapshot it was taken in, if any. A member whose group record is missing
+    /// (a crash before the group's commit point) is removed at load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+/// One group snapshot, as persisted in `groups/<id>.json`: the commit point of
+/// CreateVolumeGroupSnapshot, written after its members' snapshot records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    /// The CSI group snapshot id (`group-` + 32 hex digits).
+    pub id: String,
+    /// The CreateVolumeGroupSnapshot name, for idempotency.
+    pub name: String,
+    /// The volumes it was taken of, sorted.
+    pub source_volume_ids: Vec<String>,
+    /// Its member snapshots, in the order of `source_volume_ids`.
+    pub snapshot_ids: Vec<String>,
+    /// Seconds and nanoseconds since the epoch.
+    pub created: (u64, u32),
 }
 
 fn is_id(id: &str, prefix: &str) -> bool {
@@ -151,6 +172,11 @@ pub fn is_snapshot_id(id: &str) -> bool {
     is_id(id, "snap-")
 }
 
+/// A group snapshot id: `group-` and 32 lower-case hex digits.
+pub fn is_group_id(id: &str) -> bool {
+    is_id(id, "group-")
+}
+
 /// A fresh random id with `prefix`.
 pub fn new_id(prefix: &str) -> String {
     format!("{prefix}{:032x}", rand::random::<u128>())
@@ -162,6 +188,7 @@ pub struct State {
     root: PathBuf,
     volumes: BTreeMap<String, VolumeRecord>,
     snapshots: BTreeMap<String, SnapshotRecord>,
+    groups: BTreeMap<String, GroupRecord>,
     /// Records written since load ([`State::generation`]).
     generation: u64,
     /// Volumes whose chain the last walk could not read, and why.
@@ -347,6 +374,8 @@ pub struct Cleanup {
     pub partial_files: usize,
     /// Layers no record points at.
     pub orphan_layers: usize,
+    /// Snapshot records of a group snapshot that was never committed.
+    pub orphan_members: usize,
 }
 
 impl State {
@@ -354,7 +383,7 @@ impl State {
     /// interrupted operation left behind.
     pub fn load(root: &Path) -> Result<(State, Cleanup)> {
         private_dir(root)?;
-        for sub in ["layers", "volumes", "snapshots"] {
+        for sub in ["layers", "volumes", "snapshots", "groups"] {
             let d = root.join(sub);
             private_dir(&d)?;
             // What an older install wrote with the default mode.
@@ -385,13 +414,41 @@ impl State {
             },
             &mut cleanup,
         )?;
+        let groups = read_records(
+            &root.join("groups"),
+            &RecordKind {
+                name: "group snapshot record",
+                names: "group snapshot",
+                is_id: is_group_id,
+                id_of: |r: &GroupRecord| &r.id,
+            },
+            &mut cleanup,
+        )?;
         let mut state = State {
             root: root.to_path_buf(),
             volumes,
             snapshots,
+            groups,
             generation: 0,
             damaged: BTreeMap::new(),
         };
+        // Members of a group that never reached its commit point (its record), or whose
+        // group was being deleted: the snapshots nobody was told about.
+        let orphans: Vec<String> = state
+            .snapshots
+            .values()
+            .filter(|s| {
+                s.group
+                    .as_ref()
+                    .is_some_and(|g| !state.groups.contains_key(g))
+            })
+            .map(|s| s.id.clone())
+            .collect();
+        for id in orphans {
+            tracing::info!(snapshot = %id, "removing a member of an unfinished group snapshot");
+            state.remove_snapshot(&id)?;
+            cleanup.orphan_members += 1;
+        }
         for entry in read_dir(&state.layers_dir())? {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') && name.contains(".creating-") {
@@ -532,6 +589,34 @@ impl State {
         }
         remove_durably(&self.root.join("snapshots").join(format!("{id}.json")))?;
         Ok(self.snapshots.remove(id))
+    }
+
+    pub fn group(&self, id: &str) -> Option<&GroupRecord> {
+        self.groups.get(id)
+    }
+
+    pub fn group_by_name(&self, name: &str) -> Option<&GroupRecord> {
+        self.groups.values().find(|g| g.name == name)
+    }
+
+    /// Persists a group snapshot record (the commit point of CreateVolumeGroupSnapshot).
+    pub fn put_group(&mut self, rec: GroupRecord) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(&rec).expect("records serialise");
+        let path = self.root.join("groups").join(format!("{}.json", rec.id));
+        write_atomic(&path, &bytes)?;
+        self.generation += 1;
+        self.groups.insert(rec.id.clone(), rec);
+        Ok(())
+    }
+
+    /// Forgets a group snapshot (the commit point of DeleteVolumeGroupSnapshot): its members
+    /// go next, or at the next load.
+    pub fn remove_group(&mut self, id: &str) -> Result<Option<GroupRecord>> {
+        if !self.groups.contains_key(id) {
+            return Ok(None);
+        }
+        remove_durably(&self.root.join("groups").join(format!("{id}.json")))?;
+        Ok(self.groups.remove(id))
     }
 
     /// Volumes in id order.
@@ -695,7 +780,8 @@ mod tests {
             clean,
             Cleanup {
                 partial_files: 2,
-                orphan_layers: 1
+                orphan_layers: 1,
+                orphan_members: 0,
             }
         );
         assert_eq!(st.volume(&id), Some(&record(&id, &a)));
@@ -720,6 +806,7 @@ mod tests {
             layer: snap.clone(),
             size: 1 << 20,
             created: (1, 2),
+            group: None,
         })
         .unwrap();
         assert_eq!(st.collect_garbage(&Default::default()).unwrap(), 0);

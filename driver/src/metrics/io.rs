@@ -99,6 +99,16 @@ struct OpCounters {
 pub struct IoStats {
     ops: [OpCounters; Op::ALL.len()],
     in_flight: AtomicI64,
+    /// Requests held back by QoS, and the nanoseconds they waited: reads, then writes.
+    throttled: [AtomicU64; 2],
+    throttled_nanos: [AtomicU64; 2],
+}
+
+/// What QoS held back of one direction ([`IoStats::throttled`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Throttled {
+    pub requests: u64,
+    pub seconds: f64,
 }
 
 /// A request being served: [`IoStats::started`] to [`IoStats::finished`].
@@ -128,6 +138,23 @@ impl IoStats {
         let bucket = BOUNDS_NS.partition_point(|&b| b < nanos);
         c.buckets[bucket].fetch_add(1, Relaxed);
         self.in_flight.fetch_sub(1, Relaxed);
+    }
+
+    /// QoS held a request (a read when `write` is false) back for `waited`.
+    pub fn throttle(&self, write: bool, waited: std::time::Duration) {
+        let i = usize::from(write);
+        self.throttled[i].fetch_add(1, Relaxed);
+        let nanos = waited.as_nanos().min(u128::from(u64::MAX)) as u64;
+        self.throttled_nanos[i].fetch_add(nanos, Relaxed);
+    }
+
+    /// What QoS held back of reads (`write` false) or writes.
+    pub fn throttled(&self, write: bool) -> Throttled {
+        let i = usize::from(write);
+        Throttled {
+            requests: self.throttled[i].load(Relaxed),
+            seconds: self.throttled_nanos[i].load(Relaxed) as f64 / 1e9,
+        }
     }
 
     /// Requests read and not yet answered.

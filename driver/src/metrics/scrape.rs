@@ -10,7 +10,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
-use super::io::{IoStats, Op, OpSnapshot};
+use super::io::{IoStats, Op, OpSnapshot, Throttled};
 
 /// A volume's identifying labels: its id, and its claim when the provisioner named it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -180,6 +180,30 @@ pub fn encode_io(
                 &snap.histogram(),
                 None,
             )?;
+        }
+    }
+    /// A QoS counter family: name, help, the value of a direction's [`Throttled`].
+    type ThrottledFamily = (&'static str, &'static str, fn(Throttled) -> f64);
+    let throttled: [ThrottledFamily; 2] = [
+        (
+            "qcow2_csi_volume_qos_throttled_requests",
+            "NBD requests that waited for the volume's QoS limits, reads or writes (op)",
+            |t| t.requests as f64,
+        ),
+        (
+            "qcow2_csi_volume_qos_throttled_seconds",
+            "Seconds NBD requests waited for the volume's QoS limits, reads or writes (op)",
+            |t| t.seconds,
+        ),
+    ];
+    for (name, help, value) in throttled {
+        let mut family = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (labels, stats) in volumes {
+            for (op, write) in [(Op::Read, false), (Op::Write, true)] {
+                let l = labels.with(&[("op", op.label())]);
+                ConstCounter::new(value(stats.throttled(write)))
+                    .encode(family.encode_family(&l)?)?;
+            }
         }
     }
     gauges(

@@ -799,13 +799,18 @@ impl Server {
                 });
                 // In slices: a stop (drain, hand-over) must not wait out a long debt. Then
                 // the request runs at once, like every request already read.
-                let until = Instant::now() + wait;
+                let start = Instant::now();
+                let until = start + wait;
                 while !stopping() {
                     let left = until.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         break;
                     }
                     std::thread::sleep(left.min(QOS_SLICE));
+                }
+                if let (Some(stats), false) = (&conn.export.stats, wait.is_zero()) {
+                    let write = req.kind != cmd::READ;
+                    stats.throttle(write, start.elapsed());
                 }
             }
             let charge = conn.charge(&req);

@@ -160,6 +160,14 @@ impl Plugin {
         ControllerClient::new(connect(&self.socket).await.unwrap())
     }
 
+    pub async fn group(
+        &self,
+    ) -> csi_proto::v1::group_controller_client::GroupControllerClient<Channel> {
+        csi_proto::v1::group_controller_client::GroupControllerClient::new(
+            connect(&self.socket).await.unwrap(),
+        )
+    }
+
     /// CreateSnapshot of volume `source` named `name`; the snapshot's id.
     pub async fn snapshot(&self, source: &str, name: &str) -> Result<String, tonic::Status> {
         self.controller()
