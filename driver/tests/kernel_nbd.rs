@@ -754,6 +754,83 @@ fn a_crash_while_the_filesystem_is_frozen_is_thawed_by_the_next_process() {
     });
 }
 
+/// A plugin killed inside a group snapshot of two staged ext4 volumes: while both
+/// filesystems are frozen (`group-while-frozen`), and after the first member pivoted
+/// (`group-after-pivot`). The next process takes both devices over from their records,
+/// thaws both filesystems, the files written before read back, the retried group snapshot
+/// is made, no member exists without its group, and every layer passes `qemu-img check`.
+#[test]
+fn a_crash_inside_a_group_snapshot_of_staged_volumes_is_healed_by_the_next_process() {
+    if !uml::enter(
+        "a_crash_inside_a_group_snapshot_of_staged_volumes_is_healed_by_the_next_process",
+    ) {
+        return;
+    }
+    rt().block_on(async {
+        for point in ["group-while-frozen", "group-after-pivot"] {
+            let mut p = Plugin::start_with_args(&["--attach", "nbd"]).await;
+            let cap = mount_cap(Mode::SingleNodeWriter, "ext4");
+            let a = create(&p, "pvc-a", 128 * MIB, &cap).await;
+            let b = create(&p, "pvc-b", 128 * MIB, &cap).await;
+            let sa = stage(&p, &a, &cap).await;
+            let sb = stage(&p, &b, &cap).await;
+            std::fs::write(sa.join("before"), "a").unwrap();
+            std::fs::write(sb.join("before"), "b").unwrap();
+            p.restart_with(&[("QCOW2_CSI_FAILPOINT", point)]).await;
+            let req = CreateVolumeGroupSnapshotRequest {
+                name: "g".into(),
+                source_volume_ids: vec![a.clone(), b.clone()],
+                ..Default::default()
+            };
+            let mut group = p.group().await;
+            assert!(
+                group
+                    .create_volume_group_snapshot(req.clone())
+                    .await
+                    .is_err()
+            );
+            assert!(
+                p.wait_crash(),
+                "{point}: the failpoint did not end the plugin"
+            );
+            p.restart_with(&[]).await;
+            let log = p.log();
+            if point == "group-while-frozen" {
+                assert_eq!(log.matches("thawed a filesystem").count(), 2, "{log}");
+            }
+            for (staging, want) in [(&sa, "a"), (&sb, "b")] {
+                assert_eq!(
+                    std::fs::read_to_string(staging.join("before")).unwrap(),
+                    want
+                );
+                std::fs::write(staging.join("after"), "written after the restart").unwrap();
+            }
+            let taken = p
+                .group()
+                .await
+                .create_volume_group_snapshot(req)
+                .await
+                .unwrap_or_else(|e| panic!("{point}: {e}\n{}", p.log()))
+                .into_inner()
+                .group_snapshot
+                .unwrap();
+            assert_eq!(taken.snapshots.len(), 2);
+            for e in std::fs::read_dir(p.state.join("snapshots")).unwrap() {
+                let rec: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap();
+                assert_eq!(
+                    rec["group"],
+                    taken.group_snapshot_id.as_str(),
+                    "{point}: {rec}"
+                );
+            }
+            unstage(&p, &a, &sa).await;
+            unstage(&p, &b, &sb).await;
+            finish(p, true);
+        }
+    });
+}
+
 /// One storage request that takes 20 s (injected, while NodeStage mounts): the kernel waits
 /// for it (I/O timeout 0; the 1 s queue timeout only looks), nothing fails, the device stays
 /// and serves fio afterwards.
