@@ -83,6 +83,12 @@ struct ServeArgs {
     /// leader, which validates the class; each volume's own node applies it, live.
     #[arg(long)]
     watch_volume_attributes: bool,
+    /// Label the snapshot contents of this node's volumes (group snapshots and their
+    /// members) `snapshot.storage.kubernetes.io/managed-by=<node id>`, so that this node's
+    /// csi-snapshotter (`--node-deployment`) takes them: the snapshot-controller labels
+    /// single snapshots only.
+    #[arg(long)]
+    label_snapshot_contents: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -236,6 +242,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         kubelet_dir: args.kubelet_dir,
         metrics: metrics_address.is_some(),
         watch_volume_attributes: args.watch_volume_attributes,
+        label_snapshot_contents: args.label_snapshot_contents,
     }));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -258,6 +265,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         if plugin.config.watch_volume_attributes {
             tokio::spawn(qcow2_csi::csi::attributes::watch(plugin.clone()));
+        }
+        if plugin.config.label_snapshot_contents {
+            tokio::spawn(qcow2_csi::csi::contents::watch(plugin.clone()));
         }
         let shutdown = async {
             use tokio::signal::unix::{SignalKind, signal};

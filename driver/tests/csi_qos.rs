@@ -5,6 +5,9 @@
 #[allow(dead_code)]
 #[path = "support/csi.rs"]
 mod csi;
+#[allow(dead_code)]
+#[path = "support/fake_api.rs"]
+mod fake_api;
 #[allow(dead_code)] // each test binary uses part of the helpers
 mod support;
 
@@ -289,99 +292,6 @@ async fn modify_volume_changes_the_limit_of_a_volume_in_use_within_a_second() {
     unstage(&p, &id, &staging, &target).await;
 }
 
-/// The stand-in API server (`fake_apiserver.py`) on a data directory; killed when dropped.
-struct FakeApi {
-    child: std::process::Child,
-    dir: std::path::PathBuf,
-    kubeconfig: std::path::PathBuf,
-}
-
-impl FakeApi {
-    fn start(dir: &Path) -> FakeApi {
-        let dir = dir.join("api");
-        std::fs::create_dir_all(&dir).unwrap();
-        let child = Command::new("python3")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/fake_apiserver.py"
-            ))
-            .arg(&dir)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let port = loop {
-            if let Ok(p) = std::fs::read_to_string(dir.join("port")) {
-                break p;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the fake API server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let kubeconfig = dir.join("kubeconfig");
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
-                 clusters: [{{name: fake, cluster: {{server: \"http://127.0.0.1:{port}\"}}}}]\n\
-                 users: [{{name: u, user: {{token: test}}}}]\n\
-                 contexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\n"
-            ),
-        )
-        .unwrap();
-        FakeApi {
-            child,
-            dir,
-            kubeconfig,
-        }
-    }
-
-    /// Writes (atomically) the PersistentVolume of CSI volume `handle` of `driver`, naming
-    /// `class`.
-    fn put_pv(&self, name: &str, driver: &str, handle: &str, class: &str) {
-        let pv = serde_json::json!({
-            "metadata": {"name": name},
-            "spec": {
-                "csi": {"driver": driver, "volumeHandle": handle},
-                "volumeAttributesClassName": class,
-            },
-        });
-        let tmp = self.dir.join("pv.tmp");
-        std::fs::write(&tmp, pv.to_string()).unwrap();
-        std::fs::rename(tmp, self.dir.join("pvs").join(format!("{name}.json"))).unwrap();
-    }
-
-    fn put_class(&self, name: &str, driver: &str, parameters: serde_json::Value) {
-        let vac = serde_json::json!({"driverName": driver, "parameters": parameters});
-        std::fs::write(
-            self.dir.join("vacs").join(format!("{name}.json")),
-            vac.to_string(),
-        )
-        .unwrap();
-    }
-
-    fn requests(&self) -> String {
-        std::fs::read_to_string(self.dir.join("requests.log")).unwrap_or_default()
-    }
-
-    /// Waits until a watch of PersistentVolumes is open.
-    fn wait_watching(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.requests().contains("watch=true") {
-            assert!(Instant::now() < deadline, "no watch: {}", self.requests());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for FakeApi {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The `qos` map of a volume's record on disk.
 fn recorded_qos(p: &Plugin, id: &str) -> serde_json::Value {
     let path = p.state.join("volumes").join(format!("{id}.json"));
@@ -412,7 +322,7 @@ async fn the_owning_node_applies_the_class_its_persistent_volume_names() {
         return;
     }
     let mut p = Plugin::start_with_args(&["--watch-volume-attributes"]).await;
-    let api = FakeApi::start(p.dir.path());
+    let api = fake_api::FakeApi::start(p.dir.path());
     let kubeconfig = api.kubeconfig.display().to_string();
     p.restart_with(&[("KUBECONFIG", &kubeconfig)]).await;
     let id = p

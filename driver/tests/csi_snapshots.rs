@@ -6,6 +6,9 @@
 #[allow(dead_code)]
 #[path = "support/csi.rs"]
 mod csi;
+#[allow(dead_code)]
+#[path = "support/fake_api.rs"]
+mod fake_api;
 #[path = "../../tests/src/qemu.rs"]
 #[allow(dead_code)]
 mod qemu;
@@ -1100,4 +1103,79 @@ async fn a_crash_at_every_step_of_a_group_snapshot_leaves_nothing_half_done() {
     ] {
         crash_during_group_snapshot(point).await;
     }
+}
+
+/// `--label-snapshot-contents` against a stand-in API server: the group content of two
+/// volumes of this node and its member contents get this node's managed-by label (so this
+/// node's csi-snapshotter takes them); a group content naming another node's volume,
+/// another driver's content and one labelled already are left alone; the only writes are
+/// those merge patches.
+#[tokio::test(flavor = "multi_thread")]
+async fn this_nodes_group_snapshot_contents_are_labelled_for_its_snapshotter() {
+    if !qemu::require() {
+        return;
+    }
+    let mut p = Plugin::start_with_args(&["--label-snapshot-contents"]).await;
+    let api = fake_api::FakeApi::start(p.dir.path());
+    let kubeconfig = api.kubeconfig.display().to_string();
+    p.restart_with(&[("KUBECONFIG", &kubeconfig)]).await;
+    let a = volume(&p, volume_req("a", 4 * MIB, None)).await;
+    let b = volume(&p, volume_req("b", 4 * MIB, None)).await;
+    let elsewhere = format!("vol-{}", "f".repeat(32));
+    let group = |name: &str, handles: &[&str], driver: &str, labels: serde_json::Value| {
+        serde_json::json!({
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"driver": driver, "deletionPolicy": "Delete",
+                     "source": {"volumeHandles": handles}},
+        })
+    };
+    let none = serde_json::json!({});
+    tokio::task::block_in_place(|| api.wait_watches(2));
+    for (name, handles, driver, labels) in [
+        (
+            "ours",
+            vec![a.as_str(), b.as_str()],
+            "qcow2.csi.dev",
+            none.clone(),
+        ),
+        ("mixed", vec![&a, &elsewhere], "qcow2.csi.dev", none.clone()),
+        ("alien", vec![&a], "other.csi.dev", none.clone()),
+        (
+            "taken",
+            vec![&a],
+            "qcow2.csi.dev",
+            serde_json::json!({fake_api::MANAGED_BY: "node-9"}),
+        ),
+    ] {
+        api.put("vgscs", name, &group(name, &handles, driver, labels));
+    }
+    api.put(
+        "vscs",
+        "member-a",
+        &serde_json::json!({
+            "metadata": {"name": "member-a"},
+            "spec": {"driver": "qcow2.csi.dev", "source": {"volumeHandle": a}},
+        }),
+    );
+    let labelled = |kind: &str, name: &str| {
+        api.get(kind, name)["metadata"]["labels"][fake_api::MANAGED_BY].clone()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while labelled("vgscs", "ours").is_null() || labelled("vscs", "member-a").is_null() {
+        assert!(std::time::Instant::now() < deadline, "{}", p.log());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(labelled("vgscs", "ours"), csi::NODE);
+    assert_eq!(labelled("vscs", "member-a"), csi::NODE);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(labelled("vgscs", "mixed").is_null());
+    assert!(labelled("vgscs", "alien").is_null());
+    assert_eq!(labelled("vgscs", "taken"), "node-9");
+    let requests = api.requests();
+    let writes: Vec<&str> = requests
+        .lines()
+        .filter(|l| !l.starts_with("GET "))
+        .collect();
+    assert_eq!(writes.len(), 2, "{requests}");
+    assert!(writes.iter().all(|w| w.starts_with("PATCH ")), "{requests}");
 }

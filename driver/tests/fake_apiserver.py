@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """A stand-in for the Kubernetes API server, for the `--watch-volume-attributes` tests.
 
-Serves, over plain HTTP on 127.0.0.1, what the node plugin reads:
-  GET /api/v1/persistentvolumes                    a list of DIR/pvs/*.json
-  GET /api/v1/persistentvolumes?watch=...          watch events: every file of DIR/pvs that
-                                                   appears or changes (polled every 50 ms)
+Serves, over plain HTTP on 127.0.0.1, what the node plugin reads and writes:
+  GET COLLECTION                 a list of DIR/KIND/*.json
+  GET COLLECTION?watch=...       watch events: every file of DIR/KIND that appears or
+                                 changes (polled every 50 ms)
+  PATCH COLLECTION/NAME          a JSON merge patch of DIR/KIND/NAME.json
   GET /apis/storage.k8s.io/v1/volumeattributesclasses/NAME   DIR/vacs/NAME.json, or 404
-Anything else is 405. Every request line is appended to DIR/requests.log. The port it
-listens on is written to DIR/port once it listens.
+where the collections are PersistentVolumes (DIR/pvs), VolumeSnapshotContents (DIR/vscs)
+and VolumeGroupSnapshotContents (DIR/vgscs). Anything else is 405. Every request line (and
+a PATCH's body) is appended to DIR/requests.log. The port it listens on is written to
+DIR/port once it listens.
 
 usage: fake_apiserver.py DIR
 """
@@ -23,6 +26,14 @@ from urllib.parse import parse_qs, urlparse
 ROOT = sys.argv[1]
 LOCK = threading.Lock()
 VERSION = [1]
+# collection path: (directory, apiVersion, kind)
+COLLECTIONS = {
+    "/api/v1/persistentvolumes": ("pvs", "v1", "PersistentVolume"),
+    "/apis/snapshot.storage.k8s.io/v1/volumesnapshotcontents":
+        ("vscs", "snapshot.storage.k8s.io/v1", "VolumeSnapshotContent"),
+    "/apis/groupsnapshot.storage.k8s.io/v1beta2/volumegroupsnapshotcontents":
+        ("vgscs", "groupsnapshot.storage.k8s.io/v1beta2", "VolumeGroupSnapshotContent"),
+}
 
 
 def log(line):
@@ -30,10 +41,10 @@ def log(line):
         f.write(line + "\n")
 
 
-def pvs():
-    """{file name: (mtime_ns, object)} of DIR/pvs."""
+def objects(sub):
+    """{file name: (mtime_ns, object)} of DIR/SUB."""
     out = {}
-    d = os.path.join(ROOT, "pvs")
+    d = os.path.join(ROOT, sub)
     for name in sorted(os.listdir(d)):
         if not name.endswith(".json"):
             continue
@@ -47,13 +58,24 @@ def pvs():
     return out
 
 
-def versioned(obj):
+def versioned(obj, api_version, kind):
     with LOCK:
         VERSION[0] += 1
         obj.setdefault("metadata", {})["resourceVersion"] = str(VERSION[0])
-    obj["apiVersion"] = "v1"
-    obj["kind"] = "PersistentVolume"
+    obj["apiVersion"] = api_version
+    obj["kind"] = kind
     return obj
+
+
+def merge(target, patch):
+    """RFC 7386."""
+    for k, v in patch.items():
+        if v is None:
+            target.pop(k, None)
+        elif isinstance(v, dict) and isinstance(target.get(k), dict):
+            merge(target[k], v)
+        else:
+            target[k] = v
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -79,15 +101,17 @@ class Handler(BaseHTTPRequestHandler):
         log(f"GET {self.path}")
         url = urlparse(self.path)
         query = parse_qs(url.query)
-        if url.path == "/api/v1/persistentvolumes":
+        if url.path in COLLECTIONS:
+            sub, api_version, kind = COLLECTIONS[url.path]
             if query.get("watch", ["false"])[0] in ("true", "1"):
-                return self.watch(float(query.get("timeoutSeconds", ["30"])[0]))
-            items = [versioned(obj) for _, obj in pvs().values()]
+                return self.watch(sub, api_version, kind,
+                                  float(query.get("timeoutSeconds", ["30"])[0]))
+            items = [versioned(obj, api_version, kind) for _, obj in objects(sub).values()]
             with LOCK:
                 version = str(VERSION[0])
             return self.reply(200, {
-                "apiVersion": "v1",
-                "kind": "PersistentVolumeList",
+                "apiVersion": api_version,
+                "kind": kind + "List",
                 "metadata": {"resourceVersion": version},
                 "items": items,
             })
@@ -108,35 +132,56 @@ class Handler(BaseHTTPRequestHandler):
             })
         self.reply(405, {"kind": "Status", "code": 405, "message": "not served here"})
 
+    def do_PATCH(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        log(f"PATCH {self.path} {body.decode()}")
+        collection, _, name = urlparse(self.path).path.rpartition("/")
+        if collection not in COLLECTIONS or "/" in name or not name:
+            return self.reply(405, {"kind": "Status", "code": 405, "message": "not served"})
+        sub, api_version, kind = COLLECTIONS[collection]
+        path = os.path.join(ROOT, sub, name + ".json")
+        if self.headers.get("Content-Type") != "application/merge-patch+json":
+            return self.reply(415, {"kind": "Status", "code": 415, "message": "merge patches only"})
+        with LOCK:
+            if not os.path.exists(path):
+                return self.reply(404, {"kind": "Status", "code": 404, "message": "not found"})
+            with open(path) as f:
+                obj = json.load(f)
+            merge(obj, json.loads(body))
+            with open(path + ".tmp", "w") as f:
+                json.dump(obj, f)
+            os.rename(path + ".tmp", path)
+        self.reply(200, versioned(obj, api_version, kind))
+
     def do_POST(self):
         log(f"POST {self.path}")
         self.reply(405, {"kind": "Status", "code": 405, "message": "read only"})
 
-    do_PUT = do_PATCH = do_DELETE = do_POST
+    do_PUT = do_DELETE = do_POST
 
-    def watch(self, timeout):
+    def watch(self, sub, api_version, kind, timeout):
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        seen = {name: mtime for name, (mtime, _) in pvs().items()}
+        seen = {name: mtime for name, (mtime, _) in objects(sub).items()}
         end = time.monotonic() + min(timeout, 30)
         try:
             while time.monotonic() < end:
                 time.sleep(0.05)
-                for name, (mtime, obj) in pvs().items():
+                for name, (mtime, obj) in objects(sub).items():
                     if seen.get(name) != mtime:
-                        kind = "ADDED" if name not in seen else "MODIFIED"
+                        event = "ADDED" if name not in seen else "MODIFIED"
                         seen[name] = mtime
-                        self.chunk({"type": kind, "object": versioned(obj)})
+                        self.chunk({"type": event, "object": versioned(obj, api_version, kind)})
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
             pass
 
 
 def main():
-    os.makedirs(os.path.join(ROOT, "pvs"), exist_ok=True)
-    os.makedirs(os.path.join(ROOT, "vacs"), exist_ok=True)
+    for sub in ("pvs", "vacs", "vscs", "vgscs"):
+        os.makedirs(os.path.join(ROOT, sub), exist_ok=True)
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     with open(os.path.join(ROOT, "port.tmp"), "w") as f:

@@ -5,6 +5,7 @@
 pub mod attributes;
 pub mod capability;
 pub mod client;
+pub mod contents;
 pub mod controller;
 pub mod flatten;
 pub mod group;
@@ -66,6 +67,9 @@ pub struct Config {
     /// the Kubernetes API, so ControllerModifyVolume accepts (validated) volumes it does not
     /// have: they are other nodes' ([`modify::controller_modify`]).
     pub watch_volume_attributes: bool,
+    /// This node labels the snapshot contents of its volumes for its own csi-snapshotter
+    /// ([`contents`]): group snapshots need it under distributed snapshotting.
+    pub label_snapshot_contents: bool,
 }
 
 /// The plugin's shared state: every service holds an `Arc` of it.
@@ -442,6 +446,7 @@ mod tests {
             handoff_wait: std::time::Duration::ZERO,
             kubelet_dir: dir.path().to_path_buf(),
             watch_volume_attributes: false,
+            label_snapshot_contents: false,
             metrics: false,
         }));
         let r: Result<()> = plugin.blocking(|| panic!("a bug in an RPC")).await;

@@ -744,6 +744,7 @@ mod tests {
                 handoff_wait: std::time::Duration::ZERO,
                 kubelet_dir: self.dir.path().to_path_buf(),
                 watch_volume_attributes: false,
+                label_snapshot_contents: false,
                 metrics: true,
             };
             let attacher = Attacher::with_kernel(self.kernel.clone(), FakeKernel::door(&self.sim));
