@@ -118,10 +118,10 @@ async fn label(plugin: Arc<Plugin>, api: Api<DynamicObject>, kind: &'static str)
             .await
         {
             Ok(_) => {
-                tracing::info!(kind, content = %name, node = %node, "labelled for this node's csi-snapshotter")
+                tracing::info!(kind, content = %name, node = %node, "labelled for this node's csi-snapshotter");
             }
             Err(e) => {
-                tracing::warn!(kind, content = %name, error = %e, "labelling a snapshot content")
+                tracing::warn!(kind, content = %name, error = %e, "labelling a snapshot content");
             }
         }
     }
