@@ -91,6 +91,52 @@ struct VolumeSnapshotClass {
     parameters: BTreeMap<String, String>,
 }
 
+/// groupsnapshot.storage.k8s.io/v1beta2 VolumeGroupSnapshotClass (a CRD).
+#[allow(dead_code)]
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VolumeGroupSnapshotClass {
+    api_version: GroupSnapshotApi,
+    kind: String,
+    metadata: ObjectMeta,
+    driver: String,
+    deletion_policy: DeletionPolicy,
+    #[serde(default)]
+    parameters: BTreeMap<String, String>,
+}
+
+/// groupsnapshot.storage.k8s.io/v1beta2 VolumeGroupSnapshot.
+#[allow(dead_code)]
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VolumeGroupSnapshot {
+    api_version: GroupSnapshotApi,
+    kind: String,
+    metadata: ObjectMeta,
+    spec: VolumeGroupSnapshotSpec,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VolumeGroupSnapshotSpec {
+    volume_group_snapshot_class_name: Option<String>,
+    source: VolumeGroupSnapshotSource,
+}
+
+#[allow(dead_code)]
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VolumeGroupSnapshotSource {
+    selector: Option<LabelSelector>,
+    volume_group_snapshot_content_name: Option<String>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+enum GroupSnapshotApi {
+    #[serde(rename = "groupsnapshot.storage.k8s.io/v1beta2")]
+    V1beta2,
+}
+
 /// snapshot.storage.k8s.io/v1 VolumeSnapshot.
 #[allow(dead_code)]
 #[derive(Debug, serde::Deserialize)]
@@ -269,6 +315,8 @@ enum Object {
     StorageClass(Box<StorageClass>),
     VolumeAttributesClass(Box<VolumeAttributesClass>),
     VolumeSnapshotClass(Box<VolumeSnapshotClass>),
+    VolumeGroupSnapshotClass(Box<VolumeGroupSnapshotClass>),
+    VolumeGroupSnapshot(Box<VolumeGroupSnapshot>),
     PersistentVolumeClaim(Box<PersistentVolumeClaim>),
     Pod(Box<Pod>),
     VolumeSnapshot(Box<VolumeSnapshot>),
@@ -293,6 +341,8 @@ fn typed(doc: &Value) -> Result<Object, String> {
         "StorageClass" => Object::StorageClass(strict(doc)?),
         "VolumeAttributesClass" => Object::VolumeAttributesClass(strict(doc)?),
         "VolumeSnapshotClass" => Object::VolumeSnapshotClass(strict(doc)?),
+        "VolumeGroupSnapshotClass" => Object::VolumeGroupSnapshotClass(strict(doc)?),
+        "VolumeGroupSnapshot" => Object::VolumeGroupSnapshot(strict(doc)?),
         "PersistentVolumeClaim" => Object::PersistentVolumeClaim(strict(doc)?),
         "Pod" => Object::Pod(strict(doc)?),
         "VolumeSnapshot" => Object::VolumeSnapshot(strict(doc)?),
@@ -402,6 +452,7 @@ fn every_manifest_parses_into_typed_objects_without_unknown_fields() {
             Object::VolumeAttributesClass(_) => "VolumeAttributesClass",
             Object::VolumeSnapshotClass(_) => "VolumeSnapshotClass",
             Object::VolumeSnapshot(_) => "VolumeSnapshot",
+            Object::VolumeGroupSnapshot(_) => "VolumeGroupSnapshot",
             Object::PersistentVolumeClaim(_) => "PersistentVolumeClaim",
             Object::Pod(_) => "Pod",
             _ => "other",
@@ -414,6 +465,7 @@ fn every_manifest_parses_into_typed_objects_without_unknown_fields() {
         "VolumeAttributesClass",
         "VolumeSnapshotClass",
         "VolumeSnapshot",
+        "VolumeGroupSnapshot",
         "PersistentVolumeClaim",
         "Pod",
     ] {
@@ -517,6 +569,51 @@ fn the_examples_refer_to_what_exists() {
         }
     }
     assert_eq!(classes, 2, "a claim moved between two attribute classes");
+    // A group snapshot names a class the chart makes once group snapshots are on, and its
+    // selector picks two claims of the examples.
+    let values: Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(root().join("charts/qcow2-csi/values.yaml")).unwrap(),
+    )
+    .unwrap();
+    let group_classes: Vec<&str> = values["groupSnapshots"]["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    let mut groups = 0;
+    for (file, obj) in &objects {
+        if let Object::VolumeGroupSnapshot(g) = obj {
+            groups += 1;
+            let class = g.spec.volume_group_snapshot_class_name.as_deref().unwrap();
+            assert!(
+                group_classes.contains(&class),
+                "{}: class {class}",
+                file.display()
+            );
+            let wanted = g
+                .spec
+                .source
+                .selector
+                .as_ref()
+                .unwrap()
+                .match_labels
+                .clone()
+                .unwrap();
+            let picked = objects
+                .iter()
+                .filter(|(_, o)| match o {
+                    Object::PersistentVolumeClaim(c) => {
+                        let labels = c.metadata.labels.clone().unwrap_or_default();
+                        wanted.iter().all(|(k, v)| labels.get(k) == Some(v))
+                    }
+                    _ => false,
+                })
+                .count();
+            assert_eq!(picked, 2, "{}: the group's claims", file.display());
+        }
+    }
+    assert_eq!(groups, 1);
 }
 
 #[test]
@@ -754,6 +851,10 @@ fn check_rendered(objects: Vec<Object>, help: &str) {
                 assert!(c.parameters.is_empty(), "{:?}", c.metadata.name);
             }
             Object::VolumeAttributesClass(c) => check_attributes_class(&c),
+            Object::VolumeGroupSnapshotClass(c) => {
+                assert_eq!(c.driver, DRIVER_NAME);
+                assert!(c.parameters.is_empty(), "{:?}", c.metadata.name);
+            }
             Object::DaemonSet(d) => daemonsets.push(*d),
             _ => {}
         }
@@ -980,6 +1081,55 @@ fn every_option_of_the_chart_renders_valid_objects() {
         }
     }
     assert_eq!(defaults, ["qcow2", "qcow2"], "the default classes");
+    // Group snapshots on: the class, the snapshotter's gate and group RBAC, the labeller.
+    let mut group_classes = 0;
+    let mut grants = Vec::new();
+    for o in &objects {
+        match o {
+            Object::VolumeGroupSnapshotClass(c) => {
+                group_classes += 1;
+                assert!(c.metadata.annotations.is_some(), "the default group class");
+            }
+            Object::ClusterRole(r) => {
+                for rule in r.rules.iter().flatten() {
+                    for res in rule.resources.iter().flatten() {
+                        for verb in &rule.verbs {
+                            grants.push(format!("{verb} {res}"));
+                        }
+                    }
+                }
+            }
+            Object::DaemonSet(d) => {
+                let gate = "--feature-gates=CSIVolumeGroupSnapshot=true".to_string();
+                assert!(
+                    container(d, "csi-snapshotter")
+                        .args
+                        .as_ref()
+                        .unwrap()
+                        .contains(&gate)
+                );
+                let label = "--label-snapshot-contents".to_string();
+                assert!(
+                    container(d, "qcow2-csi")
+                        .args
+                        .as_ref()
+                        .unwrap()
+                        .contains(&label)
+                );
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(group_classes, 1);
+    for needed in [
+        "patch volumegroupsnapshotcontents",
+        "watch volumegroupsnapshotcontents",
+        "patch volumesnapshotcontents",
+        "update volumegroupsnapshotcontents/status",
+        "list volumegroupsnapshotclasses",
+    ] {
+        assert!(grants.iter().any(|g| g == needed), "{needed}: {grants:?}");
+    }
     check_metrics_objects(&objects, 9900);
     check_rendered(objects, &serve_help());
     let dir = tempfile::tempdir().unwrap();
