@@ -24,7 +24,8 @@ say "csi-sanity in $pod"
 kubectl cp "$bin" "$NAMESPACE/$pod:/tmp/csi-sanity" -c qcow2-csi
 # The directories live under the kubelet directory (Bidirectional, like real volumes).
 dir=/var/lib/kubelet/plugins/qcow2.csi.dev/sanity
-kubectl exec "${c[@]}" "$pod" -- sh -c "rm -rf $dir && mkdir -p $dir"
+kubectl exec "${c[@]}" "$pod" -- sh -c "rm -rf $dir && mkdir -p $dir &&
+  printf 'readIOPS: \"100\"\nwriteBytesPerSecond: 10M\n' > $dir/mutable.yaml"
 rc=0
 kubectl exec "${c[@]}" "$pod" -- /tmp/csi-sanity \
   --csi.endpoint=unix:///csi/csi.sock \
@@ -32,7 +33,7 @@ kubectl exec "${c[@]}" "$pod" -- /tmp/csi-sanity \
   --csi.stagingdir="$dir/staging" \
   --csi.testvolumesize=67108864 \
   --csi.testvolumeexpandsize=134217728 \
-  --ginkgo.skip='ModifyVolume|GroupController' \
+  --csi.testvolumemutableparameters="$dir/mutable.yaml" \
   --ginkgo.junit-report=/tmp/csi-sanity.xml \
   "$@" || rc=$?
 kubectl cp "$NAMESPACE/$pod:/tmp/csi-sanity.xml" "$WORK/csi-sanity.xml" -c qcow2-csi >/dev/null 2>&1 || true
