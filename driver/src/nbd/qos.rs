@@ -219,11 +219,17 @@ impl Bucket {
         }
     }
 
-    /// Takes `n` tokens; returns how long until the bucket is out of debt.
-    fn take(&mut self, n: f64, now: Instant) -> Duration {
+    /// Refills up to `now`; the tokens there are (negative: a debt).
+    fn level(&mut self, now: Instant) -> f64 {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = self.last.max(now);
         self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity);
+        self.tokens
+    }
+
+    /// Takes `n` tokens; returns how long until the bucket is out of debt.
+    fn take(&mut self, n: f64, now: Instant) -> Duration {
+        self.level(now);
         self.tokens -= n;
         if self.tokens >= 0.0 {
             Duration::ZERO
@@ -255,14 +261,24 @@ impl Qos {
     }
 
     /// Replaces the limits, effective for the next request. A bucket whose rate is unchanged
-    /// keeps its state (debt included), so re-applying the same limits changes nothing.
+    /// keeps its state (debt included), so re-applying the same limits changes nothing. A
+    /// changed rate keeps the tokens (or the debt) the bucket had, up to its new capacity: a
+    /// change gives no fresh burst, so the new rate holds from the change on. A limit that
+    /// was not set starts with a full bucket, as at staging.
     pub fn set(&self, limits: Limits, now: Instant) {
         let mut st = self.state.lock().recover();
         let old = st.limits;
         for (i, (new, was)) in limits.rates().into_iter().zip(old.rates()).enumerate() {
             let same = new == was && limits.burst_seconds == old.burst_seconds;
             if !same || st.buckets[i].is_none() {
-                st.buckets[i] = new.map(|rate| Bucket::new(rate, limits.burst_seconds, now));
+                let carried = st.buckets[i].as_mut().map(|b| b.level(now));
+                st.buckets[i] = new.map(|rate| {
+                    let mut b = Bucket::new(rate, limits.burst_seconds, now);
+                    if let Some(level) = carried {
+                        b.tokens = level.min(b.capacity);
+                    }
+                    b
+                });
             }
         }
         st.limits = limits;
@@ -441,9 +457,16 @@ mod tests {
         assert!(before > Duration::ZERO);
         qos.set(limit(100), t0); // re-applied: the debt stays
         assert!(qos.delay(Direction::Write, 512, t0) > before);
-        // Raised to 10 000: a fresh bucket, the next requests pass at once.
+        // Raised to 10 000: the debt carries over and no burst is granted, so 5000 requests
+        // take half a second at the new rate (not an instant, as a fresh bucket would).
         qos.set(limit(10_000), t0);
-        assert_eq!(drive(&qos, t0, 5000, Direction::Write, 512), Duration::ZERO);
+        let took = drive(&qos, t0, 5000, Direction::Write, 512).as_secs_f64();
+        assert!((0.5..0.501).contains(&took), "{took}");
+        // An idle bucket keeps what it saved, up to its new capacity.
+        let t1 = t0 + Duration::from_secs(10);
+        qos.set(limit(2000), t1);
+        assert_eq!(drive(&qos, t1, 2000, Direction::Write, 512), Duration::ZERO);
+        assert!(qos.delay(Direction::Write, 512, t1) > Duration::ZERO);
         // Lifted: nothing waits any more.
         qos.set(Limits::default(), t0);
         assert!(!qos.limits().is_limited());
