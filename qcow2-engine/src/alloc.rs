@@ -20,6 +20,7 @@
 //! - the refcount table grows by writing a bigger copy (with the blocks describing the new area)
 //!   at the end of the image, syncing, switching the header, then releasing the old table.
 
+use std::collections::VecDeque;
 use std::ops::Range;
 
 use crate::error::{Error, IoContext, Result};
@@ -29,13 +30,51 @@ use crate::meta::{Meta, MetaKind};
 use crate::types::HostOffset;
 
 /// First reserve refill, in clusters; refills double up to [`MAX_RESERVE_BYTES`].
-pub(crate) const FIRST_RESERVE: u64 = 16;
+const FIRST_RESERVE: u64 = 16;
 /// Largest reserve: what a crash can leak until the next repair (reserved clusters are holes,
 /// so only refcounts leak, not disk space) and how far the file length may run ahead of its
 /// content while the image is open. Larger means fewer barriers on long sequential writes.
 const MAX_RESERVE_BYTES: u64 = 256 << 20;
 /// Pending releases that trigger a batch release without waiting for a flush.
 pub(crate) const PENDING_LIMIT: usize = 1024;
+
+/// The allocator's state, kept in [`Meta`] and changed only by the allocation code of this
+/// module, which keeps its invariants: every reserved cluster has a durable refcount of 1
+/// and durably reads as zeros; every pending cluster is unlinked from every table and still
+/// counted; no cluster below `free_hint` is free.
+#[derive(Debug)]
+pub struct Allocator {
+    /// No cluster below this index is free.
+    free_hint: u64,
+    /// Clusters ready to hand out with no barrier (refcount 1 and zeros, both durable).
+    reserve: VecDeque<u64>,
+    /// How many clusters the next reserve refill takes.
+    reserve_batch: u64,
+    /// A top-up batch is waiting for its barrier outside the state lock.
+    topping_up: bool,
+    /// Clusters unlinked from every table whose refcount is not decremented yet; released
+    /// in batches after a barrier.
+    pending_free: Vec<u64>,
+}
+
+impl Default for Allocator {
+    fn default() -> Self {
+        Self {
+            free_hint: 0,
+            reserve: VecDeque::new(),
+            reserve_batch: FIRST_RESERVE,
+            topping_up: false,
+            pending_free: Vec::new(),
+        }
+    }
+}
+
+impl Allocator {
+    /// Whether some released clusters wait for a batch release.
+    pub fn has_pending_releases(&self) -> bool {
+        !self.pending_free.is_empty()
+    }
+}
 
 impl Meta {
     fn refblock_entries(&self) -> u64 {
@@ -124,14 +163,15 @@ impl Meta {
 
     /// Hands out one cluster whose refcount (1) is durable and which reads as zeros.
     pub fn alloc_cluster(&mut self) -> Result<HostOffset> {
-        if self.reserve.is_empty() {
+        if self.allocator.reserve.is_empty() {
             // The slow path: a barrier under the state lock. Normally a top-up (below) keeps
             // the reserve from running dry.
             let (batch, changed) = self.recording(Self::prepare_batch)?;
             self.sync_ranges(&changed)?;
-            self.reserve.extend(batch);
+            self.allocator.reserve.extend(batch);
         }
         let c = self
+            .allocator
             .reserve
             .pop_front()
             .expect("a refill reserves at least one cluster");
@@ -141,7 +181,8 @@ impl Meta {
     /// Whether the reserve is low enough to start a top-up: under half the last batch, and no
     /// top-up running.
     pub fn wants_top_up(&self) -> bool {
-        !self.topping_up && (self.reserve.len() as u64) < self.reserve_batch / 4
+        !self.allocator.topping_up
+            && (self.allocator.reserve.len() as u64) < self.allocator.reserve_batch / 4
     }
 
     /// Starts a top-up: the next batch, refcounts written but not yet durable, and the ranges
@@ -149,10 +190,10 @@ impl Meta {
     /// the batch to [`Meta::finish_top_up`], so requests keep allocating from what is left
     /// of the reserve during the barrier.
     pub fn start_top_up(&mut self) -> Result<(Vec<u64>, Vec<Range<u64>>)> {
-        self.topping_up = true;
+        self.allocator.topping_up = true;
         let batch = self.recording(Self::prepare_batch);
         if batch.is_err() {
-            self.topping_up = false;
+            self.allocator.topping_up = false;
         }
         batch
     }
@@ -160,9 +201,9 @@ impl Meta {
     /// Ends a top-up: the batch joins the reserve once the barrier succeeded (otherwise its
     /// clusters leak until the next repair; the refcounts may not be durable).
     pub fn finish_top_up(&mut self, batch: Vec<u64>, synced: bool) {
-        self.topping_up = false;
+        self.allocator.topping_up = false;
         if synced {
-            self.reserve.extend(batch);
+            self.allocator.reserve.extend(batch);
         }
     }
 
@@ -170,9 +211,9 @@ impl Meta {
     /// rest at the end of the image. Their refcounts are written, not synced: they may only
     /// be handed out after a barrier.
     fn prepare_batch(&mut self) -> Result<Vec<u64>> {
-        let want = self.reserve_batch.max(1);
+        let want = self.allocator.reserve_batch.max(1);
         let mut got = Vec::new();
-        let mut c = self.free_hint;
+        let mut c = self.allocator.free_hint;
         while c < self.end_cluster && (got.len() as u64) < want {
             let group = c / self.refblock_entries();
             if self.refblock(group)?.is_none() {
@@ -196,7 +237,7 @@ impl Meta {
             }
             c += 1;
         }
-        self.free_hint = c;
+        self.allocator.free_hint = c;
         // A reused cluster may still hold old bytes: it must read as zeros before it is used.
         self.punch_runs(&got)?;
         for (off, len) in byte_runs(&got, self.geo.cluster_bits) {
@@ -211,7 +252,7 @@ impl Meta {
         }
         self.preallocate_runs(&got)?;
         let max = (MAX_RESERVE_BYTES >> self.geo.cluster_bits).max(1);
-        self.reserve_batch = (want * 2).min(max);
+        self.allocator.reserve_batch = (want * 2).min(max);
         Ok(got)
     }
 
@@ -399,7 +440,7 @@ impl Meta {
     /// looked up before the cluster was unlinked, and a released cluster can be reused.
     pub fn free_range(&mut self, start: HostOffset, count: u64) {
         let first = start.0 >> self.geo.cluster_bits;
-        self.pending_free.extend(first..first + count);
+        self.allocator.pending_free.extend(first..first + count);
     }
 
     /// Takes back one pending release of each cluster of the range (see
@@ -407,25 +448,25 @@ impl Meta {
     pub fn unfree_range(&mut self, start: HostOffset, count: u64) {
         let first = start.0 >> self.geo.cluster_bits;
         for c in first..first + count {
-            if let Some(i) = self.pending_free.iter().rposition(|&p| p == c) {
-                self.pending_free.swap_remove(i);
+            if let Some(i) = self.allocator.pending_free.iter().rposition(|&p| p == c) {
+                self.allocator.pending_free.swap_remove(i);
             }
         }
     }
 
     /// Enough releases are pending to run a batch without waiting for a flush.
     pub fn wants_release(&self) -> bool {
-        self.pending_free.len() >= PENDING_LIMIT
+        self.allocator.pending_free.len() >= PENDING_LIMIT
     }
 
     /// Syncs (every unlink becomes durable), then drops the pending references; clusters that
     /// become free are punched out of the host file and may be reused.
     pub fn release_pending(&mut self) -> Result<()> {
-        if self.pending_free.is_empty() {
+        if self.allocator.pending_free.is_empty() {
             return Ok(());
         }
         self.sync()?;
-        let mut pending = std::mem::take(&mut self.pending_free);
+        let mut pending = std::mem::take(&mut self.allocator.pending_free);
         pending.sort_unstable();
         let mut changes = Vec::new();
         let mut before = Vec::new();
@@ -436,7 +477,7 @@ impl Meta {
             let rc = match self.refcount(c) {
                 Ok(rc) => rc,
                 Err(e) => {
-                    self.pending_free = pending;
+                    self.allocator.pending_free = pending;
                     return Err(e);
                 }
             };
@@ -459,6 +500,7 @@ impl Meta {
             for (&(c, after), &rc) in changes.iter().zip(&before) {
                 match self.refcount(c) {
                     Ok(now) if now == rc => self
+                        .allocator
                         .pending_free
                         .extend(std::iter::repeat_n(c, (rc - after) as usize)),
                     Ok(now) if now == after && after == 0 => freed.push(c),
@@ -479,7 +521,7 @@ impl Meta {
             self.map.remove(c);
             self.l2_cache
                 .forget(HostOffset(c << self.geo.cluster_bits), cs);
-            self.free_hint = self.free_hint.min(c);
+            self.allocator.free_hint = self.allocator.free_hint.min(c);
         }
     }
 
@@ -510,12 +552,12 @@ impl Meta {
             return Ok(()); // leave the corrupt (and dirty) bits for the next check
         }
         self.release_pending()?;
-        if !self.reserve.is_empty() {
-            let mut back: Vec<u64> = self.reserve.drain(..).collect();
+        if !self.allocator.reserve.is_empty() {
+            let mut back: Vec<u64> = self.allocator.reserve.drain(..).collect();
             back.sort_unstable();
             let changes: Vec<(u64, u64)> = back.iter().map(|&c| (c, 0)).collect();
             self.update_refcounts(&changes)?;
-            self.free_hint = self.free_hint.min(back[0]);
+            self.allocator.free_hint = self.allocator.free_hint.min(back[0]);
             self.trim_tail(back.len() as u64)?;
         }
         self.mark_clean()

@@ -7,7 +7,7 @@
 //! the I/O runs without it), so the overlap check guards every write: a write that would land
 //! on metadata of another kind marks the image corrupt and fails instead of damaging it.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -276,8 +276,6 @@ pub(crate) struct Meta {
     pub l2_cache: SliceCache,
     pub rc_cache: SliceCache,
     pub reftable: Vec<u64>,
-    /// No cluster below this index is free.
-    pub free_hint: u64,
     /// One past the last cluster that may be in use (file length rounded up, or more).
     pub end_cluster: u64,
     /// Metadata clusters: every write is checked against it, every data cluster an L2 entry
@@ -285,16 +283,8 @@ pub(crate) struct Meta {
     pub map: MetaMap,
     /// Opened for writing (a detected corruption is then recorded in the image).
     pub writable: bool,
-    /// Clusters whose refcount of 1 is already durable and whose content durably reads as
-    /// zeros: they can be handed out with no barrier (see `alloc`).
-    pub reserve: VecDeque<u64>,
-    /// How many clusters the next reserve refill takes.
-    pub reserve_batch: u64,
-    /// A top-up batch is waiting for its barrier outside the state lock.
-    pub topping_up: bool,
-    /// Clusters unlinked from every table whose refcount is not decremented yet; they are
-    /// released in batches after a barrier (see `alloc`).
-    pub pending_free: Vec<u64>,
+    /// Free-cluster search, reserve and pending releases (private to `alloc`).
+    pub allocator: crate::alloc::Allocator,
     /// The dirty bit is set on disk (we set it before our first metadata change).
     pub dirty: bool,
     /// A corruption was detected: every later write fails.

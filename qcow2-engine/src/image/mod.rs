@@ -27,7 +27,7 @@ mod write;
 mod zero;
 
 use crate::sync::Recover;
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
@@ -252,14 +252,10 @@ impl Image {
             l2_cache: SliceCache::new("L2 table", geo.cluster_size(), l2_budget),
             rc_cache: SliceCache::new("refcount block", geo.cluster_size(), rc_budget),
             reftable,
-            free_hint: 0,
             end_cluster,
             map,
             writable: opts.writable,
-            reserve: VecDeque::new(),
-            reserve_batch: alloc::FIRST_RESERVE,
-            topping_up: false,
-            pending_free: Vec::new(),
+            allocator: alloc::Allocator::default(),
             dirty: false,
             corrupt: None,
             recorded: None,
@@ -574,7 +570,7 @@ impl Image {
         if !self.writable {
             return Ok(());
         }
-        if self.lock().meta.pending_free.is_empty() {
+        if !self.lock().meta.allocator.has_pending_releases() {
             self.barrier
                 .sync(&*self.storage)
                 .ctx(|| "flushing the image file".to_string())
