@@ -6,6 +6,7 @@
 //! operations). See `docs/engine.md` for the design and the durability contract.
 
 pub mod cache;
+pub mod crypto;
 pub mod error;
 pub mod format;
 pub mod image;

@@ -1,0 +1,155 @@
+//! Encryption of qcow2 images in QEMU's LUKS format (`encrypt.format=luks`): the header and
+//! its key slots ([`luks`]), and the cipher of the data clusters ([`Cipher`]).
+//!
+//! Data is encrypted in 512-byte sectors with AES-XTS; each sector's tweak is its *host*
+//! offset / 512 (QEMU sets `crypt_physical_offset` for LUKS in qcow2), so a cluster cannot
+//! be moved in the file without re-encrypting it. Keys live in [`Zeroizing`] buffers and
+//! are wiped when dropped; the AES key schedules are wiped by the `aes` crate's `zeroize`
+//! feature.
+
+pub mod luks;
+
+use aes::cipher::consts::U16;
+use aes::cipher::{Array, KeyInit};
+use aes::{Aes128, Aes256};
+use xts_mode::{Xts128, get_tweak_default};
+use zeroize::Zeroizing;
+
+use crate::error::{Error, Result};
+
+pub use zeroize;
+
+/// How a sector number becomes its tweak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IvGen {
+    /// The 64-bit sector number, little-endian (QEMU's default).
+    Plain64,
+    /// The sector number cut to 32 bits (`ivgen-alg=plain`).
+    Plain,
+}
+
+enum Xts {
+    Aes128(Box<Xts128<Aes128>>),
+    Aes256(Box<Xts128<Aes256>>),
+}
+
+/// AES-XTS over 512-byte sectors, keyed with a master (or key-slot) key.
+pub struct Cipher {
+    xts: Xts,
+    ivgen: IvGen,
+}
+
+impl std::fmt::Debug for Cipher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let bits = match self.xts {
+            Xts::Aes128(_) => 128,
+            Xts::Aes256(_) => 256,
+        };
+        // Never the key.
+        write!(f, "Cipher(aes-{bits}-xts, {:?})", self.ivgen)
+    }
+}
+
+impl Cipher {
+    /// The cipher a LUKS header names, keyed with `key` (32 bytes: AES-128-XTS, 64 bytes:
+    /// AES-256-XTS).
+    pub fn for_header(h: &luks::Header, key: &[u8]) -> Result<Cipher> {
+        let ivgen = luks::cipher_kind(h)?;
+        if key.len() != h.key_bytes as usize {
+            return Err(Error::arg(format!(
+                "a {}-byte key for a {}-byte cipher",
+                key.len(),
+                h.key_bytes
+            )));
+        }
+        Cipher::new(key, ivgen)
+    }
+
+    /// AES-XTS with `key` split into its two halves.
+    pub fn new(key: &[u8], ivgen: IvGen) -> Result<Cipher> {
+        let half = key.len() / 2;
+        let (k1, k2) = key.split_at(half);
+        let xts = match key.len() {
+            32 => Xts::Aes128(Box::new(Xts128::new(
+                Aes128::new_from_slice(k1).expect("16 bytes"),
+                Aes128::new_from_slice(k2).expect("16 bytes"),
+            ))),
+            64 => Xts::Aes256(Box::new(Xts128::new(
+                Aes256::new_from_slice(k1).expect("32 bytes"),
+                Aes256::new_from_slice(k2).expect("32 bytes"),
+            ))),
+            n => {
+                return Err(Error::unsupported(format!(
+                    "an AES-XTS key of {n} bytes (32 or 64 are supported)"
+                )));
+            }
+        };
+        Ok(Cipher { xts, ivgen })
+    }
+
+    fn tweak(&self, sector: u128) -> Array<u8, U16> {
+        match self.ivgen {
+            IvGen::Plain64 => get_tweak_default(sector & u128::from(u64::MAX)),
+            IvGen::Plain => get_tweak_default(sector & u128::from(u32::MAX)),
+        }
+    }
+
+    /// Decrypts `buf` (whole sectors) that lies at byte `offset` (sector-aligned).
+    pub fn decrypt(&self, offset: u64, buf: &mut [u8]) {
+        self.each_sector(offset, buf, false);
+    }
+
+    /// Encrypts `buf` (whole sectors) that goes to byte `offset` (sector-aligned).
+    pub fn encrypt(&self, offset: u64, buf: &mut [u8]) {
+        self.each_sector(offset, buf, true);
+    }
+
+    fn each_sector(&self, offset: u64, buf: &mut [u8], encrypt: bool) {
+        assert!(
+            offset.is_multiple_of(luks::SECTOR) && (buf.len() as u64).is_multiple_of(luks::SECTOR),
+            "whole sectors only"
+        );
+        let first = u128::from(offset / luks::SECTOR);
+        for (i, sector) in buf.chunks_mut(luks::SECTOR as usize).enumerate() {
+            let tweak = self.tweak(first + i as u128);
+            match (&self.xts, encrypt) {
+                (Xts::Aes128(x), false) => x.decrypt_sector(sector, tweak),
+                (Xts::Aes128(x), true) => x.encrypt_sector(sector, tweak),
+                (Xts::Aes256(x), false) => x.decrypt_sector(sector, tweak),
+                (Xts::Aes256(x), true) => x.encrypt_sector(sector, tweak),
+            }
+        }
+    }
+}
+
+/// A key in memory that is wiped when dropped.
+pub type Key = Zeroizing<Vec<u8>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xts_round_trips_and_the_tweak_depends_on_the_offset() {
+        for key_len in [32usize, 64] {
+            let key: Vec<u8> = (0..key_len as u8).collect();
+            let c = Cipher::new(&key, IvGen::Plain64).unwrap();
+            let plain: Vec<u8> = (0..2048u32).map(|i| (i % 251) as u8).collect();
+            let mut a = plain.clone();
+            c.encrypt(4096, &mut a);
+            assert_ne!(a, plain);
+            let mut b = plain.clone();
+            c.encrypt(8192, &mut b);
+            assert_ne!(a, b, "the same data at another offset encrypts differently");
+            c.decrypt(4096, &mut a);
+            assert_eq!(a, plain);
+        }
+        assert!(Cipher::new(&[0u8; 48], IvGen::Plain64).is_err());
+        // plain cuts the sector number to 32 bits: sector 2^32 has sector 0's tweak.
+        let c = Cipher::new(&[7u8; 64], IvGen::Plain).unwrap();
+        let (mut lo, mut hi) = (vec![1u8; 512], vec![1u8; 512]);
+        c.encrypt(0, &mut lo);
+        c.encrypt((1u64 << 32) * 512, &mut hi);
+        assert_eq!(lo, hi);
+    }
+}

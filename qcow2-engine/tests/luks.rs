@@ -1,0 +1,235 @@
+//! QEMU's LUKS encryption, read with qemu-img as the oracle (issue 21, first part): images
+//! that `qemu-img create -o encrypt.format=luks` makes with its defaults and common options
+//! unlock with the passphrase; their data clusters, written by qemu-io, decrypt to what was
+//! written; data we encrypt into a cluster reads back through qemu-io; a wrong passphrase
+//! and hostile headers are clear errors.
+
+#[path = "../../tests/src/qemu.rs"]
+#[allow(dead_code)]
+mod qemu;
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+
+use qcow2_engine::Error;
+use qcow2_engine::crypto::Cipher;
+use qcow2_engine::crypto::luks::{EXT_CRYPTO_HEADER, Header};
+use qcow2_engine::format::Header as Qcow2Header;
+
+const PASS: &str = "correct horse battery staple";
+const SECRET: &str = "secret,id=sec0,data=correct horse battery staple";
+
+/// `--image-opts` for an encrypted image with the secret `sec0`.
+fn opts(path: &Path) -> String {
+    format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
+        path.display()
+    )
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An encrypted 1 MiB image made by qemu-img with `-o` `extra`, with 64 KiB of `pattern`
+/// written at guest offset 0 by qemu-io.
+fn make(dir: &Path, name: &str, extra: &str, pattern: u8) -> std::path::PathBuf {
+    let path = dir.join(name);
+    let mut o = "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10".to_string();
+    if !extra.is_empty() {
+        o = format!("{o},{extra}");
+    }
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "--object", SECRET, "-o", &o])
+        .arg(&path)
+        .arg("1M"));
+    run(Command::new("qemu-io")
+        .args(["--object", SECRET, "--image-opts", &opts(&path), "-c"])
+        .arg(format!("write -P {pattern:#x} 0 64k")));
+    path
+}
+
+/// The image's LUKS header region (offset, length) and its parsed header.
+fn header_of(path: &Path) -> (u64, u64, Header) {
+    let file = std::fs::File::open(path).unwrap();
+    let mut cluster0 = vec![0u8; 64 << 10];
+    file.read_exact_at(&mut cluster0, 0).unwrap();
+    let q = Qcow2Header::parse(&cluster0).unwrap();
+    assert_eq!(q.crypt_method, 2, "LUKS");
+    let ext = q
+        .unknown_extensions
+        .iter()
+        .find(|e| e.kind == EXT_CRYPTO_HEADER)
+        .expect("the encryption header extension");
+    let offset = u64::from_be_bytes(ext.data[..8].try_into().unwrap());
+    let length = u64::from_be_bytes(ext.data[8..16].try_into().unwrap());
+    let mut b = vec![0u8; 4096];
+    file.read_exact_at(&mut b, offset).unwrap();
+    (offset, length, Header::parse(&b, length).unwrap())
+}
+
+fn unlock(path: &Path, pass: &str) -> Result<(Header, qcow2_engine::crypto::Key), Error> {
+    let (offset, _, h) = header_of(path);
+    let file = std::fs::File::open(path).unwrap();
+    let key = h.unlock(pass.as_bytes(), &mut |at, buf| {
+        file.read_exact_at(buf, offset + at)
+            .map_err(|e| Error::InvalidImage(e.to_string()))
+    })?;
+    Ok((h, key))
+}
+
+/// Host offset of guest offset 0, from the image's L1 and L2 tables (qemu-img map gives no
+/// offsets for encrypted images).
+fn host_of_guest_zero(path: &Path) -> u64 {
+    let file = std::fs::File::open(path).unwrap();
+    let mut cluster0 = vec![0u8; 64 << 10];
+    file.read_exact_at(&mut cluster0, 0).unwrap();
+    let q = Qcow2Header::parse(&cluster0).unwrap();
+    let entry = |at: u64| {
+        let mut b = [0u8; 8];
+        file.read_exact_at(&mut b, at).unwrap();
+        u64::from_be_bytes(b) & 0x00ff_ffff_ffff_fe00
+    };
+    let l2 = entry(q.l1_table_offset);
+    assert_ne!(l2, 0, "guest 0 has an L2 table");
+    let host = entry(l2);
+    assert_ne!(host, 0, "guest 0 is allocated");
+    host
+}
+
+#[test]
+fn qemu_luks_images_unlock_and_their_clusters_decrypt_both_ways() {
+    if !qemu::require() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (i, (extra, cipher, hash)) in [
+        ("", "aes-xts-plain64", "sha256"),
+        ("encrypt.cipher-alg=aes-128", "aes-xts-plain64", "sha256"),
+        ("encrypt.hash-alg=sha1", "aes-xts-plain64", "sha1"),
+        ("encrypt.hash-alg=sha512", "aes-xts-plain64", "sha512"),
+        ("encrypt.ivgen-alg=plain", "aes-xts-plain", "sha256"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let path = make(dir.path(), &format!("enc{i}.qcow2"), extra, 0x5a);
+        let (h, key) = unlock(&path, PASS).unwrap_or_else(|e| panic!("{extra}: {e}"));
+        assert_eq!(
+            format!("{}-{}", h.cipher_name, h.cipher_mode),
+            cipher,
+            "{extra}"
+        );
+        assert_eq!(format!("{:?}", h.hash).to_lowercase(), hash, "{extra}");
+        let expected_key = if extra.contains("aes-128") { 32 } else { 64 };
+        assert_eq!(key.len(), expected_key, "{extra}");
+        let cipher = Cipher::for_header(&h, &key).unwrap();
+
+        // qemu-io's write decrypts to the pattern.
+        let host = host_of_guest_zero(&path);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let mut data = vec![0u8; 64 << 10];
+        file.read_exact_at(&mut data, host).unwrap();
+        assert!(
+            data.iter().any(|&b| b != 0x5a),
+            "{extra}: stored in the clear"
+        );
+        cipher.decrypt(host, &mut data);
+        assert!(data.iter().all(|&b| b == 0x5a), "{extra}: decrypted wrong");
+
+        // What we encrypt into the cluster, qemu-io reads.
+        let mut ours = vec![0xa5u8; 64 << 10];
+        cipher.encrypt(host, &mut ours);
+        file.write_all_at(&ours, host).unwrap();
+        drop(file);
+        run(Command::new("qemu-io")
+            .args(["--object", SECRET, "--image-opts", &opts(&path), "-c"])
+            .arg("read -P 0xa5 0 64k"));
+        run(Command::new("qemu-img").args([
+            "check",
+            "-q",
+            "--object",
+            SECRET,
+            "--image-opts",
+            &opts(&path),
+        ]));
+
+        // A wrong passphrase opens nothing, and says so.
+        let e = unlock(&path, "wrong").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("opens none of the image's LUKS key slots"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn hostile_luks_headers_are_clear_errors() {
+    if !qemu::require() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = make(dir.path(), "h.qcow2", "", 0x11);
+    let (offset, length, _) = header_of(&path);
+    let file = std::fs::File::open(&path).unwrap();
+    let mut good = vec![0u8; 4096];
+    file.read_exact_at(&mut good, offset).unwrap();
+    let slot0 = 208;
+    /// What is broken, how, and what the error must say.
+    type Case = (&'static str, Box<dyn Fn(&mut Vec<u8>)>, &'static str);
+    let cases: Vec<Case> = vec![
+        ("bad magic", Box::new(|b| b[0] = b'X'), "no LUKS magic"),
+        (
+            "a key slot outside the region",
+            Box::new(move |b| b[slot0 + 40..slot0 + 44].copy_from_slice(&u32::MAX.to_be_bytes())),
+            "outside the",
+        ),
+        (
+            "huge iterations",
+            Box::new(move |b| b[slot0 + 4..slot0 + 8].copy_from_slice(&u32::MAX.to_be_bytes())),
+            "iterations",
+        ),
+        (
+            "huge stripes",
+            Box::new(move |b| b[slot0 + 44..slot0 + 48].copy_from_slice(&u32::MAX.to_be_bytes())),
+            "stripes",
+        ),
+        (
+            "an unknown cipher mode",
+            Box::new(|b| {
+                b[40..72].fill(0);
+                b[40..55].copy_from_slice(b"cbc-essiv:sha25");
+            }),
+            "unsupported",
+        ),
+        (
+            "an unknown hash",
+            Box::new(|b| b[72..78].copy_from_slice(b"md5\0\0\0")),
+            "md5",
+        ),
+        (
+            "a garbled slot state",
+            Box::new(move |b| b[slot0..slot0 + 4].copy_from_slice(&7u32.to_be_bytes())),
+            "key slot state",
+        ),
+        ("too short", Box::new(|b| b.truncate(100)), "shorter than"),
+    ];
+    for (what, mutate, says) in cases {
+        let mut b = good.clone();
+        mutate(&mut b);
+        let e = Header::parse(&b, length).unwrap_err();
+        assert!(e.to_string().contains(says), "{what}: {e}");
+    }
+}
