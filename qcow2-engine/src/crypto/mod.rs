@@ -125,6 +125,74 @@ impl Cipher {
 /// A key in memory that is wiped when dropped.
 pub type Key = Zeroizing<Vec<u8>>;
 
+/// The passphrase of an encrypted image: wiped when dropped, never printed.
+#[derive(Clone)]
+pub struct Passphrase(Zeroizing<Vec<u8>>);
+
+impl Passphrase {
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Passphrase {
+        Passphrase(Zeroizing::new(bytes.into()))
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Passphrase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Passphrase(<redacted>)")
+    }
+}
+
+/// Largest encryption header region accepted: QEMU's is about 2 MiB (eight slots of 4000
+/// stripes of a 64-byte key).
+const MAX_REGION: u64 = 64 << 20;
+
+/// The data cipher of a LUKS-encrypted qcow2 image held by `storage` (`header` is its
+/// qcow2 header), unlocked with `passphrase`.
+pub fn open_luks(
+    storage: &dyn crate::storage::Storage,
+    header: &crate::format::Header,
+    passphrase: Option<&Passphrase>,
+) -> Result<Cipher> {
+    let bad = |why: String| Error::InvalidImage(format!("encryption header: {why}"));
+    let ext = header
+        .unknown_extensions
+        .iter()
+        .find(|e| e.kind == luks::EXT_CRYPTO_HEADER)
+        .ok_or_else(|| bad("the image is LUKS-encrypted but has no header extension".into()))?;
+    if ext.data.len() < 16 {
+        return Err(bad(format!("the extension has {} bytes", ext.data.len())));
+    }
+    let offset = u64::from_be_bytes(ext.data[..8].try_into().expect("8 bytes"));
+    let length = u64::from_be_bytes(ext.data[8..16].try_into().expect("8 bytes"));
+    let file_len = storage
+        .len()
+        .map_err(|e| Error::InvalidImage(format!("encryption header: {e}")))?;
+    if length < luks::HEADER_LEN as u64
+        || length > MAX_REGION
+        || offset.checked_add(length).is_none_or(|end| end > file_len)
+    {
+        return Err(bad(format!(
+            "region {offset}+{length} is not inside the {file_len}-byte file"
+        )));
+    }
+    let read = |at: u64, buf: &mut [u8]| {
+        storage
+            .read_at(buf, offset + at)
+            .map_err(|e| Error::InvalidImage(format!("reading the encryption header: {e}")))
+    };
+    let mut first = vec![0u8; luks::HEADER_LEN];
+    read(0, &mut first)?;
+    let h = luks::Header::parse(&first, length)?;
+    let passphrase = passphrase.ok_or_else(|| {
+        Error::arg("the image is encrypted (LUKS): its passphrase is needed to open it")
+    })?;
+    let key = h.unlock(passphrase.as_bytes(), &mut |at, buf| read(at, buf))?;
+    Cipher::for_header(&h, &key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -85,6 +85,11 @@ impl State {
         let in_cluster = geo.offset_in_cluster(off.0);
         let mapping = slot.mapping(self)?;
         match mapping {
+            Mapping::Compressed { .. } if self.meta.header.crypt_method != 0 => {
+                return Err(Error::unsupported(
+                    "a compressed cluster in an encrypted image",
+                ));
+            }
             Mapping::Compressed { host, sectors } => {
                 let cluster = self.decompress(slot.word, host, sectors)?;
                 let at = in_cluster as usize;
@@ -220,10 +225,13 @@ impl Image {
     /// Fills `part` (as long as the piece) with one planned piece's bytes.
     fn fill_piece(&self, piece: &Piece, part: &mut [u8]) -> Result<()> {
         match piece {
-            Piece::Host { at, .. } => self
-                .storage
-                .read_data(part, *at)
-                .ctx(|| format!("reading data at {at:#x}"))?,
+            Piece::Host { at, .. } => match &self.crypto {
+                None => self
+                    .storage
+                    .read_data(part, *at)
+                    .ctx(|| format!("reading data at {at:#x}"))?,
+                Some(cipher) => self.read_decrypted(cipher, part, *at)?,
+            },
             Piece::Zero(_) => part.fill(0),
             Piece::Backing { off, .. } => match &self.backing {
                 Some(b) => b.read_at(part, *off)?,
@@ -231,6 +239,29 @@ impl Image {
             },
             Piece::Bytes(bytes) => part.copy_from_slice(bytes),
         }
+        Ok(())
+    }
+}
+
+impl Image {
+    /// Reads `part` at host offset `at` of an encrypted image: the whole 512-byte sectors
+    /// around it are read and decrypted (their tweaks come from their host offsets).
+    fn read_decrypted(
+        &self,
+        cipher: &crate::crypto::Cipher,
+        part: &mut [u8],
+        at: u64,
+    ) -> Result<()> {
+        let sector = crate::crypto::luks::SECTOR;
+        let start = at - at % sector;
+        let end = (at + part.len() as u64).div_ceil(sector) * sector;
+        let mut sectors = vec![0u8; (end - start) as usize];
+        self.storage
+            .read_data(&mut sectors, start)
+            .ctx(|| format!("reading encrypted data at {start:#x}"))?;
+        cipher.decrypt(start, &mut sectors);
+        let skip = (at - start) as usize;
+        part.copy_from_slice(&sectors[skip..skip + part.len()]);
         Ok(())
     }
 }
@@ -262,6 +293,13 @@ impl Image {
     /// guarantees as [`Image::read_at`] for each; one thread keeps many reads in flight
     /// without a thread per read.
     pub fn read_batch(&self, reqs: &mut [ReadRequest<'_>]) {
+        if self.crypto.is_some() {
+            // Encrypted data is decrypted sector by sector: one read at a time.
+            for r in reqs.iter_mut() {
+                r.result = self.read_at(r.buf, r.offset);
+            }
+            return;
+        }
         for r in reqs.iter_mut() {
             r.result = self.check_range(r.offset, r.buf.len() as u64);
         }
