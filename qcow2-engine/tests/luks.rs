@@ -346,3 +346,49 @@ fn encrypted_images_and_overlays_read_as_qemu_reads_them() {
         &top_opts,
     ]));
 }
+
+/// `qcow2util info` on encrypted images, without the passphrase, shows what `qemu-img info`
+/// shows: `encrypted`, and the LUKS fields (algorithms, uuid, offsets, iterations, slots).
+/// `detached-header` (QEMU 8 and later) is left out of the comparison.
+#[test]
+fn info_shows_the_encryption_as_qemu_img_does() {
+    if !qemu::require() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (i, extra) in ["", "encrypt.cipher-alg=aes-128,encrypt.hash-alg=sha512"]
+        .into_iter()
+        .enumerate()
+    {
+        let path = make(dir.path(), &format!("info{i}.qcow2"), extra, 0x11);
+        let qemu: serde_json::Value = serde_json::from_str(&run(Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(&path)))
+        .unwrap();
+        let ours: serde_json::Value =
+            serde_json::from_str(&run(Command::new(env!("CARGO_BIN_EXE_qcow2util"))
+                .args(["info", "-f"])
+                .arg(&path)))
+            .unwrap();
+        assert_eq!(ours["encrypted"], true);
+        assert_eq!(ours["encrypted"], qemu["encrypted"]);
+        let strip = |v: &serde_json::Value| {
+            let mut e = v["format-specific"]["data"]["encrypt"].clone();
+            e.as_object_mut().unwrap().remove("detached-header");
+            e
+        };
+        assert_eq!(strip(&ours), strip(&qemu), "{extra}");
+        // The data stays locked without the passphrase.
+        let out = Command::new(env!("CARGO_BIN_EXE_qcow2util"))
+            .args(["info", "--detail", "-f"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("passphrase is needed"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -103,6 +103,8 @@ pub struct Header {
     pub cipher_name: String,
     pub cipher_mode: String,
     pub hash: Hash,
+    /// Sector of the payload (unused inside qcow2, reported by `info`).
+    pub payload_sector: u32,
     pub key_bytes: u32,
     pub digest: [u8; DIGEST_LEN],
     pub digest_salt: [u8; 32],
@@ -145,6 +147,7 @@ impl Header {
             cipher_name: text(&b[8..40]),
             cipher_mode: text(&b[40..72]),
             hash,
+            payload_sector: be32(b, 104),
             key_bytes,
             digest: b[112..132].try_into().expect("20 bytes"),
             digest_salt: b[132..164].try_into().expect("32 bytes"),

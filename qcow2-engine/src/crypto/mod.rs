@@ -149,13 +149,22 @@ impl std::fmt::Debug for Passphrase {
 /// stripes of a 64-byte key).
 const MAX_REGION: u64 = 64 << 20;
 
-/// The data cipher of a LUKS-encrypted qcow2 image held by `storage` (`header` is its
-/// qcow2 header), unlocked with `passphrase`.
+/// A LUKS-encrypted image's encryption: its header, and its data cipher once unlocked.
+#[derive(Debug)]
+pub struct Encryption {
+    pub header: luks::Header,
+    /// `None`: opened without the passphrase, for metadata only; data cannot be read.
+    pub cipher: Option<Cipher>,
+}
+
+/// The encryption of a LUKS-encrypted qcow2 image held by `storage` (`header` is its qcow2
+/// header), unlocked with `passphrase`; without one, locked if `locked_ok`, else an error.
 pub fn open_luks(
     storage: &dyn crate::storage::Storage,
     header: &crate::format::Header,
     passphrase: Option<&Passphrase>,
-) -> Result<Cipher> {
+    locked_ok: bool,
+) -> Result<Encryption> {
     let bad = |why: String| Error::InvalidImage(format!("encryption header: {why}"));
     let ext = header
         .unknown_extensions
@@ -186,11 +195,23 @@ pub fn open_luks(
     let mut first = vec![0u8; luks::HEADER_LEN];
     read(0, &mut first)?;
     let h = luks::Header::parse(&first, length)?;
-    let passphrase = passphrase.ok_or_else(|| {
-        Error::arg("the image is encrypted (LUKS): its passphrase is needed to open it")
-    })?;
+    let Some(passphrase) = passphrase else {
+        if locked_ok {
+            return Ok(Encryption {
+                header: h,
+                cipher: None,
+            });
+        }
+        return Err(Error::arg(
+            "the image is encrypted (LUKS): its passphrase is needed to open it",
+        ));
+    };
     let key = h.unlock(passphrase.as_bytes(), &mut |at, buf| read(at, buf))?;
-    Cipher::for_header(&h, &key)
+    let cipher = Cipher::for_header(&h, &key)?;
+    Ok(Encryption {
+        header: h,
+        cipher: Some(cipher),
+    })
 }
 
 #[cfg(test)]

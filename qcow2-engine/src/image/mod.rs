@@ -64,7 +64,8 @@ pub struct OpenOptions {
     /// Refcount cache budget in bytes (default: half the L2 default).
     pub refcount_cache_bytes: Option<u64>,
     /// Metadata-only access: do not open the backing file (unallocated ranges then read as
-    /// zeros). Only allowed read-only; for `info` on an image whose chain is unavailable.
+    /// zeros), and open an encrypted image without its passphrase (its data then cannot be
+    /// read). Only allowed read-only; for `info` on an image whose chain is unavailable.
     pub skip_backing: bool,
     /// Guess the format of a backing file whose image does not record it (qcow2 magic or raw).
     /// Off by default, as in QEMU: never enable it for untrusted images.
@@ -158,8 +159,8 @@ pub struct Image {
     path: Option<PathBuf>,
     writable: bool,
     geo: Geometry,
-    /// The data cipher of an encrypted image.
-    crypto: Option<crate::crypto::Cipher>,
+    /// The encryption of an encrypted image (its cipher, unless opened metadata-only).
+    crypto: Option<crate::crypto::Encryption>,
 }
 
 impl Image {
@@ -206,6 +207,7 @@ impl Image {
                 &*storage,
                 &header,
                 opts.passphrase.as_ref(),
+                opts.skip_backing && !opts.writable,
             )?),
         };
         if opts.writable && header.incompatible_features & incompat::DIRTY != 0 {
@@ -466,6 +468,11 @@ impl Image {
     /// A copy of the current header.
     pub fn header(&self) -> Header {
         self.lock().meta.header.clone()
+    }
+
+    /// The LUKS header of an encrypted image.
+    pub fn luks_header(&self) -> Option<&crate::crypto::luks::Header> {
+        self.crypto.as_ref().map(|e| &e.header)
     }
 
     /// The path the image was opened from, if any.

@@ -230,7 +230,14 @@ impl Image {
                     .storage
                     .read_data(part, *at)
                     .ctx(|| format!("reading data at {at:#x}"))?,
-                Some(cipher) => self.read_decrypted(cipher, part, *at)?,
+                Some(enc) => match &enc.cipher {
+                    Some(cipher) => self.read_decrypted(cipher, part, *at)?,
+                    None => {
+                        return Err(Error::arg(
+                            "the image is encrypted and was opened without its passphrase",
+                        ));
+                    }
+                },
             },
             Piece::Zero(_) => part.fill(0),
             Piece::Backing { off, .. } => match &self.backing {

@@ -38,6 +38,9 @@ pub struct ImageInfo {
     pub full_backing_filename: Option<String>,
     /// qcow2 specifics.
     pub format_specific: FormatSpecific,
+    /// Encrypted (LUKS or legacy AES).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub encrypted: bool,
     /// `--detail`: the backing chain, top first (this image excluded).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chain: Option<Vec<ChainLayer>>,
@@ -73,6 +76,82 @@ pub struct Qcow2Specific {
     pub corrupt: bool,
     /// Extended L2 entries.
     pub extended_l2: bool,
+    /// The LUKS header of an encrypted image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encrypt: Option<EncryptInfo>,
+}
+
+/// `format-specific.data.encrypt`, as qemu-img names it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct EncryptInfo {
+    /// "luks".
+    pub format: &'static str,
+    /// "aes-128" or "aes-256".
+    pub cipher_alg: String,
+    /// "xts".
+    pub cipher_mode: String,
+    /// "plain64" or "plain".
+    pub ivgen_alg: String,
+    /// "sha1", "sha256" or "sha512".
+    pub hash_alg: String,
+    pub uuid: String,
+    /// Bytes.
+    pub payload_offset: u64,
+    pub master_key_iters: u32,
+    /// The header lives in the image, never detached, in qcow2.
+    pub detached_header: bool,
+    pub slots: Vec<SlotInfo>,
+}
+
+/// One key slot of [`EncryptInfo`].
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SlotInfo {
+    pub active: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iters: Option<u32>,
+    /// Bytes from the start of the encryption header.
+    pub key_offset: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stripes: Option<u32>,
+}
+
+impl EncryptInfo {
+    fn of(h: &crate::crypto::luks::Header) -> EncryptInfo {
+        use crate::crypto::luks::SECTOR;
+        let (mode, ivgen) = h
+            .cipher_mode
+            .split_once('-')
+            .unwrap_or((h.cipher_mode.as_str(), ""));
+        // XTS keys are two cipher keys.
+        let bits = if mode == "xts" {
+            h.key_bytes * 4
+        } else {
+            h.key_bytes * 8
+        };
+        EncryptInfo {
+            format: "luks",
+            cipher_alg: format!("{}-{bits}", h.cipher_name),
+            cipher_mode: mode.to_string(),
+            ivgen_alg: ivgen.to_string(),
+            hash_alg: format!("{:?}", h.hash).to_lowercase(),
+            uuid: h.uuid.clone(),
+            payload_offset: u64::from(h.payload_sector) * SECTOR,
+            master_key_iters: h.digest_iterations,
+            detached_header: false,
+            slots: h
+                .slots
+                .iter()
+                .map(|s| SlotInfo {
+                    active: s.active,
+                    iters: s.active.then_some(s.iterations),
+                    key_offset: u64::from(s.material_sector) * SECTOR,
+                    stripes: s.active.then_some(s.stripes),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// One layer below the image.
@@ -146,8 +225,10 @@ pub fn info(path: &Path, detail: bool, force_share: bool) -> Result<ImageInfo> {
                 refcount_bits: h.geometry().refcount_bits(),
                 corrupt: h.incompatible_features & incompat::CORRUPT != 0,
                 extended_l2: h.geometry().extended_l2,
+                encrypt: img.luks_header().map(EncryptInfo::of),
             },
         },
+        encrypted: h.crypt_method != 0,
         chain: None,
         metadata: None,
     };
