@@ -42,18 +42,24 @@ pub fn wanted(pv: &PersistentVolume, driver: &str) -> Option<(String, String)> {
     Some((csi.volume_handle.clone(), class))
 }
 
-/// Watches PersistentVolumes until the process exits; errors are logged and the watch is
-/// restarted with a backoff.
-pub async fn watch(plugin: Arc<Plugin>) {
-    let client = loop {
+/// A client of the Kubernetes API (in-cluster, else the kubeconfig), for the feature `flag`
+/// turns on: tried every 10 s until one is made, each failure logged.
+pub(super) async fn api_client(flag: &str) -> Client {
+    loop {
         match Client::try_default().await {
-            Ok(c) => break c,
+            Ok(c) => return c,
             Err(e) => {
-                tracing::error!(error = %e, "no Kubernetes API client for --watch-volume-attributes; trying again in 10 s");
+                tracing::error!(error = %e, "no Kubernetes API client for {flag}; trying again in 10 s");
                 tokio::time::sleep(Duration::from_secs(10)).await;
             }
         }
-    };
+    }
+}
+
+/// Watches PersistentVolumes until the process exits; errors are logged and the watch is
+/// restarted with a backoff.
+pub async fn watch(plugin: Arc<Plugin>) {
+    let client = api_client("--watch-volume-attributes").await;
     tracing::info!("watching PersistentVolumes for VolumeAttributesClass changes");
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
     let classes: Api<VolumeAttributesClass> = Api::all(client);

@@ -11,11 +11,10 @@
 //! patches nothing else, and never a content that carries the label already.
 
 use std::sync::Arc;
-use std::time::Duration;
 
+use kube::Api;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client};
 use tokio_stream::StreamExt;
 
 use super::Plugin;
@@ -62,15 +61,7 @@ pub fn is_ours_to_label(content: &serde_json::Value, driver: &str, st: &State) -
 
 /// Watches both kinds until the process exits, labelling what [`is_ours_to_label`] picks.
 pub async fn watch(plugin: Arc<Plugin>) {
-    let client = loop {
-        match Client::try_default().await {
-            Ok(c) => break c,
-            Err(e) => {
-                tracing::error!(error = %e, "no Kubernetes API client for --label-snapshot-contents; trying again in 10 s");
-                tokio::time::sleep(Duration::from_secs(10)).await;
-            }
-        }
-    };
+    let client = super::attributes::api_client("--label-snapshot-contents").await;
     let mut tasks = Vec::new();
     for (group, version, kind) in KINDS {
         let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
