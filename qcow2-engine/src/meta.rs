@@ -30,6 +30,9 @@ pub(crate) enum MetaKind {
     RefBlock,
     /// Internal snapshot table and snapshot L1 tables (read-only images only).
     Snapshot,
+    /// The LUKS header and key slots of an encrypted image (never written by this engine
+    /// once created).
+    Encryption,
 }
 
 impl MetaKind {
@@ -41,6 +44,7 @@ impl MetaKind {
             MetaKind::RefTable => "refcount table",
             MetaKind::RefBlock => "refcount block",
             MetaKind::Snapshot => "snapshot metadata",
+            MetaKind::Encryption => "encryption header",
         }
     }
 }
@@ -199,6 +203,11 @@ impl MetaMap {
         if header.nb_snapshots > 0 {
             // Snapshot metadata is never written by this engine; a write there is an overlap.
             map.add_run(header.snapshots_offset >> cb, 1, MetaKind::Snapshot)?;
+        }
+        if header.crypt_method != 0
+            && let Some((offset, len)) = crate::crypto::region(header)?
+        {
+            map.add_run(offset >> cb, len.div_ceil(cs), MetaKind::Encryption)?;
         }
         for (i, &e) in reftable.iter().enumerate() {
             if let Some(block) = refblock_offset(i as u64, e, &geo)? {

@@ -146,6 +146,7 @@ pub fn ops(data: &[u8]) {
         extended_l2: extended,
         refcount_bits,
         backing: None,
+        encryption: None,
     };
     let storage = Arc::new(MemoryStorage::new());
     qcow2_engine::create_on(storage.clone(), None, &opts).expect("create");

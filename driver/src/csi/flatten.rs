@@ -153,6 +153,8 @@ pub fn flatten(plugin: &Plugin, id: &str) -> Result<bool> {
                 ..CreateOptions::default()
             },
             l2_cache_bytes: None,
+            input_passphrase: None,
+            output_passphrase: None,
         },
         |_, _| {},
     )

@@ -61,7 +61,9 @@ pub fn enter(name: &str) -> bool {
     }
     let exe = std::env::current_exe().expect("the test binary's path");
     let out = Command::new(runner())
-        .args(["--mem", "1G", "--"])
+        // Shorter than nextest's 300 s cut-off, so a hung test still prints what it
+        // and the kernel said instead of being killed silently.
+        .args(["--mem", "1G", "--timeout", "240", "--"])
         .arg(exe)
         .args([name, "--exact", "--nocapture", "--test-threads=1"])
         .output()

@@ -9,6 +9,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use qcow2_engine::crypto::luks;
+use qcow2_engine::crypto::{IvGen, Passphrase};
+use qcow2_engine::ops::create::NewEncryption;
 use qcow2_engine::ops::{bench, check, convert, info, map};
 use qcow2_engine::storage::FileStorage;
 use qcow2_engine::{BackingFormat, CreateOptions, Image, OpenOptions};
@@ -49,6 +52,10 @@ enum Command {
         /// Refcount width in bits (1, 2, 4, 8, 16, 32, 64).
         #[arg(long = "refcount-bits", default_value_t = 16)]
         refcount_bits: u32,
+        #[command(flatten)]
+        encrypt: EncryptArgs,
+        #[command(flatten)]
+        secret: Secret,
     },
     /// Print image information as JSON (qemu-img info keys).
     Info {
@@ -64,6 +71,8 @@ enum Command {
         /// Read an image another process holds, without locking (its metadata may be changing).
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        #[command(flatten)]
+        secret: Secret,
     },
     /// Convert between raw and qcow2; zero blocks are not written (sparse output).
     Dd {
@@ -88,6 +97,12 @@ enum Command {
         /// Cluster size for qcow2 output.
         #[arg(long = "cluster-size", value_parser = parse_size, default_value = "64K")]
         cluster_size: u64,
+        /// Encrypt the qcow2 output with the passphrase (which also opens an encrypted
+        /// input).
+        #[command(flatten)]
+        encrypt: EncryptArgs,
+        #[command(flatten)]
+        secret: Secret,
     },
     /// Check an image for corruptions and leaks, like `qemu-img check` (same findings, JSON
     /// keys and exit status: 0 clean, 1 check failed, 2 corruptions, 3 leaks only, 63 not a
@@ -156,6 +171,8 @@ enum Command {
         /// Output format.
         #[arg(long = "output", default_value = "human")]
         output: MapOutput,
+        #[command(flatten)]
+        secret: Secret,
     },
     /// Show where the data of an image lives, through its backing chain.
     Map {
@@ -168,7 +185,110 @@ enum Command {
         /// Read an image another process holds, without locking.
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        #[command(flatten)]
+        secret: Secret,
     },
+}
+
+/// Where the passphrase of an encrypted image comes from: never the command line, where
+/// every user of the machine could read it.
+#[derive(clap::Args, Debug)]
+struct Secret {
+    /// Read the passphrase of an encrypted image from this file: all its bytes, as QEMU's
+    /// `--object secret,file=` reads them (a trailing newline is part of it).
+    #[arg(long = "passphrase-file", conflicts_with = "passphrase_env")]
+    passphrase_file: Option<PathBuf>,
+    /// Read the passphrase from this environment variable.
+    #[arg(long = "passphrase-env")]
+    passphrase_env: Option<String>,
+}
+
+impl Secret {
+    fn get(&self) -> anyhow::Result<Option<Passphrase>> {
+        let bytes = match (&self.passphrase_file, &self.passphrase_env) {
+            (Some(path), _) => std::fs::read(path).map_err(|e| {
+                anyhow::anyhow!("reading the passphrase file {}: {e}", path.display())
+            })?,
+            (None, Some(name)) => std::env::var_os(name)
+                .ok_or_else(|| anyhow::anyhow!("the environment variable {name} is not set"))?
+                .into_encoded_bytes(),
+            (None, None) => return Ok(None),
+        };
+        anyhow::ensure!(!bytes.is_empty(), "the passphrase is empty");
+        Ok(Some(Passphrase::new(bytes)))
+    }
+}
+
+/// LUKS encryption of a new image (QEMU's `encrypt.format=luks` and its options).
+#[derive(clap::Args, Debug)]
+struct EncryptArgs {
+    /// Encrypt the image (LUKS, as QEMU's encrypt.format=luks); needs a passphrase.
+    #[arg(long = "encrypt")]
+    encrypt: bool,
+    /// AES key size.
+    #[arg(
+        long = "encrypt-cipher",
+        default_value = "aes-256",
+        requires = "encrypt"
+    )]
+    cipher: CipherArg,
+    /// PBKDF2 hash of the key slot and digest.
+    #[arg(long = "encrypt-hash", default_value = "sha256", requires = "encrypt")]
+    hash: String,
+    /// IV generator: plain64 (the default) or plain (32-bit sector numbers).
+    #[arg(
+        long = "encrypt-ivgen",
+        default_value = "plain64",
+        requires = "encrypt"
+    )]
+    ivgen: IvGenArg,
+    /// Milliseconds of PBKDF2 an unlock costs on this CPU (QEMU's iter-time).
+    #[arg(
+        long = "encrypt-iter-time",
+        default_value_t = 2000,
+        requires = "encrypt"
+    )]
+    iter_time: u32,
+}
+
+impl EncryptArgs {
+    fn new_encryption(&self, secret: Option<&Passphrase>) -> anyhow::Result<Option<NewEncryption>> {
+        if !self.encrypt {
+            return Ok(None);
+        }
+        let passphrase = secret.cloned().ok_or_else(|| {
+            anyhow::anyhow!("--encrypt needs --passphrase-file or --passphrase-env")
+        })?;
+        Ok(Some(NewEncryption::New {
+            passphrase,
+            params: luks::NewHeader {
+                aes_key_bytes: match self.cipher {
+                    CipherArg::Aes128 => 16,
+                    CipherArg::Aes256 => 32,
+                },
+                ivgen: match self.ivgen {
+                    IvGenArg::Plain64 => IvGen::Plain64,
+                    IvGenArg::Plain => IvGen::Plain,
+                },
+                hash: self.hash.parse()?,
+                iter_time_ms: self.iter_time,
+            },
+        }))
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum CipherArg {
+    #[value(name = "aes-256")]
+    Aes256,
+    #[value(name = "aes-128")]
+    Aes128,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum IvGenArg {
+    Plain64,
+    Plain,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -315,6 +435,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             seed,
             flush,
             output,
+            secret,
         } => {
             let time = match time {
                 Some(t) if t.is_finite() && t > 0.0 => Some(std::time::Duration::from_secs_f64(t)),
@@ -342,6 +463,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 range,
                 seed,
                 flush,
+                passphrase: secret.get()?,
                 ..bench::BenchOptions::default()
             };
             let report = bench::bench_file(&file, &opts)?;
@@ -358,7 +480,10 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             enable_subcluster,
             cluster_size,
             refcount_bits,
+            encrypt,
+            secret,
         } => {
+            let encryption = encrypt.new_encryption(secret.get()?.as_ref())?;
             let backing = match (backing, backing_format) {
                 (Some(b), Some(f)) => Some((b, f.into())),
                 (Some(_), None) => {
@@ -373,6 +498,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 extended_l2: enable_subcluster,
                 refcount_bits,
                 backing,
+                encryption,
             };
             qcow2_engine::create(&file, &opts)?;
             let img = Image::open(
@@ -383,11 +509,16 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 },
             )?;
             println!(
-                "Formatting '{}', fmt=qcow2 cluster_size={} extended_l2={} size={}",
+                "Formatting '{}', fmt=qcow2 cluster_size={} extended_l2={} size={}{}",
                 file.display(),
                 cluster_size,
                 if enable_subcluster { "on" } else { "off" },
-                img.size()
+                img.size(),
+                if encrypt.encrypt {
+                    " encrypt.format=luks"
+                } else {
+                    ""
+                }
             );
         }
         Command::Info {
@@ -395,8 +526,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             detail,
             pretty,
             force_share,
+            secret,
         } => {
-            let info = info::info(&file, detail, force_share)?;
+            let info = info::info(&file, detail, force_share, secret.get()?.as_ref())?;
             let text = if pretty {
                 serde_json::to_string_pretty(&info)?
             } else {
@@ -412,16 +544,22 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             l2_cache_size,
             enable_subcluster,
             cluster_size,
+            encrypt,
+            secret,
         } => {
+            let passphrase = secret.get()?;
             let opts = convert::ConvertOptions {
                 input_format: format.into(),
                 output_format: output_format.into(),
                 create: CreateOptions {
                     cluster_size,
                     extended_l2: enable_subcluster,
+                    encryption: encrypt.new_encryption(passphrase.as_ref())?,
                     ..CreateOptions::default()
                 },
                 l2_cache_bytes: l2_cache_size,
+                input_passphrase: passphrase.clone(),
+                output_passphrase: None,
             };
             let bar = std::io::stderr().is_terminal().then(|| {
                 let bar = indicatif::ProgressBar::new(0);
@@ -447,9 +585,11 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             file,
             output,
             force_share,
+            secret,
         } => {
             let opts = OpenOptions {
                 force_share,
+                passphrase: secret.get()?,
                 ..OpenOptions::default()
             };
             let img = Image::open(&file, &opts)?;

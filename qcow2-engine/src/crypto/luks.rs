@@ -274,3 +274,195 @@ pub(super) fn cipher_kind(h: &Header) -> Result<IvGen> {
         ))),
     }
 }
+
+/// Stripes of the anti-forensic split, as every LUKS1 tool writes.
+const STRIPES: u32 = 4000;
+/// Key material starts after the header's first 4 KiB, each slot 4 KiB-aligned (as QEMU and
+/// cryptsetup lay it out).
+const MATERIAL_ALIGN_SECTORS: u32 = 8;
+/// The fewest PBKDF2 iterations LUKS1 allows for a slot and for the digest.
+pub const MIN_ITERATIONS: u32 = 1000;
+
+/// What a new LUKS header is made with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewHeader {
+    /// 16 (AES-128-XTS, 32-byte key) or 32 (AES-256-XTS, 64-byte key).
+    pub aes_key_bytes: u32,
+    pub ivgen: IvGen,
+    pub hash: Hash,
+    /// PBKDF2 iterations of the key slot: what this CPU does in this many milliseconds
+    /// (QEMU's `iter-time`, default 2000), at least [`MIN_ITERATIONS`].
+    pub iter_time_ms: u32,
+}
+
+impl Default for NewHeader {
+    /// QEMU's defaults: aes-256-xts-plain64, sha256, 2 s.
+    fn default() -> Self {
+        NewHeader {
+            aes_key_bytes: 32,
+            ivgen: IvGen::Plain64,
+            hash: Hash::Sha256,
+            iter_time_ms: 2000,
+        }
+    }
+}
+
+impl Hash {
+    /// The name LUKS stores.
+    pub fn name(self) -> &'static str {
+        match self {
+            Hash::Sha1 => "sha1",
+            Hash::Sha256 => "sha256",
+            Hash::Sha512 => "sha512",
+        }
+    }
+}
+
+impl std::str::FromStr for Hash {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Hash> {
+        Hash::parse(s)
+    }
+}
+
+/// Random bytes from the operating system.
+fn random(buf: &mut [u8]) -> Result<()> {
+    getrandom::fill(buf).map_err(|e| {
+        Error::io(
+            "reading random bytes for a new key",
+            std::io::Error::other(e.to_string()),
+        )
+    })
+}
+
+/// PBKDF2 iterations of `hash` this CPU runs in `ms` milliseconds (timed, like QEMU).
+fn iterations_for(hash: Hash, ms: u32) -> u32 {
+    let mut out = [0u8; 32];
+    let mut n = 1u32 << 12;
+    loop {
+        let start = std::time::Instant::now();
+        hash.pbkdf2(b"timing", &[0u8; 32], n, &mut out);
+        let took = start.elapsed();
+        if took >= std::time::Duration::from_millis(40) || n >= 1 << 26 {
+            let per_ms = f64::from(n) / took.as_secs_f64().max(1e-6) / 1000.0;
+            let want = per_ms * f64::from(ms);
+            return (want as u32).clamp(MIN_ITERATIONS, MAX_ITERATIONS);
+        }
+        n *= 2;
+    }
+}
+
+impl Header {
+    /// A new LUKS1 header region with one active key slot opened by `passphrase`: the
+    /// region's bytes (header, then every slot's material 4 KiB-aligned; its length is the
+    /// payload offset) and the new random master key.
+    pub fn create(params: &NewHeader, passphrase: &[u8]) -> Result<(Vec<u8>, Zeroizing<Vec<u8>>)> {
+        let aes = params.aes_key_bytes;
+        if aes != 16 && aes != 32 {
+            return Err(Error::arg(format!(
+                "an AES key of {aes} bytes (16 or 32 are supported)"
+            )));
+        }
+        let key_bytes = aes * 2;
+        let material_sectors = (u64::from(key_bytes) * u64::from(STRIPES))
+            .div_ceil(SECTOR)
+            .next_multiple_of(u64::from(MATERIAL_ALIGN_SECTORS))
+            as u32;
+        let payload_sector = MATERIAL_ALIGN_SECTORS + SLOTS as u32 * material_sectors;
+        let mut region = vec![0u8; payload_sector as usize * SECTOR as usize];
+
+        let mut master = Zeroizing::new(vec![0u8; key_bytes as usize]);
+        random(&mut master)?;
+        let mut digest_salt = [0u8; 32];
+        random(&mut digest_salt)?;
+        let mut slot_salt = [0u8; 32];
+        random(&mut slot_salt)?;
+        let mut uuid = [0u8; 16];
+        random(&mut uuid)?;
+        uuid[6] = (uuid[6] & 0x0f) | 0x40;
+        uuid[8] = (uuid[8] & 0x3f) | 0x80;
+        let hex: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
+        let uuid = format!(
+            "{}-{}-{}-{}-{}",
+            &hex[..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..]
+        );
+        let slot_iterations = iterations_for(params.hash, params.iter_time_ms);
+        let digest_iterations = (slot_iterations / 8).max(MIN_ITERATIONS);
+
+        let mode = match params.ivgen {
+            IvGen::Plain64 => "xts-plain64",
+            IvGen::Plain => "xts-plain",
+        };
+        let h = &mut region[..HEADER_LEN];
+        h[..6].copy_from_slice(MAGIC);
+        h[6..8].copy_from_slice(&1u16.to_be_bytes());
+        h[8..11].copy_from_slice(b"aes");
+        h[40..40 + mode.len()].copy_from_slice(mode.as_bytes());
+        let hash_name = params.hash.name();
+        h[72..72 + hash_name.len()].copy_from_slice(hash_name.as_bytes());
+        h[104..108].copy_from_slice(&payload_sector.to_be_bytes());
+        h[108..112].copy_from_slice(&key_bytes.to_be_bytes());
+        let mut digest = [0u8; DIGEST_LEN];
+        params
+            .hash
+            .pbkdf2(&master, &digest_salt, digest_iterations, &mut digest);
+        h[112..132].copy_from_slice(&digest);
+        h[132..164].copy_from_slice(&digest_salt);
+        h[164..168].copy_from_slice(&digest_iterations.to_be_bytes());
+        h[168..168 + uuid.len()].copy_from_slice(uuid.as_bytes());
+        for i in 0..SLOTS {
+            let s = &mut h[208 + i * 48..208 + (i + 1) * 48];
+            let active = i == 0;
+            let state = if active { SLOT_ACTIVE } else { SLOT_INACTIVE };
+            s[..4].copy_from_slice(&state.to_be_bytes());
+            if active {
+                s[4..8].copy_from_slice(&slot_iterations.to_be_bytes());
+                s[8..40].copy_from_slice(&slot_salt);
+            }
+            let sector = MATERIAL_ALIGN_SECTORS + i as u32 * material_sectors;
+            s[40..44].copy_from_slice(&sector.to_be_bytes());
+            s[44..48].copy_from_slice(&STRIPES.to_be_bytes());
+        }
+        let header = Header::parse(&region[..HEADER_LEN], region.len() as u64)?;
+
+        // Slot 0: the master key split into stripes, encrypted with the passphrase's key.
+        let mut slot_key = Zeroizing::new(vec![0u8; key_bytes as usize]);
+        params
+            .hash
+            .pbkdf2(passphrase, &slot_salt, slot_iterations, &mut slot_key);
+        let mut material =
+            Zeroizing::new(vec![0u8; header.material_len(&header.slots[0]) as usize]);
+        header.split(&master, &mut material[..(key_bytes * STRIPES) as usize])?;
+        Cipher::for_header(&header, &slot_key)?.encrypt(0, &mut material);
+        let at = MATERIAL_ALIGN_SECTORS as usize * SECTOR as usize;
+        region[at..at + material.len()].copy_from_slice(&material);
+        Ok((region, master))
+    }
+
+    /// The anti-forensic split of `key` into `split.len() / key.len()` stripes: random
+    /// stripes, the last one chosen so that [`Header::merge`] gives `key` back.
+    fn split(&self, key: &[u8], split: &mut [u8]) -> Result<()> {
+        let n = key.len();
+        let stripes = split.len() / n;
+        random(&mut split[..(stripes - 1) * n])?;
+        let mut block = Zeroizing::new(vec![0u8; n]);
+        for piece in split[..(stripes - 1) * n].chunks(n) {
+            for (b, p) in block.iter_mut().zip(piece) {
+                *b ^= p;
+            }
+            self.hash.diffuse(&mut block);
+        }
+        for ((out, b), k) in split[(stripes - 1) * n..]
+            .iter_mut()
+            .zip(block.iter())
+            .zip(key)
+        {
+            *out = b ^ k;
+        }
+        Ok(())
+    }
+}

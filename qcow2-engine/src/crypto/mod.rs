@@ -12,6 +12,7 @@ pub mod luks;
 use aes::cipher::consts::U16;
 use aes::cipher::{Array, KeyInit};
 use aes::{Aes128, Aes256};
+use sha2::Digest;
 use xts_mode::{Xts128, get_tweak_default};
 use zeroize::Zeroizing;
 
@@ -125,6 +126,18 @@ impl Cipher {
 /// A key in memory that is wiped when dropped.
 pub type Key = Zeroizing<Vec<u8>>;
 
+/// Master keys unlocked while opening one chain, by the SHA-256 of their encryption header
+/// region (wiped when the open ends).
+#[derive(Default)]
+pub struct Keyring(Vec<([u8; 32], Key)>);
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the keys.
+        write!(f, "Keyring({} keys)", self.0.len())
+    }
+}
+
 /// The passphrase of an encrypted image: wiped when dropped, never printed.
 #[derive(Clone)]
 pub struct Passphrase(Zeroizing<Vec<u8>>);
@@ -157,6 +170,50 @@ pub struct Encryption {
     pub cipher: Option<Cipher>,
 }
 
+/// Where the encryption header region lies (offset, length), from the qcow2 header's
+/// full-disk-encryption extension; `None` without one. Only the extension's own shape is
+/// checked here: whether the region lies inside the file is for the caller.
+pub fn region(header: &crate::format::Header) -> Result<Option<(u64, u64)>> {
+    let Some(ext) = header
+        .unknown_extensions
+        .iter()
+        .find(|e| e.kind == luks::EXT_CRYPTO_HEADER)
+    else {
+        return Ok(None);
+    };
+    if ext.data.len() < 16 {
+        return Err(Error::InvalidImage(format!(
+            "encryption header: the extension has {} bytes",
+            ext.data.len()
+        )));
+    }
+    let offset = u64::from_be_bytes(ext.data[..8].try_into().expect("8 bytes"));
+    let length = u64::from_be_bytes(ext.data[8..16].try_into().expect("8 bytes"));
+    Ok(Some((offset, length)))
+}
+
+/// The encryption header region of the LUKS-encrypted image at `path`, as stored (to give
+/// a new image the same key, see [`crate::ops::create::NewEncryption::SameKeyAs`]).
+pub fn read_region(path: &std::path::Path) -> Result<Vec<u8>> {
+    use crate::error::IoContext;
+    let storage = crate::storage::FileStorage::open_unlocked(path)
+        .ctx(|| format!("opening {}", path.display()))?;
+    let header = crate::image::read_header(&storage)?;
+    if header.crypt_method != 2 {
+        return Err(Error::arg(format!(
+            "{} is not LUKS-encrypted: there is no key to share",
+            path.display()
+        )));
+    }
+    // Checks the region's bounds and the header's fields, without a passphrase.
+    open_luks(&storage, &header, None, true, &mut Keyring::default())?;
+    let (offset, length) = region(&header)?.expect("open_luks found the region");
+    let mut bytes = vec![0u8; length as usize];
+    crate::storage::Storage::read_at(&storage, &mut bytes, offset)
+        .ctx(|| format!("reading the encryption header of {}", path.display()))?;
+    Ok(bytes)
+}
+
 /// The encryption of a LUKS-encrypted qcow2 image held by `storage` (`header` is its qcow2
 /// header), unlocked with `passphrase`; without one, locked if `locked_ok`, else an error.
 pub fn open_luks(
@@ -164,21 +221,20 @@ pub fn open_luks(
     header: &crate::format::Header,
     passphrase: Option<&Passphrase>,
     locked_ok: bool,
+    keys: &mut Keyring,
 ) -> Result<Encryption> {
     let bad = |why: String| Error::InvalidImage(format!("encryption header: {why}"));
-    let ext = header
-        .unknown_extensions
-        .iter()
-        .find(|e| e.kind == luks::EXT_CRYPTO_HEADER)
+    let (offset, length) = region(header)?
         .ok_or_else(|| bad("the image is LUKS-encrypted but has no header extension".into()))?;
-    if ext.data.len() < 16 {
-        return Err(bad(format!("the extension has {} bytes", ext.data.len())));
-    }
-    let offset = u64::from_be_bytes(ext.data[..8].try_into().expect("8 bytes"));
-    let length = u64::from_be_bytes(ext.data[8..16].try_into().expect("8 bytes"));
     let file_len = storage
         .len()
         .map_err(|e| Error::InvalidImage(format!("encryption header: {e}")))?;
+    let cs = header.geometry().cluster_size();
+    if !offset.is_multiple_of(cs) || offset == 0 {
+        return Err(bad(format!(
+            "region offset {offset} is not a cluster after the header"
+        )));
+    }
     if length < luks::HEADER_LEN as u64
         || length > MAX_REGION
         || offset.checked_add(length).is_none_or(|end| end > file_len)
@@ -206,7 +262,26 @@ pub fn open_luks(
             "the image is encrypted (LUKS): its passphrase is needed to open it",
         ));
     };
-    let key = h.unlock(passphrase.as_bytes(), &mut |at, buf| read(at, buf))?;
+    // A layer whose header region is byte for byte one unlocked before in this chain (made
+    // with NewEncryption::SameKeyAs) has that master key: no second PBKDF2.
+    let mut whole = vec![0u8; length as usize];
+    read(0, &mut whole)?;
+    let fingerprint: [u8; 32] = sha2::Sha256::digest(&whole).into();
+    let key = match keys.0.iter().find(|(f, _)| *f == fingerprint) {
+        Some((_, key)) => key.clone(),
+        None => {
+            let key = h.unlock(passphrase.as_bytes(), &mut |at, buf| {
+                let at = at as usize;
+                let src = whole.get(at..at + buf.len()).ok_or_else(|| {
+                    Error::InvalidImage("encryption header: key material past the region".into())
+                })?;
+                buf.copy_from_slice(src);
+                Ok(())
+            })?;
+            keys.0.push((fingerprint, key.clone()));
+            key
+        }
+    };
     let cipher = Cipher::for_header(&h, &key)?;
     Ok(Encryption {
         header: h,

@@ -489,6 +489,14 @@ impl Header {
         if let Some(fmt) = &self.backing_format {
             push_ext(&mut b, &mut off, EXT_BACKING_FORMAT, fmt.as_bytes())?;
         }
+        // QEMU's order: the encryption header pointer and the data file name come before
+        // the feature table, anything else after it.
+        let early = |e: &&HeaderExtension| {
+            e.kind == crate::crypto::luks::EXT_CRYPTO_HEADER || e.kind == EXT_DATA_FILE
+        };
+        for ext in self.unknown_extensions.iter().filter(early) {
+            push_ext(&mut b, &mut off, ext.kind, &ext.data)?;
+        }
         if !self.feature_names.is_empty() {
             let mut table = Vec::with_capacity(self.feature_names.len() * 48);
             for f in &self.feature_names {
@@ -502,7 +510,7 @@ impl Header {
             }
             push_ext(&mut b, &mut off, EXT_FEATURE_TABLE, &table)?;
         }
-        for ext in &self.unknown_extensions {
+        for ext in self.unknown_extensions.iter().filter(|e| !early(e)) {
             push_ext(&mut b, &mut off, ext.kind, &ext.data)?;
         }
         push_ext(&mut b, &mut off, EXT_END, &[])?;

@@ -29,6 +29,15 @@ pub enum BackingPolicy {
 /// (device, inode) of an opened file, for loop detection.
 pub(crate) type FileId = (u64, u64);
 
+/// What opening a chain keeps from layer to layer.
+#[derive(Default)]
+pub(crate) struct Chain {
+    /// The files opened so far, to refuse loops.
+    pub files: Vec<FileId>,
+    /// Master keys unlocked so far: a layer with the same encryption header reuses one.
+    pub keys: crate::crypto::Keyring,
+}
+
 /// A raw backing file.
 #[derive(Debug)]
 pub struct RawBacking {
@@ -168,7 +177,7 @@ pub(super) fn open_backing(
     name: &str,
     image_path: Option<&Path>,
     opts: &OpenOptions,
-    chain: &mut Vec<FileId>,
+    chain: &mut Chain,
 ) -> Result<Backing> {
     let path = resolve_backing_name(name, image_path)?;
     let path = match &opts.backing {
@@ -189,7 +198,7 @@ pub(super) fn open_backing(
         }
         BackingPolicy::Allow => path,
     };
-    if chain.len() >= opts.max_chain_depth {
+    if chain.files.len() >= opts.max_chain_depth {
         return Err(refuse(
             &path,
             format!("backing chain is deeper than {}", opts.max_chain_depth),
@@ -213,11 +222,11 @@ pub(super) fn open_backing(
     let md = file.metadata().map_err(|e| refuse(&path, e.to_string()))?;
     let id = (md.dev(), md.ino());
     if image_path.is_some_and(|p| std::fs::metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == id))
-        || chain.contains(&id)
+        || chain.files.contains(&id)
     {
         return Err(refuse(&path, "backing chain loops"));
     }
-    chain.push(id);
+    chain.files.push(id);
     let mut file = FileStorage::from_file(file);
     file.set_cache_mode(opts.cache)
         .map_err(|e| refuse(&path, e.to_string()))?;

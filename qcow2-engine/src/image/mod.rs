@@ -16,7 +16,8 @@
 //!   for reuse while no data I/O is in flight (an I/O gate, shared by requests, exclusive for
 //!   the release).
 //!
-//! Lock order: I/O gate, then state lock, then (inside storage syncs) the barrier.
+//! Lock order: sector gate (encrypted images), I/O gate, then state lock, then (inside
+//! storage syncs) the barrier.
 
 mod backing;
 mod mapping;
@@ -128,6 +129,12 @@ pub(crate) struct State {
     pub sleepers: usize,
 }
 
+/// A change's hold on the sector gate (see [`Image::sector_hold`]).
+struct SectorHold<'a> {
+    _shared: Option<RwLockReadGuard<'a, ()>>,
+    _exclusive: Option<std::sync::RwLockWriteGuard<'a, ()>>,
+}
+
 /// One request's shared hold on the I/O gate, counted.
 struct InFlight<'a> {
     _gate: RwLockReadGuard<'a, ()>,
@@ -148,6 +155,10 @@ pub struct Image {
     settled: Condvar,
     /// Held shared by every request for its data I/O, exclusive to release freed clusters.
     io_gate: RwLock<()>,
+    /// Encrypted images only: held shared by writes and zeroings of whole sectors, and
+    /// exclusive by one that starts or ends inside a sector, whose read-modify-write of
+    /// that sector must not interleave with another change of it. Taken before the I/O gate.
+    sector_gate: RwLock<()>,
     storage: Arc<dyn Storage>,
     barrier: Arc<Barrier>,
     backing: Option<Backing>,
@@ -178,7 +189,7 @@ impl Image {
         storage
             .set_cache_mode(opts.cache)
             .ctx(|| format!("opening {}", path.display()))?;
-        let mut chain = Vec::new();
+        let mut chain = backing::Chain::default();
         Self::open_with_chain(Arc::new(storage), Some(path), opts, &mut chain)
     }
 
@@ -189,7 +200,7 @@ impl Image {
         path: Option<&Path>,
         opts: &OpenOptions,
     ) -> Result<Image> {
-        let mut chain = Vec::new();
+        let mut chain = backing::Chain::default();
         Self::open_with_chain(storage, path, opts, &mut chain)
     }
 
@@ -197,7 +208,7 @@ impl Image {
         storage: Arc<dyn Storage>,
         path: Option<&Path>,
         opts: &OpenOptions,
-        chain: &mut Vec<backing::FileId>,
+        chain: &mut backing::Chain,
     ) -> Result<Image> {
         let mut header = read_header(&*storage)?;
         check_features(&header, opts.writable)?;
@@ -208,6 +219,7 @@ impl Image {
                 &header,
                 opts.passphrase.as_ref(),
                 opts.skip_backing && !opts.writable,
+                &mut chain.keys,
             )?),
         };
         if opts.writable && header.incompatible_features & incompat::DIRTY != 0 {
@@ -310,6 +322,7 @@ impl Image {
             }),
             settled: Condvar::new(),
             io_gate: RwLock::new(()),
+            sector_gate: RwLock::new(()),
             storage,
             barrier,
             backing,
@@ -420,6 +433,33 @@ impl Image {
         };
         let synced = self.barrier.sync_ranges(&*self.storage, &ranges).is_ok();
         self.lock().meta.finish_top_up(batch, synced);
+    }
+
+    /// The sector gate for a change of `[off, off + len)`: none in a plain image, shared for
+    /// whole sectors, exclusive otherwise.
+    fn sector_hold(&self, off: u64, len: u64) -> SectorHold<'_> {
+        let mut hold = SectorHold {
+            _shared: None,
+            _exclusive: None,
+        };
+        if self.crypto.is_some() {
+            if write::whole_sectors(off, len) {
+                hold._shared = Some(self.sector_gate.read().recover());
+            } else {
+                hold._exclusive = Some(self.sector_gate.write().recover());
+            }
+        }
+        hold
+    }
+
+    /// The cipher data writes go through: `None` in a plain image.
+    pub(crate) fn write_cipher(&self) -> Result<Option<&crate::crypto::Cipher>> {
+        match &self.crypto {
+            None => Ok(None),
+            Some(enc) => enc.cipher.as_ref().map(Some).ok_or_else(|| {
+                Error::arg("the image is encrypted and was opened without its passphrase")
+            }),
+        }
     }
 
     /// Shared hold on the I/O gate for one request's data I/O.
@@ -551,6 +591,7 @@ impl Image {
         self.check_writable()?;
         self.check_range(off, buf.len() as u64)?;
         {
+            let _sectors = self.sector_hold(off, buf.len() as u64);
             let _io = self.io_shared();
             self.write_inner(buf, GuestOffset(off))?;
         }
@@ -566,6 +607,7 @@ impl Image {
             unmap: !flags.no_hole,
         };
         {
+            let _sectors = self.sector_hold(off, len);
             let _io = self.io_shared();
             self.zero_range(GuestOffset(off), len, mode)?;
         }
@@ -579,6 +621,7 @@ impl Image {
         self.check_writable()?;
         self.check_range(off, len)?;
         {
+            let _sectors = self.sector_hold(off, len);
             let _io = self.io_shared();
             self.zero_range(GuestOffset(off), len, zero::ZeroMode::Discard)?;
         }
@@ -728,10 +771,11 @@ fn check_features(h: &Header, writable: bool) -> Result<()> {
                  for guests; convert the image with qemu-img",
             ));
         }
-        2 if writable => {
-            return Err(Error::unsupported(
-                "writing encrypted (LUKS) images: they open read-only for now",
-            ));
+        2 if writable && !h.size.is_multiple_of(crate::crypto::luks::SECTOR) => {
+            return Err(Error::invalid(format!(
+                "an encrypted image of {} bytes: encrypted images are whole 512-byte sectors",
+                h.size
+            )));
         }
         2 => {}
         other => return Err(Error::invalid(format!("encryption method {other}"))),

@@ -40,8 +40,8 @@ pub(crate) struct Alloc {
     /// Offset of the guest data in the cluster, and where it is in the request buffer.
     data_at: u64,
     src: Range<usize>,
-    /// `host` came from the reserve: it durably reads as zeros, and is freed if the request
-    /// fails before linking it.
+    /// `host` came from the reserve: it durably holds zeros (which read as zeros unless the
+    /// image is encrypted), and is freed if the request fails before linking it.
     fresh: bool,
     /// What the slot pointed at before, to release once the new entry is written.
     release: Option<Mapping>,
@@ -151,7 +151,9 @@ impl State {
         // from waiting for its L2 slice after its data: the slice write (shared with other
         // requests) runs while the data is written.
         let zeros = |p: &[Piece]| p.iter().all(|p| matches!(p, Piece::Zero(_)));
-        let link_early = host.is_none() && zeros(&head) && zeros(&tail) && {
+        // Not in an encrypted image: its fresh clusters hold zeros, which decrypt to noise.
+        let encrypted = self.meta.header.crypt_method != 0;
+        let link_early = host.is_none() && !encrypted && zeros(&head) && zeros(&tail) && {
             let mut old = Vec::new();
             self.cluster_pieces(off, src.len(), &mut old)?;
             zeros(&old)
@@ -253,6 +255,12 @@ impl State {
     }
 }
 
+/// Whether `[off, off + len)` is made of whole 512-byte sectors (the unit of encryption).
+pub(crate) fn whole_sectors(off: u64, len: u64) -> bool {
+    let sector = crate::crypto::luks::SECTOR;
+    off.is_multiple_of(sector) && len.is_multiple_of(sector)
+}
+
 /// Tickets of allocations linked at planning time.
 fn early_tickets(steps: &[Step]) -> Vec<Ticket> {
     allocs(steps)
@@ -300,8 +308,12 @@ impl Merger<'_> {
 }
 
 impl Image {
-    /// Writes guest bytes. The caller holds the I/O gate.
+    /// Writes guest bytes. The caller holds the I/O gate (and, in an encrypted image, the
+    /// sector gate: exclusive unless the write covers whole sectors).
     pub(crate) fn write_inner(&self, buf: &[u8], off: GuestOffset) -> Result<()> {
+        if self.crypto.is_some() && !whole_sectors(off.0, buf.len() as u64) {
+            return self.write_partial_sectors(buf, off);
+        }
         let cb = self.geo.cluster_bits;
         let cs = self.geo.cluster_size();
         let mut done = 0usize;
@@ -333,6 +345,25 @@ impl Image {
             }
         }
         Ok(())
+    }
+
+    /// An encrypted image's write that starts or ends inside a 512-byte sector: the edge
+    /// sectors are read (decrypted), the bytes laid over them, and whole sectors written.
+    fn write_partial_sectors(&self, buf: &[u8], off: GuestOffset) -> Result<()> {
+        let sector = crate::crypto::luks::SECTOR;
+        let start = off.0 - off.0 % sector;
+        let end = (off.0 + buf.len() as u64).div_ceil(sector) * sector;
+        let mut sectors = vec![0u8; (end - start) as usize];
+        let last = sectors.len() - sector as usize;
+        if start != off.0 {
+            self.read_inner(&mut sectors[..sector as usize], GuestOffset(start))?;
+        }
+        if end != off.0 + buf.len() as u64 && (last > 0 || start == off.0) {
+            self.read_inner(&mut sectors[last..], GuestOffset(end - sector))?;
+        }
+        let at = (off.0 - start) as usize;
+        sectors[at..at + buf.len()].copy_from_slice(buf);
+        self.write_inner(&sectors, GuestOffset(start))
     }
 
     /// Phases 2 and 3 for planned steps. If the I/O fails, the allocations are abandoned
@@ -415,7 +446,10 @@ impl Image {
                     let data_at = a.host.0 + a.data_at;
                     let copy =
                         |pieces: &[Piece]| pieces.iter().any(|p| !matches!(p, Piece::Zero(_)));
-                    if copy(&a.head) || copy(&a.tail) {
+                    // In an encrypted image, zeros around the data are encrypted zeros: real
+                    // bytes to write (and make durable before the entry, like copied ones).
+                    let encrypted = self.crypto.is_some() && head_len + tail_len > 0;
+                    if encrypted || copy(&a.head) || copy(&a.tail) {
                         // Real bytes around the data: one buffer, one write.
                         let mut unit = vec![0u8; head_len + a.src.len() + tail_len];
                         let (h, rest) = unit.split_at_mut(head_len);
@@ -448,16 +482,32 @@ impl Image {
         Ok(copied)
     }
 
+    /// Writes guest bytes to host offset `at`, encrypted there first in an encrypted image
+    /// (whose writes are whole sectors, see [`Image::write_inner`]).
     fn write_host(&self, bytes: &[u8], at: u64) -> Result<()> {
+        let sealed;
+        let bytes = match self.write_cipher()? {
+            Some(cipher) => {
+                let mut copy = bytes.to_vec();
+                cipher.encrypt(at, &mut copy);
+                sealed = copy;
+                &sealed[..]
+            }
+            None => bytes,
+        };
         self.storage
             .write_data(bytes, at)
             .ctx(|| format!("writing data at {at:#x}"))
     }
 
-    /// Zeroes host bytes with `fallocate` where the filesystem can (no zero data written).
+    /// Zeroes host bytes with `fallocate` where the filesystem can (no zero data written);
+    /// in an encrypted image, writes encrypted zeros.
     fn zero_host(&self, at: u64, len: u64) -> Result<()> {
         if len == 0 {
             return Ok(());
+        }
+        if self.crypto.is_some() {
+            return self.write_host(&vec![0u8; len as usize], at);
         }
         self.storage
             .write_zeroes(at, len)

@@ -59,6 +59,8 @@ pub struct BenchOptions {
     pub fill: u8,
     /// Flush after the last request, inside the timed part.
     pub flush: bool,
+    /// Passphrase of an encrypted image.
+    pub passphrase: Option<crate::crypto::Passphrase>,
 }
 
 impl Default for BenchOptions {
@@ -78,6 +80,7 @@ impl Default for BenchOptions {
             seed: 1,
             fill: 0xab,
             flush: false,
+            passphrase: None,
         }
     }
 }
@@ -203,6 +206,7 @@ pub fn bench_file(path: &Path, opts: &BenchOptions) -> Result<BenchReport> {
         } else {
             CacheMode::Buffered
         },
+        passphrase: opts.passphrase.clone(),
         ..OpenOptions::default()
     };
     let image = Image::open(path, &open)?;

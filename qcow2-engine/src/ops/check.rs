@@ -372,6 +372,7 @@ impl Pass {
         self.walk_snapshots()?;
         self.walk_tables()?;
         self.walk_bitmaps()?;
+        self.walk_encryption();
         let rt_off = self.header.refcount_table_offset;
         let rt_clusters = u64::from(self.header.refcount_table_clusters);
         self.inc(rt_off, rt_clusters * cs);
@@ -553,6 +554,23 @@ impl Pass {
             Err(e) => return Err(e),
         }
         Ok(())
+    }
+
+    /// The encryption header region of a LUKS-encrypted image is metadata: counted once.
+    fn walk_encryption(&mut self) {
+        if self.header.crypt_method == 0 {
+            return;
+        }
+        match crate::crypto::region(&self.header) {
+            Ok(Some((offset, len))) => {
+                // A region past the end of the file is reported by `inc`.
+                self.inc(offset, len);
+            }
+            Ok(None) => self.corruption(
+                "ERROR the image is encrypted but names no encryption header".to_string(),
+            ),
+            Err(e) => self.corruption(format!("ERROR {e}")),
+        }
     }
 
     fn reftable(&self) -> Result<Vec<u64>> {

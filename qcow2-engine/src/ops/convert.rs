@@ -24,6 +24,11 @@ pub struct ConvertOptions {
     pub create: CreateOptions,
     /// L2 cache budget for qcow2 input and output.
     pub l2_cache_bytes: Option<u64>,
+    /// Passphrase of an encrypted qcow2 input (and its encrypted backing files).
+    pub input_passphrase: Option<crate::crypto::Passphrase>,
+    /// Passphrase that opens an encrypted output; by default the one a new key is made
+    /// with (`create.encryption`).
+    pub output_passphrase: Option<crate::crypto::Passphrase>,
 }
 
 /// A source of guest bytes with a cheap "known zero" hint.
@@ -143,6 +148,7 @@ pub fn convert(
         Format::Qcow2 => {
             let o = OpenOptions {
                 l2_cache_bytes: opts.l2_cache_bytes,
+                passphrase: opts.input_passphrase.clone(),
                 ..OpenOptions::default()
             };
             Source::Qcow2(Box::new(Image::open(input, &o)?))
@@ -164,8 +170,18 @@ pub fn convert(
                 ..opts.create.clone()
             };
             create::create(output, &c)?;
+            let passphrase =
+                opts.output_passphrase
+                    .clone()
+                    .or_else(|| match &opts.create.encryption {
+                        Some(create::NewEncryption::New { passphrase, .. }) => {
+                            Some(passphrase.clone())
+                        }
+                        _ => None,
+                    });
             let o = OpenOptions {
                 l2_cache_bytes: opts.l2_cache_bytes,
+                passphrase,
                 ..OpenOptions::writable()
             };
             Sink::Qcow2(Box::new(Image::open(output, &o)?))

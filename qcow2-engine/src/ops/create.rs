@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::crypto::{Passphrase, luks};
 use crate::error::{Error, IoContext, Result};
 use crate::format::header::{V3_HEADER_LEN, incompat};
 use crate::format::{CompressionType, Header, refcount};
@@ -57,6 +58,23 @@ pub struct CreateOptions {
     /// Backing file name as stored (relative names are relative to the new image's directory)
     /// and its format.
     pub backing: Option<(String, BackingFormat)>,
+    /// Encrypt the image's data (QEMU's `encrypt.format=luks`).
+    pub encryption: Option<NewEncryption>,
+}
+
+/// The encryption of a new image.
+#[derive(Debug, Clone)]
+pub enum NewEncryption {
+    /// A new LUKS header: a random master key, one key slot opened by the passphrase.
+    New {
+        passphrase: Passphrase,
+        params: luks::NewHeader,
+    },
+    /// A copy of another image's encryption header region: the same master key and key
+    /// slots, so one passphrase opens both, and a chain of such layers is unlocked once
+    /// (see [`crate::image::Image::open`]). The region is taken as it is: nothing here
+    /// checks a passphrase.
+    SameKeyAs(std::path::PathBuf),
 }
 
 impl Default for CreateOptions {
@@ -67,6 +85,7 @@ impl Default for CreateOptions {
             extended_l2: false,
             refcount_bits: 16,
             backing: None,
+            encryption: None,
         }
     }
 }
@@ -178,11 +197,24 @@ pub fn create_on(
         )));
     }
 
-    // Header, refcount table, refcount blocks, L1: solve for the table sizes that cover it all.
+    // The encryption header region, which QEMU places after the L1 table.
+    let crypto_region = match &opts.encryption {
+        None => None,
+        Some(NewEncryption::New { passphrase, params }) => {
+            Some(luks::Header::create(params, passphrase.as_bytes())?.0)
+        }
+        Some(NewEncryption::SameKeyAs(other)) => Some(crate::crypto::read_region(other)?),
+    };
+    let crypto_clusters = crypto_region
+        .as_ref()
+        .map_or(0, |r| (r.len() as u64).div_ceil(cs));
+
+    // Header, refcount table, refcount blocks, L1 (and the encryption header): solve for the
+    // table sizes that cover it all.
     let l1_clusters = (l1_entries * 8).div_ceil(cs);
     let (mut rt, mut rb) = (1u64, 1u64);
     loop {
-        let total = 1 + rt + rb + l1_clusters;
+        let total = 1 + rt + rb + l1_clusters + crypto_clusters;
         let need_rb = total.div_ceil(geo.refblock_entries());
         let need_rt = (need_rb * 8).div_ceil(cs);
         if need_rb == rb && need_rt == rt {
@@ -191,7 +223,17 @@ pub fn create_on(
         (rt, rb) = (need_rt.max(rt), need_rb.max(rb));
     }
     let l1_cluster = 1 + rt + rb;
-    let total = l1_cluster + l1_clusters;
+    let crypto_cluster = l1_cluster + l1_clusters;
+    let total = crypto_cluster + crypto_clusters;
+    let mut extensions = Vec::new();
+    if let Some(region) = &crypto_region {
+        let mut data = (crypto_cluster * cs).to_be_bytes().to_vec();
+        data.extend_from_slice(&(region.len() as u64).to_be_bytes());
+        extensions.push(crate::format::header::HeaderExtension {
+            kind: luks::EXT_CRYPTO_HEADER,
+            data,
+        });
+    }
 
     let mut incompatible = 0;
     if opts.extended_l2 {
@@ -201,7 +243,7 @@ pub fn create_on(
         version: 3,
         cluster_bits,
         size,
-        crypt_method: 0,
+        crypt_method: if crypto_region.is_some() { 2 } else { 0 },
         l1_size: l1_entries as u32,
         l1_table_offset: if l1_entries > 0 { l1_cluster * cs } else { 0 },
         refcount_table_offset: cs,
@@ -223,7 +265,7 @@ pub fn create_on(
         } else {
             Vec::new()
         },
-        unknown_extensions: Vec::new(),
+        unknown_extensions: extensions,
     };
     let w = |bytes: &[u8], at: u64| {
         storage
@@ -246,6 +288,12 @@ pub fn create_on(
     w(&blocks, (1 + rt) * cs)?;
     if l1_entries > 0 {
         w(&vec![0u8; (l1_entries * 8) as usize], l1_cluster * cs)?;
+    }
+    if let Some(region) = &crypto_region {
+        // The whole of its last cluster, as QEMU allocates it.
+        let mut bytes = region.clone();
+        bytes.resize((crypto_clusters * cs) as usize, 0);
+        w(&bytes, crypto_cluster * cs)?;
     }
     storage
         .flush()

@@ -187,12 +187,19 @@ pub struct MetadataStats {
 }
 
 /// Gathers info for the image at `path`. `detail` also opens the backing chain and walks the
-/// metadata. `force_share` reads an image another process holds (no locks, like `-U`).
-pub fn info(path: &Path, detail: bool, force_share: bool) -> Result<ImageInfo> {
+/// metadata (an encrypted image needs its `passphrase` then). `force_share` reads an image
+/// another process holds (no locks, like `-U`).
+pub fn info(
+    path: &Path,
+    detail: bool,
+    force_share: bool,
+    passphrase: Option<&crate::crypto::Passphrase>,
+) -> Result<ImageInfo> {
     let opts = OpenOptions {
         skip_backing: !detail,
         backing: BackingPolicy::Allow,
         force_share,
+        passphrase: passphrase.cloned(),
         ..OpenOptions::default()
     };
     let img = Image::open(path, &opts)?;
