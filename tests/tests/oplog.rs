@@ -18,10 +18,70 @@ struct Case {
     overlay: bool,
     /// The run must have grown the refcount table to at least this many clusters.
     min_reftable_clusters: u32,
+    /// Both images (and the base) LUKS-encrypted with [`PASS`].
+    encrypted: bool,
 }
 
-fn replay_engine(path: &Path, ops: &[Op]) {
-    let open = || Image::open(path, &OpenOptions::writable()).expect("open ours");
+const PASS: &str = "oplog passphrase";
+const SECRET: &str = "secret,id=sec0,data=oplog passphrase";
+const LUKS: &str = "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10";
+
+fn passphrase(encrypted: bool) -> Option<qcow2_engine::crypto::Passphrase> {
+    encrypted.then(|| qcow2_engine::crypto::Passphrase::new(PASS))
+}
+
+/// `--image-opts` for an encrypted image (and its encrypted backing file).
+fn image_opts(path: &Path, overlay: bool) -> String {
+    let mut o = format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
+        path.display()
+    );
+    if overlay {
+        o.push_str(",backing.encrypt.key-secret=sec0");
+    }
+    o
+}
+
+/// qemu-img with the secret object, asserting success.
+fn qemu_img_secret(args: &[&str]) -> String {
+    // `--object` goes after the subcommand.
+    let (sub, rest) = args.split_first().expect("a subcommand");
+    let mut v = vec![*sub, "--object", SECRET];
+    v.extend_from_slice(rest);
+    qemu::img(&v)
+}
+
+/// Runs a qemu-io script on an encrypted image.
+fn qemu_io_secret(opts: &str, script: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("qemu-io")
+        .args(["--object", SECRET, "--image-opts", opts])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn qemu-io");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(script.as_bytes())
+        .expect("script");
+    let out = child.wait_with_output().expect("qemu-io");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("error") && !text.contains("failed"),
+        "qemu-io on {opts}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn replay_engine(path: &Path, ops: &[Op], encrypted: bool) {
+    let opts = OpenOptions {
+        passphrase: passphrase(encrypted),
+        ..OpenOptions::writable()
+    };
+    let open = || Image::open(path, &opts).expect("open ours");
     let mut img = open();
     for (i, op) in ops.iter().enumerate() {
         let r = match *op {
@@ -43,8 +103,12 @@ fn replay_engine(path: &Path, ops: &[Op]) {
 }
 
 /// Reads the whole image through the engine and compares it with the raw file.
-fn engine_reads_match(path: &Path, raw: &Path) {
-    let img = Image::open(path, &OpenOptions::default()).expect("open ours read-only");
+fn engine_reads_match(path: &Path, raw: &Path, encrypted: bool) {
+    let opts = OpenOptions {
+        passphrase: passphrase(encrypted),
+        ..OpenOptions::default()
+    };
+    let img = Image::open(path, &opts).expect("open ours read-only");
     let raw = File::open(raw).expect("raw");
     qcow2_csi_tests::assert_engine_matches_raw(&img, &raw, 0, img.size());
 }
@@ -61,12 +125,23 @@ fn run(case: Case) {
     let size = case.size.to_string();
     let cluster = case.cluster.to_string();
     let ext = if case.extended_l2 { "on" } else { "off" };
-    let opts = format!("cluster_size={cluster},extended_l2={ext}");
+    let mut opts = format!("cluster_size={cluster},extended_l2={ext}");
+    if case.encrypted {
+        opts = format!("{opts},{LUKS}");
+    }
+    let enc = case.encrypted;
 
     let mut create = CreateOptions {
         size: Some(case.size),
         cluster_size: case.cluster,
         extended_l2: case.extended_l2,
+        encryption: enc.then(|| qcow2_engine::ops::create::NewEncryption::New {
+            passphrase: qcow2_engine::crypto::Passphrase::new(PASS),
+            params: qcow2_engine::crypto::luks::NewHeader {
+                iter_time_ms: 10,
+                ..Default::default()
+            },
+        }),
         ..CreateOptions::default()
     };
     let raw_file = File::options()
@@ -81,7 +156,7 @@ fn run(case: Case) {
         // A qemu-made base with data around the edges the ops hit; smaller than the overlay.
         let base = d.join("base.qcow2");
         let base_size = case.size / 2 + 4096;
-        qemu::img(&[
+        qemu_img_secret(&[
             "create",
             "-q",
             "-f",
@@ -98,13 +173,25 @@ fn run(case: Case) {
             off += base_size / 7;
         }
         cmds.push(format!("write -q -P 0xef {} 4096", base_size - 4096));
-        qemu::io(&base, &cmds);
         let base_raw = d.join("base.raw");
-        qemu::to_raw(&base, &base_raw);
+        if enc {
+            qemu_io_secret(&image_opts(&base, false), &(cmds.join("\n") + "\n"));
+            qemu_img_secret(&[
+                "convert",
+                "--image-opts",
+                &image_opts(&base, false),
+                "-O",
+                "raw",
+                base_raw.to_str().unwrap(),
+            ]);
+        } else {
+            qemu::io(&base, &cmds);
+            qemu::to_raw(&base, &base_raw);
+        }
         let bytes = std::fs::read(&base_raw).expect("base raw");
         raw_file.write_all_at(&bytes, 0).expect("seed raw");
         create.backing = Some(("base.qcow2".into(), BackingFormat::Qcow2));
-        qemu::img(&[
+        qemu_img_secret(&[
             "create",
             "-q",
             "-f",
@@ -119,7 +206,7 @@ fn run(case: Case) {
             &size,
         ]);
     } else {
-        qemu::img(&[
+        qemu_img_secret(&[
             "create",
             "-q",
             "-f",
@@ -134,18 +221,40 @@ fn run(case: Case) {
 
     let l2_span = case.cluster / if case.extended_l2 { 16 } else { 8 } * case.cluster;
     let ops = oplog::generate(case.seed, case.ops, case.size, l2_span);
-    replay_engine(&ours, &ops);
-    qemu::io_script(&theirs, "qcow2", &oplog::qemu_io_script(&ops, case.cluster));
+    replay_engine(&ours, &ops, enc);
+    let script = oplog::qemu_io_script(&ops, case.cluster);
+    if enc {
+        qemu_io_secret(&image_opts(&theirs, case.overlay), &script);
+    } else {
+        qemu::io_script(&theirs, "qcow2", &script);
+    }
     oplog::apply_raw(&raw_file, &ops).expect("raw replay");
     drop(raw_file);
 
-    qemu::check_clean(&ours);
-    engine_reads_match(&ours, &raw);
-    qemu::compare(&ours, "qcow2", &raw, "raw");
-    qemu::compare(&ours, "qcow2", &theirs, "qcow2");
-    let header = Image::open(&ours, &OpenOptions::default())
-        .expect("reopen")
-        .header();
+    engine_reads_match(&ours, &raw, enc);
+    if enc {
+        let (o, t) = (
+            image_opts(&ours, case.overlay),
+            image_opts(&theirs, case.overlay),
+        );
+        let r = format!("driver=raw,file.filename={}", raw.display());
+        qemu_img_secret(&["check", "-q", "--image-opts", &o]);
+        qemu_img_secret(&["compare", "-q", "--image-opts", &o, &r]);
+        qemu_img_secret(&["compare", "-q", "--image-opts", &o, &t]);
+    } else {
+        qemu::check_clean(&ours);
+        qemu::compare(&ours, "qcow2", &raw, "raw");
+        qemu::compare(&ours, "qcow2", &theirs, "qcow2");
+    }
+    let header = Image::open(
+        &ours,
+        &OpenOptions {
+            passphrase: passphrase(enc),
+            ..OpenOptions::default()
+        },
+    )
+    .expect("reopen")
+    .header();
     assert!(
         header.refcount_table_clusters >= case.min_reftable_clusters,
         "refcount table has {} clusters, expected growth to at least {}",
@@ -163,6 +272,7 @@ fn plain_standard_l2() {
         cluster: 65536,
         extended_l2: false,
         overlay: false,
+        encrypted: false,
         min_reftable_clusters: 1,
     });
 }
@@ -176,6 +286,7 @@ fn plain_extended_l2() {
         cluster: 65536,
         extended_l2: true,
         overlay: false,
+        encrypted: false,
         min_reftable_clusters: 1,
     });
 }
@@ -189,6 +300,7 @@ fn overlay_standard_l2() {
         cluster: 65536,
         extended_l2: false,
         overlay: true,
+        encrypted: false,
         min_reftable_clusters: 1,
     });
 }
@@ -202,6 +314,7 @@ fn overlay_extended_l2() {
         cluster: 65536,
         extended_l2: true,
         overlay: true,
+        encrypted: false,
         min_reftable_clusters: 1,
     });
 }
@@ -217,6 +330,7 @@ fn tiny_clusters_grow_refcount_structures() {
         cluster: 512,
         extended_l2: false,
         overlay: false,
+        encrypted: false,
         min_reftable_clusters: 2,
     });
 }
@@ -230,6 +344,7 @@ fn small_clusters_extended_l2_overlay() {
         cluster: 16384,
         extended_l2: true,
         overlay: true,
+        encrypted: false,
         min_reftable_clusters: 1,
     });
 }
@@ -243,6 +358,35 @@ fn two_mib_clusters() {
         cluster: 2 << 20,
         extended_l2: false,
         overlay: true,
+        encrypted: false,
+        min_reftable_clusters: 1,
+    });
+}
+
+#[test]
+fn encrypted_standard_l2() {
+    run(Case {
+        seed: 21,
+        ops: 1500,
+        size: 16 << 20,
+        cluster: 64 << 10,
+        extended_l2: false,
+        overlay: false,
+        encrypted: true,
+        min_reftable_clusters: 1,
+    });
+}
+
+#[test]
+fn encrypted_overlay_extended_l2() {
+    run(Case {
+        seed: 22,
+        ops: 1500,
+        size: 16 << 20,
+        cluster: 32 << 10,
+        extended_l2: true,
+        overlay: true,
+        encrypted: true,
         min_reftable_clusters: 1,
     });
 }
