@@ -438,6 +438,22 @@ impl Meta {
     /// which the image runs at a flush or once [`Meta::wants_release`] says so: only when no
     /// data I/O is in flight, because a request may still be reading or writing a cluster it
     /// looked up before the cluster was unlinked, and a released cluster can be reused.
+    /// One more reference to cluster `c`, which is in use (counted) already: a compressed
+    /// cluster packed beside others. `Ok(false)`, changing nothing, when the refcount width
+    /// has no room for it.
+    pub fn add_reference(&mut self, c: u64) -> Result<bool> {
+        let n = self.refcount(c)?;
+        let max = refcount::max_value(self.geo.refcount_order);
+        if n == 0 {
+            return Err(self.signal_corruption(format!("cluster {c} was to be shared but is free")));
+        }
+        if n >= max {
+            return Ok(false);
+        }
+        self.update_refcounts(&[(c, n + 1)])?;
+        Ok(true)
+    }
+
     pub fn free_range(&mut self, start: HostOffset, count: u64) {
         let first = start.0 >> self.geo.cluster_bits;
         self.allocator.pending_free.extend(first..first + count);

@@ -147,6 +147,7 @@ pub fn ops(data: &[u8]) {
         refcount_bits,
         backing: None,
         encryption: None,
+        compression: qcow2_engine::format::CompressionType::Zlib,
     };
     let storage = Arc::new(MemoryStorage::new());
     qcow2_engine::create_on(storage.clone(), None, &opts).expect("create");

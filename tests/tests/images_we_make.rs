@@ -496,6 +496,7 @@ fn a_top_rebased_onto_a_flattened_copy_of_its_chain_reads_the_same() {
             output_format: BackingFormat::Qcow2,
             create: CreateOptions::default(),
             l2_cache_bytes: None,
+            compress: false,
             input_passphrase: None,
             output_passphrase: None,
         },

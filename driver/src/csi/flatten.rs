@@ -153,6 +153,7 @@ pub fn flatten(plugin: &Plugin, id: &str) -> Result<bool> {
                 ..CreateOptions::default()
             },
             l2_cache_bytes: None,
+            compress: false,
             input_passphrase: None,
             output_passphrase: None,
         },

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand, ValueEnum};
 use qcow2_engine::crypto::luks;
 use qcow2_engine::crypto::{IvGen, Passphrase};
+use qcow2_engine::format::CompressionType;
 use qcow2_engine::ops::create::NewEncryption;
 use qcow2_engine::ops::{bench, check, convert, info, map};
 use qcow2_engine::storage::FileStorage;
@@ -52,6 +53,9 @@ enum Command {
         /// Refcount width in bits (1, 2, 4, 8, 16, 32, 64).
         #[arg(long = "refcount-bits", default_value_t = 16)]
         refcount_bits: u32,
+        /// How compressed clusters are compressed.
+        #[arg(long = "compression-type", default_value = "zlib")]
+        compression_type: CompressionArg,
         #[command(flatten)]
         encrypt: EncryptArgs,
         #[command(flatten)]
@@ -97,6 +101,12 @@ enum Command {
         /// Cluster size for qcow2 output.
         #[arg(long = "cluster-size", value_parser = parse_size, default_value = "64K")]
         cluster_size: u64,
+        /// Write the qcow2 output's data clusters compressed (like qemu-img convert -c).
+        #[arg(short = 'c', long = "compress")]
+        compress: bool,
+        /// How compressed clusters are compressed.
+        #[arg(long = "compression-type", default_value = "zlib")]
+        compression_type: CompressionArg,
         /// Encrypt the qcow2 output with the passphrase (which also opens an encrypted
         /// input).
         #[command(flatten)]
@@ -274,6 +284,21 @@ impl EncryptArgs {
                 iter_time_ms: self.iter_time,
             },
         }))
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum CompressionArg {
+    Zlib,
+    Zstd,
+}
+
+impl From<CompressionArg> for CompressionType {
+    fn from(c: CompressionArg) -> Self {
+        match c {
+            CompressionArg::Zlib => CompressionType::Zlib,
+            CompressionArg::Zstd => CompressionType::Zstd,
+        }
     }
 }
 
@@ -480,6 +505,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             enable_subcluster,
             cluster_size,
             refcount_bits,
+            compression_type,
             encrypt,
             secret,
         } => {
@@ -499,6 +525,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 refcount_bits,
                 backing,
                 encryption,
+                compression: compression_type.into(),
             };
             qcow2_engine::create(&file, &opts)?;
             let img = Image::open(
@@ -544,6 +571,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             l2_cache_size,
             enable_subcluster,
             cluster_size,
+            compress,
+            compression_type,
             encrypt,
             secret,
         } => {
@@ -555,8 +584,10 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                     cluster_size,
                     extended_l2: enable_subcluster,
                     encryption: encrypt.new_encryption(passphrase.as_ref())?,
+                    compression: compression_type.into(),
                     ..CreateOptions::default()
                 },
+                compress,
                 l2_cache_bytes: l2_cache_size,
                 input_passphrase: passphrase.clone(),
                 output_passphrase: None,

@@ -135,6 +135,13 @@ impl L2Entry {
         Some((HostOffset(host), sectors))
     }
 
+    /// Encodes a compressed cluster: its stream of `len` bytes at (unaligned) `host`.
+    pub fn compressed_at(host: HostOffset, len: u64, g: &Geometry) -> Self {
+        let x = 62 - (g.cluster_bits - 8);
+        let extra = (host.0 + len - 1) / 512 - host.0 / 512;
+        L2Entry(COMPRESSED | (extra << x) | host.0)
+    }
+
     /// Encodes an uncompressed data cluster we own.
     pub fn data(host: HostOffset) -> Self {
         L2Entry(host.0 | COPIED)
@@ -234,6 +241,30 @@ mod tests {
             "unaligned data offset"
         );
         assert!(L2Entry(0x7_0000 | 2).decode(&G).is_err(), "reserved bit");
+    }
+
+    #[test]
+    fn compressed_entries_round_trip() {
+        for cluster_bits in [9u32, 12, 16, 21] {
+            let g = Geometry {
+                cluster_bits,
+                extended_l2: false,
+                refcount_order: 4,
+            };
+            for (host, len) in [
+                (0x1_0000u64, 1u64),
+                (0x1_01ff, 2),
+                (0x20_0100, 700),
+                (0x7_0000, 511),
+            ] {
+                let e = L2Entry::compressed_at(HostOffset(host), len, &g);
+                let (h, sectors) = e.compressed(&g).unwrap();
+                assert_eq!(h.0, host);
+                // The sectors cover the stream and no more than one sector past its start.
+                assert!(sectors * 512 - (host & 511) >= len);
+                assert_eq!(sectors, (host + len - 1) / 512 - host / 512 + 1);
+            }
+        }
     }
 
     #[test]

@@ -37,8 +37,24 @@ pub fn set(block: &mut [u8], order: u32, index: usize, value: u64) -> std::ops::
     }
 }
 
+/// The largest refcount a width of `1 << order` bits holds.
+pub fn max_value(order: u32) -> u64 {
+    match 1u32 << order {
+        64 => u64::MAX,
+        bits => (1u64 << bits) - 1,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn max_values_follow_the_width() {
+        assert_eq!(super::max_value(0), 1);
+        assert_eq!(super::max_value(4), 65_535);
+        assert_eq!(super::max_value(5), u64::from(u32::MAX));
+        assert_eq!(super::max_value(6), u64::MAX);
+    }
+
     use super::*;
 
     #[test]

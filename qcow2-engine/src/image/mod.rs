@@ -20,6 +20,7 @@
 //! storage syncs) the barrier.
 
 mod backing;
+mod compress;
 mod mapping;
 mod read;
 mod resize;

@@ -24,6 +24,9 @@ pub struct ConvertOptions {
     pub create: CreateOptions,
     /// L2 cache budget for qcow2 input and output.
     pub l2_cache_bytes: Option<u64>,
+    /// qcow2 output: write data clusters compressed (zlib, or zstd with
+    /// `create.compression`), like `qemu-img convert -c`.
+    pub compress: bool,
     /// Passphrase of an encrypted qcow2 input (and its encrypted backing files).
     pub input_passphrase: Option<crate::crypto::Passphrase>,
     /// Passphrase that opens an encrypted output; by default the one a new key is made
@@ -73,6 +76,8 @@ impl Source {
 enum Sink {
     Raw(FileStorage),
     Qcow2(Box<Image>),
+    /// qcow2 output taking whole clusters compressed.
+    Compressed(Box<Image>),
 }
 
 impl Sink {
@@ -81,15 +86,54 @@ impl Sink {
             Sink::Raw(s) => s
                 .write_at(buf, off)
                 .ctx(|| format!("writing output at {off:#x}")),
-            Sink::Qcow2(img) => img.write_at(buf, off),
+            Sink::Qcow2(img) | Sink::Compressed(img) => img.write_at(buf, off),
         }
     }
     fn flush(&self) -> Result<()> {
         match self {
             Sink::Raw(s) => s.flush().ctx(|| "syncing the output".to_string()),
-            Sink::Qcow2(img) => img.flush(),
+            Sink::Qcow2(img) | Sink::Compressed(img) => img.flush(),
         }
     }
+}
+
+/// A chunk into a compressing sink: runs of whole non-zero clusters go compressed, zero
+/// clusters are skipped, and the parts of clusters at the chunk's edges (the image's last,
+/// short cluster) are written as usual.
+fn write_compressed_chunk(img: &Image, chunk: &[u8], off: u64) -> Result<()> {
+    let cs = img.geometry().cluster_size() as usize;
+    let end = off + chunk.len() as u64;
+    let first = off.next_multiple_of(cs as u64);
+    let last = end - end % cs as u64;
+    if first >= last {
+        return write_plain_nonzero(img, chunk, off);
+    }
+    let head = (first - off) as usize;
+    write_plain_nonzero(img, &chunk[..head], off)?;
+    let mut run: Option<usize> = None;
+    let whole = &chunk[head..head + (last - first) as usize];
+    for (i, cluster) in whole.chunks(cs).enumerate() {
+        let zero = cluster.iter().all(|&b| b == 0);
+        match (zero, run) {
+            (false, None) => run = Some(i),
+            (true, Some(start)) => {
+                img.write_compressed(&whole[start * cs..i * cs], first + (start * cs) as u64)?;
+                run = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(start) = run {
+        img.write_compressed(&whole[start * cs..], first + (start * cs) as u64)?;
+    }
+    write_plain_nonzero(img, &chunk[head + whole.len()..], last)
+}
+
+fn write_plain_nonzero(img: &Image, part: &[u8], off: u64) -> Result<()> {
+    if part.iter().all(|&b| b == 0) {
+        return Ok(());
+    }
+    img.write_at(part, off)
 }
 
 /// Granularity of zero detection: runs of non-zero 4 KiB blocks are written, zero blocks are not.
@@ -131,6 +175,11 @@ pub fn convert(
     opts: &ConvertOptions,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<()> {
+    if opts.compress && opts.output_format != Format::Qcow2 {
+        return Err(crate::error::Error::arg(
+            "only qcow2 output can be compressed",
+        ));
+    }
     let source = match opts.input_format {
         Format::Raw => {
             let storage =
@@ -184,7 +233,12 @@ pub fn convert(
                 passphrase,
                 ..OpenOptions::writable()
             };
-            Sink::Qcow2(Box::new(Image::open(output, &o)?))
+            let img = Box::new(Image::open(output, &o)?);
+            if opts.compress {
+                Sink::Compressed(img)
+            } else {
+                Sink::Qcow2(img)
+            }
         }
     };
     let result = copy(&source, &sink, size, &mut progress).and_then(|()| sink.flush());
@@ -231,8 +285,12 @@ fn copy(
                 loop {
                     let next = full_rx.lock().recover().recv();
                     let Ok((off, buf)) = next else { return };
+                    let write = || match sink {
+                        Sink::Compressed(img) => write_compressed_chunk(img, &buf, off),
+                        _ => write_nonzero(sink, &buf, off),
+                    };
                     if !stop.load(Ordering::Acquire)
-                        && let Err(e) = write_nonzero(sink, &buf, off)
+                        && let Err(e) = write()
                     {
                         fail(e);
                     }

@@ -60,6 +60,9 @@ pub struct CreateOptions {
     pub backing: Option<(String, BackingFormat)>,
     /// Encrypt the image's data (QEMU's `encrypt.format=luks`).
     pub encryption: Option<NewEncryption>,
+    /// How compressed clusters are compressed (`compression_type`; zstd sets the
+    /// incompatible compression bit, as qemu-img does).
+    pub compression: CompressionType,
 }
 
 /// The encryption of a new image.
@@ -86,6 +89,7 @@ impl Default for CreateOptions {
             refcount_bits: 16,
             backing: None,
             encryption: None,
+            compression: CompressionType::Zlib,
         }
     }
 }
@@ -239,6 +243,9 @@ pub fn create_on(
     if opts.extended_l2 {
         incompatible |= incompat::EXTENDED_L2;
     }
+    if opts.compression == CompressionType::Zstd {
+        incompatible |= incompat::COMPRESSION;
+    }
     let header = Header {
         version: 3,
         cluster_bits,
@@ -255,7 +262,7 @@ pub fn create_on(
         autoclear_features: 0,
         refcount_order: geo.refcount_order,
         header_length: V3_HEADER_LEN,
-        compression_type: CompressionType::Zlib,
+        compression_type: opts.compression,
         unknown_fields: Vec::new(),
         backing_file: opts.backing.as_ref().map(|(n, _)| n.clone()),
         backing_format: opts.backing.as_ref().map(|(_, f)| f.name().to_string()),
