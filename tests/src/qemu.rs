@@ -109,7 +109,28 @@ pub fn io_script(path: &Path, format: &str, script: &str) {
 /// Runs `qemu-img check --output=json`, asserts the exit code is one of `allowed` and that
 /// the counters in `zero_keys` are 0; returns the parsed report.
 fn check(path: &Path, allowed: &[i32], zero_keys: &[&str]) -> serde_json::Value {
-    let out = img_output(&["check", "--output=json", path.to_str().expect("utf-8 path")]);
+    check_with(path, None, allowed, zero_keys)
+}
+
+/// [`check`] of a LUKS-encrypted image whose passphrase is `secret`.
+fn check_with(
+    path: &Path,
+    secret: Option<&str>,
+    allowed: &[i32],
+    zero_keys: &[&str],
+) -> serde_json::Value {
+    let p = path.to_str().expect("utf-8 path");
+    let out = match secret {
+        None => img_output(&["check", "--output=json", p]),
+        Some(pass) => img_output(&[
+            "check",
+            "--output=json",
+            "--object",
+            &format!("secret,id=sec0,data={pass}"),
+            "--image-opts",
+            &format!("driver=qcow2,file.filename={p},encrypt.key-secret=sec0"),
+        ]),
+    };
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.code().is_some_and(|c| allowed.contains(&c)),
@@ -137,7 +158,12 @@ pub fn check_clean(path: &Path) {
 /// `qemu-img check`: no errors and no corruptions; leaked clusters are allowed (exit 0 or 3).
 /// Returns the number of leaks.
 pub fn check_no_corruption(path: &Path) -> u64 {
-    let v = check(path, &[0, 3], &["check-errors", "corruptions"]);
+    check_no_corruption_with(path, None)
+}
+
+/// [`check_no_corruption`] of an image that may be LUKS-encrypted with passphrase `secret`.
+pub fn check_no_corruption_with(path: &Path, secret: Option<&str>) -> u64 {
+    let v = check_with(path, secret, &[0, 3], &["check-errors", "corruptions"]);
     v.get("leaks").and_then(|x| x.as_u64()).unwrap_or(0)
 }
 
