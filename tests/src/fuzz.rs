@@ -15,9 +15,14 @@ use qcow2_engine::{BackingPolicy, CreateOptions, Image, OpenOptions, ZeroFlags};
 /// Largest virtual range the open target reads (a hostile header may claim petabytes).
 const READ_WINDOW: u64 = 4 << 20;
 
+/// The passphrase every open tries: encrypted seeds are made with it, so their mutants get
+/// as far as unlocking and decrypting.
+pub const PASSPHRASE: &str = "fuzz";
+
 fn untrusted(writable: bool) -> OpenOptions {
     OpenOptions {
         writable,
+        passphrase: Some(qcow2_engine::crypto::Passphrase::new(PASSPHRASE)),
         backing: BackingPolicy::Deny,
         l2_cache_bytes: Some(256 << 10),
         refcount_cache_bytes: Some(128 << 10),
