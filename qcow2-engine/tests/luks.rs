@@ -919,3 +919,116 @@ fn encrypted_images_grow() {
     ]));
     our_check_is_clean(&path);
 }
+
+/// `qcow2util dd --encrypt` makes an encrypted copy qemu-img reads as the input; `dd` back
+/// out of it, `map` and `bench` take the passphrase; without it they refuse.
+#[test]
+fn dd_map_and_bench_take_the_passphrase() {
+    if !qemu::require() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pass_file = dir.path().join("pass");
+    std::fs::write(&pass_file, PASS).unwrap();
+    let pf = pass_file.display().to_string();
+    let raw = dir.path().join("in.raw");
+    let mut bytes = vec![0u8; 3 << 20];
+    for (i, b) in bytes[100_000..1_300_000].iter_mut().enumerate() {
+        *b = (i % 251) as u8 + 1;
+    }
+    std::fs::write(&raw, &bytes).unwrap();
+    let enc = dir.path().join("enc.qcow2");
+    let (r, e) = (raw.display().to_string(), enc.display().to_string());
+    let ok = |args: &[&str]| {
+        let out = qcow2util(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ok(&[
+        "dd",
+        "-i",
+        &r,
+        "-o",
+        &e,
+        "-O",
+        "qcow2",
+        "--encrypt",
+        "--encrypt-iter-time",
+        "10",
+        "--passphrase-file",
+        &pf,
+    ]);
+    let back = dir.path().join("qemu.raw");
+    run(Command::new("qemu-img")
+        .args([
+            "convert",
+            "--object",
+            SECRET,
+            "--image-opts",
+            &opts(&enc),
+            "-O",
+            "raw",
+        ])
+        .arg(&back));
+    assert!(
+        std::fs::read(&back).unwrap() == bytes,
+        "qemu-img reads another content"
+    );
+    let file = std::fs::read(&enc).unwrap();
+    assert!(
+        !file.windows(64).any(|w| w == &bytes[200_000..200_064]),
+        "plaintext in the encrypted copy"
+    );
+    let out = dir.path().join("out.raw");
+    ok(&[
+        "dd",
+        "-f",
+        "qcow2",
+        "-i",
+        &e,
+        "-o",
+        &out.display().to_string(),
+        "-O",
+        "raw",
+        "--passphrase-file",
+        &pf,
+    ]);
+    assert!(std::fs::read(&out).unwrap() == bytes);
+    let map = ok(&[
+        "map",
+        "-f",
+        &e,
+        "--output",
+        "json",
+        "--passphrase-file",
+        &pf,
+    ]);
+    assert!(map.contains("\"data\":true"), "{map}");
+    let bench = Command::new(env!("CARGO_BIN_EXE_qcow2util"))
+        .args([
+            "bench",
+            "-f",
+            &e,
+            "-c",
+            "100",
+            "--passphrase-env",
+            "QCOW2_TEST_PASS",
+        ])
+        .env("QCOW2_TEST_PASS", PASS)
+        .output()
+        .unwrap();
+    assert!(
+        bench.status.success(),
+        "{}",
+        String::from_utf8_lossy(&bench.stderr)
+    );
+    let bench = String::from_utf8_lossy(&bench.stdout);
+    assert!(bench.contains("IOPS") || bench.contains("iops"), "{bench}");
+    let refused = qcow2util(&["map", "-f", &e]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("passphrase"));
+}
