@@ -18,7 +18,6 @@ use crate::types::{GuestOffset, HostOffset};
 
 /// One guest cluster's compressed stream, placed.
 struct Packed {
-    cluster: u64,
     slot_at: HostOffset,
     old: (u64, u64),
     host: HostOffset,
@@ -95,9 +94,10 @@ impl Image {
         // Mark every cluster busy (waiting for requests changing them), then find the
         // entries: only unallocated ones (or zero ones without a host cluster) take a stream.
         let mut st = self.lock();
-        for (at, _) in &streams {
-            st = self.wait_idle(st, at >> cb);
-            st.busy.insert(at >> cb);
+        let marked: Vec<u64> = streams.iter().map(|(at, _)| at >> cb).collect();
+        for &c in &marked {
+            st = self.wait_idle(st, c);
+            st.busy.insert(c);
         }
         let mut skipped = Vec::new();
         let mut targets = Vec::new();
@@ -106,7 +106,7 @@ impl Image {
             let slot_at = slot.at.expect("slot_for_write gives a table");
             match slot.mapping(&mut st)? {
                 Mapping::Unallocated | Mapping::Zero { prealloc: None } => {
-                    targets.push((at, slot_at, (slot.word, slot.bitmap), stream));
+                    targets.push((slot_at, (slot.word, slot.bitmap), stream));
                 }
                 _ => skipped.push(at),
             }
@@ -117,7 +117,7 @@ impl Image {
         let placed = found.and_then(|()| {
             st.meta.recording(|m| {
                 let mut cursor: Option<u64> = None;
-                for (at, slot_at, old, stream) in targets {
+                for (slot_at, old, stream) in targets {
                     let n = stream.len() as u64;
                     let shared = match cursor {
                         Some(c) if c % cs != 0 && c % cs + n <= cs => {
@@ -137,7 +137,6 @@ impl Image {
                     }
                     cursor = Some(host + n);
                     packed.push(Packed {
-                        cluster: at >> cb,
                         slot_at,
                         old,
                         host: HostOffset(host),
@@ -153,12 +152,9 @@ impl Image {
                     st.release(self.stream_mapping(p));
                 }
             }
-            for c in packed
-                .iter()
-                .map(|p| p.cluster)
-                .chain(skipped.iter().map(|at| at >> cb))
-            {
-                st.busy.remove(&c);
+            // Every cluster marked, whether it was placed, skipped or never reached.
+            for c in &marked {
+                st.busy.remove(c);
             }
             self.wake(&st);
             self.note_pending(&st);
