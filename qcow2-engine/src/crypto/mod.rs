@@ -171,8 +171,9 @@ pub struct Encryption {
 }
 
 /// Where the encryption header region lies (offset, length), from the qcow2 header's
-/// full-disk-encryption extension; `None` without one. Only the extension's own shape is
-/// checked here: whether the region lies inside the file is for the caller.
+/// full-disk-encryption extension; `None` without one. The extension's shape and the
+/// region's start (a cluster after the header) are checked here; whether the region lies
+/// inside the file is for the caller.
 pub fn region(header: &crate::format::Header) -> Result<Option<(u64, u64)>> {
     let Some(ext) = header
         .unknown_extensions
@@ -189,6 +190,11 @@ pub fn region(header: &crate::format::Header) -> Result<Option<(u64, u64)>> {
     }
     let offset = u64::from_be_bytes(ext.data[..8].try_into().expect("8 bytes"));
     let length = u64::from_be_bytes(ext.data[8..16].try_into().expect("8 bytes"));
+    if offset == 0 || !offset.is_multiple_of(header.geometry().cluster_size()) {
+        return Err(Error::InvalidImage(format!(
+            "encryption header: region offset {offset} is not a cluster after the header"
+        )));
+    }
     Ok(Some((offset, length)))
 }
 
@@ -229,12 +235,6 @@ pub fn open_luks(
     let file_len = storage
         .len()
         .map_err(|e| Error::InvalidImage(format!("encryption header: {e}")))?;
-    let cs = header.geometry().cluster_size();
-    if !offset.is_multiple_of(cs) || offset == 0 {
-        return Err(bad(format!(
-            "region offset {offset} is not a cluster after the header"
-        )));
-    }
     if length < luks::HEADER_LEN as u64
         || length > MAX_REGION
         || offset.checked_add(length).is_none_or(|end| end > file_len)

@@ -453,8 +453,9 @@ impl Image {
         hold
     }
 
-    /// The cipher data writes go through: `None` in a plain image.
-    pub(crate) fn write_cipher(&self) -> Result<Option<&crate::crypto::Cipher>> {
+    /// The cipher data reads and writes go through: `None` in a plain image; an error in an
+    /// encrypted image opened without its passphrase.
+    pub(crate) fn data_cipher(&self) -> Result<Option<&crate::crypto::Cipher>> {
         match &self.crypto {
             None => Ok(None),
             Some(enc) => enc.cipher.as_ref().map(Some).ok_or_else(|| {

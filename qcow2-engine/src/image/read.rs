@@ -225,19 +225,12 @@ impl Image {
     /// Fills `part` (as long as the piece) with one planned piece's bytes.
     fn fill_piece(&self, piece: &Piece, part: &mut [u8]) -> Result<()> {
         match piece {
-            Piece::Host { at, .. } => match &self.crypto {
+            Piece::Host { at, .. } => match self.data_cipher()? {
                 None => self
                     .storage
                     .read_data(part, *at)
                     .ctx(|| format!("reading data at {at:#x}"))?,
-                Some(enc) => match &enc.cipher {
-                    Some(cipher) => self.read_decrypted(cipher, part, *at)?,
-                    None => {
-                        return Err(Error::arg(
-                            "the image is encrypted and was opened without its passphrase",
-                        ));
-                    }
-                },
+                Some(cipher) => self.read_decrypted(cipher, part, *at)?,
             },
             Piece::Zero(_) => part.fill(0),
             Piece::Backing { off, .. } => match &self.backing {

@@ -486,7 +486,7 @@ impl Image {
     /// (whose writes are whole sectors, see [`Image::write_inner`]).
     fn write_host(&self, bytes: &[u8], at: u64) -> Result<()> {
         let sealed;
-        let bytes = match self.write_cipher()? {
+        let bytes = match self.data_cipher()? {
             Some(cipher) => {
                 let mut copy = bytes.to_vec();
                 cipher.encrypt(at, &mut copy);

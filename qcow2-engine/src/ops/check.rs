@@ -563,12 +563,6 @@ impl Pass {
         }
         match crate::crypto::region(&self.header) {
             Ok(Some((offset, len))) => {
-                if offset == 0 || !offset.is_multiple_of(self.geo.cluster_size()) {
-                    self.corruption(format!(
-                        "ERROR the encryption header offset {offset:#x} is not a cluster \
-                         after the header"
-                    ));
-                }
                 // A region past the end of the file is reported by `inc`.
                 self.inc(offset, len);
             }
