@@ -87,10 +87,21 @@ fn assert_qemu_io_ok(out: &Output, what: &str) {
 
 /// Feeds a qemu-io script (one command per line) on stdin; faster than thousands of `-c`.
 pub fn io_script(path: &Path, format: &str, script: &str) {
+    let p = path.to_str().expect("utf-8 path");
+    io_script_args(&["-f", format, p], script);
+}
+
+/// [`io_script`] on a LUKS-encrypted image given by `--image-opts` `opts` (whose secret
+/// is `sec0`), with its passphrase `secret`.
+pub fn io_script_encrypted(opts: &str, secret: &str, script: &str) {
+    let object = format!("secret,id=sec0,data={secret}");
+    io_script_args(&["--object", &object, "--image-opts", opts], script);
+}
+
+fn io_script_args(args: &[&str], script: &str) {
     use std::io::Write;
     let mut child = Command::new("qemu-io")
-        .args(["-f", format])
-        .arg(path)
+        .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -103,7 +114,7 @@ pub fn io_script(path: &Path, format: &str, script: &str) {
         .write_all(script.as_bytes())
         .expect("write script");
     let out = child.wait_with_output().expect("qemu-io");
-    assert_qemu_io_ok(&out, &format!("qemu-io script on {}", path.display()));
+    assert_qemu_io_ok(&out, &format!("qemu-io script with {args:?}"));
 }
 
 /// Runs `qemu-img check --output=json`, asserts the exit code is one of `allowed` and that

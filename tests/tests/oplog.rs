@@ -51,31 +51,6 @@ fn qemu_img_secret(args: &[&str]) -> String {
     qemu::img(&v)
 }
 
-/// Runs a qemu-io script on an encrypted image.
-fn qemu_io_secret(opts: &str, script: &str) {
-    use std::io::Write;
-    let mut child = std::process::Command::new("qemu-io")
-        .args(["--object", SECRET, "--image-opts", opts])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn qemu-io");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(script.as_bytes())
-        .expect("script");
-    let out = child.wait_with_output().expect("qemu-io");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && !text.contains("error") && !text.contains("failed"),
-        "qemu-io on {opts}: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn replay_engine(path: &Path, ops: &[Op], encrypted: bool) {
     let opts = OpenOptions {
         passphrase: passphrase(encrypted),
@@ -175,7 +150,7 @@ fn run(case: Case) {
         cmds.push(format!("write -q -P 0xef {} 4096", base_size - 4096));
         let base_raw = d.join("base.raw");
         if enc {
-            qemu_io_secret(&image_opts(&base, false), &(cmds.join("\n") + "\n"));
+            qemu::io_script_encrypted(&image_opts(&base, false), PASS, &(cmds.join("\n") + "\n"));
             qemu_img_secret(&[
                 "convert",
                 "--image-opts",
@@ -224,7 +199,7 @@ fn run(case: Case) {
     replay_engine(&ours, &ops, enc);
     let script = oplog::qemu_io_script(&ops, case.cluster);
     if enc {
-        qemu_io_secret(&image_opts(&theirs, case.overlay), &script);
+        qemu::io_script_encrypted(&image_opts(&theirs, case.overlay), PASS, &script);
     } else {
         qemu::io_script(&theirs, "qcow2", &script);
     }

@@ -100,16 +100,16 @@ impl Sink {
 /// A chunk into a compressing sink: runs of whole non-zero clusters go compressed, zero
 /// clusters are skipped, and the parts of clusters at the chunk's edges (the image's last,
 /// short cluster) are written as usual.
-fn write_compressed_chunk(img: &Image, chunk: &[u8], off: u64) -> Result<()> {
+fn write_compressed_chunk(sink: &Sink, img: &Image, chunk: &[u8], off: u64) -> Result<()> {
     let cs = img.geometry().cluster_size() as usize;
     let end = off + chunk.len() as u64;
     let first = off.next_multiple_of(cs as u64);
     let last = end - end % cs as u64;
     if first >= last {
-        return write_plain_nonzero(img, chunk, off);
+        return write_nonzero(sink, chunk, off);
     }
     let head = (first - off) as usize;
-    write_plain_nonzero(img, &chunk[..head], off)?;
+    write_nonzero(sink, &chunk[..head], off)?;
     let mut run: Option<usize> = None;
     let whole = &chunk[head..head + (last - first) as usize];
     for (i, cluster) in whole.chunks(cs).enumerate() {
@@ -126,14 +126,7 @@ fn write_compressed_chunk(img: &Image, chunk: &[u8], off: u64) -> Result<()> {
     if let Some(start) = run {
         img.write_compressed(&whole[start * cs..], first + (start * cs) as u64)?;
     }
-    write_plain_nonzero(img, &chunk[head + whole.len()..], last)
-}
-
-fn write_plain_nonzero(img: &Image, part: &[u8], off: u64) -> Result<()> {
-    if part.iter().all(|&b| b == 0) {
-        return Ok(());
-    }
-    img.write_at(part, off)
+    write_nonzero(sink, &chunk[head + whole.len()..], last)
 }
 
 /// Granularity of zero detection: runs of non-zero 4 KiB blocks are written, zero blocks are not.
@@ -286,7 +279,7 @@ fn copy(
                     let next = full_rx.lock().recover().recv();
                     let Ok((off, buf)) = next else { return };
                     let write = || match sink {
-                        Sink::Compressed(img) => write_compressed_chunk(img, &buf, off),
+                        Sink::Compressed(img) => write_compressed_chunk(sink, img, &buf, off),
                         _ => write_nonzero(sink, &buf, off),
                     };
                     if !stop.load(Ordering::Acquire)
