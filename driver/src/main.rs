@@ -51,6 +51,11 @@ struct ServeArgs {
     /// The CSI driver name.
     #[arg(long, default_value = qcow2_csi::csi::DRIVER_NAME)]
     driver_name: String,
+    /// Where the passphrases of staged encrypted volumes are kept, one root-only file each,
+    /// so a restarted plugin can reopen them: must be on tmpfs or ramfs (a host path under
+    /// /run), never beside the layers.
+    #[arg(long, default_value = qcow2_csi::csi::keys::DEFAULT_DIR)]
+    key_dir: PathBuf,
     /// Volumes this node may have staged at once (0: no limit).
     #[arg(long, default_value_t = 0)]
     max_volumes: u32,
@@ -243,6 +248,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         metrics: metrics_address.is_some(),
         watch_volume_attributes: args.watch_volume_attributes,
         label_snapshot_contents: args.label_snapshot_contents,
+        key_dir: args.key_dir,
     }));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -166,6 +166,11 @@ pub fn check_clean(path: &Path) {
     check(path, &[0], &["check-errors", "corruptions", "leaks"]);
 }
 
+/// [`check_clean`] of an image that may be LUKS-encrypted with passphrase `secret`.
+pub fn check_clean_with(path: &Path, secret: Option<&str>) {
+    check_with(path, secret, &[0], &["check-errors", "corruptions", "leaks"]);
+}
+
 /// `qemu-img check`: no errors and no corruptions; leaked clusters are allowed (exit 0 or 3).
 /// Returns the number of leaks.
 pub fn check_no_corruption(path: &Path) -> u64 {

@@ -5,8 +5,11 @@ use std::sync::Arc;
 use csi_proto::v1::controller_server::Controller;
 use csi_proto::v1::controller_service_capability::{Rpc, Type as CapType, rpc};
 use csi_proto::v1::*;
+use qcow2_engine::crypto::Passphrase;
+use qcow2_engine::{Image, OpenOptions};
 use tonic::{Request, Response, Status};
 
+use super::keys;
 use super::params::{FsType, Params};
 use super::snapshot::{freeze_head, make_layer};
 use super::state::{self, AccessType, Source, VolumeRecord};
@@ -207,12 +210,64 @@ pub(super) fn check_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// A restore or clone keeps its source's key (its layers are the new volume's base): the
+/// class must agree with the source on encryption, and the request's passphrase must open
+/// the source, since it is what will open the new volume. `layer` is the source's top layer.
+fn check_source_key(
+    plugin: &Plugin,
+    layer: &str,
+    params: &Params,
+    passphrase: Option<&Passphrase>,
+) -> Result<()> {
+    let path = plugin.state()?.layer_path(layer);
+    // The header and the key slots only; the source may be staged and written meanwhile.
+    let peek = |passphrase: Option<Passphrase>| {
+        Image::open(
+            &path,
+            &OpenOptions {
+                skip_backing: true,
+                force_share: true,
+                passphrase,
+                ..OpenOptions::default()
+            },
+        )
+    };
+    let encrypted = peek(None)
+        .map(|img| img.luks_header().is_some())
+        .map_err(|e| Error::engine(format!("reading {}", path.display()), e))?;
+    match (encrypted, params.encrypted) {
+        (false, false) => Ok(()),
+        (true, false) => Err(Error::InvalidArgument(
+            "the source is encrypted: restore or clone it with an encrypted StorageClass \
+             (encrypted: \"true\") and the source's secret"
+                .into(),
+        )),
+        (false, true) => Err(Error::InvalidArgument(
+            "the source is not encrypted: an encrypted volume made from it would keep the \
+             source's data in plaintext underneath; use an unencrypted StorageClass"
+                .into(),
+        )),
+        (true, true) => peek(passphrase.cloned()).map(drop).map_err(|e| {
+            tracing::warn!(layer, error = %e, "refused a restore or clone: the secret does not open its source");
+            Error::engine(
+                "the provisioner secret's passphrase does not open the source \
+                 (a restore or clone keeps its source's key)",
+                e,
+            )
+        }),
+    }
+}
+
 impl ControllerService {
     pub(crate) fn create(&self, req: CreateVolumeRequest) -> Result<Volume> {
         let plugin = &*self.0;
         check_name(&req.name)?;
         let caps = capability::check_all(&req.volume_capabilities)?;
         let params = Params::parse(&req.parameters)?;
+        let passphrase = params
+            .encrypted
+            .then(|| keys::from_secrets(&req.secrets, "provisioner"))
+            .transpose()?;
         for cap in caps.iter().filter(|c| c.access == AccessType::Mount) {
             let fs = cap.fs_type.or(params.fs_type).unwrap_or(FsType::Ext4);
             super::options::check_mkfs(fs, &params.mkfs_options)?;
@@ -259,8 +314,8 @@ impl ControllerService {
         }
         // The source, held still while the new head is made on top of it: its lock first, then
         // its size and (for a snapshot) its frozen layer, read once under the lock.
-        let (_source_lock, source_size, source_layer) = match &source {
-            None => (None, None, None),
+        let (_source_lock, source_size, source_layer, source_head) = match &source {
+            None => (None, None, None, None),
             Some(Source::Snapshot(id)) => {
                 let lock = plugin.locks.try_lock(id.clone())?;
                 let (size, layer) = plugin
@@ -268,16 +323,16 @@ impl ControllerService {
                     .snapshot(id)
                     .map(|s| (s.size, s.layer.clone()))
                     .ok_or_else(|| source_elsewhere(plugin, "snapshot", id))?;
-                (Some(lock), Some(size), Some(layer))
+                (Some(lock), Some(size), Some(layer.clone()), Some(layer))
             }
             Some(Source::Volume(id)) => {
                 let lock = plugin.locks.try_lock(id.clone())?;
-                let size = plugin
+                let (size, head) = plugin
                     .state()?
                     .volume(id)
-                    .map(|v| v.size)
+                    .map(|v| (v.size, v.head.clone()))
                     .ok_or_else(|| source_elsewhere(plugin, "volume", id))?;
-                (Some(lock), Some(size), None)
+                (Some(lock), Some(size), None, Some(head))
             }
         };
         let size = match (source_size, req.capacity_range.as_ref()) {
@@ -296,16 +351,26 @@ impl ControllerService {
             _ => requested,
         };
         check_size(plugin, &params, size, 0)?;
+        if let Some(layer) = &source_head {
+            check_source_key(plugin, layer, &params, passphrase.as_ref())?;
+        }
         let id = state::new_id("vol-");
         let head = plugin.pending_layer();
         match &source {
             None | Some(Source::Snapshot(_)) => {
-                make_layer(plugin, &head.name, source_layer.as_deref(), size, &params)?;
+                make_layer(
+                    plugin,
+                    &head.name,
+                    source_layer.as_deref(),
+                    size,
+                    &params,
+                    passphrase.as_ref(),
+                )?;
             }
             Some(Source::Volume(src)) => {
                 // A clone: an implicit snapshot (a frozen layer nothing lists), restored.
                 let (frozen, _) = freeze_head(plugin, src)?;
-                make_layer(plugin, &head.name, Some(&frozen), size, &params)?;
+                make_layer(plugin, &head.name, Some(&frozen), size, &params, None)?;
             }
         }
         super::failpoint("create-after-layer");

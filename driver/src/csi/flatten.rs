@@ -14,7 +14,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use qcow2_engine::crypto::Passphrase;
 use qcow2_engine::ops::convert::{ConvertOptions, convert};
+use qcow2_engine::ops::create::NewEncryption;
 use qcow2_engine::{BackingFormat, BackingPolicy, CreateOptions, Image, OpenOptions};
 
 use super::params::Params;
@@ -48,12 +50,13 @@ fn still_deep(plugin: &Plugin, id: &str) -> bool {
     if limit == 0 {
         return false;
     }
-    let deep = plugin
-        .state()
-        .ok()
-        .and_then(|st| st.volume(id).map(|v| v.head.clone()))
-        .map(|head| depth(plugin, &head));
+    let volume = plugin.state().ok().and_then(|st| st.volume(id).cloned());
+    let deep = volume.as_ref().map(|v| depth(plugin, &v.head));
     match deep {
+        Some(Ok(d)) if d > limit && volume.is_some_and(|v| key_missing(plugin, &v)) => {
+            tracing::info!(volume = %id, depth = d, "an encrypted volume is flattened while it is staged (its passphrase is needed)");
+            false
+        }
         Some(Ok(d)) => d > limit,
         Some(Err(e)) => {
             tracing::warn!(volume = %id, error = %e, "measuring the chain");
@@ -61,6 +64,17 @@ fn still_deep(plugin: &Plugin, id: &str) -> bool {
         }
         None => false,
     }
+}
+
+/// Whether `rec` is encrypted and this process has no passphrase for it (it is not staged
+/// here): the copy must decrypt and encrypt.
+fn key_missing(plugin: &Plugin, rec: &super::state::VolumeRecord) -> bool {
+    let encrypted = Params::from_canonical(&rec.parameters).is_ok_and(|p| p.encrypted);
+    encrypted && staged_passphrase(plugin, &rec.id).is_none()
+}
+
+fn staged_passphrase(plugin: &Plugin, id: &str) -> Option<Passphrase> {
+    plugin.node.get(id).and_then(|s| s.passphrase.clone())
 }
 
 /// Starts a flatten of volume `id` in the background if its chain is deeper than the limit
@@ -139,6 +153,15 @@ pub fn flatten(plugin: &Plugin, id: &str) -> Result<bool> {
         };
         (st.layers_dir(), st.layer_path(&rec.head), backing)
     };
+    // An encrypted chain is copied into a layer with the head's key.
+    let passphrase = match params.encrypted {
+        false => None,
+        true => Some(staged_passphrase(plugin, id).ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "volume {id} is encrypted and not staged here: it is flattened when staged"
+            ))
+        })?),
+    };
     let copy = plugin.pending_layer();
     let copy_path = layers.join(&copy.name);
     convert(
@@ -150,12 +173,15 @@ pub fn flatten(plugin: &Plugin, id: &str) -> Result<bool> {
             create: CreateOptions {
                 cluster_size: params.cluster_size,
                 extended_l2: params.subclusters,
+                encryption: passphrase
+                    .as_ref()
+                    .map(|_| NewEncryption::SameKeyAs(head_path.clone())),
                 ..CreateOptions::default()
             },
             l2_cache_bytes: None,
             compress: false,
-            input_passphrase: None,
-            output_passphrase: None,
+            input_passphrase: passphrase.clone(),
+            output_passphrase: passphrase.clone(),
         },
         |_, _| {},
     )
@@ -182,6 +208,7 @@ pub fn flatten(plugin: &Plugin, id: &str) -> Result<bool> {
             &OpenOptions {
                 writable: true,
                 backing: BackingPolicy::ConfineTo(layers.clone()),
+                passphrase: passphrase.clone(),
                 ..OpenOptions::default()
             },
         )
@@ -199,7 +226,7 @@ pub fn flatten(plugin: &Plugin, id: &str) -> Result<bool> {
         .and_then(|s| s.image.as_ref().map(|live| (s, live)))
     {
         Some((s, live)) => {
-            let opts = super::staged::head_options(layers.clone(), &s.cap);
+            let opts = super::staged::head_options(layers.clone(), &s.cap, s.passphrase.clone());
             live.reopen(&head_path, &head_path, &opts, rebase)?;
         }
         None => rebase()?,

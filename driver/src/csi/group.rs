@@ -49,7 +49,9 @@ fn freeze_heads(plugin: &Plugin, ids: &[String]) -> Result<Vec<(String, VolumeRe
     for rec in &recs {
         let layer = plugin.pending_layer();
         let made = Params::from_canonical(&rec.parameters)
-            .and_then(|params| make_layer(plugin, &layer.name, Some(&rec.head), rec.size, &params));
+            .and_then(|params| {
+                make_layer(plugin, &layer.name, Some(&rec.head), rec.size, &params, None)
+            });
         if let Err(e) = made {
             remove_layers(
                 plugin,
@@ -146,7 +148,7 @@ fn pivot_live(plugin: &Plugin, recs: &[VolumeRecord], nexts: &[VolumeRecord]) ->
     let mut failed = None;
     let mut pivoted = 0;
     for (q, m) in quiesced.iter_mut().zip(&members) {
-        let opts = head_options(layers.clone(), &m.staged.cap);
+        let opts = head_options(layers.clone(), &m.staged.cap, m.staged.passphrase.clone());
         if let Err(e) = q.pivot(&m.old, &m.new, &opts) {
             failed = Some(Error::Internal(format!("volume {}: {e}", m.id)));
             break;
@@ -156,7 +158,7 @@ fn pivot_live(plugin: &Plugin, recs: &[VolumeRecord], nexts: &[VolumeRecord]) ->
     }
     if failed.is_some() {
         for (q, m) in quiesced.iter_mut().zip(&members).take(pivoted) {
-            let opts = head_options(layers.clone(), &m.staged.cap);
+            let opts = head_options(layers.clone(), &m.staged.cap, m.staged.passphrase.clone());
             if let Err(e) = q.pivot(&m.new, &m.old, &opts) {
                 tracing::error!(volume = %m.id, error = %e, "pivoting a group member back");
             }

@@ -12,6 +12,7 @@ pub mod group;
 pub mod handoff;
 pub mod host;
 pub mod identity;
+pub mod keys;
 pub mod live;
 pub mod locks;
 pub mod modify;
@@ -70,6 +71,8 @@ pub struct Config {
     /// This node labels the snapshot contents of its volumes for its own csi-snapshotter
     /// ([`contents`]): group snapshots need it under distributed snapshotting.
     pub label_snapshot_contents: bool,
+    /// Where staged encrypted volumes' passphrases are kept (memory-backed; [`keys`]).
+    pub key_dir: PathBuf,
 }
 
 /// The plugin's shared state: every service holds an `Arc` of it.
@@ -97,6 +100,8 @@ pub struct Plugin {
     pub handoff: handoff::Handoff,
     /// What the plugin counts for the metrics endpoint.
     pub metrics: Arc<PluginMetrics>,
+    /// Passphrases of the staged encrypted volumes.
+    pub keys: keys::KeyStore,
 }
 
 /// A layer being made ([`Plugin::pending_layer`]); no longer pending when dropped.
@@ -138,6 +143,7 @@ impl Plugin {
             host,
             node: staged::NodeState::new(&config.state_dir),
             metrics: Arc::new(PluginMetrics::new(config.metrics)),
+            keys: keys::KeyStore::new(config.key_dir.clone()),
             config,
             state: Mutex::new(None),
             load_error: Mutex::new(None),
@@ -228,6 +234,7 @@ impl Plugin {
                 &st,
                 &self.attacher,
                 &self.config.state_dir,
+                &self.keys,
                 taking.as_mut().map(|t| &mut t.volumes),
                 &self.metrics,
             );
@@ -448,6 +455,7 @@ mod tests {
             watch_volume_attributes: false,
             label_snapshot_contents: false,
             metrics: false,
+            key_dir: dir.path().join("keys"),
         }));
         let r: Result<()> = plugin.blocking(|| panic!("a bug in an RPC")).await;
         assert!(matches!(r, Err(Error::Internal(_))), "{r:?}");

@@ -17,7 +17,7 @@ use super::staged::{Claim, Staged, attach_dir, clear_leftovers, open_layer, serv
 use super::staging::{self, Attachment};
 use super::state::AccessType;
 use super::{Plugin, failpoint};
-use super::{options, paths, rpclog};
+use super::{keys, options, paths, rpclog};
 use crate::attach::{self, Volume};
 use crate::error::{Error, Result};
 use crate::nbd::BlockDevice;
@@ -54,7 +54,11 @@ impl NodeService {
                 .as_ref()
                 .ok_or_else(|| Error::InvalidArgument("volume_capability is required".into()))?,
         )?;
-        plugin.volume_record(&req.volume_id)?;
+        let encrypted = Params::from_canonical(&plugin.volume_record(&req.volume_id)?.parameters)?
+            .encrypted;
+        let passphrase = encrypted
+            .then(|| keys::from_secrets(&req.secrets, "node-stage"))
+            .transpose()?;
         failpoint("node-before-lock");
         let _held = plugin.locks.try_lock(req.volume_id.clone())?;
         // Read under the lock: a snapshot taken meanwhile changed the head.
@@ -111,7 +115,20 @@ impl NodeService {
             let st = plugin.state()?;
             (st.layers_dir(), st.layer_path(&rec.head))
         };
-        let image = open_layer(&rec.id, layers, &head, &cap, &plugin.metrics)?;
+        // A wrong passphrase ends the stage here, before anything is attached or kept.
+        let image = open_layer(
+            &rec.id,
+            layers,
+            &head,
+            &cap,
+            passphrase.clone(),
+            &plugin.metrics,
+        )?;
+        // Kept before the device exists, for whichever process serves it next.
+        let kept = passphrase
+            .as_ref()
+            .map(|p| plugin.keys.keep(&rec.id, p))
+            .transpose()?;
         // The record is authoritative for the size: an image behind it grows to it now.
         if image.size() < rec.size && !cap.read_only_mode {
             image.resize(rec.size)?;
@@ -194,6 +211,7 @@ impl NodeService {
             published: Mutex::new(BTreeSet::new()),
             boot_id: staging::boot_id(),
             qos,
+            passphrase,
         });
         // The record is the commit point: without it, a restart would not know the volume.
         let staged = staged.and_then(|s| plugin.node.persist(&s).map(|()| s));
@@ -207,9 +225,16 @@ impl NodeService {
             }
         };
         *staged.attached.lock().recover() = Some(attached);
+        if let Some(kept) = kept {
+            kept.commit();
+        }
         let (device, attachment) = (staged.device.clone(), staged.attachment);
         plugin.node.map().insert(rec.id.clone(), Arc::new(staged));
         tracing::info!(volume = %rec.id, device = %device.display(), ?attachment, "staged");
+        if encrypted {
+            // A flatten of an encrypted volume needs its passphrase: it waited for this.
+            super::flatten::check(&self.0, &rec.id);
+        }
         Ok(())
     }
 
@@ -238,6 +263,7 @@ impl NodeService {
             }
         }
         plugin.node.records.remove(&s.volume_id)?;
+        plugin.keys.remove(&s.volume_id)?;
         plugin.node.map().remove(&s.volume_id);
         plugin.metrics.unstaged(&s.volume_id);
         Ok(())
@@ -261,6 +287,7 @@ impl NodeService {
                     &req.volume_id,
                     Claim::Request,
                 )?;
+                plugin.keys.remove(&req.volume_id)?;
             }
             return Ok(());
         };
@@ -746,6 +773,7 @@ mod tests {
                 watch_volume_attributes: false,
                 label_snapshot_contents: false,
                 metrics: true,
+                key_dir: self.dir.path().join("keys"),
             };
             let attacher = Attacher::with_kernel(self.kernel.clone(), FakeKernel::door(&self.sim));
             let plugin = Arc::new(Plugin::with_host(config, attacher, tools));

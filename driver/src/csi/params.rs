@@ -50,7 +50,16 @@ pub struct Params {
     pub overcommit_ratio: f64,
     /// QoS limits the volume starts with (a VolumeAttributesClass may change them later).
     pub qos: Limits,
+    /// LUKS-encrypted layers (QEMU's `encrypt.format=luks`), unlocked by the passphrase in
+    /// the provisioner and node-stage secrets ([`super::keys`]).
+    pub encrypted: bool,
+    /// Milliseconds of PBKDF2 a new volume's key slot costs on this node's CPU (QEMU's
+    /// `encrypt.iter-time`); every stage pays it once.
+    pub encryption_iter_time_ms: u32,
 }
+
+/// QEMU's default `encrypt.iter-time`.
+pub const DEFAULT_ITER_TIME_MS: u32 = 2000;
 
 impl Default for Params {
     fn default() -> Self {
@@ -61,6 +70,8 @@ impl Default for Params {
             mkfs_options: Vec::new(),
             overcommit_ratio: 1.0,
             qos: Limits::default(),
+            encrypted: false,
+            encryption_iter_time_ms: DEFAULT_ITER_TIME_MS,
         }
     }
 }
@@ -95,10 +106,21 @@ pub(crate) fn number_with_suffix(v: &str, suffixes: &[(&str, u64)]) -> Option<u6
     num.parse::<u64>().ok()?.checked_mul(mult)
 }
 
+fn parse_bool(key: &str, v: &str) -> Result<bool> {
+    match v {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(Error::InvalidArgument(format!(
+            "{key}: {v:?} is not true or false"
+        ))),
+    }
+}
+
 impl Params {
     /// Parses and validates CreateVolume / GetCapacity parameters.
     pub fn parse(raw: &HashMap<String, String>) -> Result<Params> {
         let mut p = Params::default();
+        let mut subclusters = None;
         let mut keys: Vec<&String> = raw.keys().collect();
         keys.sort();
         for key in keys {
@@ -113,16 +135,19 @@ impl Params {
                     }
                     p.cluster_size = n;
                 }
-                "subclusters" => {
-                    p.subclusters = match v {
-                        "true" => true,
-                        "false" => false,
-                        _ => {
-                            return Err(Error::InvalidArgument(format!(
-                                "subclusters: {v:?} is not true or false"
-                            )));
-                        }
-                    }
+                "subclusters" => subclusters = Some(parse_bool(key, v)?),
+                "encrypted" => p.encrypted = parse_bool(key, v)?,
+                "encryptionIterTime" => {
+                    p.encryption_iter_time_ms = v
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|ms| (10..=60_000).contains(ms))
+                        .ok_or_else(|| {
+                            Error::InvalidArgument(format!(
+                                "encryptionIterTime: {v:?} is not a number of milliseconds \
+                                 from 10 to 60000"
+                            ))
+                        })?;
                 }
                 "fsType" => p.fs_type = FsType::parse(v)?,
                 "mkfsOptions" => p.mkfs_options = v.split_whitespace().map(String::from).collect(),
@@ -142,13 +167,21 @@ impl Params {
                 k => {
                     return Err(Error::InvalidArgument(format!(
                         "unknown parameter {k:?} (known: clusterSize, subclusters, fsType, \
-                         mkfsOptions, overcommitRatio, {})",
+                         mkfsOptions, overcommitRatio, encrypted, encryptionIterTime, {})",
                         qos::KEYS.join(", ")
                     )));
                 }
             }
         }
         p.qos = Limits::parse(raw)?;
+        // An encrypted cluster's first write also writes the rest of its unit as encrypted
+        // zeros: subclusters make that unit 32 times smaller (docs/engine.md measures it).
+        p.subclusters = subclusters.unwrap_or(p.encrypted && p.cluster_size >= 16 << 10);
+        if raw.contains_key("encryptionIterTime") && !p.encrypted {
+            return Err(Error::InvalidArgument(
+                "encryptionIterTime is for encrypted volumes (encrypted: \"true\")".into(),
+            ));
+        }
         if p.subclusters && p.cluster_size < 16 << 10 {
             return Err(Error::InvalidArgument(
                 "subclusters need a clusterSize of at least 16K".into(),
@@ -169,6 +202,13 @@ impl Params {
             m.insert("mkfsOptions".into(), self.mkfs_options.join(" "));
         }
         m.extend(self.qos.canonical());
+        if self.encrypted {
+            m.insert("encrypted".into(), "true".into());
+            m.insert(
+                "encryptionIterTime".into(),
+                self.encryption_iter_time_ms.to_string(),
+            );
+        }
         m
     }
 
@@ -222,6 +262,8 @@ mod tests {
             ("overcommitRatio", "0.5", "from 1 to 100"),
             ("readIOPS", "fast", "whole number"),
             ("clustersize", "64K", "unknown parameter"),
+            ("encrypted", "1", "true or false"),
+            ("encryptionIterTime", "5", "from 10 to 60000"),
         ] {
             let e = Params::parse(&map(&[(k, v)])).unwrap_err();
             assert!(matches!(e, Error::InvalidArgument(_)), "{k}={v}: {e}");
@@ -229,5 +271,27 @@ mod tests {
         }
         let e = Params::parse(&map(&[("subclusters", "true"), ("clusterSize", "4K")]));
         assert!(e.unwrap_err().to_string().contains("at least 16K"));
+        let e = Params::parse(&map(&[("encryptionIterTime", "100")]));
+        assert!(e.unwrap_err().to_string().contains("for encrypted volumes"));
+    }
+
+    #[test]
+    fn encrypted_volumes_default_to_subclusters_and_round_trip() {
+        let p = Params::parse(&map(&[("encrypted", "true")])).unwrap();
+        assert!(p.encrypted && p.subclusters);
+        assert_eq!(p.encryption_iter_time_ms, DEFAULT_ITER_TIME_MS);
+        assert_eq!(Params::from_canonical(&p.canonical()).unwrap(), p);
+        // Said explicitly, or too small a cluster for them: none.
+        let p = Params::parse(&map(&[("encrypted", "true"), ("subclusters", "false")])).unwrap();
+        assert!(p.encrypted && !p.subclusters);
+        assert_eq!(Params::from_canonical(&p.canonical()).unwrap(), p);
+        let p = Params::parse(&map(&[("encrypted", "true"), ("clusterSize", "4K")])).unwrap();
+        assert!(p.encrypted && !p.subclusters);
+        let p = Params::parse(&map(&[("encrypted", "true"), ("encryptionIterTime", "50")]));
+        let p = p.unwrap();
+        assert_eq!(p.encryption_iter_time_ms, 50);
+        assert_eq!(Params::from_canonical(&p.canonical()).unwrap(), p);
+        // Records of unencrypted volumes read as before.
+        assert!(!Params::default().canonical().contains_key("encrypted"));
     }
 }

@@ -12,7 +12,9 @@
 
 use csi_proto::Timestamp;
 use csi_proto::v1::*;
-use qcow2_engine::ops::create::{BackingFormat, CreateOptions, create};
+use qcow2_engine::crypto::Passphrase;
+use qcow2_engine::crypto::luks::NewHeader;
+use qcow2_engine::ops::create::{BackingFormat, CreateOptions, NewEncryption, create};
 
 use super::controller::{ControllerService, Paging, check_name};
 use super::params::Params;
@@ -36,14 +38,38 @@ pub(super) fn to_snapshot(rec: &SnapshotRecord) -> Snapshot {
 
 /// Makes a new empty layer of `size` bytes, standalone or on top of `backing` (a layer file
 /// name), with the cluster layout of `params`. The caller holds `name` pending.
+///
+/// An encrypted volume's layers share one key: a layer on top of another copies its LUKS
+/// header (no passphrase needed, and a chain unlocks once); a standalone one gets a new key
+/// opened by `passphrase`.
 pub(super) fn make_layer(
     plugin: &Plugin,
     name: &str,
     backing: Option<&str>,
     size: u64,
     params: &Params,
+    passphrase: Option<&Passphrase>,
 ) -> Result<()> {
-    let path = plugin.state()?.layer_path(name);
+    let (path, backing_path) = {
+        let st = plugin.state()?;
+        (st.layer_path(name), backing.map(|b| st.layer_path(b)))
+    };
+    let encryption = match (params.encrypted, backing_path, passphrase) {
+        (false, _, _) => None,
+        (true, Some(base), _) => Some(NewEncryption::SameKeyAs(base)),
+        (true, None, Some(p)) => Some(NewEncryption::New {
+            passphrase: p.clone(),
+            params: NewHeader {
+                iter_time_ms: params.encryption_iter_time_ms,
+                ..NewHeader::default()
+            },
+        }),
+        (true, None, None) => {
+            return Err(Error::Internal(
+                "a new encrypted volume needs its passphrase".into(),
+            ));
+        }
+    };
     create(
         &path,
         &CreateOptions {
@@ -51,6 +77,7 @@ pub(super) fn make_layer(
             cluster_size: params.cluster_size,
             extended_l2: params.subclusters,
             backing: backing.map(|b| (b.to_string(), BackingFormat::Qcow2)),
+            encryption,
             ..CreateOptions::default()
         },
     )
@@ -65,7 +92,7 @@ pub(super) fn freeze_head(plugin: &Plugin, id: &str) -> Result<(String, VolumeRe
     let params = Params::from_canonical(&rec.parameters)?;
     let frozen = rec.head.clone();
     let pending = plugin.pending_layer();
-    make_layer(plugin, &pending.name, Some(&frozen), rec.size, &params)?;
+    make_layer(plugin, &pending.name, Some(&frozen), rec.size, &params, None)?;
     failpoint("freeze-after-layer");
     let mut next = rec.clone();
     next.head = pending.name.clone();
@@ -82,7 +109,7 @@ pub(super) fn freeze_head(plugin: &Plugin, id: &str) -> Result<(String, VolumeRe
                 st.layer_path(&pending.name),
             )
         };
-        let opts = super::staged::head_options(layers, &staged.cap);
+        let opts = super::staged::head_options(layers, &staged.cap, staged.passphrase.clone());
         let work = super::staged::attach_dir(&plugin.config.state_dir, id);
         // The mark lets the next process thaw the filesystem if this one ends frozen.
         let fs_frozen = staged.cap.access == AccessType::Mount

@@ -7,9 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
+use qcow2_engine::crypto::Passphrase;
 use qcow2_engine::{BackingPolicy, Image, OpenOptions};
 
 use super::capability::Checked;
+use super::keys::KeyStore;
+use super::params::Params;
 use super::live::LiveImage;
 use super::mounts::{self, run};
 use super::staging::{self, Attachment, StageRecord, StageRecords};
@@ -39,6 +42,9 @@ pub struct Staged {
     pub(super) boot_id: String,
     /// Its export's QoS limits: ModifyVolume changes them here, live.
     pub(super) qos: Arc<Qos>,
+    /// An encrypted volume's passphrase, for reopening its head (pivots, flattens); also
+    /// kept in the key store for the next process ([`super::keys`]).
+    pub(super) passphrase: Option<Passphrase>,
 }
 
 impl Staged {
@@ -291,6 +297,7 @@ impl NodeState {
         state: &State,
         attacher: &Attacher,
         state_dir: &Path,
+        keys: &KeyStore,
         mut incoming: Option<&mut HashMap<String, super::handoff::Incoming>>,
         metrics: &Arc<PluginMetrics>,
     ) -> Result<Recovered> {
@@ -311,6 +318,7 @@ impl NodeState {
                     tracing::warn!(volume = %id, error = %e, "clearing its leftovers");
                 }
                 self.records.remove(&id)?;
+                keys.remove(&id)?;
                 found.forgotten += 1;
                 continue;
             };
@@ -319,8 +327,11 @@ impl NodeState {
             );
             let adopting = handed.is_some();
             let qos = Arc::new(Qos::new(volume.limits()));
+            let passphrase = kept_passphrase(keys, volume);
+            let kept = passphrase.as_ref().ok().cloned().flatten();
             let taken = match rec.attachment {
-                Attachment::Nbd { index } => open_head(state, volume, &rec.capability, metrics)
+                Attachment::Nbd { index } => passphrase
+                    .and_then(|p| open_head(state, volume, &rec.capability, p, metrics))
                     .and_then(|image| {
                         let server = serve_image(&id, image.clone(), qos.clone(), metrics);
                         let volume = Volume {
@@ -390,11 +401,28 @@ impl NodeState {
                     published: Mutex::new(rec.published),
                     boot_id: rec.boot_id,
                     qos,
+                    passphrase: kept,
                 }),
             );
         }
         Ok(found)
     }
+}
+
+/// The passphrase kept for volume `rec` if it is encrypted (`None` if it is not), or why
+/// there is none.
+pub(super) fn kept_passphrase(keys: &KeyStore, rec: &VolumeRecord) -> Result<Option<Passphrase>> {
+    if !Params::from_canonical(&rec.parameters)?.encrypted {
+        return Ok(None);
+    }
+    keys.get(&rec.id)?.map(Some).ok_or_else(|| {
+        Error::FailedPrecondition(format!(
+            "volume {} is encrypted and its passphrase is not in the key store {} (it is \
+             kept only until the node reboots)",
+            rec.id,
+            keys.dir().display()
+        ))
+    })
 }
 
 /// Every second, takes back the kernel nbd devices of volumes reported lost whose device
@@ -452,17 +480,21 @@ pub(super) fn heal(plugin: &super::Plugin) -> usize {
             let rec = st
                 .volume(id)
                 .ok_or_else(|| Error::NotFound(format!("no volume {id:?}")))?;
+            let passphrase = kept_passphrase(&plugin.keys, rec)?;
             let image = open_layer(
                 id,
                 st.layers_dir(),
                 &st.layer_path(&rec.head),
                 &s.cap,
+                passphrase.clone(),
                 &plugin.metrics,
             )?;
-            Ok::<_, Error>((image, Arc::new(Qos::new(rec.limits()))))
+            Ok::<_, Error>((image, Arc::new(Qos::new(rec.limits())), passphrase))
         })();
         // Still held by the process that serves it: not lost after all, not yet.
-        let Ok((image, qos)) = opened else { continue };
+        let Ok((image, qos, image_passphrase)) = opened else {
+            continue;
+        };
         let work = attach_dir(&plugin.config.state_dir, id);
         let volume = Volume {
             id,
@@ -487,6 +519,7 @@ pub(super) fn heal(plugin: &super::Plugin) -> usize {
                     published: Mutex::new(s.published().clone()),
                     boot_id: s.boot_id.clone(),
                     qos,
+                    passphrase: image_passphrase.clone(),
                 };
                 plugin.node.map().insert(id.clone(), Arc::new(healed_one));
                 healed += 1;
@@ -553,6 +586,7 @@ pub(super) fn open_head(
     state: &State,
     rec: &VolumeRecord,
     cap: &Checked,
+    passphrase: Option<Passphrase>,
     metrics: &Arc<PluginMetrics>,
 ) -> Result<Arc<LiveImage>> {
     open_layer(
@@ -560,15 +594,21 @@ pub(super) fn open_head(
         state.layers_dir(),
         &state.layer_path(&rec.head),
         cap,
+        passphrase,
         metrics,
     )
 }
 
-/// How a staged volume's layers are opened.
-pub(super) fn head_options(layers: PathBuf, cap: &Checked) -> OpenOptions {
+/// How a staged volume's layers are opened (`passphrase`: an encrypted volume's).
+pub(super) fn head_options(
+    layers: PathBuf,
+    cap: &Checked,
+    passphrase: Option<Passphrase>,
+) -> OpenOptions {
     OpenOptions {
         writable: !cap.read_only_mode,
         backing: BackingPolicy::ConfineTo(layers),
+        passphrase,
         ..OpenOptions::default()
     }
 }
@@ -579,9 +619,10 @@ pub(super) fn open_layer(
     layers: PathBuf,
     head: &Path,
     cap: &Checked,
+    passphrase: Option<Passphrase>,
     metrics: &Arc<PluginMetrics>,
 ) -> Result<Arc<LiveImage>> {
-    Image::open(head, &head_options(layers, cap))
+    Image::open(head, &head_options(layers, cap, passphrase))
         .map(|img| Arc::new(LiveImage::new(img).named(id).counted(metrics.clone())))
         .map_err(|e| Error::engine(format!("opening {}", head.display()), e))
 }

@@ -25,6 +25,9 @@ pub struct Plugin {
     pub state: PathBuf,
     /// The plugin's `--kubelet-dir`: staging and target paths go under it.
     pub kubelet: PathBuf,
+    /// The plugin's `--key-dir` (unless the test's arguments name another): on the
+    /// memory-backed `/dev/shm`, removed when dropped.
+    pub keys: tempfile::TempDir,
 }
 
 impl Plugin {
@@ -45,6 +48,10 @@ impl Plugin {
         let kubelet = dir.path().join("kubelet");
         std::fs::create_dir_all(&kubelet).unwrap();
         prepare(&state);
+        let keys = tempfile::Builder::new()
+            .prefix("qcow2-csi-keys")
+            .tempdir_in("/dev/shm")
+            .unwrap();
         let mut p = Plugin {
             child: None,
             previous: Vec::new(),
@@ -53,6 +60,7 @@ impl Plugin {
             socket,
             state,
             kubelet,
+            keys,
         };
         p.restart_with(&[]).await;
         p
@@ -81,6 +89,12 @@ impl Plugin {
             .arg(&self.state)
             .arg("--kubelet-dir")
             .arg(&self.kubelet)
+            .args(
+                (!self.args.iter().any(|a| a == "--key-dir"))
+                    .then(|| ["--key-dir".into(), self.keys.path().join("keys")])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(&self.args)
             .envs(env.iter().copied())
             .stderr(Stdio::from(log))
