@@ -123,6 +123,24 @@ fn check(path: &Path, allowed: &[i32], zero_keys: &[&str]) -> serde_json::Value 
     check_with(path, None, allowed, zero_keys)
 }
 
+/// `--image-opts` for `path` and its backing chain with secret `sec0` for each encrypted
+/// layer (qemu opens a backing file with its own options).
+pub fn secret_opts(path: &Path) -> String {
+    let mut o = format!(
+        "driver=qcow2,file.filename={}",
+        path.to_str().expect("utf-8 path")
+    );
+    for (depth, layer) in chain_info(path).iter().enumerate() {
+        if layer["encrypted"] == true {
+            o.push_str(&format!(
+                ",{}encrypt.key-secret=sec0",
+                "backing.".repeat(depth)
+            ));
+        }
+    }
+    o
+}
+
 /// [`check`] of a LUKS-encrypted image whose passphrase is `secret`.
 fn check_with(
     path: &Path,
@@ -139,7 +157,7 @@ fn check_with(
             "--object",
             &format!("secret,id=sec0,data={pass}"),
             "--image-opts",
-            &format!("driver=qcow2,file.filename={p},encrypt.key-secret=sec0"),
+            &secret_opts(path),
         ]),
     };
     let text = String::from_utf8_lossy(&out.stdout);
@@ -168,7 +186,12 @@ pub fn check_clean(path: &Path) {
 
 /// [`check_clean`] of an image that may be LUKS-encrypted with passphrase `secret`.
 pub fn check_clean_with(path: &Path, secret: Option<&str>) {
-    check_with(path, secret, &[0], &["check-errors", "corruptions", "leaks"]);
+    check_with(
+        path,
+        secret,
+        &[0],
+        &["check-errors", "corruptions", "leaks"],
+    );
 }
 
 /// `qemu-img check`: no errors and no corruptions; leaked clusters are allowed (exit 0 or 3).

@@ -54,7 +54,7 @@ fn still_deep(plugin: &Plugin, id: &str) -> bool {
     let deep = volume.as_ref().map(|v| depth(plugin, &v.head));
     match deep {
         Some(Ok(d)) if d > limit && volume.is_some_and(|v| key_missing(plugin, &v)) => {
-            tracing::info!(volume = %id, depth = d, "an encrypted volume is flattened while it is staged (its passphrase is needed)");
+            tracing::info!(volume = %id, depth = d, "an encrypted chain is made shorter once the volume is staged (the copy needs its passphrase)");
             false
         }
         Some(Ok(d)) => d > limit,

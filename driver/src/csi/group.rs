@@ -48,10 +48,16 @@ fn freeze_heads(plugin: &Plugin, ids: &[String]) -> Result<Vec<(String, VolumeRe
     let mut pending = Vec::with_capacity(recs.len());
     for rec in &recs {
         let layer = plugin.pending_layer();
-        let made = Params::from_canonical(&rec.parameters)
-            .and_then(|params| {
-                make_layer(plugin, &layer.name, Some(&rec.head), rec.size, &params, None)
-            });
+        let made = Params::from_canonical(&rec.parameters).and_then(|params| {
+            make_layer(
+                plugin,
+                &layer.name,
+                Some(&rec.head),
+                rec.size,
+                &params,
+                None,
+            )
+        });
         if let Err(e) = made {
             remove_layers(
                 plugin,

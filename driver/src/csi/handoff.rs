@@ -465,8 +465,7 @@ fn resume_all(plugin: &Plugin, paused: Vec<Paused>) {
         let reopened = (|| {
             let rec = plugin.volume_record(&s.volume_id)?;
             let st = plugin.state()?;
-            let opts =
-                super::staged::head_options(st.layers_dir(), &s.cap, s.passphrase.clone());
+            let opts = super::staged::head_options(st.layers_dir(), &s.cap, s.passphrase.clone());
             s.image
                 .as_ref()
                 .expect("paused volumes have an image")

@@ -199,7 +199,10 @@ mod tests {
         let other = state::new_id("vol-");
         drop(store.keep(&other, &Passphrase::new(b"p".to_vec())).unwrap());
         assert!(store.get(&other).unwrap().is_none());
-        store.keep(&other, &Passphrase::new(b"p".to_vec())).unwrap().commit();
+        store
+            .keep(&other, &Passphrase::new(b"p".to_vec()))
+            .unwrap()
+            .commit();
         assert!(store.get(&other).unwrap().is_some());
         store.remove(&id).unwrap();
         store.remove(&id).unwrap();
@@ -232,6 +235,9 @@ mod tests {
         s.insert(SECRET_KEY.to_string(), "x".repeat(MAX_PASSPHRASE + 1));
         assert!(from_secrets(&s, "node-stage").is_err());
         s.insert(SECRET_KEY.to_string(), "secret".into());
-        assert_eq!(from_secrets(&s, "node-stage").unwrap().as_bytes(), b"secret");
+        assert_eq!(
+            from_secrets(&s, "node-stage").unwrap().as_bytes(),
+            b"secret"
+        );
     }
 }

@@ -54,8 +54,8 @@ impl NodeService {
                 .as_ref()
                 .ok_or_else(|| Error::InvalidArgument("volume_capability is required".into()))?,
         )?;
-        let encrypted = Params::from_canonical(&plugin.volume_record(&req.volume_id)?.parameters)?
-            .encrypted;
+        let encrypted =
+            Params::from_canonical(&plugin.volume_record(&req.volume_id)?.parameters)?.encrypted;
         let passphrase = encrypted
             .then(|| keys::from_secrets(&req.secrets, "node-stage"))
             .transpose()?;

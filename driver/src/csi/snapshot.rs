@@ -92,7 +92,14 @@ pub(super) fn freeze_head(plugin: &Plugin, id: &str) -> Result<(String, VolumeRe
     let params = Params::from_canonical(&rec.parameters)?;
     let frozen = rec.head.clone();
     let pending = plugin.pending_layer();
-    make_layer(plugin, &pending.name, Some(&frozen), rec.size, &params, None)?;
+    make_layer(
+        plugin,
+        &pending.name,
+        Some(&frozen),
+        rec.size,
+        &params,
+        None,
+    )?;
     failpoint("freeze-after-layer");
     let mut next = rec.clone();
     next.head = pending.name.clone();

@@ -12,9 +12,9 @@ use qcow2_engine::{BackingPolicy, Image, OpenOptions};
 
 use super::capability::Checked;
 use super::keys::KeyStore;
-use super::params::Params;
 use super::live::LiveImage;
 use super::mounts::{self, run};
+use super::params::Params;
 use super::staging::{self, Attachment, StageRecord, StageRecords};
 use super::state::{State, VolumeRecord};
 use crate::attach::{Attached, Attacher, Volume};

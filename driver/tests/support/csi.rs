@@ -157,7 +157,11 @@ impl Plugin {
             {
                 return;
             }
-            assert!(Instant::now() < deadline, "the plugin never became ready");
+            assert!(
+                Instant::now() < deadline,
+                "the plugin never became ready:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
