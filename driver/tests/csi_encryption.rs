@@ -18,7 +18,7 @@ mod uml;
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -234,7 +234,7 @@ fn qemu_reads(p: &Plugin, id: &str, at: u64, tag: Option<u8>) {
 }
 
 async fn wait_for_log(p: &Plugin, what: &str) {
-    wait_for_line(p, &[what]).await
+    wait_for_line(p, &[what]).await;
 }
 
 /// Waits until one line of the log holds every one of `words`.
