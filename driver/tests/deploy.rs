@@ -24,7 +24,7 @@ use std::process::Command;
 use csi::Plugin;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, Namespace, PersistentVolumeClaim, Pod, Service, ServiceAccount,
+    ConfigMap, Container, Namespace, PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass, VolumeAttributesClass};
@@ -319,6 +319,7 @@ enum Object {
     VolumeGroupSnapshot(Box<VolumeGroupSnapshot>),
     PersistentVolumeClaim(Box<PersistentVolumeClaim>),
     Pod(Box<Pod>),
+    Secret(Box<Secret>),
     VolumeSnapshot(Box<VolumeSnapshot>),
     Service(Box<Service>),
     ConfigMap(Box<ConfigMap>),
@@ -345,6 +346,7 @@ fn typed(doc: &Value) -> Result<Object, String> {
         "VolumeGroupSnapshot" => Object::VolumeGroupSnapshot(strict(doc)?),
         "PersistentVolumeClaim" => Object::PersistentVolumeClaim(strict(doc)?),
         "Pod" => Object::Pod(strict(doc)?),
+        "Secret" => Object::Secret(strict(doc)?),
         "VolumeSnapshot" => Object::VolumeSnapshot(strict(doc)?),
         "Service" => Object::Service(strict(doc)?),
         "ConfigMap" => Object::ConfigMap(strict(doc)?),
@@ -506,6 +508,86 @@ fn a_misspelt_mistyped_or_misversioned_field_is_an_error() {
     assert!(typed(&class).unwrap_err().contains("parameter"));
 }
 
+/// Encrypted classes name Secrets the examples make, holding a passphrase, in namespaces
+/// where a Role lets the plugin's ServiceAccount (the csi-provisioner's) get them. A
+/// namespace of `${pvc.namespace}` is the claim's: objects of the file without one.
+fn check_encrypted_classes(objects: &[(PathBuf, Object)]) {
+    let mut encrypted = 0;
+    for (file, obj) in objects {
+        let Object::StorageClass(c) = obj else {
+            continue;
+        };
+        let params = c.parameters.clone().unwrap_or_default();
+        if params.get("encrypted").map(String::as_str) != Some("true") {
+            continue;
+        }
+        encrypted += 1;
+        let at = file.display();
+        for who in ["provisioner", "node-stage"] {
+            let get = |k: &str| {
+                params
+                    .get(&format!("csi.storage.k8s.io/{who}-secret-{k}"))
+                    .unwrap_or_else(|| panic!("{at}: no {who} secret {k}"))
+            };
+            let (name, namespace) = (get("name"), namespace_of(get("namespace")));
+            let secret = objects.iter().find_map(|(_, o)| match o {
+                Object::Secret(s)
+                    if s.metadata.name.as_ref() == Some(name)
+                        && s.metadata.namespace.as_deref() == namespace =>
+                {
+                    Some(s)
+                }
+                _ => None,
+            });
+            let secret = secret.unwrap_or_else(|| panic!("{at}: no Secret {namespace:?}/{name}"));
+            let data = secret.string_data.as_ref().unwrap();
+            assert!(
+                data.contains_key(qcow2_csi::csi::keys::SECRET_KEY),
+                "{at}: the Secret has no passphrase"
+            );
+        }
+        let namespace = namespace_of(get_param(
+            &params,
+            "csi.storage.k8s.io/provisioner-secret-namespace",
+        ));
+        let granted = objects.iter().any(|(_, o)| match o {
+            Object::RoleBinding(b) => {
+                b.metadata.namespace.as_deref() == namespace
+                    && b.subjects
+                        .iter()
+                        .flatten()
+                        .any(|s| s.kind == "ServiceAccount" && s.name == "qcow2-csi-node")
+                    && objects.iter().any(|(_, r)| match r {
+                        Object::Role(role) => {
+                            role.metadata.name.as_deref() == Some(b.role_ref.name.as_str())
+                                && role.metadata.namespace.as_deref() == namespace
+                                && role.rules.iter().flatten().any(|rule| {
+                                    rule.resources.iter().flatten().any(|r| r == "secrets")
+                                        && rule.verbs.iter().any(|v| v == "get")
+                                })
+                        }
+                        _ => false,
+                    })
+            }
+            _ => false,
+        });
+        assert!(
+            granted,
+            "{at}: the provisioner may not read Secrets in {namespace:?}"
+        );
+    }
+    assert_eq!(encrypted, 1, "one encrypted class in the examples");
+}
+
+/// A secret namespace parameter as the namespace of an object of the examples.
+fn namespace_of(param: &str) -> Option<&str> {
+    (param != "${pvc.namespace}").then_some(param)
+}
+
+fn get_param<'a>(params: &'a BTreeMap<String, String>, key: &str) -> &'a str {
+    params.get(key).map(String::as_str).unwrap_or_default()
+}
+
 /// The examples name classes the chart makes and objects the examples make, so they apply
 /// as written.
 #[test]
@@ -569,6 +651,7 @@ fn the_examples_refer_to_what_exists() {
         }
     }
     assert_eq!(classes, 2, "a claim moved between two attribute classes");
+    check_encrypted_classes(&objects);
     // A group snapshot names a class the chart makes once group snapshots are on, and its
     // selector picks two claims of the examples.
     let values: Value = serde_saphyr::from_str(

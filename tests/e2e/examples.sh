@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the flows of deploy/examples against the installed driver and checks each result:
 # a filesystem volume, a snapshot under a running writer, a larger restore, a clone,
-# online expansion, a raw block volume, and deleting a source that others depend on. Deletes everything afterwards (KEEP=1 keeps it).
+# online expansion, a raw block volume, an encrypted volume, and deleting a source that others depend on. Deletes everything afterwards (KEEP=1 keeps it).
 source "$(dirname "$0")/lib.sh"
 need kubectl
 
@@ -58,6 +58,12 @@ k apply -f "$ex/block.yaml"
 k wait pod/qcow2-block-app --for=condition=Ready --timeout=180s
 got=$(k exec qcow2-block-app -- sh -c 'dd if=/dev/xvda bs=512 count=1 2>/dev/null | head -c 14')
 [ "$got" = "raw block data" ] || die "the block volume reads back '$got'"
+
+say "encrypted.yaml: an encrypted volume (its Secret and the provisioner's Role in $ns)"
+k apply -f "$ex/encrypted.yaml"
+k wait pod/qcow2-encrypted-writer --for=condition=Ready --timeout=180s
+[ "$(k exec qcow2-encrypted-writer -- cat /data/hello)" = "stored encrypted" ] \
+  || die "the encrypted volume lost its file"
 
 say "deleting the source while its snapshot, restore and clone live"
 k delete pod qcow2-app --wait=true

@@ -90,10 +90,13 @@ impl Plugin {
             .arg("--kubelet-dir")
             .arg(&self.kubelet)
             .args(
-                (!self.args.iter().any(|a| a == "--key-dir"))
-                    .then(|| ["--key-dir".into(), self.keys.path().join("keys")])
-                    .into_iter()
-                    .flatten(),
+                (!self
+                    .args
+                    .iter()
+                    .any(|a| a.split('=').next() == Some("--key-dir")))
+                .then(|| ["--key-dir".into(), self.keys.path().join("keys")])
+                .into_iter()
+                .flatten(),
             )
             .args(&self.args)
             .envs(env.iter().copied())
