@@ -190,6 +190,11 @@ struct ImageArgs {
     /// What client discards do: free the space (unmap) or nothing (ignore).
     #[arg(long, default_value = "unmap")]
     discard: DiscardArg,
+    /// The passphrase of a LUKS-encrypted image (and its encrypted backing files): all the
+    /// bytes of this file, as QEMU's `--object secret,file=` reads them. Never on the
+    /// command line, where every user of the host could read it.
+    #[arg(long)]
+    passphrase_file: Option<PathBuf>,
     /// The image.
     image: PathBuf,
 }
@@ -308,9 +313,24 @@ fn open_server(
         cache,
         format,
         discard,
+        ref passphrase_file,
         ref image,
     } = *args;
+    let passphrase = match passphrase_file {
+        None => None,
+        Some(path) => {
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("reading the passphrase file {}", path.display()))?;
+            anyhow::ensure!(
+                !bytes.is_empty(),
+                "the passphrase file {} is empty",
+                path.display()
+            );
+            Some(qcow2_engine::crypto::Passphrase::new(bytes))
+        }
+    };
     let opts = OpenOptions {
+        passphrase,
         writable: !read_only,
         backing: BackingPolicy::Allow,
         cache: match cache {

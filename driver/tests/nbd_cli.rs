@@ -276,3 +276,75 @@ fn qos_limits_hold_fio_to_the_limit() {
     assert!(err.contains("readIOPS") && err.contains("1k"), "{err}");
     qemu::check_clean(&img);
 }
+
+/// `--passphrase-file` serves a qemu-made LUKS image (and an encrypted overlay on it):
+/// writes through the export are encrypted where qemu-io with the secret reads them, and
+/// the export without the passphrase, or with a wrong one, refuses to start.
+#[test]
+fn passphrase_file_serves_an_encrypted_image_and_a_wrong_one_refuses() {
+    if !qemu::require() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (base, top) = (dir.path().join("base.qcow2"), dir.path().join("top.qcow2"));
+    let secret = "secret,id=sec0,data=s3cret";
+    let luks = "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10";
+    for (img, backing) in [(&base, None), (&top, Some(&base))] {
+        let mut args = vec!["create", "-q", "-f", "qcow2", "--object", secret, "-o"];
+        let o = match backing {
+            None => luks.to_string(),
+            Some(b) => format!("{luks},backing_file={},backing_fmt=qcow2", b.display()),
+        };
+        args.push(&o);
+        args.extend([img.to_str().unwrap(), "16M"]);
+        qemu::img(&args);
+    }
+    let pass = dir.path().join("pass");
+    std::fs::write(&pass, "s3cret").unwrap();
+    let socket = dir.path().join("s.sock");
+    let served = Served::spawn(
+        &top,
+        &[
+            "--socket",
+            socket.to_str().unwrap(),
+            "--persistent",
+            "--passphrase-file",
+            pass.to_str().unwrap(),
+        ],
+    );
+    qemu_io_uri(&unix_uri(&socket), &["write -P 0x6b 4096 1M"]);
+    qemu_io_uri(
+        &unix_uri(&socket),
+        &["read -P 0x6b 4096 1M", "read -P 0 0 4096"],
+    );
+    served.stop();
+    let bytes = std::fs::read(&top).unwrap();
+    assert!(
+        !bytes.windows(4096).any(|w| w.iter().all(|&b| b == 0x6b)),
+        "plaintext in the layer"
+    );
+    let out = Command::new("qemu-io")
+        .args(["--object", secret, "--image-opts"])
+        .arg(qemu::secret_opts(&top))
+        .args(["-c", "read -P 0x6b 4096 1M"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("Pattern verification failed"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&pass, "wrong").unwrap();
+    for extra in [&["--passphrase-file", pass.to_str().unwrap()][..], &[]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_qcow2-csi"))
+            .args(["nbd", "--socket", socket.to_str().unwrap()])
+            .args(extra)
+            .arg(&top)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(err.contains("passphrase"), "{err}");
+    }
+}
