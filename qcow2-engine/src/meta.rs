@@ -277,6 +277,8 @@ impl ClusterSet {
 #[derive(Debug)]
 pub(crate) struct Meta {
     pub storage: Arc<dyn Storage>,
+    /// The external data file, for images with one (opened): discards punch it.
+    pub data_file: Option<Arc<dyn Storage>>,
     /// Shared with the data path: metadata barriers and copy-on-write barriers group-commit.
     pub barrier: Arc<Barrier>,
     pub header: Header,
@@ -361,7 +363,39 @@ impl Meta {
     /// metadata after it is released, and releases wait for in-flight data I/O.
     pub fn check_data_write(&mut self, offset: HostOffset, len: u64) -> Result<()> {
         self.check_usable()?;
+        if self.header.has_data_file() {
+            // Data goes to the data file, where no metadata lives.
+            return Ok(());
+        }
         self.check_overlap(None, offset, len)
+    }
+
+    /// In an image with an external data file: refuses an entry whose host offset is not its
+    /// own guest offset (the spec's rule), and compressed clusters (which cannot be there).
+    /// A writable image is marked corrupt.
+    pub fn check_data_file_mapping(
+        &mut self,
+        m: crate::format::entries::Mapping,
+        guest: crate::types::GuestOffset,
+    ) -> Result<()> {
+        use crate::format::entries::Mapping;
+        let why = match m {
+            Mapping::Compressed { .. } => {
+                format!("a compressed cluster at {guest} in an image with an external data file")
+            }
+            Mapping::Data { host, .. }
+            | Mapping::Zero {
+                prealloc: Some(host),
+            } if host.0 != guest.0 => format!(
+                "the L2 entry of {guest} points at {host} of the external data file, not at its own offset"
+            ),
+            _ => return Ok(()),
+        };
+        Err(if self.writable {
+            self.signal_corruption(why)
+        } else {
+            Error::corrupt(why)
+        })
     }
 
     /// Refuses a data cluster named by an L2 entry that is metadata, or beyond the clusters the

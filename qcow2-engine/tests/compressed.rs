@@ -3,22 +3,16 @@
 //! find the refcounts right (one reference per stream), and rewriting or discarding them
 //! (by qemu-io or by us) keeps them right.
 
+#[allow(dead_code)]
+mod common;
 #[path = "../../tests/src/qemu.rs"]
 #[allow(dead_code)]
 mod qemu;
 
+use common::{our_check_is_clean, run};
+
 use std::path::Path;
 use std::process::Command;
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// 6 MiB + 4.5 KiB of input: clusters of text (compressible), random bytes (not), zeros,
 /// and a short last cluster.
@@ -47,20 +41,6 @@ fn input(path: &Path) {
     }
     bytes.extend(b"tail ".iter().cycle().take(4608));
     std::fs::write(path, bytes).unwrap();
-}
-
-fn our_check_is_clean(path: &Path) {
-    let storage: std::sync::Arc<dyn qcow2_engine::storage::Storage> =
-        std::sync::Arc::new(qcow2_engine::storage::FileStorage::open(path, false).unwrap());
-    let r =
-        qcow2_engine::ops::check::check(&storage, qcow2_engine::ops::check::Repair::None).unwrap();
-    assert_eq!(
-        (r.corruptions, r.leaks, r.check_errors),
-        (0, 0, 0),
-        "{}: {:?}",
-        path.display(),
-        r.messages
-    );
 }
 
 #[test]

@@ -4,9 +4,13 @@
 //! written; data we encrypt into a cluster reads back through qemu-io; a wrong passphrase
 //! and hostile headers are clear errors.
 
+#[allow(dead_code)]
+mod common;
 #[path = "../../tests/src/qemu.rs"]
 #[allow(dead_code)]
 mod qemu;
+
+use common::{our_check_is_clean, run};
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -39,16 +43,6 @@ fn qemu_check_clean(image_opts: &str) {
         "--image-opts",
         image_opts,
     ]));
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// An encrypted 1 MiB image made by qemu-img with `-o` `extra`, with 64 KiB of `pattern`
@@ -390,21 +384,6 @@ fn info_shows_the_encryption_as_qemu_img_does() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-}
-
-/// Our own check of `path`: clean, with no leak (the encryption header region counts).
-fn our_check_is_clean(path: &Path) {
-    let storage: std::sync::Arc<dyn qcow2_engine::storage::Storage> =
-        std::sync::Arc::new(qcow2_engine::storage::FileStorage::open(path, false).unwrap());
-    let report =
-        qcow2_engine::ops::check::check(&storage, qcow2_engine::ops::check::Repair::None).unwrap();
-    assert_eq!(
-        (report.corruptions, report.leaks, report.check_errors),
-        (0, 0, 0),
-        "{}: {:?}",
-        path.display(),
-        report.messages
-    );
 }
 
 /// Writes, zeroings and discards through `Image` on encrypted images that qemu-img made

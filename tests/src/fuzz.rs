@@ -153,6 +153,7 @@ pub fn ops(data: &[u8]) {
         backing: None,
         encryption: None,
         compression: qcow2_engine::format::CompressionType::Zlib,
+        data_file: None,
     };
     let storage = Arc::new(MemoryStorage::new());
     qcow2_engine::create_on(storage.clone(), None, &opts).expect("create");

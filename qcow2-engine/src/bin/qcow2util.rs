@@ -60,6 +60,14 @@ enum Command {
         encrypt: EncryptArgs,
         #[command(flatten)]
         secret: Secret,
+        /// Keep guest data in this new external data file (stored as given; a relative
+        /// name is relative to the new image), as QEMU's data_file.
+        #[arg(long = "data-file")]
+        data_file: Option<String>,
+        /// Keep the data file a consistent raw image of the guest disk (QEMU's
+        /// data_file_raw; no backing file then).
+        #[arg(long = "data-file-raw", requires = "data_file")]
+        data_file_raw: bool,
     },
     /// Print image information as JSON (qemu-img info keys).
     Info {
@@ -508,6 +516,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             compression_type,
             encrypt,
             secret,
+            data_file,
+            data_file_raw,
         } => {
             let encryption = encrypt.new_encryption(secret.get()?.as_ref())?;
             let backing = match (backing, backing_format) {
@@ -526,6 +536,10 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 backing,
                 encryption,
                 compression: compression_type.into(),
+                data_file: data_file.map(|name| qcow2_engine::ops::create::NewDataFile {
+                    name,
+                    raw: data_file_raw,
+                }),
             };
             qcow2_engine::create(&file, &opts)?;
             let img = Image::open(

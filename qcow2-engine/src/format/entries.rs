@@ -92,6 +92,13 @@ pub struct L2Entry(pub u64);
 impl L2Entry {
     /// Decodes the entry. `extended` images have no zero flag in word 1 (zeros are in the bitmap).
     pub fn decode(self, g: &Geometry) -> Result<Mapping> {
+        self.decode_in(g, false)
+    }
+
+    /// Decodes the entry of an image whose data is in an external data file (`data_file`),
+    /// where host offset 0 is guest cluster 0's: with COPIED set (data-file clusters always
+    /// have it) an offset of 0 is data, not unallocated.
+    pub fn decode_in(self, g: &Geometry, data_file: bool) -> Result<Mapping> {
         let e = self.0;
         if let Some((host, sectors)) = self.compressed(g) {
             return Ok(Mapping::Compressed { host, sectors });
@@ -113,7 +120,7 @@ impl L2Entry {
                 prealloc: (off != 0).then_some(HostOffset(off)),
             });
         }
-        if off == 0 {
+        if off == 0 && !(data_file && copied) {
             return Ok(Mapping::Unallocated);
         }
         Ok(Mapping::Data {

@@ -157,6 +157,47 @@ impl Header {
         }
     }
 
+    /// Whether guest data lives in an external data file (incompatible bit 2).
+    pub fn has_data_file(&self) -> bool {
+        self.incompatible_features & incompat::DATA_FILE != 0
+    }
+
+    /// Whether the external data file is kept a consistent raw image (autoclear bit 1).
+    pub fn data_file_raw(&self) -> bool {
+        self.has_data_file() && self.autoclear_features & autoclear::RAW_DATA != 0
+    }
+
+    /// The external data file name as stored (relative names are relative to the image's
+    /// directory), from its header extension.
+    pub fn data_file_name(&self) -> Result<Option<String>> {
+        let Some(ext) = self
+            .unknown_extensions
+            .iter()
+            .find(|e| e.kind == EXT_DATA_FILE)
+        else {
+            return Ok(None);
+        };
+        let name = ext.data.strip_suffix(b"\0").unwrap_or(&ext.data);
+        if name.is_empty() || name.len() > 1023 || name.contains(&0) {
+            return Err(Error::invalid(format!(
+                "external data file name of {} bytes",
+                name.len()
+            )));
+        }
+        String::from_utf8(name.to_vec())
+            .map(Some)
+            .map_err(|_| Error::unsupported("external data file name is not valid UTF-8"))
+    }
+
+    /// Names an external data file (`name` as stored), replacing any named before.
+    pub fn set_data_file_name(&mut self, name: &str) {
+        self.unknown_extensions.retain(|e| e.kind != EXT_DATA_FILE);
+        self.unknown_extensions.push(HeaderExtension {
+            kind: EXT_DATA_FILE,
+            data: name.as_bytes().to_vec(),
+        });
+    }
+
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
@@ -307,12 +348,26 @@ impl Header {
                         });
                     }
                 }
+                EXT_DATA_FILE
+                    if unknown_extensions
+                        .iter()
+                        .any(|e: &HeaderExtension| e.kind == kind) =>
+                {
+                    return Err(Error::invalid("two external data file names"));
+                }
                 _ => unknown_extensions.push(HeaderExtension {
                     kind,
                     data: data.to_vec(),
                 }),
             }
             off += len.next_multiple_of(8);
+        }
+        if autoclear_features & autoclear::RAW_DATA != 0
+            && incompatible_features & incompat::DATA_FILE == 0
+        {
+            return Err(Error::invalid(
+                "the raw external data bit is set without the external data file bit",
+            ));
         }
 
         let backing_file = if backing_file_offset != 0 {

@@ -107,7 +107,7 @@ impl Backing {
     }
 }
 
-fn refuse(path: impl Into<PathBuf>, reason: impl Into<String>) -> Error {
+pub(super) fn refuse(path: impl Into<PathBuf>, reason: impl Into<String>) -> Error {
     Error::Backing {
         path: path.into(),
         reason: reason.into(),
@@ -172,6 +172,41 @@ fn confine(path: &Path, dir: &Path) -> Result<PathBuf> {
     Ok(real)
 }
 
+/// The file an image names (a backing file, `what` = "backing", or an external data file),
+/// resolved against the image's directory and held to the policy: the names an image holds
+/// are as untrusted as the image.
+pub(super) fn resolve_named(
+    name: &str,
+    image_path: Option<&Path>,
+    policy: &BackingPolicy,
+    what: &str,
+) -> Result<PathBuf> {
+    let path = resolve_backing_name(name, image_path)?;
+    Ok(match policy {
+        BackingPolicy::Deny => {
+            return Err(refuse(&path, format!("{what} files are not allowed here")));
+        }
+        BackingPolicy::ConfineTo(dir) => {
+            // An untrusted image names its files relative to itself, plainly.
+            let named = Path::new(name);
+            if named.is_absolute() {
+                return Err(refuse(
+                    &path,
+                    format!("absolute {what} names are not allowed here"),
+                ));
+            }
+            if named.components().any(|c| c == Component::ParentDir) {
+                return Err(refuse(
+                    &path,
+                    format!("{what} names with '..' are not allowed here"),
+                ));
+            }
+            confine(&path, dir)?
+        }
+        BackingPolicy::Allow => path,
+    })
+}
+
 pub(super) fn open_backing(
     header: &Header,
     name: &str,
@@ -179,25 +214,7 @@ pub(super) fn open_backing(
     opts: &OpenOptions,
     chain: &mut Chain,
 ) -> Result<Backing> {
-    let path = resolve_backing_name(name, image_path)?;
-    let path = match &opts.backing {
-        BackingPolicy::Deny => return Err(refuse(&path, "backing files are not allowed here")),
-        BackingPolicy::ConfineTo(dir) => {
-            // An untrusted image names its backing file relative to itself, plainly.
-            let named = Path::new(name);
-            if named.is_absolute() {
-                return Err(refuse(&path, "absolute backing names are not allowed here"));
-            }
-            if named.components().any(|c| c == Component::ParentDir) {
-                return Err(refuse(
-                    &path,
-                    "backing names with '..' are not allowed here",
-                ));
-            }
-            confine(&path, dir)?
-        }
-        BackingPolicy::Allow => path,
-    };
+    let path = resolve_named(name, image_path, &opts.backing, "backing")?;
     if chain.files.len() >= opts.max_chain_depth {
         return Err(refuse(
             &path,

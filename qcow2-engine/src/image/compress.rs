@@ -62,6 +62,11 @@ impl Image {
                 "compressed clusters in an encrypted image",
             ));
         }
+        if self.data_file.is_some() || self.lock().meta.header.has_data_file() {
+            return Err(Error::unsupported(
+                "compressed clusters in an image with an external data file",
+            ));
+        }
         let kind = self.lock().meta.header.compression_type;
         let mut streams = Vec::new();
         let mut plain = Vec::new();

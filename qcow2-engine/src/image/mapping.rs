@@ -14,13 +14,19 @@ pub(crate) struct Slot {
     pub word: u64,
     pub bitmap: u64,
     pub at: Option<HostOffset>,
+    /// The guest offset of the cluster the slot maps.
+    pub guest: GuestOffset,
 }
 
 impl Slot {
     /// The decoded entry, refused (as corruption) when its host cluster is metadata or lies
     /// beyond anything the refcount table can describe.
     pub fn mapping(&self, st: &mut State) -> Result<Mapping> {
-        let m = L2Entry(self.word).decode(&st.meta.geo)?;
+        let data_file = st.meta.header.has_data_file();
+        let m = L2Entry(self.word).decode_in(&st.meta.geo, data_file)?;
+        if data_file {
+            return st.meta.check_data_file_mapping(m, self.guest).map(|()| m);
+        }
         let host = match m {
             Mapping::Data { host, .. }
             | Mapping::Zero {
@@ -51,8 +57,10 @@ impl State {
                 word: 0,
                 bitmap: 0,
                 at: None,
+                guest: GuestOffset(off.0 - geo.offset_in_cluster(off.0)),
             });
         };
+        let guest = GuestOffset(off.0 - geo.offset_in_cluster(off.0));
         let at = HostOffset(table.0 + geo.l2_index(off) * geo.l2_entry_size());
         let storage = self.meta.storage.clone();
         let word = self.meta.l2_cache.read_u64(&*storage, at)?;
@@ -67,6 +75,7 @@ impl State {
             word,
             bitmap,
             at: Some(at),
+            guest,
         })
     }
 
@@ -197,6 +206,10 @@ impl State {
 
     /// The host clusters a mapping owns: the first and how many.
     fn owned_by(&self, m: Mapping) -> Option<(HostOffset, u64)> {
+        if self.meta.header.has_data_file() {
+            // Data-file clusters are not refcounted.
+            return None;
+        }
         let cb = self.meta.geo.cluster_bits;
         match m {
             Mapping::Data { host, .. }

@@ -21,6 +21,7 @@
 
 mod backing;
 mod compress;
+mod data_file;
 mod mapping;
 mod read;
 mod resize;
@@ -35,6 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 pub use backing::{Backing, BackingPolicy, RawBacking, resolve_backing_name};
+pub use data_file::DataFile;
 pub use read::ReadRequest;
 pub use status::LayerStatus;
 
@@ -42,7 +44,7 @@ use crate::alloc;
 use crate::barrier::Barrier;
 use crate::cache::{self, CacheStats, SliceCache, Ticket, Writeback};
 use crate::error::{Error, IoContext, Result};
-use crate::format::header::incompat;
+use crate::format::header::{self, incompat};
 use crate::format::{CompressionType, Header};
 use crate::meta::{Meta, MetaMap};
 use crate::ops::check;
@@ -173,6 +175,13 @@ pub struct Image {
     geo: Geometry,
     /// The encryption of an encrypted image (its cipher, unless opened metadata-only).
     crypto: Option<crate::crypto::Encryption>,
+    /// Where guest data is read and written: the image file, or its external data file;
+    /// `None` for an image with a data file opened metadata-only.
+    data: Option<Arc<dyn Storage>>,
+    /// Syncs of `data`: the image file's barrier, or the data file's own.
+    data_barrier: Arc<Barrier>,
+    /// The external data file, if the image has one (and was not opened metadata-only).
+    data_file: Option<DataFile>,
 }
 
 impl Image {
@@ -269,11 +278,20 @@ impl Image {
             Some(name) => Some(backing::open_backing(&header, name, path, opts, chain)?),
             None => None,
         };
+        // After the backing chain, whose layers it must not be.
+        let data_file = data_file::open(&header, path, opts, chain)?;
+        let data: Option<Arc<dyn Storage>> = match &data_file {
+            Some(df) => Some(df.storage.clone()),
+            // Opened metadata-only: its data cannot be read.
+            None if header.has_data_file() => None,
+            None => Some(storage.clone()),
+        };
 
         let map = MetaMap::build(&header, &l1, &reftable)?;
         let barrier = Arc::new(Barrier::default());
         let mut meta = Meta {
             storage: storage.clone(),
+            data_file: data_file.as_ref().map(|d| d.storage.clone()),
             barrier: barrier.clone(),
             geo,
             l1,
@@ -292,11 +310,14 @@ impl Image {
         if opts.writable {
             meta.verify_metadata_refcounts()?;
         }
-        if opts.writable && header.autoclear_features != 0 {
+        // The raw data file bit is the one autoclear bit this engine maintains.
+        let kept = header.autoclear_features & header::autoclear::RAW_DATA;
+        let kept = if header.has_data_file() { kept } else { 0 };
+        if opts.writable && header.autoclear_features & !kept != 0 {
             // We do not maintain bitmaps (or anything else an autoclear bit guards): say so,
             // drop the bitmaps and release their clusters rather than leak them.
             let bitmaps = check::bitmap_extents(&*meta.storage, &header)?;
-            header.autoclear_features = 0;
+            header.autoclear_features = kept;
             if !bitmaps.is_empty() {
                 header
                     .unknown_extensions
@@ -313,6 +334,10 @@ impl Image {
             }
         }
         let size = meta.header.size;
+        let data_barrier = match &data_file {
+            Some(_) => Arc::new(Barrier::default()),
+            None => barrier.clone(),
+        };
         Ok(Image {
             state: Mutex::new(State {
                 meta,
@@ -334,7 +359,22 @@ impl Image {
             writable: opts.writable,
             geo,
             crypto,
+            data,
+            data_barrier,
+            data_file,
         })
+    }
+
+    /// The storage guest data lives in (the image file, or its external data file).
+    pub(crate) fn data(&self) -> Result<&Arc<dyn Storage>> {
+        self.data.as_ref().ok_or_else(|| {
+            Error::arg("the image was opened without its external data file (metadata only)")
+        })
+    }
+
+    /// The external data file, if the image has one and it is open.
+    pub fn data_file(&self) -> Option<&DataFile> {
+        self.data_file.as_ref()
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
@@ -636,6 +676,12 @@ impl Image {
         if !self.writable {
             return Ok(());
         }
+        if let Some(df) = &self.data_file {
+            // Data before the metadata that names it.
+            self.data_barrier
+                .sync(&*df.storage)
+                .ctx(|| format!("flushing the data file {}", df.path.display()))?;
+        }
         if !self.lock().meta.allocator.has_pending_releases() {
             self.barrier
                 .sync(&*self.storage)
@@ -761,9 +807,6 @@ fn check_features(h: &Header, writable: bool) -> Result<()> {
             "unknown incompatible feature: {}",
             unknown.join(", ")
         )));
-    }
-    if h.incompatible_features & incompat::DATA_FILE != 0 {
-        return Err(Error::unsupported("external data files"));
     }
     match h.crypt_method {
         0 => {}

@@ -227,7 +227,7 @@ impl Image {
         match piece {
             Piece::Host { at, .. } => match self.data_cipher()? {
                 None => self
-                    .storage
+                    .data()?
                     .read_data(part, *at)
                     .ctx(|| format!("reading data at {at:#x}"))?,
                 Some(cipher) => self.read_decrypted(cipher, part, *at)?,
@@ -256,7 +256,7 @@ impl Image {
         let start = at - at % sector;
         let end = (at + part.len() as u64).div_ceil(sector) * sector;
         let mut sectors = vec![0u8; (end - start) as usize];
-        self.storage
+        self.data()?
             .read_data(&mut sectors, start)
             .ctx(|| format!("reading encrypted data at {start:#x}"))?;
         cipher.decrypt(start, &mut sectors);
@@ -300,6 +300,15 @@ impl Image {
             }
             return;
         }
+        let data = match self.data() {
+            Ok(d) => d.clone(),
+            Err(_) => {
+                for r in reqs.iter_mut() {
+                    r.result = self.read_at(r.buf, r.offset);
+                }
+                return;
+            }
+        };
         for r in reqs.iter_mut() {
             r.result = self.check_range(r.offset, r.buf.len() as u64);
         }
@@ -343,7 +352,7 @@ impl Image {
                     }
                 }
             }
-            self.storage.read_data_batch(&mut host);
+            data.read_data_batch(&mut host);
             io_results.extend(host.into_iter().map(|r| (r.offset, r.result)));
         }
         for (i, (at, result)) in owner.into_iter().zip(io_results) {

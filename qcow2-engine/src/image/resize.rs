@@ -1,7 +1,7 @@
 //! Growing the virtual size, relocating the L1 table when it must grow.
 
 use super::State;
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::meta::MetaKind;
 use crate::types::HostOffset;
 
@@ -26,6 +26,15 @@ impl State {
         }
         if needed > u64::from(self.meta.header.l1_size) {
             self.grow_l1(needed)?;
+        }
+        if let Some(data) = &self.meta.data_file {
+            // A raw data file is the guest disk: as large as it. (Growing it first: a crash
+            // before the header leaves only a longer file.)
+            let len = data.len().ctx(|| "sizing the data file".to_string())?;
+            if len < new_size {
+                data.set_len(new_size)
+                    .ctx(|| "growing the data file".to_string())?;
+            }
         }
         self.meta.header.size = new_size;
         self.meta.write_header()?;

@@ -131,6 +131,11 @@ impl State {
                     Mapping::Zero {
                         prealloc: Some(host),
                     } => (Some(host), unit, None, bitmap),
+                    // An external data file holds each guest cluster at its own offset: no
+                    // allocation, but the space may hold old bytes (written in full below).
+                    _ if self.meta.header.has_data_file() => {
+                        (Some(HostOffset(base.0)), unit, None, bitmap)
+                    }
                     _ => (None, unit, Some(mapping), bitmap),
                 }
             }
@@ -377,8 +382,8 @@ impl Image {
             if copied.is_empty() {
                 return Ok(());
             }
-            self.barrier
-                .sync_ranges(&*self.storage, &copied)
+            self.data_barrier
+                .sync_ranges(&**self.data()?, &copied)
                 .ctx(|| "syncing copied data".to_string())
         });
         if allocs(steps).next().is_none() {
@@ -495,7 +500,7 @@ impl Image {
             }
             None => bytes,
         };
-        self.storage
+        self.data()?
             .write_data(bytes, at)
             .ctx(|| format!("writing data at {at:#x}"))
     }
@@ -509,7 +514,7 @@ impl Image {
         if self.crypto.is_some() {
             return self.write_host(&vec![0u8; len as usize], at);
         }
-        self.storage
+        self.data()?
             .write_zeroes(at, len)
             .ctx(|| format!("zeroing {len} bytes at {at:#x}"))
     }

@@ -4,7 +4,7 @@
 
 use super::{Image, State};
 use crate::cache::Ticket;
-use crate::error::Result;
+use crate::error::{IoContext, Result};
 use crate::format::entries::{COPIED, Mapping, SubclusterBitmap, SubclusterState, ZERO};
 use crate::types::{GuestOffset, HostOffset};
 
@@ -37,6 +37,17 @@ impl ZeroMode {
 impl Image {
     /// Zeroes or discards a guest range, one cluster at a time. The caller holds the I/O gate.
     pub(crate) fn zero_range(&self, off: GuestOffset, len: u64, mode: ZeroMode) -> Result<()> {
+        if let Some(df) = self.data_file.as_ref().filter(|d| d.raw) {
+            // A raw data file must read as the image does: zeros go into it, and the L2
+            // entries (which map each cluster to its own offset there) stay as they are.
+            let (at, len) = (off.0, len);
+            let done = if mode.unmap() {
+                df.storage.punch_hole(at, len)
+            } else {
+                df.storage.write_zeroes(at, len)
+            };
+            return done.ctx(|| format!("zeroing {len} bytes at {at:#x} of the data file"));
+        }
         let cs = self.geo.cluster_size();
         let cb = self.geo.cluster_bits;
         let mut pos = off.0;
@@ -129,6 +140,23 @@ impl State {
             .at
             .ok_or_else(|| crate::error::Error::corrupt("zeroing an L2 slot that has no table"))?;
         let old = (slot.word, slot.bitmap);
+        if let (
+            Some(data),
+            Some(
+                Mapping::Data { host, .. }
+                | Mapping::Zero {
+                    prealloc: Some(host),
+                },
+            ),
+        ) = (&self.meta.data_file, release)
+        {
+            // A data-file cluster is not refcounted: freeing it is punching it, done before
+            // the entry changes (a crash in between reads zeros, which a zeroing or discard
+            // allows) and while the cluster is not busy, so no write to it is in flight.
+            let cs = self.meta.geo.cluster_size();
+            data.punch_hole(host.0, cs)
+                .ctx(|| format!("punching {host} of the data file"))?;
+        }
         self.set_slot(slot, word, bitmap, out.1)?;
         if let Some(m) = release {
             self.release(m);

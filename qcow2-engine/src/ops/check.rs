@@ -279,6 +279,9 @@ struct Pass {
     l2_refs: HashMap<u64, u32>,
     /// Active L2 tables in guest order.
     active_order: Vec<u64>,
+    /// The first guest offset each active L2 table maps (images with an external data file
+    /// check that every entry names its own guest offset).
+    l2_guest: HashMap<u64, u64>,
     next_contiguous: u64,
     report: CheckReport,
 }
@@ -305,6 +308,7 @@ impl Pass {
             budget: (256 << 20) + file_len.saturating_mul(16),
             l2_refs: HashMap::new(),
             active_order: Vec::new(),
+            l2_guest: HashMap::new(),
             report: CheckReport {
                 total_clusters: header.size.div_ceil(geo.cluster_size()),
                 ..Default::default()
@@ -392,8 +396,13 @@ impl Pass {
             return Ok(());
         }
         let l1 = self.read_u64s(offset, entries, "L1 table")?;
-        for e in l1 {
+        let per_table =
+            self.geo.cluster_size() / self.geo.l2_entry_size() * self.geo.cluster_size();
+        for (index, e) in l1.into_iter().enumerate() {
             let off = e & OFFSET_MASK;
+            if active && off != 0 {
+                self.l2_guest.entry(off).or_insert(index as u64 * per_table);
+            }
             if off == 0 {
                 continue;
             }
@@ -449,7 +458,13 @@ impl Pass {
 
     fn walk_l2(&mut self, table: u64, active: bool, times: u32) -> Result<()> {
         let cs = self.geo.cluster_size();
+        let data_file = self.header.has_data_file();
+        let guest_base = self.l2_guest.get(&table).copied();
         for (i, (word, bitmap)) in self.read_l2(table)?.into_iter().enumerate() {
+            if data_file {
+                self.walk_data_file_entry(table, i, word, bitmap, active, guest_base);
+                continue;
+            }
             if let Some((host, sectors)) = L2Entry(word).compressed(&self.geo) {
                 if self.geo.extended_l2 && bitmap != 0 {
                     self.corruption(format!(
@@ -510,6 +525,61 @@ impl Pass {
             self.inc_by(off, cs, times);
         }
         Ok(())
+    }
+
+    /// An L2 entry of an image with an external data file: its data cluster is in the data
+    /// file and not refcounted, but it must name its own guest offset, and cannot be
+    /// compressed.
+    fn walk_data_file_entry(
+        &mut self,
+        table: u64,
+        i: usize,
+        word: u64,
+        bitmap: u64,
+        active: bool,
+        guest_base: Option<u64>,
+    ) {
+        use crate::format::entries::Mapping;
+        let guest = guest_base.map(|b| b + i as u64 * self.geo.cluster_size());
+        let mapping = match L2Entry(word).decode_in(&self.geo, true) {
+            Ok(Mapping::Compressed { .. }) => {
+                return self.corruption(format!(
+                    "ERROR compressed cluster in an image with an external data file (L2 offset: {table:#x}, L2 index: {i:#x})"
+                ));
+            }
+            Ok(m) => m,
+            Err(e) => {
+                return self.corruption(format!(
+                    "ERROR {e} (L2 offset: {table:#x}, L2 index: {i:#x})"
+                ));
+            }
+        };
+        if self.geo.extended_l2 {
+            let (alloc, zero) = (bitmap & 0xffff_ffff, bitmap >> 32);
+            let has_host = matches!(mapping, Mapping::Data { .. });
+            if alloc & zero != 0 || (!has_host && alloc != 0) {
+                return self.corruption(format!(
+                    "ERROR: Invalid cluster entry found  (L2 offset: {table:#x}, L2 index: {i:#x})"
+                ));
+            }
+        }
+        let host = match mapping {
+            Mapping::Data { host, .. }
+            | Mapping::Zero {
+                prealloc: Some(host),
+            } => host.0,
+            _ => return,
+        };
+        if let Some(guest) = guest
+            && host != guest
+        {
+            return self.corruption(format!(
+                "ERROR data cluster of guest offset {guest:#x} at {host:#x} of the external data file (L2 offset: {table:#x}, L2 index: {i:#x})"
+            ));
+        }
+        if active {
+            self.report.allocated_clusters += 1;
+        }
     }
 
     fn walk_snapshots(&mut self) -> Result<()> {
@@ -700,6 +770,9 @@ impl Pass {
             }
             if !seen.insert(off) {
                 continue; // a table named twice is checked once
+            }
+            if self.header.has_data_file() {
+                continue; // data-file clusters are not refcounted
             }
             let entry_size = self.geo.l2_entry_size();
             for (j, (word, _)) in self.read_l2(off)?.into_iter().enumerate() {

@@ -63,6 +63,18 @@ pub struct CreateOptions {
     /// How compressed clusters are compressed (`compression_type`; zstd sets the
     /// incompatible compression bit, as qemu-img does).
     pub compression: CompressionType,
+    /// Keep guest data in an external data file (QEMU's `data_file`).
+    pub data_file: Option<NewDataFile>,
+}
+
+/// The external data file of a new image.
+#[derive(Debug, Clone)]
+pub struct NewDataFile {
+    /// Its name as stored (relative names are relative to the new image's directory).
+    /// [`create`] makes the file, as large as the image, and never over an existing one.
+    pub name: String,
+    /// `data_file_raw`: keep it a consistent raw image of the guest disk.
+    pub raw: bool,
 }
 
 /// The encryption of a new image.
@@ -90,6 +102,7 @@ impl Default for CreateOptions {
             backing: None,
             encryption: None,
             compression: CompressionType::Zlib,
+            data_file: None,
         }
     }
 }
@@ -124,8 +137,23 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         name.to_string_lossy(),
         std::process::id()
     ));
-    let storage =
-        Arc::new(FileStorage::create_new(&tmp).ctx(|| format!("creating {}", tmp.display()))?);
+    // The data file first, new and empty: it is removed again if the image is not made.
+    let data_file = match &opts.data_file {
+        Some(df) => Some(new_data_file(&df.name, path, opts)?),
+        None => None,
+    };
+    let remove_data_file = || {
+        if let Some(p) = &data_file {
+            let _ = std::fs::remove_file(p);
+        }
+    };
+    let storage = match FileStorage::create_new(&tmp) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            remove_data_file();
+            return Err(Error::io(format!("creating {}", tmp.display()), e));
+        }
+    };
     let result = create_on(storage.clone(), Some(path), opts)
         .and_then(|()| storage.flush().ctx(|| format!("syncing {}", tmp.display())))
         .and_then(|()| {
@@ -146,11 +174,34 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         });
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
+        remove_data_file();
         return result;
     }
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .ctx(|| format!("syncing directory {}", dir.display()))
+}
+
+/// Makes the new, empty data file named `name` (resolved like a backing name against
+/// `image`'s directory), as long as the image's virtual size; returns its path.
+fn new_data_file(name: &str, image: &Path, opts: &CreateOptions) -> Result<std::path::PathBuf> {
+    let path = resolve_backing_name(name, Some(image))?;
+    let size = opts
+        .size
+        .ok_or_else(|| Error::arg("an image with a data file needs a size"))?
+        .checked_next_multiple_of(512)
+        .ok_or_else(|| Error::arg("size overflows"))?;
+    let file = FileStorage::create_new(&path)
+        .ctx(|| format!("creating the data file {}", path.display()))?;
+    let sized = file
+        .set_len(size)
+        .and_then(|()| file.flush())
+        .ctx(|| format!("sizing the data file {}", path.display()));
+    if let Err(e) = sized {
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
+    }
+    Ok(path)
 }
 
 /// Writes a new image into empty `storage`. `path` locates relative backing names.
@@ -240,13 +291,34 @@ pub fn create_on(
     }
 
     let mut incompatible = 0;
+    let mut autoclear = 0;
+    if let Some(df) = &opts.data_file {
+        if opts.encryption.is_some() {
+            return Err(Error::unsupported(
+                "an encrypted image with an external data file",
+            ));
+        }
+        if df.raw && opts.backing.is_some() {
+            return Err(Error::arg(
+                "a raw data file cannot have a backing file under it (the data file alone \
+                 would not be the guest disk)",
+            ));
+        }
+        if df.name.is_empty() || df.name.len() > 1023 || df.name.contains('\0') {
+            return Err(Error::arg("a data file name of 1 to 1023 bytes"));
+        }
+        incompatible |= incompat::DATA_FILE;
+        if df.raw {
+            autoclear |= crate::format::header::autoclear::RAW_DATA;
+        }
+    }
     if opts.extended_l2 {
         incompatible |= incompat::EXTENDED_L2;
     }
     if opts.compression == CompressionType::Zstd {
         incompatible |= incompat::COMPRESSION;
     }
-    let header = Header {
+    let mut header = Header {
         version: 3,
         cluster_bits,
         size,
@@ -259,7 +331,7 @@ pub fn create_on(
         snapshots_offset: 0,
         incompatible_features: incompatible,
         compatible_features: 0,
-        autoclear_features: 0,
+        autoclear_features: autoclear,
         refcount_order: geo.refcount_order,
         header_length: V3_HEADER_LEN,
         compression_type: opts.compression,
@@ -274,6 +346,9 @@ pub fn create_on(
         },
         unknown_extensions: extensions,
     };
+    if let Some(df) = &opts.data_file {
+        header.set_data_file_name(&df.name);
+    }
     let w = |bytes: &[u8], at: u64| {
         storage
             .write_at(bytes, at)

@@ -72,6 +72,12 @@ pub struct Qcow2Specific {
     pub lazy_refcounts: bool,
     /// Refcount width.
     pub refcount_bits: u64,
+    /// The external data file's name as stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_file: Option<String>,
+    /// Whether the external data file is a consistent raw image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_file_raw: Option<bool>,
     /// Corrupt bit.
     pub corrupt: bool,
     /// Extended L2 entries.
@@ -230,6 +236,8 @@ pub fn info(
                 }),
                 lazy_refcounts: h.compatible_features & compat::LAZY_REFCOUNTS != 0,
                 refcount_bits: h.geometry().refcount_bits(),
+                data_file: h.data_file_name()?,
+                data_file_raw: h.has_data_file().then_some(h.data_file_raw()),
                 corrupt: h.incompatible_features & incompat::CORRUPT != 0,
                 extended_l2: h.geometry().extended_l2,
                 encrypt: img.luks_header().map(EncryptInfo::of),
