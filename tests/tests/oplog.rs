@@ -20,6 +20,9 @@ struct Case {
     min_reftable_clusters: u32,
     /// Both images (and the base) LUKS-encrypted with [`PASS`].
     encrypted: bool,
+    /// Both images (not the base) keep their data in an external data file, raw (`true`:
+    /// `data_file_raw`, which then must equal the expected raw file) or not.
+    data_file: Option<bool>,
 }
 
 const PASS: &str = "oplog passphrase";
@@ -105,6 +108,17 @@ fn run(case: Case) {
         opts = format!("{opts},{LUKS}");
     }
     let enc = case.encrypted;
+    // Absolute names: qemu resolves a relative data file name against its working
+    // directory, we against the image's.
+    let data_of = |image: &Path| image.with_extension("data");
+    let their_opts = match case.data_file {
+        None => opts.clone(),
+        Some(raw) => format!(
+            "{opts},data_file={}{}",
+            data_of(&theirs).display(),
+            if raw { ",data_file_raw=on" } else { "" }
+        ),
+    };
 
     let mut create = CreateOptions {
         size: Some(case.size),
@@ -116,6 +130,10 @@ fn run(case: Case) {
                 iter_time_ms: 10,
                 ..Default::default()
             },
+        }),
+        data_file: case.data_file.map(|raw| qcow2_engine::ops::create::NewDataFile {
+            name: data_of(&ours).display().to_string(),
+            raw,
         }),
         ..CreateOptions::default()
     };
@@ -172,7 +190,7 @@ fn run(case: Case) {
             "-f",
             "qcow2",
             "-o",
-            &opts,
+            &their_opts,
             "-b",
             "base.qcow2",
             "-F",
@@ -187,7 +205,7 @@ fn run(case: Case) {
             "-f",
             "qcow2",
             "-o",
-            &opts,
+            &their_opts,
             theirs.to_str().unwrap(),
             &size,
         ]);
@@ -207,6 +225,14 @@ fn run(case: Case) {
     drop(raw_file);
 
     engine_reads_match(&ours, &raw, enc);
+    if case.data_file == Some(true) {
+        // A raw data file is the guest disk.
+        let expected = std::fs::read(&raw).expect("raw");
+        for image in [&ours, &theirs] {
+            let data = std::fs::read(data_of(image)).expect("data file");
+            assert!(data == expected, "{} is not the guest disk", data_of(image).display());
+        }
+    }
     if enc {
         let (o, t) = (
             image_opts(&ours, case.overlay),
@@ -248,6 +274,7 @@ fn plain_standard_l2() {
         extended_l2: false,
         overlay: false,
         encrypted: false,
+        data_file: None,
         min_reftable_clusters: 1,
     });
 }
@@ -262,6 +289,7 @@ fn plain_extended_l2() {
         extended_l2: true,
         overlay: false,
         encrypted: false,
+        data_file: None,
         min_reftable_clusters: 1,
     });
 }
@@ -276,6 +304,7 @@ fn overlay_standard_l2() {
         extended_l2: false,
         overlay: true,
         encrypted: false,
+        data_file: None,
         min_reftable_clusters: 1,
     });
 }
@@ -290,6 +319,7 @@ fn overlay_extended_l2() {
         extended_l2: true,
         overlay: true,
         encrypted: false,
+        data_file: None,
         min_reftable_clusters: 1,
     });
 }
@@ -306,6 +336,7 @@ fn tiny_clusters_grow_refcount_structures() {
         extended_l2: false,
         overlay: false,
         encrypted: false,
+        data_file: None,
         min_reftable_clusters: 2,
     });
 }
@@ -320,6 +351,7 @@ fn small_clusters_extended_l2_overlay() {
         extended_l2: true,
         overlay: true,
         encrypted: false,
+        data_file: None,
         min_reftable_clusters: 1,
     });
 }
@@ -334,6 +366,7 @@ fn two_mib_clusters() {
         extended_l2: false,
         overlay: true,
         encrypted: false,
+        data_file: None,
         min_reftable_clusters: 1,
     });
 }
@@ -348,6 +381,7 @@ fn encrypted_standard_l2() {
         extended_l2: false,
         overlay: false,
         encrypted: true,
+        data_file: None,
         min_reftable_clusters: 1,
     });
 }
@@ -362,6 +396,52 @@ fn encrypted_overlay_extended_l2() {
         extended_l2: true,
         overlay: true,
         encrypted: true,
+        data_file: None,
+        min_reftable_clusters: 1,
+    });
+}
+
+#[test]
+fn data_file_standard_l2() {
+    run(Case {
+        seed: 31,
+        ops: 1500,
+        size: 16 << 20,
+        cluster: 64 << 10,
+        extended_l2: false,
+        overlay: false,
+        encrypted: false,
+        data_file: Some(false),
+        min_reftable_clusters: 1,
+    });
+}
+
+#[test]
+fn data_file_raw_extended_l2() {
+    run(Case {
+        seed: 32,
+        ops: 1500,
+        size: 16 << 20,
+        cluster: 32 << 10,
+        extended_l2: true,
+        overlay: false,
+        encrypted: false,
+        data_file: Some(true),
+        min_reftable_clusters: 1,
+    });
+}
+
+#[test]
+fn data_file_overlay_on_a_plain_base() {
+    run(Case {
+        seed: 33,
+        ops: 1500,
+        size: 16 << 20,
+        cluster: 64 << 10,
+        extended_l2: false,
+        overlay: true,
+        encrypted: false,
+        data_file: Some(false),
         min_reftable_clusters: 1,
     });
 }
