@@ -835,3 +835,57 @@ fn one_l2_table_named_by_every_l1_entry() {
     assert_eq!(code, 2, "{err}");
     assert_mentions("check", &err, "ERROR cluster");
 }
+
+/// `c`'s image made to keep its data in an external data file named `name` (the header
+/// rewritten: the data-file bit and the name extension), `raw` adding the raw-data bit.
+fn with_data_file(c: &Crafted, name: &str, raw: bool) {
+    let mut h = c.header.clone();
+    h.incompatible_features |= qcow2_engine::format::header::incompat::DATA_FILE;
+    if raw {
+        h.autoclear_features |= qcow2_engine::format::header::autoclear::RAW_DATA;
+    }
+    h.set_data_file_name(name);
+    c.poke(0, &h.to_bytes().unwrap());
+}
+
+#[test]
+fn data_file_name_with_dotdot_under_confinement() {
+    let c = crafted!();
+    with_data_file(&c, "../evil.data", false);
+    let e = Image::open(&c.path, &confined(&c)).expect_err("opened");
+    assert_mentions("open", &e.to_string(), "'..'");
+}
+
+#[test]
+fn data_file_absolute_name_under_confinement() {
+    let c = crafted!();
+    with_data_file(&c, "/etc/passwd", true);
+    let e = Image::open(&c.path, &confined(&c)).expect_err("opened");
+    assert_mentions("open", &e.to_string(), "absolute");
+}
+
+#[test]
+fn data_file_missing() {
+    let c = crafted!();
+    with_data_file(&c, "missing.data", false);
+    // Like a missing backing file: the image cannot be used, `info` still works.
+    refused(&c, Stage::Backing, "external data file");
+}
+
+#[test]
+fn data_file_is_the_image_itself() {
+    let c = crafted!();
+    with_data_file(&c, "evil.qcow2", true);
+    refused(&c, Stage::Backing, "the image itself");
+}
+
+#[test]
+fn data_file_entry_names_another_guest_cluster() {
+    let c = crafted!();
+    let data = c.dir.path().join("evil.data");
+    std::fs::write(&data, vec![0x5au8; 4 << 20]).unwrap();
+    with_data_file(&c, "evil.data", false);
+    // Guest cluster 0's entry points at cluster 1's offset in the data file.
+    c.poke(c.l2_table(), &(0x1_0000u64 | 1 << 63).to_be_bytes());
+    refused(&c, Stage::Read, "not at its own offset");
+}

@@ -131,10 +131,12 @@ fn run(case: Case) {
                 ..Default::default()
             },
         }),
-        data_file: case.data_file.map(|raw| qcow2_engine::ops::create::NewDataFile {
-            name: data_of(&ours).display().to_string(),
-            raw,
-        }),
+        data_file: case
+            .data_file
+            .map(|raw| qcow2_engine::ops::create::NewDataFile {
+                name: data_of(&ours).display().to_string(),
+                raw,
+            }),
         ..CreateOptions::default()
     };
     let raw_file = File::options()
@@ -230,7 +232,11 @@ fn run(case: Case) {
         let expected = std::fs::read(&raw).expect("raw");
         for image in [&ours, &theirs] {
             let data = std::fs::read(data_of(image)).expect("data file");
-            assert!(data == expected, "{} is not the guest disk", data_of(image).display());
+            assert!(
+                data == expected,
+                "{} is not the guest disk",
+                data_of(image).display()
+            );
         }
     }
     if enc {

@@ -63,13 +63,9 @@ pub(super) fn open(
         },
         e => e,
     })?;
-    let storage = if opts.force_share {
-        FileStorage::open_unlocked(&path)
-    } else {
-        FileStorage::open(&path, opts.writable)
-    }
-    .map_err(|e| refuse(&path, format!("cannot open the external data file: {e}")))?;
-    let md = std::fs::metadata(&path).map_err(|e| refuse(&path, e.to_string()))?;
+    // Checked before it is opened (and locked: the image's own lock would hide the cause).
+    let md = std::fs::metadata(&path)
+        .map_err(|e| refuse(&path, format!("cannot open the external data file: {e}")))?;
     let id = (md.dev(), md.ino());
     let is_image =
         image_path.is_some_and(|p| std::fs::metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == id));
@@ -79,7 +75,12 @@ pub(super) fn open(
             "the external data file is the image itself or a layer of its chain",
         ));
     }
-    let mut storage = storage;
+    let mut storage = if opts.force_share {
+        FileStorage::open_unlocked(&path)
+    } else {
+        FileStorage::open(&path, opts.writable)
+    }
+    .map_err(|e| refuse(&path, format!("cannot open the external data file: {e}")))?;
     storage
         .set_cache_mode(opts.cache)
         .map_err(|e| refuse(&path, e.to_string()))?;
