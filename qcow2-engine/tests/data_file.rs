@@ -277,16 +277,11 @@ fn qcow2util_creates_data_file_images_as_qemu_img_does() {
             dir.path(),
             &["create", "-q", "-f", "qcow2", "-o", &o, s(&theirs), "4M"],
         );
-        let (mut a, mut b) = (
+        // With a raw data file, both preallocate the L2 tables (every cluster mapped).
+        let (a, b) = (
             std::fs::read(&ours).unwrap(),
             std::fs::read(&theirs).unwrap(),
         );
-        if raw {
-            // qemu-img also preallocates the L2 tables of a raw data file (metadata
-            // preallocation); we allocate them at the first write: the headers agree.
-            a.truncate(65536);
-            b.truncate(65536);
-        }
         let differ: Vec<usize> = (0..a.len().max(b.len()))
             .filter(|&i| a.get(i) != b.get(i))
             .take(10)

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::crypto::{Passphrase, luks};
 use crate::error::{Error, IoContext, Result};
+use crate::format::entries::COPIED;
 use crate::format::header::{V3_HEADER_LEN, incompat};
 use crate::format::{CompressionType, Header, refcount};
 use crate::image::{BackingPolicy, Image, OpenOptions, resolve_backing_name};
@@ -267,9 +268,16 @@ pub fn create_on(
     // Header, refcount table, refcount blocks, L1 (and the encryption header): solve for the
     // table sizes that cover it all.
     let l1_clusters = (l1_entries * 8).div_ceil(cs);
+    // A raw data file's L2 tables are preallocated, every cluster mapped to itself, as
+    // qemu-img does (its metadata preallocation): then the image reads as the data file from
+    // the start, and writes land in place.
+    let l2_tables = match &opts.data_file {
+        Some(df) if df.raw => l1_entries,
+        _ => 0,
+    };
     let (mut rt, mut rb) = (1u64, 1u64);
     loop {
-        let total = 1 + rt + rb + l1_clusters + crypto_clusters;
+        let total = 1 + rt + rb + l1_clusters + crypto_clusters + l2_tables;
         let need_rb = total.div_ceil(geo.refblock_entries());
         let need_rt = (need_rb * 8).div_ceil(cs);
         if need_rb == rb && need_rt == rt {
@@ -279,7 +287,8 @@ pub fn create_on(
     }
     let l1_cluster = 1 + rt + rb;
     let crypto_cluster = l1_cluster + l1_clusters;
-    let total = crypto_cluster + crypto_clusters;
+    let l2_cluster = crypto_cluster + crypto_clusters;
+    let total = l2_cluster + l2_tables;
     let mut extensions = Vec::new();
     if let Some(region) = &crypto_region {
         let mut data = (crypto_cluster * cs).to_be_bytes().to_vec();
@@ -369,7 +378,28 @@ pub fn create_on(
     }
     w(&blocks, (1 + rt) * cs)?;
     if l1_entries > 0 {
-        w(&vec![0u8; (l1_entries * 8) as usize], l1_cluster * cs)?;
+        let l1: Vec<u8> = (0..l1_entries)
+            .flat_map(|i| match i < l2_tables {
+                true => ((l2_cluster + i) * cs | COPIED).to_be_bytes(),
+                false => [0u8; 8],
+            })
+            .collect();
+        w(&l1, l1_cluster * cs)?;
+    }
+    let per_table = geo.l2_entries();
+    let mut table = vec![0u8; cs as usize];
+    for i in 0..l2_tables {
+        table.fill(0);
+        for j in 0..per_table {
+            let guest = (i * per_table + j) * cs;
+            if guest >= size {
+                break;
+            }
+            let at = (j * geo.l2_entry_size()) as usize;
+            // Extended L2: the bitmap stays 0 (mapped, subclusters unallocated: zeros).
+            table[at..at + 8].copy_from_slice(&(guest | COPIED).to_be_bytes());
+        }
+        w(&table, (l2_cluster + i) * cs)?;
     }
     if let Some(region) = &crypto_region {
         // The whole of its last cluster, as QEMU allocates it.
