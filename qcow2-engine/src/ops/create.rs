@@ -380,7 +380,7 @@ pub fn create_on(
     if l1_entries > 0 {
         let l1: Vec<u8> = (0..l1_entries)
             .flat_map(|i| match i < l2_tables {
-                true => ((l2_cluster + i) * cs | COPIED).to_be_bytes(),
+                true => (((l2_cluster + i) * cs) | COPIED).to_be_bytes(),
                 false => [0u8; 8],
             })
             .collect();
