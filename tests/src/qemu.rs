@@ -51,6 +51,32 @@ pub fn img_output(args: &[&str]) -> Output {
     run(cmd)
 }
 
+/// [`check_no_corruption`] run in `dir`: qemu opens a relative external data file name
+/// against its working directory (we against the image's).
+pub fn check_no_corruption_in(dir: &Path, path: &Path) -> u64 {
+    let mut cmd = Command::new("qemu-img");
+    cmd.current_dir(dir)
+        .args(["check", "--output=json", path.to_str().expect("utf-8 path")]);
+    let out = run(cmd);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        matches!(out.status.code(), Some(0 | 3)),
+        "qemu-img check {} exited {:?}: {text}{}",
+        path.display(),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&text).expect("check json");
+    for key in ["check-errors", "corruptions"] {
+        assert_eq!(
+            v.get(key).and_then(|x| x.as_u64()).unwrap_or(0),
+            0,
+            "{key} in {text}"
+        );
+    }
+    v.get("leaks").and_then(|x| x.as_u64()).unwrap_or(0)
+}
+
 /// Runs qemu-io commands (one `-c` each) on a qcow2 image and asserts none failed.
 pub fn io(path: &Path, cmds: &[String]) {
     let mut cmd = Command::new("qemu-io");

@@ -81,20 +81,34 @@ struct Case {
     ops: Vec<Op>,
     /// The passphrase of a LUKS-encrypted image.
     passphrase: Option<&'static str>,
+    /// The external data file before the workload, for an image with one (named
+    /// [`DATA_FILE`]): it crashes with the image, as another file of the same process.
+    data_initial: Option<Vec<u8>>,
 }
+
+/// The data file name of the data-file cases.
+const DATA_FILE: &str = "top.data";
 
 impl Case {
     fn path(&self) -> PathBuf {
         self.dir.join("top.qcow2")
     }
 
-    fn open(&self, storage: Arc<dyn Storage>, writable: bool) -> qcow2_engine::Result<Image> {
+    fn open(
+        &self,
+        storage: Arc<dyn Storage>,
+        data: Option<Arc<dyn Storage>>,
+        writable: bool,
+    ) -> qcow2_engine::Result<Image> {
         let opts = OpenOptions {
             writable,
             passphrase: self.passphrase.map(qcow2_engine::crypto::Passphrase::new),
             ..OpenOptions::default()
         };
-        Image::open_storage(storage, Some(&self.path()), &opts)
+        match data {
+            Some(d) => Image::open_storage_with_data_file(storage, d, Some(&self.path()), &opts),
+            None => Image::open_storage(storage, Some(&self.path()), &opts),
+        }
     }
 
     fn model_after(&self, k: usize) -> Vec<u8> {
@@ -113,13 +127,20 @@ struct Run {
     /// Ops up to and including the last completed guest flush.
     flushed: usize,
     storage: Arc<FaultStorage>,
+    /// The data file, crashed with the image.
+    data: Option<Arc<FaultStorage>>,
 }
 
 fn run(case: &Case, plan: FaultPlan) -> Run {
     let storage = Arc::new(FaultStorage::new(case.initial.clone(), plan));
+    let data = case
+        .data_initial
+        .as_ref()
+        .map(|d| Arc::new(FaultStorage::sharing(d.clone(), &storage)));
     let mut acked = 0;
     let mut flushed = 0;
-    if let Ok(img) = case.open(storage.clone(), true) {
+    let data_dyn = data.clone().map(|d| d as Arc<dyn Storage>);
+    if let Ok(img) = case.open(storage.clone(), data_dyn, true) {
         for (i, op) in case.ops.iter().enumerate() {
             if op.apply(&img).is_err() {
                 break;
@@ -137,13 +158,18 @@ fn run(case: &Case, plan: FaultPlan) -> Run {
         acked,
         flushed,
         storage,
+        data,
     }
 }
 
+fn memory(bytes: &[u8]) -> Arc<dyn Storage> {
+    Arc::new(MemoryStorage::from_bytes(bytes.to_vec()))
+}
+
 /// Guest content of an image held in memory (read-only open: no repair, no writes).
-fn content(case: &Case, bytes: &[u8]) -> Vec<u8> {
+fn content(case: &Case, bytes: &[u8], data: Option<&[u8]>) -> Vec<u8> {
     let img = case
-        .open(Arc::new(MemoryStorage::from_bytes(bytes.to_vec())), false)
+        .open(memory(bytes), data.map(memory), false)
         .unwrap_or_else(|e| panic!("{}: crashed image does not open read-only: {e}", case.name));
     let mut buf = vec![0u8; img.size() as usize];
     img.read_at(&mut buf, 0)
@@ -155,12 +181,21 @@ fn content(case: &Case, bytes: &[u8]) -> Vec<u8> {
 fn verify(
     case: &Case,
     what: &str,
-    bytes: &[u8],
+    (bytes, data): (&[u8], Option<&[u8]>),
     scratch: &Path,
     allowed: impl Fn(usize, u8) -> bool,
 ) {
     std::fs::write(scratch, bytes).unwrap();
-    qemu::check_no_corruption_with(scratch, case.passphrase);
+    match data {
+        Some(d) => {
+            let dir = scratch.parent().unwrap();
+            std::fs::write(dir.join(DATA_FILE), d).unwrap();
+            qemu::check_no_corruption_in(dir, scratch);
+        }
+        None => {
+            qemu::check_no_corruption_with(scratch, case.passphrase);
+        }
+    }
     let ours = check::check(
         &(Arc::new(MemoryStorage::from_bytes(bytes.to_vec())) as Arc<dyn Storage>),
         Repair::None,
@@ -172,7 +207,7 @@ fn verify(
         case.name, ours.messages
     );
 
-    let before = content(case, bytes);
+    let before = content(case, bytes, data);
     if let Some(i) = (0..before.len()).find(|&i| !allowed(i, before[i])) {
         panic!(
             "{}: {what}: guest byte {i:#x} is {:#x}, which no acknowledged state allows",
@@ -182,8 +217,13 @@ fn verify(
 
     // Our read-write open repairs (the image is dirty) and the close is clean.
     let storage = Arc::new(MemoryStorage::from_bytes(bytes.to_vec()));
+    let data_storage = data.map(|d| Arc::new(MemoryStorage::from_bytes(d.to_vec())));
     let img = case
-        .open(storage.clone(), true)
+        .open(
+            storage.clone(),
+            data_storage.clone().map(|d| d as Arc<dyn Storage>),
+            true,
+        )
         .unwrap_or_else(|e| panic!("{}: {what}: read-write open/repair failed: {e}", case.name));
     img.close().unwrap();
     let repaired = storage.to_bytes();
@@ -199,8 +239,9 @@ fn verify(
         case.name,
         after.messages
     );
+    let data_after = data_storage.map(|d| d.to_bytes());
     assert!(
-        content(case, &repaired) == before,
+        content(case, &repaired, data_after.as_deref()) == before,
         "{}: {what}: repair changed guest content",
         case.name
     );
@@ -226,7 +267,16 @@ fn enumerate(case: &Case) -> u64 {
             let points = &points;
             let images = &images;
             s.spawn(move || {
-                let scratch = case.dir.join(format!("crash-{w}.qcow2"));
+                // Beside the backing file; with a data file, one directory per worker, the
+                // data file beside the image.
+                let scratch = match &case.data_initial {
+                    None => case.dir.join(format!("crash-{w}.qcow2")),
+                    Some(_) => {
+                        let d = case.dir.join(format!("worker-{w}"));
+                        std::fs::create_dir_all(&d).unwrap();
+                        d.join("crash.qcow2")
+                    }
+                };
                 let mut rng = ChaCha8Rng::seed_from_u64(w as u64);
                 for &plan in points.iter().skip(w).step_by(workers) {
                     let r = run(case, plan);
@@ -234,10 +284,11 @@ fn enumerate(case: &Case) -> u64 {
                     let done = case.model_after(r.acked);
                     let next = case.model_after((r.acked + 1).min(case.ops.len()));
                     // Process crash: everything acknowledged, the op in flight old or new.
+                    let live_data = r.data.as_ref().map(|d| d.live());
                     verify(
                         case,
                         &format!("process crash at {plan:?}"),
-                        &r.storage.live(),
+                        (&r.storage.live(), live_data.as_deref()),
                         &scratch,
                         |i, b| {
                             done.get(i).copied().unwrap_or(0) == b
@@ -265,12 +316,30 @@ fn enumerate(case: &Case) -> u64 {
                     for _ in 0..2 {
                         subsets.push((0..n).map(|_| rng.random_bool(0.5)).collect());
                     }
+                    // The data file's unflushed mutations, chosen the same way.
+                    let data_unflushed = r.data.as_ref().map(|d| d.unflushed()).unwrap_or_default();
+                    let dn = data_unflushed.len();
+                    let mut data_subsets: Vec<Vec<bool>> = vec![
+                        vec![false; dn],
+                        vec![true; dn],
+                        data_unflushed
+                            .iter()
+                            .map(|m| matches!(m, Mutation::Write(..)))
+                            .collect(),
+                    ];
+                    for _ in 0..2 {
+                        data_subsets.push((0..dn).map(|_| rng.random_bool(0.5)).collect());
+                    }
                     for (k, keep) in subsets.iter().enumerate() {
                         let bytes = r.storage.power_loss(|j| keep[j]);
+                        let data_bytes = r.data.as_ref().map(|d| {
+                            let keep = &data_subsets[k];
+                            d.power_loss(|j| keep[j])
+                        });
                         verify(
                             case,
                             &format!("power loss {k} at {plan:?}"),
-                            &bytes,
+                            (&bytes, data_bytes.as_deref()),
                             &scratch,
                             |i, b| {
                                 touched.get(i).copied().unwrap_or(true)
@@ -346,6 +415,12 @@ fn make_case(
     let storage = Arc::new(MemoryStorage::new());
     let path = dir.join("top.qcow2");
     qcow2_engine::create_on(storage.clone(), Some(&path), &create).unwrap();
+    // create_on makes no data file: an empty one, as large as the image.
+    let data = create.data_file.as_ref().map(|_| {
+        let d = Arc::new(MemoryStorage::new());
+        d.set_len(create.size.expect("a size")).unwrap();
+        d
+    });
     let passphrase = match &create.encryption {
         Some(NewEncryption::New { .. }) => Some(PASS),
         _ => None,
@@ -354,7 +429,13 @@ fn make_case(
         passphrase: passphrase.map(qcow2_engine::crypto::Passphrase::new),
         ..OpenOptions::writable()
     };
-    let img = Image::open_storage(storage.clone(), Some(&path), &opts).unwrap();
+    let img = match &data {
+        Some(d) => {
+            Image::open_storage_with_data_file(storage.clone(), d.clone(), Some(&path), &opts)
+        }
+        None => Image::open_storage(storage.clone(), Some(&path), &opts),
+    }
+    .unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(99);
     for &(off, len) in prefill {
         img.write_at(&pattern(&mut rng, len as usize), off).unwrap();
@@ -368,8 +449,10 @@ fn make_case(
         base_model: Vec::new(),
         ops,
         passphrase,
+        data_initial: data.map(|d| d.to_bytes()),
     };
-    case.base_model = content(&case, &case.initial.clone());
+    let (initial, data) = (case.initial.clone(), case.data_initial.clone());
+    case.base_model = content(&case, &initial, data.as_deref());
     case
 }
 
@@ -593,7 +676,7 @@ fn repair_survives_crashes() {
     .unwrap()
     .leaks;
     assert!(leaks > 0, "the crash left no leaks to repair");
-    let expected = content(&case, &dirty);
+    let expected = content(&case, &dirty, None);
     case.initial = dirty;
     case.ops = Vec::new(); // the workload is the repairing open and the clean close
 
@@ -615,7 +698,7 @@ fn repair_survives_crashes() {
             verify(
                 &case,
                 &format!("repair interrupted ({k}) at {plan:?}"),
-                bytes,
+                (bytes, None),
                 &scratch,
                 |i, b| expected.get(i).copied().unwrap_or(0) == b,
             );
@@ -672,8 +755,54 @@ fn qemu_made_image_with_compressed_clusters() {
         base_model: Vec::new(),
         ops,
         passphrase: None,
+        data_initial: None,
     };
-    case.base_model = content(&case, &case.initial.clone());
+    case.base_model = content(&case, &case.initial.clone(), None);
     assert!(case.base_model[..256 << 10].iter().all(|&b| b == 0x21));
     assert!(enumerate(&case) > 200);
+}
+
+/// Images with an external data file, plain and raw: every mutation of either file and every
+/// flush is a crash point (one process: the files crash together; after a power loss each
+/// keeps its own subset of unflushed mutations). Writes into unmapped clusters write the
+/// rest of the unit and sync it before linking; discards punch the data file before the
+/// entry changes; a raw data file is zeroed in place.
+#[test]
+fn data_file_images_plain_and_raw() {
+    if !qemu::require() {
+        return;
+    }
+    for (name, raw, extended) in [
+        ("data file, standard L2", false, false),
+        ("raw data file, extended L2", true, true),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let size: u64 = 2 << 20;
+        let mut ops = workload(11 + raw as u64, size, 60, 24 << 10, None);
+        ops.extend([
+            Op::Write(70_001, vec![0x41; 9_000]),
+            Op::Discard(0, 128 << 10),
+            Op::Flush,
+            Op::Write(5_000, vec![0x42; 3_000]),
+            Op::Flush,
+        ]);
+        let case = make_case(
+            name,
+            dir.path(),
+            CreateOptions {
+                size: Some(size),
+                cluster_size: if extended { 32 << 10 } else { 64 << 10 },
+                extended_l2: extended,
+                data_file: Some(qcow2_engine::ops::create::NewDataFile {
+                    name: DATA_FILE.into(),
+                    raw,
+                }),
+                ..CreateOptions::default()
+            },
+            &[(0, 256 << 10), (1 << 20, 100_000)],
+            ops,
+        );
+        let n = enumerate(&case);
+        assert!(n > 100, "{name}: only {n} crash points");
+    }
 }

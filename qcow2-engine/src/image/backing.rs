@@ -36,6 +36,9 @@ pub(crate) struct Chain {
     pub files: Vec<FileId>,
     /// Master keys unlocked so far: a layer with the same encryption header reuses one.
     pub keys: crate::crypto::Keyring,
+    /// The top image's external data file, opened by the caller
+    /// ([`Image::open_storage_with_data_file`]); taken by the top image's open.
+    pub given_data: Option<Arc<dyn Storage>>,
 }
 
 /// A raw backing file.

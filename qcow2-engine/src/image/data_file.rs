@@ -41,6 +41,7 @@ pub(super) fn open(
     image_path: Option<&Path>,
     opts: &OpenOptions,
     chain: &Chain,
+    given: Option<Arc<dyn Storage>>,
 ) -> Result<Option<DataFile>> {
     if !header.has_data_file() {
         return Ok(None);
@@ -53,6 +54,14 @@ pub(super) fn open(
     let name = header.data_file_name()?.ok_or_else(|| {
         Error::invalid("the external data file bit is set but the image names no data file")
     })?;
+    if let Some(storage) = given {
+        return Ok(Some(DataFile {
+            storage,
+            path: PathBuf::from(&name),
+            raw: header.data_file_raw(),
+            name,
+        }));
+    }
     if opts.skip_backing {
         return Ok(None);
     }

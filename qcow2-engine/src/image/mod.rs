@@ -214,12 +214,30 @@ impl Image {
         Self::open_with_chain(storage, path, opts, &mut chain)
     }
 
+    /// [`Image::open_storage`] of an image whose external data file the caller has opened
+    /// too (`data`; the image's data file name is then not resolved). For callers that hold
+    /// both files already, such as tests running the engine on simulated storage.
+    pub fn open_storage_with_data_file(
+        storage: Arc<dyn Storage>,
+        data: Arc<dyn Storage>,
+        path: Option<&Path>,
+        opts: &OpenOptions,
+    ) -> Result<Image> {
+        let mut chain = backing::Chain {
+            given_data: Some(data),
+            ..backing::Chain::default()
+        };
+        Self::open_with_chain(storage, path, opts, &mut chain)
+    }
+
     pub(crate) fn open_with_chain(
         storage: Arc<dyn Storage>,
         path: Option<&Path>,
         opts: &OpenOptions,
         chain: &mut backing::Chain,
     ) -> Result<Image> {
+        // A data file the caller opened is the top image's (opened first), not a backing one's.
+        let given_data = chain.given_data.take();
         let mut header = read_header(&*storage)?;
         check_features(&header, opts.writable)?;
         let crypto = match header.crypt_method {
@@ -279,7 +297,7 @@ impl Image {
             None => None,
         };
         // After the backing chain, whose layers it must not be.
-        let data_file = data_file::open(&header, path, opts, chain)?;
+        let data_file = data_file::open(&header, path, opts, chain, given_data)?;
         let data: Option<Arc<dyn Storage>> = match &data_file {
             Some(df) => Some(df.storage.clone()),
             // Opened metadata-only: its data cannot be read.

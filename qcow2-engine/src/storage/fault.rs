@@ -59,6 +59,13 @@ pub struct FaultStorage {
     live: MemoryStorage,
     durable: Mutex<Vec<u8>>,
     unflushed: Mutex<Vec<Mutation>>,
+    shared: std::sync::Arc<Counters>,
+}
+
+/// The plan and its counters, shared by the files of one process (an image and its data
+/// file): mutations and flushes are counted across them, and a crash stops them all.
+#[derive(Debug)]
+struct Counters {
     plan: Mutex<FaultPlan>,
     mutations: AtomicU64,
     flushes: AtomicU64,
@@ -68,25 +75,40 @@ pub struct FaultStorage {
 impl FaultStorage {
     /// Wraps `initial` bytes (considered durable) with a plan.
     pub fn new(initial: Vec<u8>, plan: FaultPlan) -> Self {
+        Self::with_counters(
+            initial,
+            std::sync::Arc::new(Counters {
+                plan: Mutex::new(plan),
+                mutations: AtomicU64::new(0),
+                flushes: AtomicU64::new(0),
+                crashed: std::sync::atomic::AtomicBool::new(false),
+            }),
+        )
+    }
+
+    /// Another file of the same process as `other`: one plan, counted across both (so
+    /// "crash at mutation N" is the N-th mutation of either), and one crash for both.
+    pub fn sharing(initial: Vec<u8>, other: &FaultStorage) -> Self {
+        Self::with_counters(initial, other.shared.clone())
+    }
+
+    fn with_counters(initial: Vec<u8>, shared: std::sync::Arc<Counters>) -> Self {
         Self {
             live: MemoryStorage::from_bytes(initial.clone()),
             durable: Mutex::new(initial),
             unflushed: Mutex::new(Vec::new()),
-            plan: Mutex::new(plan),
-            mutations: AtomicU64::new(0),
-            flushes: AtomicU64::new(0),
-            crashed: std::sync::atomic::AtomicBool::new(false),
+            shared,
         }
     }
 
     /// How many flushes were attempted so far.
     pub fn flushes(&self) -> u64 {
-        self.flushes.load(Ordering::SeqCst)
+        self.shared.flushes.load(Ordering::SeqCst)
     }
 
     /// Whether the plan's crash happened.
     pub fn has_crashed(&self) -> bool {
-        self.crashed.load(Ordering::SeqCst)
+        self.shared.crashed.load(Ordering::SeqCst)
     }
 
     /// The mutations since the last successful flush, in order.
@@ -118,12 +140,12 @@ impl FaultStorage {
 
     /// Replaces the plan; the mutation counter keeps counting.
     pub fn set_plan(&self, plan: FaultPlan) {
-        *self.plan.lock().recover() = plan;
+        *self.shared.plan.lock().recover() = plan;
     }
 
     /// How many mutations (writes, zeroes, punches, resizes) were attempted so far.
     pub fn mutations(&self) -> u64 {
-        self.mutations.load(Ordering::SeqCst)
+        self.shared.mutations.load(Ordering::SeqCst)
     }
 
     /// What a process crash leaves: every completed mutation.
@@ -145,11 +167,11 @@ impl FaultStorage {
         if self.crashed() {
             return Err(injected("crashed"));
         }
-        let index = self.flushes.fetch_add(1, Ordering::SeqCst);
-        match *self.plan.lock().recover() {
+        let index = self.shared.flushes.fetch_add(1, Ordering::SeqCst);
+        match *self.shared.plan.lock().recover() {
             FaultPlan::FailFlush => Err(injected("flush")),
             FaultPlan::CrashAtFlush(n) if index >= n => {
-                self.crashed.store(true, Ordering::SeqCst);
+                self.shared.crashed.store(true, Ordering::SeqCst);
                 Err(injected("crashed"))
             }
             _ => Ok(()),
@@ -161,14 +183,14 @@ impl FaultStorage {
         if self.crashed() {
             return Err(injected("crashed"));
         }
-        let index = self.mutations.fetch_add(1, Ordering::SeqCst);
-        match *self.plan.lock().recover() {
+        let index = self.shared.mutations.fetch_add(1, Ordering::SeqCst);
+        match *self.shared.plan.lock().recover() {
             FaultPlan::FailMutation(n) if n == index => Err(injected("write")),
             FaultPlan::FullFromMutation(n) if fills && index >= n => {
                 Err(io::Error::from_raw_os_error(libc::ENOSPC))
             }
             FaultPlan::CrashAtMutation(n) if index >= n => {
-                self.crashed.store(true, Ordering::SeqCst);
+                self.shared.crashed.store(true, Ordering::SeqCst);
                 Err(injected("crashed"))
             }
             _ => Ok(()),
