@@ -7,9 +7,14 @@ cluster), the data file then filled with 1 GiB of random bytes (it is the guest 
 - the raw file by fio (io_uring, direct),
 - the image by us (`qcow2util bench --direct`: the L2 lookup, then the read of the data file),
 - the image by QEMU (a qemu-io script of aio reads, `-t none`, timed from outside).
+`qcow2util bench` waits for each batch of reads before the next (docs/benchmarks.md,
+"Batched reads"), where fio keeps its depth in flight: so one client for both, too, fio's
+nbd engine at QD32 against `qcow2-csi nbd --cache none` serving the raw file
+(`--format raw`) and serving the image.
 Caches are dropped before every run; the median of `--repeat` runs is reported, with ratios.
 
 Usage: hack/bench_data_file.py [--dir DIR] [--repeat N] [--count N] [--qcow2util PATH]
+                               [--qcow2-csi PATH]
 """
 
 import argparse
@@ -69,12 +74,38 @@ def qemu(img, qd, count):
     return count / (time.monotonic() - t0)
 
 
+def nbd(csi, path, fmt, count, d):
+    sock = os.path.join(d, "bench.sock")
+    if os.path.exists(sock):
+        os.unlink(sock)
+    server = subprocess.Popen([csi, "nbd", "--socket", sock, "--persistent", "--cache", "none",
+                               "--format", fmt, path],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.05)
+        drop_caches()
+        out = os.path.join(d, "fio.json")
+        sh(["fio", "--name=nbd", "--ioengine=nbd", f"--uri=nbd+unix:///?socket={sock}",
+            "--rw=randread", "--bs=4k", "--iodepth=32", f"--size={GIB}",
+            f"--number_ios={count}", "--norandommap", "--randrepeat=1",
+            "--output-format=json", f"--output={out}"])
+        with open(out) as f:
+            return json.load(f)["jobs"][0]["read"]["iops"]
+    finally:
+        server.terminate()
+        server.wait()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="/var/tmp/qcow2-bench-df")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--count", type=int, default=20000)
     ap.add_argument("--qcow2util", default="target/release/qcow2util")
+    ap.add_argument("--qcow2-csi", default="target/release/qcow2-csi")
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     img, data = make(args.dir)
@@ -94,6 +125,13 @@ def main():
         o = median(lambda: ours(args.qcow2util, img, qd, args.count))
         q = median(lambda: qemu(img, qd, args.count))
         print(f"| {qd} | {r:,.0f} | {o:,.0f} | {q:,.0f} | {o / r:.2f} | {o / q:.2f} |")
+    r = median(lambda: nbd(args.qcow2_csi, data, "raw", args.count, args.dir))
+    o = median(lambda: nbd(args.qcow2_csi, img, "qcow2", args.count, args.dir))
+    print()
+    print("| through `qcow2-csi nbd`, fio's nbd engine, QD32 | raw file (IOPS) "
+          "| data-file-raw image (IOPS) | image / raw |")
+    print("|---|---|---|---|")
+    print(f"| 4 KiB random reads | {r:,.0f} | {o:,.0f} | {o / r:.2f} |")
     for p in (img, data):
         os.unlink(p)
 

@@ -395,6 +395,16 @@ impl Image {
         self.data_file.as_ref()
     }
 
+    /// A raw data file with nothing under the image: by the spec it reads as the image
+    /// (every mapped cluster at its own offset, everything else zeros, which every writer
+    /// keeps true), so reads go to it directly, without looking at the L2 tables.
+    pub(crate) fn raw_data_file(&self) -> Option<&Arc<dyn Storage>> {
+        self.data_file
+            .as_ref()
+            .filter(|d| d.raw && self.backing.is_none())
+            .map(|d| &d.storage)
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().recover()
     }

@@ -201,6 +201,11 @@ const PLAN_CHUNK: usize = 8 << 20;
 impl Image {
     /// Reads guest bytes: plan under the lock, I/O without it. The caller holds the I/O gate.
     pub(crate) fn read_inner(&self, buf: &mut [u8], off: GuestOffset) -> Result<()> {
+        if let Some(data) = self.raw_data_file() {
+            return data
+                .read_data(buf, off.0)
+                .ctx(|| format!("reading the data file at {:#x}", off.0));
+        }
         let mut pieces = Vec::new();
         for (i, chunk) in buf.chunks_mut(PLAN_CHUNK).enumerate() {
             let at = GuestOffset(off.0 + (i * PLAN_CHUNK) as u64);
@@ -313,6 +318,25 @@ impl Image {
             r.result = self.check_range(r.offset, r.buf.len() as u64);
         }
         let _io = self.io_shared();
+        if let Some(raw) = self.raw_data_file() {
+            // The raw data file is the disk: every read goes straight to it, in one batch.
+            let mut results = Vec::with_capacity(reqs.len());
+            {
+                let mut reads: Vec<DataRead<'_>> = reqs
+                    .iter_mut()
+                    .filter(|r| r.result.is_ok())
+                    .map(|r| DataRead::new(&mut *r.buf, r.offset))
+                    .collect();
+                raw.read_data_batch(&mut reads);
+                results.extend(reads.into_iter().map(|d| (d.offset, d.result)));
+            }
+            let mut results = results.into_iter();
+            for r in reqs.iter_mut().filter(|r| r.result.is_ok()) {
+                let (at, result) = results.next().expect("one result per read");
+                r.result = result.ctx(|| format!("reading the data file at {at:#x}"));
+            }
+            return;
+        }
         // Each request's pieces; `None`: failed already, or too large to plan with the rest.
         let mut plans: Vec<Option<Vec<Piece>>> = Vec::with_capacity(reqs.len());
         {
