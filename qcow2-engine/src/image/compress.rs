@@ -62,7 +62,7 @@ impl Image {
                 "compressed clusters in an encrypted image",
             ));
         }
-        if self.data_file.is_some() || self.lock().meta.header.has_data_file() {
+        if self.lock().meta.header.has_data_file() {
             return Err(Error::unsupported(
                 "compressed clusters in an image with an external data file",
             ));

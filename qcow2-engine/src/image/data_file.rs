@@ -72,9 +72,16 @@ pub(super) fn open(
         },
         e => e,
     })?;
-    // Checked before it is opened (and locked: the image's own lock would hide the cause).
-    let md = std::fs::metadata(&path)
-        .map_err(|e| refuse(&path, format!("cannot open the external data file: {e}")))?;
+    let cannot =
+        |e: std::io::Error| refuse(&path, format!("cannot open the external data file: {e}"));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(opts.writable && !opts.force_share)
+        .open(&path)
+        .map_err(cannot)?;
+    // The file opened, checked before it is locked (the image's own lock would hide the
+    // cause): never the image itself or a layer of its chain.
+    let md = file.metadata().map_err(cannot)?;
     let id = (md.dev(), md.ino());
     let is_image =
         image_path.is_some_and(|p| std::fs::metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == id));
@@ -84,12 +91,10 @@ pub(super) fn open(
             "the external data file is the image itself or a layer of its chain",
         ));
     }
-    let mut storage = if opts.force_share {
-        FileStorage::open_unlocked(&path)
-    } else {
-        FileStorage::open(&path, opts.writable)
+    if !opts.force_share {
+        crate::storage::lock::lock(&file, opts.writable).map_err(cannot)?;
     }
-    .map_err(|e| refuse(&path, format!("cannot open the external data file: {e}")))?;
+    let mut storage = FileStorage::from_file(file);
     storage
         .set_cache_mode(opts.cache)
         .map_err(|e| refuse(&path, e.to_string()))?;

@@ -775,8 +775,16 @@ impl Image {
             return Ok(());
         }
         self.writable = false;
+        // The data before the metadata marked clean.
+        let data_synced = match &self.data_file {
+            Some(df) => df
+                .storage
+                .flush()
+                .ctx(|| format!("flushing the data file {}", df.path.display())),
+            None => Ok(()),
+        };
         let st = self.state.get_mut().recover();
-        st.meta.shutdown()
+        data_synced.and(st.meta.shutdown())
     }
 }
 

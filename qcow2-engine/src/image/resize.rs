@@ -28,8 +28,8 @@ impl State {
             self.grow_l1(needed)?;
         }
         if let Some(data) = &self.meta.data_file {
-            // A raw data file is the guest disk: as large as it. (Growing it first: a crash
-            // before the header leaves only a longer file.)
+            // The data file holds the guest disk at its own offsets: as large as it (grown
+            // first: a crash before the header leaves only a longer file).
             let len = data.len().ctx(|| "sizing the data file".to_string())?;
             if len < new_size {
                 data.set_len(new_size)
