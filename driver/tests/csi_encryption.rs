@@ -274,6 +274,12 @@ async fn encrypted_flow(attach: &str, restarts: Restarts) {
         std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
         0o600
     );
+    // A repeat is fine; a repeat with another passphrase is not.
+    stage(&p, &vol, secrets(PASS)).await.unwrap();
+    assert_eq!(
+        code(stage(&p, &vol, secrets("other")).await),
+        Code::InvalidArgument
+    );
     let dev = device(&p, &vol);
     write(&p, &dev, b'A', 0);
     write(&p, &dev, b'A', 8);

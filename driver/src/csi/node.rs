@@ -90,7 +90,20 @@ impl NodeService {
                 && s.cap.access == cap.access
                 && s.cap.read_only_mode == cap.read_only_mode
             {
-                return Ok(()); // a repeat
+                // A repeat; with an encrypted volume, only with the passphrase it opened with.
+                let same = match (&s.passphrase, &passphrase) {
+                    (Some(a), Some(b)) => a.as_bytes() == b.as_bytes(),
+                    _ => true,
+                };
+                if !same {
+                    tracing::warn!(volume = %req.volume_id, "refused a repeated stage with another passphrase");
+                    return Err(Error::InvalidArgument(format!(
+                        "volume {} is staged, unlocked by another passphrase than this \
+                         request's",
+                        req.volume_id
+                    )));
+                }
+                return Ok(());
             } else {
                 return Err(Error::AlreadyExists(format!(
                     "volume {} is staged at {} with another capability",
