@@ -466,6 +466,51 @@ async fn wrong_or_missing_secrets_and_mismatched_sources_are_refused_and_change_
         "a refusal changed the state"
     );
 
+    // A group snapshot of an encrypted and a plain volume: each new head keeps its volume's
+    // encryption (the encrypted one its key: the passphrase opens it, no other does).
+    let group = p
+        .group()
+        .await
+        .create_volume_group_snapshot(CreateVolumeGroupSnapshotRequest {
+            name: "group".into(),
+            source_volume_ids: vec![enc.clone(), plain.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert_eq!(group.snapshots.len(), 2);
+    assert_eq!(qemu::info(&p.head_of(&enc))["encrypted"], true);
+    assert_ne!(qemu::info(&p.head_of(&plain))["encrypted"], true);
+    qemu::check_clean_with(&p.head_of(&enc), Some(PASS));
+    let member = group
+        .snapshots
+        .iter()
+        .find(|s| s.source_volume_id == enc)
+        .unwrap()
+        .snapshot_id
+        .clone();
+    let wrong = create(
+        &p,
+        "g",
+        encrypted_class(),
+        secrets("wrong"),
+        from_snapshot(&member),
+    )
+    .await;
+    assert_eq!(code(wrong), Code::InvalidArgument);
+    create(
+        &p,
+        "g",
+        encrypted_class(),
+        secrets(PASS),
+        from_snapshot(&member),
+    )
+    .await
+    .unwrap();
+
     // The node: no secret, or a wrong one, refused before anything is attached or kept
     // (this part needs no device: the head is unlocked first).
     assert_eq!(
