@@ -10,7 +10,7 @@ mod qemu;
 
 use std::collections::HashMap;
 
-use csi::{NODE, Plugin, block_cap, mount_cap};
+use csi::{NODE, Plugin, block_cap, code, mount_cap};
 use csi_proto::v1::controller_service_capability::rpc::Type as Rpc;
 use csi_proto::v1::volume_capability::access_mode::Mode;
 use csi_proto::v1::*;
@@ -27,13 +27,6 @@ fn create_req(name: &str, size: i64) -> CreateVolumeRequest {
         }),
         volume_capabilities: vec![mount_cap(Mode::SingleNodeWriter, "")],
         ..CreateVolumeRequest::default()
-    }
-}
-
-fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
-    match r {
-        Ok(ok) => panic!("expected an error, got {ok:?}"),
-        Err(s) => s.code(),
     }
 }
 

@@ -19,12 +19,12 @@ mod uml;
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use csi::{Plugin, block_cap};
+use csi::{Plugin, block_cap, code};
 use csi_proto::v1::volume_capability::access_mode::Mode;
 use csi_proto::v1::*;
+use support::sh;
 use tonic::Code;
 
 const MIB: u64 = 1 << 20;
@@ -43,24 +43,6 @@ fn encrypted_class() -> HashMap<String, String> {
         ("encrypted".to_string(), "true".to_string()),
         ("encryptionIterTime".to_string(), "20".to_string()),
     ])
-}
-
-fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> Code {
-    match r {
-        Ok(ok) => panic!("expected an error, got {ok:?}"),
-        Err(s) => s.code(),
-    }
-}
-
-fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 async fn create(
@@ -137,14 +119,6 @@ async fn unstage(p: &Plugin, id: &str) {
         })
         .await
         .unwrap_or_else(|e| panic!("unstage {id}: {e}\n{}", p.log()));
-}
-
-/// The block device a staged volume got (from its stage record).
-fn device(p: &Plugin, id: &str) -> String {
-    let rec = std::fs::read_to_string(p.state.join(format!("staged/{id}.json")))
-        .unwrap_or_else(|e| panic!("stage record of {id}: {e}"));
-    let v: serde_json::Value = serde_json::from_str(&rec).unwrap();
-    v["device"].as_str().unwrap().to_string()
 }
 
 /// 1 MiB of 4 KiB blocks, each the marker, then `tag` and the block's number.
@@ -280,7 +254,7 @@ async fn encrypted_flow(attach: &str, restarts: Restarts) {
         code(stage(&p, &vol, secrets("other")).await),
         Code::InvalidArgument
     );
-    let dev = device(&p, &vol);
+    let dev = p.staged_device(&vol);
     write(&p, &dev, b'A', 0);
     write(&p, &dev, b'A', 8);
 
@@ -329,7 +303,7 @@ async fn encrypted_flow(attach: &str, restarts: Restarts) {
     wait_for_line(&p, &["once the volume is staged", &clone]).await;
     for (id, zero_at_16, eight) in [(&restored, true, b'A'), (&clone, false, b'B')] {
         stage(&p, id, secrets(PASS)).await.unwrap();
-        let d = device(&p, id);
+        let d = p.staged_device(id);
         expect(&p, &d, 0, Some(b'A'));
         expect(&p, &d, 8, Some(eight));
         expect(&p, &d, 16, (!zero_at_16).then_some(b'B'));

@@ -16,9 +16,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use csi::{NODE, Plugin, block_cap, mount_cap};
+use csi::{NODE, Plugin, block_cap, code, mount_cap};
 use csi_proto::v1::volume_capability::access_mode::Mode;
 use csi_proto::v1::*;
+use support::sh;
 use tonic::Code;
 
 const MIB: i64 = 1 << 20;
@@ -36,13 +37,6 @@ fn runnable() -> bool {
             "qemu-img",
         ]),
     )
-}
-
-fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
-    match r {
-        Ok(ok) => panic!("expected an error, got {ok:?}"),
-        Err(s) => s.code(),
-    }
 }
 
 async fn create(p: &Plugin, name: &str, size: i64, cap: VolumeCapability) -> String {
@@ -1366,15 +1360,6 @@ impl Drop for Mounted {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
-}
-
-fn sh(cmd: &str) {
-    let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// CreateVolume and CreateSnapshot on a state filesystem with one block free: the budget

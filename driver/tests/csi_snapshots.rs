@@ -16,19 +16,12 @@ mod qemu;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use csi::{Plugin, mount_cap};
+use csi::{Plugin, code, mount_cap};
 use csi_proto::v1::volume_capability::access_mode::Mode;
 use csi_proto::v1::*;
 use tonic::Code;
 
 const MIB: i64 = 1 << 20;
-
-fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
-    match r {
-        Ok(ok) => panic!("expected an error, got {ok:?}"),
-        Err(s) => s.code(),
-    }
-}
 
 fn volume_req(
     name: &str,

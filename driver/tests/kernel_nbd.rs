@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use csi::{Plugin, block_cap, mount_cap};
 use csi_proto::v1::volume_capability::access_mode::Mode;
 use csi_proto::v1::*;
+use support::sh;
 
 const MIB: i64 = 1 << 20;
 
@@ -31,17 +32,6 @@ fn rt() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// nbd devices the kernel has connected (a `pid` file in sysfs means a live configuration).
@@ -150,14 +140,6 @@ async fn unstage(p: &Plugin, id: &str, staging: &Path) {
         })
         .await
         .unwrap_or_else(|e| panic!("unstage {id}: {e}\n{}", p.log()));
-}
-
-/// The kernel device a staged volume got (from the stage record).
-fn staged_device(p: &Plugin, id: &str) -> String {
-    let rec = std::fs::read_to_string(p.state.join(format!("staged/{id}.json")))
-        .unwrap_or_else(|e| panic!("stage record of {id}: {e}"));
-    let v: serde_json::Value = serde_json::from_str(&rec).unwrap();
-    v["device"].as_str().unwrap().to_string()
 }
 
 /// A fio job writing 4 KiB blocks at random at queue depth 16 with `O_DIRECT`, each block
@@ -551,7 +533,7 @@ async fn csi_flow(fs: Option<&str>) {
     let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
     for round in 0..2 {
         let staging = stage(&p, &id, &cap).await;
-        let dev = staged_device(&p, &id);
+        let dev = p.staged_device(&id);
         let name = dev.trim_start_matches("/dev/");
         assert!(name.starts_with("nbd"), "{dev}");
         assert_eq!(
@@ -858,7 +840,7 @@ fn a_20_s_storage_request_gives_no_error_and_keeps_the_device() {
             "{kernel_log}"
         );
         assert!(!kernel_log.contains("I/O error"), "{kernel_log}");
-        let dev = staged_device(&p, &id);
+        let dev = p.staged_device(&id);
         let fio = Fio::start(&staging.join("fio.dat"), 32, &p.dir.path().join("fio.json"));
         let result = tokio::task::spawn_blocking(move || fio.finish())
             .await
@@ -1073,7 +1055,7 @@ fn metrics_follow_fio_and_snapshots_on_kernel_nbd() {
             .unwrap()
             .volume_id;
         let staging = stage(&p, &id, &cap).await;
-        let device = staged_device(&p, &id);
+        let device = p.staged_device(&id);
         let vol = [
             ("volume", id.as_str()),
             ("pvc_namespace", "team-a"),

@@ -141,6 +141,14 @@ impl Plugin {
         self.state.join("layers").join(v["head"].as_str().unwrap())
     }
 
+    /// The block device volume `id` was staged on (from its stage record).
+    pub fn staged_device(&self, id: &str) -> String {
+        let rec = std::fs::read_to_string(self.state.join(format!("staged/{id}.json")))
+            .unwrap_or_else(|e| panic!("stage record of {id}: {e}"));
+        let v: serde_json::Value = serde_json::from_str(&rec).unwrap();
+        v["device"].as_str().unwrap().to_string()
+    }
+
     /// What every process of this plugin wrote to stderr.
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("plugin.log")
@@ -290,6 +298,14 @@ impl Drop for Plugin {
 }
 
 pub use qcow2_csi::csi::client::connect;
+
+/// The gRPC code of a call that must fail; panics if it succeeded.
+pub fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
+    match r {
+        Ok(ok) => panic!("expected an error, got {ok:?}"),
+        Err(s) => s.code(),
+    }
+}
 
 pub fn mount_cap(mode: Mode, fs: &str) -> VolumeCapability {
     VolumeCapability {
