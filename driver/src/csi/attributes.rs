@@ -56,6 +56,26 @@ pub(super) async fn api_client(flag: &str) -> Client {
     }
 }
 
+/// The objects a watch of `api` sees applied (created, changed, or listed again at a
+/// resync), for ever: an error is logged (naming `what`) and skipped, and the watch goes on
+/// with a backoff.
+pub(super) fn applied<K>(api: Api<K>, what: &'static str) -> impl tokio_stream::Stream<Item = K>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    watcher(api, watcher::Config::default())
+        .default_backoff()
+        .applied_objects()
+        .filter_map(move |event| match event {
+            Ok(object) => Some(object),
+            Err(e) => {
+                tracing::warn!(error = %e, "watching {what}");
+                None
+            }
+        })
+}
+
 /// Watches PersistentVolumes until the process exits; errors are logged and the watch is
 /// restarted with a backoff.
 pub async fn watch(plugin: Arc<Plugin>) {
@@ -66,19 +86,8 @@ pub async fn watch(plugin: Arc<Plugin>) {
     // The class each volume's PersistentVolume names last: a task still retrying an older
     // class gives up once a newer one is named.
     let latest: Latest = Arc::default();
-    let mut events = std::pin::pin!(
-        watcher(pvs, watcher::Config::default())
-            .default_backoff()
-            .applied_objects()
-    );
-    while let Some(event) = events.next().await {
-        let pv = match event {
-            Ok(pv) => pv,
-            Err(e) => {
-                tracing::warn!(error = %e, "watching PersistentVolumes");
-                continue;
-            }
-        };
+    let mut events = std::pin::pin!(applied(pvs, "PersistentVolumes"));
+    while let Some(pv) = events.next().await {
         let Some((id, class)) = wanted(&pv, &plugin.config.driver_name) else {
             continue;
         };

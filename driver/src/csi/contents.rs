@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 use kube::Api;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
-use kube::runtime::{WatchStreamExt, watcher};
 use tokio_stream::StreamExt;
 
 use super::Plugin;
@@ -80,19 +79,8 @@ async fn label(plugin: Arc<Plugin>, api: Api<DynamicObject>, kind: &'static str)
     );
     let node = plugin.config.node_id.clone();
     let patch = serde_json::json!({"metadata": {"labels": {MANAGED_BY: node}}});
-    let mut events = std::pin::pin!(
-        watcher(api.clone(), watcher::Config::default())
-            .default_backoff()
-            .applied_objects()
-    );
-    while let Some(event) = events.next().await {
-        let content = match event {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(kind, error = %e, "watching snapshot contents");
-                continue;
-            }
-        };
+    let mut events = std::pin::pin!(super::attributes::applied(api.clone(), kind));
+    while let Some(content) = events.next().await {
         let Some(name) = content.metadata.name.clone() else {
             continue;
         };
