@@ -95,6 +95,39 @@ fn is_enospc(e: &qcow2_engine::Error) -> bool {
     false
 }
 
+/// Closes `img` after a workload on `fault` (a close that finds the disk full leaks what it
+/// could not give back and leaves the image dirty: the next read-write open reclaims it),
+/// then requires `qemu-img check` clean (written to `path`, removed after) and the guest
+/// content `model`. `after` says what happened, for the messages.
+fn close_clean(
+    img: Image,
+    fault: &Arc<FaultStorage>,
+    model: &[u8],
+    path: &std::path::Path,
+    after: &str,
+) {
+    if let Err(e) = img.close() {
+        assert!(is_enospc(&e), "close after {after}: {e}");
+        fault.set_plan(FaultPlan::None);
+        Image::open_storage(fault.clone(), None, &OpenOptions::writable())
+            .unwrap()
+            .close()
+            .unwrap();
+    }
+    std::fs::write(path, fault.live()).unwrap();
+    qemu::check_clean(path);
+    let reopened = Image::open_storage(
+        Arc::new(MemoryStorage::from_bytes(fault.live())),
+        None,
+        &OpenOptions::default(),
+    )
+    .unwrap();
+    let mut got = vec![0u8; SIZE as usize];
+    reopened.read_at(&mut got, 0).unwrap();
+    assert!(got == model, "guest content differs after {after}");
+    std::fs::remove_file(path).unwrap();
+}
+
 #[test]
 fn a_disk_full_at_any_write_loses_nothing_once_the_operation_is_retried() {
     if !qemu::require() {
@@ -122,35 +155,14 @@ fn a_disk_full_at_any_write_loses_nothing_once_the_operation_is_retried() {
                 }
                 op.model(&mut model);
             }
-            if let Err(e) = img.close() {
-                // Full at close: what it could not give back leaks, the image stays marked
-                // dirty, and the next read-write open reclaims it.
-                assert!(
-                    is_enospc(&e),
-                    "close after a full disk at mutation {n}: {e}"
-                );
-                fault.set_plan(FaultPlan::None);
-                Image::open_storage(fault.clone(), None, &OpenOptions::writable())
-                    .unwrap()
-                    .close()
-                    .unwrap();
-            }
             let path = dir.path().join(format!("full-{extended_l2}-{n}.qcow2"));
-            std::fs::write(&path, fault.live()).unwrap();
-            qemu::check_clean(&path);
-            let reopened = Image::open_storage(
-                Arc::new(MemoryStorage::from_bytes(fault.live())),
-                None,
-                &OpenOptions::default(),
-            )
-            .unwrap();
-            let mut got = vec![0u8; SIZE as usize];
-            reopened.read_at(&mut got, 0).unwrap();
-            assert!(
-                got == model,
-                "guest content differs after a full disk at mutation {n} (extended L2 {extended_l2})"
+            close_clean(
+                img,
+                &fault,
+                &model,
+                &path,
+                &format!("a full disk at mutation {n} (extended L2 {extended_l2})"),
             );
-            std::fs::remove_file(&path).unwrap();
             if !filled {
                 break;
             }
@@ -225,33 +237,14 @@ fn compressed_writes_on_a_full_disk_lose_nothing_once_retried() {
                 img.flush().unwrap();
             }
         }
-        if let Err(e) = img.close() {
-            assert!(
-                is_enospc(&e),
-                "close after a full disk at mutation {n}: {e}"
-            );
-            fault.set_plan(FaultPlan::None);
-            Image::open_storage(fault.clone(), None, &OpenOptions::writable())
-                .unwrap()
-                .close()
-                .unwrap();
-        }
         let path = dir.path().join(format!("compressed-{n}.qcow2"));
-        std::fs::write(&path, fault.live()).unwrap();
-        qemu::check_clean(&path);
-        let reopened = Image::open_storage(
-            Arc::new(MemoryStorage::from_bytes(fault.live())),
-            None,
-            &OpenOptions::default(),
-        )
-        .unwrap();
-        let mut got = vec![0u8; SIZE as usize];
-        reopened.read_at(&mut got, 0).unwrap();
-        assert!(
-            got == model,
-            "guest content differs after a full disk at mutation {n}"
+        close_clean(
+            img,
+            &fault,
+            &model,
+            &path,
+            &format!("a full disk at mutation {n}"),
         );
-        std::fs::remove_file(&path).unwrap();
         if !filled {
             break;
         }
