@@ -21,7 +21,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use csi::{Plugin, block_cap, code};
+use csi::{Plugin, block_cap, code, from_snapshot, from_volume};
 use csi_proto::v1::volume_capability::access_mode::Mode;
 use csi_proto::v1::*;
 use support::sh;
@@ -68,22 +68,6 @@ async fn create(
         })
         .await
         .map(|r| r.into_inner().volume.unwrap().volume_id)
-}
-
-fn from_snapshot(id: &str) -> Option<volume_content_source::Type> {
-    Some(volume_content_source::Type::Snapshot(
-        volume_content_source::SnapshotSource {
-            snapshot_id: id.into(),
-        },
-    ))
-}
-
-fn from_volume(id: &str) -> Option<volume_content_source::Type> {
-    Some(volume_content_source::Type::Volume(
-        volume_content_source::VolumeSource {
-            volume_id: id.into(),
-        },
-    ))
 }
 
 fn staging_of(p: &Plugin, id: &str) -> PathBuf {
@@ -363,12 +347,7 @@ fn an_encrypted_volume_survives_restarts_and_flattens_on_kernel_nbd() {
     if !uml::enter("an_encrypted_volume_survives_restarts_and_flattens_on_kernel_nbd") {
         return;
     }
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(encrypted_flow("nbd", Restarts::CrashAndHandover));
+    uml::runtime().block_on(encrypted_flow("nbd", Restarts::CrashAndHandover));
 }
 
 /// What is refused, and that a refusal leaves nothing behind: no layer, no record, no key.

@@ -203,12 +203,7 @@ fn qos_limits_and_a_live_change_hold_on_kernel_nbd() {
     if !uml::enter("qos_limits_and_a_live_change_hold_on_kernel_nbd") {
         return;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    uml::runtime().block_on(async {
         storage_class_limits(&["--attach", "nbd"]).await;
         modify_volume_live(&["--attach", "nbd"]).await;
     });

@@ -16,7 +16,7 @@ mod qemu;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use csi::{Plugin, code, mount_cap};
+use csi::{Plugin, code, from_snapshot, from_volume, mount_cap};
 use csi_proto::v1::volume_capability::access_mode::Mode;
 use csi_proto::v1::*;
 use tonic::Code;
@@ -38,22 +38,6 @@ fn volume_req(
         volume_content_source: source.map(|t| VolumeContentSource { r#type: Some(t) }),
         ..CreateVolumeRequest::default()
     }
-}
-
-fn from_snapshot(id: &str) -> Option<volume_content_source::Type> {
-    Some(volume_content_source::Type::Snapshot(
-        volume_content_source::SnapshotSource {
-            snapshot_id: id.into(),
-        },
-    ))
-}
-
-fn from_volume(id: &str) -> Option<volume_content_source::Type> {
-    Some(volume_content_source::Type::Volume(
-        volume_content_source::VolumeSource {
-            volume_id: id.into(),
-        },
-    ))
 }
 
 async fn volume(p: &Plugin, req: CreateVolumeRequest) -> String {

@@ -221,10 +221,5 @@ fn a_group_snapshot_under_a_writer_holds_one_instant_on_kernel_nbd() {
     if !uml::enter("a_group_snapshot_under_a_writer_holds_one_instant_on_kernel_nbd") {
         return;
     }
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(group_snapshot_under_a_writer(&["--attach", "nbd"]));
+    uml::runtime().block_on(group_snapshot_under_a_writer(&["--attach", "nbd"]));
 }

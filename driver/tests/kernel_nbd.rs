@@ -26,14 +26,6 @@ use support::sh;
 
 const MIB: i64 = 1 << 20;
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// nbd devices the kernel has connected (a `pid` file in sysfs means a live configuration).
 fn connected_nbds() -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir("/sys/block")
@@ -328,7 +320,7 @@ fn stall_at_most(name: &str, how: Restart, limit: Duration) {
     if !uml::enter(name) {
         return;
     }
-    let r = rt().block_on(restart_under_fio(how));
+    let r = uml::runtime().block_on(restart_under_fio(how));
     assert_eq!(r.errors, 0);
     assert!(
         r.max_write_latency <= limit,
@@ -344,7 +336,7 @@ fn fio_verifies_on_kernel_nbd_without_a_restart() {
     if !uml::enter("fio_verifies_on_kernel_nbd_without_a_restart") {
         return;
     }
-    let r = rt().block_on(restart_under_fio(Restart::Nothing));
+    let r = uml::runtime().block_on(restart_under_fio(Restart::Nothing));
     assert_eq!(r.errors, 0);
     assert_eq!(r.writes, 24576);
 }
@@ -609,7 +601,7 @@ fn ext4_volumes_stage_publish_and_grow_online_on_kernel_nbd() {
     if !uml::enter("ext4_volumes_stage_publish_and_grow_online_on_kernel_nbd") {
         return;
     }
-    rt().block_on(csi_flow(Some("ext4")));
+    uml::runtime().block_on(csi_flow(Some("ext4")));
 }
 
 #[test]
@@ -617,7 +609,7 @@ fn xfs_volumes_stage_publish_and_grow_online_on_kernel_nbd() {
     if !uml::enter("xfs_volumes_stage_publish_and_grow_online_on_kernel_nbd") {
         return;
     }
-    rt().block_on(csi_flow(Some("xfs")));
+    uml::runtime().block_on(csi_flow(Some("xfs")));
 }
 
 #[test]
@@ -625,7 +617,7 @@ fn block_volumes_stage_publish_and_grow_online_on_kernel_nbd() {
     if !uml::enter("block_volumes_stage_publish_and_grow_online_on_kernel_nbd") {
         return;
     }
-    rt().block_on(csi_flow(None));
+    uml::runtime().block_on(csi_flow(None));
 }
 
 /// Snapshots of a staged ext4 volume under a running fio (fsfreeze, pivot), a flatten of
@@ -636,7 +628,7 @@ fn snapshots_and_an_online_flatten_under_fio_on_kernel_nbd() {
     if !uml::enter("snapshots_and_an_online_flatten_under_fio_on_kernel_nbd") {
         return;
     }
-    rt().block_on(async {
+    uml::runtime().block_on(async {
         let p = Plugin::start_with_args(&["--attach", "nbd", "--max-chain-depth", "2"]).await;
         let cap = mount_cap(Mode::SingleNodeWriter, "ext4");
         let id = create(&p, "pvc-snap", 384 * MIB, &cap).await;
@@ -701,7 +693,7 @@ fn a_crash_while_the_filesystem_is_frozen_is_thawed_by_the_next_process() {
     if !uml::enter("a_crash_while_the_filesystem_is_frozen_is_thawed_by_the_next_process") {
         return;
     }
-    rt().block_on(async {
+    uml::runtime().block_on(async {
         let mut p = Plugin::start_with_args(&["--attach", "nbd"]).await;
         p.restart_with(&[("QCOW2_CSI_FAILPOINT", "snapshot-while-frozen")])
             .await;
@@ -748,7 +740,7 @@ fn a_crash_inside_a_group_snapshot_of_staged_volumes_is_healed_by_the_next_proce
     ) {
         return;
     }
-    rt().block_on(async {
+    uml::runtime().block_on(async {
         for point in ["group-while-frozen", "group-after-pivot"] {
             let mut p = Plugin::start_with_args(&["--attach", "nbd"]).await;
             let cap = mount_cap(Mode::SingleNodeWriter, "ext4");
@@ -821,7 +813,7 @@ fn a_20_s_storage_request_gives_no_error_and_keeps_the_device() {
     if !uml::enter("a_20_s_storage_request_gives_no_error_and_keeps_the_device") {
         return;
     }
-    rt().block_on(async {
+    uml::runtime().block_on(async {
         let mut p = Plugin::start_with_args(&["--attach", "nbd"]).await;
         let cap = mount_cap(Mode::SingleNodeWriter, "ext4");
         let id = create(&p, "pvc-slow", 256 * MIB, &cap).await;
@@ -880,7 +872,7 @@ fn a_full_node_pauses_writes_until_space_is_freed_on_kernel_nbd() {
     if !uml::enter("a_full_node_pauses_writes_until_space_is_freed_on_kernel_nbd") {
         return;
     }
-    rt().block_on(async {
+    uml::runtime().block_on(async {
         let scratch = tempfile::tempdir().unwrap();
         let fs_image = scratch.path().join("state.ext4");
         let mut p = Plugin::start_prepared(&["--attach", "nbd"], |state| {
@@ -1023,7 +1015,7 @@ fn metrics_follow_fio_and_snapshots_on_kernel_nbd() {
     if !uml::enter("metrics_follow_fio_and_snapshots_on_kernel_nbd") {
         return;
     }
-    rt().block_on(async {
+    uml::runtime().block_on(async {
         let p =
             Plugin::start_with_args(&["--attach", "nbd", "--metrics-address", "127.0.0.1:0"]).await;
         let address = p.metrics_address().await;

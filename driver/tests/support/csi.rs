@@ -299,6 +299,22 @@ impl Drop for Plugin {
 
 pub use qcow2_csi::csi::client::connect;
 
+/// A volume content source: snapshot `id`.
+pub fn from_snapshot(id: &str) -> Option<csi_proto::v1::volume_content_source::Type> {
+    use csi_proto::v1::volume_content_source::{SnapshotSource, Type};
+    Some(Type::Snapshot(SnapshotSource {
+        snapshot_id: id.into(),
+    }))
+}
+
+/// A volume content source: volume `id` (a clone).
+pub fn from_volume(id: &str) -> Option<csi_proto::v1::volume_content_source::Type> {
+    use csi_proto::v1::volume_content_source::{Type, VolumeSource};
+    Some(Type::Volume(VolumeSource {
+        volume_id: id.into(),
+    }))
+}
+
 /// The gRPC code of a call that must fail; panics if it succeeded.
 pub fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
     match r {

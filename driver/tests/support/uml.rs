@@ -83,3 +83,13 @@ pub fn enter(name: &str) -> bool {
     );
     false
 }
+
+/// The runtime a test body runs on inside the kernel (two workers: the kernel has one CPU,
+/// and the plugin's blocking work must not starve the test's own calls).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
