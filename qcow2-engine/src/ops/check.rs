@@ -493,11 +493,7 @@ impl Pass {
                 continue;
             }
             if self.geo.extended_l2 {
-                let (alloc, zero) = (bitmap & 0xffff_ffff, bitmap >> 32);
-                if alloc & zero != 0 || (off == 0 && alloc != 0) {
-                    self.corruption(format!(
-                        "ERROR: Invalid cluster entry found  (L2 offset: {table:#x}, L2 index: {i:#x})"
-                    ));
+                if !self.bitmap_valid(table, i, bitmap, off != 0) {
                     continue;
                 }
             } else if word & ZERO != 0 && self.header.version < 3 {
@@ -527,6 +523,19 @@ impl Pass {
         Ok(())
     }
 
+    /// Whether an extended L2 entry's subcluster bitmap is consistent (no subcluster both
+    /// allocated and zero, none allocated without a host cluster); reports it if not.
+    fn bitmap_valid(&mut self, table: u64, i: usize, bitmap: u64, has_host: bool) -> bool {
+        let (alloc, zero) = (bitmap & 0xffff_ffff, bitmap >> 32);
+        if alloc & zero != 0 || (!has_host && alloc != 0) {
+            self.corruption(format!(
+                "ERROR: Invalid cluster entry found  (L2 offset: {table:#x}, L2 index: {i:#x})"
+            ));
+            return false;
+        }
+        true
+    }
+
     /// An L2 entry of an image with an external data file: its data cluster is in the data
     /// file and not refcounted, but it must name its own guest offset, and cannot be
     /// compressed.
@@ -554,14 +563,9 @@ impl Pass {
                 ));
             }
         };
-        if self.geo.extended_l2 {
-            let (alloc, zero) = (bitmap & 0xffff_ffff, bitmap >> 32);
-            let has_host = matches!(mapping, Mapping::Data { .. });
-            if alloc & zero != 0 || (!has_host && alloc != 0) {
-                return self.corruption(format!(
-                    "ERROR: Invalid cluster entry found  (L2 offset: {table:#x}, L2 index: {i:#x})"
-                ));
-            }
+        let has_host = matches!(mapping, Mapping::Data { .. });
+        if self.geo.extended_l2 && !self.bitmap_valid(table, i, bitmap, has_host) {
+            return;
         }
         let host = match mapping {
             Mapping::Data { host, .. }
