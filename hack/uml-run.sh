@@ -10,7 +10,8 @@
 # /dev/nbdN itself; no udev), the nbd module loaded, the working directory kept, the
 # environment reset to PATH, HOME, TMPDIR, QCOW2_CSI_IN_UML=1 and the --env pairs.
 # COMMAND's output is printed when the kernel halts, and the kernel log too when COMMAND
-# failed (or always with UML_SHOW_KERNEL_LOG=1).
+# failed (or always with UML_SHOW_KERNEL_LOG=1). When COMMAND hangs, a watchdog inside
+# notes the tasks blocked in the kernel, with their stacks, 20 s before the timeout.
 #
 # Exit status: COMMAND's; 125 when the kernel could not run it (missing package, boot
 # failure, timeout).
@@ -52,6 +53,9 @@ if [ -n "${QCOW2_CSI_REQUIRE_ALL:-}" ]; then
   printf '%q\n' "QCOW2_CSI_REQUIRE_ALL=$QCOW2_CSI_REQUIRE_ALL" >>"$run/env"
 fi
 
+# The watchdog's moment: 20 s before the timeout (a quarter before, for short ones).
+if ((timeout_s > 80)); then watchdog_s=$((timeout_s - 20)); else watchdog_s=$((timeout_s * 3 / 4)); fi
+
 cat >"$run/init" <<EOF
 #!/bin/sh
 # PID 1 inside the user-mode kernel.
@@ -69,6 +73,23 @@ insmod \$modules/loop.ko >>$run/insmod.log 2>&1 || true
 hostname uml
 ip link set lo up 2>/dev/null || ifconfig lo up 2>/dev/null || true
 cd $(printf '%q' "$PWD")
+# Shortly before the host's timeout kills the kernel, say what is stuck: every task asleep
+# in the kernel (D state) with its kernel stack, and the kernel log. (sysrq-t/w crash this
+# kernel when a worker thread is blocked, so the stacks come from /proc.)
+(
+  sleep $watchdog_s
+  {
+    echo "--- uml-run: still running after ${watchdog_s} s; tasks blocked in the kernel:"
+    ps -eo pid,stat,wchan:32,args | awk 'NR == 1 || \$2 ~ /^D/'
+    for s in /proc/[0-9]*/stat; do
+      pid=\${s#/proc/}; pid=\${pid%/stat}
+      case "\$(cut -d' ' -f3 \$s 2>/dev/null)" in
+        D) echo "-- \$pid \$(cat /proc/\$pid/comm 2>/dev/null):"; cat /proc/\$pid/stack 2>/dev/null ;;
+      esac
+    done
+  } >$run/hung.log 2>&1
+  dmesg >$run/kernel.log 2>&1
+) </dev/null >/dev/null 2>&1 &
 (
   set -a
   while IFS= read -r line; do eval "export \$line"; done <$run/env
@@ -97,12 +118,18 @@ rc=125
 if [ "$rc" != 0 ] || [ -n "${UML_SHOW_KERNEL_LOG:-}" ]; then
   echo "--- uml-run: kernel exit $booted, command exit $rc; insmod:" >&2
   cat "$run/insmod.log" >&2 2>/dev/null || true
+  cat "$run/hung.log" >&2 2>/dev/null || true
   echo "--- kernel log:" >&2
-  # What the kernel said once it started COMMAND (the boot messages are noise).
-  if [ -s "$run/kernel.log" ]; then
-    sed -n '/as init process/,$p' "$run/kernel.log" | tail -n 300 >&2
+  # What the kernel said once it started COMMAND (the boot messages are noise), with nbd's
+  # once-a-second "Possible stuck request" lines cut to the first few and a count.
+  if grep -q 'as init process' "$run/kernel.log" 2>/dev/null; then
+    sed -n '/as init process/,$p' "$run/kernel.log"
+  elif [ -s "$run/kernel.log" ]; then
+    cat "$run/kernel.log" # the boot messages have left the ring buffer
   else
-    tail -n 60 "$run/console.log" >&2
-  fi
+    cat "$run/console.log"
+  fi | awk '/Possible stuck request/ { if (++stuck > 5) next } { print }
+            END { if (stuck > 5) printf "[%d more \"Possible stuck request\" lines]\n", stuck - 5 }' \
+    | tail -n 300 >&2
 fi
 exit "$rc"
