@@ -300,6 +300,41 @@ async fn encrypted_flow(attach: &str, restarts: Restarts) {
     }
     expect(&p, &dev, 0, Some(b'A'));
     expect(&p, &dev, 8, Some(b'B'));
+
+    // A group snapshot of the staged volume and the unstaged restore: the staged head is
+    // pivoted onto a new head with the same key, and the device writes on through it.
+    let group = p
+        .group()
+        .await
+        .create_volume_group_snapshot(CreateVolumeGroupSnapshotRequest {
+            name: "group".into(),
+            source_volume_ids: vec![vol.clone(), restored.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("group snapshot: {e}\n{}", p.log()))
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    write(&p, &dev, b'D', 32);
+    expect(&p, &dev, 8, Some(b'B'));
+    expect(&p, &dev, 32, Some(b'D'));
+    let member = group
+        .snapshots
+        .iter()
+        .find(|s| s.source_volume_id == vol)
+        .unwrap()
+        .snapshot_id
+        .clone();
+    let from_group = create(
+        &p,
+        "pvc-from-group",
+        encrypted_class(),
+        secrets(PASS),
+        from_snapshot(&member),
+    )
+    .await
+    .unwrap();
     unstage(&p, &vol).await;
     assert!(!key.exists(), "the key outlived the stage");
 
@@ -320,6 +355,9 @@ async fn encrypted_flow(attach: &str, restarts: Restarts) {
     qemu_reads(&p, &vol, 16, Some(b'B'));
     qemu_reads(&p, &restored, 8, Some(b'A'));
     qemu_reads(&p, &restored, 16, None);
+    qemu_reads(&p, &vol, 32, Some(b'D'));
+    qemu_reads(&p, &from_group, 8, Some(b'B'));
+    qemu_reads(&p, &from_group, 32, None);
     if restarts == Restarts::CrashAndHandover {
         qemu_reads(&p, &vol, 24, Some(b'C'));
     }
