@@ -84,6 +84,41 @@ impl Error {
         }
     }
 
+    /// The same error, its message led by `what` (which volume, say): the gRPC code it
+    /// maps to is kept.
+    pub fn context(self, what: impl std::fmt::Display) -> Self {
+        let lead = |s: String| format!("{what}: {s}");
+        match self {
+            Error::Io(source) => Error::HostIo {
+                context: what.to_string(),
+                source,
+            },
+            Error::HostIo { context, source } => Error::HostIo {
+                context: lead(context),
+                source,
+            },
+            Error::Engine { context, source } => Error::Engine {
+                context: lead(context),
+                source,
+            },
+            Error::Protocol(s) => Error::Protocol(lead(s)),
+            Error::Attach { step, detail } => Error::Attach {
+                step: lead(step),
+                detail,
+            },
+            Error::InvalidArgument(s) => Error::InvalidArgument(lead(s)),
+            Error::NotFound(s) => Error::NotFound(lead(s)),
+            Error::AlreadyExists(s) => Error::AlreadyExists(lead(s)),
+            Error::Aborted(s) => Error::Aborted(lead(s)),
+            Error::FailedPrecondition(s) => Error::FailedPrecondition(lead(s)),
+            Error::OutOfRange(s) => Error::OutOfRange(lead(s)),
+            Error::ResourceExhausted(s) => Error::ResourceExhausted(lead(s)),
+            Error::Unavailable(s) => Error::Unavailable(lead(s)),
+            Error::Unimplemented(s) => Error::Unimplemented(lead(s)),
+            Error::Internal(s) => Error::Internal(lead(s)),
+        }
+    }
+
     pub(crate) fn attach(step: impl Into<String>, detail: impl Into<String>) -> Self {
         Error::Attach {
             step: step.into(),
@@ -179,5 +214,27 @@ mod tests {
             "{}",
             status.message()
         );
+    }
+
+    #[test]
+    fn context_leads_the_message_and_keeps_the_code() {
+        let full = || io::Error::from_raw_os_error(libc::ENOSPC);
+        for e in [
+            Error::Io(full()),
+            Error::io("flushing", full()),
+            Error::engine("flushing", qcow2_engine::Error::io("writing", full())),
+            Error::InvalidArgument("bad".into()),
+            Error::Internal("broken".into()),
+            Error::attach("connecting", "refused"),
+        ] {
+            let (code, message) = (e.code(), e.to_string());
+            let led = e.context("volume v1");
+            assert_eq!(led.code(), code, "{led}");
+            assert!(led.to_string().starts_with("volume v1"), "{led}");
+            assert!(
+                led.to_string().ends_with(&message) || matches!(led, Error::HostIo { .. }),
+                "{led} lost {message}"
+            );
+        }
     }
 }

@@ -9,9 +9,10 @@ use qcow2_engine::crypto::Passphrase;
 use qcow2_engine::{Image, OpenOptions};
 use tonic::{Request, Response, Status};
 
+use super::freeze::freeze_head;
 use super::keys;
 use super::params::{FsType, Params};
-use super::snapshot::{freeze_head, make_layer};
+use super::snapshot::make_layer;
 use super::state::{self, AccessType, Source, VolumeRecord};
 use super::{Plugin, capability, rpclog};
 use crate::error::{Error, Result};

@@ -5,7 +5,8 @@
 //! every member's export is quiesced, then every head is pivoted onto a new empty layer,
 //! then all resume and thaw. No write reaches any member between the first freeze and the
 //! last pivot, so the frozen layers hold one instant of all of them. If any step fails,
-//! every member is put back as it was.
+//! every member is put back as it was. A single snapshot's freeze is the same code with one
+//! member (`freeze.rs`).
 //!
 //! Crash safety follows the single snapshot's rules (`snapshot.rs`): new head layers are
 //! made first (orphans until a record names them); every member's volume record is written
@@ -25,168 +26,15 @@ use csi_proto::v1::*;
 use tonic::{Request, Response, Status};
 
 use super::controller::check_name;
-use super::live::LiveImage;
-use super::params::Params;
-use super::snapshot::{check_parameters, make_layer, to_snapshot};
-use super::staged::{attach_dir, head_options, mark_frozen, unmark_frozen};
-use super::state::{self, AccessType, GroupRecord, SnapshotRecord, VolumeRecord};
+use super::freeze::{GROUP, freeze_heads};
+use super::snapshot::{check_parameters, to_snapshot};
+use super::state::{self, GroupRecord, SnapshotRecord};
 use super::{Plugin, failpoint, rpclog};
 use crate::error::{Error, Result};
 
 /// The GroupController service.
 #[derive(Debug, Clone)]
 pub struct GroupControllerService(pub Arc<Plugin>);
-
-/// Freezes the heads of volumes `ids` (sorted, locked by the caller) at one instant: returns
-/// each member's frozen layer and new record, in the order of `ids`.
-fn freeze_heads(plugin: &Plugin, ids: &[String]) -> Result<Vec<(String, VolumeRecord)>> {
-    let recs = ids
-        .iter()
-        .map(|id| plugin.volume_record(id))
-        .collect::<Result<Vec<_>>>()?;
-    // New heads, each on top of its volume's current head.
-    let mut pending = Vec::with_capacity(recs.len());
-    for rec in &recs {
-        let layer = plugin.pending_layer();
-        let made = Params::from_canonical(&rec.parameters).and_then(|params| {
-            make_layer(
-                plugin,
-                &layer.name,
-                Some(&rec.head),
-                rec.size,
-                &params,
-                None,
-            )
-        });
-        if let Err(e) = made {
-            remove_layers(
-                plugin,
-                pending.iter().map(|p: &super::PendingLayer<'_>| &p.name),
-            );
-            return Err(e);
-        }
-        pending.push(layer);
-    }
-    failpoint("group-after-layers");
-    let nexts: Vec<VolumeRecord> = recs
-        .iter()
-        .zip(&pending)
-        .map(|(rec, layer)| VolumeRecord {
-            head: layer.name.clone(),
-            ..rec.clone()
-        })
-        .collect();
-    let undo = |written: usize| {
-        for rec in &recs[..written] {
-            if let Err(e) = plugin.state().and_then(|mut st| st.put_volume(rec.clone())) {
-                tracing::error!(volume = %rec.id, error = %e, "putting a group member's record back");
-            }
-        }
-        remove_layers(plugin, pending.iter().map(|p| &p.name));
-    };
-    // Records first: from here a crash leaves heads on top of the old ones (the same data).
-    for (written, next) in nexts.iter().enumerate() {
-        if let Err(e) = plugin
-            .state()
-            .and_then(|mut st| st.put_volume(next.clone()))
-        {
-            undo(written);
-            return Err(e);
-        }
-        failpoint("group-after-record");
-    }
-    if let Err(e) = pivot_live(plugin, &recs, &nexts) {
-        undo(recs.len());
-        return Err(e);
-    }
-    for (rec, next) in recs.iter().zip(&nexts) {
-        tracing::info!(volume = %rec.id, frozen = %rec.head, head = %next.head, "froze the head (group)");
-    }
-    Ok(recs.into_iter().map(|r| r.head).zip(nexts).collect())
-}
-
-/// The staged members: filesystems frozen, exports quiesced, all pivoted, then resumed and
-/// thawed. On a failure the members pivoted already are pivoted back before anything
-/// resumes, so no write reaches a new head that is about to go.
-fn pivot_live(plugin: &Plugin, recs: &[VolumeRecord], nexts: &[VolumeRecord]) -> Result<()> {
-    struct Member<'a> {
-        id: &'a str,
-        live: Arc<LiveImage>,
-        staged: Arc<super::staged::Staged>,
-        old: std::path::PathBuf,
-        new: std::path::PathBuf,
-    }
-    let (layers, members) = {
-        let st = plugin.state()?;
-        let members: Vec<Member<'_>> = recs
-            .iter()
-            .zip(nexts)
-            .filter_map(|(rec, next)| {
-                let staged = plugin.node.get(&rec.id)?;
-                let live = staged.image.clone()?;
-                Some(Member {
-                    id: &rec.id,
-                    live,
-                    staged,
-                    old: st.layer_path(&rec.head),
-                    new: st.layer_path(&next.head),
-                })
-            })
-            .collect();
-        (st.layers_dir(), members)
-    };
-    // Every filesystem first (each flushes and then holds its writes), then every export.
-    let mut frozen = Vec::new();
-    for m in &members {
-        let cap = &m.staged.cap;
-        if cap.access == AccessType::Mount && !cap.read_only_mode {
-            let work = attach_dir(&plugin.config.state_dir, m.id);
-            // The mark lets the next process thaw the filesystem if this one ends frozen.
-            if mark_frozen(&work).is_ok() && plugin.host.freeze(&m.staged.staging, true) {
-                frozen.push((m, work));
-            } else {
-                unmark_frozen(&work);
-            }
-        }
-    }
-    failpoint("group-while-frozen");
-    let mut quiesced: Vec<_> = members.iter().map(|m| m.live.quiesce()).collect();
-    let mut failed = None;
-    let mut pivoted = 0;
-    for (q, m) in quiesced.iter_mut().zip(&members) {
-        let opts = head_options(layers.clone(), &m.staged.cap, m.staged.passphrase.clone());
-        if let Err(e) = q.pivot(&m.old, &m.new, &opts) {
-            failed = Some(Error::Internal(format!("volume {}: {e}", m.id)));
-            break;
-        }
-        pivoted += 1;
-        failpoint("group-after-pivot");
-    }
-    if failed.is_some() {
-        for (q, m) in quiesced.iter_mut().zip(&members).take(pivoted) {
-            let opts = head_options(layers.clone(), &m.staged.cap, m.staged.passphrase.clone());
-            if let Err(e) = q.pivot(&m.new, &m.old, &opts) {
-                tracing::error!(volume = %m.id, error = %e, "pivoting a group member back");
-            }
-        }
-    }
-    drop(quiesced);
-    for (m, work) in frozen {
-        if !plugin.host.freeze(&m.staged.staging, false) {
-            tracing::error!(volume = %m.id, "fsfreeze -u failed: the filesystem stays frozen");
-        }
-        unmark_frozen(&work);
-    }
-    failed.map_or(Ok(()), Err)
-}
-
-fn remove_layers<'a>(plugin: &Plugin, names: impl Iterator<Item = &'a String>) {
-    for name in names {
-        if let Ok(path) = plugin.state().map(|st| st.layer_path(name)) {
-            let _ = state::remove_durably(&path);
-        }
-    }
-}
 
 fn to_group(st: &state::State, g: &GroupRecord) -> VolumeGroupSnapshot {
     VolumeGroupSnapshot {
@@ -283,7 +131,7 @@ impl GroupControllerService {
             .iter()
             .map(|id| plugin.locks.try_lock(id.clone()))
             .collect::<Result<Vec<_>>>()?;
-        let frozen = freeze_heads(plugin, &ids)?;
+        let frozen = freeze_heads(plugin, &ids, &GROUP)?;
         let gid = state::new_id("group-");
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

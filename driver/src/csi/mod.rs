@@ -8,6 +8,7 @@ pub mod client;
 pub mod contents;
 pub mod controller;
 pub mod flatten;
+pub mod freeze;
 pub mod group;
 pub mod handoff;
 pub mod host;

@@ -9,6 +9,7 @@
 //! before the record leaves an orphan; after it, the volume's head is the new layer on top of
 //! everything written so far (a reattached device serves it). The snapshot record comes last:
 //! a crash before it leaves a frozen layer that nothing lists, and the retry freezes again.
+//! The freeze itself is `freeze.rs`, shared with group snapshots.
 
 use csi_proto::Timestamp;
 use csi_proto::v1::*;
@@ -17,8 +18,9 @@ use qcow2_engine::crypto::luks::NewHeader;
 use qcow2_engine::ops::create::{BackingFormat, CreateOptions, NewEncryption, create};
 
 use super::controller::{ControllerService, Paging, check_name};
+use super::freeze::freeze_head;
 use super::params::Params;
-use super::state::{self, AccessType, SnapshotRecord, VolumeRecord};
+use super::state::{self, SnapshotRecord};
 use super::{Plugin, failpoint};
 use crate::error::{Error, Result};
 
@@ -83,61 +85,6 @@ pub(super) fn make_layer(
     )
     .map_err(|e| Error::engine(format!("creating {}", path.display()), e))?;
     state::private_file(&path)
-}
-
-/// Freezes volume `id`'s head: returns the frozen layer's name and the volume's new record.
-/// The caller holds the volume's lock.
-pub(super) fn freeze_head(plugin: &Plugin, id: &str) -> Result<(String, VolumeRecord)> {
-    let rec = plugin.volume_record(id)?;
-    let params = Params::from_canonical(&rec.parameters)?;
-    let frozen = rec.head.clone();
-    let pending = plugin.pending_layer();
-    make_layer(
-        plugin,
-        &pending.name,
-        Some(&frozen),
-        rec.size,
-        &params,
-        None,
-    )?;
-    failpoint("freeze-after-layer");
-    let mut next = rec.clone();
-    next.head = pending.name.clone();
-    plugin.state()?.put_volume(next.clone())?;
-    failpoint("freeze-after-record");
-    if let Some(staged) = plugin.node.get(id)
-        && let Some(live) = &staged.image
-    {
-        let (layers, old, new) = {
-            let st = plugin.state()?;
-            (
-                st.layers_dir(),
-                st.layer_path(&frozen),
-                st.layer_path(&pending.name),
-            )
-        };
-        let opts = super::staged::head_options(layers, &staged.cap, staged.passphrase.clone());
-        let work = super::staged::attach_dir(&plugin.config.state_dir, id);
-        // The mark lets the next process thaw the filesystem if this one ends frozen.
-        let fs_frozen = staged.cap.access == AccessType::Mount
-            && !staged.cap.read_only_mode
-            && super::staged::mark_frozen(&work).is_ok()
-            && plugin.host.freeze(&staged.staging, true);
-        failpoint("snapshot-while-frozen");
-        let pivoted = live.pivot(&old, &new, &opts);
-        if fs_frozen && !plugin.host.freeze(&staged.staging, false) {
-            tracing::error!(volume = %id, "fsfreeze -u failed: the filesystem stays frozen");
-        }
-        super::staged::unmark_frozen(&work);
-        if let Err(e) = pivoted {
-            // Back to the old head: nothing was frozen.
-            plugin.state()?.put_volume(rec)?;
-            let _ = state::remove_durably(&new);
-            return Err(e);
-        }
-    }
-    tracing::info!(volume = %id, frozen = %frozen, head = %next.head, "froze the head");
-    Ok((frozen, next))
 }
 
 /// Snapshot parameters: only the keys the external snapshotter adds.
