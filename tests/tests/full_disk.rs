@@ -18,6 +18,8 @@ enum Op {
     Zero(u64, u64, bool),
     Discard(u64, u64),
     Flush,
+    /// Compressed clusters (`qcow2util dd -c`), from a cluster boundary.
+    Compressed(u64, Vec<u8>),
 }
 
 impl std::fmt::Debug for Op {
@@ -27,6 +29,7 @@ impl std::fmt::Debug for Op {
             Op::Zero(off, len, no_hole) => write!(f, "Zero({off:#x}, {len:#x}, {no_hole})"),
             Op::Discard(off, len) => write!(f, "Discard({off:#x}, {len:#x})"),
             Op::Flush => write!(f, "Flush"),
+            Op::Compressed(off, d) => write!(f, "Compressed({off:#x}, {} bytes)", d.len()),
         }
     }
 }
@@ -40,12 +43,15 @@ impl Op {
             }
             Op::Discard(off, len) => img.discard(*off, *len),
             Op::Flush => img.flush(),
+            Op::Compressed(off, d) => img.write_compressed(d, *off),
         }
     }
 
     fn model(&self, m: &mut [u8]) {
         match self {
-            Op::Write(off, d) => m[*off as usize..*off as usize + d.len()].copy_from_slice(d),
+            Op::Write(off, d) | Op::Compressed(off, d) => {
+                m[*off as usize..*off as usize + d.len()].copy_from_slice(d);
+            }
             Op::Zero(off, len, _) | Op::Discard(off, len) => {
                 m[*off as usize..(*off + *len) as usize].fill(0);
             }
@@ -133,42 +139,52 @@ fn a_disk_full_at_any_write_loses_nothing_once_the_operation_is_retried() {
     if !qemu::require() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
     for extended_l2 in [false, true] {
-        let image = fresh(extended_l2);
-        let mut n = 0u64;
-        loop {
-            let fault = Arc::new(FaultStorage::new(
-                image.clone(),
-                FaultPlan::FullFromMutation(n),
-            ));
-            let img = Image::open_storage(fault.clone(), None, &OpenOptions::writable()).unwrap();
-            let mut model = vec![0u8; SIZE as usize];
-            let mut filled = false;
-            for op in workload() {
-                if let Err(e) = op.apply(&img) {
-                    assert!(is_enospc(&e), "mutation {n}, {op:?}: {e}");
-                    filled = true;
-                    fault.set_plan(FaultPlan::None); // space returns
-                    op.apply(&img)
-                        .unwrap_or_else(|e| panic!("retry after mutation {n}, {op:?}: {e}"));
-                }
-                op.model(&mut model);
-            }
-            let path = dir.path().join(format!("full-{extended_l2}-{n}.qcow2"));
-            close_clean(
-                img,
-                &fault,
-                &model,
-                &path,
-                &format!("a full disk at mutation {n} (extended L2 {extended_l2})"),
-            );
-            if !filled {
-                break;
-            }
-            n += 1;
-        }
+        let n = fill_at_every_mutation(
+            &fresh(extended_l2),
+            &workload(),
+            &format!("extended L2 {extended_l2}"),
+        );
         assert!(n > 10, "the disk must have filled at many points ({n})");
+    }
+}
+
+/// Runs `ops` on `image` once with the disk filling at each storage mutation in turn (0, 1,
+/// 2, ... until a run no longer fills): an operation that fails must fail with `ENOSPC` and
+/// succeed when tried again once space returns; every run ends in [`close_clean`] with the
+/// model's content. Returns how many mutation points filled the disk.
+fn fill_at_every_mutation(image: &[u8], ops: &[Op], what: &str) -> u64 {
+    let dir = tempfile::tempdir().unwrap();
+    let mut n = 0u64;
+    loop {
+        let fault = Arc::new(FaultStorage::new(
+            image.to_vec(),
+            FaultPlan::FullFromMutation(n),
+        ));
+        let img = Image::open_storage(fault.clone(), None, &OpenOptions::writable()).unwrap();
+        let mut model = vec![0u8; SIZE as usize];
+        let mut filled = false;
+        for op in ops {
+            if let Err(e) = op.apply(&img) {
+                assert!(is_enospc(&e), "{what}, mutation {n}, {op:?}: {e}");
+                filled = true;
+                fault.set_plan(FaultPlan::None); // space returns
+                op.apply(&img)
+                    .unwrap_or_else(|e| panic!("{what}, retry after mutation {n}, {op:?}: {e}"));
+            }
+            op.model(&mut model);
+        }
+        close_clean(
+            img,
+            &fault,
+            &model,
+            &dir.path().join(format!("full-{n}.qcow2")),
+            &format!("a full disk at mutation {n} ({what})"),
+        );
+        if !filled {
+            return n;
+        }
+        n += 1;
     }
 }
 
@@ -180,7 +196,6 @@ fn compressed_writes_on_a_full_disk_lose_nothing_once_retried() {
     if !qemu::require() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
     let cs = 64usize << 10;
     // Compressible clusters (a repeated sentence), incompressible ones (a xorshift stream),
     // a zero cluster, then a rewrite of clusters the first call placed.
@@ -210,45 +225,15 @@ fn compressed_writes_on_a_full_disk_lose_nothing_once_retried() {
     first.extend(vec![0u8; cs]);
     let second: Vec<u8> = (10..14).flat_map(text).collect();
     let rewrite: Vec<u8> = (20..22).flat_map(text).collect();
-    let ops: Vec<(u64, Vec<u8>)> = vec![(0, first), (1 << 20, second), (0, rewrite)];
-    let image = fresh(false);
-    let mut n = 0u64;
-    loop {
-        let fault = Arc::new(FaultStorage::new(
-            image.clone(),
-            FaultPlan::FullFromMutation(n),
-        ));
-        let img = Image::open_storage(fault.clone(), None, &OpenOptions::writable()).unwrap();
-        let mut model = vec![0u8; SIZE as usize];
-        let mut filled = false;
-        for (i, (off, data)) in ops.iter().enumerate() {
-            if let Err(e) = img.write_compressed(data, *off) {
-                assert!(is_enospc(&e), "mutation {n}, write {i}: {e}");
-                filled = true;
-                fault.set_plan(FaultPlan::None);
-                img.write_compressed(data, *off)
-                    .unwrap_or_else(|e| panic!("retry after mutation {n}, write {i}: {e}"));
-            }
-            model[*off as usize..*off as usize + data.len()].copy_from_slice(data);
-            if let Err(e) = img.flush() {
-                assert!(is_enospc(&e), "flush after mutation {n}: {e}");
-                filled = true;
-                fault.set_plan(FaultPlan::None);
-                img.flush().unwrap();
-            }
-        }
-        let path = dir.path().join(format!("compressed-{n}.qcow2"));
-        close_clean(
-            img,
-            &fault,
-            &model,
-            &path,
-            &format!("a full disk at mutation {n}"),
-        );
-        if !filled {
-            break;
-        }
-        n += 1;
-    }
+    // Each write is flushed, the flush retried like the write.
+    let ops = [
+        Op::Compressed(0, first),
+        Op::Flush,
+        Op::Compressed(1 << 20, second),
+        Op::Flush,
+        Op::Compressed(0, rewrite),
+        Op::Flush,
+    ];
+    let n = fill_at_every_mutation(&fresh(false), &ops, "compressed writes");
     assert!(n > 5, "the disk must have filled at many points ({n})");
 }
