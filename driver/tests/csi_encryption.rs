@@ -304,18 +304,9 @@ async fn encrypted_flow(attach: &str, restarts: Restarts) {
     // A group snapshot of the staged volume and the unstaged restore: the staged head is
     // pivoted onto a new head with the same key, and the device writes on through it.
     let group = p
-        .group()
+        .group_snapshot("group", &[&vol, &restored])
         .await
-        .create_volume_group_snapshot(CreateVolumeGroupSnapshotRequest {
-            name: "group".into(),
-            source_volume_ids: vec![vol.clone(), restored.clone()],
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("group snapshot: {e}\n{}", p.log()))
-        .into_inner()
-        .group_snapshot
-        .unwrap();
+        .unwrap_or_else(|e| panic!("group snapshot: {e}\n{}", p.log()));
     write(&p, &dev, b'D', 32);
     expect(&p, &dev, 8, Some(b'B'));
     expect(&p, &dev, 32, Some(b'D'));
@@ -459,19 +450,7 @@ async fn wrong_or_missing_secrets_and_mismatched_sources_are_refused_and_change_
 
     // A group snapshot of an encrypted and a plain volume: each new head keeps its volume's
     // encryption (the encrypted one its key: the passphrase opens it, no other does).
-    let group = p
-        .group()
-        .await
-        .create_volume_group_snapshot(CreateVolumeGroupSnapshotRequest {
-            name: "group".into(),
-            source_volume_ids: vec![enc.clone(), plain.clone()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .group_snapshot
-        .unwrap();
+    let group = p.group_snapshot("group", &[&enc, &plain]).await.unwrap();
     assert_eq!(group.snapshots.len(), 2);
     assert_eq!(qemu::info(&p.head_of(&enc))["encrypted"], true);
     assert_ne!(qemu::info(&p.head_of(&plain))["encrypted"], true);

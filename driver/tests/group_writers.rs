@@ -158,17 +158,8 @@ async fn group_snapshot_under_a_writer(args: &[&str]) {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let before = done.load(Ordering::Relaxed);
         let g = p
-            .group()
+            .group_snapshot(&format!("g{round}"), &[&a, &b])
             .await
-            .create_volume_group_snapshot(CreateVolumeGroupSnapshotRequest {
-                name: format!("g{round}"),
-                source_volume_ids: vec![a.clone(), b.clone()],
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .group_snapshot
             .unwrap();
         groups.push((g, before));
     }

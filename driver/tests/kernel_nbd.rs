@@ -751,18 +751,7 @@ fn a_crash_inside_a_group_snapshot_of_staged_volumes_is_healed_by_the_next_proce
             std::fs::write(sa.join("before"), "a").unwrap();
             std::fs::write(sb.join("before"), "b").unwrap();
             p.restart_with(&[("QCOW2_CSI_FAILPOINT", point)]).await;
-            let req = CreateVolumeGroupSnapshotRequest {
-                name: "g".into(),
-                source_volume_ids: vec![a.clone(), b.clone()],
-                ..Default::default()
-            };
-            let mut group = p.group().await;
-            assert!(
-                group
-                    .create_volume_group_snapshot(req.clone())
-                    .await
-                    .is_err()
-            );
+            assert!(p.group_snapshot("g", &[&a, &b]).await.is_err());
             assert!(
                 p.wait_crash(),
                 "{point}: the failpoint did not end the plugin"
@@ -780,14 +769,9 @@ fn a_crash_inside_a_group_snapshot_of_staged_volumes_is_healed_by_the_next_proce
                 std::fs::write(staging.join("after"), "written after the restart").unwrap();
             }
             let taken = p
-                .group()
+                .group_snapshot("g", &[&a, &b])
                 .await
-                .create_volume_group_snapshot(req)
-                .await
-                .unwrap_or_else(|e| panic!("{point}: {e}\n{}", p.log()))
-                .into_inner()
-                .group_snapshot
-                .unwrap();
+                .unwrap_or_else(|e| panic!("{point}: {e}\n{}", p.log()));
             assert_eq!(taken.snapshots.len(), 2);
             for e in std::fs::read_dir(p.state.join("snapshots")).unwrap() {
                 let rec: serde_json::Value =

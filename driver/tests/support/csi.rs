@@ -210,6 +210,23 @@ impl Plugin {
             .map(|r| r.into_inner().snapshot.unwrap().snapshot_id)
     }
 
+    /// CreateVolumeGroupSnapshot of `volumes` named `name`; the group snapshot.
+    pub async fn group_snapshot(
+        &self,
+        name: &str,
+        volumes: &[&str],
+    ) -> Result<csi_proto::v1::VolumeGroupSnapshot, tonic::Status> {
+        self.group()
+            .await
+            .create_volume_group_snapshot(csi_proto::v1::CreateVolumeGroupSnapshotRequest {
+                name: name.into(),
+                source_volume_ids: volumes.iter().map(|v| v.to_string()).collect(),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner().group_snapshot.unwrap())
+    }
+
     /// Waits for the process to exit by itself (a failpoint); returns whether it did.
     pub fn wait_crash(&mut self) -> bool {
         let Some(child) = self.child.as_mut() else {
