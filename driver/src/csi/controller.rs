@@ -314,9 +314,10 @@ impl ControllerService {
             return Ok(to_volume(plugin, existing));
         }
         // The source, held still while the new head is made on top of it: its lock first, then
-        // its size and (for a snapshot) its frozen layer, read once under the lock.
-        let (_source_lock, source_size, source_layer, source_head) = match &source {
-            None => (None, None, None, None),
+        // its size and top layer (a snapshot's frozen layer, a volume's head), read once under
+        // the lock.
+        let (_source_lock, source_size, source_layer) = match &source {
+            None => (None, None, None),
             Some(Source::Snapshot(id)) => {
                 let lock = plugin.locks.try_lock(id.clone())?;
                 let (size, layer) = plugin
@@ -324,7 +325,7 @@ impl ControllerService {
                     .snapshot(id)
                     .map(|s| (s.size, s.layer.clone()))
                     .ok_or_else(|| source_elsewhere(plugin, "snapshot", id))?;
-                (Some(lock), Some(size), Some(layer.clone()), Some(layer))
+                (Some(lock), Some(size), Some(layer))
             }
             Some(Source::Volume(id)) => {
                 let lock = plugin.locks.try_lock(id.clone())?;
@@ -333,7 +334,7 @@ impl ControllerService {
                     .volume(id)
                     .map(|v| (v.size, v.head.clone()))
                     .ok_or_else(|| source_elsewhere(plugin, "volume", id))?;
-                (Some(lock), Some(size), None, Some(head))
+                (Some(lock), Some(size), Some(head))
             }
         };
         let size = match (source_size, req.capacity_range.as_ref()) {
@@ -352,12 +353,13 @@ impl ControllerService {
             _ => requested,
         };
         check_size(plugin, &params, size, 0)?;
-        if let Some(layer) = &source_head {
+        if let Some(layer) = &source_layer {
             check_source_key(plugin, layer, &params, passphrase.as_ref())?;
         }
         let id = state::new_id("vol-");
         let head = plugin.pending_layer();
         match &source {
+            // A restore: the new head on top of the snapshot's layer.
             None | Some(Source::Snapshot(_)) => {
                 make_layer(
                     plugin,
