@@ -415,10 +415,15 @@ async fn the_owning_node_applies_the_class_its_persistent_volume_names() {
     assert!(refused, "{}", p.log());
     assert_eq!(recorded_qos(&p, &id)["readIOPS"], "3000");
 
-    // Named while the plugin is down: applied from the watch's first listing.
+    // Named while the plugin is down: applied from the watch's first listing, which waits
+    // for the state directory (slow here) to load.
     assert!(p.stop().success());
     api.put_pv("pv-vac", "qcow2.csi.dev", &id, "slow");
-    p.restart_with(&[("KUBECONFIG", &kubeconfig)]).await;
+    p.restart_with(&[
+        ("KUBECONFIG", &kubeconfig),
+        ("QCOW2_CSI_FAILPOINT", "state-load:sleep=1500"),
+    ])
+    .await;
     let took =
         tokio::task::block_in_place(|| wait_read_iops(&p, &id, "50", Duration::from_secs(10)));
     assert!(took.is_some(), "{}", p.log());

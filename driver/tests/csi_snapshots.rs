@@ -1085,8 +1085,8 @@ async fn a_crash_at_every_step_of_a_group_snapshot_leaves_nothing_half_done() {
 /// `--label-snapshot-contents` against a stand-in API server: the group content of two
 /// volumes of this node and its member contents get this node's managed-by label (so this
 /// node's csi-snapshotter takes them); a group content naming another node's volume,
-/// another driver's content and one labelled already are left alone; the only writes are
-/// those merge patches.
+/// another driver's content and one labelled already are left alone; a content made while
+/// the plugin was down is labelled when it starts; the only writes are those merge patches.
 #[tokio::test(flavor = "multi_thread")]
 async fn this_nodes_group_snapshot_contents_are_labelled_for_its_snapshotter() {
     if !qemu::require() {
@@ -1148,11 +1148,34 @@ async fn this_nodes_group_snapshot_contents_are_labelled_for_its_snapshotter() {
     assert!(labelled("vgscs", "mixed").is_null());
     assert!(labelled("vgscs", "alien").is_null());
     assert_eq!(labelled("vgscs", "taken"), "node-9");
+
+    // Made while the plugin is down: labelled from the watch's first listing, which waits
+    // for the state directory (slow here) to load.
+    assert!(p.stop().success());
+    api.put(
+        "vscs",
+        "member-b",
+        &serde_json::json!({
+            "metadata": {"name": "member-b"},
+            "spec": {"driver": "qcow2.csi.dev", "source": {"volumeHandle": b}},
+        }),
+    );
+    p.restart_with(&[
+        ("KUBECONFIG", &kubeconfig),
+        ("QCOW2_CSI_FAILPOINT", "state-load:sleep=1500"),
+    ])
+    .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while labelled("vscs", "member-b").is_null() {
+        assert!(std::time::Instant::now() < deadline, "{}", p.log());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(labelled("vscs", "member-b"), csi::NODE);
     let requests = api.requests();
     let writes: Vec<&str> = requests
         .lines()
         .filter(|l| !l.starts_with("GET "))
         .collect();
-    assert_eq!(writes.len(), 2, "{requests}");
+    assert_eq!(writes.len(), 3, "{requests}");
     assert!(writes.iter().all(|w| w.starts_with("PATCH ")), "{requests}");
 }

@@ -76,9 +76,13 @@ where
         })
 }
 
-/// Watches PersistentVolumes until the process exits; errors are logged and the watch is
-/// restarted with a backoff.
+/// Watches PersistentVolumes until the process exits, from when the state directory has
+/// loaded; errors are logged and the watch is restarted with a backoff.
 pub async fn watch(plugin: Arc<Plugin>) {
+    if !plugin.loaded().await {
+        tracing::error!("not watching PersistentVolumes: the state directory failed to load");
+        return;
+    }
     let client = api_client("--watch-volume-attributes").await;
     tracing::info!("watching PersistentVolumes for VolumeAttributesClass changes");
     let pvs: Api<PersistentVolume> = Api::all(client.clone());

@@ -58,8 +58,13 @@ pub fn is_ours_to_label(content: &serde_json::Value, driver: &str, st: &State) -
         .is_some_and(|s| st.snapshot(s).is_some())
 }
 
-/// Watches both kinds until the process exits, labelling what [`is_ours_to_label`] picks.
+/// Watches both kinds until the process exits, from when the state directory has loaded,
+/// labelling what [`is_ours_to_label`] picks.
 pub async fn watch(plugin: Arc<Plugin>) {
+    if !plugin.loaded().await {
+        tracing::error!("not labelling snapshot contents: the state directory failed to load");
+        return;
+    }
     let client = super::attributes::api_client("--label-snapshot-contents").await;
     let mut tasks = Vec::new();
     for (group, version, kind) in KINDS {

@@ -84,6 +84,8 @@ pub struct Plugin {
     state: Mutex<Option<State>>,
     /// Why loading failed, if it did: every RPC then says so.
     load_error: Mutex<Option<String>>,
+    /// True once loading has ended, loaded or failed ([`Plugin::loaded`]).
+    load_ended: tokio::sync::watch::Sender<bool>,
     pub locks: locks::Locks,
     /// Operations in progress (see [`Plugin::blocking`]).
     operations: AtomicUsize,
@@ -148,6 +150,7 @@ impl Plugin {
             config,
             state: Mutex::new(None),
             load_error: Mutex::new(None),
+            load_ended: tokio::sync::watch::Sender::new(false),
             locks: locks::Locks::default(),
             operations: AtomicUsize::new(0),
             attacher,
@@ -213,6 +216,7 @@ impl Plugin {
     /// process still running on this state directory hands its devices over first
     /// ([`handoff`]).
     pub fn load(&self) -> Result<Loaded> {
+        failpoint("state-load"); // a slow state directory, in tests
         let loaded = handoff::request(&self.config.state_dir).and_then(|mut taking| {
             let (st, cleanup) = match State::load(&self.config.state_dir) {
                 Ok(l) => l,
@@ -263,7 +267,7 @@ impl Plugin {
                 },
             ))
         });
-        match loaded {
+        let result = match loaded {
             Ok((st, loaded)) => {
                 *self.state.lock().recover() = Some(st);
                 Ok(loaded)
@@ -272,7 +276,19 @@ impl Plugin {
                 *self.load_error.lock().recover() = Some(e.to_string());
                 Err(e)
             }
-        }
+        };
+        self.load_ended.send_replace(true);
+        result
+    }
+
+    /// Waits until loading the state directory has ended; true if it loaded. The API
+    /// watches wait for it: an event read before would find none of the volumes and be
+    /// passed over as another node's, and the watch would not see it again.
+    pub async fn loaded(&self) -> bool {
+        let mut ended = self.load_ended.subscribe();
+        // The sender lives as long as `self`: the wait cannot fail while we borrow it.
+        let _ = ended.wait_for(|ended| *ended).await;
+        self.ready()
     }
 
     /// Why the state directory could not be loaded, if it could not.
@@ -441,27 +457,62 @@ pub(crate) fn failpoint(_name: &str) {}
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn a_panicking_operation_is_uncounted() {
-        let dir = tempfile::tempdir().unwrap();
-        let plugin = Arc::new(Plugin::new(Config {
+    fn config(dir: &std::path::Path) -> Config {
+        Config {
             driver_name: DRIVER_NAME.into(),
             node_id: "n".into(),
-            state_dir: dir.path().join("state"),
+            state_dir: dir.join("state"),
             max_volumes: 0,
             attach: crate::attach::Mode::Nbdfuse,
             max_chain_depth: 0,
             handoff_wait: std::time::Duration::ZERO,
-            kubelet_dir: dir.path().to_path_buf(),
+            kubelet_dir: dir.to_path_buf(),
             watch_volume_attributes: false,
             label_snapshot_contents: false,
             metrics: false,
-            key_dir: dir.path().join("keys"),
-        }));
+            key_dir: dir.join("keys"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_operation_is_uncounted() {
+        let dir = tempfile::tempdir().unwrap();
+        let plugin = Arc::new(Plugin::new(config(dir.path())));
         let r: Result<()> = plugin.blocking(|| panic!("a bug in an RPC")).await;
         assert!(matches!(r, Err(Error::Internal(_))), "{r:?}");
         assert_eq!(plugin.operations(), 0, "shutdown would wait for it");
         plugin.blocking(|| Ok(())).await.unwrap();
         assert_eq!(plugin.operations(), 0);
+    }
+
+    /// The watches wait on `loaded`: it ends when loading ends, either way, and says which.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn loaded_waits_for_the_load_and_says_whether_it_succeeded() {
+        for fails in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            if fails {
+                std::fs::write(dir.path().join("state"), b"a file, not a directory").unwrap();
+            }
+            let plugin = Arc::new(Plugin::new(config(dir.path())));
+            let waiter = tokio::spawn({
+                let plugin = plugin.clone();
+                async move { plugin.loaded().await }
+            });
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            assert!(!waiter.is_finished(), "returned before the load");
+            let p = plugin.clone();
+            let loaded = tokio::task::spawn_blocking(move || p.load()).await.unwrap();
+            assert_eq!(loaded.is_err(), fails, "{loaded:?}");
+            let said = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+                .await
+                .expect("still waiting after the load ended")
+                .unwrap();
+            assert_eq!(said, !fails);
+            assert_eq!(
+                plugin.loaded().await,
+                !fails,
+                "a later wait returns at once"
+            );
+        }
     }
 }
