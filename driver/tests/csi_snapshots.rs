@@ -1126,14 +1126,17 @@ async fn this_nodes_group_snapshot_contents_are_labelled_for_its_snapshotter() {
     ] {
         api.put("vgscs", name, &group(name, &handles, driver, labels));
     }
-    api.put(
-        "vscs",
-        "member-a",
-        &serde_json::json!({
-            "metadata": {"name": "member-a"},
-            "spec": {"driver": "qcow2.csi.dev", "source": {"volumeHandle": a}},
-        }),
-    );
+    let put_member = |name: &str, handle: &str| {
+        api.put(
+            "vscs",
+            name,
+            &serde_json::json!({
+                "metadata": {"name": name},
+                "spec": {"driver": "qcow2.csi.dev", "source": {"volumeHandle": handle}},
+            }),
+        );
+    };
+    put_member("member-a", &a);
     let labelled = |kind: &str, name: &str| {
         api.get(kind, name)["metadata"]["labels"][fake_api::MANAGED_BY].clone()
     };
@@ -1152,14 +1155,7 @@ async fn this_nodes_group_snapshot_contents_are_labelled_for_its_snapshotter() {
     // Made while the plugin is down: labelled from the watch's first listing, which waits
     // for the state directory (slow here) to load.
     assert!(p.stop().success());
-    api.put(
-        "vscs",
-        "member-b",
-        &serde_json::json!({
-            "metadata": {"name": "member-b"},
-            "spec": {"driver": "qcow2.csi.dev", "source": {"volumeHandle": b}},
-        }),
-    );
+    put_member("member-b", &b);
     p.restart_with(&[
         ("KUBECONFIG", &kubeconfig),
         ("QCOW2_CSI_FAILPOINT", "state-load:sleep=1500"),
