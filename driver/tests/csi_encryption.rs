@@ -21,7 +21,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use csi::{Plugin, block_cap, code, from_snapshot, from_volume};
+use csi::{Plugin, block_cap, code, from_snapshot, from_volume, member};
 use csi_proto::v1::volume_capability::access_mode::Mode;
 use csi_proto::v1::*;
 use support::sh;
@@ -310,19 +310,13 @@ async fn encrypted_flow(attach: &str, restarts: Restarts) {
     write(&p, &dev, b'D', 32);
     expect(&p, &dev, 8, Some(b'B'));
     expect(&p, &dev, 32, Some(b'D'));
-    let member = group
-        .snapshots
-        .iter()
-        .find(|s| s.source_volume_id == vol)
-        .unwrap()
-        .snapshot_id
-        .clone();
+    let member_id = member(&group, &vol).snapshot_id.clone();
     let from_group = create(
         &p,
         "pvc-from-group",
         encrypted_class(),
         secrets(PASS),
-        from_snapshot(&member),
+        from_snapshot(&member_id),
     )
     .await
     .unwrap();
@@ -455,19 +449,13 @@ async fn wrong_or_missing_secrets_and_mismatched_sources_are_refused_and_change_
     assert_eq!(qemu::info(&p.head_of(&enc))["encrypted"], true);
     assert_ne!(qemu::info(&p.head_of(&plain))["encrypted"], true);
     qemu::check_clean_with(&p.head_of(&enc), Some(PASS));
-    let member = group
-        .snapshots
-        .iter()
-        .find(|s| s.source_volume_id == enc)
-        .unwrap()
-        .snapshot_id
-        .clone();
+    let member_id = member(&group, &enc).snapshot_id.clone();
     let wrong = create(
         &p,
         "g",
         encrypted_class(),
         secrets("wrong"),
-        from_snapshot(&member),
+        from_snapshot(&member_id),
     )
     .await;
     assert_eq!(code(wrong), Code::InvalidArgument);
@@ -476,7 +464,7 @@ async fn wrong_or_missing_secrets_and_mismatched_sources_are_refused_and_change_
         "g",
         encrypted_class(),
         secrets(PASS),
-        from_snapshot(&member),
+        from_snapshot(&member_id),
     )
     .await
     .unwrap();

@@ -16,7 +16,7 @@ mod qemu;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use csi::{Plugin, code, from_snapshot, from_volume, mount_cap};
+use csi::{Plugin, code, from_snapshot, from_volume, member, mount_cap};
 use csi_proto::v1::volume_capability::access_mode::Mode;
 use csi_proto::v1::*;
 use tonic::Code;
@@ -800,14 +800,6 @@ async fn group_snapshot(p: &Plugin, name: &str, volumes: &[&str]) -> VolumeGroup
     .into_inner()
     .group_snapshot
     .unwrap()
-}
-
-/// The member of `g` taken of volume `v`.
-fn member<'a>(g: &'a VolumeGroupSnapshot, v: &str) -> &'a Snapshot {
-    g.snapshots
-        .iter()
-        .find(|s| s.source_volume_id == v)
-        .unwrap_or_else(|| panic!("no member of {v} in {g:?}"))
 }
 
 /// The GroupController contract: capabilities, the spec's codes for bad requests, one

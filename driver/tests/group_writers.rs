@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use csi::{Plugin, block_cap};
+use csi::{Plugin, block_cap, member};
 use csi_proto::v1::volume_capability::access_mode::Mode;
 use csi_proto::v1::*;
 
@@ -170,14 +170,7 @@ async fn group_snapshot_under_a_writer(args: &[&str]) {
         .unwrap();
     assert!(last > 100, "the writer wrote {last} rounds");
     for (round, (g, before)) in groups.iter().enumerate() {
-        let of = |v: &str| {
-            g.snapshots
-                .iter()
-                .find(|s| s.source_volume_id == v)
-                .unwrap()
-                .snapshot_id
-                .clone()
-        };
+        let of = |v: &str| member(g, v).snapshot_id.clone();
         let ra = create(&p, &format!("ra{round}"), Some(&of(&a))).await;
         let rb = create(&p, &format!("rb{round}"), Some(&of(&b))).await;
         let (na, nb) = (sequence_of(&p, &ra), sequence_of(&p, &rb));

@@ -316,6 +316,17 @@ impl Drop for Plugin {
 
 pub use qcow2_csi::csi::client::connect;
 
+/// The member of group snapshot `g` taken of volume `v`.
+pub fn member<'a>(
+    g: &'a csi_proto::v1::VolumeGroupSnapshot,
+    v: &str,
+) -> &'a csi_proto::v1::Snapshot {
+    g.snapshots
+        .iter()
+        .find(|s| s.source_volume_id == v)
+        .unwrap_or_else(|| panic!("no member of {v} in {g:?}"))
+}
+
 /// A volume content source: snapshot `id`.
 pub fn from_snapshot(id: &str) -> Option<csi_proto::v1::volume_content_source::Type> {
     use csi_proto::v1::volume_content_source::{SnapshotSource, Type};
