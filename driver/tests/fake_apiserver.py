@@ -4,13 +4,13 @@
 Serves, over plain HTTP on 127.0.0.1, what the node plugin reads and writes:
   GET COLLECTION                 a list of DIR/KIND/*.json
   GET COLLECTION?watch=...       watch events: every file of DIR/KIND that appears or
-                                 changes (polled every 50 ms)
+                                 changes after the watch is logged (polled every 50 ms)
   PATCH COLLECTION/NAME          a JSON merge patch of DIR/KIND/NAME.json
   GET /apis/storage.k8s.io/v1/volumeattributesclasses/NAME   DIR/vacs/NAME.json, or 404
 where the collections are PersistentVolumes (DIR/pvs), VolumeSnapshotContents (DIR/vscs)
 and VolumeGroupSnapshotContents (DIR/vgscs). Anything else is 405. Every request line (and
-a PATCH's body) is appended to DIR/requests.log. The port it listens on is written to
-DIR/port once it listens.
+a PATCH's body) is appended to DIR/requests.log, a watch's once it is watching. The port
+it listens on is written to DIR/port once it listens.
 
 usage: fake_apiserver.py DIR
 """
@@ -98,14 +98,15 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def do_GET(self):
-        log(f"GET {self.path}")
         url = urlparse(self.path)
         query = parse_qs(url.query)
-        if url.path in COLLECTIONS:
-            sub, api_version, kind = COLLECTIONS[url.path]
-            if query.get("watch", ["false"])[0] in ("true", "1"):
-                return self.watch(sub, api_version, kind,
-                                  float(query.get("timeoutSeconds", ["30"])[0]))
+        collection = COLLECTIONS.get(url.path)
+        if collection and query.get("watch", ["false"])[0] in ("true", "1"):
+            # Logged by the watch, once it is watching.
+            return self.watch(*collection, float(query.get("timeoutSeconds", ["30"])[0]))
+        log(f"GET {self.path}")
+        if collection:
+            sub, api_version, kind = collection
             items = [versioned(obj, api_version, kind) for _, obj in objects(sub).values()]
             with LOCK:
                 version = str(VERSION[0])
@@ -165,6 +166,9 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         seen = {name: mtime for name, (mtime, _) in objects(sub).items()}
+        # Logged once the watch sees every later change: a test that waits for this line
+        # and then writes an object gets its event (it has no resourceVersion to replay).
+        log(f"GET {self.path}")
         end = time.monotonic() + min(timeout, 30)
         try:
             while time.monotonic() < end:
