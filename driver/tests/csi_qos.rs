@@ -131,6 +131,17 @@ fn fio(device: &str, dir: &Path, args: &[&str]) -> serde_json::Value {
     job
 }
 
+/// The per-second values of a fio log written with `--log_avg_msec=1000`, sorted.
+fn per_second(log: &Path) -> Vec<f64> {
+    let text = std::fs::read_to_string(log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+    let mut v: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.split(',').nth(1)?.trim().parse().ok())
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
 fn within(measured: f64, limit: f64, tolerance: f64) -> bool {
     (measured - limit).abs() <= limit * tolerance
 }
@@ -153,6 +164,7 @@ async fn storage_class_limits(args: &[&str]) {
         params(&[("readIOPS", "1000"), ("writeBytesPerSecond", "20M")]),
     )
     .await;
+    let log = p.dir.path().join("reads");
     let reads = fio(
         &target,
         p.dir.path(),
@@ -163,11 +175,32 @@ async fn storage_class_limits(args: &[&str]) {
             "--ramp_time=3",
             "--runtime=14",
             "--time_based",
+            &format!("--write_iops_log={}", log.display()),
+            "--log_avg_msec=1000",
         ],
     );
     let iops = reads["read"]["iops"].as_f64().unwrap();
-    eprintln!("randread 4K QD32 at a 1000 IOPS limit: {iops:.1} IOPS");
-    assert!(within(iops, 1000.0, 0.05), "{iops} IOPS at a 1000 limit");
+    // fio's IOPS of each second: a stall of the (user-mode) kernel lets the bucket's
+    // one-second burst into the run's average (1053-1065 IOPS in a third of the runs on
+    // kernel nbd), but only into the seconds after the stall, not into their median.
+    let seconds = per_second(&p.dir.path().join("reads_iops.1.log"));
+    let median = seconds[seconds.len() / 2];
+    eprintln!(
+        "randread 4K QD32 at a 1000 IOPS limit: {iops:.1} IOPS; median second {median}; \
+         seconds {seconds:?}"
+    );
+    assert!(seconds.len() >= 12, "{seconds:?}");
+    assert!(
+        within(median, 1000.0, 0.05),
+        "{median} IOPS at a 1000 limit"
+    );
+    // The run as a whole holds the bucket's bound: the rate, plus one burst at most.
+    let runtime = reads["read"]["runtime"].as_f64().unwrap() / 1000.0;
+    let ios = reads["read"]["total_ios"].as_f64().unwrap();
+    assert!(
+        ios <= 1000.0 * runtime * 1.05 + 1000.0,
+        "{ios} reads in {runtime} s at a 1000 limit"
+    );
 
     let writes = fio(
         &target,
